@@ -1,0 +1,468 @@
+//! The fence: the database-side half of "only one maintenance process touches a database at a
+//! time".
+//!
+//! Each target database holds a table the tool owns, `sessionfleet_fence`, with one row per
+//! lease name: the highest fencing token granted, its holder and when. Tokens are issued *by
+//! the database* ([`issue_token`]: read-modify-write of that row under its row lock), so they
+//! never go backwards, even when Redis loses its data.
+//!
+//! Every mutating transaction starts with [`Fence::begin`], which locks the row, compares the
+//! stored token with its own and aborts with [`FenceError::FencedOut`] if a newer holder
+//! exists. The row lock is held until commit, so a newer holder's token cannot be issued while
+//! an older holder's batch is in flight: a write with a stale token is impossible by
+//! construction, not by timing. `sessionfleet_fence_log` keeps, per granted token, the first
+//! and last accepted write — the audit trail that shows holders never overlapped.
+//!
+//! Statements that cannot run in a transaction (`VACUUM`, `CREATE INDEX CONCURRENTLY`,
+//! `OPTIMIZE TABLE`) go through [`SessionLock`], which pins one connection, takes the engine's
+//! session lock on it (PostgreSQL advisory lock, MySQL `GET_LOCK`) and checks the fence on that
+//! same connection just before each statement.
+
+use std::time::Duration;
+
+use chrono::{NaiveDateTime, Utc};
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::pool::PoolConnection;
+
+use crate::store::{Db, DbTx, Engine, Pool, dialect_sql};
+
+/// Name of the fence table in every target database.
+pub const FENCE_TABLE: &str = "sessionfleet_fence";
+/// Name of the per-token audit table.
+pub const FENCE_LOG_TABLE: &str = "sessionfleet_fence_log";
+/// How long issuing a token or taking a session lock may wait for a busy holder.
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Why a fenced write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    /// A holder with a newer token exists: this process lost its lease and must stop.
+    #[error(
+        "fenced out: lease '{name}' has moved to token {seen} (held by {holder}); this holder's token {mine} is stale"
+    )]
+    FencedOut {
+        /// Lease name.
+        name: String,
+        /// Our token.
+        mine: i64,
+        /// The highest token the database has seen.
+        seen: i64,
+        /// Who holds the newer token.
+        holder: String,
+    },
+    /// Another process holds the engine's session lock for non-transactional maintenance.
+    #[error("lease '{0}' is busy: another process holds the database session lock")]
+    Busy(String),
+    /// The fence statements themselves failed.
+    #[error("fence: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+/// One row of the fence table, as [`inspect`] reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FenceRow {
+    /// Lease name.
+    pub name: String,
+    /// Highest token granted.
+    pub token: i64,
+    /// Holder of that token.
+    pub holder: Option<String>,
+    /// When it was last advanced (UTC).
+    pub updated_at: Option<NaiveDateTime>,
+}
+
+/// A granted fencing token, carried by everything one lease holder writes.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fence {
+    /// Lease name, normally `target:<name>`.
+    pub name: String,
+    /// The token; higher tokens win.
+    pub token: i64,
+    /// Who holds it (worker name and job id), for inspection.
+    pub holder: String,
+}
+
+/// Creates the fence tables if they do not exist.
+pub async fn ensure_tables(db: &Db) -> Result<(), sqlx::Error> {
+    let (dt, log_pk) = match db.engine() {
+        Engine::Sqlite => ("TEXT", "INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT"),
+        Engine::Postgres => ("TIMESTAMP(6) WITHOUT TIME ZONE", "BIGSERIAL PRIMARY KEY"),
+        Engine::MySql => ("DATETIME(6)", "BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY"),
+    };
+    db.execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {FENCE_TABLE} (\
+         name VARCHAR(191) NOT NULL PRIMARY KEY, token BIGINT NOT NULL, \
+         holder VARCHAR(255) NULL, updated_at {dt} NULL)"
+    ))
+    .await?;
+    db.execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {FENCE_LOG_TABLE} (\
+         id {log_pk}, name VARCHAR(191) NOT NULL, token BIGINT NOT NULL, \
+         holder VARCHAR(255) NULL, first_write_at {dt} NOT NULL, last_write_at {dt} NOT NULL, \
+         writes BIGINT NOT NULL, UNIQUE (name, token))"
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Issues the next fencing token for `name` from the database itself and records `holder` as
+/// its owner. Any holder of an older token is fenced out from its next write on.
+///
+/// Waits at most [`LOCK_WAIT`] for a holder that is inside a fenced transaction or holds the
+/// session lock, then fails with [`FenceError::Busy`].
+pub async fn issue_token(db: &Db, name: &str, holder: &str) -> Result<Fence, FenceError> {
+    ensure_tables(db).await?;
+    let mut tx = db.begin_write().await?;
+    set_lock_timeout(&mut tx).await?;
+    if !try_session_lock_xact(&mut tx, name).await? {
+        tx.rollback().await?;
+        return Err(FenceError::Busy(name.to_string()));
+    }
+    let (current, _) = lock_row(&mut tx, name).await?;
+    let token = current + 1;
+    write_row(&mut tx, name, token, holder).await?;
+    tx.commit().await?;
+    Ok(Fence {
+        name: name.to_string(),
+        token,
+        holder: holder.to_string(),
+    })
+}
+
+/// Reads the fence row of `name`, if any token was ever issued.
+pub async fn inspect(db: &Db, name: &str) -> Result<Option<FenceRow>, sqlx::Error> {
+    ensure_tables(db).await?;
+    let sql = format!("SELECT token, holder, updated_at FROM {FENCE_TABLE} WHERE name = ?");
+    let row = crate::on_pool!(db, p => sqlx::query(db.sql(sql)).bind(name).fetch_optional(p).await?
+        .map(|r| Ok::<_, sqlx::Error>((r.try_get::<i64, _>(0)?, r.try_get::<Option<String>, _>(1)?, r.try_get::<Option<NaiveDateTime>, _>(2)?)))
+        .transpose()?);
+    Ok(row.map(|(token, holder, updated_at)| FenceRow {
+        name: name.to_string(),
+        token,
+        holder,
+        updated_at,
+    }))
+}
+
+/// One line of the audit log: the first and last accepted write of one token.
+#[derive(Debug, Clone, Serialize)]
+pub struct FenceLogEntry {
+    /// Token.
+    pub token: i64,
+    /// Holder.
+    pub holder: Option<String>,
+    /// First accepted fenced transaction.
+    pub first_write_at: NaiveDateTime,
+    /// Last accepted fenced transaction.
+    pub last_write_at: NaiveDateTime,
+    /// Number of accepted fenced transactions.
+    pub writes: i64,
+}
+
+/// The audit log of `name`, oldest token first.
+pub async fn write_log(db: &Db, name: &str) -> Result<Vec<FenceLogEntry>, sqlx::Error> {
+    ensure_tables(db).await?;
+    let sql = format!(
+        "SELECT token, holder, first_write_at, last_write_at, writes FROM {FENCE_LOG_TABLE} \
+         WHERE name = ? ORDER BY token"
+    );
+    crate::on_pool!(db, p => sqlx::query(db.sql(sql)).bind(name).fetch_all(p).await?
+        .into_iter()
+        .map(|r| Ok(FenceLogEntry {
+            token: r.try_get(0)?,
+            holder: r.try_get(1)?,
+            first_write_at: r.try_get(2)?,
+            last_write_at: r.try_get(3)?,
+            writes: r.try_get(4)?,
+        }))
+        .collect())
+}
+
+impl Fence {
+    /// Opens a write transaction whose first act is to check and advance this fence. The
+    /// caller does its batch in the returned transaction and commits it; if a newer token
+    /// exists, nothing is written and [`FenceError::FencedOut`] is returned.
+    pub async fn begin(&self, db: &Db) -> Result<DbTx<'static>, FenceError> {
+        let mut tx = db.begin_write().await?;
+        if let Err(e) = self.advance(&mut tx).await {
+            let _ = tx.rollback().await;
+            return Err(e);
+        }
+        Ok(tx)
+    }
+
+    /// Checks and advances the fence inside an already open write transaction.
+    pub async fn advance(&self, tx: &mut DbTx<'_>) -> Result<(), FenceError> {
+        let (seen, holder) = lock_row(tx, &self.name).await?;
+        if seen > self.token {
+            return Err(FenceError::FencedOut {
+                name: self.name.clone(),
+                mine: self.token,
+                seen,
+                holder: holder.unwrap_or_else(|| "unknown".into()),
+            });
+        }
+        write_row(tx, &self.name, self.token, &self.holder).await?;
+        log_write(tx, self).await?;
+        Ok(())
+    }
+
+    /// Checks the fence in a transaction of its own and commits nothing else: for the
+    /// moment just before a statement that cannot run inside a transaction.
+    pub async fn check(&self, db: &Db) -> Result<(), FenceError> {
+        self.begin(db).await?.commit().await?;
+        Ok(())
+    }
+}
+
+/// Stable 63-bit key for advisory locks, derived from the lease name (FNV-1a).
+pub fn advisory_key(name: &str) -> i64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in b"sessionfleet:".iter().chain(name.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    (h >> 1) as i64
+}
+
+/// MySQL lock names are limited to 64 characters.
+fn mysql_lock_name(name: &str) -> String {
+    format!("sessionfleet:{:016x}", advisory_key(name))
+}
+
+async fn set_lock_timeout(tx: &mut DbTx<'_>) -> Result<(), sqlx::Error> {
+    let ms = LOCK_WAIT.as_millis();
+    match tx {
+        DbTx::Postgres(t) => {
+            sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL lock_timeout = {ms}")))
+                .execute(&mut **t)
+                .await?;
+        }
+        DbTx::MySql(t) => {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SET SESSION innodb_lock_wait_timeout = {}",
+                LOCK_WAIT.as_secs().max(1)
+            )))
+            .execute(&mut **t)
+            .await?;
+        }
+        // SQLite: BEGIN IMMEDIATE already waited on the busy timeout.
+        DbTx::Sqlite(_) => {}
+    }
+    Ok(())
+}
+
+/// Takes, for the span of the transaction, the session lock that [`SessionLock`] holders keep:
+/// a token is never issued while someone runs non-transactional maintenance.
+async fn try_session_lock_xact(tx: &mut DbTx<'_>, name: &str) -> Result<bool, sqlx::Error> {
+    let key = advisory_key(name);
+    Ok(match tx {
+        DbTx::Postgres(t) => {
+            // Wait (bounded by lock_timeout) rather than fail at once: holders are short.
+            match sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(key)
+                .execute(&mut **t)
+                .await
+            {
+                Ok(_) => true,
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => false,
+                Err(e) => return Err(e),
+            }
+        }
+        DbTx::MySql(t) => {
+            let name = mysql_lock_name(name);
+            let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
+                .bind(&name)
+                .bind(LOCK_WAIT.as_secs() as i64)
+                .fetch_one(&mut **t)
+                .await?;
+            if got == Some(1) {
+                sqlx::query("SELECT RELEASE_LOCK(?)")
+                    .bind(&name)
+                    .execute(&mut **t)
+                    .await?;
+                true
+            } else {
+                false
+            }
+        }
+        DbTx::Sqlite(_) => true,
+    })
+}
+
+/// Makes sure the fence row exists, locks it for the rest of the transaction and returns the
+/// stored token and holder.
+async fn lock_row(tx: &mut DbTx<'_>, name: &str) -> Result<(i64, Option<String>), sqlx::Error> {
+    let insert = match tx.engine() {
+        Engine::Sqlite => format!("INSERT OR IGNORE INTO {FENCE_TABLE} (name, token) VALUES (?, 0)"),
+        Engine::Postgres => format!(
+            "INSERT INTO {FENCE_TABLE} (name, token) VALUES (?, 0) ON CONFLICT (name) DO NOTHING"
+        ),
+        Engine::MySql => format!("INSERT IGNORE INTO {FENCE_TABLE} (name, token) VALUES (?, 0)"),
+    };
+    // SQLite needs no FOR UPDATE: BEGIN IMMEDIATE holds the database write lock.
+    let select = match tx.engine() {
+        Engine::Sqlite => format!("SELECT token, holder FROM {FENCE_TABLE} WHERE name = ?"),
+        _ => format!("SELECT token, holder FROM {FENCE_TABLE} WHERE name = ? FOR UPDATE"),
+    };
+    let insert = tx.sql(insert);
+    let select = tx.sql(select);
+    crate::on_tx!(tx, c => {
+        sqlx::query(insert).bind(name).execute(&mut *c).await?;
+        let row = sqlx::query(select).bind(name).fetch_one(&mut *c).await?;
+        Ok((row.try_get::<i64, _>(0)?, row.try_get::<Option<String>, _>(1)?))
+    })
+}
+
+async fn write_row(tx: &mut DbTx<'_>, name: &str, token: i64, holder: &str) -> Result<(), sqlx::Error> {
+    let sql = tx.sql(format!(
+        "UPDATE {FENCE_TABLE} SET token = ?, holder = ?, updated_at = ? WHERE name = ?"
+    ));
+    let now = Utc::now().naive_utc();
+    crate::on_tx!(tx, c => { sqlx::query(sql).bind(token).bind(holder).bind(now).bind(name).execute(&mut *c).await?; });
+    Ok(())
+}
+
+async fn log_write(tx: &mut DbTx<'_>, fence: &Fence) -> Result<(), sqlx::Error> {
+    let now = Utc::now().naive_utc();
+    let sql = match tx.engine() {
+        Engine::Sqlite | Engine::Postgres => format!(
+            "INSERT INTO {FENCE_LOG_TABLE} AS l (name, token, holder, first_write_at, last_write_at, writes) \
+             VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT (name, token) DO UPDATE \
+             SET last_write_at = excluded.last_write_at, writes = l.writes + 1"
+        ),
+        Engine::MySql => format!(
+            "INSERT INTO {FENCE_LOG_TABLE} (name, token, holder, first_write_at, last_write_at, writes) \
+             VALUES (?, ?, ?, ?, ?, 1) ON DUPLICATE KEY UPDATE \
+             last_write_at = VALUES(last_write_at), writes = writes + 1"
+        ),
+    };
+    let sql = tx.sql(sql);
+    crate::on_tx!(tx, c => {
+        sqlx::query(sql)
+            .bind(&fence.name).bind(fence.token).bind(&fence.holder).bind(now).bind(now)
+            .execute(&mut *c).await?;
+    });
+    Ok(())
+}
+
+/// One pinned connection holding the engine's session lock for a lease, for statements that
+/// cannot run inside a transaction. Dropping it returns the connection; call
+/// [`SessionLock::release`] to unlock explicitly (the server also unlocks on disconnect).
+pub struct SessionLock {
+    conn: LockedConn,
+    fence: Fence,
+}
+
+enum LockedConn {
+    Sqlite(PoolConnection<sqlx::Sqlite>),
+    Postgres(PoolConnection<sqlx::Postgres>),
+    MySql(PoolConnection<sqlx::MySql>),
+}
+
+impl SessionLock {
+    /// Pins a connection and takes the session lock for `fence.name`, waiting at most
+    /// [`LOCK_WAIT`]. SQLite has no session lock; there each statement's own write lock and the
+    /// fence check before it are the guard.
+    pub async fn acquire(db: &Db, fence: &Fence) -> Result<SessionLock, FenceError> {
+        let key = advisory_key(&fence.name);
+        let conn = match db.pool() {
+            Pool::Sqlite(p) => LockedConn::Sqlite(p.acquire().await?),
+            Pool::Postgres(p) => {
+                let mut c = p.acquire().await?;
+                let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+                loop {
+                    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                        .bind(key)
+                        .fetch_one(&mut *c)
+                        .await?;
+                    if got {
+                        break;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(FenceError::Busy(fence.name.clone()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                LockedConn::Postgres(c)
+            }
+            Pool::MySql(p) => {
+                let mut c = p.acquire().await?;
+                let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
+                    .bind(mysql_lock_name(&fence.name))
+                    .bind(LOCK_WAIT.as_secs() as i64)
+                    .fetch_one(&mut *c)
+                    .await?;
+                if got != Some(1) {
+                    return Err(FenceError::Busy(fence.name.clone()));
+                }
+                LockedConn::MySql(c)
+            }
+        };
+        Ok(SessionLock {
+            conn,
+            fence: fence.clone(),
+        })
+    }
+
+    /// Checks the fence on the pinned connection, then runs `sql` there outside any
+    /// transaction. Returns rows affected.
+    pub async fn execute_checked(&mut self, sql: &str) -> Result<u64, FenceError> {
+        self.check().await?;
+        let engine = self.engine();
+        let stmt = dialect_sql(engine, sql.to_string());
+        Ok(match &mut self.conn {
+            LockedConn::Sqlite(c) => sqlx::query(stmt).execute(&mut **c).await?.rows_affected(),
+            LockedConn::Postgres(c) => sqlx::query(stmt).execute(&mut **c).await?.rows_affected(),
+            LockedConn::MySql(c) => sqlx::query(stmt).execute(&mut **c).await?.rows_affected(),
+        })
+    }
+
+    /// Checks (and advances) the fence in a short transaction on the pinned connection.
+    pub async fn check(&mut self) -> Result<(), FenceError> {
+        let mut tx = match &mut self.conn {
+            LockedConn::Sqlite(c) => DbTx::Sqlite(sqlx::Connection::begin(&mut **c).await?),
+            LockedConn::Postgres(c) => DbTx::Postgres(sqlx::Connection::begin(&mut **c).await?),
+            LockedConn::MySql(c) => DbTx::MySql(sqlx::Connection::begin(&mut **c).await?),
+        };
+        let result = self.fence.advance(&mut tx).await;
+        match result {
+            Ok(()) => tx.commit().await?,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases the session lock and returns the connection to the pool.
+    pub async fn release(mut self) -> Result<(), sqlx::Error> {
+        let key = advisory_key(&self.fence.name);
+        match &mut self.conn {
+            LockedConn::Sqlite(_) => {}
+            LockedConn::Postgres(c) => {
+                sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(key)
+                    .execute(&mut **c)
+                    .await?;
+            }
+            LockedConn::MySql(c) => {
+                sqlx::query("SELECT RELEASE_LOCK(?)")
+                    .bind(mysql_lock_name(&self.fence.name))
+                    .execute(&mut **c)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn engine(&self) -> Engine {
+        match self.conn {
+            LockedConn::Sqlite(_) => Engine::Sqlite,
+            LockedConn::Postgres(_) => Engine::Postgres,
+            LockedConn::MySql(_) => Engine::MySql,
+        }
+    }
+}

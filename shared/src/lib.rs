@@ -1,0 +1,27 @@
+//! # sessionfleet
+//!
+//! The library behind the `sessionfleet` CLI and the `sessionfleet-worker` fleet member. It
+//! keeps an application's session tables healthy — cleanup, analytics, database
+//! maintenance — on SQLite, PostgreSQL and MySQL/MariaDB, with jobs carried by Redis and a
+//! lease plus a database-side fence so only one maintenance process touches a database at a
+//! time.
+//!
+//! Module map (see ARCHITECTURE.md for the invariants):
+//! - [`config`]: settings, their sources and validation;
+//! - [`store`]: engines, connections, dialects, the session schema;
+//! - [`fence`]: the fencing table every mutating transaction advances;
+//! - [`seed`]: deterministic demo data;
+//! - [`ops`]: the operations, plain async functions `(db, params, cancel) -> report`;
+//! - [`secret`], [`backoff`]: small cross-cutting helpers.
+
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod config;
+pub mod fence;
+pub mod ops;
+pub mod secret;
+pub mod seed;
+pub mod store;
+
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,368 @@
+//! Connecting to a database by URL, with retries, and describing what was reached.
+
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{AssertSqlSafe, MySql, Postgres, Row, Sqlite, Transaction};
+
+use super::StoreError;
+use crate::secret::{redact_text, redact_url};
+
+/// The database engines sessionfleet supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// SQLite, the embedded default.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL or MariaDB.
+    MySql,
+}
+
+impl Engine {
+    /// Picks the engine from a URL's scheme.
+    pub fn from_url(url: &str) -> Result<Engine, StoreError> {
+        let scheme = url.split(':').next().unwrap_or_default().to_ascii_lowercase();
+        match scheme.as_str() {
+            "sqlite" => Ok(Engine::Sqlite),
+            "postgres" | "postgresql" => Ok(Engine::Postgres),
+            "mysql" | "mariadb" => Ok(Engine::MySql),
+            _ if !url.contains(':') => Err(StoreError::UnknownScheme(String::new())),
+            _ => Err(StoreError::UnknownScheme(scheme)),
+        }
+    }
+
+    /// A stable lower-case name, used in reports and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "sqlite",
+            Engine::Postgres => "postgres",
+            Engine::MySql => "mysql",
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How to connect: pool size, timeouts and the retry policy for unreachable servers.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Maximum connections in the pool. Maintenance needs few; default [`Self::DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: u32,
+    /// How many times to try before giving up on an unreachable server (at least 1).
+    pub attempts: u32,
+    /// First delay between attempts; doubles each time (with jitter) up to `max_backoff`.
+    pub initial_backoff: Duration,
+    /// Upper bound of the delay between attempts.
+    pub max_backoff: Duration,
+    /// SQLite's busy timeout: how long a statement waits for another writer's lock.
+    pub sqlite_busy_timeout: Duration,
+}
+
+impl ConnectOptions {
+    /// Default pool size.
+    pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
+    /// Default number of connection attempts.
+    pub const DEFAULT_ATTEMPTS: u32 = 5;
+    /// Default SQLite busy timeout, the same order as common application settings.
+    pub const DEFAULT_SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            attempts: Self::DEFAULT_ATTEMPTS,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+            sqlite_busy_timeout: Self::DEFAULT_SQLITE_BUSY_TIMEOUT,
+        }
+    }
+}
+
+/// An engine-specific connection pool.
+#[derive(Debug, Clone)]
+pub enum Pool {
+    /// SQLite pool.
+    Sqlite(sqlx::SqlitePool),
+    /// PostgreSQL pool.
+    Postgres(sqlx::PgPool),
+    /// MySQL/MariaDB pool.
+    MySql(sqlx::MySqlPool),
+}
+
+/// An open transaction on one of the engines.
+pub enum DbTx<'c> {
+    /// SQLite transaction (opened with `BEGIN IMMEDIATE` for writes).
+    Sqlite(Transaction<'c, Sqlite>),
+    /// PostgreSQL transaction.
+    Postgres(Transaction<'c, Postgres>),
+    /// MySQL/MariaDB transaction.
+    MySql(Transaction<'c, MySql>),
+}
+
+impl DbTx<'_> {
+    /// Commits the transaction.
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            DbTx::Sqlite(t) => t.commit().await,
+            DbTx::Postgres(t) => t.commit().await,
+            DbTx::MySql(t) => t.commit().await,
+        }
+    }
+
+    /// Rolls the transaction back.
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        match self {
+            DbTx::Sqlite(t) => t.rollback().await,
+            DbTx::Postgres(t) => t.rollback().await,
+            DbTx::MySql(t) => t.rollback().await,
+        }
+    }
+
+    /// Prepares SQL text for this transaction's engine (see [`Db::sql`]).
+    pub fn sql(&self, sql: impl Into<Cow<'static, str>>) -> AssertSqlSafe<Cow<'static, str>> {
+        dialect_sql(self.engine(), sql)
+    }
+
+    /// The engine of this transaction.
+    pub fn engine(&self) -> Engine {
+        match self {
+            DbTx::Sqlite(_) => Engine::Sqlite,
+            DbTx::Postgres(_) => Engine::Postgres,
+            DbTx::MySql(_) => Engine::MySql,
+        }
+    }
+}
+
+/// What [`Db::describe`] found at the other end.
+#[derive(Debug, Clone, Serialize)]
+pub struct DbInfo {
+    /// Engine family.
+    pub engine: Engine,
+    /// Server (or library) version string as the engine reports it.
+    pub version: String,
+    /// The URL, password removed.
+    pub url: String,
+}
+
+/// A connected database: the pool plus what is needed to speak its dialect.
+#[derive(Debug, Clone)]
+pub struct Db {
+    engine: Engine,
+    pool: Pool,
+    redacted_url: String,
+}
+
+impl Db {
+    /// Connects to `url`, retrying with jittered exponential backoff while the server is
+    /// unreachable. SQLite files are created on first use and opened in WAL mode with a
+    /// busy timeout; foreign keys stay off, as the reference application leaves them.
+    pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Db, StoreError> {
+        let engine = Engine::from_url(url)?;
+        let redacted_url = redact_url(url);
+        let bad_url = |e: sqlx::Error| StoreError::BadUrl {
+            url: redacted_url.clone(),
+            reason: redact_text(&e.to_string(), url),
+        };
+        let attempts = opts.attempts.max(1);
+        let mut delay = opts.initial_backoff;
+        let mut last_error = String::new();
+        for attempt in 1..=attempts {
+            let result = match engine {
+                Engine::Sqlite => {
+                    let o = SqliteConnectOptions::from_str(url)
+                        .map_err(bad_url)?
+                        .create_if_missing(true)
+                        .journal_mode(SqliteJournalMode::Wal)
+                        .busy_timeout(opts.sqlite_busy_timeout)
+                        .foreign_keys(false);
+                    SqlitePoolOptions::new()
+                        .max_connections(opts.max_connections)
+                        .acquire_timeout(Duration::from_secs(30))
+                        .connect_with(o)
+                        .await
+                        .map(Pool::Sqlite)
+                }
+                Engine::Postgres => {
+                    let o = PgConnectOptions::from_str(url)
+                        .map_err(bad_url)?
+                        .application_name("sessionfleet");
+                    PgPoolOptions::new()
+                        .max_connections(opts.max_connections)
+                        .acquire_timeout(Duration::from_secs(10))
+                        .connect_with(o)
+                        .await
+                        .map(Pool::Postgres)
+                }
+                Engine::MySql => {
+                    let normalized = mysql_url(url);
+                    let o = MySqlConnectOptions::from_str(&normalized).map_err(bad_url)?;
+                    MySqlPoolOptions::new()
+                        .max_connections(opts.max_connections)
+                        .acquire_timeout(Duration::from_secs(10))
+                        .after_connect(|conn, _| {
+                            Box::pin(async move {
+                                // UTC, so DATETIME comparisons mean the same as on the other engines.
+                                sqlx::query("SET time_zone = '+00:00'")
+                                    .execute(&mut *conn)
+                                    .await?;
+                                Ok(())
+                            })
+                        })
+                        .connect_with(o)
+                        .await
+                        .map(Pool::MySql)
+                }
+            };
+            match result {
+                Ok(pool) => {
+                    return Ok(Db {
+                        engine,
+                        pool,
+                        redacted_url,
+                    });
+                }
+                Err(e) if is_permanent(&e) => return Err(bad_url(e)),
+                Err(e) => {
+                    last_error = redact_text(&e.to_string(), url);
+                    if attempt < attempts {
+                        tracing::warn!(url = %redacted_url, attempt, error = %last_error, "database unreachable; retrying");
+                        tokio::time::sleep(crate::backoff::jitter(delay)).await;
+                        delay = (delay * 2).min(opts.max_backoff);
+                    }
+                }
+            }
+        }
+        Err(StoreError::Unreachable {
+            url: redacted_url,
+            attempts,
+            reason: last_error,
+        })
+    }
+
+    /// The engine family.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The engine-specific pool, for [`on_pool!`](crate::on_pool).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The URL this database was opened with, password removed. Safe to log.
+    pub fn redacted_url(&self) -> &str {
+        &self.redacted_url
+    }
+
+    /// Prepares SQL text for this engine: `?` placeholders become `$n` on PostgreSQL.
+    ///
+    /// SQL here is written by sessionfleet itself; identifiers interpolated into it come from
+    /// a [`SessionProfile`](super::SessionProfile), whose names are validated as plain identifiers.
+    pub fn sql(&self, sql: impl Into<Cow<'static, str>>) -> AssertSqlSafe<Cow<'static, str>> {
+        dialect_sql(self.engine, sql)
+    }
+
+    /// Reports the engine and its version.
+    pub async fn describe(&self) -> Result<DbInfo, StoreError> {
+        let version: String = match &self.pool {
+            Pool::Sqlite(p) => sqlx::query("SELECT sqlite_version()")
+                .fetch_one(p)
+                .await?
+                .try_get(0)?,
+            Pool::Postgres(p) => sqlx::query("SHOW server_version")
+                .fetch_one(p)
+                .await?
+                .try_get(0)?,
+            Pool::MySql(p) => sqlx::query("SELECT VERSION()")
+                .fetch_one(p)
+                .await?
+                .try_get(0)?,
+        };
+        Ok(DbInfo {
+            engine: self.engine,
+            version,
+            url: self.redacted_url.clone(),
+        })
+    }
+
+    /// Opens a transaction meant to write. On SQLite it is `BEGIN IMMEDIATE`, which takes the
+    /// write lock up front so two writers queue on the busy timeout instead of deadlocking on
+    /// a lock upgrade.
+    pub async fn begin_write(&self) -> Result<DbTx<'static>, sqlx::Error> {
+        Ok(match &self.pool {
+            Pool::Sqlite(p) => DbTx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
+            Pool::Postgres(p) => DbTx::Postgres(p.begin().await?),
+            Pool::MySql(p) => DbTx::MySql(p.begin().await?),
+        })
+    }
+
+    /// Runs one statement without results (DDL, maintenance) outside any transaction.
+    pub async fn execute(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        crate::on_pool!(self, p => Ok(sqlx::query(self.sql(sql.to_string())).execute(p).await?.rows_affected()))
+    }
+
+    /// Runs a query returning one integer (a count, a size), binding no parameters.
+    pub async fn scalar_i64(&self, sql: &str) -> Result<i64, sqlx::Error> {
+        crate::on_pool!(self, p => sqlx::query_scalar::<_, i64>(self.sql(sql.to_string())).fetch_one(p).await)
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        crate::on_pool!(self, p => p.close().await)
+    }
+}
+
+/// Prepares SQL text for `engine` (see [`Db::sql`]).
+pub fn dialect_sql(engine: Engine, sql: impl Into<Cow<'static, str>>) -> AssertSqlSafe<Cow<'static, str>> {
+    let sql = sql.into();
+    if engine != Engine::Postgres || !sql.contains('?') {
+        return AssertSqlSafe(sql);
+    }
+    AssertSqlSafe(Cow::Owned(super::placeholders(&sql, true).into_owned()))
+}
+
+/// sqlx speaks the MySQL protocol for MariaDB too; accept `mariadb:` as an alias.
+fn mysql_url(url: &str) -> String {
+    match url.strip_prefix("mariadb:") {
+        Some(rest) => format!("mysql:{rest}"),
+        None => url.to_string(),
+    }
+}
+
+/// Errors that retrying cannot fix: bad credentials, unknown database, bad configuration.
+fn is_permanent(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Configuration(_) => true,
+        sqlx::Error::Database(db) => {
+            // PostgreSQL: 28xxx auth, 3D000 unknown database. MySQL: 1044/1045 access, 1049 unknown db.
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            code.starts_with("28") || code == "3D000" || ["1044", "1045", "1049"].contains(&code.as_str())
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_follows_the_scheme() {
+        assert_eq!(Engine::from_url("sqlite://x.db").unwrap(), Engine::Sqlite);
+        assert_eq!(Engine::from_url("postgresql://h/db").unwrap(), Engine::Postgres);
+        assert_eq!(Engine::from_url("mariadb://h/db").unwrap(), Engine::MySql);
+        assert!(matches!(Engine::from_url("oracle://h/db"), Err(StoreError::UnknownScheme(s)) if s == "oracle"));
+    }
+}

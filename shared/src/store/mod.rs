@@ -1,0 +1,87 @@
+//! Database access for the three engines sessionfleet maintains.
+//!
+//! One entry point, [`Db::connect`], turns a URL into a pool for SQLite, PostgreSQL or
+//! MySQL/MariaDB and reports what it reached ([`Db::describe`]). Operations write their SQL
+//! side by side per engine and run it through [`on_pool!`](crate::on_pool) /
+//! [`on_tx!`](crate::on_tx), so no operation needs its own connection code.
+//!
+//! Architecture invariant: this module knows about connections, dialects and the session
+//! schema, never about queues or leases.
+
+mod connect;
+pub mod schema;
+mod sql;
+
+pub use connect::{ConnectOptions, Db, DbInfo, DbTx, Engine, Pool, dialect_sql};
+pub use schema::{Schema, SchemaVersion, SessionProfile};
+pub use sql::{placeholders, sqlite_datetime};
+
+/// Errors raised while reaching or inspecting a database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL's scheme is not one of the supported engines.
+    #[error(
+        "unsupported database URL scheme '{0}' (expected sqlite:, postgres:, postgresql:, mysql: or mariadb:)"
+    )]
+    UnknownScheme(String),
+    /// The URL could not be parsed at all.
+    #[error("invalid database URL {url}: {reason}")]
+    BadUrl {
+        /// The URL with its password removed.
+        url: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The database could not be reached after the configured retries.
+    #[error("cannot connect to {url} after {attempts} attempts: {reason}")]
+    Unreachable {
+        /// The URL with its password removed.
+        url: String,
+        /// How many times a connection was tried.
+        attempts: u32,
+        /// The last error, with any password removed.
+        reason: String,
+    },
+    /// The tables or columns a feature needs are not there.
+    #[error("{0}")]
+    Schema(#[from] schema::SchemaError),
+    /// A statement failed.
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+/// Runs `$body` with `$p` bound to the engine-specific pool of a [`Db`].
+///
+/// Each arm is type-checked separately, so the body may use any sqlx API that all three
+/// drivers implement (binding `i64`, `String`, `bool`, `chrono::NaiveDateTime`, decoding rows).
+#[macro_export]
+macro_rules! on_pool {
+    ($db:expr, $p:ident => $body:expr) => {
+        match $db.pool() {
+            $crate::store::Pool::Sqlite($p) => $body,
+            $crate::store::Pool::Postgres($p) => $body,
+            $crate::store::Pool::MySql($p) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$c` bound to the engine-specific connection of an open [`DbTx`].
+#[macro_export]
+macro_rules! on_tx {
+    ($tx:expr, $c:ident => $body:expr) => {
+        match $tx {
+            $crate::store::DbTx::Sqlite(t) => {
+                let $c = &mut **t;
+                $body
+            }
+            $crate::store::DbTx::Postgres(t) => {
+                let $c = &mut **t;
+                $body
+            }
+            $crate::store::DbTx::MySql(t) => {
+                let $c = &mut **t;
+                $body
+            }
+        }
+    };
+}

@@ -1,0 +1,55 @@
+//! Small dialect helpers shared by every operation.
+
+use std::borrow::Cow;
+
+use chrono::NaiveDateTime;
+
+/// Rewrites `?` placeholders into PostgreSQL's `$1, $2, …` when `numbered` is set.
+///
+/// Lets one SQL text serve all three engines where only the placeholder style differs.
+/// Question marks inside single-quoted literals are left alone.
+pub fn placeholders(sql: &str, numbered: bool) -> Cow<'_, str> {
+    if !numbered || !sql.contains('?') {
+        return Cow::Borrowed(sql);
+    }
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    let mut in_literal = false;
+    for ch in sql.chars() {
+        match ch {
+            '\'' => {
+                in_literal = !in_literal;
+                out.push(ch);
+            }
+            '?' if !in_literal => {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            }
+            _ => out.push(ch),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Formats a UTC timestamp the way the reference application stores it in SQLite
+/// (`YYYY-MM-DD HH:MM:SS.ffffff`), so text comparisons order correctly.
+pub fn sqlite_datetime(t: NaiveDateTime) -> String {
+    t.format("%Y-%m-%d %H:%M:%S%.6f").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_placeholders_for_postgres_only() {
+        assert_eq!(placeholders("a = ? AND b = ?", true), "a = $1 AND b = $2");
+        assert_eq!(placeholders("a = ? AND b = ?", false), "a = ? AND b = ?");
+    }
+
+    #[test]
+    fn leaves_question_marks_in_literals() {
+        assert_eq!(placeholders("x = '?' AND y = ?", true), "x = '?' AND y = $1");
+    }
+}
