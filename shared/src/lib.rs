@@ -23,5 +23,7 @@ pub mod ops;
 pub mod secret;
 pub mod seed;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use tokio_util::sync::CancellationToken;

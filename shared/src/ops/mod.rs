@@ -1,4 +1,74 @@
 //! The operations: plain async functions of (database, parameters, cancellation) → report.
 //!
 //! Architecture invariant: operations know SQL and the fence, never queues or Redis. The
-//! worker and the CLI's local mode call them the same way.
+//! worker and the CLI's local mode call them the same way; facts only the fleet knows (recent
+//! job outcomes, recorded deletions) come in as plain data in the parameters.
+
+use serde::{Deserialize, Serialize};
+
+use crate::CancellationToken;
+use crate::fence::{Fence, FenceError};
+use crate::store::{Db, StoreError};
+
+pub mod analytics;
+pub mod cleanup;
+pub mod maintenance;
+
+/// What every operation receives besides its own parameters.
+#[derive(Clone)]
+pub struct OpContext {
+    /// The target database.
+    pub db: Db,
+    /// The fencing token of the lease this run holds. `None` for read-only work; a mutating
+    /// step without one fails with [`OpError::NoFence`] instead of writing unguarded.
+    pub fence: Option<Fence>,
+    /// Cancelled when the lease is lost, the worker shuts down, or the caller gives up.
+    /// Operations stop at their next batch boundary, keeping what they committed.
+    pub cancel: CancellationToken,
+}
+
+impl OpContext {
+    /// The fence, or [`OpError::NoFence`] for a step that would write.
+    pub fn fence(&self) -> Result<&Fence, OpError> {
+        self.fence.as_ref().ok_or(OpError::NoFence)
+    }
+}
+
+/// Why an operation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// All work done.
+    Completed,
+    /// The time budget ran out; work remains and a continuation should follow.
+    BudgetSpent,
+    /// Cancelled (lost lease, shutdown); work done so far is committed.
+    Cancelled,
+}
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// A newer lease holder exists; nothing further was written.
+    #[error(transparent)]
+    Fence(#[from] FenceError),
+    /// Schema or connection problem.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A statement failed.
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// Parameters were refused.
+    #[error("{0}")]
+    Invalid(String),
+    /// A mutating step ran without a fencing token.
+    #[error("this step changes the database and must run under a lease (no fencing token given)")]
+    NoFence,
+}
+
+impl OpError {
+    /// True when the failure is "fenced out": retrying under the same token is pointless.
+    pub fn is_fenced_out(&self) -> bool {
+        matches!(self, OpError::Fence(FenceError::FencedOut { .. }))
+    }
+}

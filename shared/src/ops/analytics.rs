@@ -1,0 +1,1 @@
+//! Placeholder: the analytics operation lands in its own issue.

@@ -1,0 +1,1 @@
+//! Placeholder: the cleanup operation lands in its own issue.

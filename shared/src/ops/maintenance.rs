@@ -1,0 +1,1 @@
+//! Placeholder: the maintenance operation lands in its own issue.

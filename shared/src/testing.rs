@@ -1,0 +1,100 @@
+//! Test support (feature `testing`): every test gets its own database — a temporary SQLite
+//! file, or a freshly created PostgreSQL / MariaDB database — and its own Redis namespace, so
+//! the suite runs in parallel against the real services.
+//!
+//! Admin URLs can be pointed elsewhere with `SESSIONFLEET_TEST_PG_URL`,
+//! `SESSIONFLEET_TEST_MYSQL_URL` and `SESSIONFLEET_TEST_REDIS_URL`.
+
+use std::path::PathBuf;
+
+use crate::store::{ConnectOptions, Db, Engine};
+
+/// Admin URL of the local PostgreSQL (trust auth).
+pub fn pg_admin_url() -> String {
+    std::env::var("SESSIONFLEET_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Admin URL of the local MariaDB.
+pub fn mysql_admin_url() -> String {
+    std::env::var("SESSIONFLEET_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+/// URL of the shared test Redis.
+pub fn redis_url() -> String {
+    std::env::var("SESSIONFLEET_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A Redis namespace no other test uses.
+pub fn unique_namespace() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// The three engines, for tests that run on each.
+pub const ENGINES: [Engine; 3] = [Engine::Sqlite, Engine::Postgres, Engine::MySql];
+
+/// A database created for one test. Call [`TestDb::drop_db`] at the end; a failed test leaves
+/// its database behind for inspection (names start with `sf_test_`).
+pub struct TestDb {
+    /// Connected pool.
+    pub db: Db,
+    /// URL of the database (no password on the local services).
+    pub url: String,
+    engine: Engine,
+    name: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    /// Creates an empty database on `engine`.
+    pub async fn new(engine: Engine) -> TestDb {
+        let name = format!("sf_test_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let (url, dir) = match engine {
+            Engine::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let path: PathBuf = dir.path().join(format!("{name}.db"));
+                (format!("sqlite://{}", path.display()), Some(dir))
+            }
+            Engine::Postgres => {
+                let admin = Db::connect(&pg_admin_url(), &ConnectOptions::default()).await.expect("PostgreSQL admin connection");
+                admin.execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+                admin.close().await;
+                let base = pg_admin_url();
+                (replace_db(&base, &name), None)
+            }
+            Engine::MySql => {
+                let admin = Db::connect(&mysql_admin_url(), &ConnectOptions::default()).await.expect("MariaDB admin connection");
+                admin.execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+                admin.close().await;
+                (replace_db(&mysql_admin_url(), &name), None)
+            }
+        };
+        let db = Db::connect(&url, &ConnectOptions::default()).await.expect("connect test database");
+        TestDb { db, url, engine, name, _dir: dir }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// Drops the database (SQLite: the temporary directory goes with the value).
+    pub async fn drop_db(self) {
+        self.db.close().await;
+        let admin_url = match self.engine {
+            Engine::Sqlite => return,
+            Engine::Postgres => pg_admin_url(),
+            Engine::MySql => mysql_admin_url(),
+        };
+        if let Ok(admin) = Db::connect(&admin_url, &ConnectOptions::default()).await {
+            let force = if self.engine == Engine::Postgres { " WITH (FORCE)" } else { "" };
+            let _ = admin.execute(&format!("DROP DATABASE IF EXISTS {}{force}", self.name)).await;
+            admin.close().await;
+        }
+    }
+}
+
+fn replace_db(url: &str, name: &str) -> String {
+    let mut u = url::Url::parse(url).expect("admin URL");
+    u.set_path(&format!("/{name}"));
+    u.to_string()
+}
