@@ -11,7 +11,12 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 /// By default a command enqueues a job and waits for a worker to run it; --no-wait returns
 /// the job id at once; --local runs it in this process under the same lease and fence.
 #[derive(Debug, Parser)]
-#[command(name = "sessionfleet", version, propagate_version = true, arg_required_else_help = true)]
+#[command(
+    name = "sessionfleet",
+    version,
+    propagate_version = true,
+    arg_required_else_help = true
+)]
 #[command(after_help = "Examples:
   sessionfleet cleanup --once                      purge expired and orphaned sessions now
   sessionfleet cleanup --stats                     counts only, changes nothing
@@ -43,7 +48,12 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "URL")]
     pub redis_url: Option<String>,
     /// Configured target (database) to work on [default: the configured default target]
-    #[arg(long, global = true, value_name = "NAME", conflicts_with = "all_targets")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        conflicts_with = "all_targets"
+    )]
     pub target: Option<String>,
     /// Fan out one job per configured target
     #[arg(long, global = true)]

@@ -38,12 +38,20 @@ pub struct CliError {
 impl CliError {
     /// A usage or configuration error.
     pub fn usage(message: impl Into<String>) -> anyhow::Error {
-        CliError { message: message.into(), exit: Exit::Usage }.into()
+        CliError {
+            message: message.into(),
+            exit: Exit::Usage,
+        }
+        .into()
     }
 
     /// An error with an explicit exit code.
     pub fn new(exit: Exit, message: impl Into<String>) -> anyhow::Error {
-        CliError { message: message.into(), exit }.into()
+        CliError {
+            message: message.into(),
+            exit,
+        }
+        .into()
     }
 }
 
@@ -52,7 +60,10 @@ pub fn classify(err: &anyhow::Error) -> Exit {
     if let Some(e) = err.downcast_ref::<CliError>() {
         return e.exit;
     }
-    if err.downcast_ref::<sessionfleet::config::ConfigError>().is_some() {
+    if err
+        .downcast_ref::<sessionfleet::config::ConfigError>()
+        .is_some()
+    {
         return Exit::Usage;
     }
     Exit::OperationFailed

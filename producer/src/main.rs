@@ -17,7 +17,10 @@ use output::Output;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -52,13 +55,18 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
             ConfigAction::Show => commands::config::show(&settings, &out)?,
             ConfigAction::Keys => commands::config::keys(&out)?,
         },
-        Command::SeedDemo(args) => commands::seed::run(&settings, g.target.as_deref(), &args, &out).await?,
+        Command::SeedDemo(args) => {
+            commands::seed::run(&settings, g.target.as_deref(), &args, &out).await?
+        }
         other => {
             let name = format!("{other:?}");
             let _ = Cli::command();
             return Err(exit::CliError::new(
                 Exit::OperationFailed,
-                format!("'{}' is not available in this build yet", name.split('(').next().unwrap_or(&name).to_lowercase()),
+                format!(
+                    "'{}' is not available in this build yet",
+                    name.split('(').next().unwrap_or(&name).to_lowercase()
+                ),
             ));
         }
     }
@@ -68,7 +76,10 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
 fn init_logs(verbose: bool) {
     let filter = if verbose { "debug,sqlx=info" } else { "warn" };
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SESSIONFLEET_LOG").unwrap_or_else(|_| filter.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SESSIONFLEET_LOG")
+                .unwrap_or_else(|_| filter.into()),
+        )
         .with_writer(std::io::stderr)
         .try_init();
 }

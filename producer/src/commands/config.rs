@@ -41,8 +41,15 @@ pub fn keys(out: &Output) -> anyhow::Result<()> {
         return Ok(());
     }
     for k in KEYS {
-        let default = if k.default.is_empty() { "(unset)" } else { k.default };
-        println!("{} (file: {}, default: {})\n    {}; {}", k.env, k.file, default, k.help, k.form);
+        let default = if k.default.is_empty() {
+            "(unset)"
+        } else {
+            k.default
+        };
+        println!(
+            "{} (file: {}, default: {})\n    {}; {}",
+            k.env, k.file, default, k.help, k.form
+        );
     }
     Ok(())
 }
