@@ -39,9 +39,11 @@ fn lease_key(ns: &str, target: &str) -> String {
 }
 
 async fn create_probe(db: &Db) {
-    db.execute("CREATE TABLE IF NOT EXISTS lease_probe (token BIGINT NOT NULL, seq BIGINT NOT NULL)")
-        .await
-        .expect("create probe table");
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS lease_probe (token BIGINT NOT NULL, seq BIGINT NOT NULL)",
+    )
+    .await
+    .expect("create probe table");
 }
 
 /// One fenced write: a row tagged with the writer's token.
@@ -54,12 +56,20 @@ async fn fenced_insert(db: &Db, fence: &Fence, seq: i64) -> Result<(), FenceErro
 }
 
 async fn rows_of(db: &Db, token: i64) -> i64 {
-    db.scalar_i64(&format!("SELECT COUNT(*) FROM lease_probe WHERE token = {token}"))
-        .await
-        .expect("count probe rows")
+    db.scalar_i64(&format!(
+        "SELECT COUNT(*) FROM lease_probe WHERE token = {token}"
+    ))
+    .await
+    .expect("count probe rows")
 }
 
-async fn acquire(redis: &ConnectionManager, ns: &str, h: &HolderInfo, db: &Db, cfg: &LeaseConfig) -> lease::Lease {
+async fn acquire(
+    redis: &ConnectionManager,
+    ns: &str,
+    h: &HolderInfo,
+    db: &Db,
+    cfg: &LeaseConfig,
+) -> lease::Lease {
     lease::try_acquire(redis, ns, TARGET, h, db, cfg)
         .await
         .expect("try_acquire")
@@ -67,11 +77,19 @@ async fn acquire(redis: &ConnectionManager, ns: &str, h: &HolderInfo, db: &Db, c
 }
 
 /// Retries until the lease is free (another holder's expired), or panics after 10 s.
-async fn acquire_when_free(redis: &ConnectionManager, ns: &str, h: &HolderInfo, db: &Db, cfg: &LeaseConfig) -> lease::Lease {
+async fn acquire_when_free(
+    redis: &ConnectionManager,
+    ns: &str,
+    h: &HolderInfo,
+    db: &Db,
+    cfg: &LeaseConfig,
+) -> lease::Lease {
     for _ in 0..200 {
         match lease::try_acquire(redis, ns, TARGET, h, db, cfg).await {
             Ok(Some(l)) => return l,
-            Ok(None) | Err(LeaseError::Redis(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(None) | Err(LeaseError::Redis(_)) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             Err(e) => panic!("acquire failed: {e}"),
         }
     }
@@ -84,7 +102,11 @@ fn assert_serial(log: &[fence::FenceLogEntry]) {
     let mut by_time = log.to_vec();
     by_time.sort_by_key(|e| e.first_write_at);
     for w in by_time.windows(2) {
-        assert!(w[0].token < w[1].token, "tokens out of order: {:?}", by_time);
+        assert!(
+            w[0].token < w[1].token,
+            "tokens out of order: {:?}",
+            by_time
+        );
         assert!(
             w[0].last_write_at < w[1].first_write_at,
             "token {} wrote until {} but token {} started at {}",
@@ -167,14 +189,25 @@ async fn release_never_deletes_another_holders_lease() {
     tokio::time::sleep(lease::MIN_TTL + Duration::from_millis(200)).await;
     let b = acquire(&redis, &ns, &holder("w-b", "job-b"), &tdb.db, &cfg).await;
 
-    assert!(!a.release(&redis).await.expect("release A"), "A's release must report the lease was not its own");
-    let st = lease::status(&redis, &ns, TARGET, None).await.expect("status");
+    assert!(
+        !a.release(&redis).await.expect("release A"),
+        "A's release must report the lease was not its own"
+    );
+    let st = lease::status(&redis, &ns, TARGET, None)
+        .await
+        .expect("status");
     let h = st.holder.expect("B still holds the lease");
     assert_eq!(h.worker, "w-b");
     assert_eq!(h.token, Some(b.fence().token));
     assert!(st.ttl_ms.is_some());
     assert!(b.release(&redis).await.expect("release B"));
-    assert!(lease::status(&redis, &ns, TARGET, None).await.expect("status").holder.is_none());
+    assert!(
+        lease::status(&redis, &ns, TARGET, None)
+            .await
+            .expect("status")
+            .holder
+            .is_none()
+    );
     tdb.drop_db().await;
 }
 
@@ -187,14 +220,26 @@ async fn busy_lease_returns_none_and_issues_no_token() {
 
     let a = acquire(&redis, &ns, &holder("w-a", "job-a"), &tdb.db, &cfg).await;
     let name = lease::fence_name(TARGET);
-    let before = fence::inspect(&tdb.db, &name).await.expect("inspect").expect("fence row");
+    let before = fence::inspect(&tdb.db, &name)
+        .await
+        .expect("inspect")
+        .expect("fence row");
     assert_eq!(before.token, a.fence().token);
 
-    let b = lease::try_acquire(&redis, &ns, TARGET, &holder("w-b", "job-b"), &tdb.db, &cfg).await.expect("try_acquire");
+    let b = lease::try_acquire(&redis, &ns, TARGET, &holder("w-b", "job-b"), &tdb.db, &cfg)
+        .await
+        .expect("try_acquire");
     assert!(b.is_none(), "the lease is held by A");
-    let run = lease::with_lease(&redis, &ns, TARGET, &holder("w-b", "job-b"), &tdb.db, &cfg, &CancellationToken::new(), |_ctx| async {
-        panic!("must not run while busy")
-    })
+    let run = lease::with_lease(
+        &redis,
+        &ns,
+        TARGET,
+        &holder("w-b", "job-b"),
+        &tdb.db,
+        &cfg,
+        &CancellationToken::new(),
+        |_ctx| async { panic!("must not run while busy") },
+    )
     .await;
     match run {
         Err(e @ LeaseError::Busy { .. }) => {
@@ -203,8 +248,15 @@ async fn busy_lease_returns_none_and_issues_no_token() {
         }
         other => panic!("expected Busy, got {:?}", other.map(|r| r.token)),
     }
-    let after = fence::inspect(&tdb.db, &name).await.expect("inspect").expect("fence row");
-    assert_eq!(after.token, a.fence().token, "a busy acquisition must not issue a token");
+    let after = fence::inspect(&tdb.db, &name)
+        .await
+        .expect("inspect")
+        .expect("fence row");
+    assert_eq!(
+        after.token,
+        a.fence().token,
+        "a busy acquisition must not issue a token"
+    );
     assert_eq!(after.holder.as_deref(), Some("w-a job job-a"));
     let d = cfg.busy_delay();
     assert!(d >= cfg.busy_delay / 2 && d <= cfg.busy_delay);
@@ -219,10 +271,22 @@ async fn status_and_holders_report_the_holder_and_the_database_fence() {
     let tdb = TestDb::new(Engine::MySql).await;
     let cfg = short_cfg();
 
-    let l = acquire(&redis, &ns, &holder("host-1/worker-7", "job-42"), &tdb.db, &cfg).await;
-    let st = lease::status(&redis, &ns, TARGET, Some(&tdb.db)).await.expect("status");
+    let l = acquire(
+        &redis,
+        &ns,
+        &holder("host-1/worker-7", "job-42"),
+        &tdb.db,
+        &cfg,
+    )
+    .await;
+    let st = lease::status(&redis, &ns, TARGET, Some(&tdb.db))
+        .await
+        .expect("status");
     let h = st.holder.expect("holder");
-    assert_eq!((h.worker.as_str(), h.job_id.as_str()), ("host-1/worker-7", "job-42"));
+    assert_eq!(
+        (h.worker.as_str(), h.job_id.as_str()),
+        ("host-1/worker-7", "job-42")
+    );
     assert_eq!(h.token, Some(l.fence().token));
     assert!(h.since.is_some());
     assert!(st.ttl_ms.is_some_and(|t| t <= SHORT_TTL.as_millis() as u64));
@@ -236,7 +300,12 @@ async fn status_and_holders_report_the_holder_and_the_database_fence() {
     assert_eq!(all[0].0, TARGET);
     assert_eq!(all[0].1.job_id, "job-42");
     l.release(&redis).await.expect("release");
-    assert!(lease::holders(&redis, &ns).await.expect("holders").is_empty());
+    assert!(
+        lease::holders(&redis, &ns)
+            .await
+            .expect("holders")
+            .is_empty()
+    );
     tdb.drop_db().await;
 }
 
@@ -245,15 +314,29 @@ async fn token_failure_releases_the_redis_lease() {
     let redis = connect_redis(&redis_url()).await;
     let ns = unique_namespace();
     let tdb = TestDb::new(Engine::Sqlite).await;
-    let closed = Db::connect(&tdb.url, &ConnectOptions::default()).await.expect("connect");
+    let closed = Db::connect(&tdb.url, &ConnectOptions::default())
+        .await
+        .expect("connect");
     closed.close().await;
 
-    let err = lease::try_acquire(&redis, &ns, TARGET, &holder("w", "j"), &closed, &short_cfg())
-        .await
-        .expect_err("token cannot be issued on a closed pool");
+    let err = lease::try_acquire(
+        &redis,
+        &ns,
+        TARGET,
+        &holder("w", "j"),
+        &closed,
+        &short_cfg(),
+    )
+    .await
+    .expect_err("token cannot be issued on a closed pool");
     assert!(matches!(err, LeaseError::Token { .. }), "{err}");
-    let st = lease::status(&redis, &ns, TARGET, None).await.expect("status");
-    assert!(st.ttl_ms.is_none(), "the Redis lease must have been released");
+    let st = lease::status(&redis, &ns, TARGET, None)
+        .await
+        .expect("status");
+    assert!(
+        st.ttl_ms.is_none(),
+        "the Redis lease must have been released"
+    );
     // And the next holder gets it at once.
     let l = acquire(&redis, &ns, &holder("w2", "j2"), &tdb.db, &short_cfg()).await;
     l.release(&redis).await.expect("release");
@@ -272,8 +355,13 @@ async fn renewal_keeps_the_lease_past_its_ttl() {
     let keeper = a.spawn_keeper(&redis, cancel.clone());
     let until = tokio::time::Instant::now() + SHORT_TTL * 3;
     while tokio::time::Instant::now() < until {
-        let b = lease::try_acquire(&redis, &ns, TARGET, &holder("w-b", "job-b"), &tdb.db, &cfg).await.expect("try");
-        assert!(b.is_none(), "A's lease must stay held while its keeper renews it");
+        let b = lease::try_acquire(&redis, &ns, TARGET, &holder("w-b", "job-b"), &tdb.db, &cfg)
+            .await
+            .expect("try");
+        assert!(
+            b.is_none(),
+            "A's lease must stay held while its keeper renews it"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(keeper.lost().is_none());
@@ -294,11 +382,30 @@ async fn keeper_cancels_the_operation_when_another_owner_appears() {
     let keeper = a.spawn_keeper(&redis, cancel.clone());
 
     let mut con = redis.clone();
-    let _: () = redis::cmd("SET").arg(lease_key(&ns, TARGET)).arg("intruder").query_async(&mut con).await.expect("set");
-    tokio::time::timeout(Duration::from_secs(10), cancel.cancelled()).await.expect("cancel fires on loss");
-    assert_eq!(keeper.lost(), Some(LossReason::Taken { owner: "intruder".into() }));
-    assert!(!a.release(&redis).await.expect("release"), "must not delete the intruder's lease");
-    let owner: Option<String> = redis::cmd("GET").arg(lease_key(&ns, TARGET)).query_async(&mut con).await.expect("get");
+    let _: () = redis::cmd("SET")
+        .arg(lease_key(&ns, TARGET))
+        .arg("intruder")
+        .query_async(&mut con)
+        .await
+        .expect("set");
+    tokio::time::timeout(Duration::from_secs(10), cancel.cancelled())
+        .await
+        .expect("cancel fires on loss");
+    assert_eq!(
+        keeper.lost(),
+        Some(LossReason::Taken {
+            owner: "intruder".into()
+        })
+    );
+    assert!(
+        !a.release(&redis).await.expect("release"),
+        "must not delete the intruder's lease"
+    );
+    let owner: Option<String> = redis::cmd("GET")
+        .arg(lease_key(&ns, TARGET))
+        .query_async(&mut con)
+        .await
+        .expect("get");
     assert_eq!(owner.as_deref(), Some("intruder"));
     tdb.drop_db().await;
 }
@@ -318,20 +425,29 @@ async fn paused_holder_is_fenced_out_and_cancelled() {
         let url = tdb.url.clone();
         let (ns_a, cfg_a) = (ns.clone(), cfg.clone());
         let holder_a = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async move {
                 let redis = connect_redis(&redis_url()).await;
-                let db = Db::connect(&url, &ConnectOptions::default()).await.expect("connect");
+                let db = Db::connect(&url, &ConnectOptions::default())
+                    .await
+                    .expect("connect");
                 let lease = acquire(&redis, &ns_a, &holder("w-a", "job-a"), &db, &cfg_a).await;
                 let cancel = CancellationToken::new();
                 let keeper = lease.spawn_keeper(&redis, cancel.clone());
-                fenced_insert(&db, lease.fence(), 1).await.expect("first write while holding");
+                fenced_insert(&db, lease.fence(), 1)
+                    .await
+                    .expect("first write while holding");
                 acquired_tx.send(lease.fence().token).expect("send");
                 // Freeze the whole runtime (keeper too) until B has taken over and written.
                 std::thread::sleep(SHORT_TTL);
                 b_wrote_rx.recv().expect("B wrote");
                 let stale = fenced_insert(&db, lease.fence(), 2).await;
-                let cancelled = tokio::time::timeout(Duration::from_secs(10), cancel.cancelled()).await.is_ok();
+                let cancelled = tokio::time::timeout(Duration::from_secs(10), cancel.cancelled())
+                    .await
+                    .is_ok();
                 let released = lease.release(&redis).await.expect("release");
                 db.close().await;
                 (stale, cancelled, keeper.lost(), released)
@@ -339,25 +455,44 @@ async fn paused_holder_is_fenced_out_and_cancelled() {
         });
 
         let redis = connect_redis(&redis_url()).await;
-        let token_a = tokio::task::spawn_blocking(move || acquired_rx.recv().expect("A acquired")).await.expect("join");
+        let token_a = tokio::task::spawn_blocking(move || acquired_rx.recv().expect("A acquired"))
+            .await
+            .expect("join");
         let b = acquire_when_free(&redis, &ns, &holder("w-b", "job-b"), &tdb.db, &cfg).await;
         assert!(b.fence().token > token_a);
-        fenced_insert(&tdb.db, b.fence(), 1).await.expect("B writes");
+        fenced_insert(&tdb.db, b.fence(), 1)
+            .await
+            .expect("B writes");
         b_wrote_tx.send(()).expect("send");
-        let (stale, cancelled, lost, released) = tokio::task::spawn_blocking(move || holder_a.join().expect("holder A")).await.expect("join");
+        let (stale, cancelled, lost, released) =
+            tokio::task::spawn_blocking(move || holder_a.join().expect("holder A"))
+                .await
+                .expect("join");
 
         match stale {
-            Err(FenceError::FencedOut { mine, seen, .. }) => assert_eq!((mine, seen), (token_a, b.fence().token)),
+            Err(FenceError::FencedOut { mine, seen, .. }) => {
+                assert_eq!((mine, seen), (token_a, b.fence().token))
+            }
             other => panic!("{engine}: stale write must be fenced out, got {other:?}"),
         }
         assert!(cancelled, "{engine}: A's keeper must cancel its operation");
         assert!(lost.is_some(), "{engine}: A's keeper must record the loss");
         assert!(!released, "{engine}: A must not release B's lease");
-        assert_eq!(rows_of(&tdb.db, token_a).await, 1, "{engine}: the stale holder changed nothing after its pause");
+        assert_eq!(
+            rows_of(&tdb.db, token_a).await,
+            1,
+            "{engine}: the stale holder changed nothing after its pause"
+        );
         assert_eq!(rows_of(&tdb.db, b.fence().token).await, 1);
-        let st = lease::status(&redis, &ns, TARGET, None).await.expect("status");
+        let st = lease::status(&redis, &ns, TARGET, None)
+            .await
+            .expect("status");
         assert_eq!(st.holder.expect("B holds").worker, "w-b");
-        assert_serial(&fence::write_log(&tdb.db, &lease::fence_name(TARGET)).await.expect("log"));
+        assert_serial(
+            &fence::write_log(&tdb.db, &lease::fence_name(TARGET))
+                .await
+                .expect("log"),
+        );
         b.release(&redis).await.expect("release");
         tdb.drop_db().await;
     }
@@ -377,36 +512,61 @@ async fn tokens_keep_increasing_when_redis_loses_its_data() {
         let cfg = short_cfg();
 
         let a = acquire_when_free(&redis, &ns, &holder("w-a", "a"), &tdb.db, &cfg).await;
-        fenced_insert(&tdb.db, a.fence(), 1).await.expect("A writes");
+        fenced_insert(&tdb.db, a.fence(), 1)
+            .await
+            .expect("A writes");
         let token_a = a.fence().token;
         a.release(&redis).await.expect("release A");
 
         let b = acquire_when_free(&redis, &ns, &holder("w-b", "b"), &tdb.db, &cfg).await;
         let cancel_b = CancellationToken::new();
         let keeper_b = b.spawn_keeper(&redis, cancel_b.clone());
-        fenced_insert(&tdb.db, b.fence(), 1).await.expect("B writes");
+        fenced_insert(&tdb.db, b.fence(), 1)
+            .await
+            .expect("B writes");
         assert!(b.fence().token > token_a);
 
         private.restart();
 
         let c = acquire_when_free(&redis, &ns, &holder("w-c", "c"), &tdb.db, &cfg).await;
         let (token_b, token_c) = (b.fence().token, c.fence().token);
-        assert!(c.fence().token > b.fence().token, "{engine}: token went backwards after Redis lost its data");
+        assert!(
+            c.fence().token > b.fence().token,
+            "{engine}: token went backwards after Redis lost its data"
+        );
         let refused = fenced_insert(&tdb.db, b.fence(), 2).await;
-        assert!(matches!(refused, Err(FenceError::FencedOut { .. })), "{engine}: B must be fenced out: {refused:?}");
-        fenced_insert(&tdb.db, c.fence(), 1).await.expect("C writes");
-        tokio::time::timeout(Duration::from_secs(10), cancel_b.cancelled()).await.expect("B's keeper notices");
-        assert!(matches!(keeper_b.lost(), Some(LossReason::Expired | LossReason::Taken { .. })), "{:?}", keeper_b.lost());
+        assert!(
+            matches!(refused, Err(FenceError::FencedOut { .. })),
+            "{engine}: B must be fenced out: {refused:?}"
+        );
+        fenced_insert(&tdb.db, c.fence(), 1)
+            .await
+            .expect("C writes");
+        tokio::time::timeout(Duration::from_secs(10), cancel_b.cancelled())
+            .await
+            .expect("B's keeper notices");
+        assert!(
+            matches!(
+                keeper_b.lost(),
+                Some(LossReason::Expired | LossReason::Taken { .. })
+            ),
+            "{:?}",
+            keeper_b.lost()
+        );
         assert!(!b.release(&redis).await.expect("release B"));
         assert!(c.release(&redis).await.expect("release C"));
 
         let d = acquire_when_free(&redis, &ns, &holder("w-d", "d"), &tdb.db, &cfg).await;
         assert!(d.fence().token > token_c);
-        fenced_insert(&tdb.db, d.fence(), 1).await.expect("D is not fenced out");
+        fenced_insert(&tdb.db, d.fence(), 1)
+            .await
+            .expect("D is not fenced out");
         d.release(&redis).await.expect("release D");
 
         assert_eq!(rows_of(&tdb.db, token_b).await, 1);
-        let log = fence::write_log(&tdb.db, &lease::fence_name(TARGET)).await.expect("log");
+        let log = fence::write_log(&tdb.db, &lease::fence_name(TARGET))
+            .await
+            .expect("log");
         assert_eq!(log.len(), 4);
         assert_serial(&log);
         tdb.drop_db().await;
@@ -427,9 +587,16 @@ async fn tokens_stay_above_the_redis_counter_when_the_fence_table_goes_back() {
         last = l.fence().token;
         l.release(&redis).await.expect("release");
     }
-    tdb.db.execute(&format!("DELETE FROM {}", fence::FENCE_TABLE)).await.expect("simulate restore");
+    tdb.db
+        .execute(&format!("DELETE FROM {}", fence::FENCE_TABLE))
+        .await
+        .expect("simulate restore");
     let l = acquire(&redis, &ns, &holder("w", "after-restore"), &tdb.db, &cfg).await;
-    assert!(l.fence().token > last, "token {} not above {last}", l.fence().token);
+    assert!(
+        l.fence().token > last,
+        "token {} not above {last}",
+        l.fence().token
+    );
     l.release(&redis).await.expect("release");
     tdb.drop_db().await;
 }
@@ -457,18 +624,28 @@ async fn contenders_take_turns_on_every_engine() {
                 for j in 0..JOBS {
                     let h = holder(&format!("w{w}"), &format!("job-{w}-{j}"));
                     loop {
-                        let run = lease::with_lease(&redis, &ns, TARGET, &h, &db, &cfg, &shutdown, |ctx| async move {
-                            let fence = ctx.fence.clone().expect("fence");
-                            for seq in 0..WRITES {
-                                fenced_insert(&ctx.db, &fence, seq).await?;
-                                tokio::time::sleep(Duration::from_millis(5)).await;
-                            }
-                            Ok::<_, FenceError>(())
-                        })
+                        let run = lease::with_lease(
+                            &redis,
+                            &ns,
+                            TARGET,
+                            &h,
+                            &db,
+                            &cfg,
+                            &shutdown,
+                            |ctx| async move {
+                                let fence = ctx.fence.clone().expect("fence");
+                                for seq in 0..WRITES {
+                                    fenced_insert(&ctx.db, &fence, seq).await?;
+                                    tokio::time::sleep(Duration::from_millis(5)).await;
+                                }
+                                Ok::<_, FenceError>(())
+                            },
+                        )
                         .await;
                         match run {
                             Ok(r) => {
-                                r.value.expect("no job may be fenced out while it holds the lease");
+                                r.value
+                                    .expect("no job may be fenced out while it holds the lease");
                                 assert!(r.lost.is_none() && r.released);
                                 tokens.push(r.token);
                                 break;
@@ -485,13 +662,27 @@ async fn contenders_take_turns_on_every_engine() {
         for t in tasks {
             tokens.extend(t.await.expect("contender"));
         }
-        let log = fence::write_log(&tdb.db, &lease::fence_name(TARGET)).await.expect("log");
-        assert_eq!(log.len(), CONTENDERS * JOBS, "{engine}: one log entry per accepted token");
+        let log = fence::write_log(&tdb.db, &lease::fence_name(TARGET))
+            .await
+            .expect("log");
+        assert_eq!(
+            log.len(),
+            CONTENDERS * JOBS,
+            "{engine}: one log entry per accepted token"
+        );
         tokens.sort();
-        assert_eq!(log.iter().map(|e| e.token).collect::<Vec<_>>(), tokens, "{engine}");
+        assert_eq!(
+            log.iter().map(|e| e.token).collect::<Vec<_>>(),
+            tokens,
+            "{engine}"
+        );
         assert!(log.iter().all(|e| e.writes == WRITES), "{engine}: {log:?}");
         assert_serial(&log);
-        let total = tdb.db.scalar_i64("SELECT COUNT(*) FROM lease_probe").await.expect("count");
+        let total = tdb
+            .db
+            .scalar_i64("SELECT COUNT(*) FROM lease_probe")
+            .await
+            .expect("count");
         assert_eq!(total, (CONTENDERS * JOBS) as i64 * WRITES);
         tdb.drop_db().await;
     }
@@ -502,21 +693,35 @@ async fn contenders_take_turns_on_every_engine() {
 async fn two_targets_run_in_parallel() {
     let redis = connect_redis(&redis_url()).await;
     let ns = unique_namespace();
-    let (pg, my) = (TestDb::new(Engine::Postgres).await, TestDb::new(Engine::MySql).await);
+    let (pg, my) = (
+        TestDb::new(Engine::Postgres).await,
+        TestDb::new(Engine::MySql).await,
+    );
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
     let run = |target: &'static str, db: Db| {
         let (redis, ns, barrier) = (redis.clone(), ns.clone(), barrier.clone());
         let (redis2, ns2) = (redis.clone(), ns.clone());
         async move {
             let cfg = short_cfg();
-            lease::with_lease(&redis, &ns, target, &holder("w", target), &db, &cfg, &CancellationToken::new(), |ctx| async move {
-                let (redis, ns) = (redis2, ns2);
-                // Both must be inside their lease at once to pass the barrier.
-                let met = tokio::time::timeout(Duration::from_secs(10), barrier.wait()).await.is_ok();
-                let held = lease::holders(&redis, &ns).await.expect("holders");
-                fenced_insert_probe(&ctx).await;
-                (met, held.len())
-            })
+            lease::with_lease(
+                &redis,
+                &ns,
+                target,
+                &holder("w", target),
+                &db,
+                &cfg,
+                &CancellationToken::new(),
+                |ctx| async move {
+                    let (redis, ns) = (redis2, ns2);
+                    // Both must be inside their lease at once to pass the barrier.
+                    let met = tokio::time::timeout(Duration::from_secs(10), barrier.wait())
+                        .await
+                        .is_ok();
+                    let held = lease::holders(&redis, &ns).await.expect("holders");
+                    fenced_insert_probe(&ctx).await;
+                    (met, held.len())
+                },
+            )
             .await
             .expect("with_lease")
         }
@@ -524,7 +729,10 @@ async fn two_targets_run_in_parallel() {
     create_probe(&pg.db).await;
     create_probe(&my.db).await;
     let (a, b) = tokio::join!(run("pg", pg.db.clone()), run("my", my.db.clone()));
-    assert!(a.value.0 && b.value.0, "both leases must be held at the same time");
+    assert!(
+        a.value.0 && b.value.0,
+        "both leases must be held at the same time"
+    );
     assert_eq!((a.value.1, b.value.1), (2, 2));
     assert!(a.released && b.released);
     pg.drop_db().await;
@@ -543,15 +751,24 @@ async fn db_fence_only_run_fences_out_an_older_lease_holder() {
     let tdb = TestDb::new(Engine::Sqlite).await;
     create_probe(&tdb.db).await;
     let a = acquire(&redis, &ns, &holder("w-a", "job-a"), &tdb.db, &short_cfg()).await;
-    let run = lease::with_db_fence_only(&tdb.db, TARGET, &holder("cli", "local"), &CancellationToken::new(), |ctx| async move {
-        fenced_insert_probe(&ctx).await;
-        ctx.fence.map(|f| f.token)
-    })
+    let run = lease::with_db_fence_only(
+        &tdb.db,
+        TARGET,
+        &holder("cli", "local"),
+        &CancellationToken::new(),
+        |ctx| async move {
+            fenced_insert_probe(&ctx).await;
+            ctx.fence.map(|f| f.token)
+        },
+    )
     .await
     .expect("db-only run");
     assert!(run.token > a.fence().token);
     assert_eq!(run.value, Some(run.token));
-    assert!(matches!(fenced_insert(&tdb.db, a.fence(), 1).await, Err(FenceError::FencedOut { .. })));
+    assert!(matches!(
+        fenced_insert(&tdb.db, a.fence(), 1).await,
+        Err(FenceError::FencedOut { .. })
+    ));
     assert_eq!(rows_of(&tdb.db, a.fence().token).await, 0);
     a.release(&redis).await.expect("release");
     tdb.drop_db().await;

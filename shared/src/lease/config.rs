@@ -85,8 +85,11 @@ impl LeaseConfig {
             ));
         }
         let trust = self.ttl - self.step_down_margin;
-        if self.renew_every.is_zero() || self.renew_timeout.is_zero() || self.retry_delay.is_zero() {
-            return Err("lease renew_every, renew_timeout and retry_delay must be above zero".into());
+        if self.renew_every.is_zero() || self.renew_timeout.is_zero() || self.retry_delay.is_zero()
+        {
+            return Err(
+                "lease renew_every, renew_timeout and retry_delay must be above zero".into(),
+            );
         }
         if self.renew_every + self.renew_timeout >= trust {
             return Err(format!(
@@ -137,7 +140,11 @@ mod tests {
 
     #[test]
     fn impossible_timings_are_refused() {
-        assert!(LeaseConfig::from_ttl(Duration::from_millis(100)).validate().is_err());
+        assert!(
+            LeaseConfig::from_ttl(Duration::from_millis(100))
+                .validate()
+                .is_err()
+        );
         let mut c = LeaseConfig::default();
         c.renew_every = c.ttl;
         let msg = c.validate().unwrap_err();
@@ -145,8 +152,10 @@ mod tests {
         let mut c = LeaseConfig::default();
         c.step_down_margin = c.ttl;
         assert!(c.validate().is_err());
-        let mut c = LeaseConfig::default();
-        c.busy_delay = Duration::ZERO;
+        let c = LeaseConfig {
+            busy_delay: Duration::ZERO,
+            ..LeaseConfig::default()
+        };
         assert!(c.validate().is_err());
     }
 
@@ -154,7 +163,10 @@ mod tests {
     fn busy_delay_is_jittered_within_bounds() {
         for _ in 0..50 {
             let d = busy_delay();
-            assert!(d >= DEFAULT_BUSY_DELAY / 2 && d <= DEFAULT_BUSY_DELAY, "{d:?}");
+            assert!(
+                d >= DEFAULT_BUSY_DELAY / 2 && d <= DEFAULT_BUSY_DELAY,
+                "{d:?}"
+            );
         }
     }
 }

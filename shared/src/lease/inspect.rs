@@ -64,7 +64,10 @@ pub async fn status(
 
 /// Every target of `namespace` whose lease is held right now, with its holder, sorted by
 /// target. Uses `SCAN`, so it does not block Redis on a large keyspace.
-pub async fn holders(redis: &ConnectionManager, namespace: &str) -> Result<Vec<(String, HolderInfo)>, LeaseError> {
+pub async fn holders(
+    redis: &ConnectionManager,
+    namespace: &str,
+) -> Result<Vec<(String, HolderInfo)>, LeaseError> {
     check_name(namespace)?;
     let mut con = redis.clone();
     let prefix = format!("{namespace}:lease:{{{namespace}:");
@@ -80,7 +83,11 @@ pub async fn holders(redis: &ConnectionManager, namespace: &str) -> Result<Vec<(
             .arg(500)
             .query_async(&mut con)
             .await?;
-        targets.extend(keys.iter().filter_map(|k| k.strip_prefix(&prefix)?.strip_suffix('}').map(str::to_string)));
+        targets.extend(keys.iter().filter_map(|k| {
+            k.strip_prefix(&prefix)?
+                .strip_suffix('}')
+                .map(str::to_string)
+        }));
         if next == 0 {
             break;
         }
@@ -93,7 +100,10 @@ pub async fn holders(redis: &ConnectionManager, namespace: &str) -> Result<Vec<(
         let Ok(keys) = Keys::new(namespace, &target) else {
             continue;
         };
-        let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(&keys.holder).query_async(&mut con).await?;
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&keys.holder)
+            .query_async(&mut con)
+            .await?;
         if let Some(h) = holder_from(&fields) {
             out.push((target, h));
         }

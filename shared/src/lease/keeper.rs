@@ -43,7 +43,10 @@ impl std::fmt::Display for LossReason {
             LossReason::Taken { owner } => write!(f, "lease taken by another holder ({owner})"),
             LossReason::RenewalFailed { error } => write!(f, "lease renewal kept failing: {error}"),
             LossReason::Overdue { late_ms } => {
-                write!(f, "lease renewal overdue by {late_ms} ms (holder was paused)")
+                write!(
+                    f,
+                    "lease renewal overdue by {late_ms} ms (holder was paused)"
+                )
             }
         }
     }
@@ -83,7 +86,11 @@ impl Lease {
     /// before expiry — records why and cancels `cancel_on_loss`. The operation then stops at
     /// its next batch boundary; its writes are refused by the fence anyway once a newer
     /// holder has a token.
-    pub fn spawn_keeper(&self, redis: &ConnectionManager, cancel_on_loss: CancellationToken) -> KeeperHandle {
+    pub fn spawn_keeper(
+        &self,
+        redis: &ConnectionManager,
+        cancel_on_loss: CancellationToken,
+    ) -> KeeperHandle {
         let lost = Arc::new(Mutex::new(None));
         let stop = self.stop.child_token();
         let keeper = Keeper {
@@ -156,7 +163,10 @@ impl Keeper {
                 }
                 Err(_) => {
                     tracing::warn!(target = %self.target, "lease renewal timed out; retrying");
-                    last_error = Some(format!("no answer within {} ms", self.cfg.renew_timeout.as_millis()));
+                    last_error = Some(format!(
+                        "no answer within {} ms",
+                        self.cfg.renew_timeout.as_millis()
+                    ));
                     next = (Instant::now() + self.cfg.retry_delay).min(step_down_at);
                 }
             }

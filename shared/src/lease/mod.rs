@@ -42,8 +42,8 @@ use crate::fence::{self, Fence, FenceError};
 use crate::store::Db;
 
 pub use config::{
-    DEFAULT_BUSY_DELAY, DEFAULT_RENEW_TIMEOUT, DEFAULT_RENEWALS_PER_TTL, DEFAULT_RETRY_DELAY, DEFAULT_STEP_DOWN_DIVISOR,
-    DEFAULT_TTL, LeaseConfig, MAX_TTL, MIN_TTL, busy_delay,
+    DEFAULT_BUSY_DELAY, DEFAULT_RENEW_TIMEOUT, DEFAULT_RENEWALS_PER_TTL, DEFAULT_RETRY_DELAY,
+    DEFAULT_STEP_DOWN_DIVISOR, DEFAULT_TTL, LeaseConfig, MAX_TTL, MIN_TTL, busy_delay,
 };
 pub use inspect::{LeaseStatus, holders, status};
 pub use keeper::{KeeperHandle, LossReason};
@@ -96,7 +96,9 @@ pub enum LeaseError {
         holder: String,
     },
     /// The target or namespace cannot be used in a Redis key.
-    #[error("invalid lease name {0:?}: expected 1-128 characters without '{{', '}}', spaces or control characters")]
+    #[error(
+        "invalid lease name {0:?}: expected 1-128 characters without '{{', '}}', spaces or control characters"
+    )]
     InvalidName(String),
     /// The lease timing was refused.
     #[error("invalid lease configuration: {0}")]
@@ -106,7 +108,9 @@ pub enum LeaseError {
     Redis(#[from] redis::RedisError),
     /// The Redis lease was won but the database could not issue a token; the Redis lease
     /// was released again.
-    #[error("cannot get a fencing token for target '{target}' from its database: {source} (no lease is held)")]
+    #[error(
+        "cannot get a fencing token for target '{target}' from its database: {source} (no lease is held)"
+    )]
     Token {
         /// The target.
         target: String,
@@ -116,7 +120,9 @@ pub enum LeaseError {
     },
     /// The Redis lease expired while the database was issuing the token (the database
     /// was slower than the TTL). The token is void: a newer holder will fence it out.
-    #[error("lease on target '{0}' expired while its fencing token was being issued; try again later")]
+    #[error(
+        "lease on target '{0}' expired while its fencing token was being issued; try again later"
+    )]
     LostWhileAcquiring(String),
     /// Reading the fence for inspection failed.
     #[error("lease: reading the fence failed: {0}")]
@@ -226,7 +232,14 @@ pub async fn try_acquire(
     };
 
     // The database is the authority; the Redis counter only raises the floor.
-    let fence = match fence::issue_token_after(db, &fence_name(target), &holder.fence_holder(), counter - 1).await {
+    let fence = match fence::issue_token_after(
+        db,
+        &fence_name(target),
+        &holder.fence_holder(),
+        counter - 1,
+    )
+    .await
+    {
         Ok(f) => f,
         Err(source) => {
             let _ = release_key(&mut con, &keys, &owner).await;
@@ -327,7 +340,11 @@ impl Drop for Lease {
     }
 }
 
-async fn release_key(con: &mut ConnectionManager, keys: &Keys, owner: &str) -> Result<bool, LeaseError> {
+async fn release_key(
+    con: &mut ConnectionManager,
+    keys: &Keys,
+    owner: &str,
+) -> Result<bool, LeaseError> {
     let n: i64 = scripts::RELEASE
         .key(&keys.lease)
         .key(&keys.holder)

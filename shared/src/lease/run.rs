@@ -51,7 +51,10 @@ where
     Fut: Future<Output = T>,
 {
     let Some(lease) = try_acquire(redis, namespace, target, holder, db, cfg).await? else {
-        let current = status(redis, namespace, target, None).await.ok().and_then(|s| s.holder);
+        let current = status(redis, namespace, target, None)
+            .await
+            .ok()
+            .and_then(|s| s.holder);
         return Err(LeaseError::Busy {
             target: target.to_string(),
             holder: current
