@@ -307,7 +307,12 @@ async fn lock_row(tx: &mut DbTx<'_>, name: &str) -> Result<(i64, Option<String>)
         Engine::Postgres => format!(
             "INSERT INTO {FENCE_TABLE} (name, token) VALUES (?, 0) ON CONFLICT (name) DO NOTHING"
         ),
-        Engine::MySql => format!("INSERT IGNORE INTO {FENCE_TABLE} (name, token) VALUES (?, 0)"),
+        // Not INSERT IGNORE: on an existing row it takes a *shared* lock, and two holders
+        // upgrading it with FOR UPDATE below deadlock (InnoDB error 1213). A no-op
+        // ON DUPLICATE KEY UPDATE takes the exclusive lock at once, so holders queue.
+        Engine::MySql => format!(
+            "INSERT INTO {FENCE_TABLE} (name, token) VALUES (?, 0) ON DUPLICATE KEY UPDATE token = token"
+        ),
     };
     // SQLite needs no FOR UPDATE: BEGIN IMMEDIATE holds the database write lock.
     let select = match tx.engine() {

@@ -773,3 +773,41 @@ async fn db_fence_only_run_fences_out_an_older_lease_holder() {
     a.release(&redis).await.expect("release");
     tdb.drop_db().await;
 }
+
+/// When Redis grants the lease twice (data loss, failover), both holders hit the fence row at
+/// once: token issues and fenced writes must queue on it, not fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_fence_access_queues_instead_of_failing() {
+    for engine in ENGINES {
+        let tdb = TestDb::new(engine).await;
+        create_probe(&tdb.db).await;
+        let name = lease::fence_name(TARGET);
+        fence::issue_token(&tdb.db, &name, "seed")
+            .await
+            .expect("first token creates the row");
+        let mut tasks = Vec::new();
+        for i in 0..6 {
+            let (db, name) = (tdb.db.clone(), name.clone());
+            tasks.push(tokio::spawn(async move {
+                let f = fence::issue_token(&db, &name, &format!("h{i}")).await?;
+                match fenced_insert(&db, &f, i).await {
+                    Ok(()) | Err(FenceError::FencedOut { .. }) => Ok(f.token),
+                    Err(e) => Err(e),
+                }
+            }));
+        }
+        let mut tokens = Vec::new();
+        for t in tasks {
+            tokens.push(
+                t.await
+                    .expect("task")
+                    .unwrap_or_else(|e| panic!("{engine}: {e}")),
+            );
+        }
+        tokens.sort();
+        tokens.dedup();
+        assert_eq!(tokens.len(), 6, "{engine}: every issue got its own token");
+        assert_serial(&fence::write_log(&tdb.db, &name).await.expect("log"));
+        tdb.drop_db().await;
+    }
+}
