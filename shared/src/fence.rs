@@ -112,6 +112,14 @@ pub async fn ensure_tables(db: &Db) -> Result<(), sqlx::Error> {
 /// Waits at most [`LOCK_WAIT`] for a holder that is inside a fenced transaction or holds the
 /// session lock, then fails with [`FenceError::Busy`].
 pub async fn issue_token(db: &Db, name: &str, holder: &str) -> Result<Fence, FenceError> {
+    issue_token_after(db, name, holder, 0).await
+}
+
+/// Like [`issue_token`], but the new token is also higher than `floor`: the highest token
+/// known elsewhere (the lease's Redis counter). This keeps tokens increasing when the
+/// database side went backwards — restored from a backup, fence table dropped — while Redis
+/// still remembers later grants, so a holder of such a later token is still fenced out.
+pub async fn issue_token_after(db: &Db, name: &str, holder: &str, floor: i64) -> Result<Fence, FenceError> {
     ensure_tables(db).await?;
     let mut tx = db.begin_write().await?;
     set_lock_timeout(&mut tx).await?;
@@ -120,7 +128,7 @@ pub async fn issue_token(db: &Db, name: &str, holder: &str) -> Result<Fence, Fen
         return Err(FenceError::Busy(name.to_string()));
     }
     let (current, _) = lock_row(&mut tx, name).await?;
-    let token = current + 1;
+    let token = current.max(floor) + 1;
     write_row(&mut tx, name, token, holder).await?;
     tx.commit().await?;
     Ok(Fence {
@@ -303,7 +311,12 @@ async fn lock_row(tx: &mut DbTx<'_>, name: &str) -> Result<(i64, Option<String>)
         Engine::Postgres => format!(
             "INSERT INTO {FENCE_TABLE} (name, token) VALUES (?, 0) ON CONFLICT (name) DO NOTHING"
         ),
-        Engine::MySql => format!("INSERT IGNORE INTO {FENCE_TABLE} (name, token) VALUES (?, 0)"),
+        // Not INSERT IGNORE: on an existing row it takes a *shared* lock, and two holders
+        // upgrading it with FOR UPDATE below deadlock (InnoDB error 1213). A no-op
+        // ON DUPLICATE KEY UPDATE takes the exclusive lock at once, so holders queue.
+        Engine::MySql => format!(
+            "INSERT INTO {FENCE_TABLE} (name, token) VALUES (?, 0) ON DUPLICATE KEY UPDATE token = token"
+        ),
     };
     // SQLite needs no FOR UPDATE: BEGIN IMMEDIATE holds the database write lock.
     let select = match tx.engine() {

@@ -10,6 +10,7 @@
 //! - [`config`]: settings, their sources and validation;
 //! - [`store`]: engines, connections, dialects, the session schema;
 //! - [`fence`]: the fencing table every mutating transaction advances;
+//! - [`lease`]: the per-target Redis lease, its keeper, and running an operation under it;
 //! - [`seed`]: deterministic demo data;
 //! - [`ops`]: the operations, plain async functions `(db, params, cancel) -> report`;
 //! - [`secret`], [`backoff`]: small cross-cutting helpers.
@@ -19,6 +20,7 @@
 pub mod backoff;
 pub mod config;
 pub mod fence;
+pub mod lease;
 pub mod ops;
 pub mod schedule;
 pub mod secret;
