@@ -98,15 +98,25 @@ impl TableAnalysis {
                 out.push_str(&format!("Unique Users: {users}\n"));
             }
             match stats.size_bytes {
-                Some(size) => out.push_str(&format!("Size: {size} bytes ({})\n", stats.size_source)),
+                Some(size) => {
+                    out.push_str(&format!("Size: {size} bytes ({})\n", stats.size_source))
+                }
                 None => out.push_str(&format!("Size: unknown ({})\n", stats.size_source)),
             }
-            let indexes = self.indexes.get(table).map(Vec::as_slice).unwrap_or_default();
+            let indexes = self
+                .indexes
+                .get(table)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             out.push_str(&format!("\nIndexes ({}):\n", indexes.len()));
             for ix in indexes {
                 let unique = if ix.unique { " UNIQUE" } else { "" };
                 let invalid = if ix.valid { "" } else { " INVALID" };
-                out.push_str(&format!("  - {} ({}){unique}{invalid}\n", ix.name, ix.columns.join(", ")));
+                out.push_str(&format!(
+                    "  - {} ({}){unique}{invalid}\n",
+                    ix.name,
+                    ix.columns.join(", ")
+                ));
             }
             out.push('\n');
         }
@@ -141,11 +151,16 @@ pub async fn analyze(db: &Db) -> Result<TableAnalysis, OpError> {
 }
 
 /// Row count; for the session table also distinct users and the oldest / newest record.
-async fn count_rows(tx: &mut DbTx<'_>, schema: &Schema, table: &str) -> Result<TableStats, OpError> {
+async fn count_rows(
+    tx: &mut DbTx<'_>,
+    schema: &Schema,
+    table: &str,
+) -> Result<TableStats, OpError> {
     let s = &schema.sessions;
     if table != s.table {
         let sql = tx.sql(format!("SELECT COUNT(*) FROM {table}"));
-        let row_count: i64 = crate::on_tx!(tx, c => sqlx::query_scalar(sql).fetch_one(&mut *c).await?);
+        let row_count: i64 =
+            crate::on_tx!(tx, c => sqlx::query_scalar(sql).fetch_one(&mut *c).await?);
         return Ok(TableStats {
             row_count,
             ..TableStats::default()
@@ -182,9 +197,13 @@ async fn count_rows(tx: &mut DbTx<'_>, schema: &Schema, table: &str) -> Result<T
 pub(super) fn parse_sqlite_time(text: Option<String>) -> Option<NaiveDateTime> {
     let text = text?;
     let text = text.trim().trim_end_matches('Z');
-    ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M"]
-        .iter()
-        .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
+    [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+    ]
+    .iter()
+    .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
 }
 
 /// The real on-disk size and the dead / free space, from each engine's catalog.
@@ -199,15 +218,27 @@ async fn measure_size(
         // lacking SQLITE_ENABLE_DBSTAT_VTAB) only the whole file's size is known.
         DbTx::Sqlite(t) => {
             let c = &mut **t;
-            let page_size: i64 = sqlx::query_scalar("PRAGMA page_size").fetch_one(&mut *c).await?;
-            let free_pages: i64 = sqlx::query_scalar("PRAGMA freelist_count").fetch_one(&mut *c).await?;
+            let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
+                .fetch_one(&mut *c)
+                .await?;
+            let free_pages: i64 = sqlx::query_scalar("PRAGMA freelist_count")
+                .fetch_one(&mut *c)
+                .await?;
             stats.free_bytes = Some(free_pages * page_size);
-            let dbstat = "SELECT COALESCE(SUM(pgsize), 0) FROM dbstat WHERE name = ? AND aggregate = TRUE";
-            match sqlx::query_scalar::<_, i64>(dbstat).bind(table).fetch_one(&mut *c).await {
+            let dbstat =
+                "SELECT COALESCE(SUM(pgsize), 0) FROM dbstat WHERE name = ? AND aggregate = TRUE";
+            match sqlx::query_scalar::<_, i64>(dbstat)
+                .bind(table)
+                .fetch_one(&mut *c)
+                .await
+            {
                 Ok(table_bytes) => {
                     let mut index_bytes = 0;
                     for ix in present {
-                        let n: i64 = sqlx::query_scalar(dbstat).bind(&ix.name).fetch_one(&mut *c).await?;
+                        let n: i64 = sqlx::query_scalar(dbstat)
+                            .bind(&ix.name)
+                            .fetch_one(&mut *c)
+                            .await?;
                         index_bytes += n;
                     }
                     stats.table_size_bytes = Some(table_bytes);
@@ -216,7 +247,9 @@ async fn measure_size(
                     stats.size_source = "dbstat (pages of the table and index b-trees); free_bytes is the whole file's free list".into();
                 }
                 Err(_) => {
-                    let pages: i64 = sqlx::query_scalar("PRAGMA page_count").fetch_one(&mut *c).await?;
+                    let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+                        .fetch_one(&mut *c)
+                        .await?;
                     stats.size_bytes = Some(pages * page_size);
                     stats.size_source = "page_count × page_size: whole database file (dbstat unavailable in this SQLite build)".into();
                 }
@@ -240,7 +273,8 @@ async fn measure_size(
             .await?;
             if let Some(r) = row {
                 let time = |i: usize| -> Result<Option<NaiveDateTime>, sqlx::Error> {
-                    Ok(r.try_get::<Option<DateTime<Utc>>, _>(i)?.map(|t| t.naive_utc()))
+                    Ok(r.try_get::<Option<DateTime<Utc>>, _>(i)?
+                        .map(|t| t.naive_utc()))
                 };
                 stats.table_size_bytes = Some(r.try_get(0)?);
                 stats.index_size_bytes = Some(r.try_get(1)?);
@@ -275,7 +309,8 @@ async fn measure_size(
                 stats.size_bytes = Some(data.unwrap_or(0) + index.unwrap_or(0));
                 stats.free_bytes = r.try_get(2)?;
             }
-            stats.size_source = "information_schema.tables data_length + index_length (InnoDB pages)".into();
+            stats.size_source =
+                "information_schema.tables data_length + index_length (InnoDB pages)".into();
             // Persistent statistics record when ANALYZE TABLE (or the automatic recalculation)
             // last ran; reading mysql.* may be denied, which only loses this one figure.
             let analyzed = sqlx::query_scalar::<_, Option<NaiveDateTime>>(
@@ -307,7 +342,16 @@ fn recommend(
             ix.name
         ));
     }
-    for spec in missing_from(schema, present) {
+    // Invalid ones were reported just above; the rest are absent.
+    let invalid = |name: &str| {
+        present
+            .iter()
+            .any(|ix| !ix.valid && ix.name.eq_ignore_ascii_case(name))
+    };
+    for spec in missing_from(schema, present)
+        .into_iter()
+        .filter(|s| !invalid(&s.name))
+    {
         out.push(format!(
             "Missing recommended index: {} ({}) - needed for {}",
             spec.name,
@@ -327,7 +371,9 @@ fn recommend(
     if let Some(oldest) = stats.oldest_record {
         let days = (now - oldest).num_days();
         if days > OLD_DATA_DAYS {
-            out.push(format!("Old data detected ({days} days) - consider archiving"));
+            out.push(format!(
+                "Old data detected ({days} days) - consider archiving"
+            ));
         }
     }
     out.extend(bloat_advice(engine, &s.table, stats));
@@ -402,7 +448,12 @@ mod tests {
 
     #[test]
     fn sqlite_text_datetimes_parse_in_the_common_formats() {
-        for text in ["2025-08-11 10:00:00.123456", "2025-08-11T10:00:00", "2025-08-11 10:00:00", "2025-08-11T10:00:00Z"] {
+        for text in [
+            "2025-08-11 10:00:00.123456",
+            "2025-08-11T10:00:00",
+            "2025-08-11 10:00:00",
+            "2025-08-11T10:00:00Z",
+        ] {
             assert!(parse_sqlite_time(Some(text.into())).is_some(), "{text}");
         }
         assert_eq!(parse_sqlite_time(Some("yesterday".into())), None);

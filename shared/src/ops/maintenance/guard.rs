@@ -27,7 +27,10 @@ fn session_timeouts(engine: Engine, statement_timeout: Duration) -> Vec<String> 
     let lock_ms = LOCK_TIMEOUT.as_millis();
     let lock_s = LOCK_TIMEOUT.as_secs().max(1);
     match engine {
-        Engine::Sqlite => vec![format!("PRAGMA busy_timeout = {}", SQLITE_BUSY_TIMEOUT.as_millis())],
+        Engine::Sqlite => vec![format!(
+            "PRAGMA busy_timeout = {}",
+            SQLITE_BUSY_TIMEOUT.as_millis()
+        )],
         Engine::Postgres => vec![
             format!("SET lock_timeout = {lock_ms}"),
             format!("SET statement_timeout = {}", statement_timeout.as_millis()),
@@ -95,7 +98,11 @@ pub(super) struct FencedConn {
 
 impl FencedConn {
     /// Pins a connection, takes the session lock and applies the timeouts.
-    pub(super) async fn open(db: &Db, fence: &Fence, statement_timeout: Duration) -> Result<FencedConn, OpError> {
+    pub(super) async fn open(
+        db: &Db,
+        fence: &Fence,
+        statement_timeout: Duration,
+    ) -> Result<FencedConn, OpError> {
         let lock = SessionLock::acquire(db, fence).await?;
         let mut conn = FencedConn {
             lock,
@@ -123,7 +130,10 @@ impl FencedConn {
     }
 
     /// Checks the fence, runs `sql` and returns its rows as text, with the time it took.
-    pub(super) async fn rows(&mut self, sql: &str) -> Result<(Vec<Vec<Option<String>>>, Duration), FenceError> {
+    pub(super) async fn rows(
+        &mut self,
+        sql: &str,
+    ) -> Result<(Vec<Vec<Option<String>>>, Duration), FenceError> {
         let started = Instant::now();
         let rows = self.lock.fetch_text_checked(sql).await?;
         Ok((rows, started.elapsed()))

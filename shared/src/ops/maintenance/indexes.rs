@@ -70,7 +70,11 @@ impl IndexReport {
         out.push('\n');
         push_section(&mut out, "Created/Would Create:", &self.indexes_created);
         push_section(&mut out, "Skipped:", &self.indexes_skipped);
-        push_section(&mut out, "Invalid (interrupted builds):", &self.invalid_indexes);
+        push_section(
+            &mut out,
+            "Invalid (interrupted builds):",
+            &self.invalid_indexes,
+        );
         push_section(&mut out, "Errors:", &self.errors);
         out
     }
@@ -87,9 +91,21 @@ pub fn recommended_indexes(schema: &Schema) -> Vec<IndexSpec> {
         reason: reason.to_string(),
     };
     let mut v = vec![
-        spec("session_id", vec![&s.session_key], "every request looks its session up by key"),
-        spec("user_id", vec![&s.user_id], "per-user session lists and orphan checks"),
-        spec("updated_at", vec![&s.updated_at], "v1 idle-timeout cleanup and activity analytics"),
+        spec(
+            "session_id",
+            vec![&s.session_key],
+            "every request looks its session up by key",
+        ),
+        spec(
+            "user_id",
+            vec![&s.user_id],
+            "per-user session lists and orphan checks",
+        ),
+        spec(
+            "updated_at",
+            vec![&s.updated_at],
+            "v1 idle-timeout cleanup and activity analytics",
+        ),
     ];
     if let Some(platform) = &s.platform_id {
         v.push(spec(
@@ -99,13 +115,25 @@ pub fn recommended_indexes(schema: &Schema) -> Vec<IndexSpec> {
         ));
     }
     if let Some(expires) = &s.expires_at {
-        v.push(spec("expires_at", vec![expires], "expiry cleanup (expires_at < now) in batches"));
+        v.push(spec(
+            "expires_at",
+            vec![expires],
+            "expiry cleanup (expires_at < now) in batches",
+        ));
     }
     if let Some(last) = &s.last_activity {
-        v.push(spec("last_activity", vec![last], "idle detection and activity analytics"));
+        v.push(spec(
+            "last_activity",
+            vec![last],
+            "idle detection and activity analytics",
+        ));
     }
     if let Some(active) = &s.is_active {
-        v.push(spec("is_active", vec![active], "active-session counts and deactivated-session cleanup"));
+        v.push(spec(
+            "is_active",
+            vec![active],
+            "active-session counts and deactivated-session cleanup",
+        ));
     }
     v
 }
@@ -114,7 +142,10 @@ pub fn recommended_indexes(schema: &Schema) -> Vec<IndexSpec> {
 pub async fn missing_recommended_indexes(db: &Db) -> Result<Vec<String>, OpError> {
     let schema = schema::detect(db).await?;
     let present = table_indexes(db, &schema.sessions.table).await?;
-    Ok(missing_from(&schema, &present).into_iter().map(|spec| spec.name).collect())
+    Ok(missing_from(&schema, &present)
+        .into_iter()
+        .map(|spec| spec.name)
+        .collect())
 }
 
 /// The recommended indexes that `present` lacks: absent, or present but invalid.
@@ -190,7 +221,10 @@ enum Plan {
 /// Present by name, or by an index under another name whose leading columns are the spec's
 /// (a `(user_id, platform)` index serves `user_id` lookups as well as a `(user_id)` one).
 fn plan(spec: &IndexSpec, present: &[IndexInfo]) -> Plan {
-    if let Some(ix) = present.iter().find(|ix| ix.name.eq_ignore_ascii_case(&spec.name)) {
+    if let Some(ix) = present
+        .iter()
+        .find(|ix| ix.name.eq_ignore_ascii_case(&spec.name))
+    {
         return if ix.valid {
             Plan::Skip(format!("{} (already exists)", spec.name))
         } else {
@@ -200,7 +234,11 @@ fn plan(spec: &IndexSpec, present: &[IndexInfo]) -> Plan {
     let covers = |ix: &&IndexInfo| {
         ix.valid
             && ix.columns.len() >= spec.columns.len()
-            && spec.columns.iter().zip(&ix.columns).all(|(want, have)| want.eq_ignore_ascii_case(have))
+            && spec
+                .columns
+                .iter()
+                .zip(&ix.columns)
+                .all(|(want, have)| want.eq_ignore_ascii_case(have))
     };
     match present.iter().find(covers) {
         Some(ix) => Plan::Skip(format!("{} (already exists as {})", spec.name, ix.name)),
@@ -233,14 +271,21 @@ pub async fn create_indexes(ctx: &OpContext, dry_run: bool) -> Result<IndexRepor
                 report.invalid_indexes.push(format!(
                     "{} (INVALID: left by an interrupted concurrent build; {})",
                     spec.name,
-                    if dry_run { "would rebuild" } else { "rebuilding" }
+                    if dry_run {
+                        "would rebuild"
+                    } else {
+                        "rebuilding"
+                    }
                 ));
                 work.push((spec, true));
             }
         }
     }
     if dry_run {
-        report.indexes_created = work.iter().map(|(s, _)| format!("{} (would create)", s.name)).collect();
+        report.indexes_created = work
+            .iter()
+            .map(|(s, _)| format!("{} (would create)", s.name))
+            .collect();
         return Ok(report);
     }
     if work.is_empty() {
@@ -251,7 +296,9 @@ pub async fn create_indexes(ctx: &OpContext, dry_run: bool) -> Result<IndexRepor
         Engine::Sqlite => {
             for (spec, _) in &work {
                 if ctx.cancel.is_cancelled() {
-                    report.errors.push(format!("cancelled before creating index {}", spec.name));
+                    report
+                        .errors
+                        .push(format!("cancelled before creating index {}", spec.name));
                     break;
                 }
                 let mut tx = fence.begin(db).await?;
@@ -262,7 +309,9 @@ pub async fn create_indexes(ctx: &OpContext, dry_run: bool) -> Result<IndexRepor
                     }
                     Err(e) => {
                         let _ = tx.rollback().await;
-                        report.errors.push(format!("Error creating index {}: {e}", spec.name));
+                        report
+                            .errors
+                            .push(format!("Error creating index {}: {e}", spec.name));
                     }
                 }
             }
@@ -280,7 +329,10 @@ pub async fn create_indexes(ctx: &OpContext, dry_run: bool) -> Result<IndexRepor
 /// SQLite: a plain build inside the fenced transaction (SQLite has no online build; the write
 /// lock is held for the build, bounded for the application by its busy timeout).
 async fn create_in_tx(tx: &mut DbTx<'_>, spec: &IndexSpec) -> Result<(), sqlx::Error> {
-    let busy = tx.sql(format!("PRAGMA busy_timeout = {}", guard::SQLITE_BUSY_TIMEOUT.as_millis()));
+    let busy = tx.sql(format!(
+        "PRAGMA busy_timeout = {}",
+        guard::SQLITE_BUSY_TIMEOUT.as_millis()
+    ));
     let create = tx.sql(format!(
         "CREATE INDEX IF NOT EXISTS {} ON {} ({})",
         spec.name,
@@ -304,14 +356,19 @@ async fn build_online(
     let engine = ctx.db.engine();
     for (spec, rebuild) in work {
         if ctx.cancel.is_cancelled() {
-            report.errors.push(format!("cancelled before creating index {}", spec.name));
+            report
+                .errors
+                .push(format!("cancelled before creating index {}", spec.name));
             break;
         }
         let columns = spec.columns.join(", ");
         let (drop_invalid, create) = match engine {
             Engine::Postgres => (
                 format!("DROP INDEX CONCURRENTLY IF EXISTS {}", spec.name),
-                format!("CREATE INDEX CONCURRENTLY {} ON {} ({columns})", spec.name, spec.table),
+                format!(
+                    "CREATE INDEX CONCURRENTLY {} ON {} ({columns})",
+                    spec.name, spec.table
+                ),
             ),
             // MySQL has no invalid indexes: a failed build leaves nothing behind.
             _ => (
@@ -322,20 +379,25 @@ async fn build_online(
                 ),
             ),
         };
-        if *rebuild && !drop_invalid.is_empty() {
-            if let Err(e) = conn.run(&drop_invalid).await {
-                if guard::is_fatal(&e) {
-                    return Err(e.into());
-                }
-                report.errors.push(format!("Error dropping invalid index {}: {e}", spec.name));
-                continue;
+        if *rebuild
+            && !drop_invalid.is_empty()
+            && let Err(e) = conn.run(&drop_invalid).await
+        {
+            if guard::is_fatal(&e) {
+                return Err(e.into());
             }
+            report
+                .errors
+                .push(format!("Error dropping invalid index {}: {e}", spec.name));
+            continue;
         }
         match conn.run(&create).await {
             Ok(_) => report.indexes_created.push(spec.name.clone()),
             Err(e) if guard::is_fatal(&e) => return Err(e.into()),
             Err(e) => {
-                report.errors.push(format!("Error creating index {}: {e}", spec.name));
+                report
+                    .errors
+                    .push(format!("Error creating index {}: {e}", spec.name));
                 if engine == Engine::Postgres {
                     drop_failed_build(ctx, conn, spec, report).await?;
                 }
@@ -356,12 +418,16 @@ async fn drop_failed_build(
 ) -> Result<(), OpError> {
     let present = table_indexes(&ctx.db, &spec.table).await?;
     if present.iter().any(|ix| ix.name == spec.name && !ix.valid) {
-        match conn.run(&format!("DROP INDEX CONCURRENTLY IF EXISTS {}", spec.name)).await {
+        match conn
+            .run(&format!("DROP INDEX CONCURRENTLY IF EXISTS {}", spec.name))
+            .await
+        {
             Ok(_) => {}
             Err(e) if guard::is_fatal(&e) => return Err(e.into()),
-            Err(e) => report
-                .errors
-                .push(format!("Error dropping the invalid leftover of {}: {e}", spec.name)),
+            Err(e) => report.errors.push(format!(
+                "Error dropping the invalid leftover of {}: {e}",
+                spec.name
+            )),
         }
     }
     Ok(())
@@ -404,11 +470,24 @@ mod tests {
 
     #[test]
     fn an_invalid_index_is_rebuilt_and_covers_nothing() {
-        let present = [ix("ix_user_sessions_user_platform", &["user_id", "active_platform_id"], false)];
+        let present = [ix(
+            "ix_user_sessions_user_platform",
+            &["user_id", "active_platform_id"],
+            false,
+        )];
         assert_eq!(
-            plan(&spec("ix_user_sessions_user_platform", &["user_id", "active_platform_id"]), &present),
+            plan(
+                &spec(
+                    "ix_user_sessions_user_platform",
+                    &["user_id", "active_platform_id"]
+                ),
+                &present
+            ),
             Plan::Rebuild
         );
-        assert_eq!(plan(&spec("ix_user_sessions_user_id", &["user_id"]), &present), Plan::Create);
+        assert_eq!(
+            plan(&spec("ix_user_sessions_user_id", &["user_id"]), &present),
+            Plan::Create
+        );
     }
 }

@@ -86,7 +86,8 @@ impl IntegrityReport {
     /// Storage check failed; `why` becomes an issue line.
     fn corrupt(&mut self, why: impl std::fmt::Display) {
         self.integrity_check = CheckStatus::Failed;
-        self.issues_found.push(format!("Integrity check failed: {why}"));
+        self.issues_found
+            .push(format!("Integrity check failed: {why}"));
     }
 
     fn recommend(&mut self) {
@@ -170,18 +171,33 @@ async fn sqlite_checks(db: &Db, full: bool, report: &mut IntegrityReport) {
     };
     let DbTx::Sqlite(t) = &mut tx else { return };
     let c = &mut **t;
-    match sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(check)).fetch_all(&mut *c).await {
-        Ok(rows) if rows.len() == 1 && rows[0] == "ok" => report.integrity_check = CheckStatus::Passed,
+    match sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(check))
+        .fetch_all(&mut *c)
+        .await
+    {
+        Ok(rows) if rows.len() == 1 && rows[0] == "ok" => {
+            report.integrity_check = CheckStatus::Passed
+        }
         Ok(rows) => {
             report.integrity_check = CheckStatus::Failed;
-            report.issues_found.extend(rows.into_iter().map(|r| format!("Integrity check failed: {r}")));
+            report.issues_found.extend(
+                rows.into_iter()
+                    .map(|r| format!("Integrity check failed: {r}")),
+            );
         }
         Err(e) => report.corrupt(e),
     }
     report.checks_run.push("PRAGMA foreign_key_check".into());
-    match sqlx::query("PRAGMA foreign_key_check").fetch_all(&mut *c).await {
+    match sqlx::query("PRAGMA foreign_key_check")
+        .fetch_all(&mut *c)
+        .await
+    {
         Ok(rows) => {
-            report.foreign_key_check = if rows.is_empty() { CheckStatus::Passed } else { CheckStatus::Failed };
+            report.foreign_key_check = if rows.is_empty() {
+                CheckStatus::Passed
+            } else {
+                CheckStatus::Failed
+            };
             let total = rows.len();
             for r in rows.iter().take(MAX_LISTED_ISSUES) {
                 let table: String = r.try_get(0).unwrap_or_default();
@@ -201,7 +217,9 @@ async fn sqlite_checks(db: &Db, full: bool, report: &mut IntegrityReport) {
         }
         Err(e) => {
             report.foreign_key_check = CheckStatus::Failed;
-            report.issues_found.push(format!("Foreign key check failed: {e}"));
+            report
+                .issues_found
+                .push(format!("Foreign key check failed: {e}"));
         }
     }
     let _ = finish_read(tx).await;
@@ -249,27 +267,32 @@ async fn postgres_storage_check(
         for index in indexes {
             // A savepoint per index: one corrupt index must not abort the checks of the others.
             sqlx::query("SAVEPOINT amcheck").execute(&mut *c).await?;
-            let result = sqlx::query("SELECT bt_index_check(index => $1::regclass, heapallindexed => $2)")
-                .bind(&index)
-                .bind(full)
-                .execute(&mut *c)
-                .await;
+            let result =
+                sqlx::query("SELECT bt_index_check(index => $1::regclass, heapallindexed => $2)")
+                    .bind(&index)
+                    .bind(full)
+                    .execute(&mut *c)
+                    .await;
             match result {
                 Ok(_) => {
-                    sqlx::query("RELEASE SAVEPOINT amcheck").execute(&mut *c).await?;
+                    sqlx::query("RELEASE SAVEPOINT amcheck")
+                        .execute(&mut *c)
+                        .await?;
                     checked += 1;
                 }
                 Err(e) => {
-                    sqlx::query("ROLLBACK TO SAVEPOINT amcheck").execute(&mut *c).await?;
+                    sqlx::query("ROLLBACK TO SAVEPOINT amcheck")
+                        .execute(&mut *c)
+                        .await?;
                     report.corrupt(format!("index {index}: {e}"));
                 }
             }
         }
     }
     finish_read(tx).await?;
-    report
-        .checks_run
-        .push(format!("bt_index_check(heapallindexed => {full}) on {checked} B-tree indexes"));
+    report.checks_run.push(format!(
+        "bt_index_check(heapallindexed => {full}) on {checked} B-tree indexes"
+    ));
     if report.integrity_check != CheckStatus::Failed {
         report.integrity_check = CheckStatus::Passed;
     }
@@ -294,14 +317,22 @@ async fn mysql_storage_check(
         let stmt = format!("CHECK TABLE {table}{}", if full { " EXTENDED" } else { "" });
         report.checks_run.push(stmt.clone());
         // Text protocol: CHECK TABLE is not accepted as a prepared statement everywhere.
-        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).fetch_all(&mut *c).await?;
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
+            .fetch_all(&mut *c)
+            .await?;
         let text: Vec<Vec<Option<String>>> = rows
             .iter()
-            .map(|r| (0..r.len()).map(|i| r.try_get::<Option<String>, _>(i).ok().flatten()).collect())
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| r.try_get::<Option<String>, _>(i).ok().flatten())
+                    .collect()
+            })
             .collect();
         for e in mysql_row_errors(&text) {
             failed = true;
-            report.issues_found.push(format!("Integrity check failed: {table}: {e}"));
+            report
+                .issues_found
+                .push(format!("Integrity check failed: {table}: {e}"));
         }
         let status = text
             .iter()
@@ -310,18 +341,28 @@ async fn mysql_storage_check(
             .and_then(|r| r.get(3).cloned().flatten());
         if let Some(status) = status.filter(|s| !s.eq_ignore_ascii_case("ok")) {
             failed = true;
-            report.issues_found.push(format!("Integrity check failed: {table}: {status}"));
+            report
+                .issues_found
+                .push(format!("Integrity check failed: {table}: {status}"));
         }
     }
     finish_read(tx).await?;
-    report.integrity_check = if failed { CheckStatus::Failed } else { CheckStatus::Passed };
+    report.integrity_check = if failed {
+        CheckStatus::Failed
+    } else {
+        CheckStatus::Passed
+    };
     Ok(())
 }
 
 /// Sessions whose user or platform row is missing. PostgreSQL and MySQL enforce declared
 /// foreign keys, but the application may not have declared them (the v1 schema on some
 /// installs), or they may have been dropped or disabled during an import.
-async fn orphan_checks(db: &Db, schema: &Schema, report: &mut IntegrityReport) -> Result<(), OpError> {
+async fn orphan_checks(
+    db: &Db,
+    schema: &Schema,
+    report: &mut IntegrityReport,
+) -> Result<(), OpError> {
     let s = &schema.sessions;
     let mut checks = Vec::new();
     if let Some(u) = &schema.users {
@@ -337,7 +378,9 @@ async fn orphan_checks(db: &Db, schema: &Schema, report: &mut IntegrityReport) -
             "users",
         ));
     } else {
-        report.issues_found.push("Foreign key check: users table not found; sessions → users not checked".into());
+        report
+            .issues_found
+            .push("Foreign key check: users table not found; sessions → users not checked".into());
     }
     match (&schema.platforms, &s.platform_id) {
         (Some(p), Some(pid)) => checks.push((
@@ -351,9 +394,10 @@ async fn orphan_checks(db: &Db, schema: &Schema, report: &mut IntegrityReport) -
             format!("{}.{pid} → {}.{}", s.table, p.table, p.id),
             "platforms",
         )),
-        _ => report
-            .issues_found
-            .push("Foreign key check: no platform table or column; sessions → platforms not checked".into()),
+        _ => report.issues_found.push(
+            "Foreign key check: no platform table or column; sessions → platforms not checked"
+                .into(),
+        ),
     }
     if checks.is_empty() {
         return Ok(());
@@ -362,7 +406,8 @@ async fn orphan_checks(db: &Db, schema: &Schema, report: &mut IntegrityReport) -
     let mut orphans_total = 0;
     for (sql, edge, parent) in &checks {
         let sql = tx.sql(sql.clone());
-        let orphans: i64 = crate::on_tx!(&mut tx, c => sqlx::query_scalar(sql).fetch_one(&mut *c).await?);
+        let orphans: i64 =
+            crate::on_tx!(&mut tx, c => sqlx::query_scalar(sql).fetch_one(&mut *c).await?);
         report.checks_run.push(format!("orphan query {edge}"));
         if orphans > 0 {
             orphans_total += orphans;
@@ -373,6 +418,10 @@ async fn orphan_checks(db: &Db, schema: &Schema, report: &mut IntegrityReport) -
         }
     }
     finish_read(tx).await?;
-    report.foreign_key_check = if orphans_total > 0 { CheckStatus::Failed } else { CheckStatus::Passed };
+    report.foreign_key_check = if orphans_total > 0 {
+        CheckStatus::Failed
+    } else {
+        CheckStatus::Passed
+    };
     Ok(())
 }

@@ -27,13 +27,15 @@ mod optimize;
 mod stats;
 
 pub use analyze::{TableAnalysis, TableStats, analyze};
-pub use guard::{LOCK_TIMEOUT, MAINTENANCE_STATEMENT_TIMEOUT, READ_STATEMENT_TIMEOUT, SQLITE_BUSY_TIMEOUT};
+pub use guard::{
+    LOCK_TIMEOUT, MAINTENANCE_STATEMENT_TIMEOUT, READ_STATEMENT_TIMEOUT, SQLITE_BUSY_TIMEOUT,
+};
 pub use indexes::{
-    IndexInfo, IndexReport, IndexSpec, create_indexes, missing_recommended_indexes, recommended_indexes,
-    table_indexes,
+    IndexInfo, IndexReport, IndexSpec, create_indexes, missing_recommended_indexes,
+    recommended_indexes, table_indexes,
 };
 pub use integrity::{CheckStatus, IntegrityReport, integrity_check, integrity_check_url};
-pub use optimize::{OptimizeReport, Operation, optimize};
+pub use optimize::{Operation, OptimizeReport, optimize};
 pub use stats::{DbStatistics, PoolFigures, statistics};
 
 /// Which maintenance step to run (one per CLI flag of the original).
@@ -117,9 +119,15 @@ pub async fn run(ctx: &OpContext, p: &MaintenanceParams) -> Result<MaintenanceRe
     p.validate()?;
     Ok(match p.action {
         MaintenanceAction::Analyze => MaintenanceReport::Analysis(analyze(&ctx.db).await?),
-        MaintenanceAction::CreateIndexes => MaintenanceReport::Indexes(create_indexes(ctx, p.dry_run).await?),
-        MaintenanceAction::Optimize { vacuum } => MaintenanceReport::Optimization(optimize(ctx, vacuum).await?),
-        MaintenanceAction::IntegrityCheck { full } => MaintenanceReport::Integrity(integrity_check(&ctx.db, full).await?),
+        MaintenanceAction::CreateIndexes => {
+            MaintenanceReport::Indexes(create_indexes(ctx, p.dry_run).await?)
+        }
+        MaintenanceAction::Optimize { vacuum } => {
+            MaintenanceReport::Optimization(optimize(ctx, vacuum).await?)
+        }
+        MaintenanceAction::IntegrityCheck { full } => {
+            MaintenanceReport::Integrity(integrity_check(&ctx.db, full).await?)
+        }
         MaintenanceAction::Stats => MaintenanceReport::Statistics(statistics(&ctx.db).await?),
     })
 }

@@ -87,13 +87,16 @@ pub async fn optimize(ctx: &OpContext, vacuum: bool) -> Result<OptimizeReport, O
         Engine::Sqlite => {
             // ANALYZE and PRAGMA optimize are transactional: one fenced write transaction.
             let mut tx = fence.begin(db).await?;
-            let mut statements: Vec<String> = tables.iter().map(|t| format!("ANALYZE {t}")).collect();
+            let mut statements: Vec<String> =
+                tables.iter().map(|t| format!("ANALYZE {t}")).collect();
             statements.push("PRAGMA optimize".into());
             for stmt in &statements {
                 let t0 = Instant::now();
                 match run_in_tx(&mut tx, stmt).await {
                     Ok(()) => report.record(stmt, t0),
-                    Err(e) => report.errors.push(format!("Error during optimization: {stmt}: {e}")),
+                    Err(e) => report
+                        .errors
+                        .push(format!("Error during optimization: {stmt}: {e}")),
                 }
             }
             tx.commit().await?;
@@ -147,11 +150,17 @@ async fn run_in_tx(tx: &mut DbTx<'_>, stmt: &str) -> Result<(), sqlx::Error> {
 
 /// Runs statements on the fenced connection. MySQL's table-maintenance statements report
 /// failures as result rows (`Msg_type` = `error`), so their rows are read, not discarded.
-async fn run_fenced(conn: &mut FencedConn, statements: &[&str], report: &mut OptimizeReport) -> Result<(), OpError> {
+async fn run_fenced(
+    conn: &mut FencedConn,
+    statements: &[&str],
+    report: &mut OptimizeReport,
+) -> Result<(), OpError> {
     for stmt in statements {
         let t0 = Instant::now();
         let outcome = if conn.engine() == Engine::MySql {
-            conn.rows(stmt).await.map(|(rows, _)| mysql_row_errors(&rows))
+            conn.rows(stmt)
+                .await
+                .map(|(rows, _)| mysql_row_errors(&rows))
         } else {
             conn.run(stmt).await.map(|_| Vec::new())
         };
@@ -159,11 +168,15 @@ async fn run_fenced(conn: &mut FencedConn, statements: &[&str], report: &mut Opt
             Ok(errors) if errors.is_empty() => report.record(stmt, t0),
             Ok(errors) => {
                 for e in errors {
-                    report.errors.push(format!("Error during optimization: {stmt}: {e}"));
+                    report
+                        .errors
+                        .push(format!("Error during optimization: {stmt}: {e}"));
                 }
             }
             Err(e) if guard::is_fatal(&e) => return Err(e.into()),
-            Err(e) => report.errors.push(format!("Error during optimization: {stmt}: {e}")),
+            Err(e) => report
+                .errors
+                .push(format!("Error during optimization: {stmt}: {e}")),
         }
     }
     Ok(())
@@ -172,7 +185,16 @@ async fn run_fenced(conn: &mut FencedConn, statements: &[&str], report: &mut Opt
 /// The `Msg_text` of rows whose `Msg_type` is `error` (columns: Table, Op, Msg_type, Msg_text).
 pub(super) fn mysql_row_errors(rows: &[Vec<Option<String>>]) -> Vec<String> {
     rows.iter()
-        .filter(|r| r.get(2).and_then(|t| t.as_deref()).is_some_and(|t| t.eq_ignore_ascii_case("error")))
-        .map(|r| r.get(3).cloned().flatten().unwrap_or_else(|| "unknown error".into()))
+        .filter(|r| {
+            r.get(2)
+                .and_then(|t| t.as_deref())
+                .is_some_and(|t| t.eq_ignore_ascii_case("error"))
+        })
+        .map(|r| {
+            r.get(3)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| "unknown error".into())
+        })
         .collect()
 }

@@ -3,8 +3,8 @@
 use chrono::{NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::analyze::{TableAnalysis, analyze};
 use super::OpError;
+use super::analyze::{TableAnalysis, analyze};
 use crate::store::{Db, Engine};
 
 /// The connection pool of this process (the original reported SQLAlchemy's pool).
@@ -41,12 +41,23 @@ impl DbStatistics {
         out.push('\n');
         out.push_str(&format!("Database Size: {:.2} MB\n", self.database_size_mb));
         // The session table is the one table with a unique-users figure.
-        if let Some(sessions) = self.table_analysis.tables.values().find(|t| t.unique_users.is_some()) {
+        if let Some(sessions) = self
+            .table_analysis
+            .tables
+            .values()
+            .find(|t| t.unique_users.is_some())
+        {
             out.push_str(&format!("Session Records: {}\n", sessions.row_count));
-            out.push_str(&format!("Unique Users: {}\n", sessions.unique_users.unwrap_or(0)));
+            out.push_str(&format!(
+                "Unique Users: {}\n",
+                sessions.unique_users.unwrap_or(0)
+            ));
         }
         out.push_str(&format!("Pool Size: {}\n", self.connection_pool.size));
-        out.push_str(&format!("Available Connections: {}\n", self.connection_pool.idle));
+        out.push_str(&format!(
+            "Available Connections: {}\n",
+            self.connection_pool.idle
+        ));
         out
     }
 }
@@ -56,7 +67,9 @@ pub async fn statistics(db: &Db) -> Result<DbStatistics, OpError> {
     // The whole database: SQLite's file pages, PostgreSQL's database directory, the sum of
     // MySQL's tables in the current schema.
     let size_sql = match db.engine() {
-        Engine::Sqlite => "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+        Engine::Sqlite => {
+            "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()"
+        }
         Engine::Postgres => "SELECT pg_database_size(current_database())",
         Engine::MySql => {
             "SELECT CAST(COALESCE(SUM(data_length + index_length), 0) AS SIGNED) \
