@@ -441,6 +441,36 @@ impl SessionLock {
         })
     }
 
+    /// Like [`execute_checked`](Self::execute_checked), but returns every row with each column
+    /// as text (`None` for NULL or non-text values): MySQL's `ANALYZE`, `OPTIMIZE` and
+    /// `CHECK TABLE` report failures as result rows, not as errors, so callers must read them.
+    pub async fn fetch_text_checked(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, FenceError> {
+        self.check().await?;
+        let stmt = dialect_sql(self.engine(), sql.to_string());
+        macro_rules! text_rows {
+            ($c:expr) => {
+                sqlx::query(stmt)
+                    .fetch_all(&mut **$c)
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        (0..r.len())
+                            .map(|i| r.try_get::<Option<String>, _>(i).ok().flatten())
+                            .collect()
+                    })
+                    .collect()
+            };
+        }
+        Ok(match &mut self.conn {
+            LockedConn::Sqlite(c) => text_rows!(c),
+            LockedConn::Postgres(c) => text_rows!(c),
+            LockedConn::MySql(c) => text_rows!(c),
+        })
+    }
+
     /// Checks (and advances) the fence in a short transaction on the pinned connection.
     pub async fn check(&mut self) -> Result<(), FenceError> {
         let mut tx = match &mut self.conn {

@@ -1,1 +1,0 @@
-//! Placeholder: the maintenance operation lands in its own issue.

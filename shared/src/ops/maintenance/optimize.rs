@@ -1,0 +1,200 @@
+//! Optimize: refresh the planner statistics of the session tables and, with `vacuum`,
+//! reclaim space — online only (never PostgreSQL `VACUUM FULL`).
+//!
+//! | step | SQLite | PostgreSQL | MySQL / MariaDB |
+//! |---|---|---|---|
+//! | statistics | `ANALYZE t` + `PRAGMA optimize` | `ANALYZE t` | `ANALYZE TABLE t` |
+//! | vacuum | `VACUUM` (+ `PRAGMA incremental_vacuum` if `auto_vacuum` = INCREMENTAL) | `VACUUM (ANALYZE) t` | `OPTIMIZE TABLE t` |
+
+use std::time::Instant;
+
+use chrono::{NaiveDateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::guard::{self, FencedConn, MAINTENANCE_STATEMENT_TIMEOUT, millis};
+use super::{OpContext, OpError, push_section, session_tables};
+use crate::store::{DbTx, Engine, schema};
+
+/// SQLite `PRAGMA auto_vacuum` value of INCREMENTAL mode.
+const SQLITE_AUTO_VACUUM_INCREMENTAL: i64 = 2;
+
+/// One statement that ran.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Operation {
+    /// The statement as sent.
+    pub statement: String,
+    /// How long it took, in milliseconds.
+    pub duration_ms: f64,
+}
+
+/// Result of [`optimize`], with the original's field names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OptimizeReport {
+    /// When the step started (UTC).
+    pub timestamp: NaiveDateTime,
+    /// Statements run, in order, with their durations.
+    pub operations_performed: Vec<Operation>,
+    /// Wall time of the whole step, in seconds.
+    pub duration_seconds: f64,
+    /// Statements skipped on purpose, and why.
+    pub notes: Vec<String>,
+    /// `Error during optimization: …` per failed statement.
+    pub errors: Vec<String>,
+}
+
+impl OptimizeReport {
+    /// The original's text layout.
+    pub fn render_text(&self) -> String {
+        let mut out = String::from("Optimization Results\n");
+        out.push_str(&"=".repeat(25));
+        out.push('\n');
+        out.push_str(&format!("Duration: {:.2} seconds\n", self.duration_seconds));
+        let ops: Vec<String> = self
+            .operations_performed
+            .iter()
+            .map(|o| format!("{} ({:.1} ms)", o.statement, o.duration_ms))
+            .collect();
+        push_section(&mut out, "Operations:", &ops);
+        push_section(&mut out, "Notes:", &self.notes);
+        push_section(&mut out, "Errors:", &self.errors);
+        out
+    }
+
+    fn record(&mut self, statement: &str, started: Instant) {
+        self.operations_performed.push(Operation {
+            statement: statement.to_string(),
+            duration_ms: millis(started.elapsed()),
+        });
+    }
+}
+
+/// Refreshes planner statistics of the session-related tables; with `vacuum`, reclaims
+/// space. Needs the fence; a stale token stops it before the next statement.
+pub async fn optimize(ctx: &OpContext, vacuum: bool) -> Result<OptimizeReport, OpError> {
+    let started = Instant::now();
+    let db = &ctx.db;
+    let fence = ctx.fence()?;
+    let schema = schema::detect(db).await?;
+    let tables = session_tables(&schema);
+    let mut report = OptimizeReport {
+        timestamp: Utc::now().naive_utc(),
+        operations_performed: Vec::new(),
+        duration_seconds: 0.0,
+        notes: Vec::new(),
+        errors: Vec::new(),
+    };
+    match db.engine() {
+        Engine::Sqlite => {
+            // ANALYZE and PRAGMA optimize are transactional: one fenced write transaction.
+            let mut tx = fence.begin(db).await?;
+            let mut statements: Vec<String> =
+                tables.iter().map(|t| format!("ANALYZE {t}")).collect();
+            statements.push("PRAGMA optimize".into());
+            for stmt in &statements {
+                let t0 = Instant::now();
+                match run_in_tx(&mut tx, stmt).await {
+                    Ok(()) => report.record(stmt, t0),
+                    Err(e) => report
+                        .errors
+                        .push(format!("Error during optimization: {stmt}: {e}")),
+                }
+            }
+            tx.commit().await?;
+            if vacuum {
+                // VACUUM cannot run in a transaction: a pinned connection checks the fence first.
+                let auto_vacuum = db.scalar_i64("PRAGMA auto_vacuum").await?;
+                let mut conn = FencedConn::open(db, fence, MAINTENANCE_STATEMENT_TIMEOUT).await?;
+                let mut statements = Vec::new();
+                if auto_vacuum == SQLITE_AUTO_VACUUM_INCREMENTAL {
+                    statements.push("PRAGMA incremental_vacuum");
+                } else {
+                    report.notes.push(format!(
+                        "PRAGMA incremental_vacuum skipped: auto_vacuum is {} (not INCREMENTAL), where it does nothing",
+                        if auto_vacuum == 0 { "NONE" } else { "FULL" }
+                    ));
+                }
+                statements.push("VACUUM");
+                let result = run_fenced(&mut conn, &statements, &mut report).await;
+                conn.close().await;
+                result?;
+            }
+        }
+        Engine::Postgres | Engine::MySql => {
+            let statements: Vec<String> = tables
+                .iter()
+                .map(|t| match (db.engine(), vacuum) {
+                    (Engine::Postgres, false) => format!("ANALYZE {t}"),
+                    // Plain VACUUM: marks dead rows reusable without an exclusive lock.
+                    (Engine::Postgres, true) => format!("VACUUM (ANALYZE) {t}"),
+                    (_, false) => format!("ANALYZE TABLE {t}"),
+                    // InnoDB: "recreate + analyze", an online rebuild that returns free space.
+                    (_, true) => format!("OPTIMIZE TABLE {t}"),
+                })
+                .collect();
+            let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
+            let mut conn = FencedConn::open(db, fence, MAINTENANCE_STATEMENT_TIMEOUT).await?;
+            let result = run_fenced(&mut conn, &statements, &mut report).await;
+            conn.close().await;
+            result?;
+        }
+    }
+    report.duration_seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+async fn run_in_tx(tx: &mut DbTx<'_>, stmt: &str) -> Result<(), sqlx::Error> {
+    let sql = tx.sql(stmt.to_string());
+    crate::on_tx!(tx, c => { sqlx::query(sql).execute(&mut *c).await?; });
+    Ok(())
+}
+
+/// Runs statements on the fenced connection. MySQL's table-maintenance statements report
+/// failures as result rows (`Msg_type` = `error`), so their rows are read, not discarded.
+async fn run_fenced(
+    conn: &mut FencedConn,
+    statements: &[&str],
+    report: &mut OptimizeReport,
+) -> Result<(), OpError> {
+    for stmt in statements {
+        let t0 = Instant::now();
+        let outcome = if conn.engine() == Engine::MySql {
+            conn.rows(stmt)
+                .await
+                .map(|(rows, _)| mysql_row_errors(&rows))
+        } else {
+            conn.run(stmt).await.map(|_| Vec::new())
+        };
+        match outcome {
+            Ok(errors) if errors.is_empty() => report.record(stmt, t0),
+            Ok(errors) => {
+                for e in errors {
+                    report
+                        .errors
+                        .push(format!("Error during optimization: {stmt}: {e}"));
+                }
+            }
+            Err(e) if guard::is_fatal(&e) => return Err(e.into()),
+            Err(e) => report
+                .errors
+                .push(format!("Error during optimization: {stmt}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// The `Msg_text` of rows whose `Msg_type` is `error` (columns: Table, Op, Msg_type, Msg_text).
+pub(super) fn mysql_row_errors(rows: &[Vec<Option<String>>]) -> Vec<String> {
+    rows.iter()
+        .filter(|r| {
+            r.get(2)
+                .and_then(|t| t.as_deref())
+                .is_some_and(|t| t.eq_ignore_ascii_case("error"))
+        })
+        .map(|r| {
+            r.get(3)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| "unknown error".into())
+        })
+        .collect()
+}

@@ -1,0 +1,798 @@
+//! The maintenance operation against real SQLite, PostgreSQL and MariaDB databases.
+//!
+//! Each behaviour runs once per engine (a test per engine, so they run in parallel), on its
+//! own database. Figures are compared with catalog queries written here independently.
+
+use std::collections::BTreeSet;
+
+use chrono::Utc;
+use sessionfleet::CancellationToken;
+use sessionfleet::fence::{self, Fence};
+use sessionfleet::ops::OpContext;
+use sessionfleet::ops::maintenance::{
+    self, CheckStatus, MaintenanceAction, MaintenanceParams, MaintenanceReport,
+};
+use sessionfleet::seed::{SeedParams, seed_demo};
+use sessionfleet::store::{Db, Engine, SchemaVersion};
+use sessionfleet::testing::TestDb;
+use sqlx::Row;
+
+const SESSIONS: u64 = 400;
+
+/// A fresh database of `engine` with demo data.
+async fn seeded(engine: Engine, schema: SchemaVersion) -> TestDb {
+    let tdb = TestDb::new(engine).await;
+    seed_demo(
+        &tdb.db,
+        &SeedParams {
+            sessions: SESSIONS,
+            users: SeedParams::default_users(SESSIONS),
+            seed: 7,
+            schema,
+            now: Utc::now().naive_utc(),
+            reset: false,
+        },
+    )
+    .await
+    .expect("seed");
+    tdb
+}
+
+async fn ctx_with_fence(db: &Db) -> (OpContext, Fence) {
+    let fence = fence::issue_token(db, "target:test", "maintenance-test")
+        .await
+        .expect("token");
+    let ctx = OpContext {
+        db: db.clone(),
+        fence: Some(fence.clone()),
+        cancel: CancellationToken::new(),
+    };
+    (ctx, fence)
+}
+
+/// Index names of `table`, from a catalog query that does not share code with the library.
+async fn catalog_index_names(db: &Db, table: &str) -> BTreeSet<String> {
+    let names: Vec<String> = match db.engine() {
+        Engine::Sqlite => sessionfleet::on_pool!(db, p => sqlx::query_scalar(db.sql(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?")).bind(table).fetch_all(p).await.unwrap()),
+        Engine::Postgres => sessionfleet::on_pool!(db, p => sqlx::query_scalar(db.sql(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = ?")).bind(table).fetch_all(p).await.unwrap()),
+        Engine::MySql => {
+            sessionfleet::on_pool!(db, p => sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SHOW INDEX FROM {table}")))
+            .fetch_all(p).await.unwrap().iter().map(|r| r.try_get::<String, _>("Key_name").unwrap()).collect())
+        }
+    };
+    names.into_iter().collect()
+}
+
+/// Drops every foreign key of the session table, so orphans can exist on engines that
+/// enforce them.
+async fn drop_session_foreign_keys(db: &Db) {
+    match db.engine() {
+        Engine::Sqlite => {}
+        Engine::Postgres => {
+            let names: Vec<String> = sessionfleet::on_pool!(db, p => sqlx::query_scalar(db.sql(
+                "SELECT conname::text FROM pg_constraint WHERE conrelid = 'user_sessions'::regclass AND contype = 'f'"))
+                .fetch_all(p).await.unwrap());
+            for n in names {
+                db.execute(&format!("ALTER TABLE user_sessions DROP CONSTRAINT {n}"))
+                    .await
+                    .unwrap();
+            }
+        }
+        Engine::MySql => {
+            let names: Vec<String> = sessionfleet::on_pool!(db, p => sqlx::query_scalar(db.sql(
+                "SELECT constraint_name FROM information_schema.referential_constraints \
+                 WHERE constraint_schema = DATABASE() AND table_name = 'user_sessions'"))
+                .fetch_all(p).await.unwrap());
+            for n in names {
+                db.execute(&format!("ALTER TABLE user_sessions DROP FOREIGN KEY {n}"))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+macro_rules! per_engine {
+    ($check:ident: $($name:ident => $engine:expr),+) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $check($engine).await;
+            }
+        )+
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// Analyze
+
+async fn analyze_figures_equal_the_catalog(engine: Engine) {
+    let tdb = seeded(engine, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    let report = maintenance::analyze(db).await.expect("analyze");
+    let s = &report.tables["user_sessions"];
+
+    assert_eq!(
+        s.row_count,
+        db.scalar_i64("SELECT COUNT(*) FROM user_sessions")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.unique_users,
+        Some(
+            db.scalar_i64("SELECT COUNT(*) FROM (SELECT DISTINCT user_id FROM user_sessions) d")
+                .await
+                .unwrap()
+        )
+    );
+    assert!(s.oldest_record.is_some() && s.oldest_record <= s.newest_record);
+    assert_eq!(
+        report.tables["users"].row_count,
+        db.scalar_i64("SELECT COUNT(*) FROM users").await.unwrap()
+    );
+    assert!(report.tables.contains_key("platform_connections"));
+
+    // The real size, as the engine's catalog states it.
+    let (table_bytes, total_bytes) = match engine {
+        Engine::Sqlite => (
+            db.scalar_i64("SELECT SUM(pgsize) FROM dbstat WHERE name = 'user_sessions'").await.unwrap(),
+            db.scalar_i64(
+                "SELECT SUM(pgsize) FROM dbstat WHERE name = 'user_sessions' OR name IN \
+                 (SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'user_sessions')",
+            )
+            .await
+            .unwrap(),
+        ),
+        Engine::Postgres => (
+            db.scalar_i64("SELECT pg_relation_size('user_sessions')").await.unwrap(),
+            db.scalar_i64("SELECT pg_total_relation_size('user_sessions')").await.unwrap(),
+        ),
+        Engine::MySql => (
+            db.scalar_i64("SELECT CAST(data_length AS SIGNED) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = 'user_sessions'").await.unwrap(),
+            db.scalar_i64("SELECT CAST(data_length + index_length AS SIGNED) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = 'user_sessions'").await.unwrap(),
+        ),
+    };
+    assert_eq!(s.table_size_bytes, Some(table_bytes), "{}", s.size_source);
+    assert_eq!(s.size_bytes, Some(total_bytes), "{}", s.size_source);
+    // Not the original's "1 KiB per row" estimate.
+    assert_ne!(s.size_bytes, Some(s.row_count * 1024));
+
+    // The index listing (empty in the original) matches the catalog, with columns and uniqueness.
+    let listed: BTreeSet<String> = report.indexes["user_sessions"]
+        .iter()
+        .map(|i| i.name.clone())
+        .collect();
+    assert_eq!(listed, catalog_index_names(db, "user_sessions").await);
+    let by_key = report.indexes["user_sessions"]
+        .iter()
+        .find(|i| i.name == "ix_user_sessions_session_id")
+        .expect("session id index listed");
+    assert!(by_key.unique && by_key.columns == ["session_id"]);
+
+    // v2 built by the reference DDL lacks only the composite index.
+    assert_eq!(
+        maintenance::missing_recommended_indexes(db).await.unwrap(),
+        ["ix_user_sessions_user_platform"]
+    );
+    assert!(
+        report
+            .recommendations
+            .iter()
+            .any(|r| r.starts_with("Missing recommended index: ix_user_sessions_user_platform")),
+        "{:?}",
+        report.recommendations
+    );
+    assert!(report.render_text().contains("Indexes ("));
+    tdb.drop_db().await;
+}
+
+per_engine!(analyze_figures_equal_the_catalog:
+    analyze_figures_equal_the_catalog_sqlite => Engine::Sqlite,
+    analyze_figures_equal_the_catalog_postgres => Engine::Postgres,
+    analyze_figures_equal_the_catalog_mariadb => Engine::MySql);
+
+// ---------------------------------------------------------------------------------------
+// Recommended indexes
+
+async fn create_indexes_is_idempotent_and_dry_run_creates_nothing(engine: Engine) {
+    let tdb = seeded(engine, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    let drop = match engine {
+        Engine::MySql => "DROP INDEX ix_user_sessions_expires_at ON user_sessions",
+        _ => "DROP INDEX ix_user_sessions_expires_at",
+    };
+    db.execute(drop).await.unwrap();
+    let before = catalog_index_names(db, "user_sessions").await;
+
+    // Dry run: lists, creates nothing, needs no fence.
+    let no_fence = OpContext {
+        db: db.clone(),
+        fence: None,
+        cancel: CancellationToken::new(),
+    };
+    let dry = maintenance::create_indexes(&no_fence, true)
+        .await
+        .expect("dry run");
+    assert!(dry.dry_run);
+    assert_eq!(
+        dry.indexes_created,
+        [
+            "ix_user_sessions_user_platform (would create)",
+            "ix_user_sessions_expires_at (would create)"
+        ]
+    );
+    assert_eq!(catalog_index_names(db, "user_sessions").await, before);
+    // A real run without a lease is refused.
+    assert!(matches!(
+        maintenance::create_indexes(&no_fence, false).await,
+        Err(sessionfleet::ops::OpError::NoFence)
+    ));
+
+    let (ctx, _) = ctx_with_fence(db).await;
+    let first = maintenance::create_indexes(&ctx, false)
+        .await
+        .expect("create");
+    assert!(first.errors.is_empty(), "{:?}", first.errors);
+    assert_eq!(
+        first.indexes_created,
+        [
+            "ix_user_sessions_user_platform",
+            "ix_user_sessions_expires_at"
+        ]
+    );
+    let after = catalog_index_names(db, "user_sessions").await;
+    assert!(
+        after.contains("ix_user_sessions_user_platform")
+            && after.contains("ix_user_sessions_expires_at")
+    );
+    assert!(
+        maintenance::missing_recommended_indexes(db)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let second = maintenance::create_indexes(&ctx, false)
+        .await
+        .expect("second run");
+    assert!(
+        second.indexes_created.is_empty(),
+        "{:?}",
+        second.indexes_created
+    );
+    assert_eq!(
+        second.indexes_skipped.len(),
+        7,
+        "{:?}",
+        second.indexes_skipped
+    );
+    assert!(
+        second
+            .indexes_skipped
+            .contains(&"ix_user_sessions_user_platform (already exists)".to_string())
+    );
+    assert_eq!(catalog_index_names(db, "user_sessions").await, after);
+    tdb.drop_db().await;
+}
+
+per_engine!(create_indexes_is_idempotent_and_dry_run_creates_nothing:
+    create_indexes_is_idempotent_and_dry_run_creates_nothing_sqlite => Engine::Sqlite,
+    create_indexes_is_idempotent_and_dry_run_creates_nothing_postgres => Engine::Postgres,
+    create_indexes_is_idempotent_and_dry_run_creates_nothing_mariadb => Engine::MySql);
+
+async fn index_with_equivalent_columns_counts_as_present(engine: Engine) {
+    let tdb = seeded(engine, SchemaVersion::V1).await;
+    let db = &tdb.db;
+    db.execute(
+        "CREATE INDEX sessions_by_user_and_platform ON user_sessions (user_id, active_platform_id)",
+    )
+    .await
+    .unwrap();
+    let (ctx, _) = ctx_with_fence(db).await;
+    let report = maintenance::create_indexes(&ctx, false).await.unwrap();
+    assert!(
+        report.indexes_created.is_empty(),
+        "{:?}",
+        report.indexes_created
+    );
+    assert!(
+        report.indexes_skipped.contains(
+            &"ix_user_sessions_user_platform (already exists as sessions_by_user_and_platform)"
+                .to_string()
+        )
+    );
+    assert!(
+        !catalog_index_names(db, "user_sessions")
+            .await
+            .contains("ix_user_sessions_user_platform")
+    );
+    tdb.drop_db().await;
+}
+
+per_engine!(index_with_equivalent_columns_counts_as_present:
+    index_with_equivalent_columns_counts_as_present_sqlite => Engine::Sqlite,
+    index_with_equivalent_columns_counts_as_present_postgres => Engine::Postgres,
+    index_with_equivalent_columns_counts_as_present_mariadb => Engine::MySql);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_postgres_concurrent_build_is_rebuilt() {
+    let tdb = seeded(Engine::Postgres, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    // A unique concurrent build over duplicate (user, platform) pairs fails after creating
+    // the catalog entry: an INVALID index, exactly what an interrupted build leaves.
+    let failed = db
+        .execute("CREATE UNIQUE INDEX CONCURRENTLY ix_user_sessions_user_platform ON user_sessions (user_id, active_platform_id)")
+        .await;
+    assert!(failed.is_err(), "the seeded data has duplicate pairs");
+    let valid = "SELECT COUNT(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 WHERE c.relname = 'ix_user_sessions_user_platform' AND i.indisvalid";
+    let exists = "SELECT COUNT(*) FROM pg_class WHERE relname = 'ix_user_sessions_user_platform'";
+    assert_eq!(db.scalar_i64(exists).await.unwrap(), 1);
+    assert_eq!(db.scalar_i64(valid).await.unwrap(), 0);
+
+    let analysis = maintenance::analyze(db).await.unwrap();
+    let ix = analysis.indexes["user_sessions"]
+        .iter()
+        .find(|i| i.name == "ix_user_sessions_user_platform")
+        .expect("listed");
+    assert!(!ix.valid);
+    assert!(
+        analysis
+            .recommendations
+            .iter()
+            .any(|r| r.contains("INVALID")),
+        "{:?}",
+        analysis.recommendations
+    );
+    assert_eq!(
+        maintenance::missing_recommended_indexes(db).await.unwrap(),
+        ["ix_user_sessions_user_platform"]
+    );
+
+    let (ctx, _) = ctx_with_fence(db).await;
+    let report = maintenance::create_indexes(&ctx, false).await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.invalid_indexes.len(), 1);
+    assert!(report.invalid_indexes[0].starts_with("ix_user_sessions_user_platform (INVALID"));
+    assert_eq!(report.indexes_created, ["ix_user_sessions_user_platform"]);
+    assert_eq!(db.scalar_i64(valid).await.unwrap(), 1);
+    assert_eq!(db.scalar_i64(exists).await.unwrap(), 1);
+    tdb.drop_db().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Optimize
+
+async fn optimize_runs_the_promised_statements(engine: Engine) {
+    let tdb = seeded(engine, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    let (ctx, _) = ctx_with_fence(db).await;
+
+    let plain = maintenance::optimize(&ctx, false).await.expect("optimize");
+    assert!(plain.errors.is_empty(), "{:?}", plain.errors);
+    let statements: Vec<&str> = plain
+        .operations_performed
+        .iter()
+        .map(|o| o.statement.as_str())
+        .collect();
+    let expected: Vec<&str> = match engine {
+        Engine::Sqlite => vec![
+            "ANALYZE user_sessions",
+            "ANALYZE users",
+            "ANALYZE platform_connections",
+            "PRAGMA optimize",
+        ],
+        Engine::Postgres => vec![
+            "ANALYZE user_sessions",
+            "ANALYZE users",
+            "ANALYZE platform_connections",
+        ],
+        Engine::MySql => vec![
+            "ANALYZE TABLE user_sessions",
+            "ANALYZE TABLE users",
+            "ANALYZE TABLE platform_connections",
+        ],
+    };
+    assert_eq!(statements, expected);
+    match engine {
+        // ANALYZE leaves its figures in sqlite_stat1.
+        Engine::Sqlite => assert!(
+            db.scalar_i64("SELECT COUNT(*) FROM sqlite_stat1 WHERE tbl = 'user_sessions'")
+                .await
+                .unwrap()
+                > 0
+        ),
+        Engine::Postgres => wait_for_pg_stat(db, "last_analyze").await,
+        Engine::MySql => {}
+    }
+
+    let vacuum = maintenance::optimize(&ctx, true)
+        .await
+        .expect("optimize --vacuum");
+    assert!(vacuum.errors.is_empty(), "{:?}", vacuum.errors);
+    let statements: Vec<&str> = vacuum
+        .operations_performed
+        .iter()
+        .map(|o| o.statement.as_str())
+        .collect();
+    match engine {
+        Engine::Sqlite => {
+            assert_eq!(statements.last(), Some(&"VACUUM"));
+            // auto_vacuum is NONE, as the reference leaves it: the incremental vacuum is
+            // skipped and the report says why.
+            assert!(!statements.contains(&"PRAGMA incremental_vacuum"));
+            assert!(
+                vacuum
+                    .notes
+                    .iter()
+                    .any(|n| n.contains("auto_vacuum is NONE")),
+                "{:?}",
+                vacuum.notes
+            );
+        }
+        Engine::Postgres => {
+            assert_eq!(statements[0], "VACUUM (ANALYZE) user_sessions");
+            assert!(!statements.iter().any(|s| s.contains("FULL")));
+            wait_for_pg_stat(db, "last_vacuum").await;
+        }
+        Engine::MySql => assert_eq!(statements[0], "OPTIMIZE TABLE user_sessions"),
+    }
+    assert!(vacuum.render_text().contains("Operations:"));
+    tdb.drop_db().await;
+}
+
+/// The cumulative statistics are flushed asynchronously; wait (bounded) for the column.
+async fn wait_for_pg_stat(db: &Db, column: &str) {
+    let sql = format!(
+        "SELECT COUNT(*) FROM pg_stat_user_tables WHERE relname = 'user_sessions' AND {column} IS NOT NULL"
+    );
+    for _ in 0..50 {
+        db.execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
+        if db.scalar_i64(&sql).await.unwrap() == 1 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    panic!("pg_stat_user_tables.{column} never set for user_sessions");
+}
+
+per_engine!(optimize_runs_the_promised_statements:
+    optimize_runs_the_promised_statements_sqlite => Engine::Sqlite,
+    optimize_runs_the_promised_statements_postgres => Engine::Postgres,
+    optimize_runs_the_promised_statements_mariadb => Engine::MySql);
+
+#[tokio::test]
+async fn sqlite_incremental_vacuum_runs_when_auto_vacuum_is_incremental() {
+    use sqlx::ConnectOptions as _;
+    use std::str::FromStr;
+    // auto_vacuum is fixed when the file's first table is created: make the file first.
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("incremental.db").display());
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
+        .unwrap()
+        .create_if_missing(true)
+        .auto_vacuum(sqlx::sqlite::SqliteAutoVacuum::Incremental)
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE first_table (a INTEGER)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+
+    let db = Db::connect(&url, &sessionfleet::store::ConnectOptions::default())
+        .await
+        .unwrap();
+    seed_demo(
+        &db,
+        &SeedParams {
+            sessions: 50,
+            users: 10,
+            seed: 1,
+            schema: SchemaVersion::V2,
+            now: Utc::now().naive_utc(),
+            reset: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(db.scalar_i64("PRAGMA auto_vacuum").await.unwrap(), 2);
+    let (ctx, _) = ctx_with_fence(&db).await;
+    let report = maintenance::optimize(&ctx, true).await.unwrap();
+    assert!(
+        report
+            .operations_performed
+            .iter()
+            .any(|o| o.statement == "PRAGMA incremental_vacuum")
+    );
+    assert!(report.notes.is_empty(), "{:?}", report.notes);
+    db.close().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Integrity
+
+async fn integrity_passes_on_a_healthy_database(engine: Engine) {
+    let tdb = seeded(engine, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    if engine == Engine::Sqlite {
+        // The SQLite demo data carries orphans on purpose; remove them for a healthy database.
+        db.execute(
+            "DELETE FROM user_sessions WHERE user_id NOT IN (SELECT id FROM users) \
+             OR (active_platform_id IS NOT NULL AND active_platform_id NOT IN (SELECT id FROM platform_connections))",
+        )
+        .await
+        .unwrap();
+    }
+    for full in [false, true] {
+        let report = maintenance::integrity_check(db, full)
+            .await
+            .expect("integrity");
+        assert_eq!(
+            report.integrity_check,
+            CheckStatus::Passed,
+            "{:?}",
+            report.issues_found
+        );
+        assert_eq!(
+            report.foreign_key_check,
+            CheckStatus::Passed,
+            "{:?}",
+            report.issues_found
+        );
+        assert!(report.issues_found.is_empty(), "{:?}", report.issues_found);
+        assert_eq!(report.recommendations, ["Database integrity is good"]);
+    }
+    if engine == Engine::Postgres {
+        // The B-tree checks really ran: the extension is there and indexes were checked.
+        assert_eq!(
+            db.scalar_i64("SELECT COUNT(*) FROM pg_extension WHERE extname = 'amcheck'")
+                .await
+                .unwrap(),
+            1
+        );
+    }
+    tdb.drop_db().await;
+}
+
+per_engine!(integrity_passes_on_a_healthy_database:
+    integrity_passes_on_a_healthy_database_sqlite => Engine::Sqlite,
+    integrity_passes_on_a_healthy_database_postgres => Engine::Postgres,
+    integrity_passes_on_a_healthy_database_mariadb => Engine::MySql);
+
+async fn integrity_fails_on_orphaned_sessions(engine: Engine) {
+    let tdb = seeded(engine, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    drop_session_foreign_keys(db).await;
+    // Delete a user (and their platforms) that still has sessions.
+    let min_user = match engine {
+        Engine::Postgres => {
+            "SELECT MIN(user_id)::bigint FROM user_sessions WHERE user_id IN (SELECT id FROM users)"
+        }
+        _ => "SELECT MIN(user_id) FROM user_sessions WHERE user_id IN (SELECT id FROM users)",
+    };
+    let user = db.scalar_i64(min_user).await.unwrap();
+    db.execute(&format!(
+        "DELETE FROM platform_connections WHERE user_id = {user}"
+    ))
+    .await
+    .unwrap();
+    db.execute(&format!("DELETE FROM users WHERE id = {user}"))
+        .await
+        .unwrap();
+    let orphans = db
+        .scalar_i64(
+            "SELECT COUNT(*) FROM user_sessions WHERE user_id NOT IN (SELECT id FROM users)",
+        )
+        .await
+        .unwrap();
+    assert!(orphans > 0);
+
+    let report = maintenance::integrity_check(db, false)
+        .await
+        .expect("integrity");
+    assert_eq!(
+        report.integrity_check,
+        CheckStatus::Passed,
+        "{:?}",
+        report.issues_found
+    );
+    assert_eq!(report.foreign_key_check, CheckStatus::Failed);
+    match engine {
+        Engine::Sqlite => assert!(
+            report.issues_found.iter().any(|i| i.starts_with("Foreign key violation: user_sessions row")),
+            "{:?}",
+            report.issues_found
+        ),
+        _ => assert!(
+            report.issues_found.contains(&format!(
+                "Foreign key violation: {orphans} sessions in user_sessions reference missing users (user_sessions.user_id → users.id)"
+            )),
+            "{:?}",
+            report.issues_found
+        ),
+    }
+    assert!(
+        report
+            .recommendations
+            .iter()
+            .any(|r| r.starts_with("Foreign key violations found"))
+    );
+    assert!(report.render_text().contains("Foreign Key Check: failed"));
+    tdb.drop_db().await;
+}
+
+per_engine!(integrity_fails_on_orphaned_sessions:
+    integrity_fails_on_orphaned_sessions_sqlite => Engine::Sqlite,
+    integrity_fails_on_orphaned_sessions_postgres => Engine::Postgres,
+    integrity_fails_on_orphaned_sessions_mariadb => Engine::MySql);
+
+/// Overwrites `len` bytes at `offset` of the file with garbage.
+fn scribble(path: &str, offset: u64, len: usize) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open db file");
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let garbage: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(151).wrapping_add(17))
+        .collect();
+    f.write_all(&garbage).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[tokio::test]
+async fn integrity_fails_on_a_corrupted_sqlite_file() {
+    let tdb = TestDb::new(Engine::Sqlite).await;
+    seed_demo(
+        &tdb.db,
+        &SeedParams {
+            sessions: 3000,
+            users: 150,
+            seed: 3,
+            schema: SchemaVersion::V2,
+            now: Utc::now().naive_utc(),
+            reset: false,
+        },
+    )
+    .await
+    .unwrap();
+    // Closing the last connection checkpoints the WAL into the main file.
+    tdb.db.close().await;
+    let path = tdb.url.trim_start_matches("sqlite://").to_string();
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(
+        size > 64 * 4096,
+        "file large enough to corrupt its middle ({size} bytes)"
+    );
+    // Garbage over several pages in the middle of the file (the header stays intact).
+    scribble(&path, size / 2 - (size / 2) % 4096, 8 * 4096);
+
+    for full in [false, true] {
+        let report = maintenance::integrity_check_url(&tdb.url, full)
+            .await
+            .expect("a report, not an error");
+        assert_eq!(report.integrity_check, CheckStatus::Failed, "{:?}", report);
+        assert!(
+            report
+                .issues_found
+                .iter()
+                .any(|i| i.starts_with("Integrity check failed: "))
+        );
+        assert!(
+            report.recommendations.contains(
+                &"Database corruption detected - consider backup and restore".to_string()
+            )
+        );
+        assert!(report.render_text().contains("Integrity Check: failed"));
+    }
+
+    // A file whose header is garbage cannot even be opened: still a failed report.
+    scribble(&path, 0, 4096);
+    let report = maintenance::integrity_check_url(&tdb.url, false)
+        .await
+        .expect("a report, not an error");
+    assert_eq!(report.integrity_check, CheckStatus::Failed);
+    assert!(
+        report.issues_found[0].starts_with("Integrity check failed: cannot open the database"),
+        "{:?}",
+        report.issues_found
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Fence
+
+async fn stale_fence_refuses_to_change_anything(engine: Engine) {
+    let tdb = seeded(engine, SchemaVersion::V1).await;
+    let db = &tdb.db;
+    let (stale_ctx, _) = ctx_with_fence(db).await;
+    // A newer holder takes the lease; the first holder's token is now stale.
+    let _newer = fence::issue_token(db, "target:test", "newer")
+        .await
+        .unwrap();
+    let before = catalog_index_names(db, "user_sessions").await;
+
+    let err = maintenance::create_indexes(&stale_ctx, false)
+        .await
+        .expect_err("fenced out");
+    assert!(err.is_fenced_out(), "{err}");
+    assert_eq!(catalog_index_names(db, "user_sessions").await, before);
+    assert!(!before.contains("ix_user_sessions_user_platform"));
+
+    for vacuum in [false, true] {
+        let err = maintenance::optimize(&stale_ctx, vacuum)
+            .await
+            .expect_err("fenced out");
+        assert!(err.is_fenced_out(), "{err}");
+    }
+    if engine == Engine::Sqlite {
+        // No ANALYZE happened: SQLite would have created sqlite_stat1.
+        assert_eq!(
+            db.scalar_i64("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sqlite_stat1'")
+                .await
+                .unwrap(),
+            0
+        );
+    }
+    tdb.drop_db().await;
+}
+
+per_engine!(stale_fence_refuses_to_change_anything:
+    stale_fence_refuses_to_change_anything_sqlite => Engine::Sqlite,
+    stale_fence_refuses_to_change_anything_postgres => Engine::Postgres,
+    stale_fence_refuses_to_change_anything_mariadb => Engine::MySql);
+
+// ---------------------------------------------------------------------------------------
+// Statistics and the dispatcher
+
+async fn stats_report_size_counts_and_pool(engine: Engine) {
+    let tdb = seeded(engine, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    let ctx = OpContext {
+        db: db.clone(),
+        fence: None,
+        cancel: CancellationToken::new(),
+    };
+    let params = MaintenanceParams {
+        action: MaintenanceAction::Stats,
+        dry_run: false,
+    };
+    let MaintenanceReport::Statistics(stats) = maintenance::run(&ctx, &params).await.unwrap()
+    else {
+        panic!("statistics expected");
+    };
+    assert!(
+        stats.database_size_bytes
+            >= stats.table_analysis.tables["user_sessions"]
+                .size_bytes
+                .unwrap_or(0)
+    );
+    assert!(stats.connection_pool.max_connections >= 1);
+    let text = MaintenanceReport::Statistics(stats.clone()).render_text();
+    assert!(
+        text.contains(&format!("Session Records: {SESSIONS}")),
+        "{text}"
+    );
+    // Reports travel through Redis as JSON.
+    let json = serde_json::to_string(&MaintenanceReport::Statistics(stats)).unwrap();
+    let back: MaintenanceReport = serde_json::from_str(&json).unwrap();
+    assert!(matches!(back, MaintenanceReport::Statistics(_)));
+
+    let refused = MaintenanceParams {
+        action: MaintenanceAction::Optimize { vacuum: true },
+        dry_run: true,
+    };
+    assert!(refused.validate().is_err());
+    tdb.drop_db().await;
+}
+
+per_engine!(stats_report_size_counts_and_pool:
+    stats_report_size_counts_and_pool_sqlite => Engine::Sqlite,
+    stats_report_size_counts_and_pool_postgres => Engine::Postgres,
+    stats_report_size_counts_and_pool_mariadb => Engine::MySql);
