@@ -15,7 +15,8 @@ pub const SQLITE_ANALYSIS_LIMIT: u32 = 1000;
 
 /// True when `deleted` rows out of `deleted + left` are a significant share of the table.
 pub fn worth_refreshing(deleted: u64, left: u64) -> bool {
-    deleted > 0 && deleted.saturating_mul(100) >= (deleted + left).saturating_mul(ANALYZE_AFTER_SHARE_PCT)
+    deleted > 0
+        && deleted.saturating_mul(100) >= (deleted + left).saturating_mul(ANALYZE_AFTER_SHARE_PCT)
 }
 
 /// Runs the engine's statistics refresh on `table` under the fence. Returns statements run.
@@ -24,7 +25,8 @@ pub async fn refresh_statistics(db: &Db, fence: &Fence, table: &str) -> Result<u
         // Both run inside a transaction, so the fence check and the statement are one unit.
         Engine::Sqlite | Engine::Postgres => {
             let mut tx = fence.begin(db).await?;
-            let limit = (db.engine() == Engine::Sqlite).then(|| format!("PRAGMA analysis_limit = {SQLITE_ANALYSIS_LIMIT}"));
+            let limit = (db.engine() == Engine::Sqlite)
+                .then(|| format!("PRAGMA analysis_limit = {SQLITE_ANALYSIS_LIMIT}"));
             let analyze = format!("ANALYZE {table}");
             let result: Result<(), sqlx::Error> = async {
                 crate::on_tx!(&mut tx, c => {
@@ -48,7 +50,9 @@ pub async fn refresh_statistics(db: &Db, fence: &Fence, table: &str) -> Result<u
         // session lock, with the fence checked just before.
         Engine::MySql => {
             let mut lock = SessionLock::acquire(db, fence).await?;
-            let result = lock.execute_checked(&format!("ANALYZE TABLE {table}")).await;
+            let result = lock
+                .execute_checked(&format!("ANALYZE TABLE {table}"))
+                .await;
             let _ = lock.release().await;
             result?;
         }

@@ -51,7 +51,11 @@ pub async fn select_candidates(
                 Cursor::Time(v) => Some(v),
                 _ => None,
             };
-            let bound_sql = if bound.is_some() { format!(" AND {col} >= ?") } else { String::new() };
+            let bound_sql = if bound.is_some() {
+                format!(" AND {col} >= ?")
+            } else {
+                String::new()
+            };
             let sql = db.sql(format!(
                 "SELECT {id_expr}, {col} FROM {t} WHERE ({}){bound_sql} ORDER BY {col} LIMIT {limit}",
                 pred.sql
@@ -69,14 +73,21 @@ pub async fn select_candidates(
                     .collect::<Result<Vec<_>, sqlx::Error>>()?
             });
             let next = rows.last().map(|(_, v)| Cursor::Time(*v)).unwrap_or(cursor);
-            Ok(Candidates { ids: rows.into_iter().map(|(i, _)| i).collect(), next })
+            Ok(Candidates {
+                ids: rows.into_iter().map(|(i, _)| i).collect(),
+                next,
+            })
         }
         Walk::PrimaryKey => {
             let after = match cursor {
                 Cursor::Id(v) => Some(v),
                 _ => None,
             };
-            let bound_sql = if after.is_some() { format!(" AND {id} > ?") } else { String::new() };
+            let bound_sql = if after.is_some() {
+                format!(" AND {id} > ?")
+            } else {
+                String::new()
+            };
             let sql = db.sql(format!(
                 "SELECT {id_expr} FROM {t} WHERE ({}){bound_sql} ORDER BY {id} LIMIT {limit}",
                 pred.sql
@@ -101,15 +112,27 @@ pub async fn select_candidates(
 pub struct BatchResult {
     /// Rows deleted.
     pub deleted: u64,
-    /// Time from opening the transaction to its commit.
+    /// Time the transaction was open: from BEGIN returning to the end of COMMIT.
     pub took: Duration,
 }
 
 /// Deletes `ids` that still match `rule`, in one transaction that first advances the fence.
 /// A session the application touched since the SELECT no longer matches and survives.
-pub async fn purge_batch(db: &Db, fence: &Fence, schema: &Schema, rule: &Rule, ids: &[i64]) -> Result<BatchResult, OpError> {
+pub async fn purge_batch(
+    db: &Db,
+    fence: &Fence,
+    schema: &Schema,
+    rule: &Rule,
+    ids: &[i64],
+) -> Result<BatchResult, OpError> {
+    // Timed from the moment the write transaction is open (on SQLite: the write lock is
+    // held), not while BEGIN waits for other writers: this is how long we block others.
+    let mut tx = db.begin_write().await?;
     let started = Instant::now();
-    let mut tx = fence.begin(db).await?;
+    if let Err(e) = fence.advance(&mut tx).await {
+        let _ = tx.rollback().await;
+        return Err(e.into());
+    }
     let deleted = match delete_matching(&mut tx, schema, &rule.predicate, ids).await {
         Ok(n) => n,
         Err(e) => {
@@ -118,10 +141,18 @@ pub async fn purge_batch(db: &Db, fence: &Fence, schema: &Schema, rule: &Rule, i
         }
     };
     tx.commit().await?;
-    Ok(BatchResult { deleted, took: started.elapsed() })
+    Ok(BatchResult {
+        deleted,
+        took: started.elapsed(),
+    })
 }
 
-async fn delete_matching(tx: &mut DbTx<'_>, schema: &Schema, pred: &Predicate, ids: &[i64]) -> Result<u64, sqlx::Error> {
+async fn delete_matching(
+    tx: &mut DbTx<'_>,
+    schema: &Schema,
+    pred: &Predicate,
+    ids: &[i64],
+) -> Result<u64, sqlx::Error> {
     let t = &schema.sessions.table;
     let marks = vec!["?"; ids.len()].join(", ");
     let sql = tx.sql(format!(
@@ -180,7 +211,12 @@ impl BatchSizer {
     pub fn new(start: u32, min: u32, max: u32, target: Duration) -> BatchSizer {
         let min = min.max(1).min(max.max(1));
         let max = max.max(min);
-        BatchSizer { size: start.clamp(min, max), min, max, target }
+        BatchSizer {
+            size: start.clamp(min, max),
+            min,
+            max,
+            target,
+        }
     }
 
     /// Rows to ask for in the next batch.
@@ -199,7 +235,9 @@ impl BatchSizer {
         let next = if took > target {
             fits.min(f64::from(self.size))
         } else if took < target * GROW_BELOW_SHARE && rows >= self.size {
-            (f64::from(self.size) * GROWTH_FACTOR).ceil().min(fits.max(f64::from(self.size)))
+            (f64::from(self.size) * GROWTH_FACTOR)
+                .ceil()
+                .min(fits.max(f64::from(self.size)))
         } else {
             f64::from(self.size)
         };
@@ -215,9 +253,17 @@ mod tests {
     fn sizer_shrinks_fast_and_grows_gently() {
         let mut s = BatchSizer::new(100, 1, 5000, Duration::from_millis(50));
         s.observe(100, Duration::from_millis(200));
-        assert_eq!(s.size(), 20, "four times over the target: aim at 80 % of what fits");
+        assert_eq!(
+            s.size(),
+            20,
+            "four times over the target: aim at 80 % of what fits"
+        );
         s.observe(20, Duration::from_millis(5));
-        assert_eq!(s.size(), 25, "well under: grow by a quarter, not to what fits");
+        assert_eq!(
+            s.size(),
+            25,
+            "well under: grow by a quarter, not to what fits"
+        );
         s.observe(25, Duration::from_millis(40));
         assert_eq!(s.size(), 25, "near the target: hold");
         for _ in 0..100 {

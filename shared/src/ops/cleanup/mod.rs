@@ -119,26 +119,39 @@ impl CleanupParams {
             return bad("batch size must be at least 1".into());
         }
         if self.max_batch_size == 0 || self.max_batch_size > MAX_BATCH_SIZE_LIMIT {
-            return bad(format!("max batch size must be from 1 to {MAX_BATCH_SIZE_LIMIT}, not {}", self.max_batch_size));
+            return bad(format!(
+                "max batch size must be from 1 to {MAX_BATCH_SIZE_LIMIT}, not {}",
+                self.max_batch_size
+            ));
         }
         if self.target_batch_ms == 0 {
             return bad("target batch duration must be at least 1 ms".into());
         }
         if self.max_age_secs == 0 {
-            return bad("max age must be at least 1 second (0 would make every session expired)".into());
+            return bad(
+                "max age must be at least 1 second (0 would make every session expired)".into(),
+            );
         }
         if self.interval_secs == 0 {
             return bad("cleanup interval must be at least 1 second".into());
         }
         match self.force_max_age_hours {
-            Some(0) => return bad("--max-age 0 would purge every session; give a positive number of hours".into()),
-            Some(_) if !self.force => return bad("--max-age only applies together with --force".into()),
+            Some(0) => {
+                return bad(
+                    "--max-age 0 would purge every session; give a positive number of hours".into(),
+                );
+            }
+            Some(_) if !self.force => {
+                return bad("--max-age only applies together with --force".into());
+            }
             _ => {}
         }
         if let Some(t) = self.as_of
             && t > Utc::now().naive_utc()
         {
-            return bad(format!("as_of {t} is in the future; it would purge live sessions"));
+            return bad(format!(
+                "as_of {t} is in the future; it would purge live sessions"
+            ));
         }
         Ok(())
     }
@@ -147,12 +160,18 @@ impl CleanupParams {
     fn reference_time(&self) -> NaiveDateTime {
         self.as_of.unwrap_or_else(|| {
             let now = Utc::now().naive_utc();
-            now - chrono::Duration::nanoseconds(i64::from(now.and_utc().timestamp_subsec_nanos() % 1000))
+            now - chrono::Duration::nanoseconds(i64::from(
+                now.and_utc().timestamp_subsec_nanos() % 1000,
+            ))
         })
     }
 
     fn cutoffs(&self) -> Cutoffs {
-        let idle = if self.force { self.force_max_age_hours } else { None };
+        let idle = if self.force {
+            self.force_max_age_hours
+        } else {
+            None
+        };
         Cutoffs::new(self.reference_time(), self.max_age_secs, idle)
     }
 }
@@ -204,7 +223,9 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                 let done = purge_batch(db, fence, &schema, rule, &found.ids).await?;
                 report.batches += 1;
                 report.rules.add(rule.kind, done.deleted);
-                report.longest_batch_ms = report.longest_batch_ms.max(done.took.as_secs_f64() * 1000.0);
+                report.longest_batch_ms = report
+                    .longest_batch_ms
+                    .max(done.took.as_secs_f64() * 1000.0);
                 sizer.observe(found.ids.len() as u32, done.took);
                 cursor = found.next;
                 fruitless = if done.deleted == 0 { fruitless + 1 } else { 0 };
@@ -232,7 +253,9 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                 match analyze::refresh_statistics(db, fence, &schema.sessions.table).await {
                     Ok(n) => report.database_optimizations += n,
                     Err(e) if e.is_fenced_out() => return Err(e),
-                    Err(e) => report.errors.push(format!("refreshing planner statistics failed: {e}")),
+                    Err(e) => report
+                        .errors
+                        .push(format!("refreshing planner statistics failed: {e}")),
                 }
             }
         }
@@ -281,7 +304,12 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
 
 /// Why the run should stop before the next batch, if it should. The budget only counts once
 /// a batch has run, so every part makes progress.
-fn stop_reason(ctx: &OpContext, budget: Option<Duration>, started: Instant, batches: u64) -> Option<Outcome> {
+fn stop_reason(
+    ctx: &OpContext,
+    budget: Option<Duration>,
+    started: Instant,
+    batches: u64,
+) -> Option<Outcome> {
     if ctx.cancel.is_cancelled() {
         return Some(Outcome::Cancelled);
     }
@@ -292,7 +320,11 @@ fn stop_reason(ctx: &OpContext, budget: Option<Duration>, started: Instant, batc
 }
 
 /// Rows each rule would delete in a sequential run: matching it and none of the rules before.
-async fn count_per_rule(db: &Db, schema: &Schema, rules: &[rules::Rule]) -> Result<RuleCounts, OpError> {
+async fn count_per_rule(
+    db: &Db,
+    schema: &Schema,
+    rules: &[rules::Rule],
+) -> Result<RuleCounts, OpError> {
     let mut counts = RuleCounts::default();
     for (i, rule) in rules.iter().enumerate() {
         let earlier: Vec<&Predicate> = rules[..i].iter().map(|r| &r.predicate).collect();
@@ -303,7 +335,11 @@ async fn count_per_rule(db: &Db, schema: &Schema, rules: &[rules::Rule]) -> Resu
 }
 
 /// Sessions pointing at a missing platform that no rule purges.
-async fn count_missing_platform_kept(db: &Db, schema: &Schema, all_rules: &[&Predicate]) -> Result<u64, OpError> {
+async fn count_missing_platform_kept(
+    db: &Db,
+    schema: &Schema,
+    all_rules: &[&Predicate],
+) -> Result<u64, OpError> {
     match rules::missing_platform(schema) {
         Some(missing) => Ok(count(db, schema, Some(&missing.and_none_of(all_rules))).await?),
         None => Ok(0),

@@ -172,9 +172,18 @@ impl CleanupReport {
             let _ = writeln!(out, "{k}: {v}");
         };
         line("timestamp", self.timestamp.to_rfc3339());
-        line("expired_sessions_cleaned", self.expired_sessions_cleaned.to_string());
-        line("orphaned_sessions_cleaned", self.orphaned_sessions_cleaned.to_string());
-        line("database_optimizations", self.database_optimizations.to_string());
+        line(
+            "expired_sessions_cleaned",
+            self.expired_sessions_cleaned.to_string(),
+        );
+        line(
+            "orphaned_sessions_cleaned",
+            self.orphaned_sessions_cleaned.to_string(),
+        );
+        line(
+            "database_optimizations",
+            self.database_optimizations.to_string(),
+        );
         line("errors", format!("{:?}", self.errors));
         line("duration_seconds", format!("{:.3}", self.duration_seconds));
         if let Some(f) = self.forced_cleanup {
@@ -194,7 +203,10 @@ impl CleanupReport {
         line("remaining", self.remaining.to_string());
         line("as_of", self.as_of.to_string());
         line("dry_run", self.dry_run.to_string());
-        line("missing_platform_sessions", self.missing_platform_sessions.to_string());
+        line(
+            "missing_platform_sessions",
+            self.missing_platform_sessions.to_string(),
+        );
         for note in &self.notes {
             line("note", note.clone());
         }
@@ -262,13 +274,19 @@ impl CleanupStats {
         line("total_sessions", self.total_sessions.to_string());
         line("recent_sessions_24h", self.recent_sessions_24h.to_string());
         line("old_sessions_48h", self.old_sessions_48h.to_string());
-        line("very_old_sessions_week", self.very_old_sessions_week.to_string());
+        line(
+            "very_old_sessions_week",
+            self.very_old_sessions_week.to_string(),
+        );
         line("expired_sessions", self.expired_sessions.to_string());
         line("expired", self.rules.expired.to_string());
         line("inactive_stale", self.rules.inactive_stale.to_string());
         line("idle", self.rules.idle.to_string());
         line("orphaned_sessions", self.orphaned_sessions.to_string());
-        line("missing_platform_sessions", self.missing_platform_sessions.to_string());
+        line(
+            "missing_platform_sessions",
+            self.missing_platform_sessions.to_string(),
+        );
         line("cleanup_interval", self.cleanup_interval.to_string());
         line("batch_size", self.batch_size.to_string());
         line("max_session_age", self.max_session_age.to_string());
@@ -288,7 +306,9 @@ mod tests {
 
     #[test]
     fn merge_adds_counts_and_keeps_the_latest_outcome() {
-        let as_of = chrono::DateTime::from_timestamp(1_750_000_000, 0).map(|d| d.naive_utc()).unwrap_or_default();
+        let as_of = chrono::DateTime::from_timestamp(1_750_000_000, 0)
+            .map(|d| d.naive_utc())
+            .unwrap_or_default();
         let mut first = CleanupReport::new(as_of, false);
         first.rules.expired = 10;
         first.batches = 2;

@@ -57,7 +57,11 @@ impl Predicate {
         if preds.is_empty() {
             return None;
         }
-        let sql = preds.iter().map(|p| format!("({})", p.sql)).collect::<Vec<_>>().join(" OR ");
+        let sql = preds
+            .iter()
+            .map(|p| format!("({})", p.sql))
+            .collect::<Vec<_>>()
+            .join(" OR ");
         let binds = preds.iter().flat_map(|p| p.binds.iter().copied()).collect();
         Some(Predicate { sql, binds })
     }
@@ -157,7 +161,10 @@ pub fn build(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<String>) {
     match &schema.users {
         Some(users) => {
             let u = &users.table;
-            let missing = format!("NOT EXISTS (SELECT 1 FROM {u} u WHERE u.{} = {t}.{})", users.id, s.user_id);
+            let missing = format!(
+                "NOT EXISTS (SELECT 1 FROM {u} u WHERE u.{} = {t}.{})",
+                users.id, s.user_id
+            );
             let sql = match &users.is_active {
                 Some(flag) => format!(
                     "{missing} OR EXISTS (SELECT 1 FROM {u} u WHERE u.{} = {t}.{} AND u.{flag} = FALSE)",
