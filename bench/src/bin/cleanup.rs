@@ -1,0 +1,315 @@
+//! Cleanup benchmark: our batched, fenced cleanup versus one plain `DELETE` on identical data,
+//! each while an application loop reads and updates live sessions at a fixed rate.
+//!
+//! The parent seeds two identical databases, then runs each side in a child process (this
+//! binary with `--side`), so each side's peak RSS (VmHWM) is its own. Results go to stdout as
+//! a Markdown table; see `bench/results/cleanup.md`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use chrono::{NaiveDateTime, Utc};
+use clap::Parser;
+use rand::Rng;
+use serde_json::json;
+use sessionfleet::CancellationToken;
+use sessionfleet::fence;
+use sessionfleet::ops::OpContext;
+use sessionfleet::ops::cleanup::{self, CleanupParams};
+use sessionfleet::seed::{SeedParams, seed_demo};
+use sessionfleet::store::{ConnectOptions, Db, Engine, SchemaVersion};
+use sessionfleet::testing::TestDb;
+
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// sqlite, postgres or mysql.
+    #[arg(long, default_value = "sqlite")]
+    engine: String,
+    /// Sessions to seed (about 60 % expired).
+    #[arg(long, default_value_t = 1_000_000)]
+    sessions: u64,
+    /// Application operations per second (each: read one live session, update its activity).
+    #[arg(long, default_value_t = 200)]
+    app_rate: u32,
+    /// Seconds of application load measured before the cleanup starts.
+    #[arg(long, default_value_t = 5)]
+    idle_secs: u64,
+    /// Cleanup target transaction duration, ms.
+    #[arg(long, default_value_t = cleanup::DEFAULT_TARGET_BATCH_MS)]
+    target_batch_ms: u64,
+    /// Internal: run one side (`ours` or `plain`) against `--url` and print JSON.
+    #[arg(long)]
+    side: Option<String>,
+    /// Internal: database URL for `--side`.
+    #[arg(long)]
+    url: Option<String>,
+    /// Internal: the seed's reference time (RFC 3339 naive) for `--side`.
+    #[arg(long)]
+    as_of: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    match args.side.clone() {
+        Some(side) => child(&args, &side).await,
+        None => parent(&args).await,
+    }
+}
+
+fn engine_of(name: &str) -> Result<Engine> {
+    Ok(match name {
+        "sqlite" => Engine::Sqlite,
+        "postgres" | "postgresql" => Engine::Postgres,
+        "mysql" | "mariadb" => Engine::MySql,
+        other => bail!("unknown engine {other}"),
+    })
+}
+
+async fn parent(args: &Args) -> Result<()> {
+    let engine = engine_of(&args.engine)?;
+    let now = Utc::now().naive_utc();
+    let now =
+        now - chrono::Duration::nanoseconds(i64::from(now.and_utc().timestamp_subsec_nanos()));
+    let mut results = Vec::new();
+    for side in ["ours", "plain"] {
+        let tdb = TestDb::new(engine).await;
+        let seed = SeedParams {
+            sessions: args.sessions,
+            users: SeedParams::default_users(args.sessions),
+            seed: 7,
+            schema: SchemaVersion::V2,
+            now,
+            reset: false,
+        };
+        let t = Instant::now();
+        let rep = seed_demo(&tdb.db, &seed).await?;
+        eprintln!(
+            "{side}: seeded {} sessions in {:.1}s",
+            rep.sessions,
+            t.elapsed().as_secs_f64()
+        );
+        if engine != Engine::Sqlite {
+            tdb.db.execute("ANALYZE user_sessions").await.ok();
+        }
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .args(["--engine", &args.engine, "--side", side, "--url", &tdb.url])
+            .args([
+                "--app-rate",
+                &args.app_rate.to_string(),
+                "--idle-secs",
+                &args.idle_secs.to_string(),
+            ])
+            .args(["--target-batch-ms", &args.target_batch_ms.to_string()])
+            .args(["--as-of", &now.format("%Y-%m-%dT%H:%M:%S").to_string()])
+            .output()?;
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            bail!("{side} side failed");
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("child output")?;
+        results.push(v);
+        tdb.drop_db().await;
+    }
+    println!("{}", serde_json::to_string_pretty(&results)?);
+    println!();
+    println!(
+        "| side | rows deleted | seconds | rows/s | longest tx ms | batches | peak RSS MiB | app p50 idle/during ms | app p99 idle/during ms | app max idle/during ms | app errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for v in &results {
+        println!(
+            "| {} | {} | {:.2} | {:.0} | {:.1} | {} | {:.1} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} | {} |",
+            v["side"].as_str().unwrap_or("?"),
+            v["deleted"],
+            v["seconds"].as_f64().unwrap_or(0.0),
+            v["rows_per_second"].as_f64().unwrap_or(0.0),
+            v["longest_tx_ms"].as_f64().unwrap_or(0.0),
+            v["batches"],
+            v["peak_rss_mib"].as_f64().unwrap_or(0.0),
+            v["idle"]["p50"].as_f64().unwrap_or(0.0),
+            v["during"]["p50"].as_f64().unwrap_or(0.0),
+            v["idle"]["p99"].as_f64().unwrap_or(0.0),
+            v["during"]["p99"].as_f64().unwrap_or(0.0),
+            v["idle"]["max"].as_f64().unwrap_or(0.0),
+            v["during"]["max"].as_f64().unwrap_or(0.0),
+            v["app_errors"],
+        );
+    }
+    Ok(())
+}
+
+/// The application's load: at a fixed rate, read one live session and touch its activity.
+/// Each operation is its own task, timed from its scheduled start, so a stalled database shows
+/// up as latency instead of silently lowering the rate.
+struct AppLoop {
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<(Vec<(Instant, f64)>, u64)>,
+}
+
+fn start_app(db: Db, live: Vec<i64>, rate: u32) -> AppLoop {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let handle = tokio::spawn(async move {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Result<f64, String>)>();
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        while !s.is_cancelled() {
+            let at = tick.tick().await.into_std();
+            let id = live[rand::rng().random_range(0..live.len())];
+            let (db, tx) = (db.clone(), tx.clone());
+            tokio::spawn(async move {
+                let r = app_op(&db, id)
+                    .await
+                    .map(|_| at.elapsed().as_secs_f64() * 1000.0)
+                    .map_err(|e| e.to_string());
+                let _ = tx.send((at, r));
+            });
+        }
+        drop(tx);
+        let mut lat = Vec::new();
+        let mut errors = 0;
+        while let Some((at, r)) = rx.recv().await {
+            match r {
+                Ok(ms) => lat.push((at, ms)),
+                Err(e) => {
+                    if errors < 3 {
+                        eprintln!("app error: {e}");
+                    }
+                    errors += 1
+                }
+            }
+        }
+        (lat, errors)
+    });
+    AppLoop { stop, handle }
+}
+
+async fn app_op(db: &Db, id: i64) -> Result<(), sqlx::Error> {
+    let now = Utc::now().naive_utc();
+    let read = db.sql("SELECT session_id, user_id, expires_at FROM user_sessions WHERE id = ?");
+    let write = db.sql("UPDATE user_sessions SET last_activity = ?, updated_at = ? WHERE id = ?");
+    sessionfleet::on_pool!(db, p => {
+        sqlx::query(read).bind(id).fetch_optional(p).await?;
+        sqlx::query(write).bind(now).bind(now).bind(id).execute(p).await?;
+    });
+    Ok(())
+}
+
+fn summary(mut v: Vec<f64>) -> serde_json::Value {
+    if v.is_empty() {
+        return json!({"n": 0});
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+    json!({"n": v.len(), "p50": q(0.5), "p99": q(0.99), "max": v[v.len() - 1]})
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_string)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+async fn child(args: &Args, side: &str) -> Result<()> {
+    let url = args.url.clone().context("--url")?;
+    let as_of: NaiveDateTime = NaiveDateTime::parse_from_str(
+        args.as_of.as_deref().context("--as-of")?,
+        "%Y-%m-%dT%H:%M:%S",
+    )?;
+    let db = Db::connect(&url, &ConnectOptions::default()).await?;
+    let app_db = Db::connect(
+        &url,
+        &ConnectOptions {
+            max_connections: 8,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let live: Vec<i64> = {
+        let sql = db.sql(match db.engine() {
+            Engine::Postgres => "SELECT CAST(id AS BIGINT) FROM user_sessions WHERE expires_at > ? AND is_active = TRUE LIMIT 5000",
+            Engine::MySql => "SELECT CAST(id AS SIGNED) FROM user_sessions WHERE expires_at > ? AND is_active = TRUE LIMIT 5000",
+            Engine::Sqlite => "SELECT id FROM user_sessions WHERE expires_at > ? AND is_active = TRUE LIMIT 5000",
+        });
+        sessionfleet::on_pool!(db, p => sqlx::query_scalar::<_, i64>(sql).bind(as_of).fetch_all(p).await?)
+    };
+    let total_before = db.scalar_i64("SELECT COUNT(*) FROM user_sessions").await?;
+    let app = start_app(app_db, live, args.app_rate);
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let cleanup_start = Instant::now();
+    let (deleted, longest_ms, batches) = match side {
+        "ours" => {
+            let fence = fence::issue_token(&db, "target:bench", "bench").await?;
+            let ctx = OpContext {
+                db: db.clone(),
+                fence: Some(fence),
+                cancel: CancellationToken::new(),
+            };
+            let params = CleanupParams {
+                as_of: Some(as_of),
+                target_batch_ms: args.target_batch_ms,
+                ..Default::default()
+            };
+            let r = cleanup::run(&ctx, &params).await?;
+            eprintln!("{}", r.render_text());
+            (r.total_cleaned(), r.longest_batch_ms, r.batches)
+        }
+        "plain" => {
+            // The same rows as our rules, in one statement.
+            let sql = db.sql(
+                "DELETE FROM user_sessions WHERE expires_at < ? OR (is_active = FALSE AND last_activity < ?) \
+                 OR NOT EXISTS (SELECT 1 FROM users u WHERE u.id = user_sessions.user_id) \
+                 OR EXISTS (SELECT 1 FROM users u WHERE u.id = user_sessions.user_id AND u.is_active = FALSE)",
+            );
+            let cutoff = as_of - chrono::Duration::seconds(cleanup::DEFAULT_MAX_AGE_SECS as i64);
+            let t = Instant::now();
+            let n = sessionfleet::on_pool!(db, p => sqlx::query(sql).bind(as_of).bind(cutoff).execute(p).await?.rows_affected());
+            (n, t.elapsed().as_secs_f64() * 1000.0, 1)
+        }
+        other => bail!("unknown side {other}"),
+    };
+    let cleanup_end = Instant::now();
+    let seconds = (cleanup_end - cleanup_start).as_secs_f64();
+    // Let in-flight operations scheduled during the cleanup finish.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.stop.cancel();
+    let (lat, app_errors) = app.handle.await?;
+    let idle: Vec<f64> = lat
+        .iter()
+        .filter(|(at, _)| *at < cleanup_start)
+        .map(|(_, ms)| *ms)
+        .collect();
+    let during: Vec<f64> = lat
+        .iter()
+        .filter(|(at, _)| *at >= cleanup_start && *at < cleanup_end)
+        .map(|(_, ms)| *ms)
+        .collect();
+    let out = json!({
+        "side": side,
+        "engine": db.engine().name(),
+        "sessions_before": total_before,
+        "deleted": deleted,
+        "seconds": seconds,
+        "rows_per_second": deleted as f64 / seconds,
+        "longest_tx_ms": longest_ms,
+        "batches": batches,
+        "peak_rss_mib": peak_rss_mib(),
+        "idle": summary(idle),
+        "during": summary(during),
+        "app_errors": app_errors,
+    });
+    println!("{out}");
+    Ok(())
+}

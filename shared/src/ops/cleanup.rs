@@ -1,1 +1,0 @@
-//! Placeholder: the cleanup operation lands in its own issue.

@@ -1,0 +1,61 @@
+//! Refreshing the planner's statistics after a large purge — what the original's "optimize"
+//! step meant to do (`ANALYZE user_sessions`; its `PRAGMA incremental_vacuum` was a no-op
+//! without `auto_vacuum=INCREMENTAL` and is not repeated).
+
+use crate::fence::{Fence, SessionLock};
+use crate::ops::OpError;
+use crate::store::{Db, Engine};
+
+/// Refresh statistics once a run removed at least this share of the table (percent).
+pub const ANALYZE_AFTER_SHARE_PCT: u64 = 10;
+
+/// SQLite's `analysis_limit`: rows sampled per index, so `ANALYZE` holds the write lock for
+/// milliseconds instead of scanning a large table.
+pub const SQLITE_ANALYSIS_LIMIT: u32 = 1000;
+
+/// True when `deleted` rows out of `deleted + left` are a significant share of the table.
+pub fn worth_refreshing(deleted: u64, left: u64) -> bool {
+    deleted > 0
+        && deleted.saturating_mul(100) >= (deleted + left).saturating_mul(ANALYZE_AFTER_SHARE_PCT)
+}
+
+/// Runs the engine's statistics refresh on `table` under the fence. Returns statements run.
+pub async fn refresh_statistics(db: &Db, fence: &Fence, table: &str) -> Result<u64, OpError> {
+    match db.engine() {
+        // Both run inside a transaction, so the fence check and the statement are one unit.
+        Engine::Sqlite | Engine::Postgres => {
+            let mut tx = fence.begin(db).await?;
+            let limit = (db.engine() == Engine::Sqlite)
+                .then(|| format!("PRAGMA analysis_limit = {SQLITE_ANALYSIS_LIMIT}"));
+            let analyze = format!("ANALYZE {table}");
+            let result: Result<(), sqlx::Error> = async {
+                crate::on_tx!(&mut tx, c => {
+                    if let Some(l) = limit {
+                        sqlx::query(sqlx::AssertSqlSafe(l)).execute(&mut *c).await?;
+                    }
+                    sqlx::query(sqlx::AssertSqlSafe(analyze)).execute(&mut *c).await?;
+                });
+                Ok(())
+            }
+            .await;
+            match result {
+                Ok(()) => tx.commit().await?,
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    return Err(e.into());
+                }
+            }
+        }
+        // ANALYZE TABLE commits implicitly: run it on a pinned connection holding the
+        // session lock, with the fence checked just before.
+        Engine::MySql => {
+            let mut lock = SessionLock::acquire(db, fence).await?;
+            let result = lock
+                .execute_checked(&format!("ANALYZE TABLE {table}"))
+                .await;
+            let _ = lock.release().await;
+            result?;
+        }
+    }
+    Ok(1)
+}

@@ -1,0 +1,276 @@
+//! One batch: find up to N candidate ids along an index, then delete them in a short fenced
+//! transaction that re-checks the rule. Plus the batch-size controller and the counting query.
+
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDateTime;
+use sqlx::Row;
+
+use super::rules::{Predicate, Rule, Walk, id_as_i64};
+use crate::fence::Fence;
+use crate::ops::OpError;
+use crate::store::{Db, DbTx, Schema};
+
+/// Where the walk of one rule stands: the next batch starts at (or after) this point.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Cursor {
+    /// Nothing read yet.
+    Start,
+    /// Walking a time column: the next batch reads values `>=` this one. Inclusive, because
+    /// rows sharing the last value may have been left out by the LIMIT; those already deleted
+    /// are gone, so nothing is read twice.
+    Time(NaiveDateTime),
+    /// Walking the primary key: the next batch reads ids `>` this one.
+    Id(i64),
+}
+
+/// Candidate ids of one batch and the cursor after them.
+pub struct Candidates {
+    /// Ids, in walk order.
+    pub ids: Vec<i64>,
+    /// Where the next batch starts.
+    pub next: Cursor,
+}
+
+/// Reads up to `limit` ids matching `rule` from `cursor` on, outside any transaction: a plain
+/// read takes no write lock, and the DELETE re-checks the rule anyway.
+pub async fn select_candidates(
+    db: &Db,
+    schema: &Schema,
+    rule: &Rule,
+    cursor: Cursor,
+    limit: u32,
+) -> Result<Candidates, sqlx::Error> {
+    let t = &schema.sessions.table;
+    let id = format!("{t}.{}", schema.sessions.id);
+    let id_expr = id_as_i64(db.engine(), &id);
+    let pred = &rule.predicate;
+    match &rule.walk {
+        Walk::Column(col) => {
+            let bound = match cursor {
+                Cursor::Time(v) => Some(v),
+                _ => None,
+            };
+            let bound_sql = if bound.is_some() {
+                format!(" AND {col} >= ?")
+            } else {
+                String::new()
+            };
+            let sql = db.sql(format!(
+                "SELECT {id_expr}, {col} FROM {t} WHERE ({}){bound_sql} ORDER BY {col} LIMIT {limit}",
+                pred.sql
+            ));
+            let rows: Vec<(i64, NaiveDateTime)> = crate::on_pool!(db, p => {
+                let mut q = sqlx::query(sql);
+                for b in &pred.binds {
+                    q = q.bind(*b);
+                }
+                if let Some(v) = bound {
+                    q = q.bind(v);
+                }
+                q.fetch_all(p).await?.iter()
+                    .map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<NaiveDateTime, _>(1)?)))
+                    .collect::<Result<Vec<_>, sqlx::Error>>()?
+            });
+            let next = rows.last().map(|(_, v)| Cursor::Time(*v)).unwrap_or(cursor);
+            Ok(Candidates {
+                ids: rows.into_iter().map(|(i, _)| i).collect(),
+                next,
+            })
+        }
+        Walk::PrimaryKey => {
+            let after = match cursor {
+                Cursor::Id(v) => Some(v),
+                _ => None,
+            };
+            let bound_sql = if after.is_some() {
+                format!(" AND {id} > ?")
+            } else {
+                String::new()
+            };
+            let sql = db.sql(format!(
+                "SELECT {id_expr} FROM {t} WHERE ({}){bound_sql} ORDER BY {id} LIMIT {limit}",
+                pred.sql
+            ));
+            let ids: Vec<i64> = crate::on_pool!(db, p => {
+                let mut q = sqlx::query_scalar::<_, i64>(sql);
+                for b in &pred.binds {
+                    q = q.bind(*b);
+                }
+                if let Some(v) = after {
+                    q = q.bind(v);
+                }
+                q.fetch_all(p).await?
+            });
+            let next = ids.last().map(|v| Cursor::Id(*v)).unwrap_or(cursor);
+            Ok(Candidates { ids, next })
+        }
+    }
+}
+
+/// What one committed batch did.
+pub struct BatchResult {
+    /// Rows deleted.
+    pub deleted: u64,
+    /// Time the transaction was open: from BEGIN returning to the end of COMMIT.
+    pub took: Duration,
+}
+
+/// Deletes `ids` that still match `rule`, in one transaction that first advances the fence.
+/// A session the application touched since the SELECT no longer matches and survives.
+pub async fn purge_batch(
+    db: &Db,
+    fence: &Fence,
+    schema: &Schema,
+    rule: &Rule,
+    ids: &[i64],
+) -> Result<BatchResult, OpError> {
+    // Timed from the moment the write transaction is open (on SQLite: the write lock is
+    // held), not while BEGIN waits for other writers: this is how long we block others.
+    let mut tx = db.begin_write().await?;
+    let started = Instant::now();
+    if let Err(e) = fence.advance(&mut tx).await {
+        let _ = tx.rollback().await;
+        return Err(e.into());
+    }
+    let deleted = match delete_matching(&mut tx, schema, &rule.predicate, ids).await {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return Err(e.into());
+        }
+    };
+    tx.commit().await?;
+    Ok(BatchResult {
+        deleted,
+        took: started.elapsed(),
+    })
+}
+
+async fn delete_matching(
+    tx: &mut DbTx<'_>,
+    schema: &Schema,
+    pred: &Predicate,
+    ids: &[i64],
+) -> Result<u64, sqlx::Error> {
+    let t = &schema.sessions.table;
+    let marks = vec!["?"; ids.len()].join(", ");
+    let sql = tx.sql(format!(
+        "DELETE FROM {t} WHERE {t}.{} IN ({marks}) AND ({})",
+        schema.sessions.id, pred.sql
+    ));
+    crate::on_tx!(tx, c => {
+        let mut q = sqlx::query(sql);
+        for id in ids {
+            q = q.bind(*id);
+        }
+        for b in &pred.binds {
+            q = q.bind(*b);
+        }
+        Ok(q.execute(&mut *c).await?.rows_affected())
+    })
+}
+
+/// Counts the session rows matching `pred` (all rows when `None`).
+pub async fn count(db: &Db, schema: &Schema, pred: Option<&Predicate>) -> Result<u64, sqlx::Error> {
+    let t = &schema.sessions.table;
+    let (where_sql, binds) = match pred {
+        Some(p) => (format!(" WHERE {}", p.sql), p.binds.as_slice()),
+        None => (String::new(), &[][..]),
+    };
+    let sql = db.sql(format!("SELECT COUNT(*) FROM {t}{where_sql}"));
+    let n: i64 = crate::on_pool!(db, p => {
+        let mut q = sqlx::query_scalar::<_, i64>(sql);
+        for b in binds {
+            q = q.bind(*b);
+        }
+        q.fetch_one(p).await?
+    });
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Adapts the batch size so each transaction stays under the target duration: shrink at once
+/// to what the last batch's per-row cost says fits, grow gently while well under.
+#[derive(Debug, Clone)]
+pub struct BatchSizer {
+    size: u32,
+    min: u32,
+    max: u32,
+    target: Duration,
+}
+
+/// Aim below the target, so normal jitter does not cross it.
+const AIM_SHARE: f64 = 0.8;
+/// Grow only while a full batch took less than this share of the target.
+const GROW_BELOW_SHARE: f64 = 0.5;
+/// Largest growth step per batch (25 %).
+const GROWTH_FACTOR: f64 = 1.25;
+
+impl BatchSizer {
+    /// A controller starting at `start`, kept within `min..=max`.
+    pub fn new(start: u32, min: u32, max: u32, target: Duration) -> BatchSizer {
+        let min = min.max(1).min(max.max(1));
+        let max = max.max(min);
+        BatchSizer {
+            size: start.clamp(min, max),
+            min,
+            max,
+            target,
+        }
+    }
+
+    /// Rows to ask for in the next batch.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// Feeds back how long a batch of `rows` rows took.
+    pub fn observe(&mut self, rows: u32, took: Duration) {
+        if rows == 0 {
+            return;
+        }
+        let target = self.target.as_secs_f64();
+        let took = took.as_secs_f64().max(1e-6);
+        let fits = (f64::from(rows) * target * AIM_SHARE / took).floor();
+        let next = if took > target {
+            fits.min(f64::from(self.size))
+        } else if took < target * GROW_BELOW_SHARE && rows >= self.size {
+            (f64::from(self.size) * GROWTH_FACTOR)
+                .ceil()
+                .min(fits.max(f64::from(self.size)))
+        } else {
+            f64::from(self.size)
+        };
+        self.size = (next as u32).clamp(self.min, self.max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizer_shrinks_fast_and_grows_gently() {
+        let mut s = BatchSizer::new(100, 1, 5000, Duration::from_millis(50));
+        s.observe(100, Duration::from_millis(200));
+        assert_eq!(
+            s.size(),
+            20,
+            "four times over the target: aim at 80 % of what fits"
+        );
+        s.observe(20, Duration::from_millis(5));
+        assert_eq!(
+            s.size(),
+            25,
+            "well under: grow by a quarter, not to what fits"
+        );
+        s.observe(25, Duration::from_millis(40));
+        assert_eq!(s.size(), 25, "near the target: hold");
+        for _ in 0..100 {
+            s.observe(s.size(), Duration::from_micros(10));
+        }
+        assert_eq!(s.size(), 5000, "bounded above");
+        s.observe(5000, Duration::from_secs(10_000));
+        assert_eq!(s.size(), 1, "bounded below");
+    }
+}

@@ -1,0 +1,347 @@
+//! The cleanup operation: purge expired and orphaned sessions in short fenced batches.
+//!
+//! Reference: `spec/session-maintenance-utilities.md` §1 and `reference/vedfolnir-behaviour.md`
+//! §1.5 and §2.1. What a session must be to go ([`rules`]):
+//! - **expired**, v1: last activity (`updated_at`) NULL or older than the max age
+//!   (`SESSION_MAX_AGE`, which the original ignored in favour of a hard-coded 48 h);
+//! - **expired**, v2: `expires_at` before the reference time; and rows the application
+//!   already marked `is_active = false` once their last activity is older than the max age;
+//! - **idle** (`force` with `--max-age H`): last activity older than H hours;
+//! - **orphaned**: the user row is missing or deactivated (`users.is_active` false; NULL does
+//!   not count);
+//! - sessions whose platform id points at a missing platform are only **reported**.
+//!
+//! How ([`run`]): the cutoffs are computed once from `as_of`. For each rule, a plain read
+//! finds up to N ids along an index; one transaction then advances the fence and deletes
+//! those ids *that still match the rule*, and commits. N adapts so each transaction stays
+//! under the target duration. Cancellation and the time budget are checked between batches;
+//! whatever was committed is counted, and `remaining` says what is left for a continuation.
+
+mod analyze;
+mod batch;
+mod report;
+pub mod rules;
+
+use std::time::{Duration, Instant};
+
+use chrono::{NaiveDateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use analyze::{ANALYZE_AFTER_SHARE_PCT, SQLITE_ANALYSIS_LIMIT};
+pub use batch::BatchSizer;
+pub use report::{CleanupReport, CleanupStats, RuleCounts};
+pub use rules::RuleKind;
+
+use batch::{Cursor, count, purge_batch, select_candidates};
+use rules::{Cutoffs, Predicate};
+
+use super::{OpContext, OpError, Outcome};
+use crate::store::{Db, Schema, schema};
+
+/// Default starting batch size (`SESSION_CLEANUP_BATCH_SIZE`).
+pub const DEFAULT_BATCH_SIZE: u32 = 100;
+/// Default upper bound of the adaptive batch size.
+pub const DEFAULT_MAX_BATCH_SIZE: u32 = 5_000;
+/// Highest accepted `max_batch_size`: one DELETE binds every id, and engines cap the number of
+/// placeholders per statement (65,535 on PostgreSQL and MySQL).
+pub const MAX_BATCH_SIZE_LIMIT: u32 = 20_000;
+/// Smallest batch the controller shrinks to.
+pub const MIN_BATCH_SIZE: u32 = 10;
+/// Default target duration of one delete transaction, ms (`SESSION_CLEANUP_TARGET_BATCH_MS`).
+pub const DEFAULT_TARGET_BATCH_MS: u64 = 50;
+/// Default max age, seconds (`SESSION_MAX_AGE`, 48 h).
+pub const DEFAULT_MAX_AGE_SECS: u64 = 172_800;
+/// Default interval between scheduled cleanups, seconds (`SESSION_CLEANUP_INTERVAL`).
+pub const DEFAULT_INTERVAL_SECS: u64 = 3_600;
+/// Consecutive batches that find candidates but delete none before a rule is given up
+/// (rows changing under us faster than we can purge them; a safety net against looping).
+const MAX_FRUITLESS_BATCHES: u32 = 3;
+
+/// Parameters of [`run`] and [`stats`]. Travels through Redis as part of a job payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CleanupParams {
+    /// Rows in the first batch; the size then adapts to `target_batch_ms`. Default
+    /// [`DEFAULT_BATCH_SIZE`]. Values above `max_batch_size` start at `max_batch_size`.
+    pub batch_size: u32,
+    /// Upper bound of the adaptive batch size, rows. Default [`DEFAULT_MAX_BATCH_SIZE`], at
+    /// most [`MAX_BATCH_SIZE_LIMIT`].
+    pub max_batch_size: u32,
+    /// Duration each delete transaction aims to stay under, ms. Default
+    /// [`DEFAULT_TARGET_BATCH_MS`].
+    pub target_batch_ms: u64,
+    /// Idle seconds after which a session counts as expired (v1) or a session marked inactive
+    /// is purged (v2). Default [`DEFAULT_MAX_AGE_SECS`].
+    pub max_age_secs: u64,
+    /// The original's `--force`. With `force_max_age_hours` it adds the idle rule; alone it
+    /// only marks the report (`forced_cleanup`).
+    pub force: bool,
+    /// `--max-age H` (with `force`): also purge sessions idle for more than H hours. `None`:
+    /// no idle rule. 0 is refused (it would purge every session).
+    pub force_max_age_hours: Option<u32>,
+    /// Count what would be deleted, per rule, and delete nothing. Needs no fence.
+    pub dry_run: bool,
+    /// Time budget, seconds: stop at the first batch boundary after it is spent, with outcome
+    /// `budget_spent` and `remaining` set. Checked after each batch, so every part makes
+    /// progress (0 = exactly one batch). `None`: no budget.
+    pub budget_secs: Option<u64>,
+    /// Reference time of every cutoff (UTC). `None`: now, at the start. A continuation passes
+    /// the first part's `as_of`, so one logical run uses one set of cutoffs. A time in the
+    /// future is refused: it would purge sessions that are still live.
+    pub as_of: Option<NaiveDateTime>,
+    /// Seconds between scheduled cleanups; reported by [`stats`] only. Default
+    /// [`DEFAULT_INTERVAL_SECS`].
+    pub interval_secs: u64,
+}
+
+impl Default for CleanupParams {
+    fn default() -> Self {
+        CleanupParams {
+            batch_size: DEFAULT_BATCH_SIZE,
+            max_batch_size: DEFAULT_MAX_BATCH_SIZE,
+            target_batch_ms: DEFAULT_TARGET_BATCH_MS,
+            max_age_secs: DEFAULT_MAX_AGE_SECS,
+            force: false,
+            force_max_age_hours: None,
+            dry_run: false,
+            budget_secs: None,
+            as_of: None,
+            interval_secs: DEFAULT_INTERVAL_SECS,
+        }
+    }
+}
+
+impl CleanupParams {
+    /// Refuses impossible or dangerous values with a one-line message.
+    pub fn validate(&self) -> Result<(), OpError> {
+        let bad = |m: String| Err(OpError::Invalid(m));
+        if self.batch_size == 0 {
+            return bad("batch size must be at least 1".into());
+        }
+        if self.max_batch_size == 0 || self.max_batch_size > MAX_BATCH_SIZE_LIMIT {
+            return bad(format!(
+                "max batch size must be from 1 to {MAX_BATCH_SIZE_LIMIT}, not {}",
+                self.max_batch_size
+            ));
+        }
+        if self.target_batch_ms == 0 {
+            return bad("target batch duration must be at least 1 ms".into());
+        }
+        if self.max_age_secs == 0 {
+            return bad(
+                "max age must be at least 1 second (0 would make every session expired)".into(),
+            );
+        }
+        if self.interval_secs == 0 {
+            return bad("cleanup interval must be at least 1 second".into());
+        }
+        match self.force_max_age_hours {
+            Some(0) => {
+                return bad(
+                    "--max-age 0 would purge every session; give a positive number of hours".into(),
+                );
+            }
+            Some(_) if !self.force => {
+                return bad("--max-age only applies together with --force".into());
+            }
+            _ => {}
+        }
+        if let Some(t) = self.as_of
+            && t > Utc::now().naive_utc()
+        {
+            return bad(format!(
+                "as_of {t} is in the future; it would purge live sessions"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The reference time: `as_of`, or now truncated to microseconds (what every engine stores).
+    fn reference_time(&self) -> NaiveDateTime {
+        self.as_of.unwrap_or_else(|| {
+            let now = Utc::now().naive_utc();
+            now - chrono::Duration::nanoseconds(i64::from(
+                now.and_utc().timestamp_subsec_nanos() % 1000,
+            ))
+        })
+    }
+
+    fn cutoffs(&self) -> Cutoffs {
+        let idle = if self.force {
+            self.force_max_age_hours
+        } else {
+            None
+        };
+        Cutoffs::new(self.reference_time(), self.max_age_secs, idle)
+    }
+}
+
+/// Runs one cleanup (or one part of it, when a budget cuts it short).
+///
+/// A real run needs `ctx.fence`; a fenced-out batch aborts the run with
+/// [`OpError::Fence`] and writes nothing. A dry run reads only.
+pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupReport, OpError> {
+    params.validate()?;
+    let started = Instant::now();
+    let db = &ctx.db;
+    let schema = schema::detect(db).await?;
+    let cutoffs = params.cutoffs();
+    let (rules, notes) = rules::build(&schema, &cutoffs);
+    let mut report = CleanupReport::new(cutoffs.as_of, params.dry_run);
+    report.notes = schema.notes.clone();
+    report.notes.extend(notes);
+    if params.force {
+        report.forced_cleanup = Some(true);
+        report.custom_max_age_hours = params.force_max_age_hours;
+    }
+    let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
+
+    if params.dry_run {
+        report.rules = count_per_rule(db, &schema, &rules).await?;
+    } else {
+        let fence = ctx.fence()?;
+        let budget = params.budget_secs.map(Duration::from_secs);
+        let mut sizer = BatchSizer::new(
+            params.batch_size.min(params.max_batch_size),
+            MIN_BATCH_SIZE.min(params.batch_size),
+            params.max_batch_size,
+            Duration::from_millis(params.target_batch_ms),
+        );
+        'rules: for rule in &rules {
+            let mut cursor = Cursor::Start;
+            let mut fruitless = 0;
+            loop {
+                if let Some(stop) = stop_reason(ctx, budget, started, report.batches) {
+                    report.outcome = stop;
+                    break 'rules;
+                }
+                let limit = sizer.size();
+                let found = select_candidates(db, &schema, rule, cursor, limit).await?;
+                if found.ids.is_empty() {
+                    break;
+                }
+                let done = purge_batch(db, fence, &schema, rule, &found.ids).await?;
+                report.batches += 1;
+                report.rules.add(rule.kind, done.deleted);
+                report.longest_batch_ms = report
+                    .longest_batch_ms
+                    .max(done.took.as_secs_f64() * 1000.0);
+                sizer.observe(found.ids.len() as u32, done.took);
+                cursor = found.next;
+                fruitless = if done.deleted == 0 { fruitless + 1 } else { 0 };
+                if fruitless >= MAX_FRUITLESS_BATCHES {
+                    report.errors.push(format!(
+                        "rule {:?}: {MAX_FRUITLESS_BATCHES} batches in a row found candidates that no longer matched; left for the next run",
+                        rule.kind
+                    ));
+                    break;
+                }
+                if (found.ids.len() as u32) < limit {
+                    break;
+                }
+            }
+        }
+        if report.outcome != Outcome::Completed
+            && let Some(any) = Predicate::any_of(&all_rules)
+        {
+            report.remaining = count(db, &schema, Some(&any)).await?;
+        }
+        let deleted = report.rules.total();
+        if report.outcome != Outcome::Cancelled && deleted > 0 {
+            let left = count(db, &schema, None).await?;
+            if analyze::worth_refreshing(deleted, left) {
+                match analyze::refresh_statistics(db, fence, &schema.sessions.table).await {
+                    Ok(n) => report.database_optimizations += n,
+                    Err(e) if e.is_fenced_out() => return Err(e),
+                    Err(e) => report
+                        .errors
+                        .push(format!("refreshing planner statistics failed: {e}")),
+                }
+            }
+        }
+    }
+    report.missing_platform_sessions = count_missing_platform_kept(db, &schema, &all_rules).await?;
+    report.duration_seconds = started.elapsed().as_secs_f64();
+    report.settle();
+    Ok(report)
+}
+
+/// The original `--stats`, plus what a cleanup with `params` would delete per rule.
+pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpError> {
+    params.validate()?;
+    let schema = schema::detect(db).await?;
+    let cutoffs = params.cutoffs();
+    let as_of = cutoffs.as_of;
+    let (rules, notes) = rules::build(&schema, &cutoffs);
+    let activity = format!("{}.{}", schema.sessions.table, schema.activity_column());
+    let bucket = |op: &str, hours: i64| Predicate {
+        sql: format!("{activity} {op} ?"),
+        binds: vec![as_of - chrono::Duration::hours(hours)],
+    };
+    let by_rule = count_per_rule(db, &schema, &rules).await?;
+    let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
+    let mut all_notes = schema.notes.clone();
+    all_notes.extend(notes);
+    Ok(CleanupStats {
+        timestamp: Utc::now(),
+        as_of,
+        schema: schema.version.to_string(),
+        total_sessions: count(db, &schema, None).await?,
+        recent_sessions_24h: count(db, &schema, Some(&bucket(">=", 24))).await?,
+        old_sessions_48h: count(db, &schema, Some(&bucket("<", 48))).await?,
+        very_old_sessions_week: count(db, &schema, Some(&bucket("<", 7 * 24))).await?,
+        rules: by_rule,
+        expired_sessions: by_rule.expired_total(),
+        orphaned_sessions: by_rule.orphaned,
+        missing_platform_sessions: count_missing_platform_kept(db, &schema, &all_rules).await?,
+        cleanup_interval: params.interval_secs,
+        batch_size: params.batch_size,
+        max_session_age: params.max_age_secs,
+        target_batch_ms: params.target_batch_ms,
+        notes: all_notes,
+    })
+}
+
+/// Why the run should stop before the next batch, if it should. The budget only counts once
+/// a batch has run, so every part makes progress.
+fn stop_reason(
+    ctx: &OpContext,
+    budget: Option<Duration>,
+    started: Instant,
+    batches: u64,
+) -> Option<Outcome> {
+    if ctx.cancel.is_cancelled() {
+        return Some(Outcome::Cancelled);
+    }
+    match budget {
+        Some(b) if batches > 0 && started.elapsed() >= b => Some(Outcome::BudgetSpent),
+        _ => None,
+    }
+}
+
+/// Rows each rule would delete in a sequential run: matching it and none of the rules before.
+async fn count_per_rule(
+    db: &Db,
+    schema: &Schema,
+    rules: &[rules::Rule],
+) -> Result<RuleCounts, OpError> {
+    let mut counts = RuleCounts::default();
+    for (i, rule) in rules.iter().enumerate() {
+        let earlier: Vec<&Predicate> = rules[..i].iter().map(|r| &r.predicate).collect();
+        let exclusive = rule.predicate.and_none_of(&earlier);
+        counts.add(rule.kind, count(db, schema, Some(&exclusive)).await?);
+    }
+    Ok(counts)
+}
+
+/// Sessions pointing at a missing platform that no rule purges.
+async fn count_missing_platform_kept(
+    db: &Db,
+    schema: &Schema,
+    all_rules: &[&Predicate],
+) -> Result<u64, OpError> {
+    match rules::missing_platform(schema) {
+        Some(missing) => Ok(count(db, schema, Some(&missing.and_none_of(all_rules))).await?),
+        None => Ok(0),
+    }
+}

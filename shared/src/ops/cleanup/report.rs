@@ -1,0 +1,339 @@
+//! What a cleanup run and a stats call report, in the original script's field names and text
+//! layout (`reference/vedfolnir-behaviour.md` §2.1), plus what batching adds.
+
+use std::fmt::Write as _;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::rules::RuleKind;
+use crate::ops::Outcome;
+
+/// Rows per rule (deleted by a run, or that a run would delete).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleCounts {
+    /// v2: `expires_at` in the past; v1: activity NULL or older than the max age.
+    pub expired: u64,
+    /// v2: marked inactive and idle longer than the max age.
+    pub inactive_stale: u64,
+    /// `force --max-age H`: idle longer than H hours.
+    pub idle: u64,
+    /// User missing or deactivated.
+    pub orphaned: u64,
+}
+
+impl RuleCounts {
+    /// Adds `n` to the count of `kind`.
+    pub fn add(&mut self, kind: RuleKind, n: u64) {
+        match kind {
+            RuleKind::Expired => self.expired += n,
+            RuleKind::InactiveStale => self.inactive_stale += n,
+            RuleKind::Idle => self.idle += n,
+            RuleKind::Orphaned => self.orphaned += n,
+        }
+    }
+
+    /// What the original called "expired": every age-based rule.
+    pub fn expired_total(&self) -> u64 {
+        self.expired + self.inactive_stale + self.idle
+    }
+
+    /// All rules.
+    pub fn total(&self) -> u64 {
+        self.expired_total() + self.orphaned
+    }
+
+    fn merge(&mut self, other: &RuleCounts) {
+        self.expired += other.expired;
+        self.inactive_stale += other.inactive_stale;
+        self.idle += other.idle;
+        self.orphaned += other.orphaned;
+    }
+}
+
+/// The result of [`run`](super::run). For one logical run split into continuations, fold the
+/// parts together with [`CleanupReport::merge`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CleanupReport {
+    /// When the run (its first part) started, UTC.
+    pub timestamp: DateTime<Utc>,
+    /// Sessions removed by the age rules (expired, inactive and stale, forced idle); in a dry
+    /// run, how many would be.
+    pub expired_sessions_cleaned: u64,
+    /// Sessions of missing or deactivated users removed (dry run: would be).
+    pub orphaned_sessions_cleaned: u64,
+    /// Planner-statistics refreshes run after a large purge.
+    pub database_optimizations: u64,
+    /// Problems that did not stop the run.
+    pub errors: Vec<String>,
+    /// Wall time, seconds (summed over parts).
+    pub duration_seconds: f64,
+    /// Present (true) when the run was forced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forced_cleanup: Option<bool>,
+    /// The forced idle limit in hours, when one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_max_age_hours: Option<u32>,
+    /// Per-rule counts (a row matching several rules counts under the first).
+    pub rules: RuleCounts,
+    /// Committed delete transactions.
+    pub batches: u64,
+    /// Rows deleted per second of wall time.
+    pub rows_per_second: f64,
+    /// The longest delete transaction, milliseconds.
+    pub longest_batch_ms: f64,
+    /// Finished, or cut short by the budget or a cancellation.
+    pub outcome: Outcome,
+    /// Rows still matching a rule when the run stopped early (0 when completed).
+    pub remaining: u64,
+    /// The reference time every cutoff was computed from. A continuation passes it on.
+    pub as_of: NaiveDateTime,
+    /// True when nothing was deleted and the counts are what a real run would delete.
+    pub dry_run: bool,
+    /// Sessions kept although their platform id points at a missing platform: reported for
+    /// people to look at, never deleted or changed for that reason.
+    pub missing_platform_sessions: u64,
+    /// Rules that could not apply to this schema, and similar remarks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+impl CleanupReport {
+    /// An empty report for a run starting now with reference time `as_of`.
+    pub fn new(as_of: NaiveDateTime, dry_run: bool) -> CleanupReport {
+        CleanupReport {
+            timestamp: Utc::now(),
+            expired_sessions_cleaned: 0,
+            orphaned_sessions_cleaned: 0,
+            database_optimizations: 0,
+            errors: Vec::new(),
+            duration_seconds: 0.0,
+            forced_cleanup: None,
+            custom_max_age_hours: None,
+            rules: RuleCounts::default(),
+            batches: 0,
+            rows_per_second: 0.0,
+            longest_batch_ms: 0.0,
+            outcome: Outcome::Completed,
+            remaining: 0,
+            as_of,
+            dry_run,
+            missing_platform_sessions: 0,
+            notes: Vec::new(),
+        }
+    }
+
+    /// Total rows deleted (dry run: that would be).
+    pub fn total_cleaned(&self) -> u64 {
+        self.expired_sessions_cleaned + self.orphaned_sessions_cleaned
+    }
+
+    /// Recomputes the derived fields from the per-rule counts and the duration.
+    pub(crate) fn settle(&mut self) {
+        self.expired_sessions_cleaned = self.rules.expired_total();
+        self.orphaned_sessions_cleaned = self.rules.orphaned;
+        self.rows_per_second = if self.dry_run || self.duration_seconds <= 0.0 {
+            0.0
+        } else {
+            self.rules.total() as f64 / self.duration_seconds
+        };
+    }
+
+    /// Folds a later part of the same run into this one: counts and durations add up, the
+    /// outcome, `remaining` and the missing-platform count are the later part's (the latest
+    /// view), `timestamp` and `as_of` stay the first part's.
+    pub fn merge(&mut self, later: &CleanupReport) {
+        self.rules.merge(&later.rules);
+        self.database_optimizations += later.database_optimizations;
+        self.errors.extend(later.errors.iter().cloned());
+        for note in &later.notes {
+            if !self.notes.contains(note) {
+                self.notes.push(note.clone());
+            }
+        }
+        self.duration_seconds += later.duration_seconds;
+        self.batches += later.batches;
+        self.longest_batch_ms = self.longest_batch_ms.max(later.longest_batch_ms);
+        self.outcome = later.outcome;
+        self.remaining = later.remaining;
+        self.missing_platform_sessions = later.missing_platform_sessions;
+        self.forced_cleanup = self.forced_cleanup.or(later.forced_cleanup);
+        self.custom_max_age_hours = self.custom_max_age_hours.or(later.custom_max_age_hours);
+        self.dry_run = self.dry_run && later.dry_run;
+        self.settle();
+    }
+
+    /// The original's text layout: "Cleanup Results:", a line of 20 `=`, then `key: value`.
+    pub fn render_text(&self) -> String {
+        let mut out = String::from("Cleanup Results:\n");
+        out.push_str(&"=".repeat(20));
+        out.push('\n');
+        let mut line = |k: &str, v: String| {
+            let _ = writeln!(out, "{k}: {v}");
+        };
+        line("timestamp", self.timestamp.to_rfc3339());
+        line(
+            "expired_sessions_cleaned",
+            self.expired_sessions_cleaned.to_string(),
+        );
+        line(
+            "orphaned_sessions_cleaned",
+            self.orphaned_sessions_cleaned.to_string(),
+        );
+        line(
+            "database_optimizations",
+            self.database_optimizations.to_string(),
+        );
+        line("errors", format!("{:?}", self.errors));
+        line("duration_seconds", format!("{:.3}", self.duration_seconds));
+        if let Some(f) = self.forced_cleanup {
+            line("forced_cleanup", f.to_string());
+        }
+        if let Some(h) = self.custom_max_age_hours {
+            line("custom_max_age_hours", h.to_string());
+        }
+        line("expired", self.rules.expired.to_string());
+        line("inactive_stale", self.rules.inactive_stale.to_string());
+        line("idle", self.rules.idle.to_string());
+        line("orphaned", self.rules.orphaned.to_string());
+        line("batches", self.batches.to_string());
+        line("rows_per_second", format!("{:.1}", self.rows_per_second));
+        line("longest_batch_ms", format!("{:.1}", self.longest_batch_ms));
+        line("outcome", outcome_name(self.outcome).into());
+        line("remaining", self.remaining.to_string());
+        line("as_of", self.as_of.to_string());
+        line("dry_run", self.dry_run.to_string());
+        line(
+            "missing_platform_sessions",
+            self.missing_platform_sessions.to_string(),
+        );
+        for note in &self.notes {
+            line("note", note.clone());
+        }
+        out
+    }
+}
+
+fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Completed => "completed",
+        Outcome::BudgetSpent => "budget_spent",
+        Outcome::Cancelled => "cancelled",
+    }
+}
+
+/// The result of [`stats`](super::stats): the original `--stats` fields plus what a cleanup
+/// would delete, per rule, at `as_of`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CleanupStats {
+    /// When the statistics were taken, UTC.
+    pub timestamp: DateTime<Utc>,
+    /// Reference time of the age buckets and rules.
+    pub as_of: NaiveDateTime,
+    /// Detected schema (`v1` or `v2`).
+    pub schema: String,
+    /// All session rows.
+    pub total_sessions: u64,
+    /// Last activity within 24 h of `as_of`.
+    pub recent_sessions_24h: u64,
+    /// Last activity more than 48 h before `as_of`.
+    pub old_sessions_48h: u64,
+    /// Last activity more than 7 days before `as_of`.
+    pub very_old_sessions_week: u64,
+    /// What a cleanup with these parameters would delete, per rule.
+    pub rules: RuleCounts,
+    /// Sum of the age rules.
+    pub expired_sessions: u64,
+    /// Orphaned-rule count.
+    pub orphaned_sessions: u64,
+    /// Sessions pointing at a missing platform that a cleanup would keep.
+    pub missing_platform_sessions: u64,
+    /// Effective seconds between scheduled cleanups.
+    pub cleanup_interval: u64,
+    /// Effective starting batch size.
+    pub batch_size: u32,
+    /// Effective max age, seconds.
+    pub max_session_age: u64,
+    /// Effective target transaction duration, milliseconds.
+    pub target_batch_ms: u64,
+    /// Rules this schema cannot support, and similar remarks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+impl CleanupStats {
+    /// The original's text layout: "Session Cleanup Statistics:", 40 `=`, `key: value` lines.
+    pub fn render_text(&self) -> String {
+        let mut out = String::from("Session Cleanup Statistics:\n");
+        out.push_str(&"=".repeat(40));
+        out.push('\n');
+        let mut line = |k: &str, v: String| {
+            let _ = writeln!(out, "{k}: {v}");
+        };
+        line("timestamp", self.timestamp.to_rfc3339());
+        line("total_sessions", self.total_sessions.to_string());
+        line("recent_sessions_24h", self.recent_sessions_24h.to_string());
+        line("old_sessions_48h", self.old_sessions_48h.to_string());
+        line(
+            "very_old_sessions_week",
+            self.very_old_sessions_week.to_string(),
+        );
+        line("expired_sessions", self.expired_sessions.to_string());
+        line("expired", self.rules.expired.to_string());
+        line("inactive_stale", self.rules.inactive_stale.to_string());
+        line("idle", self.rules.idle.to_string());
+        line("orphaned_sessions", self.orphaned_sessions.to_string());
+        line(
+            "missing_platform_sessions",
+            self.missing_platform_sessions.to_string(),
+        );
+        line("cleanup_interval", self.cleanup_interval.to_string());
+        line("batch_size", self.batch_size.to_string());
+        line("max_session_age", self.max_session_age.to_string());
+        line("target_batch_ms", self.target_batch_ms.to_string());
+        line("as_of", self.as_of.to_string());
+        line("schema", self.schema.clone());
+        for note in &self.notes {
+            line("note", note.clone());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_adds_counts_and_keeps_the_latest_outcome() {
+        let as_of = chrono::DateTime::from_timestamp(1_750_000_000, 0)
+            .map(|d| d.naive_utc())
+            .unwrap_or_default();
+        let mut first = CleanupReport::new(as_of, false);
+        first.rules.expired = 10;
+        first.batches = 2;
+        first.duration_seconds = 1.0;
+        first.longest_batch_ms = 30.0;
+        first.outcome = Outcome::BudgetSpent;
+        first.remaining = 5;
+        first.settle();
+        let mut second = CleanupReport::new(as_of, false);
+        second.rules.expired = 3;
+        second.rules.orphaned = 2;
+        second.batches = 1;
+        second.duration_seconds = 1.0;
+        second.longest_batch_ms = 12.0;
+        second.settle();
+        first.merge(&second);
+        assert_eq!(first.expired_sessions_cleaned, 13);
+        assert_eq!(first.orphaned_sessions_cleaned, 2);
+        assert_eq!(first.batches, 3);
+        assert_eq!(first.longest_batch_ms, 30.0);
+        assert_eq!(first.outcome, Outcome::Completed);
+        assert_eq!(first.remaining, 0);
+        assert!((first.rows_per_second - 7.5).abs() < 1e-9);
+        let text = first.render_text();
+        assert!(text.starts_with("Cleanup Results:\n====================\ntimestamp: "));
+        assert!(!text.contains("forced_cleanup"));
+    }
+}

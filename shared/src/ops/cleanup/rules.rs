@@ -1,0 +1,214 @@
+//! What "expired" and "orphaned" mean, as SQL predicates built from the schema's roles.
+//!
+//! Every rule is evaluated against one reference time (`as_of`) fixed at the start of a run,
+//! so a session whose expiry falls while the run is going is not touched: it was live at
+//! `as_of`. The same predicate text serves the batch SELECT, the re-check inside the DELETE,
+//! the dry-run counts and the stats, so they cannot drift apart.
+
+use chrono::{Duration as ChronoDuration, NaiveDateTime};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Engine, Schema};
+
+/// The reason a session is purged. Rules run in this order; a row matching several rules is
+/// counted under the first one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleKind {
+    /// v2: `expires_at` before `as_of`. v1: last activity NULL or older than the max age.
+    Expired,
+    /// v2 only: already marked `is_active = false` by the application and idle longer than
+    /// the max age.
+    InactiveStale,
+    /// `force` with a max age of H hours: idle for more than H hours.
+    Idle,
+    /// The session's user is missing or deactivated (`is_active` false; NULL does not count).
+    Orphaned,
+}
+
+/// A SQL boolean expression with its `?` placeholders' values, in text order.
+#[derive(Debug, Clone)]
+pub struct Predicate {
+    /// SQL text; columns are qualified with the session table's name.
+    pub sql: String,
+    /// Values of the placeholders.
+    pub binds: Vec<NaiveDateTime>,
+}
+
+impl Predicate {
+    fn new(sql: String, binds: Vec<NaiveDateTime>) -> Predicate {
+        Predicate { sql, binds }
+    }
+
+    /// `self AND NOT (any of others)`, where a rule that is NULL for a row counts as "did not
+    /// match" — exactly the rows a sequential run would purge under `self`.
+    pub fn and_none_of(&self, others: &[&Predicate]) -> Predicate {
+        let mut sql = format!("({})", self.sql);
+        let mut binds = self.binds.clone();
+        for other in others {
+            sql.push_str(&format!(" AND NOT COALESCE(({}), FALSE)", other.sql));
+            binds.extend(other.binds.iter().copied());
+        }
+        Predicate { sql, binds }
+    }
+
+    /// `(a) OR (b) OR …`; `None` when `preds` is empty.
+    pub fn any_of(preds: &[&Predicate]) -> Option<Predicate> {
+        if preds.is_empty() {
+            return None;
+        }
+        let sql = preds
+            .iter()
+            .map(|p| format!("({})", p.sql))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let binds = preds.iter().flat_map(|p| p.binds.iter().copied()).collect();
+        Some(Predicate { sql, binds })
+    }
+}
+
+/// How a rule's batches find their rows: along the index of a time column (keyset on that
+/// column) or along the primary key (keyset on the id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Walk {
+    /// Walk the index of this (qualified) time column upwards.
+    Column(String),
+    /// Walk the primary key upwards.
+    PrimaryKey,
+}
+
+/// One purge rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Which count it feeds.
+    pub kind: RuleKind,
+    /// Which rows it purges.
+    pub predicate: Predicate,
+    /// How batches find them.
+    pub walk: Walk,
+}
+
+/// The cutoffs of one run, all derived from `as_of`.
+#[derive(Debug, Clone, Copy)]
+pub struct Cutoffs {
+    /// The reference time.
+    pub as_of: NaiveDateTime,
+    /// Activity older than this is beyond the max age.
+    pub max_age: NaiveDateTime,
+    /// `force --max-age H`: activity older than this is idle.
+    pub idle: Option<NaiveDateTime>,
+}
+
+impl Cutoffs {
+    /// Derives the cutoffs from `as_of`, the max age and the optional forced idle limit.
+    pub fn new(as_of: NaiveDateTime, max_age_secs: u64, idle_hours: Option<u32>) -> Cutoffs {
+        let secs = i64::try_from(max_age_secs).unwrap_or(i64::MAX / 2);
+        Cutoffs {
+            as_of,
+            max_age: as_of - ChronoDuration::seconds(secs),
+            idle: idle_hours.map(|h| as_of - ChronoDuration::hours(i64::from(h))),
+        }
+    }
+}
+
+/// The rules a database's schema supports, in run order, plus notes about rules it cannot
+/// support.
+pub fn build(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<String>) {
+    let s = &schema.sessions;
+    let t = &s.table;
+    let activity = format!("{t}.{}", schema.activity_column());
+    let mut rules = Vec::new();
+    let mut notes = Vec::new();
+
+    match &s.expires_at {
+        Some(expires) => rules.push(Rule {
+            kind: RuleKind::Expired,
+            predicate: Predicate::new(format!("{t}.{expires} < ?"), vec![cutoffs.as_of]),
+            walk: Walk::Column(format!("{t}.{expires}")),
+        }),
+        None => {
+            // v1: the original's `_is_session_expired` — no activity recorded, or older than
+            // the max age (strictly). Split in two so each half walks an index.
+            rules.push(Rule {
+                kind: RuleKind::Expired,
+                predicate: Predicate::new(format!("{activity} < ?"), vec![cutoffs.max_age]),
+                walk: Walk::Column(activity.clone()),
+            });
+            rules.push(Rule {
+                kind: RuleKind::Expired,
+                predicate: Predicate::new(format!("{activity} IS NULL"), vec![]),
+                walk: Walk::PrimaryKey,
+            });
+        }
+    }
+    if let Some(active) = &s.is_active {
+        rules.push(Rule {
+            kind: RuleKind::InactiveStale,
+            predicate: Predicate::new(
+                format!("{t}.{active} = FALSE AND {activity} < ?"),
+                vec![cutoffs.max_age],
+            ),
+            walk: Walk::Column(activity.clone()),
+        });
+    }
+    if let Some(idle) = cutoffs.idle {
+        rules.push(Rule {
+            kind: RuleKind::Idle,
+            predicate: Predicate::new(format!("{activity} < ?"), vec![idle]),
+            walk: Walk::Column(activity.clone()),
+        });
+    }
+    match &schema.users {
+        Some(users) => {
+            let u = &users.table;
+            let missing = format!(
+                "NOT EXISTS (SELECT 1 FROM {u} u WHERE u.{} = {t}.{})",
+                users.id, s.user_id
+            );
+            let sql = match &users.is_active {
+                Some(flag) => format!(
+                    "{missing} OR EXISTS (SELECT 1 FROM {u} u WHERE u.{} = {t}.{} AND u.{flag} = FALSE)",
+                    users.id, s.user_id
+                ),
+                None => {
+                    notes.push(format!(
+                        "table '{u}' has no activation flag: only sessions of missing users count as orphaned"
+                    ));
+                    missing
+                }
+            };
+            rules.push(Rule {
+                kind: RuleKind::Orphaned,
+                predicate: Predicate::new(sql, vec![]),
+                walk: Walk::PrimaryKey,
+            });
+        }
+        None => notes.push("users table not found: the orphaned-session rule was skipped".into()),
+    }
+    (rules, notes)
+}
+
+/// Sessions whose platform id points at a platform row that does not exist. Reported only:
+/// this condition never causes a deletion or a change.
+pub fn missing_platform(schema: &Schema) -> Option<Predicate> {
+    let s = &schema.sessions;
+    let pid = s.platform_id.as_ref()?;
+    let platforms = schema.platforms.as_ref()?;
+    let t = &s.table;
+    Some(Predicate::new(
+        format!(
+            "{t}.{pid} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {} p WHERE p.{} = {t}.{pid})",
+            platforms.table, platforms.id
+        ),
+        vec![],
+    ))
+}
+
+/// The primary key as a 64-bit integer on every engine (PostgreSQL's SERIAL is 32-bit).
+pub fn id_as_i64(engine: Engine, qualified_id: &str) -> String {
+    match engine {
+        Engine::Sqlite => qualified_id.to_string(),
+        Engine::Postgres => format!("CAST({qualified_id} AS BIGINT)"),
+        Engine::MySql => format!("CAST({qualified_id} AS SIGNED)"),
+    }
+}

@@ -1,0 +1,734 @@
+//! The cleanup operation against real SQLite, PostgreSQL and MariaDB, on v1 and v2 schemas.
+//!
+//! The oracle below is written independently of `ops::cleanup::rules`, straight from the
+//! definitions in issue 3 (NOT IN instead of NOT EXISTS, one OR'ed WHERE clause).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use chrono::{Duration as ChronoDuration, NaiveDate, NaiveDateTime};
+use sessionfleet::CancellationToken;
+use sessionfleet::fence::{self, Fence};
+use sessionfleet::ops::cleanup::{self, CleanupParams, CleanupReport};
+use sessionfleet::ops::{OpContext, OpError, Outcome};
+use sessionfleet::seed::{SeedParams, seed_demo};
+use sessionfleet::store::{Db, Engine, SchemaVersion, dialect_sql};
+use sessionfleet::testing::{ENGINES, TestDb};
+use sqlx::Row;
+
+const VERSIONS: [SchemaVersion; 2] = [SchemaVersion::V1, SchemaVersion::V2];
+const SESSIONS: u64 = 400;
+const MAX_AGE_SECS: u64 = 48 * 3600;
+
+/// The fixed "now" of the demo data, also the runs' `as_of`.
+fn t0() -> NaiveDateTime {
+    NaiveDate::from_ymd_opt(2025, 6, 1)
+        .and_then(|d| d.and_hms_opt(12, 0, 0))
+        .expect("valid date")
+}
+
+fn params() -> CleanupParams {
+    CleanupParams {
+        as_of: Some(t0()),
+        max_age_secs: MAX_AGE_SECS,
+        batch_size: 5,
+        max_batch_size: 40,
+        ..Default::default()
+    }
+}
+
+async fn seeded(engine: Engine, version: SchemaVersion) -> TestDb {
+    let tdb = TestDb::new(engine).await;
+    let seed = SeedParams {
+        sessions: SESSIONS,
+        users: 30,
+        seed: 42,
+        schema: version,
+        now: t0(),
+        reset: false,
+    };
+    seed_demo(&tdb.db, &seed).await.expect("seed");
+    add_edge_rows(&tdb.db, version).await;
+    tdb
+}
+
+const ACTIVE_USER: i64 = 900_001;
+const NULL_ACTIVE_USER: i64 = 900_002;
+const DEACTIVATED_USER: i64 = 900_003;
+const MISSING_USER: i64 = 999_999;
+const MISSING_PLATFORM: i64 = 999_999;
+
+struct Edge {
+    label: &'static str,
+    user: i64,
+    platform: Option<i64>,
+    activity: NaiveDateTime,
+    expires: NaiveDateTime,
+    active: bool,
+    /// Whether the cleanup (without force) must delete it.
+    purge: bool,
+}
+
+fn edges(version: SchemaVersion) -> Vec<Edge> {
+    let as_of = t0();
+    let cutoff = as_of - ChronoDuration::seconds(MAX_AGE_SECS as i64);
+    let hour = ChronoDuration::hours(1);
+    let sec = ChronoDuration::seconds(1);
+    let live = |label, user, platform, purge| Edge {
+        label,
+        user,
+        platform,
+        activity: as_of - hour,
+        expires: as_of + hour,
+        active: true,
+        purge,
+    };
+    let mut v = vec![
+        live("user-null-active", NULL_ACTIVE_USER, None, false),
+        live("user-deactivated", DEACTIVATED_USER, None, true),
+        live("user-missing", MISSING_USER, None, true),
+        live(
+            "platform-missing",
+            ACTIVE_USER,
+            Some(MISSING_PLATFORM),
+            false,
+        ),
+    ];
+    match version {
+        SchemaVersion::V2 => v.extend([
+            // Expires one second after as_of, i.e. "during the run": live at as_of.
+            Edge {
+                expires: as_of + sec,
+                ..live("expires-during-run", ACTIVE_USER, None, false)
+            },
+            Edge {
+                expires: as_of,
+                ..live("expires-at-as-of", ACTIVE_USER, None, false)
+            },
+            Edge {
+                expires: as_of - sec,
+                ..live("expired-just-now", ACTIVE_USER, None, true)
+            },
+            Edge {
+                active: false,
+                ..live("inactive-recent", ACTIVE_USER, None, false)
+            },
+            Edge {
+                active: false,
+                activity: cutoff - sec,
+                ..live("inactive-old", ACTIVE_USER, None, true)
+            },
+            Edge {
+                active: false,
+                activity: cutoff,
+                ..live("inactive-at-cutoff", ACTIVE_USER, None, false)
+            },
+        ]),
+        SchemaVersion::V1 => v.extend([
+            Edge {
+                activity: cutoff,
+                ..live("idle-at-cutoff", ACTIVE_USER, None, false)
+            },
+            Edge {
+                activity: cutoff - sec,
+                ..live("idle-past-cutoff", ACTIVE_USER, None, true)
+            },
+            Edge {
+                activity: cutoff + sec,
+                ..live("idle-before-cutoff", ACTIVE_USER, None, false)
+            },
+        ]),
+    }
+    v
+}
+
+/// Hand-made rows for the edges; foreign keys are switched off for the insert where the
+/// engine enforces them, as the reference application's SQLite never enforced them.
+async fn add_edge_rows(db: &Db, version: SchemaVersion) {
+    let mut tx = db.begin_write().await.expect("begin");
+    let fk_off = match db.engine() {
+        Engine::Sqlite => None,
+        Engine::Postgres => Some("SET LOCAL session_replication_role = replica"),
+        Engine::MySql => Some("SET FOREIGN_KEY_CHECKS = 0"),
+    };
+    let users = [
+        (ACTIVE_USER, Some(true)),
+        (NULL_ACTIVE_USER, None),
+        (DEACTIVATED_USER, Some(false)),
+    ];
+    let engine = db.engine();
+    let user_sql = "INSERT INTO users (id, username, email, password_hash, role, is_active, created_at) VALUES (?, ?, ?, 'x', 'viewer', ?, ?)";
+    let session_sql = (match version {
+        SchemaVersion::V2 => "INSERT INTO user_sessions (session_id, user_id, active_platform_id, created_at, updated_at, last_activity, expires_at, is_active) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        SchemaVersion::V1 => "INSERT INTO user_sessions (session_id, user_id, active_platform_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+    })
+    .to_string();
+    let rows = edges(version);
+    sessionfleet::on_tx!(&mut tx, c => {
+        if let Some(off) = fk_off {
+            sqlx::query(off).execute(&mut *c).await.expect("fk off");
+        }
+        for (id, active) in users {
+            sqlx::query(dialect_sql(engine, user_sql)).bind(id).bind(format!("edge{id}")).bind(format!("edge{id}@example.org"))
+                .bind(active).bind(t0()).execute(&mut *c).await.expect("insert user");
+        }
+        for e in &rows {
+            let mut q = sqlx::query(dialect_sql(engine, session_sql.clone())).bind(e.label).bind(e.user).bind(e.platform)
+                .bind(e.activity - ChronoDuration::hours(1)).bind(e.activity);
+            if version == SchemaVersion::V2 {
+                q = q.bind(e.activity).bind(e.expires).bind(e.active);
+            }
+            q.execute(&mut *c).await.expect("insert session");
+        }
+        if db.engine() == Engine::MySql {
+            sqlx::query("SET FOREIGN_KEY_CHECKS = 1").execute(&mut *c).await.expect("fk on");
+        }
+    });
+    tx.commit().await.expect("commit");
+}
+
+fn big(engine: Engine, col: &str) -> String {
+    match engine {
+        Engine::Sqlite => col.to_string(),
+        Engine::Postgres => format!("CAST({col} AS BIGINT)"),
+        Engine::MySql => format!("CAST({col} AS SIGNED)"),
+    }
+}
+
+/// Ids a cleanup must delete at `as_of`, by the definitions of issue 3.
+async fn oracle(
+    db: &Db,
+    version: SchemaVersion,
+    idle_hours: Option<i64>,
+    with_users: bool,
+) -> BTreeSet<i64> {
+    let as_of = t0();
+    let cutoff = as_of - ChronoDuration::seconds(MAX_AGE_SECS as i64);
+    let mut binds = Vec::new();
+    let (mut clause, activity) = match version {
+        SchemaVersion::V2 => {
+            binds.extend([as_of, cutoff]);
+            (
+                "expires_at < ? OR (is_active = FALSE AND last_activity < ?)".to_string(),
+                "last_activity",
+            )
+        }
+        SchemaVersion::V1 => {
+            binds.push(cutoff);
+            (
+                "updated_at IS NULL OR updated_at < ?".to_string(),
+                "updated_at",
+            )
+        }
+    };
+    if with_users {
+        clause.push_str(
+            " OR user_id NOT IN (SELECT id FROM users WHERE is_active IS NULL OR is_active = TRUE)",
+        );
+    }
+    if let Some(h) = idle_hours {
+        clause.push_str(&format!(" OR {activity} < ?"));
+        binds.push(as_of - ChronoDuration::hours(h));
+    }
+    let sql = db.sql(format!(
+        "SELECT {} FROM user_sessions WHERE {clause}",
+        big(db.engine(), "id")
+    ));
+    sessionfleet::on_pool!(db, p => {
+        let mut q = sqlx::query_scalar::<_, i64>(sql);
+        for b in &binds {
+            q = q.bind(*b);
+        }
+        q.fetch_all(p).await.expect("oracle").into_iter().collect()
+    })
+}
+
+/// Ids pointing at a platform that does not exist.
+async fn missing_platform_ids(db: &Db) -> BTreeSet<i64> {
+    let sql = db.sql(format!(
+        "SELECT {} FROM user_sessions WHERE active_platform_id IS NOT NULL AND active_platform_id NOT IN (SELECT id FROM platform_connections)",
+        big(db.engine(), "id")
+    ));
+    sessionfleet::on_pool!(db, p => sqlx::query_scalar::<_, i64>(sql).fetch_all(p).await.expect("missing platforms").into_iter().collect())
+}
+
+/// Every session row, by id, as comparable text.
+async fn snapshot(db: &Db, version: SchemaVersion) -> BTreeMap<i64, String> {
+    let e = db.engine();
+    let v2 = if version == SchemaVersion::V2 {
+        ", last_activity, expires_at, is_active"
+    } else {
+        ""
+    };
+    let sql = db.sql(format!(
+        "SELECT {}, session_id, {}, {}, updated_at{v2} FROM user_sessions",
+        big(e, "id"),
+        big(e, "user_id"),
+        big(e, "active_platform_id")
+    ));
+    sessionfleet::on_pool!(db, p => {
+        sqlx::query(sql).fetch_all(p).await.expect("snapshot").iter().map(|r| {
+            let mut s = format!(
+                "{}|{}|{:?}|{}",
+                r.get::<String, _>(1), r.get::<i64, _>(2), r.get::<Option<i64>, _>(3), r.get::<NaiveDateTime, _>(4)
+            );
+            if version == SchemaVersion::V2 {
+                s.push_str(&format!("|{}|{}|{}", r.get::<NaiveDateTime, _>(5), r.get::<NaiveDateTime, _>(6), r.get::<bool, _>(7)));
+            }
+            (r.get::<i64, _>(0), s)
+        }).collect()
+    })
+}
+
+async fn labels_left(db: &Db) -> BTreeSet<String> {
+    let sql = db.sql("SELECT session_id FROM user_sessions WHERE user_id >= 900000");
+    sessionfleet::on_pool!(db, p => sqlx::query_scalar::<_, String>(sql).fetch_all(p).await.expect("labels").into_iter().collect())
+}
+
+async fn ctx(db: &Db) -> OpContext {
+    let fence = fence::issue_token(db, "target:test", "cleanup-test")
+        .await
+        .expect("token");
+    OpContext {
+        db: db.clone(),
+        fence: Some(fence),
+        cancel: CancellationToken::new(),
+    }
+}
+
+fn read_only(db: &Db) -> OpContext {
+    OpContext {
+        db: db.clone(),
+        fence: None,
+        cancel: CancellationToken::new(),
+    }
+}
+
+/// `before` minus `purged`, every kept row byte-for-byte unchanged.
+fn assert_exactly_purged(
+    before: &BTreeMap<i64, String>,
+    after: &BTreeMap<i64, String>,
+    purged: &BTreeSet<i64>,
+    what: &str,
+) {
+    let expected: BTreeMap<i64, String> = before
+        .iter()
+        .filter(|(id, _)| !purged.contains(id))
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    let deleted_wrongly: Vec<_> = expected
+        .keys()
+        .filter(|id| !after.contains_key(id))
+        .collect();
+    let kept_wrongly: Vec<_> = after.keys().filter(|id| purged.contains(id)).collect();
+    assert!(
+        deleted_wrongly.is_empty(),
+        "{what}: rows outside the oracle deleted: {deleted_wrongly:?}"
+    );
+    assert!(
+        kept_wrongly.is_empty(),
+        "{what}: oracle rows kept: {kept_wrongly:?}"
+    );
+    assert_eq!(&expected, after, "{what}: a kept row changed");
+}
+
+#[tokio::test]
+async fn deletes_exactly_the_oracle_set_and_dry_run_predicts_it() {
+    for engine in ENGINES {
+        for version in VERSIONS {
+            let what = format!("{engine} {version}");
+            let tdb = seeded(engine, version).await;
+            let db = &tdb.db;
+            let before = snapshot(db, version).await;
+            let purge = oracle(db, version, None, true).await;
+            assert!(
+                purge.len() > SESSIONS as usize / 3,
+                "{what}: demo data has plenty to purge"
+            );
+
+            let dry = cleanup::run(
+                &read_only(db),
+                &CleanupParams {
+                    dry_run: true,
+                    ..params()
+                },
+            )
+            .await
+            .expect("dry run");
+            assert!(dry.dry_run);
+            assert_eq!(
+                snapshot(db, version).await,
+                before,
+                "{what}: dry run changed rows"
+            );
+            assert_eq!(
+                dry.total_cleaned(),
+                purge.len() as u64,
+                "{what}: dry-run count"
+            );
+
+            let report = cleanup::run(&ctx(db).await, &params()).await.expect("run");
+            let after = snapshot(db, version).await;
+            assert_exactly_purged(&before, &after, &purge, &what);
+            assert_eq!(report.outcome, Outcome::Completed, "{what}");
+            assert_eq!(report.remaining, 0, "{what}");
+            assert_eq!(report.as_of, t0(), "{what}");
+            assert_eq!(
+                report.total_cleaned(),
+                purge.len() as u64,
+                "{what}: reported count"
+            );
+            assert_eq!(
+                report.rules, dry.rules,
+                "{what}: per-rule counts, dry vs real"
+            );
+            assert!(
+                report.orphaned_sessions_cleaned >= 2,
+                "{what}: the deactivated and the missing user's sessions"
+            );
+            assert!(
+                report.batches > 3,
+                "{what}: worked in batches ({})",
+                report.batches
+            );
+            assert!(
+                report.database_optimizations >= 1,
+                "{what}: statistics refreshed after a large purge"
+            );
+            assert!(report.forced_cleanup.is_none());
+
+            // Edge rows: exactly the ones marked to purge are gone.
+            let left = labels_left(db).await;
+            for e in edges(version) {
+                assert_eq!(
+                    !left.contains(e.label),
+                    e.purge,
+                    "{what}: edge row {}",
+                    e.label
+                );
+            }
+            // Missing-platform sessions: counted and kept.
+            let missing_kept: BTreeSet<i64> = missing_platform_ids(db).await;
+            assert!(
+                !missing_kept.is_empty(),
+                "{what}: the hand-made missing-platform row is kept"
+            );
+            assert_eq!(
+                report.missing_platform_sessions,
+                missing_kept.len() as u64,
+                "{what}: missing-platform count"
+            );
+            assert_eq!(
+                dry.missing_platform_sessions, report.missing_platform_sessions,
+                "{what}"
+            );
+            tdb.drop_db().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn forced_idle_rule_matches_the_oracle() {
+    for engine in ENGINES {
+        for version in VERSIONS {
+            let what = format!("{engine} {version} forced 12 h");
+            let tdb = seeded(engine, version).await;
+            let db = &tdb.db;
+            let before = snapshot(db, version).await;
+            let purge = oracle(db, version, Some(12), true).await;
+            let without_force = oracle(db, version, None, true).await;
+            assert!(
+                purge.len() > without_force.len(),
+                "{what}: the idle rule adds rows"
+            );
+            let p = CleanupParams {
+                force: true,
+                force_max_age_hours: Some(12),
+                ..params()
+            };
+            let dry = cleanup::run(
+                &read_only(db),
+                &CleanupParams {
+                    dry_run: true,
+                    ..p.clone()
+                },
+            )
+            .await
+            .expect("dry run");
+            let report = cleanup::run(&ctx(db).await, &p).await.expect("run");
+            assert_exactly_purged(&before, &snapshot(db, version).await, &purge, &what);
+            assert_eq!(report.rules, dry.rules, "{what}");
+            assert!(report.rules.idle > 0, "{what}: idle rule counted");
+            assert_eq!(report.forced_cleanup, Some(true));
+            assert_eq!(report.custom_max_age_hours, Some(12));
+            tdb.drop_db().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn cancelled_then_resumed_ends_like_an_uninterrupted_run() {
+    for engine in ENGINES {
+        let version = SchemaVersion::V2;
+        let whole = seeded(engine, version).await;
+        cleanup::run(&ctx(&whole.db).await, &params())
+            .await
+            .expect("uninterrupted run");
+        let expected = snapshot(&whole.db, version).await;
+
+        let split = seeded(engine, version).await;
+        let db = split.db.clone();
+        let initial = snapshot(&db, version).await.len();
+        let to_purge = oracle(&db, version, None, true).await.len() as u64;
+        let c = ctx(&db).await;
+        // Cancel once a few one-row batches have committed.
+        let watcher = {
+            let (db, cancel) = (db.clone(), c.cancel.clone());
+            tokio::spawn(async move {
+                loop {
+                    let n = db
+                        .scalar_i64("SELECT COUNT(*) FROM user_sessions")
+                        .await
+                        .expect("count");
+                    if (n as usize) + 3 <= initial {
+                        cancel.cancel();
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        };
+        let one_row = CleanupParams {
+            batch_size: 1,
+            max_batch_size: 1,
+            ..params()
+        };
+        let first = cleanup::run(&c, &one_row).await.expect("first part");
+        watcher.await.expect("watcher");
+        assert_eq!(
+            first.outcome,
+            Outcome::Cancelled,
+            "{engine}: cut by cancellation"
+        );
+        assert!(
+            first.total_cleaned() >= 3 && first.remaining > 0,
+            "{engine}: {first:?}"
+        );
+        assert_eq!(
+            first.remaining + first.total_cleaned(),
+            to_purge,
+            "{engine}: remaining is exact"
+        );
+        let resumed = CleanupParams {
+            as_of: Some(first.as_of),
+            ..params()
+        };
+        let second = cleanup::run(&ctx(&db).await, &resumed)
+            .await
+            .expect("resumed part");
+        assert_eq!(second.outcome, Outcome::Completed);
+        assert_eq!(
+            first.remaining,
+            second.total_cleaned(),
+            "{engine}: remaining was exact"
+        );
+        assert_eq!(
+            snapshot(&db, version).await,
+            expected,
+            "{engine}: same final state"
+        );
+        whole.drop_db().await;
+        split.drop_db().await;
+    }
+}
+
+#[tokio::test]
+async fn budget_stop_reports_remaining_and_continuations_finish_the_job() {
+    for engine in ENGINES {
+        let version = SchemaVersion::V1;
+        let tdb = seeded(engine, version).await;
+        let db = &tdb.db;
+        let before = snapshot(db, version).await;
+        let purge = oracle(db, version, None, true).await;
+        let c = ctx(db).await;
+        let tiny = CleanupParams {
+            batch_size: 1,
+            max_batch_size: 1,
+            budget_secs: Some(0),
+            ..params()
+        };
+        let first = cleanup::run(&c, &tiny).await.expect("first part");
+        assert_eq!(first.outcome, Outcome::BudgetSpent, "{engine}");
+        assert_eq!(
+            first.batches, 1,
+            "{engine}: a zero budget still makes one batch of progress"
+        );
+        assert_eq!(first.total_cleaned(), 1);
+        assert_eq!(
+            first.remaining,
+            purge.len() as u64 - 1,
+            "{engine}: remaining"
+        );
+
+        // Continuations with a larger batch until done; the merged report covers the run.
+        let mut merged: CleanupReport = first.clone();
+        let next = CleanupParams {
+            batch_size: 50,
+            max_batch_size: 50,
+            as_of: Some(first.as_of),
+            ..tiny
+        };
+        for _ in 0..100 {
+            let part = cleanup::run(&c, &next).await.expect("continuation");
+            merged.merge(&part);
+            if part.outcome == Outcome::Completed {
+                break;
+            }
+        }
+        assert_eq!(merged.outcome, Outcome::Completed, "{engine}");
+        assert_eq!(
+            merged.total_cleaned(),
+            purge.len() as u64,
+            "{engine}: merged count"
+        );
+        assert_exactly_purged(
+            &before,
+            &snapshot(db, version).await,
+            &purge,
+            &format!("{engine} budgeted"),
+        );
+        tdb.drop_db().await;
+    }
+}
+
+#[tokio::test]
+async fn stale_fence_token_changes_nothing() {
+    for engine in ENGINES {
+        let tdb = seeded(engine, SchemaVersion::V2).await;
+        let db = &tdb.db;
+        let before = snapshot(db, SchemaVersion::V2).await;
+        let old: Fence = fence::issue_token(db, "target:test", "old-holder")
+            .await
+            .expect("old token");
+        let _new = fence::issue_token(db, "target:test", "new-holder")
+            .await
+            .expect("new token");
+        let c = OpContext {
+            db: db.clone(),
+            fence: Some(old),
+            cancel: CancellationToken::new(),
+        };
+        let err = cleanup::run(&c, &params())
+            .await
+            .expect_err("stale token must not write");
+        assert!(err.is_fenced_out(), "{engine}: {err}");
+        assert_eq!(
+            snapshot(db, SchemaVersion::V2).await,
+            before,
+            "{engine}: nothing changed"
+        );
+        tdb.drop_db().await;
+    }
+}
+
+#[tokio::test]
+async fn max_age_zero_and_missing_fence_are_refused() {
+    let zero = CleanupParams {
+        force: true,
+        force_max_age_hours: Some(0),
+        ..params()
+    };
+    let msg = zero.validate().expect_err("0 refused").to_string();
+    assert!(msg.contains("--max-age 0"), "{msg}");
+    let tdb = seeded(Engine::Sqlite, SchemaVersion::V2).await;
+    let before = snapshot(&tdb.db, SchemaVersion::V2).await;
+    assert!(matches!(
+        cleanup::run(&ctx(&tdb.db).await, &zero).await,
+        Err(OpError::Invalid(_))
+    ));
+    assert!(matches!(
+        cleanup::run(&read_only(&tdb.db), &params()).await,
+        Err(OpError::NoFence)
+    ));
+    assert_eq!(snapshot(&tdb.db, SchemaVersion::V2).await, before);
+    let future = CleanupParams {
+        as_of: Some(chrono::Utc::now().naive_utc() + ChronoDuration::hours(1)),
+        ..params()
+    };
+    assert!(
+        future.validate().is_err(),
+        "a future as_of would purge live sessions"
+    );
+    tdb.drop_db().await;
+}
+
+#[tokio::test]
+async fn without_users_table_the_orphan_rule_is_skipped_with_a_note() {
+    let tdb = seeded(Engine::Sqlite, SchemaVersion::V1).await;
+    let db = &tdb.db;
+    db.execute("DROP TABLE users").await.expect("drop users");
+    let before = snapshot(db, SchemaVersion::V1).await;
+    let purge = oracle(db, SchemaVersion::V1, None, false).await;
+    let report = cleanup::run(&ctx(db).await, &params()).await.expect("run");
+    assert_eq!(report.orphaned_sessions_cleaned, 0);
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("orphaned-session rule was skipped")),
+        "{:?}",
+        report.notes
+    );
+    assert_exactly_purged(
+        &before,
+        &snapshot(db, SchemaVersion::V1).await,
+        &purge,
+        "no users table",
+    );
+    tdb.drop_db().await;
+}
+
+#[tokio::test]
+async fn stats_agree_with_a_dry_run() {
+    for engine in ENGINES {
+        let tdb = seeded(engine, SchemaVersion::V2).await;
+        let db = &tdb.db;
+        let stats = cleanup::stats(db, &params()).await.expect("stats");
+        let dry = cleanup::run(
+            &read_only(db),
+            &CleanupParams {
+                dry_run: true,
+                ..params()
+            },
+        )
+        .await
+        .expect("dry");
+        assert_eq!(stats.rules, dry.rules, "{engine}");
+        assert_eq!(
+            stats.total_sessions,
+            snapshot(db, SchemaVersion::V2).await.len() as u64
+        );
+        assert!(
+            stats.old_sessions_48h >= stats.very_old_sessions_week
+                && stats.very_old_sessions_week > 0
+        );
+        assert!(stats.recent_sessions_24h > 0);
+        assert_eq!(
+            (
+                stats.cleanup_interval,
+                stats.batch_size,
+                stats.max_session_age
+            ),
+            (3600, 5, MAX_AGE_SECS)
+        );
+        let text = stats.render_text();
+        assert!(
+            text.starts_with(&format!(
+                "Session Cleanup Statistics:\n{}\n",
+                "=".repeat(40)
+            )),
+            "{text}"
+        );
+        tdb.drop_db().await;
+    }
+}
