@@ -27,7 +27,10 @@ mod tests {
         let base = Duration::from_secs(1);
         let max = Duration::from_secs(60);
         let d3 = exponential(3, base, max);
-        assert!(d3 >= Duration::from_secs(2) && d3 <= Duration::from_secs(4), "{d3:?}");
+        assert!(
+            d3 >= Duration::from_secs(2) && d3 <= Duration::from_secs(4),
+            "{d3:?}"
+        );
         let d20 = exponential(20, base, max);
         assert!(d20 <= max && d20 >= max / 2, "{d20:?}");
     }

@@ -107,24 +107,132 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// Every setting sessionfleet reads. The README's configuration table is generated from the
 /// same facts (`sessionfleet config keys`).
 pub const KEYS: &[Key] = &[
-    Key { env: "DATABASE_URL", file: "database_url", default: DEFAULT_DATABASE_URL, form: "a URL starting with sqlite:, postgres:, postgresql:, mysql: or mariadb:", help: "database of the 'default' target" },
-    Key { env: "REDIS_URL", file: "redis_url", default: DEFAULT_REDIS_URL, form: "a URL starting with redis:// or rediss://", help: "Redis holding queues, leases and results" },
-    Key { env: "SESSION_CLEANUP_INTERVAL", file: "cleanup_interval", default: "3600", form: "a whole number of seconds from 1 to 31536000", help: "seconds between scheduled cleanups" },
-    Key { env: "SESSION_CLEANUP_BATCH_SIZE", file: "cleanup_batch_size", default: "100", form: "a whole number from 1 to 100000", help: "rows per cleanup batch to start with (adapts to the target duration)" },
-    Key { env: "SESSION_MAX_AGE", file: "max_age", default: "172800", form: "a whole number of seconds from 1 to 315360000", help: "idle seconds after which a session counts as expired" },
-    Key { env: "SESSION_MONITORING_ENABLED", file: "monitoring_enabled", default: "true", form: "true or false (also 1/0, yes/no, on/off)", help: "whether health reports and alerts are produced" },
-    Key { env: "SESSION_METRICS_RETENTION_DAYS", file: "metrics_retention_days", default: "7", form: "a whole number of days from 1 to 3650", help: "days job results and run history are kept in Redis" },
-    Key { env: "SESSION_ALERT_THRESHOLDS_FILE", file: "alert_thresholds_file", default: "", form: "a path to a readable JSON file", help: "JSON file overriding the five alert thresholds" },
-    Key { env: "SESSION_CLEANUP_TARGET_BATCH_MS", file: "cleanup_target_batch_ms", default: "50", form: "a whole number of milliseconds from 1 to 60000", help: "duration each cleanup transaction aims to stay under" },
-    Key { env: "SESSIONFLEET_NAMESPACE", file: "namespace", default: "sessionfleet", form: "1-64 characters of letters, digits, '-' and '_'", help: "prefix of every Redis key, so several fleets can share one Redis" },
-    Key { env: "SESSIONFLEET_DEFAULT_TARGET", file: "default_target", default: "default", form: "the name of a configured target", help: "target used when --target is not given" },
-    Key { env: "SESSIONFLEET_WORKER_CONCURRENCY", file: "worker_concurrency", default: "4", form: "a whole number from 1 to 1024", help: "jobs one worker process runs at once (per queue)" },
-    Key { env: "SESSIONFLEET_POLL_INTERVAL_MS", file: "poll_interval_ms", default: "200", form: "a whole number of milliseconds from 10 to 60000", help: "how often an idle worker looks for new jobs" },
-    Key { env: "SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS", file: "shutdown_timeout_secs", default: "30", form: "a whole number of seconds from 1 to 3600", help: "how long a stopping worker waits for running jobs" },
-    Key { env: "SESSIONFLEET_METRICS_ADDR", file: "metrics_addr", default: "127.0.0.1:9464", form: "host:port to listen on, or 'off'", help: "address of the worker's /metrics, /healthz and /readyz" },
-    Key { env: "SESSIONFLEET_LEASE_TTL_MS", file: "lease_ttl_ms", default: "15000", form: "a whole number of milliseconds from 300 to 600000", help: "lifetime of a database lease; renewed every third of it" },
-    Key { env: "SESSIONFLEET_JOB_BUDGET_SECS", file: "job_budget_secs", default: "30", form: "a whole number of seconds from 1 to 86400", help: "time one cleanup job works before it enqueues its continuation" },
-    Key { env: "SESSIONFLEET_LOG_FORMAT", file: "log_format", default: "text", form: "text or json", help: "log line format (logs go to stderr)" },
+    Key {
+        env: "DATABASE_URL",
+        file: "database_url",
+        default: DEFAULT_DATABASE_URL,
+        form: "a URL starting with sqlite:, postgres:, postgresql:, mysql: or mariadb:",
+        help: "database of the 'default' target",
+    },
+    Key {
+        env: "REDIS_URL",
+        file: "redis_url",
+        default: DEFAULT_REDIS_URL,
+        form: "a URL starting with redis:// or rediss://",
+        help: "Redis holding queues, leases and results",
+    },
+    Key {
+        env: "SESSION_CLEANUP_INTERVAL",
+        file: "cleanup_interval",
+        default: "3600",
+        form: "a whole number of seconds from 1 to 31536000",
+        help: "seconds between scheduled cleanups",
+    },
+    Key {
+        env: "SESSION_CLEANUP_BATCH_SIZE",
+        file: "cleanup_batch_size",
+        default: "100",
+        form: "a whole number from 1 to 100000",
+        help: "rows per cleanup batch to start with (adapts to the target duration)",
+    },
+    Key {
+        env: "SESSION_MAX_AGE",
+        file: "max_age",
+        default: "172800",
+        form: "a whole number of seconds from 1 to 315360000",
+        help: "idle seconds after which a session counts as expired",
+    },
+    Key {
+        env: "SESSION_MONITORING_ENABLED",
+        file: "monitoring_enabled",
+        default: "true",
+        form: "true or false (also 1/0, yes/no, on/off)",
+        help: "whether health reports and alerts are produced",
+    },
+    Key {
+        env: "SESSION_METRICS_RETENTION_DAYS",
+        file: "metrics_retention_days",
+        default: "7",
+        form: "a whole number of days from 1 to 3650",
+        help: "days job results and run history are kept in Redis",
+    },
+    Key {
+        env: "SESSION_ALERT_THRESHOLDS_FILE",
+        file: "alert_thresholds_file",
+        default: "",
+        form: "a path to a readable JSON file",
+        help: "JSON file overriding the five alert thresholds",
+    },
+    Key {
+        env: "SESSION_CLEANUP_TARGET_BATCH_MS",
+        file: "cleanup_target_batch_ms",
+        default: "50",
+        form: "a whole number of milliseconds from 1 to 60000",
+        help: "duration each cleanup transaction aims to stay under",
+    },
+    Key {
+        env: "SESSIONFLEET_NAMESPACE",
+        file: "namespace",
+        default: "sessionfleet",
+        form: "1-64 characters of letters, digits, '-' and '_'",
+        help: "prefix of every Redis key, so several fleets can share one Redis",
+    },
+    Key {
+        env: "SESSIONFLEET_DEFAULT_TARGET",
+        file: "default_target",
+        default: "default",
+        form: "the name of a configured target",
+        help: "target used when --target is not given",
+    },
+    Key {
+        env: "SESSIONFLEET_WORKER_CONCURRENCY",
+        file: "worker_concurrency",
+        default: "4",
+        form: "a whole number from 1 to 1024",
+        help: "jobs one worker process runs at once (per queue)",
+    },
+    Key {
+        env: "SESSIONFLEET_POLL_INTERVAL_MS",
+        file: "poll_interval_ms",
+        default: "200",
+        form: "a whole number of milliseconds from 10 to 60000",
+        help: "how often an idle worker looks for new jobs",
+    },
+    Key {
+        env: "SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS",
+        file: "shutdown_timeout_secs",
+        default: "30",
+        form: "a whole number of seconds from 1 to 3600",
+        help: "how long a stopping worker waits for running jobs",
+    },
+    Key {
+        env: "SESSIONFLEET_METRICS_ADDR",
+        file: "metrics_addr",
+        default: "127.0.0.1:9464",
+        form: "host:port to listen on, or 'off'",
+        help: "address of the worker's /metrics, /healthz and /readyz",
+    },
+    Key {
+        env: "SESSIONFLEET_LEASE_TTL_MS",
+        file: "lease_ttl_ms",
+        default: "15000",
+        form: "a whole number of milliseconds from 300 to 600000",
+        help: "lifetime of a database lease; renewed every third of it",
+    },
+    Key {
+        env: "SESSIONFLEET_JOB_BUDGET_SECS",
+        file: "job_budget_secs",
+        default: "30",
+        form: "a whole number of seconds from 1 to 86400",
+        help: "time one cleanup job works before it enqueues its continuation",
+    },
+    Key {
+        env: "SESSIONFLEET_LOG_FORMAT",
+        file: "log_format",
+        default: "text",
+        form: "text or json",
+        help: "log line format (logs go to stderr)",
+    },
 ];
 
 /// Settings given on the command line, keyed by the environment variable they stand for.
@@ -250,7 +358,12 @@ pub enum LogFormat {
 /// Environment variable naming the TOML file (the `--config` flag overrides it).
 pub const CONFIG_FILE_ENV: &str = "SESSIONFLEET_CONFIG";
 
-const TARGET_KEYS: &[&str] = &["url", "cleanup_batch_size", "max_age", "cleanup_target_batch_ms"];
+const TARGET_KEYS: &[&str] = &[
+    "url",
+    "cleanup_batch_size",
+    "max_age",
+    "cleanup_target_batch_ms",
+];
 const SCHEDULE_KEYS: &[&str] = &["cleanup", "full_maintenance", "health_report"];
 
 impl Settings {
@@ -287,14 +400,19 @@ impl Settings {
         let max_age = layers.get("SESSION_MAX_AGE", range_u64(1, 315_360_000))?;
         let settings = Settings {
             monitoring_enabled: layers.get("SESSION_MONITORING_ENABLED", parse_bool)?,
-            metrics_retention_days: layers.get("SESSION_METRICS_RETENTION_DAYS", range_u32(1, 3650))?,
-            alert_thresholds_file: layers.get("SESSION_ALERT_THRESHOLDS_FILE", parse_readable_file)?,
-            cleanup_target_batch_ms: layers.get("SESSION_CLEANUP_TARGET_BATCH_MS", range_u64(1, 60_000))?,
+            metrics_retention_days: layers
+                .get("SESSION_METRICS_RETENTION_DAYS", range_u32(1, 3650))?,
+            alert_thresholds_file: layers
+                .get("SESSION_ALERT_THRESHOLDS_FILE", parse_readable_file)?,
+            cleanup_target_batch_ms: layers
+                .get("SESSION_CLEANUP_TARGET_BATCH_MS", range_u64(1, 60_000))?,
             namespace: layers.get("SESSIONFLEET_NAMESPACE", parse_namespace)?,
             default_target: layers.get("SESSIONFLEET_DEFAULT_TARGET", |s| Ok(s.to_string()))?,
-            worker_concurrency: layers.get("SESSIONFLEET_WORKER_CONCURRENCY", range_u32(1, 1024))?,
+            worker_concurrency: layers
+                .get("SESSIONFLEET_WORKER_CONCURRENCY", range_u32(1, 1024))?,
             poll_interval_ms: layers.get("SESSIONFLEET_POLL_INTERVAL_MS", range_u64(10, 60_000))?,
-            shutdown_timeout_secs: layers.get("SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS", range_u64(1, 3600))?,
+            shutdown_timeout_secs: layers
+                .get("SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS", range_u64(1, 3600))?,
             metrics_addr: layers.get("SESSIONFLEET_METRICS_ADDR", parse_listen_addr)?,
             lease_ttl_ms: layers.get("SESSIONFLEET_LEASE_TTL_MS", range_u64(300, 600_000))?,
             job_budget_secs: layers.get("SESSIONFLEET_JOB_BUDGET_SECS", range_u64(1, 86_400))?,
@@ -332,12 +450,18 @@ impl Settings {
                 },
             );
         }
-        if !settings.targets.contains_key(&settings.default_target.value) {
+        if !settings
+            .targets
+            .contains_key(&settings.default_target.value)
+        {
             return Err(ConfigError::Invalid {
                 name: "SESSIONFLEET_DEFAULT_TARGET".into(),
                 value: settings.default_target.value.clone(),
                 origin: settings.default_target.source.clone(),
-                form: format!("one of the configured targets ({})", settings.target_names()),
+                form: format!(
+                    "one of the configured targets ({})",
+                    settings.target_names()
+                ),
             });
         }
         Ok(settings)
@@ -358,7 +482,9 @@ impl Settings {
 
     /// Effective batch size for a target.
     pub fn batch_size_for(&self, target: &Target) -> u32 {
-        target.cleanup_batch_size.unwrap_or(self.cleanup_batch_size.value)
+        target
+            .cleanup_batch_size
+            .unwrap_or(self.cleanup_batch_size.value)
     }
 
     /// Effective max age for a target.
@@ -405,7 +531,10 @@ impl Settings {
             row("SESSION_CLEANUP_BATCH_SIZE", &self.cleanup_batch_size),
             row("SESSION_MAX_AGE", &self.max_age),
             row("SESSION_MONITORING_ENABLED", &self.monitoring_enabled),
-            row("SESSION_METRICS_RETENTION_DAYS", &self.metrics_retention_days),
+            row(
+                "SESSION_METRICS_RETENTION_DAYS",
+                &self.metrics_retention_days,
+            ),
             (
                 "SESSION_ALERT_THRESHOLDS_FILE".into(),
                 self.alert_thresholds_file
@@ -414,12 +543,18 @@ impl Settings {
                     .map_or("(built-in thresholds)".into(), |p| p.display().to_string()),
                 self.alert_thresholds_file.source.clone(),
             ),
-            row("SESSION_CLEANUP_TARGET_BATCH_MS", &self.cleanup_target_batch_ms),
+            row(
+                "SESSION_CLEANUP_TARGET_BATCH_MS",
+                &self.cleanup_target_batch_ms,
+            ),
             row("SESSIONFLEET_NAMESPACE", &self.namespace),
             row("SESSIONFLEET_DEFAULT_TARGET", &self.default_target),
             row("SESSIONFLEET_WORKER_CONCURRENCY", &self.worker_concurrency),
             row("SESSIONFLEET_POLL_INTERVAL_MS", &self.poll_interval_ms),
-            row("SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS", &self.shutdown_timeout_secs),
+            row(
+                "SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS",
+                &self.shutdown_timeout_secs,
+            ),
             opt("SESSIONFLEET_METRICS_ADDR", &self.metrics_addr, "off"),
             row("SESSIONFLEET_LEASE_TTL_MS", &self.lease_ttl_ms),
             row("SESSIONFLEET_JOB_BUDGET_SECS", &self.job_budget_secs),
@@ -430,20 +565,52 @@ impl Settings {
             ),
         ];
         for t in self.targets.values() {
-            rows.push((format!("target.{}.url", t.name), t.redacted_url(), t.source.clone()));
+            rows.push((
+                format!("target.{}.url", t.name),
+                t.redacted_url(),
+                t.source.clone(),
+            ));
             if let Some(b) = t.cleanup_batch_size {
-                rows.push((format!("target.{}.cleanup_batch_size", t.name), b.to_string(), Source::File));
+                rows.push((
+                    format!("target.{}.cleanup_batch_size", t.name),
+                    b.to_string(),
+                    Source::File,
+                ));
             }
             if let Some(a) = t.max_age {
-                rows.push((format!("target.{}.max_age", t.name), a.to_string(), Source::File));
+                rows.push((
+                    format!("target.{}.max_age", t.name),
+                    a.to_string(),
+                    Source::File,
+                ));
             }
             if let Some(ms) = t.cleanup_target_batch_ms {
-                rows.push((format!("target.{}.cleanup_target_batch_ms", t.name), ms.to_string(), Source::File));
+                rows.push((
+                    format!("target.{}.cleanup_target_batch_ms", t.name),
+                    ms.to_string(),
+                    Source::File,
+                ));
             }
         }
-        rows.push(("schedule.cleanup".into(), self.cleanup_schedule(), if self.schedules.cleanup.is_some() { Source::File } else { Source::Default }));
-        rows.push(("schedule.full_maintenance".into(), self.schedules.full_maintenance.clone(), Source::Default));
-        rows.push(("schedule.health_report".into(), self.schedules.health_report.clone(), Source::Default));
+        rows.push((
+            "schedule.cleanup".into(),
+            self.cleanup_schedule(),
+            if self.schedules.cleanup.is_some() {
+                Source::File
+            } else {
+                Source::Default
+            },
+        ));
+        rows.push((
+            "schedule.full_maintenance".into(),
+            self.schedules.full_maintenance.clone(),
+            Source::Default,
+        ));
+        rows.push((
+            "schedule.health_report".into(),
+            self.schedules.health_report.clone(),
+            Source::Default,
+        ));
         rows
     }
 }
@@ -503,10 +670,12 @@ impl FileLayer {
             path: shown.clone(),
             reason: e.to_string(),
         })?;
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::BadFile {
-            path: shown.clone(),
-            reason: e.message().to_string(),
-        })?;
+        let table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::BadFile {
+                    path: shown.clone(),
+                    reason: e.message().to_string(),
+                })?;
         let mut layer = FileLayer {
             path: shown.clone(),
             top: HashMap::new(),
@@ -541,7 +710,10 @@ impl FileLayer {
                             known: known.join(", "),
                         });
                     }
-                    layer.top.insert(key.to_string(), scalar(&value).map_err(|e| bad(format!("'{key}': {e}")))?);
+                    layer.top.insert(
+                        key.to_string(),
+                        scalar(&value).map_err(|e| bad(format!("'{key}': {e}")))?,
+                    );
                 }
             }
         }
@@ -551,7 +723,11 @@ impl FileLayer {
     fn targets(&self) -> Result<BTreeMap<String, Target>, ConfigError> {
         let mut out = BTreeMap::new();
         for (name, section) in &self.raw_targets {
-            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') || name.is_empty() {
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                || name.is_empty()
+            {
                 return Err(ConfigError::BadFile {
                     path: self.path.clone(),
                     reason: format!("target name '{name}' must use letters, digits, '-' and '_'"),
@@ -588,21 +764,37 @@ impl FileLayer {
                 reason: format!("[targets.{name}] needs a url"),
             })?;
             let url = parse_db_url(&url).map_err(|()| invalid("url", url.clone(), KEYS[0].form))?;
-            let num = |key: &str, lo: u64, hi: u64, form: &str| -> Result<Option<u64>, ConfigError> {
-                field(key)?
-                    .map(|v| range_u64(lo, hi)(&v).map_err(|()| invalid(key, v.clone(), form)))
-                    .transpose()
-            };
+            let num =
+                |key: &str, lo: u64, hi: u64, form: &str| -> Result<Option<u64>, ConfigError> {
+                    field(key)?
+                        .map(|v| range_u64(lo, hi)(&v).map_err(|()| invalid(key, v.clone(), form)))
+                        .transpose()
+                };
             out.insert(
                 name.clone(),
                 Target {
                     name: name.clone(),
                     url,
                     source: Source::File,
-                    cleanup_batch_size: num("cleanup_batch_size", 1, 100_000, "a whole number from 1 to 100000")?
-                        .map(|v| v as u32),
-                    max_age: num("max_age", 1, 315_360_000, "a whole number of seconds from 1 to 315360000")?,
-                    cleanup_target_batch_ms: num("cleanup_target_batch_ms", 1, 60_000, "a whole number of milliseconds from 1 to 60000")?,
+                    cleanup_batch_size: num(
+                        "cleanup_batch_size",
+                        1,
+                        100_000,
+                        "a whole number from 1 to 100000",
+                    )?
+                    .map(|v| v as u32),
+                    max_age: num(
+                        "max_age",
+                        1,
+                        315_360_000,
+                        "a whole number of seconds from 1 to 315360000",
+                    )?,
+                    cleanup_target_batch_ms: num(
+                        "cleanup_target_batch_ms",
+                        1,
+                        60_000,
+                        "a whole number of milliseconds from 1 to 60000",
+                    )?,
                 },
             );
         }
@@ -652,7 +844,10 @@ fn scalar(v: &toml::Value) -> Result<String, String> {
         toml::Value::Integer(i) => Ok(i.to_string()),
         toml::Value::Float(f) => Ok(f.to_string()),
         toml::Value::Boolean(b) => Ok(b.to_string()),
-        other => Err(format!("expected a string, number or boolean, found {}", other.type_str())),
+        other => Err(format!(
+            "expected a string, number or boolean, found {}",
+            other.type_str()
+        )),
     }
 }
 
@@ -661,7 +856,11 @@ fn scalar(v: &toml::Value) -> Result<String, String> {
 pub fn normalize_cron(expr: &str) -> Result<String, ()> {
     let expr = expr.trim();
     let fields = expr.split_whitespace().count();
-    let six = if fields == 5 { format!("0 {expr}") } else { expr.to_string() };
+    let six = if fields == 5 {
+        format!("0 {expr}")
+    } else {
+        expr.to_string()
+    };
     use std::str::FromStr;
     cron::Schedule::from_str(&six).map(|_| six).map_err(|_| ())
 }
@@ -689,12 +888,19 @@ fn parse_bool(s: &str) -> Result<bool, ()> {
 }
 
 fn parse_db_url(s: &str) -> Result<String, ()> {
-    crate::store::Engine::from_url(s).map(|_| s.to_string()).map_err(|_| ())
+    crate::store::Engine::from_url(s)
+        .map(|_| s.to_string())
+        .map_err(|_| ())
 }
 
 fn parse_redis_url(s: &str) -> Result<String, ()> {
-    let scheme = s.split("://").next().unwrap_or_default().to_ascii_lowercase();
-    if (scheme == "redis" || scheme == "rediss") && s.contains("://") && url::Url::parse(s).is_ok() {
+    let scheme = s
+        .split("://")
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if (scheme == "redis" || scheme == "rediss") && s.contains("://") && url::Url::parse(s).is_ok()
+    {
         Ok(s.to_string())
     } else {
         Err(())
@@ -712,7 +918,8 @@ fn parse_readable_file(s: &str) -> Result<Option<PathBuf>, ()> {
 fn parse_namespace(s: &str) -> Result<String, ()> {
     let ok = !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if ok { Ok(s.to_string()) } else { Err(()) }
 }
 
@@ -721,7 +928,9 @@ fn parse_listen_addr(s: &str) -> Result<Option<String>, ()> {
         return Ok(None);
     }
     match s.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(Some(s.to_string())),
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(Some(s.to_string()))
+        }
         _ => Err(()),
     }
 }

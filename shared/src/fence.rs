@@ -235,9 +235,11 @@ async fn set_lock_timeout(tx: &mut DbTx<'_>) -> Result<(), sqlx::Error> {
     let ms = LOCK_WAIT.as_millis();
     match tx {
         DbTx::Postgres(t) => {
-            sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL lock_timeout = {ms}")))
-                .execute(&mut **t)
-                .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SET LOCAL lock_timeout = {ms}"
+            )))
+            .execute(&mut **t)
+            .await?;
         }
         DbTx::MySql(t) => {
             sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -295,7 +297,9 @@ async fn try_session_lock_xact(tx: &mut DbTx<'_>, name: &str) -> Result<bool, sq
 /// stored token and holder.
 async fn lock_row(tx: &mut DbTx<'_>, name: &str) -> Result<(i64, Option<String>), sqlx::Error> {
     let insert = match tx.engine() {
-        Engine::Sqlite => format!("INSERT OR IGNORE INTO {FENCE_TABLE} (name, token) VALUES (?, 0)"),
+        Engine::Sqlite => {
+            format!("INSERT OR IGNORE INTO {FENCE_TABLE} (name, token) VALUES (?, 0)")
+        }
         Engine::Postgres => format!(
             "INSERT INTO {FENCE_TABLE} (name, token) VALUES (?, 0) ON CONFLICT (name) DO NOTHING"
         ),
@@ -315,7 +319,12 @@ async fn lock_row(tx: &mut DbTx<'_>, name: &str) -> Result<(i64, Option<String>)
     })
 }
 
-async fn write_row(tx: &mut DbTx<'_>, name: &str, token: i64, holder: &str) -> Result<(), sqlx::Error> {
+async fn write_row(
+    tx: &mut DbTx<'_>,
+    name: &str,
+    token: i64,
+    holder: &str,
+) -> Result<(), sqlx::Error> {
     let sql = tx.sql(format!(
         "UPDATE {FENCE_TABLE} SET token = ?, holder = ?, updated_at = ? WHERE name = ?"
     ));

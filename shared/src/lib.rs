@@ -20,6 +20,7 @@ pub mod backoff;
 pub mod config;
 pub mod fence;
 pub mod ops;
+pub mod schedule;
 pub mod secret;
 pub mod seed;
 pub mod store;

@@ -51,7 +51,10 @@ mod tests {
 
     #[test]
     fn leaves_passwordless_urls_alone() {
-        assert_eq!(redact_url("sqlite://sessionfleet.db"), "sqlite://sessionfleet.db");
+        assert_eq!(
+            redact_url("sqlite://sessionfleet.db"),
+            "sqlite://sessionfleet.db"
+        );
     }
 
     #[test]

@@ -151,7 +151,10 @@ pub async fn seed_demo(db: &Db, params: &SeedParams) -> Result<SeedReport, Store
     if detected.version != params.schema {
         return Err(StoreError::BadUrl {
             url: db.redacted_url().to_string(),
-            reason: format!("existing tables are schema {}, not {}; pass --reset to recreate them", detected.version, params.schema),
+            reason: format!(
+                "existing tables are schema {}, not {}; pass --reset to recreate them",
+                detected.version, params.schema
+            ),
         });
     }
     let fk_enforced = db.engine() != Engine::Sqlite;
@@ -170,7 +173,11 @@ pub async fn seed_demo(db: &Db, params: &SeedParams) -> Result<SeedReport, Store
             .map(|&id| {
                 let off = rng.chance(SeedParams::DEACTIVATED_USER_SHARE);
                 deactivated[id as usize] = off;
-                (id as i64, !off, now - rng.seconds(30 * 86_400, 400 * 86_400))
+                (
+                    id as i64,
+                    !off,
+                    now - rng.seconds(30 * 86_400, 400 * 86_400),
+                )
             })
             .collect();
         report.deactivated_users += rows.iter().filter(|r| !r.1).count() as u64;
@@ -192,8 +199,18 @@ pub async fn seed_demo(db: &Db, params: &SeedParams) -> Result<SeedReport, Store
     for user in 1..=users {
         for n in 0..(1 + rng.below(2)) {
             platform_count += 1;
-            let kind = if rng.chance(0.5) { "pixelfed" } else { "mastodon" };
-            platform_rows.push((platform_count as i64, user as i64, format!("{kind}-{n}"), kind, format!("https://{kind}{}.example.social", user % 97)));
+            let kind = if rng.chance(0.5) {
+                "pixelfed"
+            } else {
+                "mastodon"
+            };
+            platform_rows.push((
+                platform_count as i64,
+                user as i64,
+                format!("{kind}-{n}"),
+                kind,
+                format!("https://{kind}{n}-{}.example.social", user % 97),
+            ));
         }
         if platform_rows.len() >= 1000 || user == users {
             let mut tx = db.begin_write().await?;
@@ -217,7 +234,16 @@ pub async fn seed_demo(db: &Db, params: &SeedParams) -> Result<SeedReport, Store
     let mut statements_in_tx = 0;
     let mut tx = db.begin_write().await?;
     for i in 0..params.sessions {
-        let row = generate_session(&mut rng, i, params, users, platform_count, fk_enforced, &deactivated, &mut report);
+        let row = generate_session(
+            &mut rng,
+            i,
+            params,
+            users,
+            platform_count,
+            fk_enforced,
+            &deactivated,
+            &mut report,
+        );
         pending.push(row);
         if pending.len() == SeedParams::ROWS_PER_STATEMENT || i + 1 == params.sessions {
             insert_sessions(&mut tx, params.schema, &pending).await?;
@@ -271,7 +297,12 @@ fn generate_session(
         // Live: used within the last day, expiry extended into the future.
         let created = now - rng.seconds(3600, spread);
         let idle = rng.seconds(0, (now - created).num_seconds().min(86_400));
-        (created, now - idle, now + rng.seconds(3600, 47 * 3600), true)
+        (
+            created,
+            now - idle,
+            now + rng.seconds(3600, 47 * 3600),
+            true,
+        )
     };
     if expired {
         report.expired += 1;
@@ -292,9 +323,20 @@ fn generate_session(
         Some(1 + rng.below(platforms.max(1)) as i64)
     };
     let ip_address = if rng.chance(0.2) {
-        format!("2001:db8:{:x}:{:x}::{:x}", rng.below(0xffff), rng.below(0xffff), rng.below(0xffff))
+        format!(
+            "2001:db8:{:x}:{:x}::{:x}",
+            rng.below(0xffff),
+            rng.below(0xffff),
+            rng.below(0xffff)
+        )
     } else {
-        format!("{}.{}.{}.{}", 1 + rng.below(223), rng.below(256), rng.below(256), 1 + rng.below(254))
+        format!(
+            "{}.{}.{}.{}",
+            1 + rng.below(223),
+            rng.below(256),
+            rng.below(256),
+            1 + rng.below(254)
+        )
     };
     SessionRow {
         session_id: format!("{:016x}{:016x}-{index}", rng.next(), params.seed),

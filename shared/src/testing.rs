@@ -11,12 +11,14 @@ use crate::store::{ConnectOptions, Db, Engine};
 
 /// Admin URL of the local PostgreSQL (trust auth).
 pub fn pg_admin_url() -> String {
-    std::env::var("SESSIONFLEET_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("SESSIONFLEET_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// Admin URL of the local MariaDB.
 pub fn mysql_admin_url() -> String {
-    std::env::var("SESSIONFLEET_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+    std::env::var("SESSIONFLEET_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
 }
 
 /// URL of the shared test Redis.
@@ -47,7 +49,10 @@ pub struct TestDb {
 impl TestDb {
     /// Creates an empty database on `engine`.
     pub async fn new(engine: Engine) -> TestDb {
-        let name = format!("sf_test_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let name = format!(
+            "sf_test_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         let (url, dir) = match engine {
             Engine::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
@@ -55,21 +60,39 @@ impl TestDb {
                 (format!("sqlite://{}", path.display()), Some(dir))
             }
             Engine::Postgres => {
-                let admin = Db::connect(&pg_admin_url(), &ConnectOptions::default()).await.expect("PostgreSQL admin connection");
-                admin.execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+                let admin = Db::connect(&pg_admin_url(), &ConnectOptions::default())
+                    .await
+                    .expect("PostgreSQL admin connection");
+                admin
+                    .execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("create database");
                 admin.close().await;
                 let base = pg_admin_url();
                 (replace_db(&base, &name), None)
             }
             Engine::MySql => {
-                let admin = Db::connect(&mysql_admin_url(), &ConnectOptions::default()).await.expect("MariaDB admin connection");
-                admin.execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+                let admin = Db::connect(&mysql_admin_url(), &ConnectOptions::default())
+                    .await
+                    .expect("MariaDB admin connection");
+                admin
+                    .execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("create database");
                 admin.close().await;
                 (replace_db(&mysql_admin_url(), &name), None)
             }
         };
-        let db = Db::connect(&url, &ConnectOptions::default()).await.expect("connect test database");
-        TestDb { db, url, engine, name, _dir: dir }
+        let db = Db::connect(&url, &ConnectOptions::default())
+            .await
+            .expect("connect test database");
+        TestDb {
+            db,
+            url,
+            engine,
+            name,
+            _dir: dir,
+        }
     }
 
     /// The engine.
@@ -86,8 +109,14 @@ impl TestDb {
             Engine::MySql => mysql_admin_url(),
         };
         if let Ok(admin) = Db::connect(&admin_url, &ConnectOptions::default()).await {
-            let force = if self.engine == Engine::Postgres { " WITH (FORCE)" } else { "" };
-            let _ = admin.execute(&format!("DROP DATABASE IF EXISTS {}{force}", self.name)).await;
+            let force = if self.engine == Engine::Postgres {
+                " WITH (FORCE)"
+            } else {
+                ""
+            };
+            let _ = admin
+                .execute(&format!("DROP DATABASE IF EXISTS {}{force}", self.name))
+                .await;
             admin.close().await;
         }
     }

@@ -28,7 +28,11 @@ pub enum Engine {
 impl Engine {
     /// Picks the engine from a URL's scheme.
     pub fn from_url(url: &str) -> Result<Engine, StoreError> {
-        let scheme = url.split(':').next().unwrap_or_default().to_ascii_lowercase();
+        let scheme = url
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         match scheme.as_str() {
             "sqlite" => Ok(Engine::Sqlite),
             "postgres" | "postgresql" => Ok(Engine::Postgres),
@@ -325,7 +329,10 @@ impl Db {
 }
 
 /// Prepares SQL text for `engine` (see [`Db::sql`]).
-pub fn dialect_sql(engine: Engine, sql: impl Into<Cow<'static, str>>) -> AssertSqlSafe<Cow<'static, str>> {
+pub fn dialect_sql(
+    engine: Engine,
+    sql: impl Into<Cow<'static, str>>,
+) -> AssertSqlSafe<Cow<'static, str>> {
     let sql = sql.into();
     if engine != Engine::Postgres || !sql.contains('?') {
         return AssertSqlSafe(sql);
@@ -348,7 +355,9 @@ fn is_permanent(e: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => {
             // PostgreSQL: 28xxx auth, 3D000 unknown database. MySQL: 1044/1045 access, 1049 unknown db.
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-            code.starts_with("28") || code == "3D000" || ["1044", "1045", "1049"].contains(&code.as_str())
+            code.starts_with("28")
+                || code == "3D000"
+                || matches!(super::mysql_error_number(e), Some(1044 | 1045 | 1049))
         }
         _ => false,
     }
@@ -361,8 +370,13 @@ mod tests {
     #[test]
     fn engine_follows_the_scheme() {
         assert_eq!(Engine::from_url("sqlite://x.db").unwrap(), Engine::Sqlite);
-        assert_eq!(Engine::from_url("postgresql://h/db").unwrap(), Engine::Postgres);
+        assert_eq!(
+            Engine::from_url("postgresql://h/db").unwrap(),
+            Engine::Postgres
+        );
         assert_eq!(Engine::from_url("mariadb://h/db").unwrap(), Engine::MySql);
-        assert!(matches!(Engine::from_url("oracle://h/db"), Err(StoreError::UnknownScheme(s)) if s == "oracle"));
+        assert!(
+            matches!(Engine::from_url("oracle://h/db"), Err(StoreError::UnknownScheme(s)) if s == "oracle")
+        );
     }
 }

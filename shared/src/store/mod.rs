@@ -50,6 +50,17 @@ pub enum StoreError {
     Sql(#[from] sqlx::Error),
 }
 
+/// The server's own error number of a MySQL/MariaDB error (e.g. 1061), which `code()` does
+/// not give (it returns the SQLSTATE).
+pub fn mysql_error_number(e: &sqlx::Error) -> Option<u16> {
+    match e {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .map(|m| m.number()),
+        _ => None,
+    }
+}
+
 /// Runs `$body` with `$p` bound to the engine-specific pool of a [`Db`].
 ///
 /// Each arm is type-checked separately, so the body may use any sqlx API that all three

@@ -288,7 +288,13 @@ pub async fn detect_with(db: &Db, profile: &SessionProfile) -> Result<Schema, St
         }
         .into());
     };
-    let required = [&p.id, &p.session_key, &p.user_id, &p.created_at, &p.updated_at];
+    let required = [
+        &p.id,
+        &p.session_key,
+        &p.user_id,
+        &p.created_at,
+        &p.updated_at,
+    ];
     let missing: Vec<&str> = required
         .iter()
         .filter(|c| !cols.contains(c.as_str()))
@@ -394,7 +400,7 @@ pub async fn create(db: &Db, version: SchemaVersion) -> Result<(), StoreError> {
         match db.execute(&stmt).await {
             Ok(_) => {}
             // MySQL (unlike MariaDB) has no CREATE INDEX IF NOT EXISTS: 1061 = "duplicate key name".
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("1061") => {}
+            Err(e) if super::mysql_error_number(&e) == Some(1061) => {}
             Err(e) => return Err(e.into()),
         }
     }

@@ -50,6 +50,9 @@ mod tests {
 
     #[test]
     fn leaves_question_marks_in_literals() {
-        assert_eq!(placeholders("x = '?' AND y = ?", true), "x = '?' AND y = $1");
+        assert_eq!(
+            placeholders("x = '?' AND y = ?", true),
+            "x = '?' AND y = $1"
+        );
     }
 }

@@ -1,0 +1,228 @@
+//! The scheduler's clock: which tick is due, and the guarantee that N replicas enqueue
+//! exactly one job per tick and catch a missed tick up once, never in a burst.
+//!
+//! apalis-cron fires on every replica (apalis-1.0-notes §3), so ticks are computed here and
+//! turned into jobs with a dedupe key derived from the tick (`schedule:<name>:<unix secs>`):
+//! however many replicas enqueue the same tick, the queue keeps one job. A per-schedule
+//! record in Redis (`last fired tick`, advanced by compare-and-set) makes a replica that comes
+//! back after downtime fire only the *latest* missed tick, once.
+
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Serialize;
+
+/// When a schedule fires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Cadence {
+    /// At every multiple of this many seconds since the Unix epoch (so replicas agree).
+    Every(u64),
+    /// A cron expression, seconds first, in UTC.
+    Cron(String),
+}
+
+impl Cadence {
+    /// Parses `every 3600s` or a (six-field) cron expression.
+    pub fn parse(s: &str) -> Result<Cadence, String> {
+        let s = s.trim();
+        if let Some(rest) = s.strip_prefix("every ") {
+            let secs = rest
+                .trim_end_matches('s')
+                .parse::<u64>()
+                .map_err(|_| format!("'{s}': expected 'every <seconds>s'"))?;
+            if secs == 0 {
+                return Err(format!("'{s}': the interval must be at least 1 second"));
+            }
+            return Ok(Cadence::Every(secs));
+        }
+        let normalized = crate::config::normalize_cron(s)
+            .map_err(|()| format!("'{s}': not a cron expression"))?;
+        Ok(Cadence::Cron(normalized))
+    }
+
+    /// The latest tick at or before `now`, if any.
+    pub fn latest_tick(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            Cadence::Every(secs) => {
+                let t = now.timestamp();
+                let secs = *secs as i64;
+                Utc.timestamp_opt(t - t.rem_euclid(secs), 0).single()
+            }
+            Cadence::Cron(expr) => {
+                let schedule = cron::Schedule::from_str(expr).ok()?;
+                // Look back far enough for daily and weekly schedules.
+                let from = now - chrono::Duration::days(8);
+                schedule.after(&from).take_while(|t| *t <= now).last()
+            }
+        }
+    }
+
+    /// The first tick strictly after `now`.
+    pub fn next_tick(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            Cadence::Every(secs) => {
+                let t = now.timestamp();
+                let secs = *secs as i64;
+                Utc.timestamp_opt(t - t.rem_euclid(secs) + secs, 0).single()
+            }
+            Cadence::Cron(expr) => cron::Schedule::from_str(expr).ok()?.after(&now).next(),
+        }
+    }
+}
+
+/// One named schedule and the job it enqueues.
+#[derive(Debug, Clone, Serialize)]
+pub struct Schedule {
+    /// Name, used in Redis keys and dedupe keys (`cleanup`, `full_maintenance`, `health_report`).
+    pub name: String,
+    /// When it fires.
+    pub cadence: Cadence,
+}
+
+/// The dedupe key of one tick: identical on every replica.
+pub fn tick_dedupe_key(schedule: &str, tick: DateTime<Utc>) -> String {
+    format!("schedule:{schedule}:{}", tick.timestamp())
+}
+
+/// Redis key holding the last fired tick of a schedule (one hash slot per namespace).
+pub fn last_tick_key(namespace: &str, schedule: &str) -> String {
+    format!("{{sessionfleet:{namespace}}}:schedule:{schedule}:last")
+}
+
+/// Advances the last-fired record to `tick` only if it is newer: returns true when this call
+/// moved it (compare-and-set, atomic in Redis).
+const ADVANCE_SCRIPT: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1";
+
+/// What one scheduler pass decided for one schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum TickDecision {
+    /// First sight of this schedule: the record was set to the latest tick, nothing fired
+    /// (installing a scheduler does not fire past ticks).
+    Initialized(i64),
+    /// The tick was enqueued (or found already enqueued by another replica) and recorded.
+    Fired(i64),
+    /// Nothing due.
+    Idle,
+}
+
+/// Runs one pass for `schedule` at `now`: if a tick newer than the record is due, enqueue it
+/// through `enqueue` (which must deduplicate on the key it is given) and then advance the
+/// record. Only the latest due tick is enqueued, so downtime yields one catch-up, not a burst.
+///
+/// The order — enqueue, then record — means a replica that dies in between leaves the tick to
+/// the next pass of any replica, and the dedupe key keeps that from becoming a second job.
+pub async fn pass<F, Fut, E>(
+    redis: &mut redis::aio::ConnectionManager,
+    namespace: &str,
+    schedule: &Schedule,
+    now: DateTime<Utc>,
+    enqueue: F,
+) -> Result<TickDecision, ScheduleError>
+where
+    F: FnOnce(DateTime<Utc>, String) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let Some(tick) = schedule.cadence.latest_tick(now) else {
+        return Ok(TickDecision::Idle);
+    };
+    let key = last_tick_key(namespace, &schedule.name);
+    let last: Option<i64> = redis::cmd("GET").arg(&key).query_async(redis).await?;
+    match last {
+        None => {
+            let _: i64 = redis::Script::new(ADVANCE_SCRIPT)
+                .key(&key)
+                .arg(tick.timestamp())
+                .invoke_async(redis)
+                .await?;
+            Ok(TickDecision::Initialized(tick.timestamp()))
+        }
+        Some(last) if last >= tick.timestamp() => Ok(TickDecision::Idle),
+        Some(_) => {
+            enqueue(tick, tick_dedupe_key(&schedule.name, tick))
+                .await
+                .map_err(|e| ScheduleError::Enqueue(e.to_string()))?;
+            let _: i64 = redis::Script::new(ADVANCE_SCRIPT)
+                .key(&key)
+                .arg(tick.timestamp())
+                .invoke_async(redis)
+                .await?;
+            Ok(TickDecision::Fired(tick.timestamp()))
+        }
+    }
+}
+
+/// How long to sleep before the next pass: until the soonest next tick, at most `max`.
+pub fn sleep_until_next(schedules: &[Schedule], now: DateTime<Utc>, max: Duration) -> Duration {
+    schedules
+        .iter()
+        .filter_map(|s| s.cadence.next_tick(now))
+        .map(|t| (t - now).to_std().unwrap_or_default())
+        .min()
+        .unwrap_or(max)
+        .min(max)
+        // A little past the tick, so `latest_tick` sees it.
+        + Duration::from_millis(50)
+}
+
+/// Scheduler failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    /// Redis failed.
+    #[error("scheduler: redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The job could not be enqueued.
+    #[error("scheduler: enqueue failed: {0}")]
+    Enqueue(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn every_ticks_align_to_the_epoch() {
+        let c = Cadence::parse("every 3600s").unwrap();
+        assert_eq!(
+            c.latest_tick(at("2026-11-28T03:14:15Z")),
+            Some(at("2026-11-28T03:00:00Z"))
+        );
+        assert_eq!(
+            c.next_tick(at("2026-11-28T03:14:15Z")),
+            Some(at("2026-11-28T04:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn cron_latest_tick_is_the_last_past_fire_time() {
+        let c = Cadence::parse("0 2 * * *").unwrap();
+        assert_eq!(
+            c.latest_tick(at("2026-11-28T01:00:00Z")),
+            Some(at("2026-11-27T02:00:00Z"))
+        );
+        assert_eq!(
+            c.latest_tick(at("2026-11-28T02:00:00Z")),
+            Some(at("2026-11-28T02:00:00Z"))
+        );
+        assert_eq!(
+            c.next_tick(at("2026-11-28T02:00:00Z")),
+            Some(at("2026-11-29T02:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn bad_cadences_are_refused() {
+        assert!(Cadence::parse("every 0s").is_err());
+        assert!(Cadence::parse("sometimes").is_err());
+    }
+}

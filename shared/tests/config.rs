@@ -1,0 +1,214 @@
+//! Configuration precedence (flag > env > file > default) and every refusal.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use sessionfleet::config::{ConfigError, Overrides, Settings, Source};
+
+fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |k| map.get(k).cloned()
+}
+
+fn file_with(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+fn refusal(flags: &Overrides, env: &[(&str, &str)], file: Option<&std::path::Path>) -> String {
+    match Settings::resolve(flags, &env_of(env), file) {
+        Ok(_) => panic!("configuration was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn defaults_are_the_specs() {
+    let s = Settings::resolve(&Overrides::default(), &env_of(&[]), None).unwrap();
+    assert_eq!(s.cleanup_interval.value, 3600);
+    assert_eq!(s.cleanup_batch_size.value, 100);
+    assert_eq!(s.max_age.value, 172_800);
+    assert!(s.monitoring_enabled.value);
+    assert_eq!(s.metrics_retention_days.value, 7);
+    assert!(s.alert_thresholds_file.value.is_none());
+    assert_eq!(s.redis_url.value, "redis://127.0.0.1:6379");
+    assert_eq!(s.target(None).unwrap().url, "sqlite://sessionfleet.db");
+    assert_eq!(s.cleanup_interval.source, Source::Default);
+}
+
+#[test]
+fn flag_beats_env_beats_file_beats_default() {
+    let file = file_with("cleanup_batch_size = 300\nmax_age = 1000\ncleanup_interval = 60\n");
+    let env = [
+        ("SESSION_CLEANUP_BATCH_SIZE", "200"),
+        ("SESSION_MAX_AGE", "2000"),
+    ];
+    let mut flags = Overrides::default();
+    flags.set("SESSION_CLEANUP_BATCH_SIZE", Some(100u32 + 1));
+    let s = Settings::resolve(&flags, &env_of(&env), Some(file.path())).unwrap();
+    assert_eq!(
+        (s.cleanup_batch_size.value, s.cleanup_batch_size.source),
+        (101, Source::Flag)
+    );
+    assert_eq!((s.max_age.value, s.max_age.source), (2000, Source::Env));
+    assert_eq!(
+        (s.cleanup_interval.value, s.cleanup_interval.source),
+        (60, Source::File)
+    );
+    assert_eq!(s.metrics_retention_days.source, Source::Default);
+}
+
+#[test]
+fn config_file_may_come_from_the_environment() {
+    let file = file_with("max_age = 42\n");
+    let path = file.path().display().to_string();
+    let s = Settings::resolve(
+        &Overrides::default(),
+        &env_of(&[("SESSIONFLEET_CONFIG", &path)]),
+        None,
+    )
+    .unwrap();
+    assert_eq!(s.max_age.value, 42);
+}
+
+#[test]
+fn targets_come_from_the_file_with_overrides() {
+    let file = file_with(
+        "default_target = \"eu\"\n\
+         [targets.eu]\nurl = \"postgres://app:pw@db-eu/app\"\ncleanup_batch_size = 500\n\
+         [targets.us]\nurl = \"mysql://app@db-us/app\"\nmax_age = 3600\n",
+    );
+    let s = Settings::resolve(&Overrides::default(), &env_of(&[]), Some(file.path())).unwrap();
+    assert_eq!(s.target(None).unwrap().name, "eu");
+    let eu = s.target(Some("eu")).unwrap();
+    assert_eq!(s.batch_size_for(eu), 500);
+    let us = s.target(Some("us")).unwrap();
+    assert_eq!(s.max_age_for(us).as_secs(), 3600);
+    assert_eq!(s.batch_size_for(us), 100);
+    assert!(
+        s.targets.contains_key("default"),
+        "DATABASE_URL's target stays available"
+    );
+    let err = s.target(Some("asia")).unwrap_err().to_string();
+    assert!(
+        err.contains("unknown target 'asia'") && err.contains("eu"),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_invalid_value_is_refused_with_the_variable_and_the_form() {
+    let none = Overrides::default();
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "SESSION_CLEANUP_INTERVAL",
+            "hourly",
+            "whole number of seconds",
+        ),
+        ("SESSION_CLEANUP_BATCH_SIZE", "0", "from 1 to 100000"),
+        ("SESSION_MAX_AGE", "-5", "whole number of seconds"),
+        ("SESSION_MONITORING_ENABLED", "maybe", "true or false"),
+        ("SESSION_METRICS_RETENTION_DAYS", "0", "days"),
+        (
+            "SESSION_ALERT_THRESHOLDS_FILE",
+            "/nonexistent/thresholds.json",
+            "readable JSON file",
+        ),
+        ("DATABASE_URL", "oracle://db/app", "sqlite:, postgres:"),
+        ("REDIS_URL", "http://cache:6379", "redis:// or rediss://"),
+        ("SESSIONFLEET_LOG_FORMAT", "xml", "text or json"),
+    ];
+    for (var, value, form) in cases {
+        let msg = refusal(&none, &[(var, value)], None);
+        assert!(msg.contains(var), "{var}: {msg}");
+        assert!(msg.contains(form), "{var}: {msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+}
+
+#[test]
+fn flag_values_are_validated_like_env_values() {
+    let mut flags = Overrides::default();
+    flags.set("SESSION_CLEANUP_BATCH_SIZE", Some("0"));
+    let msg = refusal(&flags, &[], None);
+    assert!(
+        msg.contains("SESSION_CLEANUP_BATCH_SIZE") && msg.contains("from flag"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unreadable_and_malformed_files_are_refused() {
+    let msg = refusal(
+        &Overrides::default(),
+        &[],
+        Some(std::path::Path::new("/nonexistent/sf.toml")),
+    );
+    assert!(
+        msg.contains("cannot read configuration file /nonexistent/sf.toml"),
+        "{msg}"
+    );
+    let bad = file_with("max_age = [1, 2]\n");
+    let msg = refusal(&Overrides::default(), &[], Some(bad.path()));
+    assert!(msg.contains("max_age"), "{msg}");
+    let broken = file_with("max_age = \n");
+    assert!(matches!(
+        Settings::resolve(&Overrides::default(), &env_of(&[]), Some(broken.path())),
+        Err(ConfigError::BadFile { .. })
+    ));
+}
+
+#[test]
+fn unknown_keys_in_the_file_are_refused() {
+    for (text, key) in [
+        ("max_agee = 5\n", "max_agee"),
+        (
+            "[targets.eu]\nurl = \"sqlite://x.db\"\nbatch = 5\n",
+            "targets.eu.batch",
+        ),
+        ("[schedule]\nnightly = \"0 2 * * *\"\n", "schedule.nightly"),
+    ] {
+        let f = file_with(text);
+        let msg = refusal(&Overrides::default(), &[], Some(f.path()));
+        assert!(msg.contains(&format!("unknown key '{key}'")), "{msg}");
+    }
+}
+
+#[test]
+fn schedules_accept_five_and_six_field_cron() {
+    let f =
+        file_with("[schedule]\ncleanup = \"*/15 * * * *\"\nfull_maintenance = \"0 30 3 * * *\"\n");
+    let s = Settings::resolve(&Overrides::default(), &env_of(&[]), Some(f.path())).unwrap();
+    assert_eq!(s.schedules.cleanup.as_deref(), Some("0 */15 * * * *"));
+    assert_eq!(s.schedules.full_maintenance, "0 30 3 * * *");
+    let bad = file_with("[schedule]\nhealth_report = \"every hour\"\n");
+    let msg = refusal(&Overrides::default(), &[], Some(bad.path()));
+    assert!(
+        msg.contains("schedule.health_report") && msg.contains("cron expression"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn passwords_never_appear_in_output_or_errors() {
+    let env = [
+        ("DATABASE_URL", "postgres://app:hunter2@db/app"),
+        ("REDIS_URL", "redis://:s3cret@cache:6379"),
+    ];
+    let s = Settings::resolve(&Overrides::default(), &env_of(&env), None).unwrap();
+    let shown = format!("{:?}", s.rows());
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("s3cret"),
+        "{shown}"
+    );
+    let msg = refusal(
+        &Overrides::default(),
+        &[("DATABASE_URL", "oracle://app:hunter2@db/app")],
+        None,
+    );
+    assert!(!msg.contains("hunter2"), "{msg}");
+}

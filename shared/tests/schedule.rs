@@ -1,0 +1,125 @@
+//! The scheduler's tick record on a real Redis: initialise without firing, fire a due tick
+//! once, catch up only the latest missed tick, and agree on dedupe keys across replicas.
+
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use sessionfleet::schedule::{Cadence, Schedule, TickDecision, pass, tick_dedupe_key};
+use sessionfleet::testing::{redis_url, unique_namespace};
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+async fn redis() -> redis::aio::ConnectionManager {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap()
+}
+
+type Fired = Arc<Mutex<Vec<String>>>;
+
+async fn run_pass(
+    conn: &mut redis::aio::ConnectionManager,
+    ns: &str,
+    s: &Schedule,
+    now: &str,
+    fired: &Fired,
+) -> TickDecision {
+    let fired = fired.clone();
+    pass(conn, ns, s, at(now), |_tick, key| async move {
+        fired.lock().unwrap().push(key);
+        Ok::<(), String>(())
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn first_pass_initialises_then_each_tick_fires_once() {
+    let mut conn = redis().await;
+    let ns = unique_namespace();
+    let s = Schedule {
+        name: "cleanup".into(),
+        cadence: Cadence::parse("every 60s").unwrap(),
+    };
+    let fired: Fired = Arc::default();
+    assert_eq!(
+        run_pass(&mut conn, &ns, &s, "2026-11-28T03:00:30Z", &fired).await,
+        TickDecision::Initialized(at("2026-11-28T03:00:00Z").timestamp())
+    );
+    assert_eq!(
+        run_pass(&mut conn, &ns, &s, "2026-11-28T03:00:59Z", &fired).await,
+        TickDecision::Idle
+    );
+    assert!(
+        fired.lock().unwrap().is_empty(),
+        "installing does not fire past ticks"
+    );
+    let next = run_pass(&mut conn, &ns, &s, "2026-11-28T03:01:01Z", &fired).await;
+    assert_eq!(
+        next,
+        TickDecision::Fired(at("2026-11-28T03:01:00Z").timestamp())
+    );
+    assert_eq!(
+        run_pass(&mut conn, &ns, &s, "2026-11-28T03:01:30Z", &fired).await,
+        TickDecision::Idle
+    );
+    assert_eq!(
+        fired.lock().unwrap().as_slice(),
+        [tick_dedupe_key("cleanup", at("2026-11-28T03:01:00Z"))]
+    );
+}
+
+#[tokio::test]
+async fn downtime_catches_up_the_latest_missed_tick_once() {
+    let mut conn = redis().await;
+    let ns = unique_namespace();
+    let s = Schedule {
+        name: "health_report".into(),
+        cadence: Cadence::parse("0 * * * *").unwrap(),
+    };
+    let fired: Fired = Arc::default();
+    run_pass(&mut conn, &ns, &s, "2026-11-28T01:10:00Z", &fired).await;
+    // Down from 01:10 to 05:30: four hourly ticks missed, one catch-up.
+    let d = run_pass(&mut conn, &ns, &s, "2026-11-28T05:30:00Z", &fired).await;
+    assert_eq!(
+        d,
+        TickDecision::Fired(at("2026-11-28T05:00:00Z").timestamp())
+    );
+    run_pass(&mut conn, &ns, &s, "2026-11-28T05:31:00Z", &fired).await;
+    assert_eq!(fired.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn replicas_agree_on_the_record_and_the_dedupe_key() {
+    let ns = unique_namespace();
+    let s = Schedule {
+        name: "full_maintenance".into(),
+        cadence: Cadence::parse("0 2 * * *").unwrap(),
+    };
+    let fired: Fired = Arc::default();
+    let mut first = redis().await;
+    run_pass(&mut first, &ns, &s, "2026-11-27T03:00:00Z", &fired).await;
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        let (ns, s, fired) = (ns.clone(), s.clone(), fired.clone());
+        handles.push(tokio::spawn(async move {
+            let mut conn = redis().await;
+            run_pass(&mut conn, &ns, &s, "2026-11-28T02:00:05Z", &fired).await
+        }));
+    }
+    for h in handles {
+        let d = h.await.unwrap();
+        assert!(
+            matches!(d, TickDecision::Fired(_) | TickDecision::Idle),
+            "{d:?}"
+        );
+    }
+    let keys = fired.lock().unwrap().clone();
+    assert!(!keys.is_empty());
+    let expected = tick_dedupe_key("full_maintenance", at("2026-11-28T02:00:00Z"));
+    assert!(keys.iter().all(|k| *k == expected), "{keys:?}");
+}

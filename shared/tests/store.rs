@@ -1,0 +1,364 @@
+//! Engines, schema detection and creation, demo data and the fence, on SQLite, PostgreSQL
+//! and MariaDB — each test in its own database.
+
+use chrono::NaiveDate;
+use sessionfleet::fence;
+use sessionfleet::seed::{SeedParams, seed_demo};
+use sessionfleet::store::{Engine, SchemaVersion, StoreError, schema};
+use sessionfleet::testing::{ENGINES, TestDb};
+
+fn fixed_now() -> chrono::NaiveDateTime {
+    NaiveDate::from_ymd_opt(2026, 11, 1)
+        .unwrap()
+        .and_hms_opt(12, 0, 0)
+        .unwrap()
+}
+
+fn params(sessions: u64, seed: u64, version: SchemaVersion) -> SeedParams {
+    SeedParams {
+        sessions,
+        users: SeedParams::default_users(sessions),
+        seed,
+        schema: version,
+        now: fixed_now(),
+        reset: false,
+    }
+}
+
+#[tokio::test]
+async fn connect_reports_engine_and_version() {
+    for engine in ENGINES {
+        let t = TestDb::new(engine).await;
+        let info = t.db.describe().await.unwrap();
+        assert_eq!(info.engine, engine);
+        assert!(
+            info.version
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit()),
+            "{engine}: {}",
+            info.version
+        );
+        t.drop_db().await;
+    }
+}
+
+#[tokio::test]
+async fn unknown_scheme_and_unreachable_server_are_clear_errors() {
+    let opts = sessionfleet::store::ConnectOptions {
+        attempts: 2,
+        initial_backoff: std::time::Duration::from_millis(10),
+        ..Default::default()
+    };
+    let e = sessionfleet::store::Db::connect("oracle://x/y", &opts)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::UnknownScheme(_)), "{e}");
+    // Nothing listens on port 1; the password must not leak into the error.
+    let e = sessionfleet::store::Db::connect("postgres://app:hunter2@127.0.0.1:1/app", &opts)
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("after 2 attempts") && !msg.contains("hunter2"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn detects_v1_v2_and_missing_tables_on_every_engine() {
+    for engine in ENGINES {
+        let t = TestDb::new(engine).await;
+        let missing = schema::detect(&t.db).await.unwrap_err().to_string();
+        assert!(
+            missing.contains("table 'user_sessions' not found"),
+            "{engine}: {missing}"
+        );
+
+        schema::create(&t.db, SchemaVersion::V1).await.unwrap();
+        let s = schema::detect(&t.db).await.unwrap();
+        assert_eq!(s.version, SchemaVersion::V1, "{engine}");
+        assert_eq!(s.activity_column(), "updated_at");
+        assert!(s.sessions.expires_at.is_none() && s.users.is_some() && s.platforms.is_some());
+        t.drop_db().await;
+
+        let t = TestDb::new(engine).await;
+        schema::create(&t.db, SchemaVersion::V2).await.unwrap();
+        let s = schema::detect(&t.db).await.unwrap();
+        assert_eq!(s.version, SchemaVersion::V2, "{engine}");
+        assert_eq!(s.activity_column(), "last_activity");
+        assert_eq!(s.sessions.expires_at.as_deref(), Some("expires_at"));
+        t.drop_db().await;
+    }
+}
+
+#[tokio::test]
+async fn missing_columns_are_named() {
+    for engine in ENGINES {
+        let t = TestDb::new(engine).await;
+        t.db.execute("CREATE TABLE user_sessions (id INTEGER PRIMARY KEY, session_id VARCHAR(255), created_at TIMESTAMP)")
+            .await
+            .unwrap();
+        let msg = schema::detect(&t.db).await.unwrap_err().to_string();
+        assert!(
+            msg.contains("lacks column(s) user_id, updated_at"),
+            "{engine}: {msg}"
+        );
+        t.drop_db().await;
+    }
+}
+
+#[tokio::test]
+async fn created_v2_schema_has_the_reference_names() {
+    for engine in ENGINES {
+        let t = TestDb::new(engine).await;
+        schema::create(&t.db, SchemaVersion::V2).await.unwrap();
+        // Idempotent: a second call changes nothing and does not fail.
+        schema::create(&t.db, SchemaVersion::V2).await.unwrap();
+        let cols = schema::table_columns(&t.db, "user_sessions")
+            .await
+            .unwrap()
+            .unwrap();
+        for c in [
+            "id",
+            "session_id",
+            "user_id",
+            "active_platform_id",
+            "created_at",
+            "updated_at",
+            "last_activity",
+            "expires_at",
+            "is_active",
+            "session_fingerprint",
+            "user_agent",
+            "ip_address",
+        ] {
+            assert!(cols.contains(c), "{engine}: column {c} missing");
+        }
+        let index_sql = match engine {
+            Engine::Sqlite => {
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name IN \
+                ('ix_user_sessions_session_id','ix_user_sessions_user_id','ix_user_sessions_updated_at',\
+                 'ix_user_sessions_last_activity','ix_user_sessions_expires_at','ix_user_sessions_is_active',\
+                 'ix_platform_user_active','ix_platform_type_active','ix_platform_instance_type','ix_users_username','ix_users_email')"
+            }
+            Engine::Postgres => {
+                "SELECT COUNT(*) FROM pg_indexes WHERE schemaname = current_schema() AND indexname IN \
+                ('ix_user_sessions_session_id','ix_user_sessions_user_id','ix_user_sessions_updated_at',\
+                 'ix_user_sessions_last_activity','ix_user_sessions_expires_at','ix_user_sessions_is_active',\
+                 'ix_platform_user_active','ix_platform_type_active','ix_platform_instance_type','ix_users_username','ix_users_email')"
+            }
+            Engine::MySql => {
+                "SELECT COUNT(DISTINCT index_name) FROM information_schema.statistics WHERE table_schema = DATABASE() AND index_name IN \
+                ('ix_user_sessions_session_id','ix_user_sessions_user_id','ix_user_sessions_updated_at',\
+                 'ix_user_sessions_last_activity','ix_user_sessions_expires_at','ix_user_sessions_is_active',\
+                 'ix_platform_user_active','ix_platform_type_active','ix_platform_instance_type','ix_users_username','ix_users_email')"
+            }
+        };
+        assert_eq!(t.db.scalar_i64(index_sql).await.unwrap(), 11, "{engine}");
+        t.drop_db().await;
+    }
+}
+
+/// A digest of every generated row, to compare two seedings.
+async fn digest(t: &TestDb) -> (i64, i64, i64, i64) {
+    let db = &t.db;
+    // MySQL's SUM is DECIMAL; bring it back to an integer the same way everywhere.
+    let int = if t.engine() == Engine::MySql {
+        "SIGNED"
+    } else {
+        "BIGINT"
+    };
+    let sum = |expr: &str| format!("SELECT CAST(SUM({expr}) AS {int}) FROM user_sessions");
+    (
+        db.scalar_i64("SELECT COUNT(*) FROM user_sessions")
+            .await
+            .unwrap(),
+        db.scalar_i64(&sum("user_id")).await.unwrap(),
+        db.scalar_i64(&sum("COALESCE(active_platform_id, 0)"))
+            .await
+            .unwrap(),
+        db.scalar_i64(&sum("LENGTH(session_id) + LENGTH(ip_address)"))
+            .await
+            .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn seeding_is_deterministic_for_a_seed() {
+    for engine in ENGINES {
+        let a = TestDb::new(engine).await;
+        let b = TestDb::new(engine).await;
+        let c = TestDb::new(engine).await;
+        seed_demo(&a.db, &params(2000, 7, SchemaVersion::V2))
+            .await
+            .unwrap();
+        seed_demo(&b.db, &params(2000, 7, SchemaVersion::V2))
+            .await
+            .unwrap();
+        seed_demo(&c.db, &params(2000, 8, SchemaVersion::V2))
+            .await
+            .unwrap();
+        let (da, db_, dc) = (digest(&a).await, digest(&b).await, digest(&c).await);
+        assert_eq!(da, db_, "{engine}: same seed, same rows");
+        assert_ne!(da, dc, "{engine}: another seed, other rows");
+        // Exact row equality on the session keys too.
+        let keys = "SELECT COUNT(*) FROM user_sessions WHERE session_id LIKE '%-1999' OR session_id LIKE '%-0'";
+        assert_eq!(a.db.scalar_i64(keys).await.unwrap(), 2);
+        for t in [a, b, c] {
+            t.drop_db().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn seeding_produces_the_promised_proportions() {
+    for engine in ENGINES {
+        for version in [SchemaVersion::V1, SchemaVersion::V2] {
+            let t = TestDb::new(engine).await;
+            let report = seed_demo(&t.db, &params(5000, 42, version)).await.unwrap();
+            assert_eq!(report.sessions, 5000);
+            let total =
+                t.db.scalar_i64("SELECT COUNT(*) FROM user_sessions")
+                    .await
+                    .unwrap();
+            assert_eq!(total, 5000);
+            // Expired by the v1 rule (idle > 48 h before the reference time) ~60%.
+            let cutoff = "2026-10-30 12:00:00";
+            let idle_sql =
+                format!("SELECT COUNT(*) FROM user_sessions WHERE updated_at < '{cutoff}'");
+            let idle = t.db.scalar_i64(&idle_sql).await.unwrap() as f64 / total as f64;
+            assert!(
+                (0.55..0.65).contains(&idle),
+                "{engine} {version}: expired share {idle}"
+            );
+            if version == SchemaVersion::V2 {
+                let past =
+                    "SELECT COUNT(*) FROM user_sessions WHERE expires_at < '2026-11-01 12:00:00'";
+                let share = t.db.scalar_i64(past).await.unwrap() as f64 / total as f64;
+                assert!(
+                    (0.55..0.65).contains(&share),
+                    "{engine}: expires_at share {share}"
+                );
+            }
+            // Created over 30 days.
+            let oldest =
+                t.db.scalar_i64(
+                    "SELECT COUNT(*) FROM user_sessions WHERE created_at < '2026-10-05 00:00:00'",
+                )
+                .await
+                .unwrap();
+            let newest =
+                t.db.scalar_i64(
+                    "SELECT COUNT(*) FROM user_sessions WHERE created_at > '2026-10-31 12:00:00'",
+                )
+                .await
+                .unwrap();
+            assert!(
+                oldest > 0 && newest > 0,
+                "{engine}: spread {oldest} {newest}"
+            );
+            // Sessions of deactivated users exist everywhere.
+            let deactivated = t
+                .db
+                .scalar_i64("SELECT COUNT(*) FROM user_sessions s JOIN users u ON u.id = s.user_id WHERE u.is_active = FALSE")
+                .await
+                .unwrap();
+            assert_eq!(deactivated as u64, report.deactivated_user, "{engine}");
+            assert!(deactivated > 0);
+            // Deleted users and missing platforms only where foreign keys are not enforced.
+            let missing_user = t
+                .db
+                .scalar_i64("SELECT COUNT(*) FROM user_sessions s WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id)")
+                .await
+                .unwrap();
+            let missing_platform = t
+                .db
+                .scalar_i64("SELECT COUNT(*) FROM user_sessions s WHERE s.active_platform_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM platform_connections p WHERE p.id = s.active_platform_id)")
+                .await
+                .unwrap();
+            if engine == Engine::Sqlite {
+                assert!(
+                    missing_user > 0 && missing_platform > 0,
+                    "{engine}: orphans expected"
+                );
+            } else {
+                assert_eq!(
+                    (missing_user, missing_platform),
+                    (0, 0),
+                    "{engine}: FKs enforced"
+                );
+            }
+            let v6 =
+                t.db.scalar_i64("SELECT COUNT(*) FROM user_sessions WHERE ip_address LIKE '%:%'")
+                    .await
+                    .unwrap();
+            assert!(v6 > 0 && v6 < total, "{engine}: IPv4 and IPv6 mixed");
+            t.drop_db().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn seeding_refuses_a_populated_database_unless_reset() {
+    let t = TestDb::new(Engine::Sqlite).await;
+    seed_demo(&t.db, &params(100, 1, SchemaVersion::V2))
+        .await
+        .unwrap();
+    let e = seed_demo(&t.db, &params(100, 1, SchemaVersion::V2))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--reset"), "{e}");
+    let mut again = params(50, 1, SchemaVersion::V1);
+    again.reset = true;
+    seed_demo(&t.db, &again).await.unwrap();
+    assert_eq!(
+        t.db.scalar_i64("SELECT COUNT(*) FROM user_sessions")
+            .await
+            .unwrap(),
+        50
+    );
+    assert_eq!(
+        schema::detect(&t.db).await.unwrap().version,
+        SchemaVersion::V1
+    );
+    t.drop_db().await;
+}
+
+#[tokio::test]
+async fn fence_tokens_increase_and_a_stale_token_writes_nothing() {
+    for engine in ENGINES {
+        let t = TestDb::new(engine).await;
+        schema::create(&t.db, SchemaVersion::V2).await.unwrap();
+        let old = fence::issue_token(&t.db, "target:default", "worker-a/job-1")
+            .await
+            .unwrap();
+        let new = fence::issue_token(&t.db, "target:default", "worker-b/job-2")
+            .await
+            .unwrap();
+        assert!(new.token > old.token, "{engine}");
+
+        // The new holder writes; the old one is refused and its statement never runs.
+        let tx = new.begin(&t.db).await.unwrap();
+        tx.commit().await.unwrap();
+        let err = old.begin(&t.db).await.map(|_| ()).unwrap_err();
+        assert!(
+            matches!(err, fence::FenceError::FencedOut { mine, seen, .. } if mine == old.token && seen == new.token),
+            "{engine}: {err}"
+        );
+
+        let row = fence::inspect(&t.db, "target:default")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (row.token, row.holder.as_deref()),
+            (new.token, Some("worker-b/job-2"))
+        );
+        let log = fence::write_log(&t.db, "target:default").await.unwrap();
+        assert_eq!(log.len(), 1, "{engine}: only the accepted token is logged");
+        assert_eq!((log[0].token, log[0].writes), (new.token, 1));
+        t.drop_db().await;
+    }
+}
