@@ -194,7 +194,7 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         .rows("suspicious_list", sql, &[Arg::Time(recent), Arg::Time(recent)], &[Kind::Text, Kind::Int, Kind::Float])
         .await?
         .into_iter()
-        .map(|r| (r[0].text().unwrap_or_default().to_string(), r[1].int(), r[2].float().unwrap_or(0.0)))
+        .map(|r| (r[0].text().unwrap_or_default().to_string(), r[1].int(), r[2].millis().unwrap_or(0.0)))
         .collect();
 
     // 5–6. diversity of addresses and agents per user over the last 24 hours.
@@ -232,7 +232,7 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         age: [row[4].count(), row[5].count(), row[6].count(), row[7].count()],
         old_active: row[8].count(),
         suspicious_count: row[9].count(),
-        duration: [row[10].float(), row[11].float(), row[12].float()],
+        duration: [row[10].millis(), row[11].millis(), row[12].millis()],
         without_platform,
         suspicious,
         unique_users: total_of(2),

@@ -60,6 +60,10 @@ impl Cell {
     pub(crate) fn count(&self) -> u64 {
         self.int().max(0) as u64
     }
+    /// Float value rounded to the millisecond (SQLite's julianday arithmetic is not exact).
+    pub(crate) fn millis(&self) -> Option<f64> {
+        self.float().map(|f| (f * 1000.0).round() / 1000.0)
+    }
     /// Float value, `None` for NULL.
     pub(crate) fn float(&self) -> Option<f64> {
         match self {
@@ -114,7 +118,11 @@ impl<'a> Probe<'a> {
                 let mut cells = Vec::with_capacity(kinds.len());
                 for (i, k) in kinds.iter().enumerate() {
                     let cell = match k {
-                        Kind::Int => r.try_get::<Option<i64>, _>(i)?.map_or(Cell::Null, Cell::Int),
+                        // Plain INTEGER columns (user ids) are 32-bit on PostgreSQL and MySQL.
+                        Kind::Int => match r.try_get::<Option<i64>, _>(i) {
+                            Ok(v) => v.map_or(Cell::Null, Cell::Int),
+                            Err(_) => r.try_get::<Option<i32>, _>(i)?.map_or(Cell::Null, |v| Cell::Int(v.into())),
+                        },
                         // SQLite's dynamic typing may hand back an INTEGER where REAL is meant.
                         Kind::Float => match r.try_get::<Option<f64>, _>(i) {
                             Ok(v) => v.map_or(Cell::Null, Cell::Float),
