@@ -15,7 +15,9 @@
 use chrono::{Duration, NaiveDateTime};
 
 use super::HealthParams;
-use super::probe::{Arg, Kind, Probe, QueryTiming, count_if, float_type, int_type, seconds_between};
+use super::probe::{
+    Arg, Kind, Probe, QueryTiming, count_if, float_type, int_type, seconds_between,
+};
 use super::report::UserCount;
 use crate::ops::OpError;
 use crate::store::schema::{self, Schema};
@@ -84,7 +86,10 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         _ => (
             format!("{act} >= ?"),
             Arg::Time(now - Duration::seconds(params.max_age_secs as i64)),
-            format!("{act} within the last {} seconds (max age; schema has no expiry column)", params.max_age_secs),
+            format!(
+                "{act} within the last {} seconds (max age; schema has no expiry column)",
+                params.max_age_secs
+            ),
         ),
     };
     if schema.version == SchemaVersion::V1 {
@@ -96,24 +101,59 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
     // 1. session_scan: every per-row figure in one pass.
     let dur = seconds_between(e, created, &act);
     let recent = now - Duration::seconds(RECENT_WINDOW_SECS);
-    let rapid = format!("{created} >= ? AND {act} >= ? AND {act} > {created} AND {dur} < {RAPID_UPDATE_SECS}");
+    let rapid = format!(
+        "{created} >= ? AND {act} >= ? AND {act} > {created} AND {dur} < {RAPID_UPDATE_SECS}"
+    );
     let mut cols: Vec<(String, Vec<Arg>)> = vec![
         ("COUNT(*)".into(), vec![]),
         (count_if(e, &active_pred), vec![active_arg]),
-        (count_if(e, &format!("{created} >= ?")), vec![Arg::Time(recent)]),
-        (count_if(e, &format!("{created} >= ?")), vec![Arg::Time(now - Duration::hours(1))]),
-        (count_if(e, &format!("{act} >= ?")), vec![Arg::Time(now - Duration::hours(1))]),
-        (count_if(e, &format!("{act} >= ?")), vec![Arg::Time(now - Duration::hours(24))]),
-        (count_if(e, &format!("{act} >= ?")), vec![Arg::Time(now - Duration::days(7))]),
-        (count_if(e, &format!("{act} >= ?")), vec![Arg::Time(now - Duration::days(30))]),
+        (
+            count_if(e, &format!("{created} >= ?")),
+            vec![Arg::Time(recent)],
+        ),
+        (
+            count_if(e, &format!("{created} >= ?")),
+            vec![Arg::Time(now - Duration::hours(1))],
+        ),
+        (
+            count_if(e, &format!("{act} >= ?")),
+            vec![Arg::Time(now - Duration::hours(1))],
+        ),
+        (
+            count_if(e, &format!("{act} >= ?")),
+            vec![Arg::Time(now - Duration::hours(24))],
+        ),
+        (
+            count_if(e, &format!("{act} >= ?")),
+            vec![Arg::Time(now - Duration::days(7))],
+        ),
+        (
+            count_if(e, &format!("{act} >= ?")),
+            vec![Arg::Time(now - Duration::days(30))],
+        ),
         (
             count_if(e, &format!("{created} < ? AND {act} > ?")),
-            vec![Arg::Time(now - Duration::days(OLD_SESSION_DAYS)), Arg::Time(now - Duration::seconds(STILL_USED_SECS))],
+            vec![
+                Arg::Time(now - Duration::days(OLD_SESSION_DAYS)),
+                Arg::Time(now - Duration::seconds(STILL_USED_SECS)),
+            ],
         ),
-        (count_if(e, &rapid), vec![Arg::Time(recent), Arg::Time(recent)]),
-        (format!("CAST(AVG({dur}) AS {f})", f = float_type(e)), vec![]),
-        (format!("CAST(MIN({dur}) AS {f})", f = float_type(e)), vec![]),
-        (format!("CAST(MAX({dur}) AS {f})", f = float_type(e)), vec![]),
+        (
+            count_if(e, &rapid),
+            vec![Arg::Time(recent), Arg::Time(recent)],
+        ),
+        (
+            format!("CAST(AVG({dur}) AS {f})", f = float_type(e)),
+            vec![],
+        ),
+        (
+            format!("CAST(MIN({dur}) AS {f})", f = float_type(e)),
+            vec![],
+        ),
+        (
+            format!("CAST(MAX({dur}) AS {f})", f = float_type(e)),
+            vec![],
+        ),
     ];
     let mut kinds = vec![Kind::Int; 10];
     kinds.extend([Kind::Float; 3]);
@@ -142,19 +182,27 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         a = count_if(e, &active_pred),
         n = params.example_limit
     );
-    let users = probe.rows("per_user", sql, &[active_arg], &[Kind::Int; 6]).await?;
+    let users = probe
+        .rows("per_user", sql, &[active_arg], &[Kind::Int; 6])
+        .await?;
     let first = users.first();
     let total_of = |i: usize| first.map_or(0, |r| r[i].count());
     let users_over_limit_examples = users
         .iter()
         .filter(|r| r[1].count() > limit)
-        .map(|r| UserCount { user_id: r[0].int(), value: r[1].count() })
+        .map(|r| UserCount {
+            user_id: r[0].int(),
+            value: r[1].count(),
+        })
         .collect();
 
     // 3. platforms: aggregate the big table per platform id before joining the small one.
     let (platform_distribution, missing_platform) = match (&s.platform_id, &schema.platforms) {
         (Some(pid), Some(pt)) => {
-            let ptype = pt.platform_type.as_ref().map_or("NULL".to_string(), |c| format!("p.{c}"));
+            let ptype = pt
+                .platform_type
+                .as_ref()
+                .map_or("NULL".to_string(), |c| format!("p.{c}"));
             let kind = text(e, "CASE WHEN x.pid IS NULL THEN 'none' WHEN p.{pk} IS NULL THEN 'missing' ELSE 'ok' END")
                 .replace("{pk}", &pt.id);
             let sql = format!(
@@ -164,12 +212,16 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
                 ptable = pt.table,
                 pk = pt.id
             );
-            let rows = probe.rows("platforms", sql, &[], &[Kind::Text, Kind::Text, Kind::Int]).await?;
+            let rows = probe
+                .rows("platforms", sql, &[], &[Kind::Text, Kind::Text, Kind::Int])
+                .await?;
             let mut dist = Vec::new();
             let mut missing = 0;
             for r in &rows {
                 match r[0].text() {
-                    Some("ok") => dist.push((r[1].text().unwrap_or("unknown").to_string(), r[2].count())),
+                    Some("ok") => {
+                        dist.push((r[1].text().unwrap_or("unknown").to_string(), r[2].count()))
+                    }
                     Some("missing") => missing += r[2].count(),
                     _ => {}
                 }
@@ -177,7 +229,8 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
             (Some(dist), Some(missing))
         }
         _ => {
-            unsupported.push("platform table: platform distribution and missing-platform sessions".into());
+            unsupported
+                .push("platform table: platform distribution and missing-platform sessions".into());
             (None, None)
         }
     };
@@ -191,10 +244,21 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         n = params.example_limit
     );
     let suspicious = probe
-        .rows("suspicious_list", sql, &[Arg::Time(recent), Arg::Time(recent)], &[Kind::Text, Kind::Int, Kind::Float])
+        .rows(
+            "suspicious_list",
+            sql,
+            &[Arg::Time(recent), Arg::Time(recent)],
+            &[Kind::Text, Kind::Int, Kind::Float],
+        )
         .await?
         .into_iter()
-        .map(|r| (r[0].text().unwrap_or_default().to_string(), r[1].int(), r[2].millis().unwrap_or(0.0)))
+        .map(|r| {
+            (
+                r[0].text().unwrap_or_default().to_string(),
+                r[1].int(),
+                r[2].millis().unwrap_or(0.0),
+            )
+        })
         .collect();
 
     // 5–6. diversity of addresses and agents per user over the last 24 hours.
@@ -229,7 +293,12 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         active: row[1].count(),
         created_5m: row[2].count(),
         created_1h: row[3].count(),
-        age: [row[4].count(), row[5].count(), row[6].count(), row[7].count()],
+        age: [
+            row[4].count(),
+            row[5].count(),
+            row[6].count(),
+            row[7].count(),
+        ],
         old_active: row[8].count(),
         suspicious_count: row[9].count(),
         duration: [row[10].millis(), row[11].millis(), row[12].millis()],
@@ -267,8 +336,16 @@ async fn users_above(
     since: NaiveDateTime,
 ) -> Result<Option<(u64, Vec<UserCount>)>, OpError> {
     let Some(sql) = sql else { return Ok(None) };
-    let rows = probe.rows(name, sql, &[Arg::Time(since)], &[Kind::Int; 3]).await?;
+    let rows = probe
+        .rows(name, sql, &[Arg::Time(since)], &[Kind::Int; 3])
+        .await?;
     let count = rows.first().map_or(0, |r| r[2].count());
-    let examples = rows.iter().map(|r| UserCount { user_id: r[0].int(), value: r[1].count() }).collect();
+    let examples = rows
+        .iter()
+        .map(|r| UserCount {
+            user_id: r[0].int(),
+            value: r[1].count(),
+        })
+        .collect();
     Ok(Some((count, examples)))
 }

@@ -31,8 +31,15 @@ pub enum ExportError {
 /// Writes the report (and trends, if given) to `path`, the format following the extension.
 ///
 /// JSON holds the health report's keys, plus `trends` when trends are given.
-pub fn export(report: &HealthReport, trends: Option<&TrendsReport>, path: &Path) -> Result<(), ExportError> {
-    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+pub fn export(
+    report: &HealthReport,
+    trends: Option<&TrendsReport>,
+    path: &Path,
+) -> Result<(), ExportError> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
     let body = match ext.as_deref() {
         Some("json") => {
             let mut v = serde_json::to_value(report)?;
@@ -42,9 +49,16 @@ pub fn export(report: &HealthReport, trends: Option<&TrendsReport>, path: &Path)
             serde_json::to_string_pretty(&v)? + "\n"
         }
         Some("html" | "htm") => render_html(report, trends),
-        _ => return Err(ExportError::UnsupportedFormat { path: path.to_path_buf() }),
+        _ => {
+            return Err(ExportError::UnsupportedFormat {
+                path: path.to_path_buf(),
+            });
+        }
     };
-    std::fs::write(path, body).map_err(|e| ExportError::Write { path: path.to_path_buf(), reason: e.to_string() })
+    std::fs::write(path, body).map_err(|e| ExportError::Write {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 const CSS: &str = "body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:70rem}\
@@ -64,18 +78,35 @@ pub fn render_html(r: &HealthReport, trends: Option<&TrendsReport>) -> String {
         o,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Session Health Report</title><style>{CSS}</style></head><body>\n"
     );
-    let _ = writeln!(o, "<h1>Session Health Report</h1><p>Generated {} UTC</p>", esc(&r.timestamp.format("%Y-%m-%d %H:%M:%S").to_string()));
-    let _ = writeln!(o, "<p>Overall Health: <strong class=\"{status}\">{status}</strong></p>");
+    let _ = writeln!(
+        o,
+        "<h1>Session Health Report</h1><p>Generated {} UTC</p>",
+        esc(&r.timestamp.format("%Y-%m-%d %H:%M:%S").to_string())
+    );
+    let _ = writeln!(
+        o,
+        "<p>Overall Health: <strong class=\"{status}\">{status}</strong></p>"
+    );
     list(&mut o, "Issues", &r.health_status.issues);
     list(&mut o, "Recommendations", &r.recommendations);
     if !r.alerts.is_empty() {
-        let _ = writeln!(o, "<h2>Alerts</h2><table><tr><th>name</th><th>severity</th><th>value</th><th>threshold</th><th>message</th></tr>");
+        let _ = writeln!(
+            o,
+            "<h2>Alerts</h2><table><tr><th>name</th><th>severity</th><th>value</th><th>threshold</th><th>message</th></tr>"
+        );
         for a in &r.alerts {
-            let sev = if a.severity == super::Severity::Critical { "critical" } else { "warning" };
+            let sev = if a.severity == super::Severity::Critical {
+                "critical"
+            } else {
+                "warning"
+            };
             let _ = writeln!(
                 o,
                 "<tr><td>{}</td><td class=\"{sev}\">{sev}</td><td>{:.2}</td><td>{}</td><td style=\"text-align:left\">{}</td></tr>",
-                esc(&a.name), a.value, a.threshold, esc(&a.message)
+                esc(&a.name),
+                a.value,
+                a.threshold,
+                esc(&a.message)
             );
         }
         o.push_str("</table>\n");
@@ -84,25 +115,54 @@ pub fn render_html(r: &HealthReport, trends: Option<&TrendsReport>) -> String {
     let c = &r.statistics.session_counts;
     let rate = &r.statistics.creation_rate;
     let _ = writeln!(o, "<h2>Statistics</h2>");
-    table(&mut o, &[
-        ("Total sessions", c.total_sessions.to_string()),
-        ("Active sessions", c.active_sessions.to_string()),
-        ("Unique users", c.unique_users.to_string()),
-        ("Active users", r.detailed_analytics.active_users.to_string()),
-        ("Multi-session users", r.detailed_analytics.multi_session_users.to_string()),
-        ("Created per minute (5 min)", format!("{:.2}", rate.per_minute_last_5_minutes)),
-        ("Created per minute (1 h)", format!("{:.2}", rate.per_minute_last_hour)),
-        ("Security score", r.security_analysis.security_score.to_string()),
-        ("Schema", r.statistics.schema.version.clone()),
-    ]);
+    table(
+        &mut o,
+        &[
+            ("Total sessions", c.total_sessions.to_string()),
+            ("Active sessions", c.active_sessions.to_string()),
+            ("Unique users", c.unique_users.to_string()),
+            (
+                "Active users",
+                r.detailed_analytics.active_users.to_string(),
+            ),
+            (
+                "Multi-session users",
+                r.detailed_analytics.multi_session_users.to_string(),
+            ),
+            (
+                "Created per minute (5 min)",
+                format!("{:.2}", rate.per_minute_last_5_minutes),
+            ),
+            (
+                "Created per minute (1 h)",
+                format!("{:.2}", rate.per_minute_last_hour),
+            ),
+            (
+                "Security score",
+                r.security_analysis.security_score.to_string(),
+            ),
+            ("Schema", r.statistics.schema.version.clone()),
+        ],
+    );
 
     let a = &r.detailed_analytics.age_distribution;
     let _ = writeln!(o, "<h2>Age distribution (last activity, cumulative)</h2>");
     let labels = ["last hour", "last 24 h", "last week", "last month"].map(String::from);
-    bar_chart(&mut o, "Sessions by last activity", &labels, &[("sessions", vec![a.last_hour, a.last_24h, a.last_week, a.last_month])]);
+    bar_chart(
+        &mut o,
+        "Sessions by last activity",
+        &labels,
+        &[(
+            "sessions",
+            vec![a.last_hour, a.last_24h, a.last_week, a.last_month],
+        )],
+    );
     if let Some(dist) = &r.detailed_analytics.platform_distribution {
         let _ = writeln!(o, "<h2>Platform distribution</h2>");
-        let rows: Vec<(&str, String)> = dist.iter().map(|(k, v)| (k.as_str(), v.to_string())).collect();
+        let rows: Vec<(&str, String)> = dist
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_string()))
+            .collect();
         table(&mut o, &rows);
     }
 
@@ -114,7 +174,13 @@ pub fn render_html(r: &HealthReport, trends: Option<&TrendsReport>) -> String {
             ("expired", t.days.iter().map(|d| d.expired).collect()),
         ];
         if t.total_cleanup_deleted.is_some() {
-            series.push(("cleaned up", t.days.iter().map(|d| d.cleanup_deleted.unwrap_or(0)).collect()));
+            series.push((
+                "cleaned up",
+                t.days
+                    .iter()
+                    .map(|d| d.cleanup_deleted.unwrap_or(0))
+                    .collect(),
+            ));
         }
         bar_chart(&mut o, "Sessions per day", &labels, &series);
         let _ = writeln!(
@@ -125,9 +191,18 @@ pub fn render_html(r: &HealthReport, trends: Option<&TrendsReport>) -> String {
     }
 
     let p = &r.performance_metrics;
-    let _ = writeln!(o, "<h2>Report queries</h2><table><tr><th>query</th><th>ms</th><th>rows</th></tr>");
+    let _ = writeln!(
+        o,
+        "<h2>Report queries</h2><table><tr><th>query</th><th>ms</th><th>rows</th></tr>"
+    );
     for q in &p.queries {
-        let _ = writeln!(o, "<tr><td>{}</td><td>{:.1}</td><td>{}</td></tr>", esc(&q.name), q.millis, q.rows);
+        let _ = writeln!(
+            o,
+            "<tr><td>{}</td><td>{:.1}</td><td>{}</td></tr>",
+            esc(&q.name),
+            q.millis,
+            q.rows
+        );
     }
     o.push_str("</table>\n</body></html>\n");
     o
@@ -159,7 +234,13 @@ fn bar_chart(o: &mut String, title: &str, labels: &[String], series: &[(&str, Ve
     let group_w = (720.0 / labels.len().max(1) as f64).clamp(6.0, 80.0);
     let bar_w = (group_w * 0.8 / series.len().max(1) as f64).max(1.0);
     let width = left + group_w * labels.len() as f64 + 10.0;
-    let max = series.iter().flat_map(|s| s.1.iter()).copied().max().unwrap_or(0).max(1) as f64;
+    let max = series
+        .iter()
+        .flat_map(|s| s.1.iter())
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
     let show_every = (labels.len() / 12).max(1);
     let _ = writeln!(
         o,
@@ -167,9 +248,23 @@ fn bar_chart(o: &mut String, title: &str, labels: &[String], series: &[(&str, Ve
         t = esc(title),
         h = top + plot_h + 40.0
     );
-    let _ = writeln!(o, "<line x1=\"{left}\" y1=\"{y}\" x2=\"{width:.0}\" y2=\"{y}\" stroke=\"#999\"/>", y = top + plot_h);
-    let _ = writeln!(o, "<text x=\"{x}\" y=\"{y}\" font-size=\"10\" text-anchor=\"end\">{max:.0}</text>", x = left - 4.0, y = top + 8.0);
-    let _ = writeln!(o, "<text x=\"{x}\" y=\"{y}\" font-size=\"10\" text-anchor=\"end\">0</text>", x = left - 4.0, y = top + plot_h);
+    let _ = writeln!(
+        o,
+        "<line x1=\"{left}\" y1=\"{y}\" x2=\"{width:.0}\" y2=\"{y}\" stroke=\"#999\"/>",
+        y = top + plot_h
+    );
+    let _ = writeln!(
+        o,
+        "<text x=\"{x}\" y=\"{y}\" font-size=\"10\" text-anchor=\"end\">{max:.0}</text>",
+        x = left - 4.0,
+        y = top + 8.0
+    );
+    let _ = writeln!(
+        o,
+        "<text x=\"{x}\" y=\"{y}\" font-size=\"10\" text-anchor=\"end\">0</text>",
+        x = left - 4.0,
+        y = top + plot_h
+    );
     for (i, label) in labels.iter().enumerate() {
         let gx = left + group_w * i as f64 + group_w * 0.1;
         for (j, (name, values)) in series.iter().enumerate() {
@@ -197,7 +292,12 @@ fn bar_chart(o: &mut String, title: &str, labels: &[String], series: &[(&str, Ve
     }
     o.push_str("</svg>\n<div class=\"legend\">");
     for (j, (name, _)) in series.iter().enumerate() {
-        let _ = write!(o, "<span style=\"background:{}\"></span>{}", COLOURS[j % COLOURS.len()], esc(name));
+        let _ = write!(
+            o,
+            "<span style=\"background:{}\"></span>{}",
+            COLOURS[j % COLOURS.len()],
+            esc(name)
+        );
     }
     o.push_str("</div>\n<table><tr><th></th>");
     for (name, _) in series {

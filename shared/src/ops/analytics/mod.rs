@@ -33,7 +33,9 @@ pub mod trends;
 pub use html::{ExportError, export};
 pub use probe::QueryTiming;
 pub use report::*;
-pub use rules::{CLEANUP_BACKLOG_LINE, SECURITY_SCORE_CRITICAL, SECURITY_SCORE_LINE, SUCCESS_RATE_LINE};
+pub use rules::{
+    CLEANUP_BACKLOG_LINE, SECURITY_SCORE_CRITICAL, SECURITY_SCORE_LINE, SUCCESS_RATE_LINE,
+};
 pub use thresholds::{Thresholds, ThresholdsError};
 pub use trends::{MAX_TREND_DAYS, trends, trends_at};
 
@@ -136,7 +138,10 @@ impl HealthParams {
         for (name, v) in [
             ("concurrent_session_limit", self.concurrent_session_limit),
             ("ip_diversity_limit", self.ip_diversity_limit),
-            ("user_agent_diversity_limit", self.user_agent_diversity_limit),
+            (
+                "user_agent_diversity_limit",
+                self.user_agent_diversity_limit,
+            ),
             ("slow_query_ms", self.slow_query_ms),
         ] {
             if v == 0 {
@@ -206,6 +211,8 @@ pub enum AnalyticsParams {
 /// What an analytics job produced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+// One value per job, serialised straight away: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum AnalyticsReport {
     /// A health report.
     Health(HealthReport),

@@ -191,7 +191,9 @@ pub(crate) fn float_type(engine: Engine) -> &'static str {
 pub(crate) fn seconds_between(engine: Engine, from: &str, to: &str) -> String {
     match engine {
         Engine::Sqlite => format!("((julianday({to}) - julianday({from})) * 86400.0)"),
-        Engine::Postgres => format!("CAST(EXTRACT(EPOCH FROM ({to} - {from})) AS DOUBLE PRECISION)"),
+        Engine::Postgres => {
+            format!("CAST(EXTRACT(EPOCH FROM ({to} - {from})) AS DOUBLE PRECISION)")
+        }
         Engine::MySql => format!("TIMESTAMPDIFF(MICROSECOND, {from}, {to}) / 1000000.0"),
     }
 }

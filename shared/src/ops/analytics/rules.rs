@@ -48,15 +48,28 @@ impl Verdict {
     fn fire(&mut self, level: Health, issue: String, recommendation: Option<String>) {
         self.status = self.status.max(level);
         self.issues.push(issue);
-        if let Some(r) = recommendation {
-            if !self.recommendations.contains(&r) {
-                self.recommendations.push(r);
-            }
+        if let Some(r) = recommendation
+            && !self.recommendations.contains(&r)
+        {
+            self.recommendations.push(r);
         }
     }
 
-    fn alert(&mut self, name: &str, severity: Severity, value: f64, threshold: f64, message: String) {
-        self.alerts.push(Alert { name: name.into(), severity, value, threshold, message });
+    fn alert(
+        &mut self,
+        name: &str,
+        severity: Severity,
+        value: f64,
+        threshold: f64,
+        message: String,
+    ) {
+        self.alerts.push(Alert {
+            name: name.into(),
+            severity,
+            value,
+            threshold,
+            message,
+        });
     }
 }
 
@@ -73,46 +86,88 @@ pub(crate) fn assemble(db: &Db, p: &HealthParams, f: Figures) -> HealthReport {
     let minutes = RECENT_WINDOW_SECS as f64 / 60.0;
     let rate_5m = f.created_5m as f64 / minutes;
     let security = security::analyse(&f, p);
-    let mut v = Verdict { status: Health::Good, issues: vec![], alerts: vec![], recommendations: vec![] };
+    let mut v = Verdict {
+        status: Health::Good,
+        issues: vec![],
+        alerts: vec![],
+        recommendations: vec![],
+    };
 
     // Threshold rules, in the original's order first (creation, failure, concurrency).
-    let threshold_rule = |v: &mut Verdict, name: &str, sev: Severity, value: f64, line: f64, issue: &str, unit: &str, advice: &str| {
+    let threshold_rule = |v: &mut Verdict,
+                          name: &str,
+                          sev: Severity,
+                          value: f64,
+                          line: f64,
+                          issue: &str,
+                          unit: &str,
+                          advice: &str| {
         if value > line {
-            let msg = format!("{issue}: {name} is {value:.2}{unit}, above the threshold {line}{unit}");
+            let msg =
+                format!("{issue}: {name} is {value:.2}{unit}, above the threshold {line}{unit}");
             v.alert(name, sev, value, line, msg.clone());
-            v.fire(level(sev), msg, Some(format!("{advice} ({name} {value:.2}{unit} > {line}{unit})")));
+            v.fire(
+                level(sev),
+                msg,
+                Some(format!("{advice} ({name} {value:.2}{unit} > {line}{unit})")),
+            );
         }
     };
     threshold_rule(
-        &mut v, "session_creation_rate", Severity::Warning, rate_5m, th.session_creation_rate,
-        "High session creation rate detected", "/min",
+        &mut v,
+        "session_creation_rate",
+        Severity::Warning,
+        rate_5m,
+        th.session_creation_rate,
+        "High session creation rate detected",
+        "/min",
         "Review session management configuration: sessions are being created unusually fast",
     );
     let jobs = p.fleet.as_ref().and_then(|fl| fl.jobs);
     if let Some(j) = jobs {
         let per_min = j.failed as f64 / (j.window_secs as f64 / 60.0);
         threshold_rule(
-            &mut v, "session_failure_rate", Severity::Critical, per_min, th.session_failure_rate,
-            "High session error rate detected", "/min",
+            &mut v,
+            "session_failure_rate",
+            Severity::Critical,
+            per_min,
+            th.session_failure_rate,
+            "High session error rate detected",
+            "/min",
             "Investigate the failing maintenance jobs in the fleet's dead-letter list",
         );
     }
     threshold_rule(
-        &mut v, "concurrent_sessions", Severity::Warning, f.active as f64, th.concurrent_sessions,
-        "High number of concurrent sessions", "",
+        &mut v,
+        "concurrent_sessions",
+        Severity::Warning,
+        f.active as f64,
+        th.concurrent_sessions,
+        "High number of concurrent sessions",
+        "",
         "Consider implementing session cleanup policies or a shorter session lifetime",
     );
     if let Some(avg) = f.duration[0] {
         threshold_rule(
-            &mut v, "avg_session_duration", Severity::Warning, avg, th.avg_session_duration,
-            "Long average session duration", " s",
+            &mut v,
+            "avg_session_duration",
+            Severity::Warning,
+            avg,
+            th.avg_session_duration,
+            "Long average session duration",
+            " s",
             "Consider a shorter idle timeout: sessions stay in use for a long time",
         );
     }
     let suspicious_rate = f.suspicious_count as f64 / minutes;
     threshold_rule(
-        &mut v, "suspicious_activity_rate", Severity::Warning, suspicious_rate, th.suspicious_activity_rate,
-        "High rate of rapidly updated sessions", "/min",
+        &mut v,
+        "suspicious_activity_rate",
+        Severity::Warning,
+        suspicious_rate,
+        th.suspicious_activity_rate,
+        "High rate of rapidly updated sessions",
+        "/min",
         "Review session security - rapidly updated sessions detected",
     );
 
@@ -120,21 +175,42 @@ pub(crate) fn assemble(db: &Db, p: &HealthParams, f: Figures) -> HealthReport {
     if let Some(fd) = &p.findings {
         for failure in &fd.integrity_failures {
             let msg = format!("Database integrity check failed: {failure}");
-            v.alert("integrity_failure", Severity::Critical, 1.0, 0.0, msg.clone());
+            v.alert(
+                "integrity_failure",
+                Severity::Critical,
+                1.0,
+                0.0,
+                msg.clone(),
+            );
             v.fire(Health::Critical, msg, Some("Database corruption detected - consider backup and restore (integrity check failed)".into()));
         }
         for ix in &fd.missing_indexes {
             let msg = format!("Missing recommended index: {ix}");
             v.alert("missing_index", Severity::Warning, 1.0, 0.0, msg.clone());
-            v.fire(Health::Warning, msg, Some(format!("Create the recommended index {ix} (reported missing by database maintenance)")));
+            v.fire(
+                Health::Warning,
+                msg,
+                Some(format!(
+                    "Create the recommended index {ix} (reported missing by database maintenance)"
+                )),
+            );
         }
     }
 
     // Performance degradation: the report's own queries.
     let slow_line = p.slow_query_ms as f64;
     for q in f.timings.iter().filter(|q| q.millis > slow_line) {
-        let msg = format!("Slow report query: {} took {:.0} ms, above {} ms", q.name, q.millis, p.slow_query_ms);
-        v.alert("slow_report_query", Severity::Warning, q.millis, slow_line, msg.clone());
+        let msg = format!(
+            "Slow report query: {} took {:.0} ms, above {} ms",
+            q.name, q.millis, p.slow_query_ms
+        );
+        v.alert(
+            "slow_report_query",
+            Severity::Warning,
+            q.millis,
+            slow_line,
+            msg.clone(),
+        );
         v.fire(Health::Warning, msg, Some(format!(
             "Run database maintenance (analyze, recommended indexes): report query {} took {:.0} ms > {} ms",
             q.name, q.millis, p.slow_query_ms
@@ -144,24 +220,57 @@ pub(crate) fn assemble(db: &Db, p: &HealthParams, f: Figures) -> HealthReport {
     // Security.
     let score = security.security_score;
     if score < SECURITY_SCORE_LINE {
-        let sev = if score < SECURITY_SCORE_CRITICAL { Severity::Critical } else { Severity::Warning };
+        let sev = if score < SECURITY_SCORE_CRITICAL {
+            Severity::Critical
+        } else {
+            Severity::Warning
+        };
         let msg = format!("Security score {score} is below {SECURITY_SCORE_LINE}");
-        v.alert("security_score", sev, score as f64, SECURITY_SCORE_LINE as f64, msg.clone());
+        v.alert(
+            "security_score",
+            sev,
+            score as f64,
+            SECURITY_SCORE_LINE as f64,
+            msg.clone(),
+        );
         v.fire(level(sev), msg, Some(format!(
             "Review session security - suspicious activity detected (security score {score} < {SECURITY_SCORE_LINE}: {})",
             security.score_deductions.join("; ")
         )));
     }
     let user_rule = |v: &mut Verdict, name: &str, what: &str, finding: Option<&UserFinding>| {
-        let Some(u) = finding.filter(|u| u.count > 0) else { return };
-        let eg = u.examples.first().map_or(String::new(), |e| format!(", e.g. user {} with {}", e.user_id, e.value));
+        let Some(u) = finding.filter(|u| u.count > 0) else {
+            return;
+        };
+        let eg = u.examples.first().map_or(String::new(), |e| {
+            format!(", e.g. user {} with {}", e.user_id, e.value)
+        });
         let msg = format!("{} users have more than {} {what}{eg}", u.count, u.limit);
         v.alert(name, Severity::Warning, u.count as f64, 0.0, msg.clone());
-        v.fire(Health::Warning, msg.clone(), Some(format!("Review these users' sessions: {msg}")));
+        v.fire(
+            Health::Warning,
+            msg.clone(),
+            Some(format!("Review these users' sessions: {msg}")),
+        );
     };
-    user_rule(&mut v, "users_over_session_limit", "active sessions", Some(&security.users_over_session_limit));
-    user_rule(&mut v, "users_with_many_ips", "IP addresses in 24 h", security.users_with_many_ips.as_ref());
-    user_rule(&mut v, "users_with_many_user_agents", "user agents in 24 h", security.users_with_many_user_agents.as_ref());
+    user_rule(
+        &mut v,
+        "users_over_session_limit",
+        "active sessions",
+        Some(&security.users_over_session_limit),
+    );
+    user_rule(
+        &mut v,
+        "users_with_many_ips",
+        "IP addresses in 24 h",
+        security.users_with_many_ips.as_ref(),
+    );
+    user_rule(
+        &mut v,
+        "users_with_many_user_agents",
+        "user agents in 24 h",
+        security.users_with_many_user_agents.as_ref(),
+    );
 
     // The original's remaining recommendation rules (pool, cleanup backlog, success rate).
     let (size, idle, max) = f.pool;
@@ -189,11 +298,17 @@ pub(crate) fn assemble(db: &Db, p: &HealthParams, f: Figures) -> HealthReport {
             Some(rate)
         }
         Some(_) => {
-            notes.push("the fleet recorded no finished jobs in the window: success rate not computed".into());
+            notes.push(
+                "the fleet recorded no finished jobs in the window: success rate not computed"
+                    .into(),
+            );
             None
         }
         None => {
-            notes.push("no fleet job outcomes were supplied: success rate and failure rate not computed".into());
+            notes.push(
+                "no fleet job outcomes were supplied: success rate and failure rate not computed"
+                    .into(),
+            );
             None
         }
     };
@@ -203,7 +318,8 @@ pub(crate) fn assemble(db: &Db, p: &HealthParams, f: Figures) -> HealthReport {
         v.recommendations.clone()
     };
     if v.recommendations.is_empty() {
-        v.recommendations.push("Session system is operating optimally".into());
+        v.recommendations
+            .push("Session system is operating optimally".into());
     }
 
     let timings = f.timings;
@@ -214,9 +330,17 @@ pub(crate) fn assemble(db: &Db, p: &HealthParams, f: Figures) -> HealthReport {
     unsupported.extend(f.schema.notes.iter().cloned());
     HealthReport {
         timestamp: ts,
-        health_status: HealthStatus { overall_health: v.status, issues: v.issues, recommendations: health_recs },
+        health_status: HealthStatus {
+            overall_health: v.status,
+            issues: v.issues,
+            recommendations: health_recs,
+        },
         statistics: Statistics {
-            session_counts: SessionCounts { total_sessions: f.total, active_sessions: f.active, unique_users: f.unique_users },
+            session_counts: SessionCounts {
+                total_sessions: f.total,
+                active_sessions: f.active,
+                unique_users: f.unique_users,
+            },
             creation_rate: CreationRate {
                 created_last_5_minutes: f.created_5m,
                 created_last_hour: f.created_1h,
@@ -230,12 +354,19 @@ pub(crate) fn assemble(db: &Db, p: &HealthParams, f: Figures) -> HealthReport {
                 unsupported,
                 notes: vec![format!(
                     "windows end at {} UTC; rates use created_at; rapid updates are sessions created and used within {} s, used {} s or less after creation but not untouched",
-                    ts.format("%Y-%m-%d %H:%M:%S"), RECENT_WINDOW_SECS, super::health::RAPID_UPDATE_SECS
+                    ts.format("%Y-%m-%d %H:%M:%S"),
+                    RECENT_WINDOW_SECS,
+                    super::health::RAPID_UPDATE_SECS
                 )],
             },
         },
         detailed_analytics: DetailedAnalytics {
-            age_distribution: AgeDistribution { last_hour: f.age[0], last_24h: f.age[1], last_week: f.age[2], last_month: f.age[3] },
+            age_distribution: AgeDistribution {
+                last_hour: f.age[0],
+                last_24h: f.age[1],
+                last_week: f.age[2],
+                last_month: f.age[3],
+            },
             platform_distribution: f.platform_distribution.map(|d| d.into_iter().collect()),
             active_users: f.active_users,
             multi_session_users: f.multi_session_users,
@@ -251,7 +382,12 @@ pub(crate) fn assemble(db: &Db, p: &HealthParams, f: Figures) -> HealthReport {
             total_query_millis: total_ms,
             slowest_query_millis: slowest,
             queries: timings,
-            connection_pool: PoolFigures { engine: db.engine().name().into(), size, idle, max_connections: max },
+            connection_pool: PoolFigures {
+                engine: db.engine().name().into(),
+                size,
+                idle,
+                max_connections: max,
+            },
             operation_success_rate: success_rate,
             fleet_jobs: jobs,
             notes,
@@ -261,4 +397,3 @@ pub(crate) fn assemble(db: &Db, p: &HealthParams, f: Figures) -> HealthReport {
         alerts: v.alerts,
     }
 }
-

@@ -1,8 +1,8 @@
 //! Security findings and the security score.
 
+use super::HealthParams;
 use super::health::Figures;
 use super::report::{SecurityAnalysis, SuspiciousSession, UserFinding};
-use super::HealthParams;
 
 /// The figures the score is computed from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -41,9 +41,24 @@ pub fn security_score(i: &ScoreInputs) -> (u32, Vec<String>) {
         ("suspicious sessions", i.suspicious, 10, 30),
         ("old sessions still active", i.old_active, 2, 20),
         ("sessions without a platform", i.without_platform, 1, 10),
-        ("sessions with a missing platform", i.missing_platform, 1, 10),
-        ("users over the concurrent-session limit", i.users_over_limit, 2, 10),
-        ("users with many IP addresses or user agents", i.diverse_users, 2, 10),
+        (
+            "sessions with a missing platform",
+            i.missing_platform,
+            1,
+            10,
+        ),
+        (
+            "users over the concurrent-session limit",
+            i.users_over_limit,
+            2,
+            10,
+        ),
+        (
+            "users with many IP addresses or user agents",
+            i.diverse_users,
+            2,
+            10,
+        ),
     ];
     let mut score: i64 = 100;
     let mut deductions = Vec::new();
@@ -111,11 +126,28 @@ mod tests {
 
     #[test]
     fn original_terms_keep_their_caps() {
-        let (s, _) = security_score(&ScoreInputs { suspicious: 1, old_active: 3, without_platform: 4, ..Default::default() });
+        let (s, _) = security_score(&ScoreInputs {
+            suspicious: 1,
+            old_active: 3,
+            without_platform: 4,
+            ..Default::default()
+        });
         assert_eq!(s, 100 - 10 - 6 - 4);
-        let (s, _) = security_score(&ScoreInputs { suspicious: 99, old_active: 99, without_platform: 99, ..Default::default() });
+        let (s, _) = security_score(&ScoreInputs {
+            suspicious: 99,
+            old_active: 99,
+            without_platform: 99,
+            ..Default::default()
+        });
         assert_eq!(s, 40);
-        let all = ScoreInputs { suspicious: 99, old_active: 99, without_platform: 99, missing_platform: 99, users_over_limit: 99, diverse_users: 99 };
+        let all = ScoreInputs {
+            suspicious: 99,
+            old_active: 99,
+            without_platform: 99,
+            missing_platform: 99,
+            users_over_limit: 99,
+            diverse_users: 99,
+        };
         assert_eq!(security_score(&all).0, 10);
     }
 }

@@ -34,11 +34,20 @@ impl HealthReport {
         let _ = writeln!(
             o,
             "Creation Rate: {:.1}/min (5 min), {:.1}/min (1 h)",
-            self.statistics.creation_rate.per_minute_last_5_minutes, self.statistics.creation_rate.per_minute_last_hour
+            self.statistics.creation_rate.per_minute_last_5_minutes,
+            self.statistics.creation_rate.per_minute_last_hour
         );
-        let _ = writeln!(o, "Security Score: {}", self.security_analysis.security_score);
+        let _ = writeln!(
+            o,
+            "Security Score: {}",
+            self.security_analysis.security_score
+        );
         let p = &self.performance_metrics;
-        let _ = writeln!(o, "Report Queries: {} in {:.0} ms", p.query_count, p.total_query_millis);
+        let _ = writeln!(
+            o,
+            "Report Queries: {} in {:.0} ms",
+            p.query_count, p.total_query_millis
+        );
         match p.operation_success_rate {
             Some(r) => {
                 let _ = writeln!(o, "Fleet Success Rate: {r:.1}%");
@@ -72,16 +81,29 @@ impl TrendsReport {
     /// The trends as the original printed them, each day followed by expired and cleanup counts.
     pub fn render_text(&self) -> String {
         let mut o = String::new();
-        let _ = writeln!(o, "Session Trends ({} days)\n{}", self.period_days, "=".repeat(30));
+        let _ = writeln!(
+            o,
+            "Session Trends ({} days)\n{}",
+            self.period_days,
+            "=".repeat(30)
+        );
         for d in &self.days {
-            let _ = write!(o, "{}: {} sessions ({} expired", d.date, d.created, d.expired);
+            let _ = write!(
+                o,
+                "{}: {} sessions ({} expired",
+                d.date, d.created, d.expired
+            );
             if let Some(c) = d.cleanup_deleted {
                 let _ = write!(o, ", {c} cleaned up");
             }
             let _ = writeln!(o, ")");
         }
         let _ = writeln!(o, "\nTotal: {} sessions", self.total_sessions_created);
-        let _ = writeln!(o, "Average: {:.1} sessions/day", self.average_daily_sessions);
+        let _ = writeln!(
+            o,
+            "Average: {:.1} sessions/day",
+            self.average_daily_sessions
+        );
         let _ = writeln!(o, "Expired: {} sessions", self.total_sessions_expired);
         if let Some(c) = self.total_cleanup_deleted {
             let _ = writeln!(o, "Cleaned up: {c} sessions");

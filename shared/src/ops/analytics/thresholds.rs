@@ -142,7 +142,9 @@ impl Thresholds {
         ];
         for (key, v) in Thresholds::KEYS.iter().zip(values) {
             if v < 0.0 || !v.is_finite() {
-                return Err(format!("alert threshold {key} must be a number >= 0, got {v}"));
+                return Err(format!(
+                    "alert threshold {key} must be a number >= 0, got {v}"
+                ));
             }
         }
         Ok(())

@@ -21,8 +21,19 @@ pub const MAX_TREND_DAYS: u32 = 366;
 
 /// Trends for the last `days` UTC days (1–366), ending now. v1 schemas count a session as
 /// expiring `SESSION_MAX_AGE` (default 48 h) after its last update.
-pub async fn trends(db: &Db, days: u32, fleet: Option<&FleetFacts>) -> Result<TrendsReport, OpError> {
-    trends_at(db, days, fleet, Utc::now().naive_utc(), HealthParams::DEFAULT_MAX_AGE_SECS).await
+pub async fn trends(
+    db: &Db,
+    days: u32,
+    fleet: Option<&FleetFacts>,
+) -> Result<TrendsReport, OpError> {
+    trends_at(
+        db,
+        days,
+        fleet,
+        Utc::now().naive_utc(),
+        HealthParams::DEFAULT_MAX_AGE_SECS,
+    )
+    .await
 }
 
 /// [`trends`] with an explicit "now" and v1 max age (seconds).
@@ -49,7 +60,8 @@ pub async fn trends_at(
     let start = first_day.and_hms_opt(0, 0, 0).unwrap_or(now);
     let mut probe = Probe::new(db);
     let mut notes = vec![
-        "created counts the sessions still stored (rows cleanup already deleted are gone)".to_string(),
+        "created counts the sessions still stored (rows cleanup already deleted are gone)"
+            .to_string(),
     ];
 
     let created = &s.created_at;
@@ -57,17 +69,28 @@ pub async fn trends_at(
         "SELECT {d}, COUNT(*) FROM {t} WHERE {created} >= ? AND {created} <= ? GROUP BY 1",
         d = day_of(e, created)
     );
-    let created_by_day = per_day(&mut probe, "trend_created", sql, &[Arg::Time(start), Arg::Time(now)]).await?;
+    let created_by_day = per_day(
+        &mut probe,
+        "trend_created",
+        sql,
+        &[Arg::Time(start), Arg::Time(now)],
+    )
+    .await?;
 
     // Expired: the recorded expiry on v2; last activity + max age on v1 (no expiry column).
     let (sql, args) = match &s.expires_at {
         Some(exp) => (
-            format!("SELECT {d}, COUNT(*) FROM {t} WHERE {exp} >= ? AND {exp} <= ? GROUP BY 1", d = day_of(e, exp)),
+            format!(
+                "SELECT {d}, COUNT(*) FROM {t} WHERE {exp} >= ? AND {exp} <= ? GROUP BY 1",
+                d = day_of(e, exp)
+            ),
             [Arg::Time(start), Arg::Time(now)],
         ),
         None => {
             let act = schema.activity_column();
-            notes.push(format!("expired = {act} + {max_age_secs} s falls on that day (v1 schema has no expires_at)"));
+            notes.push(format!(
+                "expired = {act} + {max_age_secs} s falls on that day (v1 schema has no expires_at)"
+            ));
             let age = Duration::seconds(max_age_secs as i64);
             (
                 format!(
@@ -109,8 +132,15 @@ pub async fn trends_at(
     })
 }
 
-async fn per_day(probe: &mut Probe<'_>, name: &str, sql: String, args: &[Arg]) -> Result<BTreeMap<String, u64>, OpError> {
-    let rows = probe.rows(name, sql, args, &[Kind::Text, Kind::Int]).await?;
+async fn per_day(
+    probe: &mut Probe<'_>,
+    name: &str,
+    sql: String,
+    args: &[Arg],
+) -> Result<BTreeMap<String, u64>, OpError> {
+    let rows = probe
+        .rows(name, sql, args, &[Kind::Text, Kind::Int])
+        .await?;
     Ok(rows
         .into_iter()
         .filter_map(|r| Some((r[0].text()?.to_string(), r[1].count())))
