@@ -1,1 +1,0 @@
-//! Placeholder: the analytics operation lands in its own issue.

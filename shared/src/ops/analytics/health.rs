@@ -1,0 +1,351 @@
+//! The health report's queries: six aggregate statements, each returning at most a few rows.
+//!
+//! 1. `session_scan` — one pass over the session table for every per-row count (totals,
+//!    creation rate, age windows, durations, old-but-active, no platform, rapid updates);
+//! 2. `per_user` — sessions grouped per user: unique, multi-session, active and over-limit
+//!    users, with the worst users listed (window functions give totals and list in one go);
+//! 3. `platforms` — sessions per platform id first (index-only), then joined to the small
+//!    platform table: distribution by type and sessions pointing at a missing platform;
+//! 4. `suspicious_list` — the rapidly updated sessions themselves (last 5 minutes only);
+//! 5. `ip_diversity_24h`, 6. `user_agent_diversity_24h` — distinct addresses / agents per
+//!    user among sessions active in the last 24 hours.
+//!
+//! Column names always come from the detected schema's roles.
+
+use chrono::{Duration, NaiveDateTime};
+
+use super::HealthParams;
+use super::probe::{
+    Arg, Kind, Probe, QueryTiming, count_if, float_type, int_type, seconds_between,
+};
+use super::report::UserCount;
+use crate::ops::OpError;
+use crate::store::schema::{self, Schema};
+use crate::store::{Db, Engine, SchemaVersion};
+
+/// A session updated within this many seconds of its creation, inside the recent window,
+/// counts as rapidly updated (the original's rule).
+pub(crate) const RAPID_UPDATE_SECS: i64 = 10;
+/// The recent window for rapid updates and the short creation rate (5 minutes).
+pub(crate) const RECENT_WINDOW_SECS: i64 = 300;
+/// "Old" for old-but-active sessions: created more than 7 days ago…
+pub(crate) const OLD_SESSION_DAYS: i64 = 7;
+/// …and used within the last hour.
+pub(crate) const STILL_USED_SECS: i64 = 3600;
+
+/// Everything the queries found, before rules turn it into a report.
+#[derive(Debug, Clone)]
+pub(crate) struct Figures {
+    pub now: NaiveDateTime,
+    pub schema: Schema,
+    pub active_definition: String,
+    pub unsupported: Vec<String>,
+    pub total: u64,
+    pub active: u64,
+    pub created_5m: u64,
+    pub created_1h: u64,
+    pub age: [u64; 4],
+    pub old_active: u64,
+    pub without_platform: Option<u64>,
+    pub duration: [Option<f64>; 3],
+    pub suspicious_count: u64,
+    pub suspicious: Vec<(String, i64, f64)>,
+    pub unique_users: u64,
+    pub multi_session_users: u64,
+    pub active_users: u64,
+    pub users_over_limit: u64,
+    pub users_over_limit_examples: Vec<UserCount>,
+    pub platform_distribution: Option<Vec<(String, u64)>>,
+    pub missing_platform: Option<u64>,
+    pub many_ips: Option<(u64, Vec<UserCount>)>,
+    pub many_agents: Option<(u64, Vec<UserCount>)>,
+    pub timings: Vec<QueryTiming>,
+    pub pool: (u32, u32, u32),
+}
+
+/// Runs the report's queries.
+pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, OpError> {
+    let schema = schema::detect(db).await?;
+    let now = params.now();
+    let e = db.engine();
+    let s = &schema.sessions;
+    let t = &s.table;
+    let uid = &s.user_id;
+    let created = &s.created_at;
+    let act = schema.activity_column().to_string();
+    let mut probe = Probe::new(db);
+    let mut unsupported = Vec::new();
+
+    // Active: v2 trusts the application's flag and expiry; v1 has only the activity column.
+    let (active_pred, active_arg, active_definition) = match (&s.is_active, &s.expires_at) {
+        (Some(flag), Some(exp)) => (
+            format!("{flag} = TRUE AND {exp} > ?"),
+            Arg::Time(now),
+            format!("{flag} is true and {exp} is in the future"),
+        ),
+        _ => (
+            format!("{act} >= ?"),
+            Arg::Time(now - Duration::seconds(params.max_age_secs as i64)),
+            format!(
+                "{act} within the last {} seconds (max age; schema has no expiry column)",
+                params.max_age_secs
+            ),
+        ),
+    };
+    if schema.version == SchemaVersion::V1 {
+        unsupported.push(
+            "expires_at/is_active (v1 schema): active and expired are judged by updated_at and the max age".into(),
+        );
+    }
+
+    // 1. session_scan: every per-row figure in one pass.
+    let dur = seconds_between(e, created, &act);
+    let recent = now - Duration::seconds(RECENT_WINDOW_SECS);
+    let rapid = format!(
+        "{created} >= ? AND {act} >= ? AND {act} > {created} AND {dur} < {RAPID_UPDATE_SECS}"
+    );
+    let mut cols: Vec<(String, Vec<Arg>)> = vec![
+        ("COUNT(*)".into(), vec![]),
+        (count_if(e, &active_pred), vec![active_arg]),
+        (
+            count_if(e, &format!("{created} >= ?")),
+            vec![Arg::Time(recent)],
+        ),
+        (
+            count_if(e, &format!("{created} >= ?")),
+            vec![Arg::Time(now - Duration::hours(1))],
+        ),
+        (
+            count_if(e, &format!("{act} >= ?")),
+            vec![Arg::Time(now - Duration::hours(1))],
+        ),
+        (
+            count_if(e, &format!("{act} >= ?")),
+            vec![Arg::Time(now - Duration::hours(24))],
+        ),
+        (
+            count_if(e, &format!("{act} >= ?")),
+            vec![Arg::Time(now - Duration::days(7))],
+        ),
+        (
+            count_if(e, &format!("{act} >= ?")),
+            vec![Arg::Time(now - Duration::days(30))],
+        ),
+        (
+            count_if(e, &format!("{created} < ? AND {act} > ?")),
+            vec![
+                Arg::Time(now - Duration::days(OLD_SESSION_DAYS)),
+                Arg::Time(now - Duration::seconds(STILL_USED_SECS)),
+            ],
+        ),
+        (
+            count_if(e, &rapid),
+            vec![Arg::Time(recent), Arg::Time(recent)],
+        ),
+        (
+            format!("CAST(AVG({dur}) AS {f})", f = float_type(e)),
+            vec![],
+        ),
+        (
+            format!("CAST(MIN({dur}) AS {f})", f = float_type(e)),
+            vec![],
+        ),
+        (
+            format!("CAST(MAX({dur}) AS {f})", f = float_type(e)),
+            vec![],
+        ),
+    ];
+    let mut kinds = vec![Kind::Int; 10];
+    kinds.extend([Kind::Float; 3]);
+    if let Some(pid) = &s.platform_id {
+        cols.push((count_if(e, &format!("{pid} IS NULL")), vec![]));
+        kinds.push(Kind::Int);
+    } else {
+        unsupported.push("platform role: sessions without a platform cannot be counted".into());
+    }
+    let args: Vec<Arg> = cols.iter().flat_map(|c| c.1.iter().copied()).collect();
+    let select: Vec<&str> = cols.iter().map(|c| c.0.as_str()).collect();
+    let sql = format!("SELECT {} FROM {t}", select.join(", "));
+    let row = probe.one("session_scan", sql, &args, &kinds).await?;
+    let without_platform = s.platform_id.as_ref().map(|_| row[13].count());
+
+    // 2. per_user: the window sums see every group; LIMIT only trims the listed rows.
+    let it = int_type(e);
+    let limit = params.concurrent_session_limit;
+    let sql = format!(
+        "SELECT user_id, a, COUNT(*) OVER (), \
+         CAST(SUM(CASE WHEN n > 1 THEN 1 ELSE 0 END) OVER () AS {it}), \
+         CAST(SUM(CASE WHEN a > 0 THEN 1 ELSE 0 END) OVER () AS {it}), \
+         CAST(SUM(CASE WHEN a > {limit} THEN 1 ELSE 0 END) OVER () AS {it}) \
+         FROM (SELECT {uid} AS user_id, COUNT(*) AS n, {a} AS a FROM {t} GROUP BY {uid}) x \
+         ORDER BY a DESC, user_id LIMIT {n}",
+        a = count_if(e, &active_pred),
+        n = params.example_limit
+    );
+    let users = probe
+        .rows("per_user", sql, &[active_arg], &[Kind::Int; 6])
+        .await?;
+    let first = users.first();
+    let total_of = |i: usize| first.map_or(0, |r| r[i].count());
+    let users_over_limit_examples = users
+        .iter()
+        .filter(|r| r[1].count() > limit)
+        .map(|r| UserCount {
+            user_id: r[0].int(),
+            value: r[1].count(),
+        })
+        .collect();
+
+    // 3. platforms: aggregate the big table per platform id before joining the small one.
+    let (platform_distribution, missing_platform) = match (&s.platform_id, &schema.platforms) {
+        (Some(pid), Some(pt)) => {
+            let ptype = pt
+                .platform_type
+                .as_ref()
+                .map_or("NULL".to_string(), |c| format!("p.{c}"));
+            let kind = text(e, "CASE WHEN x.pid IS NULL THEN 'none' WHEN p.{pk} IS NULL THEN 'missing' ELSE 'ok' END")
+                .replace("{pk}", &pt.id);
+            let sql = format!(
+                "SELECT {kind}, {ptype}, CAST(SUM(x.n) AS {it}) \
+                 FROM (SELECT {pid} AS pid, COUNT(*) AS n FROM {t} GROUP BY {pid}) x \
+                 LEFT JOIN {ptable} p ON p.{pk} = x.pid GROUP BY 1, 2",
+                ptable = pt.table,
+                pk = pt.id
+            );
+            let rows = probe
+                .rows("platforms", sql, &[], &[Kind::Text, Kind::Text, Kind::Int])
+                .await?;
+            let mut dist = Vec::new();
+            let mut missing = 0;
+            for r in &rows {
+                match r[0].text() {
+                    Some("ok") => {
+                        dist.push((r[1].text().unwrap_or("unknown").to_string(), r[2].count()))
+                    }
+                    Some("missing") => missing += r[2].count(),
+                    _ => {}
+                }
+            }
+            (Some(dist), Some(missing))
+        }
+        _ => {
+            unsupported
+                .push("platform table: platform distribution and missing-platform sessions".into());
+            (None, None)
+        }
+    };
+
+    // 4. suspicious_list: only sessions touched in the last 5 minutes qualify.
+    let sql = format!(
+        "SELECT {key}, {uid}, CAST({dur} AS {f}) FROM {t} WHERE {rapid} ORDER BY {act} DESC, {id} LIMIT {n}",
+        key = s.session_key,
+        id = s.id,
+        f = float_type(e),
+        n = params.example_limit
+    );
+    let suspicious = probe
+        .rows(
+            "suspicious_list",
+            sql,
+            &[Arg::Time(recent), Arg::Time(recent)],
+            &[Kind::Text, Kind::Int, Kind::Float],
+        )
+        .await?
+        .into_iter()
+        .map(|r| {
+            (
+                r[0].text().unwrap_or_default().to_string(),
+                r[1].int(),
+                r[2].millis().unwrap_or(0.0),
+            )
+        })
+        .collect();
+
+    // 5–6. diversity of addresses and agents per user over the last 24 hours.
+    let day_ago = now - Duration::hours(24);
+    let many = |col: &Option<String>, lim: u64| {
+        col.as_ref().map(|c| {
+            format!(
+                "SELECT user_id, k, COUNT(*) OVER () FROM \
+                 (SELECT {uid} AS user_id, COUNT(DISTINCT {c}) AS k FROM {t} WHERE {act} >= ? GROUP BY {uid}) x \
+                 WHERE k > {lim} ORDER BY k DESC, user_id LIMIT {n}",
+                n = params.example_limit
+            )
+        })
+    };
+    let ip_sql = many(&s.ip_address, params.ip_diversity_limit);
+    let ua_sql = many(&s.user_agent, params.user_agent_diversity_limit);
+    let many_ips = users_above(&mut probe, "ip_diversity_24h", ip_sql, day_ago).await?;
+    let many_agents = users_above(&mut probe, "user_agent_diversity_24h", ua_sql, day_ago).await?;
+    if many_ips.is_none() {
+        unsupported.push("ip_address role: users seen from many addresses".into());
+    }
+    if many_agents.is_none() {
+        unsupported.push("user_agent role: users seen with many user agents".into());
+    }
+
+    let pool = crate::on_pool!(db, p => (p.size(), p.num_idle() as u32, p.options().get_max_connections()));
+    Ok(Figures {
+        now,
+        active_definition,
+        unsupported,
+        total: row[0].count(),
+        active: row[1].count(),
+        created_5m: row[2].count(),
+        created_1h: row[3].count(),
+        age: [
+            row[4].count(),
+            row[5].count(),
+            row[6].count(),
+            row[7].count(),
+        ],
+        old_active: row[8].count(),
+        suspicious_count: row[9].count(),
+        duration: [row[10].millis(), row[11].millis(), row[12].millis()],
+        without_platform,
+        suspicious,
+        unique_users: total_of(2),
+        multi_session_users: total_of(3),
+        active_users: total_of(4),
+        users_over_limit: total_of(5),
+        users_over_limit_examples,
+        platform_distribution,
+        missing_platform,
+        many_ips,
+        many_agents,
+        timings: probe.timings,
+        pool,
+        schema,
+    })
+}
+
+/// A text-valued expression decodable as a string on every engine (MySQL may otherwise
+/// label a literal-only `CASE` as binary).
+fn text(engine: Engine, expr: &str) -> String {
+    match engine {
+        Engine::MySql => format!("CAST({expr} AS CHAR)"),
+        _ => expr.to_string(),
+    }
+}
+
+/// Runs a "users above a limit" query (user, value, total count over all offenders).
+async fn users_above(
+    probe: &mut Probe<'_>,
+    name: &str,
+    sql: Option<String>,
+    since: NaiveDateTime,
+) -> Result<Option<(u64, Vec<UserCount>)>, OpError> {
+    let Some(sql) = sql else { return Ok(None) };
+    let rows = probe
+        .rows(name, sql, &[Arg::Time(since)], &[Kind::Int; 3])
+        .await?;
+    let count = rows.first().map_or(0, |r| r[2].count());
+    let examples = rows
+        .iter()
+        .map(|r| UserCount {
+            user_id: r[0].int(),
+            value: r[1].count(),
+        })
+        .collect();
+    Ok(Some((count, examples)))
+}

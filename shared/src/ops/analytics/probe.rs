@@ -1,0 +1,218 @@
+//! Runs the report's aggregate queries, timing each one, and the SQL fragments whose
+//! spelling differs per engine (SQLite / PostgreSQL / MySQL side by side).
+//!
+//! Every query returns a handful of rows (aggregates, or a `LIMIT`ed list), so the report's
+//! memory does not grow with the table.
+
+use std::time::Instant;
+
+use chrono::NaiveDateTime;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use crate::store::{Db, Engine};
+
+/// One query the report ran, as measured by the report itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueryTiming {
+    /// What the query computes (`session_scan`, `per_user`, …).
+    pub name: String,
+    /// Round-trip time in milliseconds, from sending to the last row decoded.
+    pub millis: f64,
+    /// Rows returned.
+    pub rows: u64,
+}
+
+/// A bound parameter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg {
+    /// A UTC timestamp.
+    Time(NaiveDateTime),
+}
+
+/// How to decode one result column.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    Int,
+    Float,
+    Text,
+}
+
+/// One decoded value; `Null` for SQL NULL.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Cell {
+    Int(i64),
+    Float(f64),
+    Text(String),
+    Null,
+}
+
+impl Cell {
+    /// Integer value, 0 for NULL (aggregates over no rows).
+    pub(crate) fn int(&self) -> i64 {
+        match self {
+            Cell::Int(i) => *i,
+            Cell::Float(f) => *f as i64,
+            _ => 0,
+        }
+    }
+    /// Non-negative count.
+    pub(crate) fn count(&self) -> u64 {
+        self.int().max(0) as u64
+    }
+    /// Float value rounded to the millisecond (SQLite's julianday arithmetic is not exact).
+    pub(crate) fn millis(&self) -> Option<f64> {
+        self.float().map(|f| (f * 1000.0).round() / 1000.0)
+    }
+    /// Float value, `None` for NULL.
+    pub(crate) fn float(&self) -> Option<f64> {
+        match self {
+            Cell::Int(i) => Some(*i as f64),
+            Cell::Float(f) => Some(*f),
+            _ => None,
+        }
+    }
+    /// Text value, `None` for NULL.
+    pub(crate) fn text(&self) -> Option<&str> {
+        match self {
+            Cell::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Runs queries on one database and records their timings.
+pub(crate) struct Probe<'a> {
+    db: &'a Db,
+    pub(crate) timings: Vec<QueryTiming>,
+}
+
+impl<'a> Probe<'a> {
+    pub(crate) fn new(db: &'a Db) -> Probe<'a> {
+        Probe {
+            db,
+            timings: Vec::new(),
+        }
+    }
+
+    /// Runs `sql` (with `?` placeholders) and decodes every row by `kinds`.
+    pub(crate) async fn rows(
+        &mut self,
+        name: &str,
+        sql: String,
+        args: &[Arg],
+        kinds: &[Kind],
+    ) -> Result<Vec<Vec<Cell>>, sqlx::Error> {
+        let db = self.db;
+        let started = Instant::now();
+        let rows: Vec<Vec<Cell>> = crate::on_pool!(db, p => {
+            let mut q = sqlx::query(db.sql(sql));
+            for a in args {
+                q = match *a {
+                    Arg::Time(t) => q.bind(t),
+                };
+            }
+            let raw = q.fetch_all(p).await?;
+            let mut out = Vec::with_capacity(raw.len());
+            for r in &raw {
+                let mut cells = Vec::with_capacity(kinds.len());
+                for (i, k) in kinds.iter().enumerate() {
+                    let cell = match k {
+                        // Plain INTEGER columns (user ids) are 32-bit on PostgreSQL and MySQL.
+                        Kind::Int => match r.try_get::<Option<i64>, _>(i) {
+                            Ok(v) => v.map_or(Cell::Null, Cell::Int),
+                            Err(_) => r.try_get::<Option<i32>, _>(i)?.map_or(Cell::Null, |v| Cell::Int(v.into())),
+                        },
+                        // SQLite's dynamic typing may hand back an INTEGER where REAL is meant.
+                        Kind::Float => match r.try_get::<Option<f64>, _>(i) {
+                            Ok(v) => v.map_or(Cell::Null, Cell::Float),
+                            Err(_) => r.try_get::<Option<i64>, _>(i)?.map_or(Cell::Null, |v| Cell::Float(v as f64)),
+                        },
+                        Kind::Text => r.try_get::<Option<String>, _>(i)?.map_or(Cell::Null, Cell::Text),
+                    };
+                    cells.push(cell);
+                }
+                out.push(cells);
+            }
+            out
+        });
+        self.timings.push(QueryTiming {
+            name: name.to_string(),
+            millis: started.elapsed().as_secs_f64() * 1000.0,
+            rows: rows.len() as u64,
+        });
+        Ok(rows)
+    }
+
+    /// Runs a query expected to return exactly one row (an aggregate).
+    pub(crate) async fn one(
+        &mut self,
+        name: &str,
+        sql: String,
+        args: &[Arg],
+        kinds: &[Kind],
+    ) -> Result<Vec<Cell>, sqlx::Error> {
+        let mut rows = self.rows(name, sql, args, kinds).await?;
+        Ok(if rows.is_empty() {
+            vec![Cell::Null; kinds.len()]
+        } else {
+            rows.swap_remove(0)
+        })
+    }
+}
+
+/// `COUNT` of rows matching `pred`, as a 64-bit integer on every engine (0 over no rows).
+///
+/// PostgreSQL's `SUM` of integers is already `bigint`; MySQL's is `DECIMAL`, hence the cast.
+pub(crate) fn count_if(engine: Engine, pred: &str) -> String {
+    let int = int_type(engine);
+    format!("COALESCE(CAST(SUM(CASE WHEN {pred} THEN 1 ELSE 0 END) AS {int}), 0)")
+}
+
+/// The integer type name usable in `CAST(… AS …)`.
+pub(crate) fn int_type(engine: Engine) -> &'static str {
+    match engine {
+        Engine::Sqlite => "INTEGER",
+        Engine::Postgres => "BIGINT",
+        Engine::MySql => "SIGNED",
+    }
+}
+
+/// The floating type name usable in `CAST(… AS …)`.
+pub(crate) fn float_type(engine: Engine) -> &'static str {
+    match engine {
+        Engine::Sqlite => "REAL",
+        Engine::Postgres => "DOUBLE PRECISION",
+        Engine::MySql => "DOUBLE",
+    }
+}
+
+/// Seconds from `from` to `to` (two timestamp columns), as a floating expression.
+pub(crate) fn seconds_between(engine: Engine, from: &str, to: &str) -> String {
+    match engine {
+        Engine::Sqlite => format!("((julianday({to}) - julianday({from})) * 86400.0)"),
+        Engine::Postgres => {
+            format!("CAST(EXTRACT(EPOCH FROM ({to} - {from})) AS DOUBLE PRECISION)")
+        }
+        Engine::MySql => format!("TIMESTAMPDIFF(MICROSECOND, {from}, {to}) / 1000000.0"),
+    }
+}
+
+/// The UTC calendar day of a timestamp expression, as `YYYY-MM-DD` text.
+pub(crate) fn day_of(engine: Engine, ts: &str) -> String {
+    match engine {
+        // Stored as text `YYYY-MM-DD HH:MM:SS…`; the first ten characters are the day.
+        Engine::Sqlite => format!("substr({ts}, 1, 10)"),
+        Engine::Postgres => format!("to_char({ts}, 'YYYY-MM-DD')"),
+        Engine::MySql => format!("CAST(DATE_FORMAT({ts}, '%Y-%m-%d') AS CHAR)"),
+    }
+}
+
+/// A timestamp column plus a whole number of seconds.
+pub(crate) fn plus_seconds(engine: Engine, ts: &str, secs: u64) -> String {
+    match engine {
+        Engine::Sqlite => format!("datetime({ts}, '+{secs} seconds')"),
+        Engine::Postgres => format!("({ts} + INTERVAL '{secs} seconds')"),
+        Engine::MySql => format!("DATE_ADD({ts}, INTERVAL {secs} SECOND)"),
+    }
+}
