@@ -12,6 +12,10 @@
 //! - [`fence`]: the fencing table every mutating transaction advances;
 //! - [`seed`]: deterministic demo data;
 //! - [`ops`]: the operations, plain async functions `(db, params, cancel) -> report`;
+//! - [`jobs`]: the job envelope, kinds and queues;
+//! - [`queue`]: apalis-redis set up and guarded; enqueue, results, dead letters, janitor;
+//! - [`runner`]: the seam between a claimed job and the operations;
+//! - [`telemetry`]: logging setup;
 //! - [`secret`], [`backoff`]: small cross-cutting helpers.
 
 #![warn(missing_docs)]
@@ -19,10 +23,14 @@
 pub mod backoff;
 pub mod config;
 pub mod fence;
+pub mod jobs;
 pub mod ops;
+pub mod queue;
+pub mod runner;
 pub mod secret;
 pub mod seed;
 pub mod store;
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
