@@ -39,6 +39,7 @@ pub mod enqueue;
 pub mod janitor;
 pub mod keys;
 pub mod results;
+pub mod settle;
 pub mod workers;
 
 pub use dead::DeadLetter;
@@ -239,6 +240,11 @@ impl Queue {
     /// The Redis URL without its password.
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
+    }
+
+    /// `text` with this Redis URL's password removed (for driver errors quoted in logs).
+    pub fn scrub(&self, text: &str) -> String {
+        crate::secret::redact_text(text, &self.url)
     }
 
     pub(crate) fn err(&self, e: redis::RedisError) -> QueueError {
