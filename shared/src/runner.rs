@@ -72,10 +72,7 @@ pub enum JobOutcome {
 /// Runs one job.
 pub async fn execute(env: &JobEnvelope, deps: &RunnerDeps) -> JobOutcome {
     match env.kind {
-        JobKind::Noop => JobOutcome::Done {
-            report: serde_json::json!({ "noop": true }),
-            rows_affected: 0,
-        },
+        JobKind::Noop => run_noop(env),
         JobKind::Sleep => run_sleep(env, deps).await,
         JobKind::Cleanup | JobKind::Analytics | JobKind::Maintenance | JobKind::FullMaintenance => {
             run_operation(env, deps).await
@@ -90,6 +87,22 @@ pub async fn run_operation(env: &JobEnvelope, deps: &RunnerDeps) -> JobOutcome {
     JobOutcome::Failed {
         error: "operation kind not wired in this build".into(),
         retryable: false,
+    }
+}
+
+/// The diagnostic no-op. `params.fail_attempts = n` makes its first `n` attempts fail
+/// retryably, which is how tests and health checks exercise the retry path.
+fn run_noop(env: &JobEnvelope) -> JobOutcome {
+    let fail_attempts = env.params.get("fail_attempts").and_then(serde_json::Value::as_u64).unwrap_or(0);
+    if u64::from(env.attempt) <= fail_attempts {
+        return JobOutcome::Failed {
+            error: format!("diagnostic failure {} of {fail_attempts}", env.attempt),
+            retryable: true,
+        };
+    }
+    JobOutcome::Done {
+        report: serde_json::json!({ "noop": true, "attempt": env.attempt }),
+        rows_affected: 0,
     }
 }
 
