@@ -12,7 +12,13 @@
 //! - [`fence`]: the fencing table every mutating transaction advances;
 //! - [`lease`]: the per-target Redis lease, its keeper, and running an operation under it;
 //! - [`seed`]: deterministic demo data;
+//! - [`lease`]: the Redis lease whose token the database's fence enforces;
+//! - [`schedule`]: the scheduler's ticks, exactly one job per tick across replicas;
 //! - [`ops`]: the operations, plain async functions `(db, params, cancel) -> report`;
+//! - [`jobs`]: the job envelope, kinds and queues;
+//! - [`queue`]: apalis-redis set up and guarded; enqueue, results, dead letters, janitor;
+//! - [`runner`]: the seam between a claimed job and the operations;
+//! - [`telemetry`]: logging setup;
 //! - [`secret`], [`backoff`]: small cross-cutting helpers.
 
 #![warn(missing_docs)]
@@ -20,12 +26,16 @@
 pub mod backoff;
 pub mod config;
 pub mod fence;
+pub mod jobs;
 pub mod lease;
 pub mod ops;
+pub mod queue;
+pub mod runner;
 pub mod schedule;
 pub mod secret;
 pub mod seed;
 pub mod store;
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 

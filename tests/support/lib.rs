@@ -1,1 +1,290 @@
+//! Support for the end-to-end tests: builds the real binaries once per test run, starts worker
+//! processes and private Redis servers, and cleans them up when dropped.
 
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use sessionfleet::CancellationToken;
+use sessionfleet::config::{Overrides, Settings};
+use sessionfleet::queue::Queue;
+use sessionfleet::runner::RunnerDeps;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Builds `sessionfleet-worker` and `sessionfleet` once per test run; returns the directory
+/// holding them.
+pub fn binaries() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = workspace_root();
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "sessionfleet-worker", "-p", "sessionfleet-cli", "--bins"])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+        target.join("debug")
+    })
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+fn log_dir() -> PathBuf {
+    let dir = workspace_root().join("target").join("e2e-logs");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// Settings for namespace `ns` on `redis_url`.
+pub fn settings(redis_url: &str, ns: &str) -> Settings {
+    let (url, ns) = (redis_url.to_string(), ns.to_string());
+    let env = move |k: &str| match k {
+        "REDIS_URL" => Some(url.clone()),
+        "SESSIONFLEET_NAMESPACE" => Some(ns.clone()),
+        _ => None,
+    };
+    Settings::resolve(&Overrides::default(), &env, None).expect("settings")
+}
+
+/// A producer-side queue handle for namespace `ns`.
+pub async fn queue(redis_url: &str, ns: &str) -> Queue {
+    Queue::connect(&settings(redis_url, ns)).await.expect("connect to Redis")
+}
+
+/// Runner dependencies for library-level calls from a test.
+pub fn deps(queue: &Queue, redis_url: &str, ns: &str) -> RunnerDeps {
+    RunnerDeps {
+        settings: Arc::new(settings(redis_url, ns)),
+        queue: queue.clone(),
+        worker_name: "e2e-test".into(),
+        shutdown: CancellationToken::new(),
+    }
+}
+
+/// How to start a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// Redis URL.
+    pub redis_url: String,
+    /// Namespace.
+    pub namespace: String,
+    /// `--queues`.
+    pub queues: String,
+    /// `--concurrency`.
+    pub concurrency: u32,
+    /// Run in a new PID namespace (`unshare -p -f`), so it is pid 1 like in a container.
+    pub pid_namespace: bool,
+    /// Log file name stem.
+    pub label: String,
+}
+
+impl WorkerSpec {
+    /// Defaults for `ns`: all queues, concurrency 4.
+    pub fn new(redis_url: &str, ns: &str, label: &str) -> WorkerSpec {
+        WorkerSpec {
+            redis_url: redis_url.into(),
+            namespace: ns.into(),
+            queues: "cleanup,analytics,maintenance,diag".into(),
+            concurrency: 4,
+            pid_namespace: false,
+            label: label.into(),
+        }
+    }
+}
+
+/// A running `sessionfleet-worker`; killed when dropped.
+pub struct Worker {
+    child: Child,
+    /// Port of `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_port: u16,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Worker {
+    /// Starts a worker.
+    pub fn start(spec: &WorkerSpec) -> Worker {
+        let bin = binaries().join("sessionfleet-worker");
+        let metrics_port = free_port();
+        let log = log_dir().join(format!("{}-{}.log", spec.namespace, spec.label));
+        let out = File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut cmd = if spec.pid_namespace {
+            let mut c = Command::new("unshare");
+            // When the test stops `unshare`, the worker inside gets SIGTERM.
+            c.args(["-p", "-f", "--kill-child=SIGTERM"]).arg(&bin);
+            c
+        } else {
+            Command::new(&bin)
+        };
+        let dir = std::env::temp_dir();
+        cmd.args(["--queues", &spec.queues, "--concurrency", &spec.concurrency.to_string()])
+            .env("REDIS_URL", &spec.redis_url)
+            .env("SESSIONFLEET_NAMESPACE", &spec.namespace)
+            .env("SESSIONFLEET_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .env("SESSIONFLEET_POLL_INTERVAL_MS", "100")
+            .env("DATABASE_URL", format!("sqlite://{}/sf-e2e-unused.db", dir.display()))
+            .env("RUST_LOG", "info,sessionfleet=debug")
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = cmd.spawn().expect("start sessionfleet-worker");
+        Worker { child, metrics_port, log }
+    }
+
+    /// The process id (of `unshare` when in a PID namespace).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status();
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private `redis-server` (no persistence except an explicit `SHUTDOWN SAVE`), so a test can
+/// restart Redis without disturbing the rest of the suite.
+pub struct RedisServer {
+    child: Option<Child>,
+    /// Its port.
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts one on a free port.
+    pub fn start() -> RedisServer {
+        let mut s = RedisServer {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        s.spawn();
+        s
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Saves a snapshot and stops (like a maintenance restart), then waits for the exit.
+    pub fn shutdown_save(&mut self) {
+        let _ = Command::new("redis-cli").args(["-p", &self.port.to_string(), "SHUTDOWN", "SAVE"]).status();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port from the saved snapshot.
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `GET path` on loopback `port`; returns (status code, body).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `limit` (hang guard only).
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "gave up waiting for {what} after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Deletes every key of namespace `ns`.
+pub async fn drop_namespace(queue: &Queue) {
+    let pattern = format!("{}:{}:*", sessionfleet::queue::keys::SLOT_TAG, queue.keys().namespace());
+    let mut c = queue.connection();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut c).await.unwrap_or_default();
+    for chunk in keys.chunks(500) {
+        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut c).await;
+    }
+}

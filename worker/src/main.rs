@@ -1,1 +1,101 @@
-fn main() {}
+//! `sessionfleet-worker`: the fleet member. Claims jobs from the configured queues and runs
+//! them; all behaviour lives in the `sessionfleet` library, this binary wires it together.
+//!
+//! Exit codes: 0 clean stop; 1 runtime failure (Redis unreachable at start, shutdown timeout
+//! exceeded, bind failure); 2 configuration refused; 130 a second signal during shutdown.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use sessionfleet::config::{Overrides, Settings};
+use sessionfleet::jobs::QueueClass;
+
+mod fleet;
+mod http;
+mod signals;
+mod wake;
+
+/// Claims sessionfleet jobs from Redis and runs them.
+#[derive(Debug, Parser)]
+#[command(name = "sessionfleet-worker", version, about)]
+struct Args {
+    /// TOML configuration file (also SESSIONFLEET_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Queues to consume, comma-separated.
+    #[arg(long, env = "SESSIONFLEET_QUEUES", default_value = "cleanup,analytics,maintenance,diag")]
+    queues: String,
+    /// Jobs run at once per queue (SESSIONFLEET_WORKER_CONCURRENCY).
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// How often an idle worker looks for jobs, ms (SESSIONFLEET_POLL_INTERVAL_MS).
+    #[arg(long)]
+    poll_interval_ms: Option<u64>,
+    /// Address of /metrics, /healthz, /readyz, or 'off' (SESSIONFLEET_METRICS_ADDR).
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Seconds a stopping worker waits for running jobs (SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS).
+    #[arg(long)]
+    shutdown_timeout_secs: Option<u64>,
+    /// Log format: text or json (SESSIONFLEET_LOG_FORMAT).
+    #[arg(long)]
+    log_format: Option<String>,
+    /// Redis URL (REDIS_URL).
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Redis key namespace (SESSIONFLEET_NAMESPACE).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// More detailed logs.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+impl Args {
+    fn overrides(&self) -> Overrides {
+        let mut o = Overrides::default();
+        o.set("SESSIONFLEET_WORKER_CONCURRENCY", self.concurrency);
+        o.set("SESSIONFLEET_POLL_INTERVAL_MS", self.poll_interval_ms);
+        o.set("SESSIONFLEET_METRICS_ADDR", self.metrics_addr.clone());
+        o.set("SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS", self.shutdown_timeout_secs);
+        o.set("SESSIONFLEET_LOG_FORMAT", self.log_format.clone());
+        o.set("REDIS_URL", self.redis_url.clone());
+        o.set("SESSIONFLEET_NAMESPACE", self.namespace.clone());
+        o
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let settings = match Settings::load(&args.overrides(), args.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sessionfleet-worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let queues = match QueueClass::parse_list(&args.queues) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("sessionfleet-worker: --queues: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    sessionfleet::telemetry::init(settings.log_format.value, args.verbose);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sessionfleet-worker: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(fleet::run(settings, queues)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("sessionfleet-worker: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The janitor: removes what apalis-redis 1.0.0 leaves behind (notes §2.9 "Leaks") and hands
+//! jobs of dead workers back when no live worker on their queue would. Every worker process
+//! runs [`Queue::janitor_pass`] every [`JANITOR_INTERVAL`]; passes on several workers at once
+//! are harmless (every step is idempotent and `SPOP` hands out disjoint ids).
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{DeadLetter, MISSED_HEARTBEATS, HEARTBEAT_INTERVAL, Queue, QueueError, unix_secs};
+use crate::jobs::{JobEnvelope, QueueClass};
+
+/// Time between janitor passes of one worker process.
+pub const JANITOR_INTERVAL: Duration = Duration::from_secs(10);
+/// Finished task ids removed per step.
+pub const SWEEP_CHUNK: usize = 1000;
+/// Steps per queue per pass (bounds one pass's work).
+pub const SWEEP_STEPS: usize = 50;
+/// Keys examined per `SCAN` step for orphaned worker metadata.
+pub const SCAN_COUNT: usize = 500;
+
+/// What one pass removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct JanitorReport {
+    /// Finished tasks whose ids, data and meta were deleted.
+    pub finished_tasks: u64,
+    /// Tasks apalis itself gave up on, moved into our dead letters.
+    pub apalis_dead: u64,
+    /// apalis worker entries of dead workers removed.
+    pub dead_workers: u64,
+    /// Jobs of dead workers handed back to their queue.
+    pub recovered_jobs: u64,
+    /// `workers:metadata:*` hashes of gone workers deleted.
+    pub worker_metadata: u64,
+    /// Stale records of our own registry deleted.
+    pub registry_records: u64,
+    /// Oldest dead letters dropped beyond the cap.
+    pub dead_letters_trimmed: u64,
+}
+
+// Re-enqueues the inflight set of a worker (KEYS[1]) onto active (KEYS[2]) and removes the
+// worker (ARGV[1]) from the workers set (KEYS[3]) if its heartbeat is still <= ARGV[2].
+static RECOVER: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local score = redis.call('zscore', KEYS[3], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return -1 end
+local ids = redis.call('smembers', KEYS[1])
+if #ids > 0 then
+  redis.call('rpush', KEYS[2], unpack(ids))
+  redis.call('del', KEYS[1])
+end
+redis.call('zrem', KEYS[3], ARGV[1])
+return #ids
+"#,
+    )
+});
+
+impl Queue {
+    /// One janitor pass over every queue.
+    pub async fn janitor_pass(&self, worker: &str) -> Result<JanitorReport, QueueError> {
+        let mut r = JanitorReport::default();
+        for q in QueueClass::ALL {
+            r.finished_tasks += self.sweep_finished(q).await?;
+            r.apalis_dead += self.adopt_apalis_dead(q, worker).await?;
+            let (dead, recovered) = self.drop_dead_workers(q).await?;
+            r.dead_workers += dead;
+            r.recovered_jobs += recovered;
+            r.worker_metadata += self.drop_orphan_worker_metadata(q).await?;
+        }
+        r.registry_records = self.drop_stale_worker_records().await?;
+        r.dead_letters_trimmed = self.trim_dead_letters().await?;
+        Ok(r)
+    }
+
+    /// Deletes ids, payloads and meta of finished tasks (our handler has already stored the
+    /// result, so apalis' copy is dead weight that would otherwise grow forever).
+    async fn sweep_finished(&self, q: QueueClass) -> Result<u64, QueueError> {
+        let mut total = 0;
+        for _ in 0..SWEEP_STEPS {
+            let mut c = self.conn.clone();
+            let ids: Vec<String> = redis::cmd("SPOP")
+                .arg(self.keys.done(q))
+                .arg(SWEEP_CHUNK)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.err(e))?;
+            if ids.is_empty() {
+                break;
+            }
+            self.delete_tasks(q, &ids).await?;
+            total += ids.len() as u64;
+            if ids.len() < SWEEP_CHUNK {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    async fn delete_tasks(&self, q: QueueClass, ids: &[String]) -> Result<(), QueueError> {
+        let mut p = redis::pipe();
+        p.hdel(self.keys.data(q), ids).ignore();
+        let meta: Vec<String> = ids.iter().map(|id| format!("{}:{id}", self.keys.meta_prefix(q))).collect();
+        p.cmd("UNLINK").arg(&meta).ignore();
+        let mut c = self.conn.clone();
+        p.query_async::<()>(&mut c).await.map_err(|e| self.err(e))
+    }
+
+    /// Tasks apalis moved to its own dead set (a handler panic caught by `catch_panic`)
+    /// become our dead letters, with apalis' recorded reason.
+    async fn adopt_apalis_dead(&self, q: QueueClass, worker: &str) -> Result<u64, QueueError> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = redis::cmd("SPOP")
+            .arg(self.keys.apalis_dead(q))
+            .arg(SWEEP_CHUNK)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        for id in &ids {
+            let (payload, reason): (Option<Vec<u8>>, Option<String>) = redis::pipe()
+                .hget(self.keys.data(q), id)
+                .hget(format!("{}:{id}", self.keys.meta_prefix(q)), "result")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.err(e))?;
+            let payload = payload.unwrap_or_default();
+            let reason = format!("the queue gave up on it: {}", reason.unwrap_or_else(|| "no reason recorded".into()));
+            let letter = match JobEnvelope::decode(&payload) {
+                Ok(env) => DeadLetter::failed(&env, id, reason, worker),
+                Err(_) => DeadLetter::undecodable(q, id, &payload, reason, worker),
+            };
+            self.add_dead_letter(&letter).await?;
+        }
+        if !ids.is_empty() {
+            self.delete_tasks(q, &ids).await?;
+        }
+        Ok(ids.len() as u64)
+    }
+
+    /// apalis workers whose heartbeat is older than the orphan timeout: their claimed jobs go
+    /// back on the queue (apalis only does this while another worker of the same queue is
+    /// heartbeating) and their entries are removed (apalis' shutdown removes the wrong member).
+    async fn drop_dead_workers(&self, q: QueueClass) -> Result<(u64, u64), QueueError> {
+        let threshold = unix_secs().saturating_sub((HEARTBEAT_INTERVAL * MISSED_HEARTBEATS as u32).as_secs());
+        let mut c = self.conn.clone();
+        let names: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.apalis_workers(q))
+            .arg(0)
+            .arg(threshold)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        let (mut dead, mut recovered) = (0, 0);
+        for name in names {
+            let n: i64 = RECOVER
+                .key(self.keys.inflight(q, &name))
+                .key(self.keys.active(q))
+                .key(self.keys.apalis_workers(q))
+                .arg(&name)
+                .arg(threshold)
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| self.err(e))?;
+            if n >= 0 {
+                dead += 1;
+                recovered += n as u64;
+                redis::cmd("DEL")
+                    .arg(format!("{}{name}", self.keys.worker_metadata_prefix(q)))
+                    .query_async::<()>(&mut c)
+                    .await
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        if recovered > 0 {
+            tracing::warn!(queue = q.name(), recovered, "handed back jobs of dead workers");
+        }
+        Ok((dead, recovered))
+    }
+
+    /// `workers:metadata:<name>` hashes whose worker is no longer registered.
+    async fn drop_orphan_worker_metadata(&self, q: QueueClass) -> Result<u64, QueueError> {
+        let prefix = self.keys.worker_metadata_prefix(q);
+        let pattern = format!("{}*", glob_escape(&prefix));
+        let mut c = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        for _ in 0..SWEEP_STEPS {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.err(e))?;
+            for key in keys {
+                let name = &key[prefix.len()..];
+                let score: Option<f64> = redis::cmd("ZSCORE")
+                    .arg(self.keys.apalis_workers(q))
+                    .arg(name)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                if score.is_none() {
+                    redis::cmd("DEL").arg(&key).query_async::<()>(&mut c).await.map_err(|e| self.err(e))?;
+                    removed += 1;
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}

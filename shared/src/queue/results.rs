@@ -1,0 +1,220 @@
+//! Results and run history: every finished job's result, kept for
+//! `SESSION_METRICS_RETENTION_DAYS`, addressable by job id and by run id, plus a bounded
+//! per-target list of recent runs that status and trends read.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{Queue, QueueError};
+use crate::jobs::JobKind;
+
+/// Entries kept in a target's history list.
+pub const HISTORY_LEN: usize = 200;
+/// How often [`Queue::wait_for_result`] looks, at most.
+pub const WAIT_POLL_MAX: Duration = Duration::from_millis(200);
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultOutcome {
+    /// All work done.
+    Succeeded,
+    /// This part is done and a continuation was enqueued under the same run id.
+    Continued,
+    /// Failed for good (not retryable, or attempts exhausted); also dead-lettered.
+    Failed,
+}
+
+impl ResultOutcome {
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultOutcome::Succeeded => "succeeded",
+            ResultOutcome::Continued => "continued",
+            ResultOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// One finished job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// Job id.
+    pub job_id: Uuid,
+    /// Run id.
+    pub run_id: Uuid,
+    /// Continuation index.
+    pub part: u32,
+    /// Kind.
+    pub kind: JobKind,
+    /// Target name.
+    pub target: String,
+    /// How it ended.
+    pub outcome: ResultOutcome,
+    /// The operation's report (JSON), `null` on failure.
+    pub report: serde_json::Value,
+    /// The error of a failed job.
+    pub error: Option<String>,
+    /// Attempts used (1 = first try).
+    pub attempts: u32,
+    /// Worker that ran the last attempt.
+    pub worker: String,
+    /// When the last attempt started.
+    pub started_at: DateTime<Utc>,
+    /// When it finished.
+    pub finished_at: DateTime<Utc>,
+    /// Duration of the last attempt, milliseconds.
+    pub duration_ms: u64,
+    /// Rows the job changed (deleted, updated).
+    pub rows_affected: u64,
+}
+
+/// One line of a target's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Job id.
+    pub job_id: Uuid,
+    /// Run id.
+    pub run_id: Uuid,
+    /// Continuation index.
+    pub part: u32,
+    /// Kind.
+    pub kind: JobKind,
+    /// How it ended.
+    pub outcome: ResultOutcome,
+    /// When it finished.
+    pub finished_at: DateTime<Utc>,
+    /// Duration, milliseconds.
+    pub duration_ms: u64,
+    /// Rows changed.
+    pub rows_affected: u64,
+}
+
+impl From<&JobResult> for RunSummary {
+    fn from(r: &JobResult) -> Self {
+        RunSummary {
+            job_id: r.job_id,
+            run_id: r.run_id,
+            part: r.part,
+            kind: r.kind,
+            outcome: r.outcome,
+            finished_at: r.finished_at,
+            duration_ms: r.duration_ms,
+            rows_affected: r.rows_affected,
+        }
+    }
+}
+
+impl Queue {
+    /// Stores a result under its job id and run id (with the retention TTL) and, for
+    /// non-diagnostic kinds, pushes it onto the target's bounded history. One round trip.
+    pub async fn record_result(&self, r: &JobResult) -> Result<(), QueueError> {
+        let ttl = self.retention.as_secs().max(1);
+        let json = serde_json::to_string(r).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+        let mut p = redis::pipe();
+        p.set_ex(self.keys.result(&r.job_id), json, ttl).ignore();
+        p.rpush(self.keys.run(&r.run_id), r.job_id.to_string()).ignore();
+        p.expire(self.keys.run(&r.run_id), ttl as i64).ignore();
+        if !r.kind.is_diagnostic() {
+            let line = serde_json::to_string(&RunSummary::from(r)).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+            let h = self.keys.history(&r.target);
+            p.lpush(&h, line).ignore();
+            p.ltrim(&h, 0, HISTORY_LEN as isize - 1).ignore();
+            p.expire(&h, ttl as i64).ignore();
+        }
+        let mut c = self.conn.clone();
+        p.query_async::<()>(&mut c).await.map_err(|e| self.err(e))
+    }
+
+    /// The result of one job, if it finished and is still retained.
+    pub async fn result(&self, job_id: Uuid) -> Result<Option<JobResult>, QueueError> {
+        let mut c = self.conn.clone();
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.keys.result(&job_id))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        raw.map(|s| serde_json::from_str(&s).map_err(|e| QueueError::Corrupt(format!("result {job_id}: {e}"))))
+            .transpose()
+    }
+
+    /// The results of a run's parts, in completion order.
+    pub async fn run_results(&self, run_id: Uuid) -> Result<Vec<JobResult>, QueueError> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = redis::cmd("LRANGE")
+            .arg(self.keys.run(&run_id))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for id in ids {
+            // A redelivered part may have been recorded twice; report it once.
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            let Ok(job_id) = Uuid::parse_str(&id) else { continue };
+            if let Some(r) = self.result(job_id).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until job `job_id` has a result, polling with a growing interval.
+    pub async fn wait_for_result(&self, job_id: Uuid, timeout: Duration) -> Result<JobResult, QueueError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if let Some(r) = self.result(job_id).await? {
+                return Ok(r);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(QueueError::Timeout(job_id.to_string(), timeout));
+            }
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+            pause = (pause * 2).min(WAIT_POLL_MAX);
+        }
+    }
+
+    /// Waits until run `run_id` has a final (not `continued`) result and returns all parts.
+    pub async fn wait_for_run(&self, run_id: Uuid, timeout: Duration) -> Result<Vec<JobResult>, QueueError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let parts = self.run_results(run_id).await?;
+            if parts.iter().any(|r| r.outcome != ResultOutcome::Continued) {
+                return Ok(parts);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(QueueError::Timeout(format!("run {run_id}"), timeout));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(WAIT_POLL_MAX);
+        }
+    }
+
+    /// The `n` most recent runs of a target, newest first.
+    pub async fn recent_runs(&self, target: &str, n: usize) -> Result<Vec<RunSummary>, QueueError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn.clone();
+        let lines: Vec<String> = redis::cmd("LRANGE")
+            .arg(self.keys.history(target))
+            .arg(0)
+            .arg(n as i64 - 1)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        lines
+            .iter()
+            .map(|l| serde_json::from_str(l).map_err(|e| QueueError::Corrupt(format!("history of {target}: {e}"))))
+            .collect()
+    }
+}

@@ -1,0 +1,161 @@
+//! What a worker does with one delivery: decode, skip a duplicate, execute, and settle the
+//! outcome — store the result, enqueue a continuation, defer, retry with backoff, or
+//! dead-letter. Towards apalis every delivery that reaches here ends as a success (the job is
+//! settled in our own structures), so apalis' hard-coded 25 linear retries never apply.
+
+use std::time::Instant;
+
+use chrono::Utc;
+use tracing::Instrument;
+
+use super::{DeadLetter, EnqueueOptions, JobResult, QueueError, ResultOutcome, max_attempts, retry_delay};
+use crate::jobs::{JobEnvelope, QueueClass};
+use crate::runner::{self, JobOutcome, RunnerDeps};
+
+/// How a delivery was settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// Finished; result stored.
+    Succeeded,
+    /// Part done; continuation enqueued.
+    Continued,
+    /// Put back after a delay without spending an attempt.
+    Deferred,
+    /// Failed; retry enqueued (attempt number of the retry).
+    Retrying(u32),
+    /// Dead-lettered (undecodable, not retryable, or out of attempts).
+    DeadLettered,
+    /// A redelivery of a job that already has a result; not run again.
+    Duplicate,
+}
+
+impl Settled {
+    /// Metrics label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Settled::Succeeded => "succeeded",
+            Settled::Continued => "continued",
+            Settled::Deferred => "deferred",
+            Settled::Retrying(_) => "retrying",
+            Settled::DeadLettered => "dead_lettered",
+            Settled::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// Handles one delivery of queue `q` with task id `task_id` and raw `payload`. An error means
+/// the outcome could not be recorded (Redis trouble); the delivery should then stay unacked.
+pub async fn process_delivery(deps: &RunnerDeps, q: QueueClass, task_id: &str, payload: &[u8]) -> Result<Settled, QueueError> {
+    let queue = &deps.queue;
+    let env = match JobEnvelope::decode(payload) {
+        Ok(env) if env.queue() != q => {
+            let reason = format!("job of kind {} arrived on queue {} (expected {})", env.kind, q, env.queue());
+            return dead_letter_undecodable(deps, q, task_id, payload, reason).await;
+        }
+        Ok(env) => env,
+        Err(e) => return dead_letter_undecodable(deps, q, task_id, payload, e.to_string()).await,
+    };
+    let span = tracing::info_span!(
+        "job",
+        job_id = %env.job_id,
+        run_id = %env.run_id,
+        target = %env.target,
+        kind = %env.kind,
+        part = env.part,
+        attempt = env.attempt,
+        task_id = %task_id,
+    );
+    async move {
+        // At-least-once delivery: a redelivered job whose result is already stored (the ack
+        // was lost, or the worker died after finishing) is not run twice.
+        if queue.result(env.job_id).await?.is_some() {
+            tracing::info!("already finished; skipping redelivery");
+            metrics::counter!("sessionfleet_jobs_total", "kind" => env.kind.as_str(), "outcome" => "duplicate").increment(1);
+            return Ok(Settled::Duplicate);
+        }
+        let started_at = Utc::now();
+        let clock = Instant::now();
+        let outcome = runner::execute(&env, deps).await;
+        let elapsed = clock.elapsed();
+        metrics::histogram!("sessionfleet_job_duration_seconds", "kind" => env.kind.as_str()).record(elapsed.as_secs_f64());
+        let result = |outcome: ResultOutcome, report: serde_json::Value, error: Option<String>, rows: u64| JobResult {
+            job_id: env.job_id,
+            run_id: env.run_id,
+            part: env.part,
+            kind: env.kind,
+            target: env.target.clone(),
+            outcome,
+            report,
+            error,
+            attempts: env.attempt,
+            worker: deps.worker_name.clone(),
+            started_at,
+            finished_at: Utc::now(),
+            duration_ms: elapsed.as_millis() as u64,
+            rows_affected: rows,
+        };
+        let settled = match outcome {
+            JobOutcome::Done { report, rows_affected } => {
+                queue.record_result(&result(ResultOutcome::Succeeded, report, None, rows_affected)).await?;
+                count_rows(&env, rows_affected);
+                tracing::info!(duration_ms = elapsed.as_millis() as u64, rows_affected, "job succeeded");
+                Settled::Succeeded
+            }
+            JobOutcome::Continue { report, rows_affected, next } => {
+                // Continuation first: if we die before recording, the redelivered part yields
+                // the same continuation (same job id and dedupe key), which is then dropped.
+                let enq = queue.enqueue(&next).await?;
+                queue.record_result(&result(ResultOutcome::Continued, report, None, rows_affected)).await?;
+                count_rows(&env, rows_affected);
+                tracing::info!(next_job = %next.job_id, next_part = next.part, duplicate = !enq.accepted, "part done; continuation enqueued");
+                Settled::Continued
+            }
+            JobOutcome::Deferred { delay, reason } => {
+                let mut again = env.clone();
+                again.dedupe_key = None; // the original still holds the marker
+                queue.enqueue_with(&again, EnqueueOptions { delay: Some(delay) }).await?;
+                tracing::info!(delay_ms = delay.as_millis() as u64, %reason, "deferred");
+                Settled::Deferred
+            }
+            JobOutcome::Failed { error, retryable } if retryable && env.attempt < max_attempts(env.kind) => {
+                let mut again = env.clone();
+                again.attempt += 1;
+                again.dedupe_key = None;
+                let delay = retry_delay(again.attempt);
+                queue.enqueue_with(&again, EnqueueOptions { delay: Some(delay) }).await?;
+                tracing::warn!(%error, next_attempt = again.attempt, delay_ms = delay.as_millis() as u64, "failed; will retry");
+                Settled::Retrying(again.attempt)
+            }
+            JobOutcome::Failed { error, retryable } => {
+                let reason = if retryable {
+                    format!("gave up after {} attempts: {error}", env.attempt)
+                } else {
+                    error.clone()
+                };
+                queue.record_result(&result(ResultOutcome::Failed, serde_json::Value::Null, Some(reason.clone()), 0)).await?;
+                queue.add_dead_letter(&DeadLetter::failed(&env, task_id, reason.clone(), &deps.worker_name)).await?;
+                tracing::error!(%reason, "job failed; dead-lettered");
+                Settled::DeadLettered
+            }
+        };
+        metrics::counter!("sessionfleet_jobs_total", "kind" => env.kind.as_str(), "outcome" => settled.as_str()).increment(1);
+        Ok(settled)
+    }
+    .instrument(span)
+    .await
+}
+
+fn count_rows(env: &JobEnvelope, rows: u64) {
+    if rows > 0 {
+        metrics::counter!("sessionfleet_rows_affected_total", "kind" => env.kind.as_str()).increment(rows);
+    }
+}
+
+async fn dead_letter_undecodable(deps: &RunnerDeps, q: QueueClass, task_id: &str, payload: &[u8], reason: String) -> Result<Settled, QueueError> {
+    tracing::warn!(queue = q.name(), task_id, %reason, "undecodable job; dead-lettered");
+    deps.queue
+        .add_dead_letter(&DeadLetter::undecodable(q, task_id, payload, reason, &deps.worker_name))
+        .await?;
+    metrics::counter!("sessionfleet_jobs_total", "kind" => "unknown", "outcome" => "dead_lettered").increment(1);
+    Ok(Settled::DeadLettered)
+}

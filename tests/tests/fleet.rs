@@ -1,0 +1,268 @@
+//! The fleet end to end: real `sessionfleet-worker` processes against real Redis. Timeouts
+//! here only keep a broken build from hanging; nothing asserts on speed.
+
+use std::time::{Duration, Instant};
+
+use sessionfleet::jobs::{JobEnvelope, QueueClass};
+use sessionfleet::queue::{EnqueueOptions, Queue, ResultOutcome};
+use sessionfleet::testing::{redis_url, unique_namespace};
+use sessionfleet_e2e::*;
+
+const HANG_GUARD: Duration = Duration::from_secs(240);
+
+async fn live_on(queue: &Queue, q: QueueClass, n: usize) -> Vec<sessionfleet::queue::WorkerInfo> {
+    eventually(HANG_GUARD, "live workers", || async {
+        let live = queue.live_workers(Some(q)).await.ok()?;
+        (live.len() >= n).then_some(live)
+    })
+    .await
+}
+
+async fn all_results(queue: &Queue, ids: &[uuid::Uuid]) -> bool {
+    let mut c = queue.connection();
+    for chunk in ids.chunks(1000) {
+        let keys: Vec<String> = chunk.iter().map(|id| queue.keys().result(id)).collect();
+        let n: u64 = redis::cmd("EXISTS").arg(&keys).query_async(&mut c).await.unwrap_or(0);
+        if n as usize != chunk.len() {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_enqueued_by_another_process_is_picked_up_and_endpoints_answer() {
+    let (url, ns) = (redis_url(), unique_namespace());
+    let queue = queue(&url, &ns).await;
+    let mut spec = WorkerSpec::new(&url, &ns, "pickup");
+    spec.queues = "diag".into();
+    let w = Worker::start(&spec);
+    let live = live_on(&queue, QueueClass::Diag, 1).await;
+    assert!(queue.live_workers(Some(QueueClass::Cleanup)).await.unwrap().is_empty(), "nobody consumes cleanup");
+
+    let env = JobEnvelope::noop("e2e");
+    let enq = queue.enqueue(&env).await.unwrap();
+    assert!(enq.accepted);
+    let r = queue.wait_for_result(env.job_id, HANG_GUARD).await.expect("result");
+    assert_eq!(r.outcome, ResultOutcome::Succeeded);
+    assert_eq!(r.worker, live[0].name);
+
+    let (code, body) = http_get(w.metrics_port, "/healthz").await.expect("healthz");
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = eventually(HANG_GUARD, "readyz", || async {
+        let r = http_get(w.metrics_port, "/readyz").await?;
+        (r.0 == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let (_, metrics) = http_get(w.metrics_port, "/metrics").await.expect("metrics");
+    assert!(metrics.contains("sessionfleet_jobs_total"), "{metrics}");
+    assert!(metrics.contains(r#"outcome="succeeded""#), "{metrics}");
+    drop_namespace(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_jobs_enqueued_at_once_are_all_processed() {
+    let (url, ns) = (redis_url(), unique_namespace());
+    let queue = queue(&url, &ns).await;
+    let mut spec = WorkerSpec::new(&url, &ns, "10k");
+    spec.queues = "diag".into();
+    spec.concurrency = 64;
+    let _w = Worker::start(&spec);
+    live_on(&queue, QueueClass::Diag, 1).await;
+
+    let jobs: Vec<JobEnvelope> = (0..10_000).map(|_| JobEnvelope::noop("e2e")).collect();
+    let ids: Vec<_> = jobs.iter().map(|j| j.job_id).collect();
+    queue.enqueue_batch(jobs, EnqueueOptions::default()).await.unwrap();
+    let started = Instant::now();
+    eventually(HANG_GUARD, "10,000 results", || async { all_results(&queue, &ids).await.then_some(()) }).await;
+    println!("10,000 no-op jobs processed in {:?} (debug build)", started.elapsed());
+    assert!(queue.dead_letters(1).await.unwrap().is_empty());
+    drop_namespace(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_payloads_are_dead_lettered_while_valid_jobs_keep_flowing() {
+    let (url, ns) = (redis_url(), unique_namespace());
+    let queue = queue(&url, &ns).await;
+    let mut spec = WorkerSpec::new(&url, &ns, "garbage");
+    spec.queues = "diag".into();
+    let w = Worker::start(&spec);
+    live_on(&queue, QueueClass::Diag, 1).await;
+
+    let k = queue.keys().clone();
+    let q = QueueClass::Diag;
+    let cleanup = JobEnvelope::new(sessionfleet::jobs::JobKind::Cleanup, "default", serde_json::json!({}), "x");
+    let samples: Vec<Vec<u8>> = vec![
+        b"\x00\x01\xfe\xff binary".to_vec(),
+        b"{ truncated".to_vec(),
+        b"[]".to_vec(),
+        b"{}".to_vec(),
+        br#"{"v":2,"kind":"noop"}"#.to_vec(),
+        br#"{"v":1,"kind":"noop"}"#.to_vec(),
+        br#"{"v":1,"job_id":"nope","kind":"drop_everything"}"#.to_vec(),
+        cleanup.to_bytes(), // a valid job on the wrong queue
+        b"null".to_vec(),
+        "\u{1F4A3}".repeat(10).into_bytes(),
+    ];
+    let mut valid = Vec::new();
+    let mut c = queue.connection();
+    for i in 0..100 {
+        // A broken producer writing apalis' structures directly.
+        let id = format!("bad-{i:03}");
+        let _: () = redis::pipe()
+            .hset(k.data(q), &id, &samples[i % samples.len()])
+            .hset_multiple(format!("{}:{id}", k.meta_prefix(q)), &[("attempts", "0"), ("max_attempts", "25"), ("status", "Pending")])
+            .rpush(k.active(q), &id)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let env = JobEnvelope::noop("e2e");
+        valid.push(env.job_id);
+        queue.enqueue(&env).await.unwrap();
+    }
+    eventually(HANG_GUARD, "valid results", || async { all_results(&queue, &valid).await.then_some(()) }).await;
+    let dead = eventually(HANG_GUARD, "100 dead letters", || async {
+        let d = queue.dead_letters(1000).await.ok()?;
+        (d.len() >= 100).then_some(d)
+    })
+    .await;
+    assert_eq!(dead.len(), 100);
+    assert!(dead.iter().all(|d| d.id.starts_with("task:bad-") && !d.reason.is_empty()));
+    assert!(dead.iter().any(|d| d.reason.contains("arrived on queue diag")));
+    assert!(dead.iter().any(|d| d.reason.contains("unsupported envelope version 2")));
+    // Still healthy afterwards.
+    let after = JobEnvelope::noop("e2e");
+    queue.enqueue(&after).await.unwrap();
+    queue.wait_for_result(after.job_id, HANG_GUARD).await.expect("worker still running");
+    assert!(!w.log_text().contains("restarting under a new name"), "garbage must not kill the queue worker");
+    drop_namespace(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_of_a_killed_worker_completes_on_another_worker() {
+    let (url, ns) = (redis_url(), unique_namespace());
+    let queue = queue(&url, &ns).await;
+    let mut spec = WorkerSpec::new(&url, &ns, "victim");
+    spec.queues = "diag".into();
+    let mut victim = Worker::start(&spec);
+    let first = live_on(&queue, QueueClass::Diag, 1).await;
+
+    let env = JobEnvelope::sleep(3_000, None, "e2e");
+    queue.enqueue(&env).await.unwrap();
+    eventually(HANG_GUARD, "victim running the job", || async {
+        let live = queue.live_workers(Some(QueueClass::Diag)).await.ok()?;
+        live.iter().any(|w| w.name == first[0].name && w.running == 1).then_some(())
+    })
+    .await;
+    spec.label = "rescuer".into();
+    let _rescuer = Worker::start(&spec);
+    live_on(&queue, QueueClass::Diag, 2).await;
+    victim.kill9();
+    let killed_at = Instant::now();
+
+    let r = queue.wait_for_result(env.job_id, HANG_GUARD).await.expect("job completed after the kill");
+    let recovery = killed_at.elapsed();
+    println!("recovery after kill -9: {recovery:?} (orphan timeout {:?})", sessionfleet::queue::HEARTBEAT_INTERVAL * sessionfleet::queue::MISSED_HEARTBEATS as u32);
+    assert_eq!(r.outcome, ResultOutcome::Succeeded);
+    assert_ne!(r.worker, first[0].name, "finished by the other worker");
+    drop_namespace(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_reconnect_after_a_redis_restart_and_every_job_completes() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let ns = unique_namespace();
+    let queue = queue(&url, &ns).await;
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let mut spec = WorkerSpec::new(&url, &ns, &format!("rr{i}"));
+        spec.queues = "diag".into();
+        workers.push(Worker::start(&spec));
+    }
+    live_on(&queue, QueueClass::Diag, 2).await;
+
+    let jobs: Vec<JobEnvelope> = (0..120).map(|_| JobEnvelope::sleep(200, None, "e2e")).collect();
+    let ids: Vec<_> = jobs.iter().map(|j| j.job_id).collect();
+    queue.enqueue_batch(jobs, EnqueueOptions::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.shutdown_save();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.restart();
+    let restarted = Instant::now();
+
+    eventually(HANG_GUARD, "every job after the Redis restart", || async { all_results(&queue, &ids).await.then_some(()) }).await;
+    println!("all 120 jobs complete {:?} after Redis came back", restarted.elapsed());
+    // Jobs enqueued after the restart are picked up too.
+    let after = JobEnvelope::noop("e2e");
+    queue.enqueue(&after).await.unwrap();
+    queue.wait_for_result(after.job_id, HANG_GUARD).await.expect("pickup after restart");
+    for w in &mut workers {
+        assert!(w.wait_exit(Duration::from_millis(10)).is_none(), "a worker exited: {}", w.log_text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_job_enqueues_the_continuation_and_exits_zero() {
+    let (url, ns) = (redis_url(), unique_namespace());
+    let queue = queue(&url, &ns).await;
+    let mut spec = WorkerSpec::new(&url, &ns, "sigterm");
+    spec.queues = "diag".into();
+    let mut w = Worker::start(&spec);
+    let live = live_on(&queue, QueueClass::Diag, 1).await;
+
+    let env = JobEnvelope::sleep(60_000, Some(30_000), "e2e");
+    queue.enqueue(&env).await.unwrap();
+    eventually(HANG_GUARD, "job running", || async {
+        let l = queue.live_workers(Some(QueueClass::Diag)).await.ok()?;
+        l.iter().any(|x| x.running == 1).then_some(())
+    })
+    .await;
+    w.signal("TERM");
+    let status = w.wait_exit(HANG_GUARD).expect("worker exited");
+    assert!(status.success(), "exit status {status:?}; log:\n{}", w.log_text());
+
+    let part = queue.result(env.job_id).await.unwrap().expect("part result stored");
+    assert_eq!(part.outcome, ResultOutcome::Continued);
+    assert_eq!(part.report["stopped_by"], "shutdown");
+    let mut c = queue.connection();
+    let ids: Vec<String> = redis::cmd("LRANGE").arg(queue.keys().active(QueueClass::Diag)).arg(0).arg(-1).query_async(&mut c).await.unwrap();
+    assert_eq!(ids.len(), 1, "one continuation waiting");
+    let payload: Vec<u8> = redis::cmd("HGET").arg(queue.keys().data(QueueClass::Diag)).arg(&ids[0]).query_async(&mut c).await.unwrap();
+    let next = JobEnvelope::decode(&payload).unwrap();
+    assert_eq!((next.run_id, next.part), (env.run_id, 1));
+    assert!(next.params["millis"].as_u64().unwrap() < 60_000);
+    assert!(queue.live_workers(None).await.unwrap().iter().all(|x| x.name != live[0].name), "record removed");
+    drop_namespace(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_the_same_host_and_pid_is_never_refused() {
+    let (url, ns) = (redis_url(), unique_namespace());
+    let queue = queue(&url, &ns).await;
+    let mut spec = WorkerSpec::new(&url, &ns, "pid1-a");
+    spec.queues = "diag".into();
+    spec.pid_namespace = true; // pid 1, as in a container, on every start
+    let mut first = Worker::start(&spec);
+    let a = live_on(&queue, QueueClass::Diag, 1).await;
+    assert_eq!(a[0].pid, 1);
+    first.signal("TERM");
+    first.wait_exit(HANG_GUARD).expect("first stopped");
+    // apalis 1.0 leaves a gracefully stopped worker registered (defect 5); a name made of host
+    // and pid alone would now be refused as "still active".
+    let left: Vec<(String, u64)> = queue.apalis_workers(QueueClass::Diag).await.unwrap();
+    assert!(!left.is_empty(), "expected apalis' stale entry to still be there");
+
+    spec.label = "pid1-b".into();
+    let second = Worker::start(&spec);
+    let b = live_on(&queue, QueueClass::Diag, 1).await;
+    assert_eq!((b[0].pid, &b[0].host), (1, &a[0].host));
+    assert_ne!(b[0].name, a[0].name);
+    let env = JobEnvelope::noop("e2e");
+    queue.enqueue(&env).await.unwrap();
+    let r = queue.wait_for_result(env.job_id, HANG_GUARD).await.expect("restarted worker runs jobs");
+    assert_eq!(r.worker, b[0].name);
+    assert!(!second.log_text().contains("still active"), "{}", second.log_text());
+    drop_namespace(&queue).await;
+}

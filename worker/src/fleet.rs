@@ -1,0 +1,329 @@
+//! The worker process: one supervised apalis worker per configured queue, plus the loops that
+//! keep the fleet healthy (registry heartbeat, wake-ups, due-job promotion, janitor, gauges).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use apalis::prelude::*;
+use apalis_redis::RedisStorage;
+use chrono::Utc;
+use sessionfleet::CancellationToken;
+use sessionfleet::config::Settings;
+use sessionfleet::jobs::QueueClass;
+use sessionfleet::queue::janitor::JANITOR_INTERVAL;
+use sessionfleet::queue::settle::process_delivery;
+use sessionfleet::queue::workers::REGISTRY_BEAT;
+use sessionfleet::queue::{Queue, WorkerInfo};
+use sessionfleet::runner::RunnerDeps;
+
+use crate::signals::StopSignals;
+use crate::wake::Wakers;
+
+/// How long the worker waits for Redis at start before giving up.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
+/// How often queue-depth gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+/// First delay before restarting a failed apalis worker; doubles up to the max.
+const RESTART_BASE: Duration = Duration::from_millis(100);
+/// Longest delay before restarting a failed apalis worker.
+const RESTART_MAX: Duration = Duration::from_secs(5);
+
+/// Shared facts about the process, for the registry, `/readyz` and shutdown.
+#[derive(Default)]
+pub struct FleetState {
+    stopping: AtomicBool,
+    running_jobs: AtomicU64,
+    restarts: AtomicU64,
+    workers: std::sync::Mutex<Vec<WorkerContext>>,
+}
+
+impl FleetState {
+    /// True once a stop signal arrived.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// apalis workers currently running.
+    pub fn workers_running(&self) -> usize {
+        self.workers.lock().map(|w| w.iter().filter(|c| c.is_running()).count()).unwrap_or(0)
+    }
+}
+
+/// A payload exactly as stored: decoding happens in our handler, so a malformed job becomes a
+/// dead letter instead of a decode error that kills the apalis worker.
+#[derive(Debug, Clone)]
+pub struct RawJob(pub Vec<u8>);
+
+/// The codec that hands payload bytes through untouched.
+#[derive(Debug, Clone, Default)]
+pub struct RawCodec;
+
+impl Codec<RawJob> for RawCodec {
+    type Error = Infallible;
+    type Compact = Vec<u8>;
+
+    fn encode(&self, val: &RawJob) -> Result<Vec<u8>, Infallible> {
+        Ok(val.0.clone())
+    }
+
+    fn decode(&self, val: &Vec<u8>) -> Result<RawJob, Infallible> {
+        Ok(RawJob(val.clone()))
+    }
+}
+
+/// What the handler of one queue needs.
+struct QueueHandler {
+    deps: RunnerDeps,
+    queue: QueueClass,
+    state: Arc<FleetState>,
+}
+
+async fn handle(job: RawJob, task_id: TaskId, h: Data<Arc<QueueHandler>>) -> Result<(), BoxDynError> {
+    let h = Arc::clone(&h);
+    let task_id = task_id.to_string();
+    h.state.running_jobs.fetch_add(1, Ordering::Relaxed);
+    // Run the job on its own task: it uses both cores, and if this apalis worker dies on a
+    // Redis error the job still finishes and records its result (the redelivery then sees
+    // the result and is skipped) instead of being dropped half-way.
+    let job_h = Arc::clone(&h);
+    let joined = tokio::spawn(async move { process_delivery(&job_h.deps, job_h.queue, &task_id, &job.0).await }).await;
+    h.state.running_jobs.fetch_sub(1, Ordering::Relaxed);
+    match joined {
+        Ok(Ok(_settled)) => Ok(()),
+        // Could not record the outcome (Redis trouble): let apalis reschedule the delivery.
+        Ok(Err(e)) => Err(e.into()),
+        // A bug: do not retry it 25 times; apalis dead-sets it and the janitor turns it into
+        // one of our dead letters with this reason.
+        Err(e) => Err(AbortError::new(format!("job panicked: {e}")).into()),
+    }
+}
+
+/// Runs the worker process until a stop signal.
+pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<()> {
+    let mut signals = StopSignals::register().context("cannot install signal handlers")?;
+    let settings = Arc::new(settings);
+    let queue = Queue::connect_with_patience(&settings, STARTUP_PATIENCE).await?;
+    let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown-host".into());
+    let pid = std::process::id();
+    // Host and pid alone repeat (containers are often pid 1); the random part makes every
+    // start unique so apalis never refuses a restart as "still active".
+    let process_name = format!("{host}-{pid}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let shutdown = CancellationToken::new();
+    let deps = RunnerDeps {
+        settings: settings.clone(),
+        queue: queue.clone(),
+        worker_name: process_name.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let state = Arc::new(FleetState::default());
+    let concurrency = settings.worker_concurrency.value as usize;
+    let poll = Duration::from_millis(settings.poll_interval_ms.value);
+    let stop_timeout = Duration::from_secs(settings.shutdown_timeout_secs.value);
+    tracing::info!(
+        worker = %process_name,
+        redis = %queue.redacted_url(),
+        namespace = queue.keys().namespace(),
+        queues = %queues.iter().map(|q| q.name()).collect::<Vec<_>>().join(","),
+        concurrency,
+        poll_ms = poll.as_millis() as u64,
+        "worker starting"
+    );
+
+    if let Some(addr) = &settings.metrics_addr.value {
+        let prom = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .context("cannot install the metrics recorder")?;
+        crate::http::serve(addr, prom.clone(), queue.clone(), state.clone())
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        tokio::spawn(gauges(queue.clone(), prom, shutdown.clone()));
+    }
+
+    let wakers = Wakers::default();
+    let background = CancellationToken::new();
+    tokio::spawn(crate::wake::listen(queue.clone(), queues.clone(), wakers.clone(), background.clone()));
+    tokio::spawn(promote_loop(queue.clone(), queues.clone(), poll, background.clone()));
+    tokio::spawn(janitor_loop(queue.clone(), process_name.clone(), background.clone()));
+    let info = WorkerInfo {
+        name: process_name.clone(),
+        host,
+        pid,
+        queues: queues.clone(),
+        concurrency: concurrency as u32,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at: Utc::now(),
+        last_seen: Utc::now(),
+        restarts: 0,
+        running: 0,
+        stopping: false,
+    };
+    tokio::spawn(registry_loop(queue.clone(), info, state.clone(), background.clone()));
+
+    let mut monitor = Monitor::new();
+    for q in queues.iter().copied() {
+        let handler = Arc::new(QueueHandler {
+            deps: deps.clone(),
+            queue: q,
+            state: state.clone(),
+        });
+        let (queue, wakers, name) = (queue.clone(), wakers.clone(), process_name.clone());
+        monitor = monitor.register(move |restarts| {
+            let storage = RedisStorage::<RawJob>::new(queue.connection()).with_config(queue.apalis_config(q));
+            let gate = queue.clone();
+            let backend = storage
+                .before_start(move |_| {
+                    let gate = gate.clone();
+                    async move {
+                        wait_before_start(&gate, restarts).await;
+                        Ok(())
+                    }
+                })
+                .with_codec(RawCodec)
+                .poll_with_strategy(wakers.strategy(q, poll));
+            WorkerBuilder::new(format!("{name}-{}-r{restarts}", q.name()))
+                .backend(backend)
+                .data(handler.clone())
+                .concurrency(concurrency)
+                .build(handle)
+        });
+    }
+    let restarts_state = state.clone();
+    let monitor = monitor.should_restart(move |ctx, err| {
+        if ctx.is_shutting_down() {
+            return false;
+        }
+        restarts_state.restarts.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("sessionfleet_worker_restarts_total").increment(1);
+        tracing::warn!(worker = ctx.name(), restarts = ctx.restarts() + 1, error = %err, "queue worker stopped on an error; restarting under a new name");
+        true
+    });
+    if let Ok(mut w) = state.workers.lock() {
+        *w = monitor.context().workers().clone();
+    }
+
+    let stop = {
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        async move {
+            let which = signals.next().await;
+            tracing::info!(signal = which, timeout_secs = stop_timeout.as_secs(), "stopping: no new jobs; running jobs stop at their next boundary");
+            state.stopping.store(true, Ordering::Relaxed);
+            shutdown.cancel();
+            tokio::spawn(async move {
+                tokio::select! {
+                    which = signals.next() => {
+                        eprintln!("sessionfleet-worker: second {which}; exiting at once");
+                        std::process::exit(130);
+                    }
+                    _ = tokio::time::sleep(stop_timeout) => {
+                        tracing::error!(timeout_secs = stop_timeout.as_secs(), "running jobs did not stop in time; exiting (other workers will recover them)");
+                        std::process::exit(1);
+                    }
+                }
+            });
+            Ok(())
+        }
+    };
+    let outcome = monitor.run_with_signal(stop).await;
+    background.cancel();
+    if let Err(e) = queue.deregister_worker(&process_name).await {
+        tracing::warn!(error = %e, "could not remove the worker record; the janitor will");
+    }
+    match outcome {
+        Ok(()) => {
+            tracing::info!(worker = %process_name, "stopped cleanly");
+            Ok(())
+        }
+        Err(e) if state.is_stopping() => {
+            tracing::warn!(error = %queue.scrub(&e.to_string()), "a queue worker ended with an error during shutdown");
+            Ok(())
+        }
+        Err(e) => Err(anyhow::anyhow!("queue workers stopped: {}", queue.scrub(&e.to_string()))),
+    }
+}
+
+/// Before a (re)started apalis worker registers: back off after failures, and wait until Redis
+/// answers, so a Redis outage does not turn supervision into a hot restart loop.
+async fn wait_before_start(queue: &Queue, restarts: usize) {
+    if restarts > 0 {
+        tokio::time::sleep(sessionfleet::backoff::exponential(restarts.min(16) as u32, RESTART_BASE, RESTART_MAX)).await;
+    }
+    let mut attempt = 0u32;
+    while let Err(e) = queue.ping().await {
+        attempt += 1;
+        if attempt == 1 || attempt.is_multiple_of(10) {
+            tracing::warn!(error = %e, attempt, "waiting for Redis");
+        }
+        tokio::time::sleep(sessionfleet::backoff::exponential(attempt, RESTART_BASE, RESTART_MAX)).await;
+    }
+}
+
+async fn registry_loop(queue: Queue, mut info: WorkerInfo, state: Arc<FleetState>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(REGISTRY_BEAT);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        info.last_seen = Utc::now();
+        info.running = state.running_jobs.load(Ordering::Relaxed);
+        info.restarts = state.restarts.load(Ordering::Relaxed);
+        info.stopping = state.is_stopping();
+        if let Err(e) = queue.heartbeat_worker(&info).await {
+            tracing::debug!(error = %e, "registry heartbeat failed");
+        }
+    }
+}
+
+async fn promote_loop(queue: Queue, queues: Vec<QueueClass>, every: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        for q in &queues {
+            match queue.promote_due(*q).await {
+                Ok(n) if n > 0 => tracing::debug!(queue = q.name(), moved = n, "promoted due jobs"),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "promoting due jobs failed"),
+            }
+        }
+    }
+}
+
+async fn janitor_loop(queue: Queue, worker: String, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(sessionfleet::backoff::jitter(JANITOR_INTERVAL)) => {}
+        }
+        match queue.janitor_pass(&worker).await {
+            Ok(r) => tracing::debug!(report = ?r, "janitor pass"),
+            Err(e) => tracing::warn!(error = %e, "janitor pass failed"),
+        }
+    }
+}
+
+async fn gauges(queue: Queue, prom: metrics_exporter_prometheus::PrometheusHandle, stop: CancellationToken) {
+    // Placeholder until the lease is wired into the runner: always 0 here.
+    metrics::gauge!("sessionfleet_lease_holds").set(0.0);
+    loop {
+        if let Ok(depths) = queue.queue_depths().await {
+            for d in depths {
+                for (state, n) in [("ready", d.ready), ("running", d.running), ("scheduled", d.scheduled), ("scheduled_due", d.scheduled_due)] {
+                    metrics::gauge!("sessionfleet_queue_depth", "queue" => d.queue.clone(), "state" => state).set(n as f64);
+                }
+            }
+        }
+        if let Ok(n) = queue.dead_letter_count().await {
+            metrics::gauge!("sessionfleet_dead_letters").set(n as f64);
+        }
+        prom.run_upkeep();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+        }
+    }
+}
