@@ -18,6 +18,7 @@
 //! - [`jobs`]: the job envelope, kinds and queues;
 //! - [`queue`]: apalis-redis set up and guarded; enqueue, results, dead letters, janitor;
 //! - [`runner`]: the seam between a claimed job and the operations;
+//! - [`dispatch`]: decode a job's parameters and run its operation under the lease;
 //! - [`telemetry`]: logging setup;
 //! - [`secret`], [`backoff`]: small cross-cutting helpers.
 
@@ -25,6 +26,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod dispatch;
 pub mod fence;
 pub mod jobs;
 pub mod lease;

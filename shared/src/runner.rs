@@ -80,14 +80,18 @@ pub async fn execute(env: &JobEnvelope, deps: &RunnerDeps) -> JobOutcome {
     }
 }
 
-/// The operations' entry point: target lookup, lease, parameter decoding and the call into
-/// `ops::*` belong here.
+/// The operations' entry point: the worker's surroundings handed to
+/// [`dispatch::run_operation`](crate::dispatch::run_operation), which the CLI's `--local` mode
+/// uses too.
 pub async fn run_operation(env: &JobEnvelope, deps: &RunnerDeps) -> JobOutcome {
-    let _ = (env, deps);
-    JobOutcome::Failed {
-        error: "operation kind not wired in this build".into(),
-        retryable: false,
-    }
+    let oe = crate::dispatch::OperationEnv {
+        settings: &deps.settings,
+        redis: Some(deps.queue.connection()),
+        queue: Some(&deps.queue),
+        holder: &deps.worker_name,
+        shutdown: &deps.shutdown,
+    };
+    crate::dispatch::run_operation(env, &oe).await
 }
 
 /// The diagnostic no-op. `params.fail_attempts = n` makes its first `n` attempts fail

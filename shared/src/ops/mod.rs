@@ -12,6 +12,7 @@ use crate::store::{Db, StoreError};
 
 pub mod analytics;
 pub mod cleanup;
+pub mod full;
 pub mod maintenance;
 
 /// What every operation receives besides its own parameters.

@@ -1,0 +1,279 @@
+//! From a job to an operation call: decode the parameters for the job's kind, decide whether
+//! the work writes (and so needs the lease and a fencing token), run it under the lease, and
+//! say what should happen next. Shared by the worker (through [`crate::runner`]) and the
+//! CLI's `--local` mode, so both run an operation the same way.
+//!
+//! Read-only work — analytics, statistics, analysis, integrity checks and every dry run —
+//! takes no lease and no token: it cannot corrupt anything, and a dry run must change
+//! nothing anywhere, not even the fence table.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use chrono::Utc;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::CancellationToken;
+use crate::config::Settings;
+use crate::jobs::{JobEnvelope, JobKind};
+use crate::lease::{self, HolderInfo, LeaseConfig, LeaseError};
+use crate::ops::analytics::{self, AnalyticsParams, FleetFacts, JobCounts};
+use crate::ops::cleanup::{self, CleanupParams};
+use crate::ops::full::{self, FullParams};
+use crate::ops::maintenance::{self, MaintenanceAction, MaintenanceParams};
+use crate::ops::{OpContext, OpError, Outcome};
+use crate::queue::{Queue, ResultOutcome};
+use crate::runner::JobOutcome;
+use crate::store::{ConnectOptions, Db};
+
+/// Window of recent runs summarised into [`FleetFacts`] for health reports.
+pub const FLEET_FACTS_RUNS: usize = 200;
+/// Period the job-outcome counts of [`FleetFacts`] cover.
+pub const FLEET_FACTS_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// A job's parameters, decoded for its kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum OperationJob {
+    /// Cleanup.
+    Cleanup(CleanupParams),
+    /// Analytics (health report or trends).
+    Analytics(AnalyticsParams),
+    /// One database-maintenance step.
+    Maintenance(MaintenanceParams),
+    /// Full maintenance.
+    FullMaintenance(FullParams),
+}
+
+impl OperationJob {
+    /// Decodes `env.params` for `env.kind`.
+    pub fn decode(env: &JobEnvelope) -> Result<OperationJob, String> {
+        let p = env.params.clone();
+        let bad = |e: serde_json::Error| format!("invalid {} parameters: {e}", env.kind.as_str());
+        Ok(match env.kind {
+            JobKind::Cleanup => OperationJob::Cleanup(serde_json::from_value(p).map_err(bad)?),
+            JobKind::Analytics => OperationJob::Analytics(serde_json::from_value(p).map_err(bad)?),
+            JobKind::Maintenance => OperationJob::Maintenance(serde_json::from_value(p).map_err(bad)?),
+            JobKind::FullMaintenance => OperationJob::FullMaintenance(serde_json::from_value(p).map_err(bad)?),
+            other => return Err(format!("'{}' is not an operation", other.as_str())),
+        })
+    }
+
+    /// The job kind.
+    pub fn kind(&self) -> JobKind {
+        match self {
+            OperationJob::Cleanup(_) => JobKind::Cleanup,
+            OperationJob::Analytics(_) => JobKind::Analytics,
+            OperationJob::Maintenance(_) => JobKind::Maintenance,
+            OperationJob::FullMaintenance(_) => JobKind::FullMaintenance,
+        }
+    }
+
+    /// The parameters as JSON, for an envelope.
+    pub fn params(&self) -> serde_json::Value {
+        let v = match self {
+            OperationJob::Cleanup(p) => serde_json::to_value(p),
+            OperationJob::Analytics(p) => serde_json::to_value(p),
+            OperationJob::Maintenance(p) => serde_json::to_value(p),
+            OperationJob::FullMaintenance(p) => serde_json::to_value(p),
+        };
+        v.unwrap_or_default()
+    }
+
+    /// Whether the job changes the database (and so runs under the lease with a token).
+    pub fn is_mutating(&self) -> bool {
+        match self {
+            OperationJob::Cleanup(p) => !p.dry_run,
+            OperationJob::Analytics(_) => false,
+            OperationJob::Maintenance(p) => match p.action {
+                MaintenanceAction::CreateIndexes => !p.dry_run,
+                MaintenanceAction::Optimize { .. } => true,
+                _ => false,
+            },
+            OperationJob::FullMaintenance(p) => !p.dry_run,
+        }
+    }
+
+    /// Adds what only the fleet knows (recent outcomes, recorded deletions) to analytics.
+    fn with_fleet_facts(mut self, facts: Option<FleetFacts>) -> OperationJob {
+        let Some(facts) = facts else { return self };
+        match &mut self {
+            OperationJob::Analytics(AnalyticsParams::HealthReport(h)) => {
+                h.fleet.get_or_insert(facts);
+            }
+            OperationJob::Analytics(AnalyticsParams::Trends { fleet, .. }) => {
+                fleet.get_or_insert(facts);
+            }
+            OperationJob::FullMaintenance(p) => {
+                p.health.fleet.get_or_insert(facts);
+            }
+            _ => {}
+        }
+        self
+    }
+
+    /// Runs the operation with `ctx`.
+    pub async fn execute(&self, ctx: OpContext) -> Result<Executed, OpError> {
+        match self {
+            OperationJob::Cleanup(p) => {
+                let r = cleanup::run(&ctx, p).await?;
+                let rows = if r.dry_run { 0 } else { r.total_cleaned() };
+                // Continuations judge rows by the first part's reference time.
+                let next = (r.outcome != Outcome::Completed).then(|| {
+                    let mut np = p.clone();
+                    np.as_of = Some(r.as_of);
+                    OperationJob::Cleanup(np)
+                });
+                Ok(Executed { report: to_json(&r), rows, outcome: r.outcome, next })
+            }
+            OperationJob::Analytics(p) => {
+                let r = analytics::run(&ctx, p).await?;
+                Ok(Executed { report: to_json(&r), rows: 0, outcome: Outcome::Completed, next: None })
+            }
+            OperationJob::Maintenance(p) => {
+                let r = maintenance::run(&ctx, p).await?;
+                Ok(Executed { report: to_json(&r), rows: 0, outcome: Outcome::Completed, next: None })
+            }
+            OperationJob::FullMaintenance(p) => {
+                let r = full::run(&ctx, p).await?;
+                let rows = r.report.rows_deleted();
+                Ok(Executed {
+                    report: to_json(&r.report),
+                    rows,
+                    outcome: r.outcome,
+                    next: r.next.map(OperationJob::FullMaintenance),
+                })
+            }
+        }
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_else(|e| serde_json::json!({ "error": format!("report not encodable: {e}") }))
+}
+
+/// What one execution produced.
+#[derive(Debug, Clone)]
+pub struct Executed {
+    /// The report, as JSON.
+    pub report: serde_json::Value,
+    /// Rows changed.
+    pub rows: u64,
+    /// Why it stopped.
+    pub outcome: Outcome,
+    /// The rest of the work, when it stopped early.
+    pub next: Option<OperationJob>,
+}
+
+/// What running an operation needs from its surroundings.
+pub struct OperationEnv<'a> {
+    /// Configuration (targets, lease TTL).
+    pub settings: &'a Settings,
+    /// Redis, for the lease; `None` runs under the database fence alone.
+    pub redis: Option<ConnectionManager>,
+    /// The queue, for fleet facts; optional.
+    pub queue: Option<&'a Queue>,
+    /// Who runs it (worker name, or `cli@host`).
+    pub holder: &'a str,
+    /// Fires on shutdown: the operation stops at its next boundary.
+    pub shutdown: &'a CancellationToken,
+}
+
+/// Runs the operation `env` names and says what should happen next.
+pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutcome {
+    let job = match OperationJob::decode(env) {
+        Ok(j) => j,
+        Err(error) => return JobOutcome::Failed { error, retryable: false },
+    };
+    let target = match oe.settings.target(Some(&env.target)) {
+        Ok(t) => t,
+        Err(e) => return JobOutcome::Failed { error: e.to_string(), retryable: false },
+    };
+    let db = match shared_db(&target.url).await {
+        Ok(db) => db,
+        Err(error) => return JobOutcome::Failed { error, retryable: true },
+    };
+    let facts = match (oe.queue, matches!(job, OperationJob::Analytics(_) | OperationJob::FullMaintenance(_))) {
+        (Some(q), true) => fleet_facts(q, &env.target).await,
+        _ => None,
+    };
+    let job = job.with_fleet_facts(facts);
+    let holder = HolderInfo::new(oe.holder, env.job_id.to_string());
+    let lease_cfg = LeaseConfig::from_ttl(Duration::from_millis(oe.settings.lease_ttl_ms.value));
+
+    let result = if !job.is_mutating() {
+        let ctx = OpContext { db: db.clone(), fence: None, cancel: oe.shutdown.child_token() };
+        Ok((job.execute(ctx).await, None))
+    } else if let Some(redis) = &oe.redis {
+        lease::with_lease(redis, &oe.settings.namespace.value, &env.target, &holder, &db, &lease_cfg, oe.shutdown, |ctx| job.execute(ctx))
+            .await
+            .map(|run| (run.value, run.lost))
+    } else {
+        lease::with_db_fence_only(&db, &env.target, &holder, oe.shutdown, |ctx| job.execute(ctx))
+            .await
+            .map(|run| (run.value, run.lost))
+    };
+
+    match result {
+        Err(e @ LeaseError::Busy { .. }) => JobOutcome::Deferred { delay: lease_cfg.busy_delay(), reason: e.to_string() },
+        Err(e) => JobOutcome::Failed { error: e.to_string(), retryable: true },
+        Ok((Err(e), _)) if e.is_fenced_out() => JobOutcome::Deferred {
+            delay: lease_cfg.busy_delay(),
+            reason: format!("{e}; retrying once the newer holder is done"),
+        },
+        Ok((Err(e @ OpError::Invalid(_)), _)) => JobOutcome::Failed { error: e.to_string(), retryable: false },
+        Ok((Err(e), _)) => JobOutcome::Failed { error: e.to_string(), retryable: true },
+        Ok((Ok(done), lost)) => {
+            if let Some(reason) = lost {
+                tracing::warn!(job_id = %env.job_id, ?reason, "lease lost during the run; the rest continues later");
+            }
+            match done.next {
+                Some(next) => JobOutcome::Continue {
+                    report: done.report,
+                    rows_affected: done.rows,
+                    next: env.continuation(next.params(), oe.holder),
+                },
+                None => JobOutcome::Done { report: done.report, rows_affected: done.rows },
+            }
+        }
+    }
+}
+
+/// One pool per database URL per process, shared by every job on that target.
+pub async fn shared_db(url: &str) -> Result<Db, String> {
+    static POOLS: OnceLock<Mutex<HashMap<String, Db>>> = OnceLock::new();
+    let pools = POOLS.get_or_init(Mutex::default);
+    let mut map = pools.lock().await;
+    if let Some(db) = map.get(url) {
+        return Ok(db.clone());
+    }
+    let db = Db::connect(url, &ConnectOptions::default()).await.map_err(|e| e.to_string())?;
+    map.insert(url.to_string(), db.clone());
+    Ok(db)
+}
+
+/// Summarises the target's recent runs for the health report and trends.
+pub async fn fleet_facts(queue: &Queue, target: &str) -> Option<FleetFacts> {
+    let runs = queue.recent_runs(target, FLEET_FACTS_RUNS).await.ok()?;
+    if runs.is_empty() {
+        return None;
+    }
+    let since = Utc::now() - chrono::Duration::from_std(FLEET_FACTS_WINDOW).ok()?;
+    let recent: Vec<_> = runs.iter().filter(|r| r.finished_at >= since).collect();
+    let failed = recent.iter().filter(|r| r.outcome == ResultOutcome::Failed).count() as u64;
+    let mut by_day: BTreeMap<chrono::NaiveDate, u64> = BTreeMap::new();
+    for r in runs.iter().filter(|r| matches!(r.kind, JobKind::Cleanup | JobKind::FullMaintenance)) {
+        *by_day.entry(r.finished_at.date_naive()).or_default() += r.rows_affected;
+    }
+    Some(FleetFacts {
+        jobs: (!recent.is_empty()).then(|| JobCounts {
+            window_secs: FLEET_FACTS_WINDOW.as_secs(),
+            total: recent.len() as u64,
+            succeeded: recent.len() as u64 - failed,
+            failed,
+        }),
+        cleanup_deleted_by_day: Some(by_day),
+    })
+}

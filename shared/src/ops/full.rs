@@ -1,0 +1,290 @@
+//! Full maintenance: cleanup → recommended indexes → optimize → health report, as one run
+//! with one summary (`session_maintenance.py --full-maintenance`, reference §2.4).
+//!
+//! The run is a small state machine so it fits the fleet's time budgets: a cleanup that
+//! spends its budget returns [`FullRun::next`], parameters that carry the stage reached and
+//! the partial report; the continuation picks up there. Bugs of the original fixed on purpose:
+//! the summary carries the analytics recommendations (the original read a key that never
+//! existed), indexes that already existed are not reported as created, and orphans are
+//! mentioned.
+//!
+//! `dry_run` changes nothing anywhere: the cleanup only counts, index creation only lists,
+//! optimize says what it would run, and no fencing token is needed.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::analytics::{self, DbFindings, Health, HealthParams, HealthReport};
+use super::cleanup::{self, CleanupParams, CleanupReport};
+use super::maintenance::{self, IndexReport, OptimizeReport};
+use super::{OpContext, OpError, Outcome};
+use crate::store::Engine;
+
+/// Where a full-maintenance run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Purging expired and orphaned sessions (may take several parts).
+    #[default]
+    Cleanup,
+    /// Creating the recommended indexes.
+    Indexes,
+    /// Refreshing planner statistics.
+    Optimize,
+    /// Writing the health report and the summary.
+    Report,
+}
+
+/// Parameters of [`run`]. Travels through Redis; continuations carry `stage` and `partial`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FullParams {
+    /// Cleanup parameters (its `dry_run` follows [`FullParams::dry_run`]).
+    pub cleanup: CleanupParams,
+    /// Health-report parameters.
+    pub health: HealthParams,
+    /// Change nothing; report what would happen.
+    pub dry_run: bool,
+    /// Also reclaim space during optimize (default false, as the original).
+    pub vacuum: bool,
+    /// Stage to resume at (continuations).
+    pub stage: Stage,
+    /// What earlier parts of the run produced (continuations).
+    pub partial: Option<FullReport>,
+}
+
+impl FullParams {
+    /// Refuses impossible combinations.
+    pub fn validate(&self) -> Result<(), OpError> {
+        self.cleanup.validate()?;
+        self.health.validate()?;
+        Ok(())
+    }
+}
+
+/// The one summary of a run, with the original's keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Summary {
+    /// `completed`, or `completed_with_errors`.
+    pub status: String,
+    /// What was changed (or, in a dry run, what would be).
+    pub actions_taken: Vec<String>,
+    /// What needs attention.
+    pub issues_found: Vec<String>,
+    /// The health report's recommendations.
+    pub recommendations: Vec<String>,
+}
+
+/// The report of a full-maintenance run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FullReport {
+    /// When the run started (UTC).
+    pub timestamp: Option<DateTime<Utc>>,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+    /// Cleanup report (merged over the run's parts; counts only in a dry run).
+    pub cleanup: Option<CleanupReport>,
+    /// Index creation (a list only in a dry run).
+    pub indexes: Option<IndexReport>,
+    /// Optimization (absent in a dry run, where `planned_optimizations` says what would run).
+    pub optimization: Option<OptimizeReport>,
+    /// Statements optimize would run, in a dry run.
+    pub planned_optimizations: Vec<String>,
+    /// The health report.
+    pub analytics: Option<HealthReport>,
+    /// The summary.
+    pub summary: Summary,
+    /// Errors of individual stages (the run goes on past them).
+    pub errors: Vec<String>,
+}
+
+impl FullReport {
+    /// Rows deleted by the cleanup stage.
+    pub fn rows_deleted(&self) -> u64 {
+        self.cleanup.as_ref().map_or(0, |c| if c.dry_run { 0 } else { c.total_cleaned() })
+    }
+
+    /// Text in the original's layout ("Session Maintenance Results").
+    pub fn render_text(&self) -> String {
+        let mut s = String::new();
+        s.push_str(if self.dry_run { "Session Maintenance Results (dry run)\n" } else { "Session Maintenance Results\n" });
+        s.push_str(&"=".repeat(40));
+        s.push('\n');
+        s.push_str(&format!("Status: {}\n", self.summary.status));
+        for (title, items) in [
+            ("Actions Taken", &self.summary.actions_taken),
+            ("Issues Found", &self.summary.issues_found),
+            ("Recommendations", &self.summary.recommendations),
+        ] {
+            if !items.is_empty() {
+                s.push_str(&format!("\n{title}:\n"));
+                for i in items {
+                    s.push_str(&format!("  - {i}\n"));
+                }
+            }
+        }
+        if !self.errors.is_empty() {
+            s.push_str("\nErrors:\n");
+            for e in &self.errors {
+                s.push_str(&format!("  - {e}\n"));
+            }
+        }
+        s
+    }
+}
+
+/// What one part of a run produced.
+#[derive(Debug, Clone)]
+pub struct FullRun {
+    /// The report so far (complete when `next` is `None`).
+    pub report: FullReport,
+    /// Parameters of the continuation, when the cleanup stage spent its budget or was
+    /// cancelled.
+    pub next: Option<FullParams>,
+    /// Why this part stopped.
+    pub outcome: Outcome,
+}
+
+/// Runs full maintenance from `p.stage` on.
+pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
+    p.validate()?;
+    let mut report = p.partial.clone().unwrap_or_else(|| FullReport {
+        timestamp: Some(Utc::now()),
+        dry_run: p.dry_run,
+        ..FullReport::default()
+    });
+    let mut stage = p.stage;
+
+    if stage == Stage::Cleanup {
+        let mut cp = p.cleanup.clone();
+        cp.dry_run = p.dry_run;
+        // Later parts judge rows by the first part's reference time.
+        if let Some(first) = &report.cleanup {
+            cp.as_of = Some(first.as_of);
+        }
+        let part = cleanup::run(ctx, &cp).await?;
+        let outcome = part.outcome;
+        match &mut report.cleanup {
+            Some(total) => total.merge(&part),
+            None => report.cleanup = Some(part),
+        }
+        if outcome != Outcome::Completed {
+            let next = FullParams {
+                stage: Stage::Cleanup,
+                partial: Some(report.clone()),
+                ..p.clone()
+            };
+            return Ok(FullRun { report, next: Some(next), outcome });
+        }
+        stage = Stage::Indexes;
+    }
+
+    if stage == Stage::Indexes {
+        match maintenance::create_indexes(ctx, p.dry_run).await {
+            Ok(r) => report.indexes = Some(r),
+            Err(e) if e.is_fenced_out() => return Err(e),
+            Err(e) => report.errors.push(format!("create indexes: {e}")),
+        }
+        stage = Stage::Optimize;
+    }
+    if ctx.cancel.is_cancelled() {
+        let next = FullParams { stage, partial: Some(report.clone()), ..p.clone() };
+        return Ok(FullRun { report, next: Some(next), outcome: Outcome::Cancelled });
+    }
+
+    if stage == Stage::Optimize {
+        if p.dry_run {
+            report.planned_optimizations = planned_optimizations(ctx.db.engine(), p.vacuum);
+        } else {
+            match maintenance::optimize(ctx, p.vacuum).await {
+                Ok(r) => report.optimization = Some(r),
+                Err(e) if e.is_fenced_out() => return Err(e),
+                Err(e) => report.errors.push(format!("optimize: {e}")),
+            }
+        }
+    }
+
+    // Health report, informed by what maintenance found still missing.
+    let mut health = p.health.clone();
+    if let Ok(missing) = maintenance::missing_recommended_indexes(&ctx.db).await {
+        let findings = health.findings.get_or_insert_with(DbFindings::default);
+        // In a dry run the indexes were not built; report them as missing only for real runs.
+        if !p.dry_run {
+            findings.missing_indexes = missing;
+        }
+    }
+    match analytics::health_report(&ctx.db, &health).await {
+        Ok(h) => report.analytics = Some(h),
+        Err(e) => report.errors.push(format!("health report: {e}")),
+    }
+    report.summary = summarize(&report);
+    Ok(FullRun { report, next: None, outcome: Outcome::Completed })
+}
+
+/// What optimize would run, for a dry run (see `maintenance::optimize`).
+fn planned_optimizations(engine: Engine, vacuum: bool) -> Vec<String> {
+    let mut v: Vec<String> = match engine {
+        Engine::Sqlite => vec!["ANALYZE <session tables>".into(), "PRAGMA optimize".into()],
+        Engine::Postgres => vec!["ANALYZE <session tables>".into()],
+        Engine::MySql => vec!["ANALYZE TABLE <session tables>".into()],
+    };
+    if vacuum {
+        v.push(match engine {
+            Engine::Sqlite => "VACUUM".into(),
+            Engine::Postgres => "VACUUM (ANALYZE) <session tables>".into(),
+            Engine::MySql => "OPTIMIZE TABLE <session tables>".into(),
+        });
+    }
+    v
+}
+
+/// The summary rules of the original, with its bugs fixed.
+pub fn summarize(r: &FullReport) -> Summary {
+    let mut s = Summary::default();
+    let would = if r.dry_run { "Would clean" } else { "Cleaned" };
+    if let Some(c) = &r.cleanup {
+        let expired = c.expired_sessions_cleaned;
+        let orphaned = c.orphaned_sessions_cleaned;
+        if expired > 0 {
+            s.actions_taken.push(format!("{would} {expired} expired sessions"));
+        }
+        if orphaned > 0 {
+            s.actions_taken.push(format!("{would} {orphaned} orphaned sessions"));
+        }
+        if c.missing_platform_sessions > 0 {
+            s.issues_found.push(format!(
+                "{} sessions point at a missing platform connection (reported, not deleted)",
+                c.missing_platform_sessions
+            ));
+        }
+    }
+    if let Some(i) = &r.indexes {
+        if !i.indexes_created.is_empty() {
+            let verb = if r.dry_run { "Would create" } else { "Created" };
+            s.actions_taken.push(format!("{verb} {} database indexes", i.indexes_created.len()));
+        }
+        for e in &i.errors {
+            s.issues_found.push(e.clone());
+        }
+    }
+    if let Some(o) = &r.optimization {
+        if !o.operations_performed.is_empty() {
+            s.actions_taken.push(format!("Optimized tables ({} statements)", o.operations_performed.len()));
+        }
+    }
+    if !r.planned_optimizations.is_empty() {
+        s.actions_taken.push(format!("Would optimize tables ({} statements)", r.planned_optimizations.len()));
+    }
+    if let Some(h) = &r.analytics {
+        if h.health_status.overall_health != Health::Good {
+            s.issues_found.push(format!("Health status: {}", h.health_status.overall_health.name()));
+            s.issues_found.extend(h.health_status.issues.iter().cloned());
+        }
+        s.recommendations = h.recommendations.clone();
+    }
+    if s.actions_taken.is_empty() && s.issues_found.is_empty() {
+        s.actions_taken.push("No maintenance actions required".into());
+    }
+    s.status = if r.errors.is_empty() { "completed".into() } else { "completed_with_errors".into() };
+    s
+}
