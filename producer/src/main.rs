@@ -5,10 +5,13 @@ mod cli;
 mod commands;
 mod exit;
 mod output;
+mod plan;
+mod render;
+mod run;
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser};
+use clap::Parser;
 use sessionfleet::config::{Overrides, Settings};
 
 use cli::{Cli, Command, ConfigAction};
@@ -55,31 +58,29 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
             ConfigAction::Show => commands::config::show(&settings, &out)?,
             ConfigAction::Keys => commands::config::keys(&out)?,
         },
-        Command::SeedDemo(args) => {
-            commands::seed::run(&settings, g.target.as_deref(), &args, &out).await?
-        }
-        other => {
-            let name = format!("{other:?}");
-            let _ = Cli::command();
-            return Err(exit::CliError::new(
-                Exit::OperationFailed,
-                format!(
-                    "'{}' is not available in this build yet",
-                    name.split('(').next().unwrap_or(&name).to_lowercase()
-                ),
-            ));
+        Command::SeedDemo(args) => commands::seed::run(&settings, g.target.as_deref(), &args, &out).await?,
+        Command::Demo(args) => return commands::demo::run(&settings, &g, &args, out).await,
+        command => {
+            let inv = run::Invocation { settings: &settings, global: &g, out };
+            return match command {
+                Command::Cleanup(a) => commands::ops::cleanup(&inv, &a).await,
+                Command::Analytics(a) => commands::ops::analytics(&inv, &a).await,
+                Command::Db(a) => commands::ops::db(&inv, &a).await,
+                Command::Maintenance(a) => commands::ops::maintenance(&inv, &a).await,
+                Command::Schedule(a) => commands::schedule::run(&inv, a.cleanup_only).await,
+                Command::Jobs(a) => commands::jobs::run(&inv, &a.action).await,
+                Command::Lease => commands::jobs::lease(&inv).await,
+                Command::Config(_) | Command::SeedDemo(_) | Command::Demo(_) => Ok(Exit::Success),
+            };
         }
     }
     Ok(Exit::Success)
 }
 
 fn init_logs(verbose: bool) {
-    let filter = if verbose { "debug,sqlx=info" } else { "warn" };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SESSIONFLEET_LOG")
-                .unwrap_or_else(|_| filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    let format = match std::env::var("SESSIONFLEET_LOG_FORMAT").as_deref() {
+        Ok("json") => sessionfleet::config::LogFormat::Json,
+        _ => sessionfleet::config::LogFormat::Text,
+    };
+    sessionfleet::telemetry::init(format, verbose);
 }

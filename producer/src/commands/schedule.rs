@@ -1,0 +1,91 @@
+//! `sessionfleet schedule` (and `cleanup --daemon`): enqueue cleanup every
+//! `SESSION_CLEANUP_INTERVAL`, full maintenance daily, a health report hourly — for every
+//! target. Any number of replicas may run: each tick is enqueued exactly once (tick-derived
+//! dedupe keys) and a tick missed during downtime is caught up once.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use sessionfleet::config::Target;
+use sessionfleet::dispatch::OperationJob;
+use sessionfleet::jobs::JobEnvelope;
+use sessionfleet::queue::{EnqueueOptions, Queue};
+use sessionfleet::schedule::{self, Cadence, Schedule, TickDecision};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::exit::{CliError, Exit};
+use crate::plan::{self, CleanupAsk};
+use crate::run::{Invocation, hostname};
+
+/// Longest sleep between passes (also how soon a Redis outage is retried).
+const MAX_NAP: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy)]
+enum What {
+    Cleanup,
+    Full,
+    Health,
+}
+
+fn job(inv: &Invocation<'_>, what: What, target: &Target) -> anyhow::Result<OperationJob> {
+    match what {
+        What::Cleanup => plan::cleanup(inv.settings, target, &CleanupAsk::default()),
+        What::Full => plan::full(inv.settings, target, false),
+        What::Health => plan::health(inv.settings, target),
+    }
+}
+
+/// Runs the scheduler until SIGTERM or SIGINT.
+pub async fn run(inv: &Invocation<'_>, cleanup_only: bool) -> anyhow::Result<Exit> {
+    let s = inv.settings;
+    let parse = |expr: &str| Cadence::parse(expr).map_err(CliError::usage);
+    let mut plans = vec![(What::Cleanup, "cleanup", parse(&s.cleanup_schedule())?)];
+    if !cleanup_only {
+        plans.push((What::Full, "full_maintenance", parse(&s.schedules.full_maintenance)?));
+        if s.monitoring_enabled.value {
+            plans.push((What::Health, "health_report", parse(&s.schedules.health_report)?));
+        }
+    }
+    let queue = Queue::connect(s).await.map_err(|e| CliError::new(Exit::FleetUnreachable, e.to_string()))?;
+    let mut conn = queue.connection();
+    let mut term = signal(SignalKind::terminate())?;
+    let who = format!("scheduler@{}-{}", hostname(), std::process::id());
+    let names: Vec<&str> = plans.iter().map(|p| p.1).collect();
+    tracing::info!(schedules = ?names, targets = %s.target_names(), "scheduler started");
+    inv.out.info(format!("scheduler started: {} on targets {}", names.join(", "), s.target_names()));
+    loop {
+        let now = Utc::now();
+        let mut all = Vec::new();
+        for (what, name, cadence) in &plans {
+            for target in s.targets.values() {
+                let sched = Schedule { name: format!("{name}:{}", target.name), cadence: cadence.clone() };
+                all.push(sched.clone());
+                let op = job(inv, *what, target)?;
+                let q = queue.clone();
+                let by = who.clone();
+                let tname = target.name.clone();
+                let enqueue = |tick: chrono::DateTime<Utc>, key: String| async move {
+                    let env = JobEnvelope::new(op.kind(), tname, op.params(), by).with_dedupe_key(key);
+                    let r = q.enqueue_with(&env, EnqueueOptions::default()).await;
+                    if r.is_ok() {
+                        tracing::info!(job_id = %env.job_id, tick = %tick, kind = env.kind.as_str(), "tick enqueued");
+                    }
+                    r.map(|_| ())
+                };
+                match schedule::pass(&mut conn, &s.namespace.value, &sched, now, enqueue).await {
+                    Ok(TickDecision::Fired(t)) => inv.out.info(format!("{} tick {t} enqueued", sched.name)),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(schedule = %sched.name, error = %e, "scheduler pass failed; retrying"),
+                }
+            }
+        }
+        let nap = schedule::sleep_until_next(&all, Utc::now(), MAX_NAP);
+        tokio::select! {
+            _ = tokio::time::sleep(nap) => {}
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    inv.out.info("scheduler stopped");
+    Ok(Exit::Success)
+}

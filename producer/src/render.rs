@@ -1,0 +1,74 @@
+//! Printing finished runs: text for people, one JSON document for scripts, and the exit code
+//! the results call for.
+
+use sessionfleet::jobs::JobKind;
+use sessionfleet::ops::analytics::{AnalyticsReport, Health};
+use sessionfleet::ops::cleanup::CleanupReport;
+use sessionfleet::ops::full::FullReport;
+use sessionfleet::ops::maintenance::MaintenanceReport;
+
+use crate::exit::Exit;
+use crate::output::Output;
+use crate::run::Finished;
+
+/// Prints the runs and returns the exit code: 1 if any failed, 3 if a health report is
+/// critical, else 0.
+pub fn finished(runs: &[Finished], out: &Output) -> Exit {
+    if out.json {
+        if runs.len() == 1 && runs[0].error.is_none() {
+            out.print_json(&runs[0].report);
+        } else {
+            out.print_json(runs);
+        }
+    } else {
+        for (i, r) in runs.iter().enumerate() {
+            if runs.len() > 1 {
+                if i > 0 {
+                    println!();
+                }
+                println!("## target {}", r.target);
+            }
+            match &r.error {
+                Some(e) => println!("Error: {e}"),
+                None => print!("{}", text(r.kind, &r.report)),
+            }
+        }
+    }
+    for r in runs {
+        if let Some(e) = &r.error {
+            eprintln!("error: {} on target {} failed: {e}", r.kind.as_str(), r.target);
+        }
+    }
+    if runs.iter().any(|r| r.error.is_some()) {
+        Exit::OperationFailed
+    } else if runs.iter().any(|r| critical(r.kind, &r.report)) {
+        Exit::HealthCritical
+    } else {
+        Exit::Success
+    }
+}
+
+/// The report in the original's text layout.
+pub fn text(kind: JobKind, report: &serde_json::Value) -> String {
+    let decoded = match kind {
+        JobKind::Cleanup => serde_json::from_value::<CleanupReport>(report.clone()).map(|r| r.render_text()),
+        JobKind::Analytics => serde_json::from_value::<AnalyticsReport>(report.clone()).map(|r| r.render_text()),
+        JobKind::Maintenance => serde_json::from_value::<MaintenanceReport>(report.clone()).map(|r| r.render_text()),
+        JobKind::FullMaintenance => serde_json::from_value::<FullReport>(report.clone()).map(|r| r.render_text()),
+        _ => Ok(serde_json::to_string_pretty(report).unwrap_or_default()),
+    };
+    let mut s = decoded.unwrap_or_else(|_| serde_json::to_string_pretty(report).unwrap_or_default());
+    if !s.ends_with('\n') {
+        s.push('\n');
+    }
+    s
+}
+
+fn critical(kind: JobKind, report: &serde_json::Value) -> bool {
+    let health = match kind {
+        JobKind::Analytics => report.pointer("/health_status/overall_health"),
+        JobKind::FullMaintenance => report.pointer("/analytics/health_status/overall_health"),
+        _ => None,
+    };
+    health.and_then(|h| serde_json::from_value::<Health>(h.clone()).ok()) == Some(Health::Critical)
+}

@@ -1,0 +1,317 @@
+//! Running an operation the way the user asked: enqueue and wait (default), enqueue only
+//! (`--no-wait`), or in this process (`--local`, and automatically when Redis is down).
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use sessionfleet::CancellationToken;
+use sessionfleet::config::{Settings, Target};
+use sessionfleet::dispatch::{self, OperationEnv, OperationJob};
+use sessionfleet::jobs::{JobEnvelope, JobKind};
+use sessionfleet::ops::cleanup::CleanupReport;
+use sessionfleet::queue::{EnqueueOptions, JobResult, Queue, ResultOutcome};
+use sessionfleet::runner::JobOutcome;
+
+use crate::cli::GlobalArgs;
+use crate::exit::{CliError, Exit};
+use crate::output::Output;
+
+/// How long a waiting command looks for a live worker before saying there is none.
+pub const WORKER_PROBE: Duration = Duration::from_secs(2);
+/// How long the CLI tries to reach Redis before falling back to local mode.
+pub const REDIS_PATIENCE: Duration = Duration::from_secs(2);
+/// Poll interval while waiting for results.
+const RESULT_POLL: Duration = Duration::from_millis(100);
+
+/// One finished run, per target.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Finished {
+    /// Target name.
+    pub target: String,
+    /// Job kind.
+    pub kind: JobKind,
+    /// Run id (all parts).
+    pub run_id: String,
+    /// Parts the run took.
+    pub parts: u32,
+    /// The report (cleanup parts merged), `null` on failure.
+    pub report: serde_json::Value,
+    /// The error of a failed run.
+    pub error: Option<String>,
+    /// Where it ran: `fleet` or `local`.
+    pub ran: &'static str,
+}
+
+/// The invocation's surroundings.
+pub struct Invocation<'a> {
+    /// Configuration.
+    pub settings: &'a Settings,
+    /// Global flags.
+    pub global: &'a GlobalArgs,
+    /// Output mode.
+    pub out: Output,
+}
+
+impl Invocation<'_> {
+    /// The targets this invocation addresses.
+    pub fn targets(&self) -> anyhow::Result<Vec<&Target>> {
+        if self.global.all_targets {
+            return Ok(self.settings.targets.values().collect());
+        }
+        Ok(vec![self.settings.target(self.global.target.as_deref())?])
+    }
+
+    fn who(&self) -> String {
+        format!("cli@{}", hostname())
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.global.timeout)
+    }
+}
+
+/// Host name for `enqueued_by` and lease holders.
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into())
+}
+
+/// Builds one job per target with `build` and runs them as the flags say. Returns `None`
+/// for `--no-wait` (ids already printed).
+pub async fn run(inv: &Invocation<'_>, build: impl Fn(&Target) -> anyhow::Result<OperationJob>) -> anyhow::Result<Option<Vec<Finished>>> {
+    let mut envs = Vec::new();
+    for target in inv.targets()? {
+        let job = build(target)?;
+        envs.push(JobEnvelope::new(job.kind(), target.name.clone(), job.params(), inv.who()));
+    }
+    if inv.global.local {
+        let redis = Queue::connect_with_patience(inv.settings, REDIS_PATIENCE).await.ok();
+        if redis.is_none() {
+            inv.out.info("Redis unreachable: running locally, kept single-writer by the database fence alone");
+        }
+        return Ok(Some(run_locally(inv, envs, redis).await?));
+    }
+    let queue = match Queue::connect_with_patience(inv.settings, REDIS_PATIENCE).await {
+        Ok(q) => q,
+        Err(e) if inv.global.no_wait => return Err(CliError::new(Exit::FleetUnreachable, e.to_string())),
+        Err(e) => {
+            inv.out.info(format!("{e}\nrunning locally instead, kept single-writer by the database fence alone"));
+            return Ok(Some(run_locally(inv, envs, None).await?));
+        }
+    };
+    let class = envs[0].queue();
+    if !inv.global.no_wait {
+        ensure_worker(&queue, class, &inv.out).await?;
+    }
+    let enqueued = queue.enqueue_batch(envs.clone(), EnqueueOptions::default()).await?;
+    if inv.global.no_wait {
+        let ids: Vec<_> = envs
+            .iter()
+            .zip(&enqueued)
+            .map(|(e, q)| serde_json::json!({"job_id": e.job_id, "run_id": e.run_id, "target": e.target, "kind": e.kind, "queue": class.name(), "enqueued": format!("{q:?}")}))
+            .collect();
+        if inv.out.json {
+            inv.out.print_json(&ids);
+        } else {
+            for e in &envs {
+                println!("{}", e.job_id);
+            }
+        }
+        return Ok(None);
+    }
+    let mut finished = Vec::new();
+    for env in &envs {
+        finished.push(wait_for_run(&queue, env, inv).await?);
+    }
+    Ok(Some(finished))
+}
+
+/// Fails with exit code 5 when no live worker consumes `class` within [`WORKER_PROBE`].
+async fn ensure_worker(queue: &Queue, class: sessionfleet::jobs::QueueClass, out: &Output) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let live = queue.live_workers(Some(class)).await?;
+        if live.iter().any(|w| !w.stopping) {
+            return Ok(());
+        }
+        if started.elapsed() >= WORKER_PROBE {
+            return Err(CliError::new(
+                Exit::FleetUnreachable,
+                format!(
+                    "no live worker consumes the '{}' queue: start one with `sessionfleet-worker` (same REDIS_URL and namespace), or run this command with --local",
+                    class.name()
+                ),
+            ));
+        }
+        out.info(format!("waiting for a worker on the '{}' queue…", class.name()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn wait_for_run(queue: &Queue, env: &JobEnvelope, inv: &Invocation<'_>) -> anyhow::Result<Finished> {
+    let deadline = Instant::now() + inv.timeout();
+    let progress = Progress::new(&inv.out, env);
+    loop {
+        let mut parts = queue.run_results(env.run_id).await?;
+        parts.sort_by_key(|r| r.part);
+        progress.update(&parts);
+        if let Some(last) = parts.iter().find(|r| r.outcome != ResultOutcome::Continued) {
+            progress.finish();
+            let error = last.error.clone();
+            return Ok(Finished {
+                target: env.target.clone(),
+                kind: env.kind,
+                run_id: env.run_id.to_string(),
+                parts: parts.len() as u32,
+                report: merge_parts(env.kind, &parts),
+                error: if last.outcome == ResultOutcome::Failed { error.or(Some("failed".into())) } else { None },
+                ran: "fleet",
+            });
+        }
+        if Instant::now() >= deadline {
+            progress.finish();
+            return Err(CliError::new(
+                Exit::Timeout,
+                format!(
+                    "timed out after {}s waiting for job {} (run {}); it keeps running — see `sessionfleet jobs show {}`",
+                    inv.global.timeout, env.job_id, env.run_id, env.job_id
+                ),
+            ));
+        }
+        tokio::time::sleep(RESULT_POLL).await;
+    }
+}
+
+/// Cleanup parts are merged into one report; other kinds carry their whole report in the
+/// last part.
+fn merge_parts(kind: JobKind, parts: &[JobResult]) -> serde_json::Value {
+    let reports: Vec<&serde_json::Value> = parts.iter().map(|p| &p.report).filter(|r| !r.is_null()).collect();
+    merge_reports(kind, &reports)
+}
+
+fn merge_reports(kind: JobKind, reports: &[&serde_json::Value]) -> serde_json::Value {
+    if kind == JobKind::Cleanup {
+        let mut merged: Option<CleanupReport> = None;
+        for r in reports {
+            if let Ok(part) = serde_json::from_value::<CleanupReport>((*r).clone()) {
+                match &mut merged {
+                    Some(m) => m.merge(&part),
+                    None => merged = Some(part),
+                }
+            }
+        }
+        if let Some(m) = merged {
+            return serde_json::to_value(m).unwrap_or_default();
+        }
+    }
+    reports.last().map(|r| (*r).clone()).unwrap_or(serde_json::Value::Null)
+}
+
+/// Runs the jobs in this process, one after the other, continuing and waiting out a busy
+/// lease until done or `--timeout`.
+async fn run_locally(inv: &Invocation<'_>, envs: Vec<JobEnvelope>, queue: Option<Queue>) -> anyhow::Result<Vec<Finished>> {
+    let shutdown = CancellationToken::new();
+    let ctrl_c = shutdown.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            ctrl_c.cancel();
+        }
+    });
+    let holder = format!("{}-local-{}", inv.who(), std::process::id());
+    let oe = OperationEnv {
+        settings: inv.settings,
+        redis: queue.as_ref().map(Queue::connection),
+        queue: queue.as_ref(),
+        holder: &holder,
+        shutdown: &shutdown,
+    };
+    let deadline = Instant::now() + inv.timeout();
+    let mut finished = Vec::new();
+    for first in envs {
+        let mut env = first.clone();
+        let mut reports = Vec::new();
+        let mut error = None;
+        loop {
+            match dispatch::run_operation(&env, &oe).await {
+                JobOutcome::Done { report, .. } => {
+                    reports.push(report);
+                    break;
+                }
+                JobOutcome::Continue { report, rows_affected, next } => {
+                    reports.push(report);
+                    inv.out.info(format!("{}: part {} done ({rows_affected} rows), continuing", env.target, env.part + 1));
+                    if shutdown.is_cancelled() {
+                        error = Some("interrupted; run the command again to finish".to_string());
+                        break;
+                    }
+                    env = next;
+                }
+                JobOutcome::Deferred { delay, reason } => {
+                    if Instant::now() + delay >= deadline {
+                        return Err(CliError::new(Exit::Timeout, format!("timed out: {reason}")));
+                    }
+                    inv.out.info(format!("{reason}; retrying in {:.1}s", delay.as_secs_f64()));
+                    tokio::time::sleep(delay).await;
+                }
+                JobOutcome::Failed { error: e, .. } => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let refs: Vec<&serde_json::Value> = reports.iter().collect();
+        finished.push(Finished {
+            target: first.target.clone(),
+            kind: first.kind,
+            run_id: first.run_id.to_string(),
+            parts: reports.len() as u32,
+            report: merge_reports(first.kind, &refs),
+            error,
+            ran: "local",
+        });
+    }
+    Ok(finished)
+}
+
+/// A spinner on a terminal; plain lines otherwise; nothing with `--json`.
+struct Progress {
+    bar: Option<ProgressBar>,
+    plain: bool,
+    label: String,
+    seen: std::cell::Cell<usize>,
+}
+
+impl Progress {
+    fn new(out: &Output, env: &JobEnvelope) -> Progress {
+        let label = format!("{} on {}", env.kind.as_str(), env.target);
+        let tty = std::io::stderr().is_terminal();
+        let bar = (tty && !out.json).then(|| {
+            let b = ProgressBar::new_spinner();
+            b.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            b.enable_steady_tick(Duration::from_millis(120));
+            b.set_message(format!("{label}: waiting for a worker"));
+            b
+        });
+        Progress { bar, plain: !tty && !out.json, label, seen: std::cell::Cell::new(0) }
+    }
+
+    fn update(&self, parts: &[JobResult]) {
+        if parts.len() == self.seen.get() {
+            return;
+        }
+        self.seen.set(parts.len());
+        let rows: u64 = parts.iter().map(|p| p.rows_affected).sum();
+        let msg = format!("{}: {} part(s) done, {rows} rows", self.label, parts.len());
+        if let Some(b) = &self.bar {
+            b.set_message(msg);
+        } else if self.plain {
+            eprintln!("{msg}");
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
