@@ -51,15 +51,15 @@ fn start_app(app: Db, sessions: u64) -> AppLoop {
     let (s, e) = (stop.clone(), errors.clone());
     let handle = tokio::spawn(async move {
         let mut samples = Vec::new();
-        let read = app.sql("SELECT session_id, user_id, expires_at FROM user_sessions WHERE id = ?");
-        let touch = app.sql("UPDATE user_sessions SET last_activity = ?, updated_at = ? WHERE id = ?");
+        let read = "SELECT session_id, user_id, expires_at FROM user_sessions WHERE id = ?";
+        let touch = "UPDATE user_sessions SET last_activity = ?, updated_at = ? WHERE id = ?";
         while !s.load(Ordering::Relaxed) {
             let id = rand::rng().random_range(1..=sessions as i64);
             let now = chrono::Utc::now().naive_utc();
             let t0 = Instant::now();
             let ok = sessionfleet::on_pool!(&app, p => {
-                let r = sqlx::query(read.clone()).bind(id).fetch_optional(p).await;
-                let w = sqlx::query(touch.clone()).bind(now).bind(now).bind(id).execute(p).await;
+                let r = sqlx::query(app.sql(read)).bind(id).fetch_optional(p).await;
+                let w = sqlx::query(app.sql(touch)).bind(now).bind(now).bind(id).execute(p).await;
                 r.is_ok() && w.is_ok()
             });
             samples.push(t0.elapsed());
