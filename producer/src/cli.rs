@@ -305,7 +305,7 @@ pub struct SeedArgs {
     /// Sessions to create
     #[arg(long, value_name = "N")]
     pub sessions: u64,
-    /// Users to create [default: sessions/20, at least 10]
+    /// Users to create [default: sessions/4, at least 10]
     #[arg(long, value_name = "U")]
     pub users: Option<u64>,
     /// Random seed: the same seed gives the same rows

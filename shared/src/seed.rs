@@ -50,9 +50,9 @@ impl SeedParams {
     /// Statements per transaction.
     pub const STATEMENTS_PER_TX: usize = 10;
 
-    /// One user for every 20 sessions, at least 10.
+    /// One user for every 4 sessions, at least 10.
     pub fn default_users(sessions: u64) -> u64 {
-        (sessions / 20).max(10)
+        (sessions / 4).max(10)
     }
 }
 

@@ -108,6 +108,8 @@ impl WorkerProcess {
             .env("REDIS_URL", &settings.redis_url.value)
             .env("SESSIONFLEET_NAMESPACE", &settings.namespace.value)
             .env("SESSIONFLEET_METRICS_ADDR", "off")
+            // Warnings and errors only: the demo prints the outcome itself.
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .env_remove("SESSIONFLEET_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
