@@ -46,7 +46,7 @@ impl CliError {
     }
 
     /// An error with an explicit exit code.
-    pub fn new(exit: Exit, message: impl Into<String>) -> anyhow::Error {
+    pub fn fail(exit: Exit, message: impl Into<String>) -> anyhow::Error {
         CliError {
             message: message.into(),
             exit,

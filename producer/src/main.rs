@@ -58,10 +58,16 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
             ConfigAction::Show => commands::config::show(&settings, &out)?,
             ConfigAction::Keys => commands::config::keys(&out)?,
         },
-        Command::SeedDemo(args) => commands::seed::run(&settings, g.target.as_deref(), &args, &out).await?,
+        Command::SeedDemo(args) => {
+            commands::seed::run(&settings, g.target.as_deref(), &args, &out).await?
+        }
         Command::Demo(args) => return commands::demo::run(&settings, &g, &args, out).await,
         command => {
-            let inv = run::Invocation { settings: &settings, global: &g, out };
+            let inv = run::Invocation {
+                settings: &settings,
+                global: &g,
+                out,
+            };
             return match command {
                 Command::Cleanup(a) => commands::ops::cleanup(&inv, &a).await,
                 Command::Analytics(a) => commands::ops::analytics(&inv, &a).await,

@@ -26,9 +26,15 @@ pub struct CleanupAsk {
 }
 
 /// Cleanup parameters for `target`.
-pub fn cleanup_params(settings: &Settings, target: &Target, ask: &CleanupAsk) -> anyhow::Result<CleanupParams> {
+pub fn cleanup_params(
+    settings: &Settings,
+    target: &Target,
+    ask: &CleanupAsk,
+) -> anyhow::Result<CleanupParams> {
     let p = CleanupParams {
-        batch_size: ask.batch_size.unwrap_or_else(|| settings.batch_size_for(target)),
+        batch_size: ask
+            .batch_size
+            .unwrap_or_else(|| settings.batch_size_for(target)),
         target_batch_ms: settings.target_batch_for(target).as_millis() as u64,
         max_age_secs: settings.max_age_for(target).as_secs(),
         force: ask.force,
@@ -56,21 +62,34 @@ pub fn health_params(settings: &Settings, target: &Target) -> anyhow::Result<Hea
 }
 
 /// A cleanup job.
-pub fn cleanup(settings: &Settings, target: &Target, ask: &CleanupAsk) -> anyhow::Result<OperationJob> {
-    Ok(OperationJob::Cleanup(cleanup_params(settings, target, ask)?))
+pub fn cleanup(
+    settings: &Settings,
+    target: &Target,
+    ask: &CleanupAsk,
+) -> anyhow::Result<OperationJob> {
+    Ok(OperationJob::Cleanup(cleanup_params(
+        settings, target, ask,
+    )?))
 }
 
 /// A health-report job.
 pub fn health(settings: &Settings, target: &Target) -> anyhow::Result<OperationJob> {
-    Ok(OperationJob::Analytics(AnalyticsParams::HealthReport(health_params(settings, target)?)))
+    Ok(OperationJob::Analytics(AnalyticsParams::HealthReport(
+        health_params(settings, target)?,
+    )))
 }
 
 /// A trends job.
 pub fn trends(days: u32) -> anyhow::Result<OperationJob> {
     if !(1..=366).contains(&days) {
-        return Err(CliError::usage(format!("--trends {days}: the number of days must be from 1 to 366")));
+        return Err(CliError::usage(format!(
+            "--trends {days}: the number of days must be from 1 to 366"
+        )));
     }
-    Ok(OperationJob::Analytics(AnalyticsParams::Trends { days, fleet: None }))
+    Ok(OperationJob::Analytics(AnalyticsParams::Trends {
+        days,
+        fleet: None,
+    }))
 }
 
 /// A database-maintenance job.
@@ -83,10 +102,17 @@ pub fn maintenance(action: MaintenanceAction, dry_run: bool) -> anyhow::Result<O
 /// A full-maintenance job.
 pub fn full(settings: &Settings, target: &Target, dry_run: bool) -> anyhow::Result<OperationJob> {
     let p = FullParams {
-        cleanup: cleanup_params(settings, target, &CleanupAsk { dry_run, ..CleanupAsk::default() })?,
+        cleanup: cleanup_params(
+            settings,
+            target,
+            &CleanupAsk {
+                dry_run,
+                ..CleanupAsk::default()
+            },
+        )?,
         health: health_params(settings, target)?,
         dry_run,
         ..FullParams::default()
     };
-    Ok(OperationJob::FullMaintenance(p))
+    Ok(OperationJob::FullMaintenance(Box::new(p)))
 }

@@ -36,7 +36,11 @@ pub fn finished(runs: &[Finished], out: &Output) -> Exit {
     }
     for r in runs {
         if let Some(e) = &r.error {
-            eprintln!("error: {} on target {} failed: {e}", r.kind.as_str(), r.target);
+            eprintln!(
+                "error: {} on target {} failed: {e}",
+                r.kind.as_str(),
+                r.target
+            );
         }
     }
     if runs.iter().any(|r| r.error.is_some()) {
@@ -51,13 +55,22 @@ pub fn finished(runs: &[Finished], out: &Output) -> Exit {
 /// The report in the original's text layout.
 pub fn text(kind: JobKind, report: &serde_json::Value) -> String {
     let decoded = match kind {
-        JobKind::Cleanup => serde_json::from_value::<CleanupReport>(report.clone()).map(|r| r.render_text()),
-        JobKind::Analytics => serde_json::from_value::<AnalyticsReport>(report.clone()).map(|r| r.render_text()),
-        JobKind::Maintenance => serde_json::from_value::<MaintenanceReport>(report.clone()).map(|r| r.render_text()),
-        JobKind::FullMaintenance => serde_json::from_value::<FullReport>(report.clone()).map(|r| r.render_text()),
+        JobKind::Cleanup => {
+            serde_json::from_value::<CleanupReport>(report.clone()).map(|r| r.render_text())
+        }
+        JobKind::Analytics => {
+            serde_json::from_value::<AnalyticsReport>(report.clone()).map(|r| r.render_text())
+        }
+        JobKind::Maintenance => {
+            serde_json::from_value::<MaintenanceReport>(report.clone()).map(|r| r.render_text())
+        }
+        JobKind::FullMaintenance => {
+            serde_json::from_value::<FullReport>(report.clone()).map(|r| r.render_text())
+        }
         _ => Ok(serde_json::to_string_pretty(report).unwrap_or_default()),
     };
-    let mut s = decoded.unwrap_or_else(|_| serde_json::to_string_pretty(report).unwrap_or_default());
+    let mut s =
+        decoded.unwrap_or_else(|_| serde_json::to_string_pretty(report).unwrap_or_default());
     if !s.ends_with('\n') {
         s.push('\n');
     }

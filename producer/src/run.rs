@@ -73,19 +73,32 @@ impl Invocation<'_> {
 
 /// Host name for `enqueued_by` and lease holders.
 pub fn hostname() -> String {
-    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into())
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Builds one job per target with `build` and runs them as the flags say. Returns `None`
 /// for `--no-wait` (ids already printed).
-pub async fn run(inv: &Invocation<'_>, build: impl Fn(&Target) -> anyhow::Result<OperationJob>) -> anyhow::Result<Option<Vec<Finished>>> {
+pub async fn run(
+    inv: &Invocation<'_>,
+    build: impl Fn(&Target) -> anyhow::Result<OperationJob>,
+) -> anyhow::Result<Option<Vec<Finished>>> {
     let mut envs = Vec::new();
     for target in inv.targets()? {
         let job = build(target)?;
-        envs.push(JobEnvelope::new(job.kind(), target.name.clone(), job.params(), inv.who()));
+        envs.push(JobEnvelope::new(
+            job.kind(),
+            target.name.clone(),
+            job.params(),
+            inv.who(),
+        ));
     }
     if inv.global.local {
-        let redis = Queue::connect_with_patience(inv.settings, REDIS_PATIENCE).await.ok();
+        let redis = Queue::connect_with_patience(inv.settings, REDIS_PATIENCE)
+            .await
+            .ok();
         if redis.is_none() {
             inv.out.info("Redis unreachable: running locally, kept single-writer by the database fence alone");
         }
@@ -93,9 +106,13 @@ pub async fn run(inv: &Invocation<'_>, build: impl Fn(&Target) -> anyhow::Result
     }
     let queue = match Queue::connect_with_patience(inv.settings, REDIS_PATIENCE).await {
         Ok(q) => q,
-        Err(e) if inv.global.no_wait => return Err(CliError::new(Exit::FleetUnreachable, e.to_string())),
+        Err(e) if inv.global.no_wait => {
+            return Err(CliError::fail(Exit::FleetUnreachable, e.to_string()));
+        }
         Err(e) => {
-            inv.out.info(format!("{e}\nrunning locally instead, kept single-writer by the database fence alone"));
+            inv.out.info(format!(
+                "{e}\nrunning locally instead, kept single-writer by the database fence alone"
+            ));
             return Ok(Some(run_locally(inv, envs, None).await?));
         }
     };
@@ -103,7 +120,9 @@ pub async fn run(inv: &Invocation<'_>, build: impl Fn(&Target) -> anyhow::Result
     if !inv.global.no_wait {
         ensure_worker(&queue, class, &inv.out).await?;
     }
-    let enqueued = queue.enqueue_batch(envs.clone(), EnqueueOptions::default()).await?;
+    let enqueued = queue
+        .enqueue_batch(envs.clone(), EnqueueOptions::default())
+        .await?;
     if inv.global.no_wait {
         let ids: Vec<_> = envs
             .iter()
@@ -127,7 +146,11 @@ pub async fn run(inv: &Invocation<'_>, build: impl Fn(&Target) -> anyhow::Result
 }
 
 /// Fails with exit code 5 when no live worker consumes `class` within [`WORKER_PROBE`].
-async fn ensure_worker(queue: &Queue, class: sessionfleet::jobs::QueueClass, out: &Output) -> anyhow::Result<()> {
+async fn ensure_worker(
+    queue: &Queue,
+    class: sessionfleet::jobs::QueueClass,
+    out: &Output,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         let live = queue.live_workers(Some(class)).await?;
@@ -135,7 +158,7 @@ async fn ensure_worker(queue: &Queue, class: sessionfleet::jobs::QueueClass, out
             return Ok(());
         }
         if started.elapsed() >= WORKER_PROBE {
-            return Err(CliError::new(
+            return Err(CliError::fail(
                 Exit::FleetUnreachable,
                 format!(
                     "no live worker consumes the '{}' queue: start one with `sessionfleet-worker` (same REDIS_URL and namespace), or run this command with --local",
@@ -143,12 +166,19 @@ async fn ensure_worker(queue: &Queue, class: sessionfleet::jobs::QueueClass, out
                 ),
             ));
         }
-        out.info(format!("waiting for a worker on the '{}' queue…", class.name()));
+        out.info(format!(
+            "waiting for a worker on the '{}' queue…",
+            class.name()
+        ));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
-async fn wait_for_run(queue: &Queue, env: &JobEnvelope, inv: &Invocation<'_>) -> anyhow::Result<Finished> {
+async fn wait_for_run(
+    queue: &Queue,
+    env: &JobEnvelope,
+    inv: &Invocation<'_>,
+) -> anyhow::Result<Finished> {
     let deadline = Instant::now() + inv.timeout();
     let progress = Progress::new(&inv.out, env);
     loop {
@@ -164,13 +194,17 @@ async fn wait_for_run(queue: &Queue, env: &JobEnvelope, inv: &Invocation<'_>) ->
                 run_id: env.run_id.to_string(),
                 parts: parts.len() as u32,
                 report: merge_parts(env.kind, &parts),
-                error: if last.outcome == ResultOutcome::Failed { error.or(Some("failed".into())) } else { None },
+                error: if last.outcome == ResultOutcome::Failed {
+                    error.or(Some("failed".into()))
+                } else {
+                    None
+                },
                 ran: "fleet",
             });
         }
         if Instant::now() >= deadline {
             progress.finish();
-            return Err(CliError::new(
+            return Err(CliError::fail(
                 Exit::Timeout,
                 format!(
                     "timed out after {}s waiting for job {} (run {}); it keeps running — see `sessionfleet jobs show {}`",
@@ -185,7 +219,11 @@ async fn wait_for_run(queue: &Queue, env: &JobEnvelope, inv: &Invocation<'_>) ->
 /// Cleanup parts are merged into one report; other kinds carry their whole report in the
 /// last part.
 fn merge_parts(kind: JobKind, parts: &[JobResult]) -> serde_json::Value {
-    let reports: Vec<&serde_json::Value> = parts.iter().map(|p| &p.report).filter(|r| !r.is_null()).collect();
+    let reports: Vec<&serde_json::Value> = parts
+        .iter()
+        .map(|p| &p.report)
+        .filter(|r| !r.is_null())
+        .collect();
     merge_reports(kind, &reports)
 }
 
@@ -204,12 +242,19 @@ fn merge_reports(kind: JobKind, reports: &[&serde_json::Value]) -> serde_json::V
             return serde_json::to_value(m).unwrap_or_default();
         }
     }
-    reports.last().map(|r| (*r).clone()).unwrap_or(serde_json::Value::Null)
+    reports
+        .last()
+        .map(|r| (*r).clone())
+        .unwrap_or(serde_json::Value::Null)
 }
 
 /// Runs the jobs in this process, one after the other, continuing and waiting out a busy
 /// lease until done or `--timeout`.
-async fn run_locally(inv: &Invocation<'_>, envs: Vec<JobEnvelope>, queue: Option<Queue>) -> anyhow::Result<Vec<Finished>> {
+async fn run_locally(
+    inv: &Invocation<'_>,
+    envs: Vec<JobEnvelope>,
+    queue: Option<Queue>,
+) -> anyhow::Result<Vec<Finished>> {
     let shutdown = CancellationToken::new();
     let ctrl_c = shutdown.clone();
     tokio::spawn(async move {
@@ -237,9 +282,17 @@ async fn run_locally(inv: &Invocation<'_>, envs: Vec<JobEnvelope>, queue: Option
                     reports.push(report);
                     break;
                 }
-                JobOutcome::Continue { report, rows_affected, next } => {
+                JobOutcome::Continue {
+                    report,
+                    rows_affected,
+                    next,
+                } => {
                     reports.push(report);
-                    inv.out.info(format!("{}: part {} done ({rows_affected} rows), continuing", env.target, env.part + 1));
+                    inv.out.info(format!(
+                        "{}: part {} done ({rows_affected} rows), continuing",
+                        env.target,
+                        env.part + 1
+                    ));
                     if shutdown.is_cancelled() {
                         error = Some("interrupted; run the command again to finish".to_string());
                         break;
@@ -248,9 +301,13 @@ async fn run_locally(inv: &Invocation<'_>, envs: Vec<JobEnvelope>, queue: Option
                 }
                 JobOutcome::Deferred { delay, reason } => {
                     if Instant::now() + delay >= deadline {
-                        return Err(CliError::new(Exit::Timeout, format!("timed out: {reason}")));
+                        return Err(CliError::fail(
+                            Exit::Timeout,
+                            format!("timed out: {reason}"),
+                        ));
                     }
-                    inv.out.info(format!("{reason}; retrying in {:.1}s", delay.as_secs_f64()));
+                    inv.out
+                        .info(format!("{reason}; retrying in {:.1}s", delay.as_secs_f64()));
                     tokio::time::sleep(delay).await;
                 }
                 JobOutcome::Failed { error: e, .. } => {
@@ -287,12 +344,20 @@ impl Progress {
         let tty = std::io::stderr().is_terminal();
         let bar = (tty && !out.json).then(|| {
             let b = ProgressBar::new_spinner();
-            b.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
             b.enable_steady_tick(Duration::from_millis(120));
             b.set_message(format!("{label}: waiting for a worker"));
             b
         });
-        Progress { bar, plain: !tty && !out.json, label, seen: std::cell::Cell::new(0) }
+        Progress {
+            bar,
+            plain: !tty && !out.json,
+            label,
+            seen: std::cell::Cell::new(0),
+        }
     }
 
     fn update(&self, parts: &[JobResult]) {

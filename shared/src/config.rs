@@ -822,7 +822,7 @@ impl FileLayer {
                 path: self.path.clone(),
                 reason: format!("schedule.{key}: {e}"),
             })?;
-            let expr = normalize_cron(&raw).map_err(|()| ConfigError::Invalid {
+            let expr = normalize_cron(&raw).ok_or_else(|| ConfigError::Invalid {
                 name: format!("schedule.{key}"),
                 value: raw.clone(),
                 origin: Source::File,
@@ -852,8 +852,8 @@ fn scalar(v: &toml::Value) -> Result<String, String> {
 }
 
 /// Accepts five-field (minute first) or six/seven-field (seconds first) cron expressions and
-/// returns the seconds-first form the scheduler uses.
-pub fn normalize_cron(expr: &str) -> Result<String, ()> {
+/// returns the seconds-first form the scheduler uses; `None` if it is not a cron expression.
+pub fn normalize_cron(expr: &str) -> Option<String> {
     let expr = expr.trim();
     let fields = expr.split_whitespace().count();
     let six = if fields == 5 {
@@ -862,7 +862,7 @@ pub fn normalize_cron(expr: &str) -> Result<String, ()> {
         expr.to_string()
     };
     use std::str::FromStr;
-    cron::Schedule::from_str(&six).map(|_| six).map_err(|_| ())
+    cron::Schedule::from_str(&six).ok().map(|_| six)
 }
 
 fn range_u64(lo: u64, hi: u64) -> impl Fn(&str) -> Result<u64, ()> {

@@ -43,8 +43,8 @@ pub enum OperationJob {
     Analytics(AnalyticsParams),
     /// One database-maintenance step.
     Maintenance(MaintenanceParams),
-    /// Full maintenance.
-    FullMaintenance(FullParams),
+    /// Full maintenance (boxed: it carries the partial report of earlier parts).
+    FullMaintenance(Box<FullParams>),
 }
 
 impl OperationJob {
@@ -55,8 +55,12 @@ impl OperationJob {
         Ok(match env.kind {
             JobKind::Cleanup => OperationJob::Cleanup(serde_json::from_value(p).map_err(bad)?),
             JobKind::Analytics => OperationJob::Analytics(serde_json::from_value(p).map_err(bad)?),
-            JobKind::Maintenance => OperationJob::Maintenance(serde_json::from_value(p).map_err(bad)?),
-            JobKind::FullMaintenance => OperationJob::FullMaintenance(serde_json::from_value(p).map_err(bad)?),
+            JobKind::Maintenance => {
+                OperationJob::Maintenance(serde_json::from_value(p).map_err(bad)?)
+            }
+            JobKind::FullMaintenance => {
+                OperationJob::FullMaintenance(Box::new(serde_json::from_value(p).map_err(bad)?))
+            }
             other => return Err(format!("'{}' is not an operation", other.as_str())),
         })
     }
@@ -126,15 +130,30 @@ impl OperationJob {
                     np.as_of = Some(r.as_of);
                     OperationJob::Cleanup(np)
                 });
-                Ok(Executed { report: to_json(&r), rows, outcome: r.outcome, next })
+                Ok(Executed {
+                    report: to_json(&r),
+                    rows,
+                    outcome: r.outcome,
+                    next,
+                })
             }
             OperationJob::Analytics(p) => {
                 let r = analytics::run(&ctx, p).await?;
-                Ok(Executed { report: to_json(&r), rows: 0, outcome: Outcome::Completed, next: None })
+                Ok(Executed {
+                    report: to_json(&r),
+                    rows: 0,
+                    outcome: Outcome::Completed,
+                    next: None,
+                })
             }
             OperationJob::Maintenance(p) => {
                 let r = maintenance::run(&ctx, p).await?;
-                Ok(Executed { report: to_json(&r), rows: 0, outcome: Outcome::Completed, next: None })
+                Ok(Executed {
+                    report: to_json(&r),
+                    rows: 0,
+                    outcome: Outcome::Completed,
+                    next: None,
+                })
             }
             OperationJob::FullMaintenance(p) => {
                 let r = full::run(&ctx, p).await?;
@@ -143,7 +162,7 @@ impl OperationJob {
                     report: to_json(&r.report),
                     rows,
                     outcome: r.outcome,
-                    next: r.next.map(OperationJob::FullMaintenance),
+                    next: r.next.map(|n| OperationJob::FullMaintenance(Box::new(n))),
                 })
             }
         }
@@ -151,7 +170,8 @@ impl OperationJob {
 }
 
 fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
-    serde_json::to_value(v).unwrap_or_else(|e| serde_json::json!({ "error": format!("report not encodable: {e}") }))
+    serde_json::to_value(v)
+        .unwrap_or_else(|e| serde_json::json!({ "error": format!("report not encodable: {e}") }))
 }
 
 /// What one execution produced.
@@ -185,17 +205,38 @@ pub struct OperationEnv<'a> {
 pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutcome {
     let job = match OperationJob::decode(env) {
         Ok(j) => j,
-        Err(error) => return JobOutcome::Failed { error, retryable: false },
+        Err(error) => {
+            return JobOutcome::Failed {
+                error,
+                retryable: false,
+            };
+        }
     };
     let target = match oe.settings.target(Some(&env.target)) {
         Ok(t) => t,
-        Err(e) => return JobOutcome::Failed { error: e.to_string(), retryable: false },
+        Err(e) => {
+            return JobOutcome::Failed {
+                error: e.to_string(),
+                retryable: false,
+            };
+        }
     };
     let db = match shared_db(&target.url).await {
         Ok(db) => db,
-        Err(error) => return JobOutcome::Failed { error, retryable: true },
+        Err(error) => {
+            return JobOutcome::Failed {
+                error,
+                retryable: true,
+            };
+        }
     };
-    let facts = match (oe.queue, matches!(job, OperationJob::Analytics(_) | OperationJob::FullMaintenance(_))) {
+    let facts = match (
+        oe.queue,
+        matches!(
+            job,
+            OperationJob::Analytics(_) | OperationJob::FullMaintenance(_)
+        ),
+    ) {
         (Some(q), true) => fleet_facts(q, &env.target).await,
         _ => None,
     };
@@ -204,27 +245,54 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
     let lease_cfg = LeaseConfig::from_ttl(Duration::from_millis(oe.settings.lease_ttl_ms.value));
 
     let result = if !job.is_mutating() {
-        let ctx = OpContext { db: db.clone(), fence: None, cancel: oe.shutdown.child_token() };
+        let ctx = OpContext {
+            db: db.clone(),
+            fence: None,
+            cancel: oe.shutdown.child_token(),
+        };
         Ok((job.execute(ctx).await, None))
     } else if let Some(redis) = &oe.redis {
-        lease::with_lease(redis, &oe.settings.namespace.value, &env.target, &holder, &db, &lease_cfg, oe.shutdown, |ctx| job.execute(ctx))
-            .await
-            .map(|run| (run.value, run.lost))
+        lease::with_lease(
+            redis,
+            &oe.settings.namespace.value,
+            &env.target,
+            &holder,
+            &db,
+            &lease_cfg,
+            oe.shutdown,
+            |ctx| job.execute(ctx),
+        )
+        .await
+        .map(|run| (run.value, run.lost))
     } else {
-        lease::with_db_fence_only(&db, &env.target, &holder, oe.shutdown, |ctx| job.execute(ctx))
-            .await
-            .map(|run| (run.value, run.lost))
+        lease::with_db_fence_only(&db, &env.target, &holder, oe.shutdown, |ctx| {
+            job.execute(ctx)
+        })
+        .await
+        .map(|run| (run.value, run.lost))
     };
 
     match result {
-        Err(e @ LeaseError::Busy { .. }) => JobOutcome::Deferred { delay: lease_cfg.busy_delay(), reason: e.to_string() },
-        Err(e) => JobOutcome::Failed { error: e.to_string(), retryable: true },
+        Err(e @ LeaseError::Busy { .. }) => JobOutcome::Deferred {
+            delay: lease_cfg.busy_delay(),
+            reason: e.to_string(),
+        },
+        Err(e) => JobOutcome::Failed {
+            error: e.to_string(),
+            retryable: true,
+        },
         Ok((Err(e), _)) if e.is_fenced_out() => JobOutcome::Deferred {
             delay: lease_cfg.busy_delay(),
             reason: format!("{e}; retrying once the newer holder is done"),
         },
-        Ok((Err(e @ OpError::Invalid(_)), _)) => JobOutcome::Failed { error: e.to_string(), retryable: false },
-        Ok((Err(e), _)) => JobOutcome::Failed { error: e.to_string(), retryable: true },
+        Ok((Err(e @ OpError::Invalid(_)), _)) => JobOutcome::Failed {
+            error: e.to_string(),
+            retryable: false,
+        },
+        Ok((Err(e), _)) => JobOutcome::Failed {
+            error: e.to_string(),
+            retryable: true,
+        },
         Ok((Ok(done), lost)) => {
             if let Some(reason) = lost {
                 tracing::warn!(job_id = %env.job_id, ?reason, "lease lost during the run; the rest continues later");
@@ -235,7 +303,10 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
                     rows_affected: done.rows,
                     next: env.continuation(next.params(), oe.holder),
                 },
-                None => JobOutcome::Done { report: done.report, rows_affected: done.rows },
+                None => JobOutcome::Done {
+                    report: done.report,
+                    rows_affected: done.rows,
+                },
             }
         }
     }
@@ -249,7 +320,9 @@ pub async fn shared_db(url: &str) -> Result<Db, String> {
     if let Some(db) = map.get(url) {
         return Ok(db.clone());
     }
-    let db = Db::connect(url, &ConnectOptions::default()).await.map_err(|e| e.to_string())?;
+    let db = Db::connect(url, &ConnectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
     map.insert(url.to_string(), db.clone());
     Ok(db)
 }
@@ -262,9 +335,15 @@ pub async fn fleet_facts(queue: &Queue, target: &str) -> Option<FleetFacts> {
     }
     let since = Utc::now() - chrono::Duration::from_std(FLEET_FACTS_WINDOW).ok()?;
     let recent: Vec<_> = runs.iter().filter(|r| r.finished_at >= since).collect();
-    let failed = recent.iter().filter(|r| r.outcome == ResultOutcome::Failed).count() as u64;
+    let failed = recent
+        .iter()
+        .filter(|r| r.outcome == ResultOutcome::Failed)
+        .count() as u64;
     let mut by_day: BTreeMap<chrono::NaiveDate, u64> = BTreeMap::new();
-    for r in runs.iter().filter(|r| matches!(r.kind, JobKind::Cleanup | JobKind::FullMaintenance)) {
+    for r in runs
+        .iter()
+        .filter(|r| matches!(r.kind, JobKind::Cleanup | JobKind::FullMaintenance))
+    {
         *by_day.entry(r.finished_at.date_naive()).or_default() += r.rows_affected;
     }
     Some(FleetFacts {

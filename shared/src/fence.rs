@@ -119,7 +119,12 @@ pub async fn issue_token(db: &Db, name: &str, holder: &str) -> Result<Fence, Fen
 /// known elsewhere (the lease's Redis counter). This keeps tokens increasing when the
 /// database side went backwards — restored from a backup, fence table dropped — while Redis
 /// still remembers later grants, so a holder of such a later token is still fenced out.
-pub async fn issue_token_after(db: &Db, name: &str, holder: &str, floor: i64) -> Result<Fence, FenceError> {
+pub async fn issue_token_after(
+    db: &Db,
+    name: &str,
+    holder: &str,
+    floor: i64,
+) -> Result<Fence, FenceError> {
     ensure_tables(db).await?;
     let mut tx = db.begin_write().await?;
     set_lock_timeout(&mut tx).await?;

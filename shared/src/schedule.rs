@@ -38,7 +38,7 @@ impl Cadence {
             return Ok(Cadence::Every(secs));
         }
         let normalized = crate::config::normalize_cron(s)
-            .map_err(|()| format!("'{s}': not a cron expression"))?;
+            .ok_or_else(|| format!("'{s}': not a cron expression"))?;
         Ok(Cadence::Cron(normalized))
     }
 

@@ -60,7 +60,9 @@ async fn target_db(args: &Args) -> Result<Db> {
         "postgres" => {
             let admin = Db::connect("postgres://postgres@127.0.0.1:5432/postgres", &opts).await?;
             let exists = admin
-                .scalar_i64(&format!("SELECT COUNT(*) FROM pg_database WHERE datname = '{name}'"))
+                .scalar_i64(&format!(
+                    "SELECT COUNT(*) FROM pg_database WHERE datname = '{name}'"
+                ))
                 .await?;
             if exists == 0 {
                 admin.execute(&format!("CREATE DATABASE {name}")).await?;
@@ -70,7 +72,9 @@ async fn target_db(args: &Args) -> Result<Db> {
         }
         "mysql" => {
             let admin = Db::connect("mysql://root@127.0.0.1:3306/test", &opts).await?;
-            admin.execute(&format!("CREATE DATABASE IF NOT EXISTS {name}")).await?;
+            admin
+                .execute(&format!("CREATE DATABASE IF NOT EXISTS {name}"))
+                .await?;
             admin.close().await;
             format!("mysql://root@127.0.0.1:3306/{name}")
         }
@@ -99,7 +103,10 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let db = target_db(&args).await?;
     let engine = db.engine();
-    let present = db.scalar_i64("SELECT COUNT(*) FROM user_sessions").await.unwrap_or(-1);
+    let present = db
+        .scalar_i64("SELECT COUNT(*) FROM user_sessions")
+        .await
+        .unwrap_or(-1);
     if present != args.sessions as i64 {
         let started = Instant::now();
         let sp = SeedParams {
@@ -111,7 +118,11 @@ async fn main() -> Result<()> {
             reset: true,
         };
         let r = seed_demo(&db, &sp).await.context("seeding")?;
-        eprintln!("seeded {} sessions in {:.1} s", r.sessions, started.elapsed().as_secs_f64());
+        eprintln!(
+            "seeded {} sessions in {:.1} s",
+            r.sessions,
+            started.elapsed().as_secs_f64()
+        );
     }
     for ddl in index_ddl(engine) {
         match db.execute(ddl).await {
@@ -128,7 +139,10 @@ async fn main() -> Result<()> {
 
     // Reset the peak so VmHWM measures the report, not the seeding.
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
-    let params = HealthParams { now: Some(fixed_now()), ..HealthParams::default() };
+    let params = HealthParams {
+        now: Some(fixed_now()),
+        ..HealthParams::default()
+    };
     let mut walls = Vec::new();
     let mut last = None;
     for _ in 0..args.runs.max(1) {
@@ -140,8 +154,18 @@ async fn main() -> Result<()> {
     let r = last.context("no run")?;
     let info = db.describe().await?;
     println!("engine: {} {}", engine, info.version);
-    println!("sessions: {} (schema {})", r.statistics.session_counts.total_sessions, args.schema);
-    println!("wall ms per run: {}", walls.iter().map(|w| format!("{w:.0}")).collect::<Vec<_>>().join(", "));
+    println!(
+        "sessions: {} (schema {})",
+        r.statistics.session_counts.total_sessions, args.schema
+    );
+    println!(
+        "wall ms per run: {}",
+        walls
+            .iter()
+            .map(|w| format!("{w:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!("queries per report: {}", r.performance_metrics.query_count);
     for q in &r.performance_metrics.queries {
         println!("  {:<26} {:>8.1} ms  {} rows", q.name, q.millis, q.rows);
@@ -149,7 +173,11 @@ async fn main() -> Result<()> {
     println!(
         "peak RSS during reports (VmHWM): {} KiB{}; VmRSS now {} KiB",
         proc_status("VmHWM:").unwrap_or(0),
-        if reset { "" } else { " (could not reset the peak: includes seeding)" },
+        if reset {
+            ""
+        } else {
+            " (could not reset the peak: includes seeding)"
+        },
         proc_status("VmRSS:").unwrap_or(0)
     );
     println!(

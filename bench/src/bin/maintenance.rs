@@ -69,7 +69,11 @@ fn start_app(app: Db, sessions: u64) -> AppLoop {
         }
         samples
     });
-    AppLoop { stop, errors, handle }
+    AppLoop {
+        stop,
+        errors,
+        handle,
+    }
 }
 
 impl AppLoop {
@@ -112,8 +116,19 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("seeding")?;
-    println!("engine={} sessions={} seed_seconds={:.1}", db.engine(), args.sessions, t0.elapsed().as_secs_f64());
-    for ix in ["user_id", "updated_at", "last_activity", "expires_at", "is_active"] {
+    println!(
+        "engine={} sessions={} seed_seconds={:.1}",
+        db.engine(),
+        args.sessions,
+        t0.elapsed().as_secs_f64()
+    );
+    for ix in [
+        "user_id",
+        "updated_at",
+        "last_activity",
+        "expires_at",
+        "is_active",
+    ] {
         let sql = match db.engine() {
             DbEngine::MySql => format!("DROP INDEX ix_user_sessions_{ix} ON user_sessions"),
             _ => format!("DROP INDEX ix_user_sessions_{ix}"),

@@ -22,7 +22,12 @@ use crate::run::{self, Invocation};
 const WORKER_START: Duration = Duration::from_secs(60);
 
 /// Runs the demo.
-pub async fn run(base: &Settings, g: &GlobalArgs, args: &DemoArgs, out: Output) -> anyhow::Result<Exit> {
+pub async fn run(
+    base: &Settings,
+    g: &GlobalArgs,
+    args: &DemoArgs,
+    out: Output,
+) -> anyhow::Result<Exit> {
     let file = std::env::current_dir()?.join(&args.file);
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
@@ -35,7 +40,11 @@ pub async fn run(base: &Settings, g: &GlobalArgs, args: &DemoArgs, out: Output) 
     flags.set("REDIS_URL", Some(&base.redis_url.value));
     let settings = Settings::load(&flags, g.config.as_deref())?;
 
-    out.info(format!("1/4 seeding {} demo sessions into {}", args.sessions, file.display()));
+    out.info(format!(
+        "1/4 seeding {} demo sessions into {}",
+        args.sessions,
+        file.display()
+    ));
     let db = Db::connect(&url, &ConnectOptions::default()).await?;
     let seeded = seed_demo(
         &db,
@@ -52,32 +61,60 @@ pub async fn run(base: &Settings, g: &GlobalArgs, args: &DemoArgs, out: Output) 
     db.close().await;
     out.info(format!(
         "    {} sessions ({} expired, {} of deactivated users, {} of deleted users) in {:.1}s",
-        seeded.sessions, seeded.expired, seeded.deactivated_user, seeded.missing_user, seeded.duration_seconds
+        seeded.sessions,
+        seeded.expired,
+        seeded.deactivated_user,
+        seeded.missing_user,
+        seeded.duration_seconds
     ));
 
     let queue = Queue::connect_with_patience(&settings, run::REDIS_PATIENCE)
         .await
-        .map_err(|e| CliError::new(Exit::FleetUnreachable, format!("{e} (the demo runs the fleet: start Redis, e.g. `redis-server --daemonize yes`)")))?;
+        .map_err(|e| CliError::fail(Exit::FleetUnreachable, format!("{e} (the demo runs the fleet: start Redis, e.g. `redis-server --daemonize yes`)")))?;
     out.info("2/4 starting a worker");
     let mut worker = WorkerProcess::start(&settings, &url)?;
     let started = Instant::now();
     loop {
-        if queue.live_workers(Some(QueueClass::Maintenance)).await?.iter().any(|w| !w.stopping) {
+        if queue
+            .live_workers(Some(QueueClass::Maintenance))
+            .await?
+            .iter()
+            .any(|w| !w.stopping)
+        {
             break;
         }
         if let Some(status) = worker.child.try_wait()? {
-            return Err(CliError::new(Exit::FleetUnreachable, format!("the worker exited at start ({status}); see its log above")));
+            return Err(CliError::fail(
+                Exit::FleetUnreachable,
+                format!("the worker exited at start ({status}); see its log above"),
+            ));
         }
         if started.elapsed() > WORKER_START {
-            return Err(CliError::new(Exit::FleetUnreachable, "the worker did not register within 60 s"));
+            return Err(CliError::fail(
+                Exit::FleetUnreachable,
+                "the worker did not register within 60 s",
+            ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    out.info(format!("    worker pid {} is consuming the queues (namespace {namespace})", worker.child.id()));
+    out.info(format!(
+        "    worker pid {} is consuming the queues (namespace {namespace})",
+        worker.child.id()
+    ));
 
     out.info("3/4 enqueueing full maintenance and waiting for the worker");
-    let global = GlobalArgs { target: None, all_targets: false, no_wait: false, local: false, ..g.clone() };
-    let inv = Invocation { settings: &settings, global: &global, out };
+    let global = GlobalArgs {
+        target: None,
+        all_targets: false,
+        no_wait: false,
+        local: false,
+        ..g.clone()
+    };
+    let inv = Invocation {
+        settings: &settings,
+        global: &global,
+        out,
+    };
     let runs = run::run(&inv, |t| crate::plan::full(&settings, t, false)).await;
     out.info("4/4 stopping the worker");
     worker.stop();
@@ -87,13 +124,21 @@ pub async fn run(base: &Settings, g: &GlobalArgs, args: &DemoArgs, out: Output) 
         if let Some(c) = runs.first().and_then(|r| r.report.get("cleanup")) {
             println!(
                 "\nCleanup detail: {} expired and {} orphaned sessions deleted in {} batches (longest {} ms); {} sessions with a missing platform reported, not deleted.",
-                c["expired_sessions_cleaned"], c["orphaned_sessions_cleaned"], c["batches"], c["longest_batch_ms"], c["missing_platform_sessions"]
+                c["expired_sessions_cleaned"],
+                c["orphaned_sessions_cleaned"],
+                c["batches"],
+                c["longest_batch_ms"],
+                c["missing_platform_sessions"]
             );
         }
         println!("Demo database: {}", file.display());
     }
     // A critical health report is what a neglected table looks like; the demo itself worked.
-    Ok(if exit == Exit::HealthCritical { Exit::Success } else { exit })
+    Ok(if exit == Exit::HealthCritical {
+        Exit::Success
+    } else {
+        exit
+    })
 }
 
 struct WorkerProcess {
@@ -109,7 +154,10 @@ impl WorkerProcess {
             .env("SESSIONFLEET_NAMESPACE", &settings.namespace.value)
             .env("SESSIONFLEET_METRICS_ADDR", "off")
             // Warnings and errors only: the demo prints the outcome itself.
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env_remove("SESSIONFLEET_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -121,7 +169,10 @@ impl WorkerProcess {
 
     /// SIGTERM, then wait for the graceful exit.
     fn stop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(40);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -151,7 +202,13 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
         return Ok(bin);
     }
     let Ok(cargo) = std::env::var("CARGO") else {
-        return Err(CliError::new(Exit::OperationFailed, format!("{} not found: install both binaries side by side (cargo build --workspace)", bin.display())));
+        return Err(CliError::fail(
+            Exit::OperationFailed,
+            format!(
+                "{} not found: install both binaries side by side (cargo build --workspace)",
+                bin.display()
+            ),
+        ));
     };
     eprintln!("    building sessionfleet-worker…");
     let mut cmd = Command::new(cargo);
@@ -161,7 +218,10 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
     }
     let status = cmd.status().context("running cargo build")?;
     if !status.success() || !bin.exists() {
-        return Err(CliError::new(Exit::OperationFailed, "could not build sessionfleet-worker"));
+        return Err(CliError::fail(
+            Exit::OperationFailed,
+            "could not build sessionfleet-worker",
+        ));
     }
     Ok(bin)
 }

@@ -11,7 +11,7 @@ use crate::run::{Invocation, REDIS_PATIENCE};
 async fn queue(inv: &Invocation<'_>) -> anyhow::Result<Queue> {
     Queue::connect_with_patience(inv.settings, REDIS_PATIENCE)
         .await
-        .map_err(|e| CliError::new(Exit::FleetUnreachable, e.to_string()))
+        .map_err(|e| CliError::fail(Exit::FleetUnreachable, e.to_string()))
 }
 
 /// Jobs and dead letters.
@@ -27,18 +27,38 @@ pub async fn run(inv: &Invocation<'_>, action: &JobsAction) -> anyhow::Result<Ex
                 println!("No dead letters.");
             } else {
                 for d in &dead {
-                    println!("{}  {}  {}  attempts {}  {}", d.id, d.queue.name(), d.dead_at.format("%Y-%m-%d %H:%M:%S"), d.attempts, d.reason);
+                    println!(
+                        "{}  {}  {}  attempts {}  {}",
+                        d.id,
+                        d.queue.name(),
+                        d.dead_at.format("%Y-%m-%d %H:%M:%S"),
+                        d.attempts,
+                        d.reason
+                    );
                 }
             }
         }
         JobsAction::Show { id } => {
-            if let Ok(job_id) = id.parse::<uuid::Uuid>() {
-                if let Some(r) = q.result(job_id).await? {
+            if let Ok(job_id) = id.parse::<uuid::Uuid>()
+                && let Some(r) = q.result(job_id).await?
+            {
+                {
                     if out.json {
                         out.print_json(&r);
                     } else {
-                        println!("job {} (run {}, part {}): {} on {} by {}", r.job_id, r.run_id, r.part, r.outcome.as_str(), r.target, r.worker);
-                        println!("finished {} after {} ms, {} rows, {} attempt(s)", r.finished_at, r.duration_ms, r.rows_affected, r.attempts);
+                        println!(
+                            "job {} (run {}, part {}): {} on {} by {}",
+                            r.job_id,
+                            r.run_id,
+                            r.part,
+                            r.outcome.as_str(),
+                            r.target,
+                            r.worker
+                        );
+                        println!(
+                            "finished {} after {} ms, {} rows, {} attempt(s)",
+                            r.finished_at, r.duration_ms, r.rows_affected, r.attempts
+                        );
                         if let Some(e) = &r.error {
                             println!("error: {e}");
                         }
@@ -52,11 +72,23 @@ pub async fn run(inv: &Invocation<'_>, action: &JobsAction) -> anyhow::Result<Ex
                     if out.json {
                         out.print_json(&d);
                     } else {
-                        println!("dead letter {} from queue {}: {}", d.id, d.queue.name(), d.reason);
+                        println!(
+                            "dead letter {} from queue {}: {}",
+                            d.id,
+                            d.queue.name(),
+                            d.reason
+                        );
                         println!("payload: {}", d.payload);
                     }
                 }
-                None => return Err(CliError::new(Exit::OperationFailed, format!("no job result or dead letter with id {id} (results are kept SESSION_METRICS_RETENTION_DAYS days)"))),
+                None => {
+                    return Err(CliError::fail(
+                        Exit::OperationFailed,
+                        format!(
+                            "no job result or dead letter with id {id} (results are kept SESSION_METRICS_RETENTION_DAYS days)"
+                        ),
+                    ));
+                }
             }
         }
         JobsAction::Requeue { id } => {
@@ -68,7 +100,9 @@ pub async fn run(inv: &Invocation<'_>, action: &JobsAction) -> anyhow::Result<Ex
             }
         }
         JobsAction::Purge { id, all } => {
-            let n = q.purge_dead(if *all { None } else { id.as_deref() }).await?;
+            let n = q
+                .purge_dead(if *all { None } else { id.as_deref() })
+                .await?;
             if out.json {
                 out.print_json(&serde_json::json!({"purged": n}));
             } else {
@@ -84,8 +118,22 @@ pub async fn lease(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
     let q = queue(inv).await?;
     let mut rows = Vec::new();
     for target in inv.settings.targets.values() {
-        let db = Db::connect(&target.url, &ConnectOptions { attempts: 1, ..ConnectOptions::default() }).await.ok();
-        let status = lease::status(&q.connection(), &inv.settings.namespace.value, &target.name, db.as_ref()).await;
+        let db = Db::connect(
+            &target.url,
+            &ConnectOptions {
+                attempts: 1,
+                ..ConnectOptions::default()
+            },
+        )
+        .await
+        .ok();
+        let status = lease::status(
+            &q.connection(),
+            &inv.settings.namespace.value,
+            &target.name,
+            db.as_ref(),
+        )
+        .await;
         if let Some(db) = db {
             db.close().await;
         }
@@ -113,13 +161,21 @@ pub async fn lease(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
                         h.job_id,
                         h.since.map(|x| x.to_string()).unwrap_or_else(|| "?".into()),
                         h.token.map(|x| x.to_string()).unwrap_or_else(|| "?".into()),
-                        s.ttl_ms.map(|x| x.to_string()).unwrap_or_else(|| "?".into())
+                        s.ttl_ms
+                            .map(|x| x.to_string())
+                            .unwrap_or_else(|| "?".into())
                     ),
                     None => println!("{t}: free"),
                 }
                 match &s.db_fence {
-                    Some(f) => println!("  database fence: token {} by {}", f.token, f.holder.clone().unwrap_or_default()),
-                    None => println!("  database fence: no token issued yet (or database unreachable)"),
+                    Some(f) => println!(
+                        "  database fence: token {} by {}",
+                        f.token,
+                        f.holder.clone().unwrap_or_default()
+                    ),
+                    None => {
+                        println!("  database fence: no token issued yet (or database unreachable)")
+                    }
                 }
             }
         }

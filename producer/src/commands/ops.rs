@@ -42,7 +42,13 @@ pub async fn cleanup(inv: &Invocation<'_>, a: &CleanupArgs) -> anyhow::Result<Ex
     if a.max_age.is_some() && !a.force {
         return Err(CliError::usage("--max-age applies with --force"));
     }
-    let ask = CleanupAsk { force: a.force, max_age_hours: a.max_age, dry_run: a.dry_run, batch_size: a.batch_size, budget_secs: a.budget };
+    let ask = CleanupAsk {
+        force: a.force,
+        max_age_hours: a.max_age,
+        dry_run: a.dry_run,
+        batch_size: a.batch_size,
+        budget_secs: a.budget,
+    };
     let runs = run::run(inv, |t| plan::cleanup(inv.settings, t, &ask)).await?;
     finish(inv, runs).await
 }
@@ -87,15 +93,23 @@ pub async fn analytics(inv: &Invocation<'_>, a: &AnalyticsArgs) -> anyhow::Resul
         check_export_path(path)?;
     }
     let runs = run::run(inv, |t| plan::health(inv.settings, t)).await?;
-    let Some(runs) = runs else { return Ok(Exit::Success) };
+    let Some(runs) = runs else {
+        return Ok(Exit::Success);
+    };
     if let Some(path) = &a.export {
         let Some(first) = runs.iter().find(|r| r.error.is_none()) else {
             return Ok(render::finished(&runs, &inv.out));
         };
-        let report: HealthReport = match serde_json::from_value::<AnalyticsReport>(first.report.clone())? {
-            AnalyticsReport::Health(h) => h,
-            AnalyticsReport::Trends(_) => return Err(CliError::new(Exit::OperationFailed, "the worker returned trends instead of a health report")),
-        };
+        let report: HealthReport =
+            match serde_json::from_value::<AnalyticsReport>(first.report.clone())? {
+                AnalyticsReport::Health(h) => h,
+                AnalyticsReport::Trends(_) => {
+                    return Err(CliError::fail(
+                        Exit::OperationFailed,
+                        "the worker returned trends instead of a health report",
+                    ));
+                }
+            };
         // The HTML report charts the last 30 days; trends are a cheap read done here.
         let target = inv.settings.target(Some(&first.target))?;
         let db = Db::connect(&target.url, &ConnectOptions::default()).await?;
@@ -103,19 +117,34 @@ pub async fn analytics(inv: &Invocation<'_>, a: &AnalyticsArgs) -> anyhow::Resul
         db.close().await;
         analytics::export(&report, trends.as_ref(), path)?;
         if inv.out.json {
-            inv.out.print_json(&serde_json::json!({"exported": path.display().to_string()}));
+            inv.out
+                .print_json(&serde_json::json!({"exported": path.display().to_string()}));
         } else {
             println!("Health report exported to {}", path.display());
         }
-        return Ok(if report.health_status.overall_health == analytics::Health::Critical { Exit::HealthCritical } else { Exit::Success });
+        return Ok(
+            if report.health_status.overall_health == analytics::Health::Critical {
+                Exit::HealthCritical
+            } else {
+                Exit::Success
+            },
+        );
     }
     Ok(render::finished(&runs, &inv.out))
 }
 
 fn check_export_path(path: &std::path::Path) -> anyhow::Result<()> {
-    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         Some("json" | "html" | "htm") => Ok(()),
-        _ => Err(CliError::usage(format!("--export {}: the file must end in .json or .html", path.display()))),
+        _ => Err(CliError::usage(format!(
+            "--export {}: the file must end in .json or .html",
+            path.display()
+        ))),
     }
 }
 
@@ -164,7 +193,11 @@ pub async fn maintenance(inv: &Invocation<'_>, a: &MaintenanceArgs) -> anyhow::R
     if a.analytics {
         let an = AnalyticsArgs {
             health_report: a.health,
-            trends: if a.health { None } else { Some(a.trends.unwrap_or(7)) },
+            trends: if a.health {
+                None
+            } else {
+                Some(a.trends.unwrap_or(7))
+            },
             export: a.export.clone(),
         };
         return analytics(inv, &an).await;

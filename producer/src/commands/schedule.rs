@@ -41,31 +41,49 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: bool) -> anyhow::Result<Exi
     let parse = |expr: &str| Cadence::parse(expr).map_err(CliError::usage);
     let mut plans = vec![(What::Cleanup, "cleanup", parse(&s.cleanup_schedule())?)];
     if !cleanup_only {
-        plans.push((What::Full, "full_maintenance", parse(&s.schedules.full_maintenance)?));
+        plans.push((
+            What::Full,
+            "full_maintenance",
+            parse(&s.schedules.full_maintenance)?,
+        ));
         if s.monitoring_enabled.value {
-            plans.push((What::Health, "health_report", parse(&s.schedules.health_report)?));
+            plans.push((
+                What::Health,
+                "health_report",
+                parse(&s.schedules.health_report)?,
+            ));
         }
     }
-    let queue = Queue::connect(s).await.map_err(|e| CliError::new(Exit::FleetUnreachable, e.to_string()))?;
+    let queue = Queue::connect(s)
+        .await
+        .map_err(|e| CliError::fail(Exit::FleetUnreachable, e.to_string()))?;
     let mut conn = queue.connection();
     let mut term = signal(SignalKind::terminate())?;
     let who = format!("scheduler@{}-{}", hostname(), std::process::id());
     let names: Vec<&str> = plans.iter().map(|p| p.1).collect();
     tracing::info!(schedules = ?names, targets = %s.target_names(), "scheduler started");
-    inv.out.info(format!("scheduler started: {} on targets {}", names.join(", "), s.target_names()));
+    inv.out.info(format!(
+        "scheduler started: {} on targets {}",
+        names.join(", "),
+        s.target_names()
+    ));
     loop {
         let now = Utc::now();
         let mut all = Vec::new();
         for (what, name, cadence) in &plans {
             for target in s.targets.values() {
-                let sched = Schedule { name: format!("{name}:{}", target.name), cadence: cadence.clone() };
+                let sched = Schedule {
+                    name: format!("{name}:{}", target.name),
+                    cadence: cadence.clone(),
+                };
                 all.push(sched.clone());
                 let op = job(inv, *what, target)?;
                 let q = queue.clone();
                 let by = who.clone();
                 let tname = target.name.clone();
                 let enqueue = |tick: chrono::DateTime<Utc>, key: String| async move {
-                    let env = JobEnvelope::new(op.kind(), tname, op.params(), by).with_dedupe_key(key);
+                    let env =
+                        JobEnvelope::new(op.kind(), tname, op.params(), by).with_dedupe_key(key);
                     let r = q.enqueue_with(&env, EnqueueOptions::default()).await;
                     if r.is_ok() {
                         tracing::info!(job_id = %env.job_id, tick = %tick, kind = env.kind.as_str(), "tick enqueued");
@@ -73,9 +91,13 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: bool) -> anyhow::Result<Exi
                     r.map(|_| ())
                 };
                 match schedule::pass(&mut conn, &s.namespace.value, &sched, now, enqueue).await {
-                    Ok(TickDecision::Fired(t)) => inv.out.info(format!("{} tick {t} enqueued", sched.name)),
+                    Ok(TickDecision::Fired(t)) => {
+                        inv.out.info(format!("{} tick {t} enqueued", sched.name))
+                    }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(schedule = %sched.name, error = %e, "scheduler pass failed; retrying"),
+                    Err(e) => {
+                        tracing::warn!(schedule = %sched.name, error = %e, "scheduler pass failed; retrying")
+                    }
                 }
             }
         }

@@ -21,7 +21,10 @@ fn section<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Value 
 
 /// Prints the status.
 pub async fn run(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
-    let quick = ConnectOptions { attempts: 1, ..ConnectOptions::default() };
+    let quick = ConnectOptions {
+        attempts: 1,
+        ..ConnectOptions::default()
+    };
     let mut targets = serde_json::Map::new();
     let mut critical = false;
     for target in inv.targets()? {
@@ -50,7 +53,11 @@ pub async fn run(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
     } else {
         print_text(&doc);
     }
-    Ok(if critical { Exit::HealthCritical } else { Exit::Success })
+    Ok(if critical {
+        Exit::HealthCritical
+    } else {
+        Exit::Success
+    })
 }
 
 async fn fleet_status(inv: &Invocation<'_>) -> Value {
@@ -83,13 +90,25 @@ fn print_text(doc: &Value) {
                 println!("  Error: {e}");
                 continue;
             }
-            let get = |p: &str| t.pointer(p).map(|v| v.to_string().trim_matches('"').to_string()).unwrap_or_else(|| "unavailable".into());
+            let get = |p: &str| {
+                t.pointer(p)
+                    .map(|v| v.to_string().trim_matches('"').to_string())
+                    .unwrap_or_else(|| "unavailable".into())
+            };
             println!("  Overall Health: {}", get("/health/overall_health"));
             println!("  Total Sessions: {}", get("/cleanup/total_sessions"));
             println!("  Recent (24h): {}", get("/cleanup/recent_sessions_24h"));
-            println!("  Expired: {}  Orphaned: {}", get("/cleanup/expired_sessions"), get("/cleanup/orphaned_sessions"));
+            println!(
+                "  Expired: {}  Orphaned: {}",
+                get("/cleanup/expired_sessions"),
+                get("/cleanup/orphaned_sessions")
+            );
             println!("  Database Size: {} MB", get("/database/database_size_mb"));
-            if let Some(issues) = t.pointer("/health/issues").and_then(Value::as_array).filter(|i| !i.is_empty()) {
+            if let Some(issues) = t
+                .pointer("/health/issues")
+                .and_then(Value::as_array)
+                .filter(|i| !i.is_empty())
+            {
                 println!("  Issues:");
                 for i in issues {
                     println!("    - {}", i.as_str().unwrap_or_default());
@@ -108,7 +127,9 @@ fn print_text(doc: &Value) {
             println!(
                 "  queue {}: ready {}, running {}, scheduled {}",
                 q["queue"].as_str().unwrap_or("?"),
-                q["ready"], q["running"], q["scheduled"]
+                q["ready"],
+                q["running"],
+                q["scheduled"]
             );
         }
     }
@@ -117,7 +138,12 @@ fn print_text(doc: &Value) {
     println!("  live workers: {workers}");
     if let Some(ls) = fleet["leases"].as_array() {
         for l in ls {
-            println!("  lease {}: {} (token {})", l["target"].as_str().unwrap_or("?"), l["holder"]["worker"].as_str().unwrap_or("?"), l["holder"]["token"]);
+            println!(
+                "  lease {}: {} (token {})",
+                l["target"].as_str().unwrap_or("?"),
+                l["holder"]["worker"].as_str().unwrap_or("?"),
+                l["holder"]["token"]
+            );
         }
     }
     if let Some(runs) = fleet["last_runs"].as_object() {

@@ -101,13 +101,19 @@ pub struct FullReport {
 impl FullReport {
     /// Rows deleted by the cleanup stage.
     pub fn rows_deleted(&self) -> u64 {
-        self.cleanup.as_ref().map_or(0, |c| if c.dry_run { 0 } else { c.total_cleaned() })
+        self.cleanup
+            .as_ref()
+            .map_or(0, |c| if c.dry_run { 0 } else { c.total_cleaned() })
     }
 
     /// Text in the original's layout ("Session Maintenance Results").
     pub fn render_text(&self) -> String {
         let mut s = String::new();
-        s.push_str(if self.dry_run { "Session Maintenance Results (dry run)\n" } else { "Session Maintenance Results\n" });
+        s.push_str(if self.dry_run {
+            "Session Maintenance Results (dry run)\n"
+        } else {
+            "Session Maintenance Results\n"
+        });
         s.push_str(&"=".repeat(40));
         s.push('\n');
         s.push_str(&format!("Status: {}\n", self.summary.status));
@@ -174,7 +180,11 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
                 partial: Some(report.clone()),
                 ..p.clone()
             };
-            return Ok(FullRun { report, next: Some(next), outcome });
+            return Ok(FullRun {
+                report,
+                next: Some(next),
+                outcome,
+            });
         }
         stage = Stage::Indexes;
     }
@@ -188,8 +198,16 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
         stage = Stage::Optimize;
     }
     if ctx.cancel.is_cancelled() {
-        let next = FullParams { stage, partial: Some(report.clone()), ..p.clone() };
-        return Ok(FullRun { report, next: Some(next), outcome: Outcome::Cancelled });
+        let next = FullParams {
+            stage,
+            partial: Some(report.clone()),
+            ..p.clone()
+        };
+        return Ok(FullRun {
+            report,
+            next: Some(next),
+            outcome: Outcome::Cancelled,
+        });
     }
 
     if stage == Stage::Optimize {
@@ -218,7 +236,11 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
         Err(e) => report.errors.push(format!("health report: {e}")),
     }
     report.summary = summarize(&report);
-    Ok(FullRun { report, next: None, outcome: Outcome::Completed })
+    Ok(FullRun {
+        report,
+        next: None,
+        outcome: Outcome::Completed,
+    })
 }
 
 /// What optimize would run, for a dry run (see `maintenance::optimize`).
@@ -246,10 +268,12 @@ pub fn summarize(r: &FullReport) -> Summary {
         let expired = c.expired_sessions_cleaned;
         let orphaned = c.orphaned_sessions_cleaned;
         if expired > 0 {
-            s.actions_taken.push(format!("{would} {expired} expired sessions"));
+            s.actions_taken
+                .push(format!("{would} {expired} expired sessions"));
         }
         if orphaned > 0 {
-            s.actions_taken.push(format!("{would} {orphaned} orphaned sessions"));
+            s.actions_taken
+                .push(format!("{would} {orphaned} orphaned sessions"));
         }
         if c.missing_platform_sessions > 0 {
             s.issues_found.push(format!(
@@ -261,30 +285,50 @@ pub fn summarize(r: &FullReport) -> Summary {
     if let Some(i) = &r.indexes {
         if !i.indexes_created.is_empty() {
             let verb = if r.dry_run { "Would create" } else { "Created" };
-            s.actions_taken.push(format!("{verb} {} database indexes", i.indexes_created.len()));
+            s.actions_taken.push(format!(
+                "{verb} {} database indexes",
+                i.indexes_created.len()
+            ));
         }
         for e in &i.errors {
             s.issues_found.push(e.clone());
         }
     }
-    if let Some(o) = &r.optimization {
-        if !o.operations_performed.is_empty() {
-            s.actions_taken.push(format!("Optimized tables ({} statements)", o.operations_performed.len()));
-        }
+    if let Some(o) = r
+        .optimization
+        .as_ref()
+        .filter(|o| !o.operations_performed.is_empty())
+    {
+        s.actions_taken.push(format!(
+            "Optimized tables ({} statements)",
+            o.operations_performed.len()
+        ));
     }
     if !r.planned_optimizations.is_empty() {
-        s.actions_taken.push(format!("Would optimize tables ({} statements)", r.planned_optimizations.len()));
+        s.actions_taken.push(format!(
+            "Would optimize tables ({} statements)",
+            r.planned_optimizations.len()
+        ));
     }
     if let Some(h) = &r.analytics {
         if h.health_status.overall_health != Health::Good {
-            s.issues_found.push(format!("Health status: {}", h.health_status.overall_health.name()));
-            s.issues_found.extend(h.health_status.issues.iter().cloned());
+            s.issues_found.push(format!(
+                "Health status: {}",
+                h.health_status.overall_health.name()
+            ));
+            s.issues_found
+                .extend(h.health_status.issues.iter().cloned());
         }
         s.recommendations = h.recommendations.clone();
     }
     if s.actions_taken.is_empty() && s.issues_found.is_empty() {
-        s.actions_taken.push("No maintenance actions required".into());
+        s.actions_taken
+            .push("No maintenance actions required".into());
     }
-    s.status = if r.errors.is_empty() { "completed".into() } else { "completed_with_errors".into() };
+    s.status = if r.errors.is_empty() {
+        "completed".into()
+    } else {
+        "completed_with_errors".into()
+    };
     s
 }
