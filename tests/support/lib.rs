@@ -104,6 +104,9 @@ pub struct WorkerSpec {
     pub pid_namespace: bool,
     /// Log file name stem.
     pub label: String,
+    /// Extra environment (targets: `DATABASE_URL`, `SESSIONFLEET_CONFIG`, lease TTL …),
+    /// applied after the defaults.
+    pub env: Vec<(String, String)>,
 }
 
 impl WorkerSpec {
@@ -116,6 +119,7 @@ impl WorkerSpec {
             concurrency: 4,
             pid_namespace: false,
             label: label.into(),
+            env: Vec::new(),
         }
     }
 }
@@ -164,6 +168,7 @@ impl Worker {
             format!("sqlite://{}/sf-e2e-unused.db", dir.display()),
         )
         .env("RUST_LOG", "info,sessionfleet=debug")
+        .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .current_dir(&dir)
         .stdin(Stdio::null())
         .stdout(out)

@@ -1,0 +1,390 @@
+//! The `sessionfleet` CLI end to end: the real binary against real Redis, SQLite and
+//! PostgreSQL, with real worker processes where the fleet is involved.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sessionfleet::seed::{SeedParams, seed_demo};
+use sessionfleet::store::{Engine, SchemaVersion};
+use sessionfleet::testing::{TestDb, redis_url, unique_namespace};
+use sessionfleet_e2e::{Worker, WorkerSpec, binaries, free_port, queue};
+
+/// One invocation of `sessionfleet` with its own namespace and database.
+struct Cli {
+    ns: String,
+    db_url: String,
+    redis: String,
+    extra: Vec<(String, String)>,
+}
+
+impl Cli {
+    fn new(db_url: &str) -> Cli {
+        Cli { ns: unique_namespace(), db_url: db_url.into(), redis: redis_url(), extra: Vec::new() }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(binaries().join("sessionfleet"));
+        c.args(args)
+            .env("DATABASE_URL", &self.db_url)
+            .env("REDIS_URL", &self.redis)
+            .env("SESSIONFLEET_NAMESPACE", &self.ns)
+            .env_remove("SESSIONFLEET_CONFIG")
+            .envs(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(std::env::temp_dir())
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run sessionfleet")
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.run(args);
+        assert!(
+            out.status.success() || out.status.code() == Some(3),
+            "{args:?} failed ({:?}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON document ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    fn worker(&self, label: &str) -> Worker {
+        let mut spec = WorkerSpec::new(&self.redis, &self.ns, label);
+        spec.env.push(("DATABASE_URL".into(), self.db_url.clone()));
+        spec.env.extend(self.extra.iter().cloned());
+        Worker::start(&spec)
+    }
+}
+
+fn now() -> chrono::NaiveDateTime {
+    chrono::Utc::now().naive_utc()
+}
+
+async fn seeded(engine: Engine, sessions: u64) -> TestDb {
+    let t = TestDb::new(engine).await;
+    seed_demo(
+        &t.db,
+        &SeedParams { sessions, users: SeedParams::default_users(sessions), seed: 3, schema: SchemaVersion::V2, now: now(), reset: false },
+    )
+    .await
+    .unwrap();
+    t
+}
+
+/// Sessions a cleanup must delete (v2 rules), counted independently of the tool.
+async fn doomed(t: &TestDb) -> i64 {
+    let cutoff = (now() - chrono::Duration::seconds(172_800)).format("%Y-%m-%d %H:%M:%S").to_string();
+    let stamp = now().format("%Y-%m-%d %H:%M:%S").to_string();
+    t.db.scalar_i64(&format!(
+        "SELECT COUNT(*) FROM user_sessions s WHERE s.expires_at < '{stamp}' \
+         OR (s.is_active = FALSE AND s.last_activity < '{cutoff}') \
+         OR NOT EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id) \
+         OR EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id AND u.is_active = FALSE)"
+    ))
+    .await
+    .unwrap()
+}
+
+async fn total(t: &TestDb) -> i64 {
+    t.db.scalar_i64("SELECT COUNT(*) FROM user_sessions").await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_once_through_the_fleet_deletes_exactly_the_doomed_sessions() {
+    for engine in [Engine::Sqlite, Engine::Postgres] {
+        let t = seeded(engine, 3000).await;
+        let (before, doomed_before) = (total(&t).await, doomed(&t).await);
+        assert!(doomed_before > 0);
+        let cli = Cli::new(&t.url);
+        let _w = cli.worker("cleanup");
+        let report = cli.json(&["cleanup", "--once", "--json", "--timeout", "120"]);
+        let cleaned = report["expired_sessions_cleaned"].as_i64().unwrap() + report["orphaned_sessions_cleaned"].as_i64().unwrap();
+        assert_eq!(cleaned, doomed_before, "{engine}: {report}");
+        assert_eq!(total(&t).await, before - doomed_before, "{engine}");
+        assert_eq!(doomed(&t).await, 0, "{engine}");
+        t.drop_db().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_without_a_worker_says_so_and_names_local() {
+    let t = seeded(Engine::Sqlite, 100).await;
+    let cli = Cli::new(&t.url);
+    let started = Instant::now();
+    let out = cli.run(&["cleanup", "--once"]);
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no live worker") && err.contains("--local") && err.contains("sessionfleet-worker"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "it must not hang");
+    assert_eq!(err.trim().lines().filter(|l| l.starts_with("error:")).count(), 1, "one error line: {err}");
+    t.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_runs_without_workers_and_without_redis() {
+    let t = seeded(Engine::Sqlite, 2000).await;
+    let doomed_before = doomed(&t).await;
+    let cli = Cli::new(&t.url);
+    let report = cli.json(&["--local", "cleanup", "--once", "--json"]);
+    let cleaned = report["expired_sessions_cleaned"].as_i64().unwrap() + report["orphaned_sessions_cleaned"].as_i64().unwrap();
+    assert_eq!(cleaned, doomed_before);
+
+    // Redis down: the command still runs, fenced by the database alone, and says so.
+    let t2 = seeded(Engine::Sqlite, 2000).await;
+    let doomed2 = doomed(&t2).await;
+    let mut down = Cli::new(&t2.url);
+    down.redis = format!("redis://127.0.0.1:{}", free_port());
+    let out = down.run(&["cleanup", "--once", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("database fence alone"));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["expired_sessions_cleaned"].as_i64().unwrap() + report["orphaned_sessions_cleaned"].as_i64().unwrap(), doomed2);
+    let fence = t2.db.scalar_i64("SELECT COUNT(*) FROM sessionfleet_fence").await.unwrap();
+    assert_eq!(fence, 1, "a token was issued by the database");
+    t.drop_db().await;
+    t2.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_targets_fans_out_one_job_per_database() {
+    let dbs = [seeded(Engine::Sqlite, 800).await, seeded(Engine::Sqlite, 900).await, seeded(Engine::Postgres, 700).await];
+    let mut expected = Vec::new();
+    for d in &dbs {
+        expected.push(total(d).await - doomed(d).await);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sf.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "default_target = \"a\"\n[targets.a]\nurl = \"{}\"\n[targets.b]\nurl = \"{}\"\n[targets.c]\nurl = \"{}\"\n",
+            dbs[0].url, dbs[1].url, dbs[2].url
+        ),
+    )
+    .unwrap();
+    let mut cli = Cli::new(&dbs[0].url);
+    cli.extra.push(("SESSIONFLEET_CONFIG".into(), config.display().to_string()));
+    let _w = cli.worker("targets");
+    let doc = cli.json(&["--all-targets", "cleanup", "--once", "--json", "--timeout", "120"]);
+    let runs = doc.as_array().expect("one entry per target");
+    let names: BTreeSet<&str> = runs.iter().map(|r| r["target"].as_str().unwrap()).collect();
+    // The 'default' target (DATABASE_URL) is configured too; it points at database a.
+    assert!(names.is_superset(&BTreeSet::from(["a", "b", "c"])), "{names:?}");
+    for (d, want) in dbs.iter().zip(expected) {
+        assert_eq!(total(d).await, want);
+    }
+    for d in dbs {
+        d.drop_db().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_maintenance_summary_and_dry_run() {
+    let t = seeded(Engine::Sqlite, 3000).await;
+    let before = total(&t).await;
+    let cli = Cli::new(&t.url);
+    let _w = cli.worker("full");
+
+    let dry = cli.json(&["maintenance", "--full-maintenance", "--dry-run", "--json", "--timeout", "120"]);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(total(&t).await, before, "a dry run deletes nothing");
+    let fence_tables = t.db.scalar_i64("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sessionfleet_fence'").await.unwrap();
+    assert_eq!(fence_tables, 0, "a dry run writes nothing, not even the fence table");
+    assert!(dry["summary"]["actions_taken"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("Would clean")));
+
+    let doomed_before = doomed(&t).await;
+    let full = cli.json(&["maintenance", "--full-maintenance", "--json", "--timeout", "120"]);
+    let summary = &full["summary"];
+    assert!(summary["status"].as_str().unwrap().starts_with("completed"), "{summary}");
+    let actions: Vec<&str> = summary["actions_taken"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(actions.iter().any(|a| a.starts_with("Cleaned") && a.ends_with("expired sessions")), "{actions:?}");
+    assert!(actions.iter().any(|a| a.starts_with("Created") && a.ends_with("database indexes")), "{actions:?}");
+    assert!(!summary["recommendations"].as_array().unwrap().is_empty(), "the summary carries the recommendations");
+    assert!(full["analytics"]["health_status"]["overall_health"].is_string());
+    assert_eq!(total(&t).await, before - doomed_before);
+    t.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spec_invocation_has_an_equivalent() {
+    for engine in [Engine::Sqlite, Engine::Postgres] {
+        let t = seeded(engine, 1500).await;
+        let cli = Cli::new(&t.url);
+        let _w = cli.worker("spec");
+        let stats = cli.json(&["cleanup", "--stats", "--json"]);
+        assert_eq!(stats["total_sessions"].as_i64(), Some(total(&t).await));
+        let health = cli.json(&["analytics", "--health-report", "--json"]);
+        for key in ["timestamp", "health_status", "statistics", "detailed_analytics", "performance_metrics", "security_analysis", "recommendations"] {
+            assert!(health.get(key).is_some(), "{engine}: health report lacks {key}");
+        }
+        let trends = cli.json(&["analytics", "--trends", "7", "--json"]);
+        assert_eq!(trends["period_days"], 7, "{engine}: {trends}");
+        let analysis = cli.json(&["db", "--analyze", "--json"]);
+        assert!(analysis["tables"]["user_sessions"]["row_count"].as_i64().is_some(), "{engine}: {analysis}");
+        let planned = cli.json(&["db", "--create-indexes", "--dry-run", "--json"]);
+        assert_eq!(planned["dry_run"], true);
+        let optimized = cli.json(&["db", "--optimize", "--json"]);
+        assert!(!optimized["operations_performed"].as_array().unwrap().is_empty());
+        let integrity = cli.json(&["db", "--integrity-check", "--json"]);
+        assert!(integrity["integrity_check"].is_string());
+        let dbstats = cli.json(&["db", "--stats", "--json"]);
+        assert!(dbstats["database_size_bytes"].as_i64().unwrap() > 0);
+        let forced = cli.json(&["cleanup", "--force", "--max-age", "24", "--json"]);
+        assert_eq!(forced["forced_cleanup"], true);
+        assert_eq!(forced["custom_max_age_hours"], 24);
+        let status = cli.json(&["maintenance", "--status", "--json"]);
+        assert!(status["targets"]["default"]["cleanup"]["total_sessions"].is_number(), "{status}");
+        assert!(status["fleet"]["workers"].as_array().is_some_and(|w| !w.is_empty()), "{status}");
+        let unified = cli.json(&["maintenance", "--cleanup", "--once", "--json"]);
+        assert!(unified["expired_sessions_cleaned"].is_number());
+        let unified_health = cli.json(&["maintenance", "--analytics", "--health", "--json"]);
+        assert!(unified_health["health_status"].is_object());
+        let unified_db = cli.json(&["maintenance", "--database", "--analyze", "--json"]);
+        assert!(unified_db["tables"].is_object());
+        // Export by extension.
+        let dir = tempfile::tempdir().unwrap();
+        let html = dir.path().join("report.html");
+        let out = cli.run(&["analytics", "--health-report", "--export", html.to_str().unwrap()]);
+        assert!(out.status.success() || out.status.code() == Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(std::fs::read_to_string(&html).unwrap().contains("<svg"));
+        t.drop_db().await;
+    }
+}
+
+#[tokio::test]
+async fn usage_errors_help_and_exit_codes() {
+    let cli = Cli::new("sqlite:///nonexistent-dir/x.db");
+    let out = cli.run(&["cleanup", "--force", "--max-age", "0", "--local"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max"));
+    let out = cli.run(&["cleanup", "--bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = cli.run(&["analytics", "--trends", "0", "--local"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    // No mode: help, as the spec wants (the original printed trends).
+    let out = cli.run(&["analytics"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--health-report"));
+    let mut bad = Cli::new("oracle://x/y");
+    bad.redis = "redis://127.0.0.1:6379".into();
+    let out = bad.run(&["config", "show"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DATABASE_URL") && err.lines().count() == 1, "{err}");
+    let secret = Cli::new("postgres://app:hunter2@127.0.0.1:1/app");
+    let out = secret.run(&["config", "show"]);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("hunter2"));
+    let out = secret.run(&["--local", "cleanup", "--once"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("hunter2"));
+}
+
+/// A scheduler process whose stderr lines are collected.
+struct Scheduler {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Scheduler {
+    fn start(cli: &Cli) -> Scheduler {
+        let mut child = cli.command(&["schedule"]).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Scheduler { child, lines }
+    }
+
+    fn fired(&self) -> Vec<i64> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("tick") && l.ends_with("enqueued"))
+            .filter_map(|l| l.split_whitespace().rev().nth(1).and_then(|t| t.parse().ok()))
+            .collect()
+    }
+
+    fn stop(mut self) -> Vec<i64> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "scheduler exits 0 on SIGTERM: {status:?}");
+        std::thread::sleep(Duration::from_millis(100));
+        self.fired()
+    }
+}
+
+fn schedule_config(dir: &Path, db_url: &str) -> String {
+    let path = dir.join("sched.toml");
+    std::fs::write(&path, format!("[targets.default]\nurl = \"{db_url}\"\n[schedule]\ncleanup = \"*/2 * * * * *\"\nfull_maintenance = \"0 0 2 1 1 *\"\nhealth_report = \"0 0 2 1 1 *\"\n")).unwrap();
+    path.display().to_string()
+}
+
+async fn cleanup_jobs_enqueued(cli: &Cli) -> u64 {
+    let q = queue(&cli.redis, &cli.ns).await;
+    q.queue_depths().await.unwrap().iter().filter(|d| d.queue == "cleanup").map(|d| d.ready + d.scheduled).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_scheduler_replicas_enqueue_each_tick_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cli = Cli::new(&format!("sqlite://{}/s.db", dir.path().display()));
+    cli.extra.push(("SESSIONFLEET_CONFIG".into(), schedule_config(dir.path(), &cli.db_url)));
+    let replicas: Vec<Scheduler> = (0..3).map(|_| Scheduler::start(&cli)).collect();
+    let started = Instant::now();
+    while replicas.iter().map(Scheduler::fired).flatten().collect::<BTreeSet<_>>().len() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(60), "ticks did not fire");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut ticks = BTreeSet::new();
+    for r in replicas {
+        ticks.extend(r.stop());
+    }
+    assert!(ticks.len() >= 3, "{ticks:?}");
+    assert_eq!(cleanup_jobs_enqueued(&cli).await, ticks.len() as u64, "one job per tick across three replicas: {ticks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_stopped_across_ticks_catches_up_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cli = Cli::new(&format!("sqlite://{}/s.db", dir.path().display()));
+    cli.extra.push(("SESSIONFLEET_CONFIG".into(), schedule_config(dir.path(), &cli.db_url)));
+    let first = Scheduler::start(&cli);
+    let started = Instant::now();
+    while first.fired().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = first.stop();
+    let jobs_before = cleanup_jobs_enqueued(&cli).await;
+    assert_eq!(jobs_before, before.len() as u64);
+    // Down across at least three ticks.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let second = Scheduler::start(&cli);
+    let restarted = Instant::now();
+    while second.fired().is_empty() {
+        assert!(restarted.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = second.stop();
+    let missed_window: Vec<i64> = after.iter().copied().filter(|t| *t < restarted_epoch(restarted)).collect();
+    assert_eq!(missed_window.len(), 1, "exactly one catch-up for the missed ticks: {after:?}");
+    assert_eq!(cleanup_jobs_enqueued(&cli).await, jobs_before + after.len() as u64);
+}
+
+/// Unix seconds of an `Instant` in the past (ticks before it were missed while down).
+fn restarted_epoch(at: Instant) -> i64 {
+    let ago = at.elapsed();
+    (chrono::Utc::now() - chrono::Duration::from_std(ago).unwrap()).timestamp() + 1
+}
