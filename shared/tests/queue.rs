@@ -281,8 +281,13 @@ async fn undecodable_and_failed_jobs_become_dead_letters_that_can_be_inspected_r
         .await
         .unwrap();
 
-    // A decodable job whose operation fails for good (not wired in this build).
-    let env = JobEnvelope::new(JobKind::Cleanup, "default", serde_json::json!({}), "test");
+    // A decodable envelope whose parameters the operation refuses: fails for good.
+    let env = JobEnvelope::new(
+        JobKind::Cleanup,
+        "default",
+        serde_json::json!({ "batch_size": "lots" }),
+        "test",
+    );
     let settled = process_delivery(&t.deps, QueueClass::Cleanup, "task-ok", &env.to_bytes())
         .await
         .unwrap();
@@ -314,7 +319,7 @@ async fn undecodable_and_failed_jobs_become_dead_letters_that_can_be_inspected_r
         .await
         .unwrap()
         .unwrap();
-    assert!(failed.reason.contains("not wired"), "{}", failed.reason);
+    assert!(failed.reason.contains("invalid cleanup parameters"), "{}", failed.reason);
     assert_eq!(failed.envelope.as_ref().map(|e| e.job_id), Some(env.job_id));
     // The failure is also a result, so a waiting CLI learns about it.
     let r = t.queue.result(env.job_id).await.unwrap().unwrap();

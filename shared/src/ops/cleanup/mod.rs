@@ -227,6 +227,7 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                     .longest_batch_ms
                     .max(done.took.as_secs_f64() * 1000.0);
                 sizer.observe(found.ids.len() as u32, done.took);
+                rest_after_batch(db, done.took).await;
                 cursor = found.next;
                 fruitless = if done.deleted == 0 { fruitless + 1 } else { 0 };
                 if fruitless >= MAX_FRUITLESS_BATCHES {
@@ -301,6 +302,20 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
         notes: all_notes,
     })
 }
+
+/// SQLite has one writer at a time and no queue for waiting writers: their busy handlers poll
+/// with growing sleeps, so back-to-back batches can starve them until their busy timeout runs
+/// out. Resting as long as the lock was held (at least [`SQLITE_MIN_REST`]) leaves the lock free
+/// at least half the time, so an application writer with a normal busy timeout gets through.
+/// Server engines queue lock waiters fairly and need no rest.
+async fn rest_after_batch(db: &Db, held: Duration) {
+    if db.engine() == crate::store::Engine::Sqlite {
+        tokio::time::sleep(held.max(SQLITE_MIN_REST)).await;
+    }
+}
+
+/// Shortest rest between two SQLite batches.
+pub const SQLITE_MIN_REST: Duration = Duration::from_millis(10);
 
 /// Why the run should stop before the next batch, if it should. The budget only counts once
 /// a batch has run, so every part makes progress.
