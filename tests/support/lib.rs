@@ -24,7 +24,16 @@ pub fn binaries() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let root = workspace_root();
-        let status = Command::new(env!("CARGO"))
+        let mut cmd = Command::new(env!("CARGO"));
+        // The variables `cargo test` sets for this process would make the nested build see a
+        // different environment and rebuild half the dependency tree every run.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR") || k.ends_with("MAKEFLAGS") || k == "MFLAGS" {
+                cmd.env_remove(&k);
+            }
+        }
+        let status = cmd
             .args(["build", "-p", "sessionfleet-worker", "-p", "sessionfleet-cli", "--bins"])
             .current_dir(&root)
             .status()
