@@ -115,6 +115,7 @@ impl WorkerSpec {
 /// A running `sessionfleet-worker`; killed when dropped.
 pub struct Worker {
     child: Child,
+    pid_namespace: bool,
     /// Port of `/metrics`, `/healthz`, `/readyz`.
     pub metrics_port: u16,
     /// Its log file.
@@ -150,7 +151,7 @@ impl Worker {
             .stdout(out)
             .stderr(err);
         let child = cmd.spawn().expect("start sessionfleet-worker");
-        Worker { child, metrics_port, log }
+        Worker { child, pid_namespace: spec.pid_namespace, metrics_port, log }
     }
 
     /// The process id (of `unshare` when in a PID namespace).
@@ -158,9 +159,19 @@ impl Worker {
         self.child.id()
     }
 
-    /// Sends a signal.
+    /// Sends a signal to the worker (inside a PID namespace: to the worker, not `unshare`,
+    /// which blocks SIGTERM while it waits).
     pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status();
+        let pid = self.pid();
+        let target = if self.pid_namespace {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next().map(str::to_string))
+                .unwrap_or_else(|| pid.to_string())
+        } else {
+            pid.to_string()
+        };
+        let _ = Command::new("kill").args([&format!("-{sig}"), &target]).status();
     }
 
     /// SIGKILL, no chance to clean up.
