@@ -118,7 +118,9 @@ impl QueueClass {
 
     /// Parses a queue name as written in `--queues`.
     pub fn parse(name: &str) -> Option<QueueClass> {
-        QueueClass::ALL.into_iter().find(|q| q.name() == name.trim())
+        QueueClass::ALL
+            .into_iter()
+            .find(|q| q.name() == name.trim())
     }
 
     /// Parses a comma-separated list; an unknown name is refused with a one-line message.
@@ -198,7 +200,12 @@ pub enum DecodeError {
 
 impl JobEnvelope {
     /// A new first-part job with fresh job and run ids.
-    pub fn new(kind: JobKind, target: impl Into<String>, params: serde_json::Value, enqueued_by: impl Into<String>) -> JobEnvelope {
+    pub fn new(
+        kind: JobKind,
+        target: impl Into<String>,
+        params: serde_json::Value,
+        enqueued_by: impl Into<String>,
+    ) -> JobEnvelope {
         JobEnvelope {
             v: ENVELOPE_VERSION,
             job_id: Uuid::new_v4(),
@@ -221,7 +228,11 @@ impl JobEnvelope {
 
     /// A diagnostic sleep of `millis`, optionally with a time budget after which it returns a
     /// continuation for the rest.
-    pub fn sleep(millis: u64, budget_ms: Option<u64>, enqueued_by: impl Into<String>) -> JobEnvelope {
+    pub fn sleep(
+        millis: u64,
+        budget_ms: Option<u64>,
+        enqueued_by: impl Into<String>,
+    ) -> JobEnvelope {
         let params = serde_json::to_value(SleepParams { millis, budget_ms }).unwrap_or_default();
         JobEnvelope::new(JobKind::Sleep, "diag", params, enqueued_by)
     }
@@ -240,7 +251,11 @@ impl JobEnvelope {
     /// The next part of the same run with new parameters: same run id, `part + 1`, a job id
     /// derived from (run id, part) so a duplicate delivery of this part produces the same
     /// continuation, and a dedupe key that drops such a duplicate at enqueue time.
-    pub fn continuation(&self, params: serde_json::Value, enqueued_by: impl Into<String>) -> JobEnvelope {
+    pub fn continuation(
+        &self,
+        params: serde_json::Value,
+        enqueued_by: impl Into<String>,
+    ) -> JobEnvelope {
         let part = self.part + 1;
         let name = format!("{}:{part}", self.run_id);
         JobEnvelope {
@@ -274,13 +289,15 @@ impl JobEnvelope {
         struct Probe {
             v: Option<u32>,
         }
-        let probe: Probe = serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let probe: Probe =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
         match probe.v {
             Some(ENVELOPE_VERSION) => {}
             Some(other) => return Err(DecodeError::Version(other)),
             None => return Err(DecodeError::Malformed("missing field `v`".into())),
         }
-        let env: JobEnvelope = serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let env: JobEnvelope =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
         env.validate()?;
         Ok(env)
     }
@@ -288,13 +305,17 @@ impl JobEnvelope {
     /// Refuses impossible values.
     pub fn validate(&self) -> Result<(), DecodeError> {
         if self.target.is_empty() || self.target.len() > 128 {
-            return Err(DecodeError::Invalid("target must be 1-128 characters".into()));
+            return Err(DecodeError::Invalid(
+                "target must be 1-128 characters".into(),
+            ));
         }
         if self.attempt == 0 {
             return Err(DecodeError::Invalid("attempt starts at 1".into()));
         }
         if self.enqueued_by.len() > 256 {
-            return Err(DecodeError::Invalid("enqueued_by longer than 256 characters".into()));
+            return Err(DecodeError::Invalid(
+                "enqueued_by longer than 256 characters".into(),
+            ));
         }
         Ok(())
     }
@@ -318,7 +339,11 @@ impl SleepParams {
     /// Refuses impossible values.
     pub fn validate(&self) -> Result<(), String> {
         if self.millis > MAX_SLEEP.as_millis() as u64 {
-            return Err(format!("sleep of {} ms exceeds the {} ms limit", self.millis, MAX_SLEEP.as_millis()));
+            return Err(format!(
+                "sleep of {} ms exceeds the {} ms limit",
+                self.millis,
+                MAX_SLEEP.as_millis()
+            ));
         }
         if self.budget_ms == Some(0) {
             return Err("budget_ms must be at least 1".into());
@@ -333,20 +358,41 @@ mod tests {
 
     #[test]
     fn envelope_round_trips() {
-        let env = JobEnvelope::new(JobKind::FullMaintenance, "default", serde_json::json!({"dry_run": true}), "test");
+        let env = JobEnvelope::new(
+            JobKind::FullMaintenance,
+            "default",
+            serde_json::json!({"dry_run": true}),
+            "test",
+        );
         let back = JobEnvelope::decode(&env.to_bytes()).expect("decode");
         assert_eq!(back, env);
-        assert!(String::from_utf8(env.to_bytes()).unwrap().contains("\"kind\":\"full_maintenance\""));
+        assert!(
+            String::from_utf8(env.to_bytes())
+                .unwrap()
+                .contains("\"kind\":\"full_maintenance\"")
+        );
     }
 
     #[test]
     fn garbage_and_future_versions_are_refused_with_reasons() {
-        assert!(matches!(JobEnvelope::decode(b"\xff\x00not json"), Err(DecodeError::Malformed(_))));
-        assert!(matches!(JobEnvelope::decode(br#"{"v":2}"#), Err(DecodeError::Version(2))));
-        assert!(matches!(JobEnvelope::decode(br#"{"hello":1}"#), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            JobEnvelope::decode(b"\xff\x00not json"),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            JobEnvelope::decode(br#"{"v":2}"#),
+            Err(DecodeError::Version(2))
+        ));
+        assert!(matches!(
+            JobEnvelope::decode(br#"{"hello":1}"#),
+            Err(DecodeError::Malformed(_))
+        ));
         let mut v = serde_json::to_value(JobEnvelope::noop("t")).unwrap();
         v["kind"] = "drop_tables".into();
-        assert!(matches!(JobEnvelope::decode(&serde_json::to_vec(&v).unwrap()), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            JobEnvelope::decode(&serde_json::to_vec(&v).unwrap()),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -364,7 +410,10 @@ mod tests {
     fn kinds_map_to_queues() {
         assert_eq!(JobKind::FullMaintenance.queue(), QueueClass::Maintenance);
         assert_eq!(JobKind::Sleep.queue(), QueueClass::Diag);
-        assert_eq!(QueueClass::parse_list("cleanup, diag").unwrap(), vec![QueueClass::Cleanup, QueueClass::Diag]);
+        assert_eq!(
+            QueueClass::parse_list("cleanup, diag").unwrap(),
+            vec![QueueClass::Cleanup, QueueClass::Diag]
+        );
         assert!(QueueClass::parse_list("cleanup,nope").is_err());
     }
 }

@@ -93,7 +93,11 @@ pub async fn run_operation(env: &JobEnvelope, deps: &RunnerDeps) -> JobOutcome {
 /// The diagnostic no-op. `params.fail_attempts = n` makes its first `n` attempts fail
 /// retryably, which is how tests and health checks exercise the retry path.
 fn run_noop(env: &JobEnvelope) -> JobOutcome {
-    let fail_attempts = env.params.get("fail_attempts").and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let fail_attempts = env
+        .params
+        .get("fail_attempts")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
     if u64::from(env.attempt) <= fail_attempts {
         return JobOutcome::Failed {
             error: format!("diagnostic failure {} of {fail_attempts}", env.attempt),
@@ -119,7 +123,10 @@ async fn run_sleep(env: &JobEnvelope, deps: &RunnerDeps) -> JobOutcome {
         }
     };
     if let Err(e) = params.validate() {
-        return JobOutcome::Failed { error: e, retryable: false };
+        return JobOutcome::Failed {
+            error: e,
+            retryable: false,
+        };
     }
     let total = Duration::from_millis(params.millis);
     let budget = params
@@ -138,7 +145,9 @@ async fn run_sleep(env: &JobEnvelope, deps: &RunnerDeps) -> JobOutcome {
         if slept >= budget {
             break Some("budget");
         }
-        let step = SLEEP_STEP.min(total - slept).min(budget.saturating_sub(slept).max(Duration::from_millis(1)));
+        let step = SLEEP_STEP
+            .min(total - slept)
+            .min(budget.saturating_sub(slept).max(Duration::from_millis(1)));
         tokio::select! {
             _ = tokio::time::sleep(step) => {}
             _ = deps.shutdown.cancelled() => {}
@@ -156,7 +165,10 @@ async fn run_sleep(env: &JobEnvelope, deps: &RunnerDeps) -> JobOutcome {
                 millis: params.millis.saturating_sub(slept_ms),
                 budget_ms: params.budget_ms,
             };
-            let next = env.continuation(serde_json::to_value(rest).unwrap_or_default(), deps.worker_name.clone());
+            let next = env.continuation(
+                serde_json::to_value(rest).unwrap_or_default(),
+                deps.worker_name.clone(),
+            );
             JobOutcome::Continue {
                 report: serde_json::json!({ "slept_ms": slept_ms, "stopped_by": why, "remaining_ms": rest.millis }),
                 rows_affected: 0,

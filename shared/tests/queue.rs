@@ -9,7 +9,9 @@ use sessionfleet::config::{Overrides, Settings};
 use sessionfleet::jobs::{JobEnvelope, JobKind, QueueClass};
 use sessionfleet::queue::results::HISTORY_LEN;
 use sessionfleet::queue::settle::{Settled, process_delivery};
-use sessionfleet::queue::{EnqueueOptions, JobResult, MAX_DUE_PER_SECOND, Queue, QueueError, ResultOutcome};
+use sessionfleet::queue::{
+    EnqueueOptions, JobResult, MAX_DUE_PER_SECOND, Queue, QueueError, ResultOutcome,
+};
 use sessionfleet::runner::RunnerDeps;
 use sessionfleet::testing::{redis_url, unique_namespace};
 
@@ -44,27 +46,56 @@ impl Ns {
     }
 
     async fn llen(&self, key: String) -> u64 {
-        redis::cmd("LLEN").arg(key).query_async(&mut self.conn()).await.unwrap()
+        redis::cmd("LLEN")
+            .arg(key)
+            .query_async(&mut self.conn())
+            .await
+            .unwrap()
     }
 
     async fn zcard(&self, key: String) -> u64 {
-        redis::cmd("ZCARD").arg(key).query_async(&mut self.conn()).await.unwrap()
+        redis::cmd("ZCARD")
+            .arg(key)
+            .query_async(&mut self.conn())
+            .await
+            .unwrap()
     }
 
     /// Takes the next ready job of `q` the way a worker would: pops its id, reads its payload.
     async fn take(&self, q: QueueClass) -> Option<(String, Vec<u8>)> {
         let k = self.queue.keys();
-        let id: Option<String> = redis::cmd("LPOP").arg(k.active(q)).query_async(&mut self.conn()).await.unwrap();
+        let id: Option<String> = redis::cmd("LPOP")
+            .arg(k.active(q))
+            .query_async(&mut self.conn())
+            .await
+            .unwrap();
         let id = id?;
-        let data: Vec<u8> = redis::cmd("HGET").arg(k.data(q)).arg(&id).query_async(&mut self.conn()).await.unwrap();
+        let data: Vec<u8> = redis::cmd("HGET")
+            .arg(k.data(q))
+            .arg(&id)
+            .query_async(&mut self.conn())
+            .await
+            .unwrap();
         Some((id, data))
     }
 
     async fn cleanup(self) {
-        let pattern = format!("{}:{}:*", sessionfleet::queue::keys::SLOT_TAG, self.queue.keys().namespace());
-        let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut self.conn()).await.unwrap();
+        let pattern = format!(
+            "{}:{}:*",
+            sessionfleet::queue::keys::SLOT_TAG,
+            self.queue.keys().namespace()
+        );
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut self.conn())
+            .await
+            .unwrap();
         for chunk in keys.chunks(500) {
-            let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut self.conn()).await.unwrap();
+            let _: () = redis::cmd("DEL")
+                .arg(chunk)
+                .query_async(&mut self.conn())
+                .await
+                .unwrap();
         }
     }
 }
@@ -77,23 +108,40 @@ async fn dedupe_key_keeps_one_job_where_apalis_defaults_keep_every_copy() {
     let first = t.queue.enqueue(&a).await.unwrap();
     let second = t.queue.enqueue(&b).await.unwrap();
     assert!(first.accepted);
-    assert!(!second.accepted, "the second job with the same key must be dropped");
+    assert!(
+        !second.accepted,
+        "the second job with the same key must be dropped"
+    );
     assert_eq!(second.duplicate_of.as_deref(), Some(first.task_id.as_str()));
     assert_eq!(t.llen(t.queue.keys().active(QueueClass::Diag)).await, 1);
     let ttl: i64 = redis::cmd("TTL")
-        .arg(format!("{}:tick:42", t.queue.keys().idempotency_prefix(QueueClass::Diag)))
+        .arg(format!(
+            "{}:tick:42",
+            t.queue.keys().idempotency_prefix(QueueClass::Diag)
+        ))
         .query_async(&mut t.conn())
         .await
         .unwrap();
     assert!(ttl > 0, "the dedupe marker must expire, ttl={ttl}");
 
     // The same two pushes through apalis' own producer with its default config: both stored.
-    let cfg = apalis_redis::Config::default().queue(format!("{}-apalis-default", t.queue.keys().apalis_queue(QueueClass::Diag)));
+    let cfg = apalis_redis::Config::default().queue(format!(
+        "{}-apalis-default",
+        t.queue.keys().apalis_queue(QueueClass::Diag)
+    ));
     for _ in 0..2 {
-        let task = TaskBuilder::new(b"{}".to_vec()).idempotency_key("tick:42").build();
-        apalis_redis::queries::push_tasks(&mut t.conn(), &cfg, &[task]).await.unwrap();
+        let task = TaskBuilder::new(b"{}".to_vec())
+            .idempotency_key("tick:42")
+            .build();
+        apalis_redis::queries::push_tasks(&mut t.conn(), &cfg, &[task])
+            .await
+            .unwrap();
     }
-    assert_eq!(t.zcard(cfg.scheduled_jobs_set()).await, 2, "apalis' default config does not deduplicate");
+    assert_eq!(
+        t.zcard(cfg.scheduled_jobs_set()).await,
+        2,
+        "apalis' default config does not deduplicate"
+    );
     let _: () = redis::cmd("DEL")
         .arg(cfg.scheduled_jobs_set())
         .arg(cfg.job_data_hash())
@@ -108,11 +156,22 @@ async fn batch_of_ten_thousand_is_ready_at_once_without_touching_the_scheduled_s
     let t = Ns::new().await;
     let jobs: Vec<JobEnvelope> = (0..10_000).map(|_| JobEnvelope::noop("test")).collect();
     let ids: Vec<_> = jobs.iter().map(|j| j.job_id).collect();
-    let done = t.queue.enqueue_batch(jobs, EnqueueOptions::default()).await.unwrap();
+    let done = t
+        .queue
+        .enqueue_batch(jobs, EnqueueOptions::default())
+        .await
+        .unwrap();
     assert_eq!(done.len(), 10_000);
     assert!(done.iter().all(|e| e.accepted));
-    assert_eq!(done.iter().map(|e| e.job_id).collect::<Vec<_>>(), ids, "results in input order");
-    assert_eq!(t.llen(t.queue.keys().active(QueueClass::Diag)).await, 10_000);
+    assert_eq!(
+        done.iter().map(|e| e.job_id).collect::<Vec<_>>(),
+        ids,
+        "results in input order"
+    );
+    assert_eq!(
+        t.llen(t.queue.keys().active(QueueClass::Diag)).await,
+        10_000
+    );
     assert_eq!(t.zcard(t.queue.keys().scheduled(QueueClass::Diag)).await, 0);
     t.cleanup().await;
 }
@@ -121,7 +180,15 @@ async fn batch_of_ten_thousand_is_ready_at_once_without_touching_the_scheduled_s
 async fn delayed_batch_never_lets_more_than_the_limit_come_due_together() {
     let t = Ns::new().await;
     let jobs: Vec<JobEnvelope> = (0..5_000).map(|_| JobEnvelope::noop("test")).collect();
-    t.queue.enqueue_batch(jobs, EnqueueOptions { delay: Some(Duration::from_secs(60)) }).await.unwrap();
+    t.queue
+        .enqueue_batch(
+            jobs,
+            EnqueueOptions {
+                delay: Some(Duration::from_secs(60)),
+            },
+        )
+        .await
+        .unwrap();
     let entries: Vec<(String, u64)> = redis::cmd("ZRANGE")
         .arg(t.queue.keys().scheduled(QueueClass::Diag))
         .arg(0)
@@ -135,7 +202,10 @@ async fn delayed_batch_never_lets_more_than_the_limit_come_due_together() {
     for (_, s) in entries {
         *per_second.entry(s).or_default() += 1;
     }
-    assert!(per_second.values().all(|n| *n <= MAX_DUE_PER_SECOND), "{per_second:?}");
+    assert!(
+        per_second.values().all(|n| *n <= MAX_DUE_PER_SECOND),
+        "{per_second:?}"
+    );
     t.cleanup().await;
 }
 
@@ -144,64 +214,129 @@ async fn due_backlog_that_wedges_apalis_fetch_is_drained_by_promotion() {
     let t = Ns::new().await;
     let q = QueueClass::Diag;
     let k = t.queue.keys().clone();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     // 9,000 due entries, as a deploy gap or a burst of retries would leave them.
     for chunk in (0..9_000).collect::<Vec<u32>>().chunks(1000) {
         let mut p = redis::pipe();
         for i in chunk {
             let id = format!("00000000-0000-4000-8000-{i:012}");
             p.zadd(k.scheduled(q), &id, now - 1).ignore();
-            p.hset(k.data(q), &id, JobEnvelope::noop("t").to_bytes()).ignore();
-            p.hset_multiple(format!("{}:{id}", k.meta_prefix(q)), &[("attempts", "0"), ("max_attempts", "25"), ("status", "Pending")]).ignore();
+            p.hset(k.data(q), &id, JobEnvelope::noop("t").to_bytes())
+                .ignore();
+            p.hset_multiple(
+                format!("{}:{id}", k.meta_prefix(q)),
+                &[
+                    ("attempts", "0"),
+                    ("max_attempts", "25"),
+                    ("status", "Pending"),
+                ],
+            )
+            .ignore();
         }
         let _: () = p.query_async(&mut t.conn()).await.unwrap();
     }
     let cfg = t.queue.apalis_config(q);
     let worker = WorkerContext::new("probe");
-    let _: () = redis::cmd("ZADD").arg(k.apalis_workers(q)).arg(now).arg("probe").query_async(&mut t.conn()).await.unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(k.apalis_workers(q))
+        .arg(now)
+        .arg("probe")
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
     let wedged = apalis_redis::queries::fetch_next(&mut t.conn(), &worker, &cfg).await;
-    assert!(wedged.is_err(), "apalis' fetch should fail on 9,000 due entries (the defect this guards)");
+    assert!(
+        wedged.is_err(),
+        "apalis' fetch should fail on 9,000 due entries (the defect this guards)"
+    );
 
     let moved = t.queue.promote_due(q).await.unwrap();
     assert_eq!(moved, 9_000);
     assert_eq!(t.zcard(k.scheduled(q)).await, 0);
-    let fetched = apalis_redis::queries::fetch_next(&mut t.conn(), &worker, &cfg).await.expect("fetch works again");
+    let fetched = apalis_redis::queries::fetch_next(&mut t.conn(), &worker, &cfg)
+        .await
+        .expect("fetch works again");
     assert_eq!(fetched.len(), cfg.batch_size);
     t.cleanup().await;
 }
 
 #[tokio::test]
-async fn undecodable_and_failed_jobs_become_dead_letters_that_can_be_inspected_requeued_and_purged() {
+async fn undecodable_and_failed_jobs_become_dead_letters_that_can_be_inspected_requeued_and_purged()
+{
     let t = Ns::new().await;
-    let settled = process_delivery(&t.deps, QueueClass::Cleanup, "task-garbage", b"\x00\xffnot json").await.unwrap();
+    let settled = process_delivery(
+        &t.deps,
+        QueueClass::Cleanup,
+        "task-garbage",
+        b"\x00\xffnot json",
+    )
+    .await
+    .unwrap();
     assert_eq!(settled, Settled::DeadLettered);
     let wrong_version = br#"{"v":9,"kind":"cleanup"}"#;
-    process_delivery(&t.deps, QueueClass::Cleanup, "task-v9", wrong_version).await.unwrap();
+    process_delivery(&t.deps, QueueClass::Cleanup, "task-v9", wrong_version)
+        .await
+        .unwrap();
 
     // A decodable job whose operation fails for good (not wired in this build).
     let env = JobEnvelope::new(JobKind::Cleanup, "default", serde_json::json!({}), "test");
-    let settled = process_delivery(&t.deps, QueueClass::Cleanup, "task-ok", &env.to_bytes()).await.unwrap();
+    let settled = process_delivery(&t.deps, QueueClass::Cleanup, "task-ok", &env.to_bytes())
+        .await
+        .unwrap();
     assert_eq!(settled, Settled::DeadLettered);
 
     let all = t.queue.dead_letters(10).await.unwrap();
     assert_eq!(all.len(), 3);
-    let garbage = t.queue.dead_letter("task:task-garbage").await.unwrap().expect("listed by id");
-    assert!(garbage.reason.contains("not a job envelope"), "{}", garbage.reason);
+    let garbage = t
+        .queue
+        .dead_letter("task:task-garbage")
+        .await
+        .unwrap()
+        .expect("listed by id");
+    assert!(
+        garbage.reason.contains("not a job envelope"),
+        "{}",
+        garbage.reason
+    );
     assert!(garbage.envelope.is_none());
     let v9 = t.queue.dead_letter("task:task-v9").await.unwrap().unwrap();
-    assert!(v9.reason.contains("unsupported envelope version 9"), "{}", v9.reason);
-    let failed = t.queue.dead_letter(&env.job_id.to_string()).await.unwrap().unwrap();
+    assert!(
+        v9.reason.contains("unsupported envelope version 9"),
+        "{}",
+        v9.reason
+    );
+    let failed = t
+        .queue
+        .dead_letter(&env.job_id.to_string())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(failed.reason.contains("not wired"), "{}", failed.reason);
     assert_eq!(failed.envelope.as_ref().map(|e| e.job_id), Some(env.job_id));
     // The failure is also a result, so a waiting CLI learns about it.
     let r = t.queue.result(env.job_id).await.unwrap().unwrap();
     assert_eq!(r.outcome, ResultOutcome::Failed);
 
-    assert!(matches!(t.queue.requeue_dead("task:task-garbage").await, Err(QueueError::Invalid(_))));
+    assert!(matches!(
+        t.queue.requeue_dead("task:task-garbage").await,
+        Err(QueueError::Invalid(_))
+    ));
     let back = t.queue.requeue_dead(&env.job_id.to_string()).await.unwrap();
     assert!(back.accepted);
-    assert!(t.queue.dead_letter(&env.job_id.to_string()).await.unwrap().is_none());
-    let (_, payload) = t.take(QueueClass::Cleanup).await.expect("requeued job is ready");
+    assert!(
+        t.queue
+            .dead_letter(&env.job_id.to_string())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let (_, payload) = t
+        .take(QueueClass::Cleanup)
+        .await
+        .expect("requeued job is ready");
     assert_eq!(JobEnvelope::decode(&payload).unwrap().job_id, env.job_id);
 
     assert_eq!(t.queue.purge_dead(Some("task:task-v9")).await.unwrap(), 1);
@@ -215,21 +350,54 @@ async fn undecodable_and_failed_jobs_become_dead_letters_that_can_be_inspected_r
 async fn retryable_failures_back_off_then_succeed_or_dead_letter() {
     let t = Ns::new().await;
     // Fails once, then succeeds: one retry, delayed in the scheduled set.
-    let env = JobEnvelope::new(JobKind::Noop, "diag", serde_json::json!({"fail_attempts": 1}), "test");
-    let s = process_delivery(&t.deps, QueueClass::Diag, "t1", &env.to_bytes()).await.unwrap();
+    let env = JobEnvelope::new(
+        JobKind::Noop,
+        "diag",
+        serde_json::json!({"fail_attempts": 1}),
+        "test",
+    );
+    let s = process_delivery(&t.deps, QueueClass::Diag, "t1", &env.to_bytes())
+        .await
+        .unwrap();
     assert_eq!(s, Settled::Retrying(2));
     assert_eq!(t.zcard(t.queue.keys().scheduled(QueueClass::Diag)).await, 1);
-    t.queue.enqueue_with(&env, EnqueueOptions::default()).await.unwrap(); // stand-in for the due retry
+    t.queue
+        .enqueue_with(&env, EnqueueOptions::default())
+        .await
+        .unwrap(); // stand-in for the due retry
     let mut retry = env.clone();
     retry.attempt = 2;
-    assert_eq!(process_delivery(&t.deps, QueueClass::Diag, "t2", &retry.to_bytes()).await.unwrap(), Settled::Succeeded);
-    assert_eq!(t.queue.result(env.job_id).await.unwrap().unwrap().attempts, 2);
+    assert_eq!(
+        process_delivery(&t.deps, QueueClass::Diag, "t2", &retry.to_bytes())
+            .await
+            .unwrap(),
+        Settled::Succeeded
+    );
+    assert_eq!(
+        t.queue.result(env.job_id).await.unwrap().unwrap().attempts,
+        2
+    );
 
     // Always fails: dead-lettered once the kind's attempts are spent.
-    let mut env = JobEnvelope::new(JobKind::Noop, "diag", serde_json::json!({"fail_attempts": 99}), "test");
+    let mut env = JobEnvelope::new(
+        JobKind::Noop,
+        "diag",
+        serde_json::json!({"fail_attempts": 99}),
+        "test",
+    );
     env.attempt = sessionfleet::queue::max_attempts(JobKind::Noop);
-    assert_eq!(process_delivery(&t.deps, QueueClass::Diag, "t3", &env.to_bytes()).await.unwrap(), Settled::DeadLettered);
-    let d = t.queue.dead_letter(&env.job_id.to_string()).await.unwrap().unwrap();
+    assert_eq!(
+        process_delivery(&t.deps, QueueClass::Diag, "t3", &env.to_bytes())
+            .await
+            .unwrap(),
+        Settled::DeadLettered
+    );
+    let d = t
+        .queue
+        .dead_letter(&env.job_id.to_string())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(d.reason.starts_with("gave up after"), "{}", d.reason);
     t.cleanup().await;
 }
@@ -238,32 +406,66 @@ async fn retryable_failures_back_off_then_succeed_or_dead_letter() {
 async fn results_are_addressable_by_job_and_run_with_retention_and_redelivery_is_skipped() {
     let t = Ns::new().await;
     let env = JobEnvelope::sleep(60, Some(20), "test");
-    let s = process_delivery(&t.deps, QueueClass::Diag, "p0", &env.to_bytes()).await.unwrap();
+    let s = process_delivery(&t.deps, QueueClass::Diag, "p0", &env.to_bytes())
+        .await
+        .unwrap();
     assert_eq!(s, Settled::Continued);
-    let (_, next) = t.take(QueueClass::Diag).await.expect("continuation enqueued");
+    let (_, next) = t
+        .take(QueueClass::Diag)
+        .await
+        .expect("continuation enqueued");
     let next = JobEnvelope::decode(&next).unwrap();
     assert_eq!((next.run_id, next.part), (env.run_id, 1));
     // Finish the run.
     let mut part = next;
     loop {
-        match process_delivery(&t.deps, QueueClass::Diag, "pn", &part.to_bytes()).await.unwrap() {
+        match process_delivery(&t.deps, QueueClass::Diag, "pn", &part.to_bytes())
+            .await
+            .unwrap()
+        {
             Settled::Succeeded => break,
-            Settled::Continued => part = JobEnvelope::decode(&t.take(QueueClass::Diag).await.unwrap().1).unwrap(),
+            Settled::Continued => {
+                part = JobEnvelope::decode(&t.take(QueueClass::Diag).await.unwrap().1).unwrap()
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
     let first = t.queue.result(env.job_id).await.unwrap().unwrap();
     assert_eq!(first.outcome, ResultOutcome::Continued);
-    let run = t.queue.wait_for_run(env.run_id, Duration::from_secs(5)).await.unwrap();
+    let run = t
+        .queue
+        .wait_for_run(env.run_id, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert!(run.len() >= 2);
     assert_eq!(run.last().unwrap().outcome, ResultOutcome::Succeeded);
-    let ttl: i64 = redis::cmd("TTL").arg(t.queue.keys().result(&env.job_id)).query_async(&mut t.conn()).await.unwrap();
-    assert!(ttl > 2 * 86_400 && ttl <= 3 * 86_400, "retention of 3 days, ttl={ttl}");
-    let ttl: i64 = redis::cmd("TTL").arg(t.queue.keys().run(&env.run_id)).query_async(&mut t.conn()).await.unwrap();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(t.queue.keys().result(&env.job_id))
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    assert!(
+        ttl > 2 * 86_400 && ttl <= 3 * 86_400,
+        "retention of 3 days, ttl={ttl}"
+    );
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(t.queue.keys().run(&env.run_id))
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
     assert!(ttl > 0);
     // A redelivery of a finished part is not run again.
-    assert_eq!(process_delivery(&t.deps, QueueClass::Diag, "p0-again", &env.to_bytes()).await.unwrap(), Settled::Duplicate);
-    assert_eq!(t.llen(t.queue.keys().active(QueueClass::Diag)).await, 0, "no second continuation");
+    assert_eq!(
+        process_delivery(&t.deps, QueueClass::Diag, "p0-again", &env.to_bytes())
+            .await
+            .unwrap(),
+        Settled::Duplicate
+    );
+    assert_eq!(
+        t.llen(t.queue.keys().active(QueueClass::Diag)).await,
+        0,
+        "no second continuation"
+    );
     t.cleanup().await;
 }
 
@@ -292,11 +494,17 @@ async fn target_history_is_bounded_and_newest_first() {
     }
     let runs = t.queue.recent_runs("db1", 1000).await.unwrap();
     assert_eq!(runs.len(), HISTORY_LEN);
-    assert_eq!(runs[0].rows_affected, (HISTORY_LEN + 29) as u64, "newest first");
+    assert_eq!(
+        runs[0].rows_affected,
+        (HISTORY_LEN + 29) as u64,
+        "newest first"
+    );
     assert_eq!(t.queue.recent_runs("db1", 5).await.unwrap().len(), 5);
     // Diagnostic jobs stay out of the history.
     let noop = JobEnvelope::noop("t");
-    process_delivery(&t.deps, QueueClass::Diag, "n", &noop.to_bytes()).await.unwrap();
+    process_delivery(&t.deps, QueueClass::Diag, "n", &noop.to_bytes())
+        .await
+        .unwrap();
     assert!(t.queue.recent_runs("diag", 10).await.unwrap().is_empty());
     t.cleanup().await;
 }
@@ -314,16 +522,32 @@ async fn janitor_removes_finished_tasks_and_dead_workers_and_hands_back_their_jo
         .sadd(k.done(q), &done.task_id)
         .sadd(k.inflight(q, "gone-worker"), &orphan.task_id)
         .zadd(k.apalis_workers(q), "gone-worker", 1)
-        .hset(format!("{}gone-worker", k.worker_metadata_prefix(q)), "backend", "x")
-        .hset(format!("{}older-gone", k.worker_metadata_prefix(q)), "backend", "x")
+        .hset(
+            format!("{}gone-worker", k.worker_metadata_prefix(q)),
+            "backend",
+            "x",
+        )
+        .hset(
+            format!("{}older-gone", k.worker_metadata_prefix(q)),
+            "backend",
+            "x",
+        )
         .query_async(&mut t.conn())
         .await
         .unwrap();
     let r = t.queue.janitor_pass("test").await.unwrap();
     assert_eq!(r.finished_tasks, 1);
     assert_eq!((r.dead_workers, r.recovered_jobs), (1, 1));
-    assert_eq!(r.worker_metadata, 1, "the metadata of a worker with no entry left (the dead one's went with it)");
-    let exists: bool = redis::cmd("HEXISTS").arg(k.data(q)).arg(&done.task_id).query_async(&mut t.conn()).await.unwrap();
+    assert_eq!(
+        r.worker_metadata, 1,
+        "the metadata of a worker with no entry left (the dead one's went with it)"
+    );
+    let exists: bool = redis::cmd("HEXISTS")
+        .arg(k.data(q))
+        .arg(&done.task_id)
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
     assert!(!exists, "finished task data removed");
     let (id, _) = t.take(q).await.expect("orphaned job handed back");
     assert_eq!(id, orphan.task_id);

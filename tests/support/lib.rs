@@ -15,7 +15,10 @@ use sessionfleet::runner::RunnerDeps;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// Builds `sessionfleet-worker` and `sessionfleet` once per test run; returns the directory
@@ -29,24 +32,39 @@ pub fn binaries() -> &'static Path {
         // different environment and rebuild half the dependency tree every run.
         for (k, _) in std::env::vars_os() {
             let k = k.to_string_lossy().into_owned();
-            if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR") || k.ends_with("MAKEFLAGS") || k == "MFLAGS" {
+            if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR")
+                || k.ends_with("MAKEFLAGS")
+                || k == "MFLAGS"
+            {
                 cmd.env_remove(&k);
             }
         }
         let status = cmd
-            .args(["build", "-p", "sessionfleet-worker", "-p", "sessionfleet-cli", "--bins"])
+            .args([
+                "build",
+                "-p",
+                "sessionfleet-worker",
+                "-p",
+                "sessionfleet-cli",
+                "--bins",
+            ])
             .current_dir(&root)
             .status()
             .expect("run cargo build");
         assert!(status.success(), "building the binaries failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
         target.join("debug")
     })
 }
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn log_dir() -> PathBuf {
@@ -68,7 +86,9 @@ pub fn settings(redis_url: &str, ns: &str) -> Settings {
 
 /// A producer-side queue handle for namespace `ns`.
 pub async fn queue(redis_url: &str, ns: &str) -> Queue {
-    Queue::connect(&settings(redis_url, ns)).await.expect("connect to Redis")
+    Queue::connect(&settings(redis_url, ns))
+        .await
+        .expect("connect to Redis")
 }
 
 /// Runner dependencies for library-level calls from a test.
@@ -139,19 +159,35 @@ impl Worker {
             Command::new(&bin)
         };
         let dir = std::env::temp_dir();
-        cmd.args(["--queues", &spec.queues, "--concurrency", &spec.concurrency.to_string()])
-            .env("REDIS_URL", &spec.redis_url)
-            .env("SESSIONFLEET_NAMESPACE", &spec.namespace)
-            .env("SESSIONFLEET_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
-            .env("SESSIONFLEET_POLL_INTERVAL_MS", "100")
-            .env("DATABASE_URL", format!("sqlite://{}/sf-e2e-unused.db", dir.display()))
-            .env("RUST_LOG", "info,sessionfleet=debug")
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
+        cmd.args([
+            "--queues",
+            &spec.queues,
+            "--concurrency",
+            &spec.concurrency.to_string(),
+        ])
+        .env("REDIS_URL", &spec.redis_url)
+        .env("SESSIONFLEET_NAMESPACE", &spec.namespace)
+        .env(
+            "SESSIONFLEET_METRICS_ADDR",
+            format!("127.0.0.1:{metrics_port}"),
+        )
+        .env("SESSIONFLEET_POLL_INTERVAL_MS", "100")
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}/sf-e2e-unused.db", dir.display()),
+        )
+        .env("RUST_LOG", "info,sessionfleet=debug")
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
         let child = cmd.spawn().expect("start sessionfleet-worker");
-        Worker { child, pid_namespace: spec.pid_namespace, metrics_port, log }
+        Worker {
+            child,
+            pid_namespace: spec.pid_namespace,
+            metrics_port,
+            log,
+        }
     }
 
     /// The process id (of `unshare` when in a PID namespace).
@@ -171,7 +207,9 @@ impl Worker {
         } else {
             pid.to_string()
         };
-        let _ = Command::new("kill").args([&format!("-{sig}"), &target]).status();
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &target])
+            .status();
     }
 
     /// SIGKILL, no chance to clean up.
@@ -233,7 +271,16 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--bind",
+                "127.0.0.1",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -243,14 +290,19 @@ impl RedisServer {
         self.child = Some(child);
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "redis-server did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// Saves a snapshot and stops (like a maintenance restart), then waits for the exit.
     pub fn shutdown_save(&mut self) {
-        let _ = Command::new("redis-cli").args(["-p", &self.port.to_string(), "SHUTDOWN", "SAVE"]).status();
+        let _ = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "SHUTDOWN", "SAVE"])
+            .status();
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         }
@@ -274,12 +326,21 @@ impl Drop for RedisServer {
 /// `GET path` on loopback `port`; returns (status code, body).
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.ok()?;
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, body))
 }
 
@@ -294,16 +355,27 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(start.elapsed() < limit, "gave up waiting for {what} after {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "gave up waiting for {what} after {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Deletes every key of namespace `ns`.
 pub async fn drop_namespace(queue: &Queue) {
-    let pattern = format!("{}:{}:*", sessionfleet::queue::keys::SLOT_TAG, queue.keys().namespace());
+    let pattern = format!(
+        "{}:{}:*",
+        sessionfleet::queue::keys::SLOT_TAG,
+        queue.keys().namespace()
+    );
     let mut c = queue.connection();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut c).await.unwrap_or_default();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut c)
+        .await
+        .unwrap_or_default();
     for chunk in keys.chunks(500) {
         let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut c).await;
     }

@@ -22,7 +22,11 @@ async fn all_results(queue: &Queue, ids: &[uuid::Uuid]) -> bool {
     let mut c = queue.connection();
     for chunk in ids.chunks(1000) {
         let keys: Vec<String> = chunk.iter().map(|id| queue.keys().result(id)).collect();
-        let n: u64 = redis::cmd("EXISTS").arg(&keys).query_async(&mut c).await.unwrap_or(0);
+        let n: u64 = redis::cmd("EXISTS")
+            .arg(&keys)
+            .query_async(&mut c)
+            .await
+            .unwrap_or(0);
         if n as usize != chunk.len() {
             return false;
         }
@@ -38,12 +42,22 @@ async fn job_enqueued_by_another_process_is_picked_up_and_endpoints_answer() {
     spec.queues = "diag".into();
     let w = Worker::start(&spec);
     let live = live_on(&queue, QueueClass::Diag, 1).await;
-    assert!(queue.live_workers(Some(QueueClass::Cleanup)).await.unwrap().is_empty(), "nobody consumes cleanup");
+    assert!(
+        queue
+            .live_workers(Some(QueueClass::Cleanup))
+            .await
+            .unwrap()
+            .is_empty(),
+        "nobody consumes cleanup"
+    );
 
     let env = JobEnvelope::noop("e2e");
     let enq = queue.enqueue(&env).await.unwrap();
     assert!(enq.accepted);
-    let r = queue.wait_for_result(env.job_id, HANG_GUARD).await.expect("result");
+    let r = queue
+        .wait_for_result(env.job_id, HANG_GUARD)
+        .await
+        .expect("result");
     assert_eq!(r.outcome, ResultOutcome::Succeeded);
     assert_eq!(r.worker, live[0].name);
 
@@ -73,10 +87,19 @@ async fn ten_thousand_jobs_enqueued_at_once_are_all_processed() {
 
     let jobs: Vec<JobEnvelope> = (0..10_000).map(|_| JobEnvelope::noop("e2e")).collect();
     let ids: Vec<_> = jobs.iter().map(|j| j.job_id).collect();
-    queue.enqueue_batch(jobs, EnqueueOptions::default()).await.unwrap();
+    queue
+        .enqueue_batch(jobs, EnqueueOptions::default())
+        .await
+        .unwrap();
     let started = Instant::now();
-    eventually(HANG_GUARD, "10,000 results", || async { all_results(&queue, &ids).await.then_some(()) }).await;
-    println!("10,000 no-op jobs processed in {:?} (debug build)", started.elapsed());
+    eventually(HANG_GUARD, "10,000 results", || async {
+        all_results(&queue, &ids).await.then_some(())
+    })
+    .await;
+    println!(
+        "10,000 no-op jobs processed in {:?} (debug build)",
+        started.elapsed()
+    );
     assert!(queue.dead_letters(1).await.unwrap().is_empty());
     drop_namespace(&queue).await;
 }
@@ -92,7 +115,12 @@ async fn malformed_payloads_are_dead_lettered_while_valid_jobs_keep_flowing() {
 
     let k = queue.keys().clone();
     let q = QueueClass::Diag;
-    let cleanup = JobEnvelope::new(sessionfleet::jobs::JobKind::Cleanup, "default", serde_json::json!({}), "x");
+    let cleanup = JobEnvelope::new(
+        sessionfleet::jobs::JobKind::Cleanup,
+        "default",
+        serde_json::json!({}),
+        "x",
+    );
     let samples: Vec<Vec<u8>> = vec![
         b"\x00\x01\xfe\xff binary".to_vec(),
         b"{ truncated".to_vec(),
@@ -112,7 +140,14 @@ async fn malformed_payloads_are_dead_lettered_while_valid_jobs_keep_flowing() {
         let id = format!("bad-{i:03}");
         let _: () = redis::pipe()
             .hset(k.data(q), &id, &samples[i % samples.len()])
-            .hset_multiple(format!("{}:{id}", k.meta_prefix(q)), &[("attempts", "0"), ("max_attempts", "25"), ("status", "Pending")])
+            .hset_multiple(
+                format!("{}:{id}", k.meta_prefix(q)),
+                &[
+                    ("attempts", "0"),
+                    ("max_attempts", "25"),
+                    ("status", "Pending"),
+                ],
+            )
             .rpush(k.active(q), &id)
             .query_async(&mut c)
             .await
@@ -121,21 +156,39 @@ async fn malformed_payloads_are_dead_lettered_while_valid_jobs_keep_flowing() {
         valid.push(env.job_id);
         queue.enqueue(&env).await.unwrap();
     }
-    eventually(HANG_GUARD, "valid results", || async { all_results(&queue, &valid).await.then_some(()) }).await;
+    eventually(HANG_GUARD, "valid results", || async {
+        all_results(&queue, &valid).await.then_some(())
+    })
+    .await;
     let dead = eventually(HANG_GUARD, "100 dead letters", || async {
         let d = queue.dead_letters(1000).await.ok()?;
         (d.len() >= 100).then_some(d)
     })
     .await;
     assert_eq!(dead.len(), 100);
-    assert!(dead.iter().all(|d| d.id.starts_with("task:bad-") && !d.reason.is_empty()));
-    assert!(dead.iter().any(|d| d.reason.contains("arrived on queue diag")));
-    assert!(dead.iter().any(|d| d.reason.contains("unsupported envelope version 2")));
+    assert!(
+        dead.iter()
+            .all(|d| d.id.starts_with("task:bad-") && !d.reason.is_empty())
+    );
+    assert!(
+        dead.iter()
+            .any(|d| d.reason.contains("arrived on queue diag"))
+    );
+    assert!(
+        dead.iter()
+            .any(|d| d.reason.contains("unsupported envelope version 2"))
+    );
     // Still healthy afterwards.
     let after = JobEnvelope::noop("e2e");
     queue.enqueue(&after).await.unwrap();
-    queue.wait_for_result(after.job_id, HANG_GUARD).await.expect("worker still running");
-    assert!(!w.log_text().contains("restarting under a new name"), "garbage must not kill the queue worker");
+    queue
+        .wait_for_result(after.job_id, HANG_GUARD)
+        .await
+        .expect("worker still running");
+    assert!(
+        !w.log_text().contains("restarting under a new name"),
+        "garbage must not kill the queue worker"
+    );
     drop_namespace(&queue).await;
 }
 
@@ -152,7 +205,9 @@ async fn job_of_a_killed_worker_completes_on_another_worker() {
     queue.enqueue(&env).await.unwrap();
     eventually(HANG_GUARD, "victim running the job", || async {
         let live = queue.live_workers(Some(QueueClass::Diag)).await.ok()?;
-        live.iter().any(|w| w.name == first[0].name && w.running == 1).then_some(())
+        live.iter()
+            .any(|w| w.name == first[0].name && w.running == 1)
+            .then_some(())
     })
     .await;
     spec.label = "rescuer".into();
@@ -161,9 +216,15 @@ async fn job_of_a_killed_worker_completes_on_another_worker() {
     victim.kill9();
     let killed_at = Instant::now();
 
-    let r = queue.wait_for_result(env.job_id, HANG_GUARD).await.expect("job completed after the kill");
+    let r = queue
+        .wait_for_result(env.job_id, HANG_GUARD)
+        .await
+        .expect("job completed after the kill");
     let recovery = killed_at.elapsed();
-    println!("recovery after kill -9: {recovery:?} (orphan timeout {:?})", sessionfleet::queue::HEARTBEAT_INTERVAL * sessionfleet::queue::MISSED_HEARTBEATS as u32);
+    println!(
+        "recovery after kill -9: {recovery:?} (orphan timeout {:?})",
+        sessionfleet::queue::HEARTBEAT_INTERVAL * sessionfleet::queue::MISSED_HEARTBEATS as u32
+    );
     assert_eq!(r.outcome, ResultOutcome::Succeeded);
     assert_ne!(r.worker, first[0].name, "finished by the other worker");
     drop_namespace(&queue).await;
@@ -183,23 +244,41 @@ async fn workers_reconnect_after_a_redis_restart_and_every_job_completes() {
     }
     live_on(&queue, QueueClass::Diag, 2).await;
 
-    let jobs: Vec<JobEnvelope> = (0..120).map(|_| JobEnvelope::sleep(200, None, "e2e")).collect();
+    let jobs: Vec<JobEnvelope> = (0..120)
+        .map(|_| JobEnvelope::sleep(200, None, "e2e"))
+        .collect();
     let ids: Vec<_> = jobs.iter().map(|j| j.job_id).collect();
-    queue.enqueue_batch(jobs, EnqueueOptions::default()).await.unwrap();
+    queue
+        .enqueue_batch(jobs, EnqueueOptions::default())
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     redis.shutdown_save();
     tokio::time::sleep(Duration::from_secs(2)).await;
     redis.restart();
     let restarted = Instant::now();
 
-    eventually(HANG_GUARD, "every job after the Redis restart", || async { all_results(&queue, &ids).await.then_some(()) }).await;
-    println!("all 120 jobs complete {:?} after Redis came back", restarted.elapsed());
+    eventually(HANG_GUARD, "every job after the Redis restart", || async {
+        all_results(&queue, &ids).await.then_some(())
+    })
+    .await;
+    println!(
+        "all 120 jobs complete {:?} after Redis came back",
+        restarted.elapsed()
+    );
     // Jobs enqueued after the restart are picked up too.
     let after = JobEnvelope::noop("e2e");
     queue.enqueue(&after).await.unwrap();
-    queue.wait_for_result(after.job_id, HANG_GUARD).await.expect("pickup after restart");
+    queue
+        .wait_for_result(after.job_id, HANG_GUARD)
+        .await
+        .expect("pickup after restart");
     for w in &mut workers {
-        assert!(w.wait_exit(Duration::from_millis(10)).is_none(), "a worker exited: {}", w.log_text());
+        assert!(
+            w.wait_exit(Duration::from_millis(10)).is_none(),
+            "a worker exited: {}",
+            w.log_text()
+        );
     }
 }
 
@@ -221,19 +300,46 @@ async fn sigterm_mid_job_enqueues_the_continuation_and_exits_zero() {
     .await;
     w.signal("TERM");
     let status = w.wait_exit(HANG_GUARD).expect("worker exited");
-    assert!(status.success(), "exit status {status:?}; log:\n{}", w.log_text());
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        w.log_text()
+    );
 
-    let part = queue.result(env.job_id).await.unwrap().expect("part result stored");
+    let part = queue
+        .result(env.job_id)
+        .await
+        .unwrap()
+        .expect("part result stored");
     assert_eq!(part.outcome, ResultOutcome::Continued);
     assert_eq!(part.report["stopped_by"], "shutdown");
     let mut c = queue.connection();
-    let ids: Vec<String> = redis::cmd("LRANGE").arg(queue.keys().active(QueueClass::Diag)).arg(0).arg(-1).query_async(&mut c).await.unwrap();
+    let ids: Vec<String> = redis::cmd("LRANGE")
+        .arg(queue.keys().active(QueueClass::Diag))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
     assert_eq!(ids.len(), 1, "one continuation waiting");
-    let payload: Vec<u8> = redis::cmd("HGET").arg(queue.keys().data(QueueClass::Diag)).arg(&ids[0]).query_async(&mut c).await.unwrap();
+    let payload: Vec<u8> = redis::cmd("HGET")
+        .arg(queue.keys().data(QueueClass::Diag))
+        .arg(&ids[0])
+        .query_async(&mut c)
+        .await
+        .unwrap();
     let next = JobEnvelope::decode(&payload).unwrap();
     assert_eq!((next.run_id, next.part), (env.run_id, 1));
     assert!(next.params["millis"].as_u64().unwrap() < 60_000);
-    assert!(queue.live_workers(None).await.unwrap().iter().all(|x| x.name != live[0].name), "record removed");
+    assert!(
+        queue
+            .live_workers(None)
+            .await
+            .unwrap()
+            .iter()
+            .all(|x| x.name != live[0].name),
+        "record removed"
+    );
     drop_namespace(&queue).await;
 }
 
@@ -252,7 +358,10 @@ async fn restart_with_the_same_host_and_pid_is_never_refused() {
     // apalis 1.0 leaves a gracefully stopped worker registered (defect 5); a name made of host
     // and pid alone would now be refused as "still active".
     let left: Vec<(String, u64)> = queue.apalis_workers(QueueClass::Diag).await.unwrap();
-    assert!(!left.is_empty(), "expected apalis' stale entry to still be there");
+    assert!(
+        !left.is_empty(),
+        "expected apalis' stale entry to still be there"
+    );
 
     spec.label = "pid1-b".into();
     let second = Worker::start(&spec);
@@ -261,8 +370,15 @@ async fn restart_with_the_same_host_and_pid_is_never_refused() {
     assert_ne!(b[0].name, a[0].name);
     let env = JobEnvelope::noop("e2e");
     queue.enqueue(&env).await.unwrap();
-    let r = queue.wait_for_result(env.job_id, HANG_GUARD).await.expect("restarted worker runs jobs");
+    let r = queue
+        .wait_for_result(env.job_id, HANG_GUARD)
+        .await
+        .expect("restarted worker runs jobs");
     assert_eq!(r.worker, b[0].name);
-    assert!(!second.log_text().contains("still active"), "{}", second.log_text());
+    assert!(
+        !second.log_text().contains("still active"),
+        "{}",
+        second.log_text()
+    );
     drop_namespace(&queue).await;
 }

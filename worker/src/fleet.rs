@@ -48,7 +48,10 @@ impl FleetState {
 
     /// apalis workers currently running.
     pub fn workers_running(&self) -> usize {
-        self.workers.lock().map(|w| w.iter().filter(|c| c.is_running()).count()).unwrap_or(0)
+        self.workers
+            .lock()
+            .map(|w| w.iter().filter(|c| c.is_running()).count())
+            .unwrap_or(0)
     }
 }
 
@@ -81,7 +84,11 @@ struct QueueHandler {
     state: Arc<FleetState>,
 }
 
-async fn handle(job: RawJob, task_id: TaskId, h: Data<Arc<QueueHandler>>) -> Result<(), BoxDynError> {
+async fn handle(
+    job: RawJob,
+    task_id: TaskId,
+    h: Data<Arc<QueueHandler>>,
+) -> Result<(), BoxDynError> {
     let h = Arc::clone(&h);
     let task_id = task_id.to_string();
     h.state.running_jobs.fetch_add(1, Ordering::Relaxed);
@@ -89,7 +96,11 @@ async fn handle(job: RawJob, task_id: TaskId, h: Data<Arc<QueueHandler>>) -> Res
     // Redis error the job still finishes and records its result (the redelivery then sees
     // the result and is skipped) instead of being dropped half-way.
     let job_h = Arc::clone(&h);
-    let joined = tokio::spawn(async move { process_delivery(&job_h.deps, job_h.queue, &task_id, &job.0).await }).await;
+    let joined =
+        tokio::spawn(
+            async move { process_delivery(&job_h.deps, job_h.queue, &task_id, &job.0).await },
+        )
+        .await;
     h.state.running_jobs.fetch_sub(1, Ordering::Relaxed);
     match joined {
         Ok(Ok(_settled)) => Ok(()),
@@ -106,11 +117,16 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
     let mut signals = StopSignals::register().context("cannot install signal handlers")?;
     let settings = Arc::new(settings);
     let queue = Queue::connect_with_patience(&settings, STARTUP_PATIENCE).await?;
-    let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown-host".into());
+    let host = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown-host".into());
     let pid = std::process::id();
     // Host and pid alone repeat (containers are often pid 1); the random part makes every
     // start unique so apalis never refuses a restart as "still active".
-    let process_name = format!("{host}-{pid}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let process_name = format!(
+        "{host}-{pid}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let shutdown = CancellationToken::new();
     let deps = RunnerDeps {
         settings: settings.clone(),
@@ -144,9 +160,23 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
 
     let wakers = Wakers::default();
     let background = CancellationToken::new();
-    tokio::spawn(crate::wake::listen(queue.clone(), queues.clone(), wakers.clone(), background.clone()));
-    tokio::spawn(promote_loop(queue.clone(), queues.clone(), poll, background.clone()));
-    tokio::spawn(janitor_loop(queue.clone(), process_name.clone(), background.clone()));
+    tokio::spawn(crate::wake::listen(
+        queue.clone(),
+        queues.clone(),
+        wakers.clone(),
+        background.clone(),
+    ));
+    tokio::spawn(promote_loop(
+        queue.clone(),
+        queues.clone(),
+        poll,
+        background.clone(),
+    ));
+    tokio::spawn(janitor_loop(
+        queue.clone(),
+        process_name.clone(),
+        background.clone(),
+    ));
     let info = WorkerInfo {
         name: process_name.clone(),
         host,
@@ -160,7 +190,12 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
         running: 0,
         stopping: false,
     };
-    tokio::spawn(registry_loop(queue.clone(), info, state.clone(), background.clone()));
+    tokio::spawn(registry_loop(
+        queue.clone(),
+        info,
+        state.clone(),
+        background.clone(),
+    ));
 
     let mut monitor = Monitor::new();
     for q in queues.iter().copied() {
@@ -171,7 +206,8 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
         });
         let (queue, wakers, name) = (queue.clone(), wakers.clone(), process_name.clone());
         monitor = monitor.register(move |restarts| {
-            let storage = RedisStorage::<RawJob>::new(queue.connection()).with_config(queue.apalis_config(q));
+            let storage =
+                RedisStorage::<RawJob>::new(queue.connection()).with_config(queue.apalis_config(q));
             let gate = queue.clone();
             let backend = storage
                 .before_start(move |_| {
@@ -208,7 +244,11 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
         let (state, shutdown) = (state.clone(), shutdown.clone());
         async move {
             let which = signals.next().await;
-            tracing::info!(signal = which, timeout_secs = stop_timeout.as_secs(), "stopping: no new jobs; running jobs stop at their next boundary");
+            tracing::info!(
+                signal = which,
+                timeout_secs = stop_timeout.as_secs(),
+                "stopping: no new jobs; running jobs stop at their next boundary"
+            );
             state.stopping.store(true, Ordering::Relaxed);
             shutdown.cancel();
             tokio::spawn(async move {
@@ -240,7 +280,10 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
             tracing::warn!(error = %queue.scrub(&e.to_string()), "a queue worker ended with an error during shutdown");
             Ok(())
         }
-        Err(e) => Err(anyhow::anyhow!("queue workers stopped: {}", queue.scrub(&e.to_string()))),
+        Err(e) => Err(anyhow::anyhow!(
+            "queue workers stopped: {}",
+            queue.scrub(&e.to_string())
+        )),
     }
 }
 
@@ -248,7 +291,12 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
 /// answers, so a Redis outage does not turn supervision into a hot restart loop.
 async fn wait_before_start(queue: &Queue, restarts: usize) {
     if restarts > 0 {
-        tokio::time::sleep(sessionfleet::backoff::exponential(restarts.min(16) as u32, RESTART_BASE, RESTART_MAX)).await;
+        tokio::time::sleep(sessionfleet::backoff::exponential(
+            restarts.min(16) as u32,
+            RESTART_BASE,
+            RESTART_MAX,
+        ))
+        .await;
     }
     let mut attempt = 0u32;
     while let Err(e) = queue.ping().await {
@@ -256,11 +304,21 @@ async fn wait_before_start(queue: &Queue, restarts: usize) {
         if attempt == 1 || attempt.is_multiple_of(10) {
             tracing::warn!(error = %e, attempt, "waiting for Redis");
         }
-        tokio::time::sleep(sessionfleet::backoff::exponential(attempt, RESTART_BASE, RESTART_MAX)).await;
+        tokio::time::sleep(sessionfleet::backoff::exponential(
+            attempt,
+            RESTART_BASE,
+            RESTART_MAX,
+        ))
+        .await;
     }
 }
 
-async fn registry_loop(queue: Queue, mut info: WorkerInfo, state: Arc<FleetState>, stop: CancellationToken) {
+async fn registry_loop(
+    queue: Queue,
+    mut info: WorkerInfo,
+    state: Arc<FleetState>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(REGISTRY_BEAT);
     loop {
         tokio::select! {
@@ -277,7 +335,12 @@ async fn registry_loop(queue: Queue, mut info: WorkerInfo, state: Arc<FleetState
     }
 }
 
-async fn promote_loop(queue: Queue, queues: Vec<QueueClass>, every: Duration, stop: CancellationToken) {
+async fn promote_loop(
+    queue: Queue,
+    queues: Vec<QueueClass>,
+    every: Duration,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -306,13 +369,22 @@ async fn janitor_loop(queue: Queue, worker: String, stop: CancellationToken) {
     }
 }
 
-async fn gauges(queue: Queue, prom: metrics_exporter_prometheus::PrometheusHandle, stop: CancellationToken) {
+async fn gauges(
+    queue: Queue,
+    prom: metrics_exporter_prometheus::PrometheusHandle,
+    stop: CancellationToken,
+) {
     // Placeholder until the lease is wired into the runner: always 0 here.
     metrics::gauge!("sessionfleet_lease_holds").set(0.0);
     loop {
         if let Ok(depths) = queue.queue_depths().await {
             for d in depths {
-                for (state, n) in [("ready", d.ready), ("running", d.running), ("scheduled", d.scheduled), ("scheduled_due", d.scheduled_due)] {
+                for (state, n) in [
+                    ("ready", d.ready),
+                    ("running", d.running),
+                    ("scheduled", d.scheduled),
+                    ("scheduled_due", d.scheduled_due),
+                ] {
                     metrics::gauge!("sessionfleet_queue_depth", "queue" => d.queue.clone(), "state" => state).set(n as f64);
                 }
             }

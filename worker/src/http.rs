@@ -23,7 +23,12 @@ struct App {
 }
 
 /// Binds `addr` and serves until the process ends.
-pub async fn serve(addr: &str, prom: PrometheusHandle, queue: Queue, state: Arc<FleetState>) -> std::io::Result<()> {
+pub async fn serve(
+    addr: &str,
+    prom: PrometheusHandle,
+    queue: Queue,
+    state: Arc<FleetState>,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
     let app = Router::new()
@@ -49,11 +54,17 @@ async fn ready(State(app): State<App>) -> (StatusCode, String) {
     }
     let running = app.state.workers_running();
     if running == 0 {
-        return (StatusCode::SERVICE_UNAVAILABLE, "no queue worker running\n".into());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no queue worker running\n".into(),
+        );
     }
     match tokio::time::timeout(READY_PING_TIMEOUT, app.queue.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, format!("ready: {running} queue workers\n")),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("redis: {e}\n")),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "redis: no answer within 1s\n".into()),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redis: no answer within 1s\n".into(),
+        ),
     }
 }

@@ -24,7 +24,11 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Queues to consume, comma-separated.
-    #[arg(long, env = "SESSIONFLEET_QUEUES", default_value = "cleanup,analytics,maintenance,diag")]
+    #[arg(
+        long,
+        env = "SESSIONFLEET_QUEUES",
+        default_value = "cleanup,analytics,maintenance,diag"
+    )]
     queues: String,
     /// Jobs run at once per queue (SESSIONFLEET_WORKER_CONCURRENCY).
     #[arg(long)]
@@ -58,7 +62,10 @@ impl Args {
         o.set("SESSIONFLEET_WORKER_CONCURRENCY", self.concurrency);
         o.set("SESSIONFLEET_POLL_INTERVAL_MS", self.poll_interval_ms);
         o.set("SESSIONFLEET_METRICS_ADDR", self.metrics_addr.clone());
-        o.set("SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS", self.shutdown_timeout_secs);
+        o.set(
+            "SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS",
+            self.shutdown_timeout_secs,
+        );
         o.set("SESSIONFLEET_LOG_FORMAT", self.log_format.clone());
         o.set("REDIS_URL", self.redis_url.clone());
         o.set("SESSIONFLEET_NAMESPACE", self.namespace.clone());

@@ -28,7 +28,11 @@ impl Wakers {
         if let Ok(mut m) = self.0.lock() {
             m.entry(q).or_default().push(tx);
         }
-        WakeStrategy { rx, interval, delay: None }
+        WakeStrategy {
+            rx,
+            interval,
+            delay: None,
+        }
     }
 
     /// Wakes every worker of `q`; drops senders of workers that are gone.
@@ -70,7 +74,9 @@ impl PollStrategy for WakeStrategy {
         }
         loop {
             let interval = self.interval;
-            let delay = self.delay.get_or_insert_with(|| Box::pin(tokio::time::sleep(interval)));
+            let delay = self
+                .delay
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(interval)));
             if delay.as_mut().poll(cx).is_ready() {
                 self.delay = None;
                 woke = true;
@@ -78,13 +84,25 @@ impl PollStrategy for WakeStrategy {
             }
             break;
         }
-        if woke { Poll::Ready(Some(())) } else { Poll::Pending }
+        if woke {
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
     }
 }
 
 /// Listens on the wake channels of `queues` until `stop`, reconnecting after any error.
-pub async fn listen(queue: Queue, queues: Vec<QueueClass>, wakers: Wakers, stop: CancellationToken) {
-    let channels: HashMap<String, QueueClass> = queues.iter().map(|q| (queue.keys().wake_channel(*q), *q)).collect();
+pub async fn listen(
+    queue: Queue,
+    queues: Vec<QueueClass>,
+    wakers: Wakers,
+    stop: CancellationToken,
+) {
+    let channels: HashMap<String, QueueClass> = queues
+        .iter()
+        .map(|q| (queue.keys().wake_channel(*q), *q))
+        .collect();
     let mut attempt = 0u32;
     loop {
         match queue.client().get_async_pubsub().await {
@@ -113,10 +131,14 @@ pub async fn listen(queue: Queue, queues: Vec<QueueClass>, wakers: Wakers, stop:
                             },
                         }
                     }
-                    tracing::warn!("wake-up subscription lost; reconnecting (polling continues meanwhile)");
+                    tracing::warn!(
+                        "wake-up subscription lost; reconnecting (polling continues meanwhile)"
+                    );
                 }
             }
-            Err(e) => tracing::debug!(error = %redact(&queue, &e), "wake-up subscription not available"),
+            Err(e) => {
+                tracing::debug!(error = %redact(&queue, &e), "wake-up subscription not available")
+            }
         }
         attempt += 1;
         tokio::select! {

@@ -65,7 +65,14 @@ fn start_workers(a: &Args, ns: &str) -> anyhow::Result<Workers> {
     for _ in 0..a.workers {
         v.push(
             Command::new(&a.worker_bin)
-                .args(["--queues", "diag", "--concurrency", &a.concurrency.to_string(), "--metrics-addr", "off"])
+                .args([
+                    "--queues",
+                    "diag",
+                    "--concurrency",
+                    &a.concurrency.to_string(),
+                    "--metrics-addr",
+                    "off",
+                ])
                 .env("REDIS_URL", &a.redis_url)
                 .env("SESSIONFLEET_NAMESPACE", ns)
                 .env("RUST_LOG", "warn")
@@ -90,9 +97,17 @@ async fn wait_live(q: &Queue, n: usize) -> anyhow::Result<()> {
 }
 
 async fn drop_ns(q: &Queue) {
-    let pattern = format!("{}:{}:*", sessionfleet::queue::keys::SLOT_TAG, q.keys().namespace());
+    let pattern = format!(
+        "{}:{}:*",
+        sessionfleet::queue::keys::SLOT_TAG,
+        q.keys().namespace()
+    );
     let mut c = q.connection();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut c).await.unwrap_or_default();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut c)
+        .await
+        .unwrap_or_default();
     for chunk in keys.chunks(1000) {
         let _: Result<(), _> = redis::cmd("UNLINK").arg(chunk).query_async(&mut c).await;
     }
@@ -115,7 +130,12 @@ async fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     q.enqueue_batch(jobs, EnqueueOptions::default()).await?;
     let enq = t.elapsed();
-    println!("enqueue_batch: {} jobs in {:.3}s = {:.0} jobs/s", a.jobs, enq.as_secs_f64(), a.jobs as f64 / enq.as_secs_f64());
+    println!(
+        "enqueue_batch: {} jobs in {:.3}s = {:.0} jobs/s",
+        a.jobs,
+        enq.as_secs_f64(),
+        a.jobs as f64 / enq.as_secs_f64()
+    );
     drop_ns(&q).await;
 
     // 2. Throughput: workers idle and ready, then the whole batch at once.
@@ -129,7 +149,11 @@ async fn main() -> anyhow::Result<()> {
     let enq_tp = t.elapsed();
     loop {
         let d = q.queue_depths().await?;
-        let diag = d.iter().find(|d| d.queue == "diag").map(|d| d.ready + d.running).unwrap_or(0);
+        let diag = d
+            .iter()
+            .find(|d| d.queue == "diag")
+            .map(|d| d.ready + d.running)
+            .unwrap_or(0);
         if diag == 0 {
             break;
         }
@@ -148,7 +172,11 @@ async fn main() -> anyhow::Result<()> {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(format!("{}:{}:sf:result:*", sessionfleet::queue::keys::SLOT_TAG, ns))
+                .arg(format!(
+                    "{}:{}:sf:result:*",
+                    sessionfleet::queue::keys::SLOT_TAG,
+                    ns
+                ))
                 .arg("COUNT")
                 .arg(10_000)
                 .query_async(&mut c)

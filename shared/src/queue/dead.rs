@@ -39,7 +39,13 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     /// A dead letter for a payload that could not be decoded.
-    pub fn undecodable(queue: QueueClass, task_id: &str, payload: &[u8], reason: String, worker: &str) -> DeadLetter {
+    pub fn undecodable(
+        queue: QueueClass,
+        task_id: &str,
+        payload: &[u8],
+        reason: String,
+        worker: &str,
+    ) -> DeadLetter {
         let cut = &payload[..payload.len().min(MAX_DEAD_PAYLOAD)];
         DeadLetter {
             id: format!("task:{task_id}"),
@@ -83,7 +89,8 @@ impl Queue {
             .query_async::<()>(&mut c)
             .await
             .map_err(|e| self.err(e))?;
-        metrics::counter!("sessionfleet_dead_letters_total", "queue" => d.queue.name()).increment(1);
+        metrics::counter!("sessionfleet_dead_letters_total", "queue" => d.queue.name())
+            .increment(1);
         Ok(())
     }
 
@@ -121,7 +128,10 @@ impl Queue {
             .map_err(|e| self.err(e))?;
         raw.into_iter()
             .flatten()
-            .map(|s| serde_json::from_str(&s).map_err(|e| QueueError::Corrupt(format!("dead letter: {e}"))))
+            .map(|s| {
+                serde_json::from_str(&s)
+                    .map_err(|e| QueueError::Corrupt(format!("dead letter: {e}")))
+            })
             .collect()
     }
 
@@ -134,8 +144,11 @@ impl Queue {
             .query_async(&mut c)
             .await
             .map_err(|e| self.err(e))?;
-        raw.map(|s| serde_json::from_str(&s).map_err(|e| QueueError::Corrupt(format!("dead letter {id}: {e}"))))
-            .transpose()
+        raw.map(|s| {
+            serde_json::from_str(&s)
+                .map_err(|e| QueueError::Corrupt(format!("dead letter {id}: {e}")))
+        })
+        .transpose()
     }
 
     /// Puts a dead job back on its queue with a fresh attempt budget and no dedupe key, then
@@ -146,7 +159,10 @@ impl Queue {
             .await?
             .ok_or_else(|| QueueError::NotFound(format!("no dead letter with id {id}")))?;
         let mut env = d.envelope.ok_or_else(|| {
-            QueueError::Invalid(format!("dead letter {id} is not a decodable job ({}); it can only be purged", d.reason))
+            QueueError::Invalid(format!(
+                "dead letter {id} is not a decodable job ({}); it can only be purged",
+                d.reason
+            ))
         })?;
         env.attempt = 1;
         env.dedupe_key = None;

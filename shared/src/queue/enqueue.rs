@@ -105,21 +105,40 @@ impl Queue {
     }
 
     /// Enqueues one job with options (a delay).
-    pub async fn enqueue_with(&self, env: &JobEnvelope, opts: EnqueueOptions) -> Result<Enqueued, QueueError> {
-        let run_at = opts.delay.filter(|d| !d.is_zero()).map_or(0, |d| unix_secs() + d.as_secs().max(1));
+    pub async fn enqueue_with(
+        &self,
+        env: &JobEnvelope,
+        opts: EnqueueOptions,
+    ) -> Result<Enqueued, QueueError> {
+        let run_at = opts
+            .delay
+            .filter(|d| !d.is_zero())
+            .map_or(0, |d| unix_secs() + d.as_secs().max(1));
         let mut out = self.push_chunk(env.queue(), &[(env, run_at)]).await?;
-        out.pop().ok_or_else(|| QueueError::Redis("enqueue script returned nothing".into()))
+        out.pop()
+            .ok_or_else(|| QueueError::Redis("enqueue script returned nothing".into()))
     }
 
     /// Enqueues many jobs (any mix of queues) in chunks of [`ENQUEUE_CHUNK`], so tens of
     /// thousands at once neither block Redis nor wedge a queue. Results are in input order.
     /// With a delay, jobs are spread over successive seconds so that at most
     /// [`MAX_DUE_PER_SECOND`] come due together.
-    pub async fn enqueue_batch(&self, jobs: Vec<JobEnvelope>, opts: EnqueueOptions) -> Result<Vec<Enqueued>, QueueError> {
-        let base = opts.delay.filter(|d| !d.is_zero()).map(|d| unix_secs() + d.as_secs().max(1));
+    pub async fn enqueue_batch(
+        &self,
+        jobs: Vec<JobEnvelope>,
+        opts: EnqueueOptions,
+    ) -> Result<Vec<Enqueued>, QueueError> {
+        let base = opts
+            .delay
+            .filter(|d| !d.is_zero())
+            .map(|d| unix_secs() + d.as_secs().max(1));
         let mut results = Vec::with_capacity(jobs.len());
         for q in QueueClass::ALL {
-            let of_queue: Vec<(usize, &JobEnvelope)> = jobs.iter().enumerate().filter(|(_, j)| j.queue() == q).collect();
+            let of_queue: Vec<(usize, &JobEnvelope)> = jobs
+                .iter()
+                .enumerate()
+                .filter(|(_, j)| j.queue() == q)
+                .collect();
             for chunk in of_queue.chunks(ENQUEUE_CHUNK) {
                 let items: Vec<(&JobEnvelope, u64)> = chunk
                     .iter()
@@ -133,9 +152,14 @@ impl Queue {
         Ok(results.into_iter().map(|(_, e)| e).collect())
     }
 
-    async fn push_chunk(&self, q: QueueClass, items: &[(&JobEnvelope, u64)]) -> Result<Vec<Enqueued>, QueueError> {
+    async fn push_chunk(
+        &self,
+        q: QueueClass,
+        items: &[(&JobEnvelope, u64)],
+    ) -> Result<Vec<Enqueued>, QueueError> {
         for (env, _) in items {
-            env.validate().map_err(|e| QueueError::Invalid(e.to_string()))?;
+            env.validate()
+                .map_err(|e| QueueError::Invalid(e.to_string()))?;
         }
         let keys = &self.keys;
         let mut inv = PUSH.prepare_invoke();
@@ -159,7 +183,11 @@ impl Queue {
         let mut c = self.conn.clone();
         let holders: Vec<String> = inv.invoke_async(&mut c).await.map_err(|e| self.err(e))?;
         if holders.len() != items.len() {
-            return Err(QueueError::Redis(format!("enqueue script answered {} of {} jobs", holders.len(), items.len())));
+            return Err(QueueError::Redis(format!(
+                "enqueue script answered {} of {} jobs",
+                holders.len(),
+                items.len()
+            )));
         }
         Ok(items
             .iter()

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{DeadLetter, MISSED_HEARTBEATS, HEARTBEAT_INTERVAL, Queue, QueueError, unix_secs};
+use super::{DeadLetter, HEARTBEAT_INTERVAL, MISSED_HEARTBEATS, Queue, QueueError, unix_secs};
 use crate::jobs::{JobEnvelope, QueueClass};
 
 /// Time between janitor passes of one worker process.
@@ -101,7 +101,10 @@ impl Queue {
     async fn delete_tasks(&self, q: QueueClass, ids: &[String]) -> Result<(), QueueError> {
         let mut p = redis::pipe();
         p.hdel(self.keys.data(q), ids).ignore();
-        let meta: Vec<String> = ids.iter().map(|id| format!("{}:{id}", self.keys.meta_prefix(q))).collect();
+        let meta: Vec<String> = ids
+            .iter()
+            .map(|id| format!("{}:{id}", self.keys.meta_prefix(q)))
+            .collect();
         p.cmd("UNLINK").arg(&meta).ignore();
         let mut c = self.conn.clone();
         p.query_async::<()>(&mut c).await.map_err(|e| self.err(e))
@@ -125,7 +128,10 @@ impl Queue {
                 .await
                 .map_err(|e| self.err(e))?;
             let payload = payload.unwrap_or_default();
-            let reason = format!("the queue gave up on it: {}", reason.unwrap_or_else(|| "no reason recorded".into()));
+            let reason = format!(
+                "the queue gave up on it: {}",
+                reason.unwrap_or_else(|| "no reason recorded".into())
+            );
             let letter = match JobEnvelope::decode(&payload) {
                 Ok(env) => DeadLetter::failed(&env, id, reason, worker),
                 Err(_) => DeadLetter::undecodable(q, id, &payload, reason, worker),
@@ -142,7 +148,8 @@ impl Queue {
     /// back on the queue (apalis only does this while another worker of the same queue is
     /// heartbeating) and their entries are removed (apalis' shutdown removes the wrong member).
     async fn drop_dead_workers(&self, q: QueueClass) -> Result<(u64, u64), QueueError> {
-        let threshold = unix_secs().saturating_sub((HEARTBEAT_INTERVAL * MISSED_HEARTBEATS as u32).as_secs());
+        let threshold =
+            unix_secs().saturating_sub((HEARTBEAT_INTERVAL * MISSED_HEARTBEATS as u32).as_secs());
         let mut c = self.conn.clone();
         let names: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(self.keys.apalis_workers(q))
@@ -173,7 +180,11 @@ impl Queue {
             }
         }
         if recovered > 0 {
-            tracing::warn!(queue = q.name(), recovered, "handed back jobs of dead workers");
+            tracing::warn!(
+                queue = q.name(),
+                recovered,
+                "handed back jobs of dead workers"
+            );
         }
         Ok((dead, recovered))
     }
@@ -204,7 +215,11 @@ impl Queue {
                     .await
                     .map_err(|e| self.err(e))?;
                 if score.is_none() {
-                    redis::cmd("DEL").arg(&key).query_async::<()>(&mut c).await.map_err(|e| self.err(e))?;
+                    redis::cmd("DEL")
+                        .arg(&key)
+                        .query_async::<()>(&mut c)
+                        .await
+                        .map_err(|e| self.err(e))?;
                     removed += 1;
                 }
             }

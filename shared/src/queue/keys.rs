@@ -119,9 +119,17 @@ mod tests {
     #[test]
     fn every_key_carries_the_slot_tag_and_namespace() {
         let k = Keys::new("ns1");
-        for key in [k.active(QueueClass::Diag), k.result(&uuid::Uuid::nil()), k.dead_items(), k.workers()] {
+        for key in [
+            k.active(QueueClass::Diag),
+            k.result(&uuid::Uuid::nil()),
+            k.dead_items(),
+            k.workers(),
+        ] {
             assert!(key.starts_with("{core:apalis:queues:list}:ns1:"), "{key}");
         }
-        assert_eq!(k.apalis_queue(QueueClass::Maintenance), "{core:apalis:queues:list}:ns1:maintenance");
+        assert_eq!(
+            k.apalis_queue(QueueClass::Maintenance),
+            "{core:apalis:queues:list}:ns1:maintenance"
+        );
     }
 }

@@ -184,7 +184,10 @@ impl Queue {
     }
 
     /// [`Queue::connect`] with an explicit patience (the worker waits much longer at start).
-    pub async fn connect_with_patience(settings: &Settings, patience: Duration) -> Result<Queue, QueueError> {
+    pub async fn connect_with_patience(
+        settings: &Settings,
+        patience: Duration,
+    ) -> Result<Queue, QueueError> {
         let url = settings.redis_url.value.clone();
         let redacted = redact_url(&url);
         let client = redis::Client::open(url.as_str()).map_err(|e| QueueError::Unreachable {
@@ -196,15 +199,27 @@ impl Queue {
         let mut attempt = 0u32;
         let conn = loop {
             attempt += 1;
-            match client.get_connection_manager_with_config(manager_config()).await {
+            match client
+                .get_connection_manager_with_config(manager_config())
+                .await
+            {
                 Ok(c) => break c,
                 Err(e) => {
                     let reason = crate::secret::redact_text(&e.to_string(), &url);
                     if started.elapsed() >= patience {
-                        return Err(QueueError::Unreachable { url: redacted, attempts: attempt, reason });
+                        return Err(QueueError::Unreachable {
+                            url: redacted,
+                            attempts: attempt,
+                            reason,
+                        });
                     }
                     tracing::warn!(url = %redacted, attempt, %reason, "Redis not reachable yet; retrying");
-                    tokio::time::sleep(crate::backoff::exponential(attempt, Duration::from_millis(200), Duration::from_secs(5))).await;
+                    tokio::time::sleep(crate::backoff::exponential(
+                        attempt,
+                        Duration::from_millis(200),
+                        Duration::from_secs(5),
+                    ))
+                    .await;
                 }
             }
         };
@@ -212,7 +227,9 @@ impl Queue {
             conn,
             client,
             keys: Keys::new(&settings.namespace.value),
-            retention: Duration::from_secs(u64::from(settings.metrics_retention_days.value) * 86_400),
+            retention: Duration::from_secs(
+                u64::from(settings.metrics_retention_days.value) * 86_400,
+            ),
             url,
         })
     }
@@ -259,7 +276,11 @@ impl Queue {
     pub fn apalis_config(&self, q: QueueClass) -> apalis_redis::Config {
         apalis_redis::Config::default()
             .queue(self.keys.apalis_queue(q))
-            .batch_size(if q == QueueClass::Diag { DIAG_FETCH_BATCH } else { FETCH_BATCH })
+            .batch_size(if q == QueueClass::Diag {
+                DIAG_FETCH_BATCH
+            } else {
+                FETCH_BATCH
+            })
             .heartbeat_interval(HEARTBEAT_INTERVAL)
             .missed_heartbeats(MISSED_HEARTBEATS)
             .idempotency_ttl(Some(DEDUPE_TTL))
@@ -271,7 +292,10 @@ impl Queue {
     /// Checks that Redis answers.
     pub async fn ping(&self) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        redis::cmd("PING").query_async::<String>(&mut c).await.map_err(|e| self.err(e))?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 

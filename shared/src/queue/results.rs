@@ -116,10 +116,12 @@ impl Queue {
         let json = serde_json::to_string(r).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         let mut p = redis::pipe();
         p.set_ex(self.keys.result(&r.job_id), json, ttl).ignore();
-        p.rpush(self.keys.run(&r.run_id), r.job_id.to_string()).ignore();
+        p.rpush(self.keys.run(&r.run_id), r.job_id.to_string())
+            .ignore();
         p.expire(self.keys.run(&r.run_id), ttl as i64).ignore();
         if !r.kind.is_diagnostic() {
-            let line = serde_json::to_string(&RunSummary::from(r)).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+            let line = serde_json::to_string(&RunSummary::from(r))
+                .map_err(|e| QueueError::Corrupt(e.to_string()))?;
             let h = self.keys.history(&r.target);
             p.lpush(&h, line).ignore();
             p.ltrim(&h, 0, HISTORY_LEN as isize - 1).ignore();
@@ -137,8 +139,11 @@ impl Queue {
             .query_async(&mut c)
             .await
             .map_err(|e| self.err(e))?;
-        raw.map(|s| serde_json::from_str(&s).map_err(|e| QueueError::Corrupt(format!("result {job_id}: {e}"))))
-            .transpose()
+        raw.map(|s| {
+            serde_json::from_str(&s)
+                .map_err(|e| QueueError::Corrupt(format!("result {job_id}: {e}")))
+        })
+        .transpose()
     }
 
     /// The results of a run's parts, in completion order.
@@ -158,7 +163,9 @@ impl Queue {
             if !seen.insert(id.clone()) {
                 continue;
             }
-            let Ok(job_id) = Uuid::parse_str(&id) else { continue };
+            let Ok(job_id) = Uuid::parse_str(&id) else {
+                continue;
+            };
             if let Some(r) = self.result(job_id).await? {
                 out.push(r);
             }
@@ -167,7 +174,11 @@ impl Queue {
     }
 
     /// Waits until job `job_id` has a result, polling with a growing interval.
-    pub async fn wait_for_result(&self, job_id: Uuid, timeout: Duration) -> Result<JobResult, QueueError> {
+    pub async fn wait_for_result(
+        &self,
+        job_id: Uuid,
+        timeout: Duration,
+    ) -> Result<JobResult, QueueError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut pause = Duration::from_millis(5);
         loop {
@@ -177,13 +188,20 @@ impl Queue {
             if tokio::time::Instant::now() >= deadline {
                 return Err(QueueError::Timeout(job_id.to_string(), timeout));
             }
-            tokio::time::sleep(pause.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+            tokio::time::sleep(
+                pause.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+            )
+            .await;
             pause = (pause * 2).min(WAIT_POLL_MAX);
         }
     }
 
     /// Waits until run `run_id` has a final (not `continued`) result and returns all parts.
-    pub async fn wait_for_run(&self, run_id: Uuid, timeout: Duration) -> Result<Vec<JobResult>, QueueError> {
+    pub async fn wait_for_run(
+        &self,
+        run_id: Uuid,
+        timeout: Duration,
+    ) -> Result<Vec<JobResult>, QueueError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut pause = Duration::from_millis(5);
         loop {
@@ -214,7 +232,10 @@ impl Queue {
             .map_err(|e| self.err(e))?;
         lines
             .iter()
-            .map(|l| serde_json::from_str(l).map_err(|e| QueueError::Corrupt(format!("history of {target}: {e}"))))
+            .map(|l| {
+                serde_json::from_str(l)
+                    .map_err(|e| QueueError::Corrupt(format!("history of {target}: {e}")))
+            })
             .collect()
     }
 }

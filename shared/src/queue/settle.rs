@@ -8,7 +8,9 @@ use std::time::Instant;
 use chrono::Utc;
 use tracing::Instrument;
 
-use super::{DeadLetter, EnqueueOptions, JobResult, QueueError, ResultOutcome, max_attempts, retry_delay};
+use super::{
+    DeadLetter, EnqueueOptions, JobResult, QueueError, ResultOutcome, max_attempts, retry_delay,
+};
 use crate::jobs::{JobEnvelope, QueueClass};
 use crate::runner::{self, JobOutcome, RunnerDeps};
 
@@ -45,11 +47,21 @@ impl Settled {
 
 /// Handles one delivery of queue `q` with task id `task_id` and raw `payload`. An error means
 /// the outcome could not be recorded (Redis trouble); the delivery should then stay unacked.
-pub async fn process_delivery(deps: &RunnerDeps, q: QueueClass, task_id: &str, payload: &[u8]) -> Result<Settled, QueueError> {
+pub async fn process_delivery(
+    deps: &RunnerDeps,
+    q: QueueClass,
+    task_id: &str,
+    payload: &[u8],
+) -> Result<Settled, QueueError> {
     let queue = &deps.queue;
     let env = match JobEnvelope::decode(payload) {
         Ok(env) if env.queue() != q => {
-            let reason = format!("job of kind {} arrived on queue {} (expected {})", env.kind, q, env.queue());
+            let reason = format!(
+                "job of kind {} arrived on queue {} (expected {})",
+                env.kind,
+                q,
+                env.queue()
+            );
             return dead_letter_undecodable(deps, q, task_id, payload, reason).await;
         }
         Ok(env) => env,
@@ -152,15 +164,29 @@ pub async fn process_delivery(deps: &RunnerDeps, q: QueueClass, task_id: &str, p
 
 fn count_rows(env: &JobEnvelope, rows: u64) {
     if rows > 0 {
-        metrics::counter!("sessionfleet_rows_affected_total", "kind" => env.kind.as_str()).increment(rows);
+        metrics::counter!("sessionfleet_rows_affected_total", "kind" => env.kind.as_str())
+            .increment(rows);
     }
 }
 
-async fn dead_letter_undecodable(deps: &RunnerDeps, q: QueueClass, task_id: &str, payload: &[u8], reason: String) -> Result<Settled, QueueError> {
+async fn dead_letter_undecodable(
+    deps: &RunnerDeps,
+    q: QueueClass,
+    task_id: &str,
+    payload: &[u8],
+    reason: String,
+) -> Result<Settled, QueueError> {
     tracing::warn!(queue = q.name(), task_id, %reason, "undecodable job; dead-lettered");
     deps.queue
-        .add_dead_letter(&DeadLetter::undecodable(q, task_id, payload, reason, &deps.worker_name))
+        .add_dead_letter(&DeadLetter::undecodable(
+            q,
+            task_id,
+            payload,
+            reason,
+            &deps.worker_name,
+        ))
         .await?;
-    metrics::counter!("sessionfleet_jobs_total", "kind" => "unknown", "outcome" => "dead_lettered").increment(1);
+    metrics::counter!("sessionfleet_jobs_total", "kind" => "unknown", "outcome" => "dead_lettered")
+        .increment(1);
     Ok(Settled::DeadLettered)
 }

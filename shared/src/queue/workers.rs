@@ -74,7 +74,10 @@ impl Queue {
     }
 
     /// Worker processes seen within [`LIVE_WINDOW`] that consume `queue` (all when `None`).
-    pub async fn live_workers(&self, queue: Option<QueueClass>) -> Result<Vec<WorkerInfo>, QueueError> {
+    pub async fn live_workers(
+        &self,
+        queue: Option<QueueClass>,
+    ) -> Result<Vec<WorkerInfo>, QueueError> {
         let since = unix_millis().saturating_sub(LIVE_WINDOW.as_millis() as u64);
         let mut c = self.conn.clone();
         let names: Vec<String> = redis::cmd("ZRANGEBYSCORE")
@@ -95,7 +98,8 @@ impl Queue {
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for s in raw.into_iter().flatten() {
-            let info: WorkerInfo = serde_json::from_str(&s).map_err(|e| QueueError::Corrupt(format!("worker record: {e}")))?;
+            let info: WorkerInfo = serde_json::from_str(&s)
+                .map_err(|e| QueueError::Corrupt(format!("worker record: {e}")))?;
             if queue.is_none_or(|q| info.queues.contains(&q)) && !info.stopping {
                 out.push(info);
             }
