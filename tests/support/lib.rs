@@ -27,7 +27,19 @@ pub fn binaries() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let root = workspace_root();
-        let status = Command::new(env!("CARGO"))
+        let mut cmd = Command::new(env!("CARGO"));
+        // The variables `cargo test` sets for this process would make the nested build see a
+        // different environment and rebuild half the dependency tree every run.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR")
+                || k.ends_with("MAKEFLAGS")
+                || k == "MFLAGS"
+            {
+                cmd.env_remove(&k);
+            }
+        }
+        let status = cmd
             .args([
                 "build",
                 "-p",
@@ -127,6 +139,7 @@ impl WorkerSpec {
 /// A running `sessionfleet-worker`; killed when dropped.
 pub struct Worker {
     child: Child,
+    pid_namespace: bool,
     /// Port of `/metrics`, `/healthz`, `/readyz`.
     pub metrics_port: u16,
     /// Its log file.
@@ -176,6 +189,7 @@ impl Worker {
         let child = cmd.spawn().expect("start sessionfleet-worker");
         Worker {
             child,
+            pid_namespace: spec.pid_namespace,
             metrics_port,
             log,
         }
@@ -186,10 +200,20 @@ impl Worker {
         self.child.id()
     }
 
-    /// Sends a signal.
+    /// Sends a signal to the worker (inside a PID namespace: to the worker, not `unshare`,
+    /// which blocks SIGTERM while it waits).
     pub fn signal(&self, sig: &str) {
+        let pid = self.pid();
+        let target = if self.pid_namespace {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next().map(str::to_string))
+                .unwrap_or_else(|| pid.to_string())
+        } else {
+            pid.to_string()
+        };
         let _ = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .args([&format!("-{sig}"), &target])
             .status();
     }
 

@@ -110,7 +110,12 @@ pub async fn process_delivery(
             JobOutcome::Done { report, rows_affected } => {
                 queue.record_result(&result(ResultOutcome::Succeeded, report, None, rows_affected)).await?;
                 count_rows(&env, rows_affected);
-                tracing::info!(duration_ms = elapsed.as_millis() as u64, rows_affected, "job succeeded");
+                // Diagnostic jobs can run by the thousand per second: keep them out of info logs.
+                if env.kind.is_diagnostic() {
+                    tracing::debug!(duration_ms = elapsed.as_millis() as u64, "job succeeded");
+                } else {
+                    tracing::info!(duration_ms = elapsed.as_millis() as u64, rows_affected, "job succeeded");
+                }
                 Settled::Succeeded
             }
             JobOutcome::Continue { report, rows_affected, next } => {
