@@ -1,4 +1,4 @@
-//! The health report's queries: six aggregate statements, each returning at most a few rows.
+//! The health report's queries: five aggregate statements, each returning at most a few rows.
 //!
 //! 1. `session_scan` — one pass over the session table for every per-row count (totals,
 //!    creation rate, age windows, durations, old-but-active, no platform, rapid updates);
@@ -7,8 +7,8 @@
 //! 3. `platforms` — sessions per platform id first (index-only), then joined to the small
 //!    platform table: distribution by type and sessions pointing at a missing platform;
 //! 4. `suspicious_list` — the rapidly updated sessions themselves (last 5 minutes only);
-//! 5. `ip_diversity_24h`, 6. `user_agent_diversity_24h` — distinct addresses / agents per
-//!    user among sessions active in the last 24 hours.
+//! 5. `diversity_24h` — distinct addresses and agents per user among sessions active in
+//!    the last 24 hours (examples are the users furthest over either line).
 //!
 //! Column names always come from the detected schema's roles.
 
@@ -261,22 +261,47 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         })
         .collect();
 
-    // 5–6. diversity of addresses and agents per user over the last 24 hours.
-    let day_ago = now - Duration::hours(24);
-    let many = |col: &Option<String>, lim: u64| {
-        col.as_ref().map(|c| {
-            format!(
-                "SELECT user_id, k, COUNT(*) OVER () FROM \
-                 (SELECT {uid} AS user_id, COUNT(DISTINCT {c}) AS k FROM {t} WHERE {act} >= ? GROUP BY {uid}) x \
-                 WHERE k > {lim} ORDER BY k DESC, user_id LIMIT {n}",
-                n = params.example_limit
-            )
-        })
+    // 5. diversity of addresses and agents per user over the last 24 hours, one grouped
+    //    pass for both; the window sums count every offender, the list keeps the worst.
+    let (ip_lim, ua_lim) = (params.ip_diversity_limit, params.user_agent_diversity_limit);
+    let distinct = |col: &Option<String>| {
+        col.as_ref()
+            .map_or("0".to_string(), |c| format!("COUNT(DISTINCT {c})"))
     };
-    let ip_sql = many(&s.ip_address, params.ip_diversity_limit);
-    let ua_sql = many(&s.user_agent, params.user_agent_diversity_limit);
-    let many_ips = users_above(&mut probe, "ip_diversity_24h", ip_sql, day_ago).await?;
-    let many_agents = users_above(&mut probe, "user_agent_diversity_24h", ua_sql, day_ago).await?;
+    let (many_ips, many_agents) = if s.ip_address.is_none() && s.user_agent.is_none() {
+        (None, None)
+    } else {
+        let sql = format!(
+            "SELECT user_id, ki, ku, \
+             CAST(SUM(CASE WHEN ki > {ip_lim} THEN 1 ELSE 0 END) OVER () AS {it}), \
+             CAST(SUM(CASE WHEN ku > {ua_lim} THEN 1 ELSE 0 END) OVER () AS {it}) \
+             FROM (SELECT {uid} AS user_id, {ki} AS ki, {ku} AS ku FROM {t} WHERE {act} >= ? GROUP BY {uid}) x \
+             WHERE ki > {ip_lim} OR ku > {ua_lim} ORDER BY ki + ku DESC, user_id LIMIT {n}",
+            ki = distinct(&s.ip_address),
+            ku = distinct(&s.user_agent),
+            n = params.example_limit
+        );
+        let day_ago = Arg::Time(now - Duration::hours(24));
+        let rows = probe
+            .rows("diversity_24h", sql, &[day_ago], &[Kind::Int; 5])
+            .await?;
+        let pick = |col: usize, lim: u64| {
+            let mut v: Vec<UserCount> = rows
+                .iter()
+                .filter(|r| r[col].count() > lim)
+                .map(|r| UserCount {
+                    user_id: r[0].int(),
+                    value: r[col].count(),
+                })
+                .collect();
+            v.sort_by(|a, b| b.value.cmp(&a.value).then(a.user_id.cmp(&b.user_id)));
+            (rows.first().map_or(0, |r| r[col + 2].count()), v)
+        };
+        (
+            s.ip_address.as_ref().map(|_| pick(1, ip_lim)),
+            s.user_agent.as_ref().map(|_| pick(2, ua_lim)),
+        )
+    };
     if many_ips.is_none() {
         unsupported.push("ip_address role: users seen from many addresses".into());
     }
@@ -326,26 +351,4 @@ fn text(engine: Engine, expr: &str) -> String {
         Engine::MySql => format!("CAST({expr} AS CHAR)"),
         _ => expr.to_string(),
     }
-}
-
-/// Runs a "users above a limit" query (user, value, total count over all offenders).
-async fn users_above(
-    probe: &mut Probe<'_>,
-    name: &str,
-    sql: Option<String>,
-    since: NaiveDateTime,
-) -> Result<Option<(u64, Vec<UserCount>)>, OpError> {
-    let Some(sql) = sql else { return Ok(None) };
-    let rows = probe
-        .rows(name, sql, &[Arg::Time(since)], &[Kind::Int; 3])
-        .await?;
-    let count = rows.first().map_or(0, |r| r[2].count());
-    let examples = rows
-        .iter()
-        .map(|r| UserCount {
-            user_id: r[0].int(),
-            value: r[1].count(),
-        })
-        .collect();
-    Ok(Some((count, examples)))
 }
