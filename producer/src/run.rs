@@ -100,7 +100,9 @@ pub async fn run(
             .await
             .ok();
         if redis.is_none() {
-            inv.out.info("Redis unreachable: running locally, kept single-writer by the database fence alone");
+            warn(
+                "Redis unreachable: running locally, kept single-writer by the database fence alone",
+            );
         }
         return Ok(Some(run_locally(inv, envs, redis).await?));
     }
@@ -110,8 +112,8 @@ pub async fn run(
             return Err(CliError::fail(Exit::FleetUnreachable, e.to_string()));
         }
         Err(e) => {
-            inv.out.info(format!(
-                "{e}\nrunning locally instead, kept single-writer by the database fence alone"
+            warn(&format!(
+                "{e}; running locally instead, kept single-writer by the database fence alone"
             ));
             return Ok(Some(run_locally(inv, envs, None).await?));
         }
@@ -143,6 +145,11 @@ pub async fn run(
         finished.push(wait_for_run(&queue, env, inv).await?);
     }
     Ok(Some(finished))
+}
+
+/// A warning people and scripts must see whatever the output mode (stderr, one line).
+fn warn(msg: &str) {
+    eprintln!("warning: {msg}");
 }
 
 /// Fails with exit code 5 when no live worker consumes `class` within [`WORKER_PROBE`].

@@ -319,7 +319,11 @@ async fn undecodable_and_failed_jobs_become_dead_letters_that_can_be_inspected_r
         .await
         .unwrap()
         .unwrap();
-    assert!(failed.reason.contains("invalid cleanup parameters"), "{}", failed.reason);
+    assert!(
+        failed.reason.contains("invalid cleanup parameters"),
+        "{}",
+        failed.reason
+    );
     assert_eq!(failed.envelope.as_ref().map(|e| e.job_id), Some(env.job_id));
     // The failure is also a result, so a waiting CLI learns about it.
     let r = t.queue.result(env.job_id).await.unwrap().unwrap();

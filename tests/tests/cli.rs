@@ -22,7 +22,12 @@ struct Cli {
 
 impl Cli {
     fn new(db_url: &str) -> Cli {
-        Cli { ns: unique_namespace(), db_url: db_url.into(), redis: redis_url(), extra: Vec::new() }
+        Cli {
+            ns: unique_namespace(),
+            db_url: db_url.into(),
+            redis: redis_url(),
+            extra: Vec::new(),
+        }
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -50,8 +55,12 @@ impl Cli {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON document ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: stdout is not one JSON document ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     fn worker(&self, label: &str) -> Worker {
@@ -70,7 +79,14 @@ async fn seeded(engine: Engine, sessions: u64) -> TestDb {
     let t = TestDb::new(engine).await;
     seed_demo(
         &t.db,
-        &SeedParams { sessions, users: SeedParams::default_users(sessions), seed: 3, schema: SchemaVersion::V2, now: now(), reset: false },
+        &SeedParams {
+            sessions,
+            users: SeedParams::default_users(sessions),
+            seed: 3,
+            schema: SchemaVersion::V2,
+            now: now(),
+            reset: false,
+        },
     )
     .await
     .unwrap();
@@ -79,7 +95,9 @@ async fn seeded(engine: Engine, sessions: u64) -> TestDb {
 
 /// Sessions a cleanup must delete (v2 rules), counted independently of the tool.
 async fn doomed(t: &TestDb) -> i64 {
-    let cutoff = (now() - chrono::Duration::seconds(172_800)).format("%Y-%m-%d %H:%M:%S").to_string();
+    let cutoff = (now() - chrono::Duration::seconds(172_800))
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
     let stamp = now().format("%Y-%m-%d %H:%M:%S").to_string();
     t.db.scalar_i64(&format!(
         "SELECT COUNT(*) FROM user_sessions s WHERE s.expires_at < '{stamp}' \
@@ -92,7 +110,9 @@ async fn doomed(t: &TestDb) -> i64 {
 }
 
 async fn total(t: &TestDb) -> i64 {
-    t.db.scalar_i64("SELECT COUNT(*) FROM user_sessions").await.unwrap()
+    t.db.scalar_i64("SELECT COUNT(*) FROM user_sessions")
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +124,8 @@ async fn cleanup_once_through_the_fleet_deletes_exactly_the_doomed_sessions() {
         let cli = Cli::new(&t.url);
         let _w = cli.worker("cleanup");
         let report = cli.json(&["cleanup", "--once", "--json", "--timeout", "120"]);
-        let cleaned = report["expired_sessions_cleaned"].as_i64().unwrap() + report["orphaned_sessions_cleaned"].as_i64().unwrap();
+        let cleaned = report["expired_sessions_cleaned"].as_i64().unwrap()
+            + report["orphaned_sessions_cleaned"].as_i64().unwrap();
         assert_eq!(cleaned, doomed_before, "{engine}: {report}");
         assert_eq!(total(&t).await, before - doomed_before, "{engine}");
         assert_eq!(doomed(&t).await, 0, "{engine}");
@@ -118,11 +139,31 @@ async fn waiting_without_a_worker_says_so_and_names_local() {
     let cli = Cli::new(&t.url);
     let started = Instant::now();
     let out = cli.run(&["cleanup", "--once"]);
-    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no live worker") && err.contains("--local") && err.contains("sessionfleet-worker"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(60), "it must not hang");
-    assert_eq!(err.trim().lines().filter(|l| l.starts_with("error:")).count(), 1, "one error line: {err}");
+    assert!(
+        err.contains("no live worker")
+            && err.contains("--local")
+            && err.contains("sessionfleet-worker"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "it must not hang"
+    );
+    assert_eq!(
+        err.trim()
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .count(),
+        1,
+        "one error line: {err}"
+    );
     t.drop_db().await;
 }
 
@@ -132,7 +173,8 @@ async fn local_mode_runs_without_workers_and_without_redis() {
     let doomed_before = doomed(&t).await;
     let cli = Cli::new(&t.url);
     let report = cli.json(&["--local", "cleanup", "--once", "--json"]);
-    let cleaned = report["expired_sessions_cleaned"].as_i64().unwrap() + report["orphaned_sessions_cleaned"].as_i64().unwrap();
+    let cleaned = report["expired_sessions_cleaned"].as_i64().unwrap()
+        + report["orphaned_sessions_cleaned"].as_i64().unwrap();
     assert_eq!(cleaned, doomed_before);
 
     // Redis down: the command still runs, fenced by the database alone, and says so.
@@ -141,11 +183,23 @@ async fn local_mode_runs_without_workers_and_without_redis() {
     let mut down = Cli::new(&t2.url);
     down.redis = format!("redis://127.0.0.1:{}", free_port());
     let out = down.run(&["cleanup", "--once", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("database fence alone"));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["expired_sessions_cleaned"].as_i64().unwrap() + report["orphaned_sessions_cleaned"].as_i64().unwrap(), doomed2);
-    let fence = t2.db.scalar_i64("SELECT COUNT(*) FROM sessionfleet_fence").await.unwrap();
+    assert_eq!(
+        report["expired_sessions_cleaned"].as_i64().unwrap()
+            + report["orphaned_sessions_cleaned"].as_i64().unwrap(),
+        doomed2
+    );
+    let fence = t2
+        .db
+        .scalar_i64("SELECT COUNT(*) FROM sessionfleet_fence")
+        .await
+        .unwrap();
     assert_eq!(fence, 1, "a token was issued by the database");
     t.drop_db().await;
     t2.drop_db().await;
@@ -153,7 +207,11 @@ async fn local_mode_runs_without_workers_and_without_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_targets_fans_out_one_job_per_database() {
-    let dbs = [seeded(Engine::Sqlite, 800).await, seeded(Engine::Sqlite, 900).await, seeded(Engine::Postgres, 700).await];
+    let dbs = [
+        seeded(Engine::Sqlite, 800).await,
+        seeded(Engine::Sqlite, 900).await,
+        seeded(Engine::Postgres, 700).await,
+    ];
     let mut expected = Vec::new();
     for d in &dbs {
         expected.push(total(d).await - doomed(d).await);
@@ -169,13 +227,24 @@ async fn all_targets_fans_out_one_job_per_database() {
     )
     .unwrap();
     let mut cli = Cli::new(&dbs[0].url);
-    cli.extra.push(("SESSIONFLEET_CONFIG".into(), config.display().to_string()));
+    cli.extra
+        .push(("SESSIONFLEET_CONFIG".into(), config.display().to_string()));
     let _w = cli.worker("targets");
-    let doc = cli.json(&["--all-targets", "cleanup", "--once", "--json", "--timeout", "120"]);
+    let doc = cli.json(&[
+        "--all-targets",
+        "cleanup",
+        "--once",
+        "--json",
+        "--timeout",
+        "120",
+    ]);
     let runs = doc.as_array().expect("one entry per target");
     let names: BTreeSet<&str> = runs.iter().map(|r| r["target"].as_str().unwrap()).collect();
     // The 'default' target (DATABASE_URL) is configured too; it points at database a.
-    assert!(names.is_superset(&BTreeSet::from(["a", "b", "c"])), "{names:?}");
+    assert!(
+        names.is_superset(&BTreeSet::from(["a", "b", "c"])),
+        "{names:?}"
+    );
     for (d, want) in dbs.iter().zip(expected) {
         assert_eq!(total(d).await, want);
     }
@@ -191,21 +260,67 @@ async fn full_maintenance_summary_and_dry_run() {
     let cli = Cli::new(&t.url);
     let _w = cli.worker("full");
 
-    let dry = cli.json(&["maintenance", "--full-maintenance", "--dry-run", "--json", "--timeout", "120"]);
+    let dry = cli.json(&[
+        "maintenance",
+        "--full-maintenance",
+        "--dry-run",
+        "--json",
+        "--timeout",
+        "120",
+    ]);
     assert_eq!(dry["dry_run"], true);
     assert_eq!(total(&t).await, before, "a dry run deletes nothing");
-    let fence_tables = t.db.scalar_i64("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sessionfleet_fence'").await.unwrap();
-    assert_eq!(fence_tables, 0, "a dry run writes nothing, not even the fence table");
-    assert!(dry["summary"]["actions_taken"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("Would clean")));
+    let fence_tables =
+        t.db.scalar_i64("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sessionfleet_fence'")
+            .await
+            .unwrap();
+    assert_eq!(
+        fence_tables, 0,
+        "a dry run writes nothing, not even the fence table"
+    );
+    assert!(
+        dry["summary"]["actions_taken"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a.as_str().unwrap().starts_with("Would clean"))
+    );
 
     let doomed_before = doomed(&t).await;
-    let full = cli.json(&["maintenance", "--full-maintenance", "--json", "--timeout", "120"]);
+    let full = cli.json(&[
+        "maintenance",
+        "--full-maintenance",
+        "--json",
+        "--timeout",
+        "120",
+    ]);
     let summary = &full["summary"];
-    assert!(summary["status"].as_str().unwrap().starts_with("completed"), "{summary}");
-    let actions: Vec<&str> = summary["actions_taken"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-    assert!(actions.iter().any(|a| a.starts_with("Cleaned") && a.ends_with("expired sessions")), "{actions:?}");
-    assert!(actions.iter().any(|a| a.starts_with("Created") && a.ends_with("database indexes")), "{actions:?}");
-    assert!(!summary["recommendations"].as_array().unwrap().is_empty(), "the summary carries the recommendations");
+    assert!(
+        summary["status"].as_str().unwrap().starts_with("completed"),
+        "{summary}"
+    );
+    let actions: Vec<&str> = summary["actions_taken"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        actions
+            .iter()
+            .any(|a| a.starts_with("Cleaned") && a.ends_with("expired sessions")),
+        "{actions:?}"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| a.starts_with("Created") && a.ends_with("database indexes")),
+        "{actions:?}"
+    );
+    assert!(
+        !summary["recommendations"].as_array().unwrap().is_empty(),
+        "the summary carries the recommendations"
+    );
     assert!(full["analytics"]["health_status"]["overall_health"].is_string());
     assert_eq!(total(&t).await, before - doomed_before);
     t.drop_db().await;
@@ -220,17 +335,38 @@ async fn every_spec_invocation_has_an_equivalent() {
         let stats = cli.json(&["cleanup", "--stats", "--json"]);
         assert_eq!(stats["total_sessions"].as_i64(), Some(total(&t).await));
         let health = cli.json(&["analytics", "--health-report", "--json"]);
-        for key in ["timestamp", "health_status", "statistics", "detailed_analytics", "performance_metrics", "security_analysis", "recommendations"] {
-            assert!(health.get(key).is_some(), "{engine}: health report lacks {key}");
+        for key in [
+            "timestamp",
+            "health_status",
+            "statistics",
+            "detailed_analytics",
+            "performance_metrics",
+            "security_analysis",
+            "recommendations",
+        ] {
+            assert!(
+                health.get(key).is_some(),
+                "{engine}: health report lacks {key}"
+            );
         }
         let trends = cli.json(&["analytics", "--trends", "7", "--json"]);
         assert_eq!(trends["period_days"], 7, "{engine}: {trends}");
         let analysis = cli.json(&["db", "--analyze", "--json"]);
-        assert!(analysis["tables"]["user_sessions"]["row_count"].as_i64().is_some(), "{engine}: {analysis}");
+        assert!(
+            analysis["tables"]["user_sessions"]["row_count"]
+                .as_i64()
+                .is_some(),
+            "{engine}: {analysis}"
+        );
         let planned = cli.json(&["db", "--create-indexes", "--dry-run", "--json"]);
         assert_eq!(planned["dry_run"], true);
         let optimized = cli.json(&["db", "--optimize", "--json"]);
-        assert!(!optimized["operations_performed"].as_array().unwrap().is_empty());
+        assert!(
+            !optimized["operations_performed"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
         let integrity = cli.json(&["db", "--integrity-check", "--json"]);
         assert!(integrity["integrity_check"].is_string());
         let dbstats = cli.json(&["db", "--stats", "--json"]);
@@ -239,8 +375,16 @@ async fn every_spec_invocation_has_an_equivalent() {
         assert_eq!(forced["forced_cleanup"], true);
         assert_eq!(forced["custom_max_age_hours"], 24);
         let status = cli.json(&["maintenance", "--status", "--json"]);
-        assert!(status["targets"]["default"]["cleanup"]["total_sessions"].is_number(), "{status}");
-        assert!(status["fleet"]["workers"].as_array().is_some_and(|w| !w.is_empty()), "{status}");
+        assert!(
+            status["targets"]["default"]["cleanup"]["total_sessions"].is_number(),
+            "{status}"
+        );
+        assert!(
+            status["fleet"]["workers"]
+                .as_array()
+                .is_some_and(|w| !w.is_empty()),
+            "{status}"
+        );
         let unified = cli.json(&["maintenance", "--cleanup", "--once", "--json"]);
         assert!(unified["expired_sessions_cleaned"].is_number());
         let unified_health = cli.json(&["maintenance", "--analytics", "--health", "--json"]);
@@ -250,8 +394,17 @@ async fn every_spec_invocation_has_an_equivalent() {
         // Export by extension.
         let dir = tempfile::tempdir().unwrap();
         let html = dir.path().join("report.html");
-        let out = cli.run(&["analytics", "--health-report", "--export", html.to_str().unwrap()]);
-        assert!(out.status.success() || out.status.code() == Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = cli.run(&[
+            "analytics",
+            "--health-report",
+            "--export",
+            html.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success() || out.status.code() == Some(3),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(std::fs::read_to_string(&html).unwrap().contains("<svg"));
         t.drop_db().await;
     }
@@ -261,12 +414,22 @@ async fn every_spec_invocation_has_an_equivalent() {
 async fn usage_errors_help_and_exit_codes() {
     let cli = Cli::new("sqlite:///nonexistent-dir/x.db");
     let out = cli.run(&["cleanup", "--force", "--max-age", "0", "--local"]);
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("max"));
     let out = cli.run(&["cleanup", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
     let out = cli.run(&["analytics", "--trends", "0", "--local"]);
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // No mode: help, as the spec wants (the original printed trends).
     let out = cli.run(&["analytics"]);
     assert!(out.status.success());
@@ -276,7 +439,10 @@ async fn usage_errors_help_and_exit_codes() {
     let out = bad.run(&["config", "show"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("DATABASE_URL") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("DATABASE_URL") && err.lines().count() == 1,
+        "{err}"
+    );
     let secret = Cli::new("postgres://app:hunter2@127.0.0.1:1/app");
     let out = secret.run(&["config", "show"]);
     assert!(out.status.success());
@@ -294,7 +460,12 @@ struct Scheduler {
 
 impl Scheduler {
     fn start(cli: &Cli) -> Scheduler {
-        let mut child = cli.command(&["schedule"]).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let mut child = cli
+            .command(&["schedule"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = lines.clone();
         let err = child.stderr.take().unwrap();
@@ -312,12 +483,19 @@ impl Scheduler {
             .unwrap()
             .iter()
             .filter(|l| l.contains("tick") && l.ends_with("enqueued"))
-            .filter_map(|l| l.split_whitespace().rev().nth(1).and_then(|t| t.parse().ok()))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .rev()
+                    .nth(1)
+                    .and_then(|t| t.parse().ok())
+            })
             .collect()
     }
 
     fn stop(mut self) -> Vec<i64> {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let status = self.child.wait().unwrap();
         assert!(status.success(), "scheduler exits 0 on SIGTERM: {status:?}");
         std::thread::sleep(Duration::from_millis(100));
@@ -333,18 +511,36 @@ fn schedule_config(dir: &Path, db_url: &str) -> String {
 
 async fn cleanup_jobs_enqueued(cli: &Cli) -> u64 {
     let q = queue(&cli.redis, &cli.ns).await;
-    q.queue_depths().await.unwrap().iter().filter(|d| d.queue == "cleanup").map(|d| d.ready + d.scheduled).sum()
+    q.queue_depths()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|d| d.queue == "cleanup")
+        .map(|d| d.ready + d.scheduled)
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_scheduler_replicas_enqueue_each_tick_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut cli = Cli::new(&format!("sqlite://{}/s.db", dir.path().display()));
-    cli.extra.push(("SESSIONFLEET_CONFIG".into(), schedule_config(dir.path(), &cli.db_url)));
+    cli.extra.push((
+        "SESSIONFLEET_CONFIG".into(),
+        schedule_config(dir.path(), &cli.db_url),
+    ));
     let replicas: Vec<Scheduler> = (0..3).map(|_| Scheduler::start(&cli)).collect();
     let started = Instant::now();
-    while replicas.iter().map(Scheduler::fired).flatten().collect::<BTreeSet<_>>().len() < 3 {
-        assert!(started.elapsed() < Duration::from_secs(60), "ticks did not fire");
+    while replicas
+        .iter()
+        .flat_map(Scheduler::fired)
+        .collect::<BTreeSet<_>>()
+        .len()
+        < 3
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "ticks did not fire"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut ticks = BTreeSet::new();
@@ -352,14 +548,21 @@ async fn three_scheduler_replicas_enqueue_each_tick_exactly_once() {
         ticks.extend(r.stop());
     }
     assert!(ticks.len() >= 3, "{ticks:?}");
-    assert_eq!(cleanup_jobs_enqueued(&cli).await, ticks.len() as u64, "one job per tick across three replicas: {ticks:?}");
+    assert_eq!(
+        cleanup_jobs_enqueued(&cli).await,
+        ticks.len() as u64,
+        "one job per tick across three replicas: {ticks:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduler_stopped_across_ticks_catches_up_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut cli = Cli::new(&format!("sqlite://{}/s.db", dir.path().display()));
-    cli.extra.push(("SESSIONFLEET_CONFIG".into(), schedule_config(dir.path(), &cli.db_url)));
+    cli.extra.push((
+        "SESSIONFLEET_CONFIG".into(),
+        schedule_config(dir.path(), &cli.db_url),
+    ));
     let first = Scheduler::start(&cli);
     let started = Instant::now();
     while first.fired().is_empty() {
@@ -378,9 +581,20 @@ async fn a_scheduler_stopped_across_ticks_catches_up_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let after = second.stop();
-    let missed_window: Vec<i64> = after.iter().copied().filter(|t| *t < restarted_epoch(restarted)).collect();
-    assert_eq!(missed_window.len(), 1, "exactly one catch-up for the missed ticks: {after:?}");
-    assert_eq!(cleanup_jobs_enqueued(&cli).await, jobs_before + after.len() as u64);
+    let missed_window: Vec<i64> = after
+        .iter()
+        .copied()
+        .filter(|t| *t < restarted_epoch(restarted))
+        .collect();
+    assert_eq!(
+        missed_window.len(),
+        1,
+        "exactly one catch-up for the missed ticks: {after:?}"
+    );
+    assert_eq!(
+        cleanup_jobs_enqueued(&cli).await,
+        jobs_before + after.len() as u64
+    );
 }
 
 /// Unix seconds of an `Instant` in the past (ticks before it were missed while down).

@@ -27,7 +27,11 @@ fn known_env(name: &str) -> bool {
 fn accepts(bin: &str, args: &[&str]) -> bool {
     let mut all: Vec<&str> = args.to_vec();
     all.push("--help");
-    Command::new(binaries().join(bin)).args(&all).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new(binaries().join(bin))
+        .args(&all)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 #[test]
@@ -36,12 +40,31 @@ fn kubernetes_manifests_match_the_code() {
     let data = config["data"].as_mapping().unwrap();
     for (k, _) in data {
         let k = k.as_str().unwrap();
-        assert!(known_env(k) || k == "REDIS_ADDRESS", "configmap names unknown variable {k}");
+        assert!(
+            known_env(k) || k == "REDIS_ADDRESS",
+            "configmap names unknown variable {k}"
+        );
     }
     let secret = &yaml_docs("k8s/secret.example.yaml")[0];
-    let secret_keys: Vec<&str> = secret["stringData"].as_mapping().unwrap().keys().map(|k| k.as_str().unwrap()).collect();
-    let metrics_port: u16 = data[&serde_yaml::Value::from("SESSIONFLEET_METRICS_ADDR")].as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap();
-    let shutdown: u64 = data[&serde_yaml::Value::from("SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS")].as_str().unwrap().parse().unwrap();
+    let secret_keys: Vec<&str> = secret["stringData"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    let metrics_port: u16 = data[&serde_yaml::Value::from("SESSIONFLEET_METRICS_ADDR")]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let shutdown: u64 = data[&serde_yaml::Value::from("SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS")]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let http = std::fs::read_to_string(workspace_root().join("worker/src/http.rs")).unwrap();
 
     for file in ["k8s/worker.yaml", "k8s/scheduler.yaml"] {
@@ -56,18 +79,35 @@ fn kubernetes_manifests_match_the_code() {
                     let name = e["name"].as_str().unwrap();
                     assert!(known_env(name), "{file}: unknown env {name}");
                     if let Some(key) = e["valueFrom"]["secretKeyRef"]["key"].as_str() {
-                        assert!(secret_keys.contains(&key), "{file}: secret key {key} not in the secret");
+                        assert!(
+                            secret_keys.contains(&key),
+                            "{file}: secret key {key} not in the secret"
+                        );
                     }
                 }
-                let args: Vec<&str> = c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+                let args: Vec<&str> = c["args"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap())
+                    .collect();
                 if file.contains("worker") {
-                    assert!(grace > shutdown, "grace {grace}s must exceed the worker's shutdown timeout {shutdown}s");
-                    assert!(accepts("sessionfleet-worker", &args), "worker rejects {args:?}");
+                    assert!(
+                        grace > shutdown,
+                        "grace {grace}s must exceed the worker's shutdown timeout {shutdown}s"
+                    );
+                    assert!(
+                        accepts("sessionfleet-worker", &args),
+                        "worker rejects {args:?}"
+                    );
                     let port = c["ports"][0]["containerPort"].as_u64().unwrap();
                     assert_eq!(port, u64::from(metrics_port));
                     for probe in ["livenessProbe", "readinessProbe"] {
                         let path = c[probe]["httpGet"]["path"].as_str().unwrap();
-                        assert!(http.contains(&format!("\"{path}\"")), "worker serves no {path}");
+                        assert!(
+                            http.contains(&format!("\"{path}\"")),
+                            "worker serves no {path}"
+                        );
                     }
                     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
                     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
@@ -77,64 +117,133 @@ fn kubernetes_manifests_match_the_code() {
             }
         }
     }
-    let ns = data[&serde_yaml::Value::from("SESSIONFLEET_NAMESPACE")].as_str().unwrap();
+    let ns = data[&serde_yaml::Value::from("SESSIONFLEET_NAMESPACE")]
+        .as_str()
+        .unwrap();
     let keys = Keys::new(ns);
     let scaled = &yaml_docs("k8s/keda-scaledobject.yaml")[0];
-    assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], "sessionfleet-worker");
-    let lists: Vec<&str> = scaled["spec"]["triggers"].as_sequence().unwrap().iter().map(|t| t["metadata"]["listName"].as_str().unwrap()).collect();
-    for q in [QueueClass::Cleanup, QueueClass::Analytics, QueueClass::Maintenance] {
-        assert!(lists.contains(&keys.active(q).as_str()), "KEDA does not watch {}", keys.active(q));
+    assert_eq!(
+        scaled["spec"]["scaleTargetRef"]["name"],
+        "sessionfleet-worker"
+    );
+    let lists: Vec<&str> = scaled["spec"]["triggers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|t| t["metadata"]["listName"].as_str().unwrap())
+        .collect();
+    for q in [
+        QueueClass::Cleanup,
+        QueueClass::Analytics,
+        QueueClass::Maintenance,
+    ] {
+        assert!(
+            lists.contains(&keys.active(q).as_str()),
+            "KEDA does not watch {}",
+            keys.active(q)
+        );
     }
 }
 
 #[test]
 fn systemd_units_and_cron_lines_name_real_binaries_and_flags() {
-    let default_shutdown: u64 = KEYS.iter().find(|k| k.env == "SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS").unwrap().default.parse().unwrap();
-    for (unit, bin) in [("systemd/sessionfleet-worker.service", "sessionfleet-worker"), ("systemd/sessionfleet-scheduler.service", "sessionfleet")] {
+    let default_shutdown: u64 = KEYS
+        .iter()
+        .find(|k| k.env == "SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS")
+        .unwrap()
+        .default
+        .parse()
+        .unwrap();
+    for (unit, bin) in [
+        ("systemd/sessionfleet-worker.service", "sessionfleet-worker"),
+        ("systemd/sessionfleet-scheduler.service", "sessionfleet"),
+    ] {
         let text = std::fs::read_to_string(deploy(unit)).unwrap();
-        let value = |key: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).unwrap_or_else(|| panic!("{unit}: no {key}"));
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("{unit}: no {key}"))
+        };
         let exec: Vec<&str> = value("ExecStart").split_whitespace().collect();
         assert!(exec[0].ends_with(&format!("/{bin}")), "{unit}: {exec:?}");
-        assert!(accepts(bin, &exec[1..]), "{unit}: {bin} rejects {:?}", &exec[1..]);
+        assert!(
+            accepts(bin, &exec[1..]),
+            "{unit}: {bin} rejects {:?}",
+            &exec[1..]
+        );
         assert!(value("User") == "sessionfleet" && value("Restart") == "always");
         if bin == "sessionfleet-worker" {
             let stop: u64 = value("TimeoutStopSec").parse().unwrap();
-            assert!(stop > default_shutdown, "TimeoutStopSec {stop} must exceed the shutdown timeout {default_shutdown}");
+            assert!(
+                stop > default_shutdown,
+                "TimeoutStopSec {stop} must exceed the shutdown timeout {default_shutdown}"
+            );
         }
-        for hardening in ["NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes"] {
+        for hardening in [
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "PrivateTmp=yes",
+        ] {
             assert!(text.contains(hardening), "{unit}: {hardening}");
         }
         // Where systemd is installed, let it check the unit too.
-        if let Ok(out) = Command::new("systemd-analyze").args(["verify", deploy(unit).to_str().unwrap()]).output() {
+        if let Ok(out) = Command::new("systemd-analyze")
+            .args(["verify", deploy(unit).to_str().unwrap()])
+            .output()
+        {
             let err = String::from_utf8_lossy(&out.stderr);
-            assert!(!err.contains("Unknown key") && !err.contains("Invalid"), "{unit}: {err}");
+            assert!(
+                !err.contains("Unknown key") && !err.contains("Invalid"),
+                "{unit}: {err}"
+            );
         }
     }
     let env = std::fs::read_to_string(deploy("systemd/sessionfleet.env.example")).unwrap();
-    for line in env.lines().filter(|l| !l.starts_with('#') && l.contains('=')) {
+    for line in env
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('='))
+    {
         let name = line.trim_start_matches('#').split('=').next().unwrap();
         assert!(known_env(name), "env file names unknown {name}");
     }
     let cron = std::fs::read_to_string(deploy("cron/sessionfleet.cron")).unwrap();
-    let jobs: Vec<&str> = cron.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_digit() || c == '*')).collect();
+    let jobs: Vec<&str> = cron
+        .lines()
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_digit() || c == '*'))
+        .collect();
     assert_eq!(jobs.len(), 2);
     for line in jobs {
         let fields: Vec<&str> = line.split_whitespace().collect();
         // minute hour dom month dow user command args… >>log 2>&1
         assert_eq!(fields[6], "sessionfleet");
-        let args: Vec<&str> = fields[7..].iter().take_while(|a| !a.starts_with(">>")).copied().collect();
-        assert!(accepts("sessionfleet", &args), "cron line rejected: {args:?}");
+        let args: Vec<&str> = fields[7..]
+            .iter()
+            .take_while(|a| !a.starts_with(">>"))
+            .copied()
+            .collect();
+        assert!(
+            accepts("sessionfleet", &args),
+            "cron line rejected: {args:?}"
+        );
     }
 }
 
 #[test]
 fn container_files_build_the_binaries_the_workspace_has() {
     let dockerfile = std::fs::read_to_string(deploy("docker/Dockerfile")).unwrap();
-    for needle in ["-p sessionfleet-worker", "-p sessionfleet-cli", "target/release/sessionfleet-worker", "target/release/sessionfleet "] {
+    for needle in [
+        "-p sessionfleet-worker",
+        "-p sessionfleet-cli",
+        "target/release/sessionfleet-worker",
+        "target/release/sessionfleet ",
+    ] {
         assert!(dockerfile.contains(needle), "Dockerfile lacks {needle}");
     }
     for member in ["shared", "worker", "producer", "tests", "bench"] {
-        assert!(dockerfile.contains(&format!("COPY {member}/Cargo.toml")), "Dockerfile does not copy {member}");
+        assert!(
+            dockerfile.contains(&format!("COPY {member}/Cargo.toml")),
+            "Dockerfile does not copy {member}"
+        );
     }
     let compose = &yaml_docs("docker/compose.yaml")[0];
     let services = compose["services"].as_mapping().unwrap();
@@ -145,19 +254,40 @@ fn container_files_build_the_binaries_the_workspace_has() {
     assert_eq!(compose["services"]["scheduler"]["command"][0], "schedule");
     let env = compose["x-env"].as_mapping().unwrap();
     for (k, _) in env {
-        assert!(known_env(k.as_str().unwrap()), "compose names unknown {k:?}");
+        assert!(
+            known_env(k.as_str().unwrap()),
+            "compose names unknown {k:?}"
+        );
     }
 }
 
 #[test]
 fn example_configuration_is_accepted() {
     let out = Command::new(binaries().join("sessionfleet"))
-        .args(["--config", deploy("sessionfleet.toml.example").to_str().unwrap(), "config", "show", "--json"])
+        .args([
+            "--config",
+            deploy("sessionfleet.toml.example").to_str().unwrap(),
+            "config",
+            "show",
+            "--json",
+        ])
         .env_remove("DATABASE_URL")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = doc["settings"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert!(names.contains(&"target.app.url") && names.contains(&"target.legacy.url"), "{names:?}");
+    let names: Vec<&str> = doc["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"target.app.url") && names.contains(&"target.legacy.url"),
+        "{names:?}"
+    );
 }

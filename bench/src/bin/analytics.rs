@@ -88,14 +88,24 @@ async fn target_db(args: &Args) -> Result<Db> {
 /// a covering index for the per-user step (user, active flag, expiry).
 fn index_ddl(engine: Engine, version: SchemaVersion) -> Vec<String> {
     let mut ix = vec![
-        ("ix_user_sessions_user_platform", "user_id, active_platform_id"),
+        (
+            "ix_user_sessions_user_platform",
+            "user_id, active_platform_id",
+        ),
         ("ix_user_sessions_active_platform", "active_platform_id"),
     ];
     if version == SchemaVersion::V2 {
-        ix.push(("ix_user_sessions_user_active", "user_id, is_active, expires_at"));
+        ix.push((
+            "ix_user_sessions_user_active",
+            "user_id, is_active, expires_at",
+        ));
     }
     // MySQL has no CREATE INDEX IF NOT EXISTS; its duplicate-name error is ignored below.
-    let ine = if engine == Engine::MySql { "" } else { "IF NOT EXISTS " };
+    let ine = if engine == Engine::MySql {
+        ""
+    } else {
+        "IF NOT EXISTS "
+    };
     ix.into_iter()
         .map(|(name, cols)| format!("CREATE INDEX {ine}{name} ON user_sessions ({cols})"))
         .collect()
