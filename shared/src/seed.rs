@@ -229,10 +229,13 @@ pub async fn seed_demo(db: &Db, params: &SeedParams) -> Result<SeedReport, Store
     }
     report.platforms = platform_count;
 
-    // Sessions, streamed.
+    // Sessions, streamed. On SQLite, random session keys land all over seven index B-trees;
+    // with the default 2 MB page cache every insert then reads pages back from disk, and a
+    // million rows take minutes. A larger cache for this connection keeps them in memory.
     let mut pending: Vec<SessionRow> = Vec::with_capacity(SeedParams::ROWS_PER_STATEMENT);
     let mut statements_in_tx = 0;
     let mut tx = db.begin_write().await?;
+    grow_sqlite_cache(&mut tx).await?;
     for i in 0..params.sessions {
         let row = generate_session(
             &mut rng,
@@ -253,6 +256,7 @@ pub async fn seed_demo(db: &Db, params: &SeedParams) -> Result<SeedReport, Store
             if statements_in_tx == SeedParams::STATEMENTS_PER_TX {
                 tx.commit().await?;
                 tx = db.begin_write().await?;
+                grow_sqlite_cache(&mut tx).await?;
                 statements_in_tx = 0;
             }
         }
@@ -269,6 +273,18 @@ pub async fn seed_demo(db: &Db, params: &SeedParams) -> Result<SeedReport, Store
     }
     report.duration_seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Page cache for seeding connections, KiB (SQLite's `cache_size` takes negative KiB).
+const SEED_SQLITE_CACHE_KIB: i64 = 256 * 1024;
+
+async fn grow_sqlite_cache(tx: &mut crate::store::DbTx<'_>) -> Result<(), sqlx::Error> {
+    if let crate::store::DbTx::Sqlite(t) = tx {
+        sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA cache_size = -{SEED_SQLITE_CACHE_KIB}")))
+            .execute(&mut **t)
+            .await?;
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
