@@ -280,9 +280,11 @@ const SEED_SQLITE_CACHE_KIB: i64 = 256 * 1024;
 
 async fn grow_sqlite_cache(tx: &mut crate::store::DbTx<'_>) -> Result<(), sqlx::Error> {
     if let crate::store::DbTx::Sqlite(t) = tx {
-        sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA cache_size = -{SEED_SQLITE_CACHE_KIB}")))
-            .execute(&mut **t)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA cache_size = -{SEED_SQLITE_CACHE_KIB}"
+        )))
+        .execute(&mut **t)
+        .await?;
     }
     Ok(())
 }
