@@ -213,6 +213,14 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
     eprintln!("    building sessionfleet-worker…");
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "-p", "sessionfleet-worker"]);
+    // `cargo run` gives this process its package's CARGO_* variables; passed on, they would
+    // make the nested build see another environment and rebuild dependencies.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_TARGET_DIR" {
+            cmd.env_remove(&key);
+        }
+    }
     if dir.ends_with("release") {
         cmd.arg("--release");
     }
