@@ -26,12 +26,13 @@ async fn main() -> anyhow::Result<()> {
     let scratch = scratch_database(args.engine).await?;
     let db = Db::connect(&scratch.url, &ConnectOptions::default()).await?;
     let params = SeedParams {
-        sessions: args.sessions,
-        users: SeedParams::default_users(args.sessions),
-        seed: 1,
-        schema: SchemaVersion::V2,
-        now: chrono::Utc::now().naive_utc(),
         reset: true,
+        ..SeedParams::new(
+            args.sessions,
+            1,
+            SchemaVersion::V2,
+            chrono::Utc::now().naive_utc(),
+        )
     };
     let report = seed_demo(&db, &params).await.context("seeding")?;
     db.close().await;

@@ -50,6 +50,19 @@ impl SeedParams {
     /// Statements per transaction.
     pub const STATEMENTS_PER_TX: usize = 10;
 
+    /// `sessions` sessions of the default number of users, relative to `now`, into an empty
+    /// database (no reset).
+    pub fn new(sessions: u64, seed: u64, schema: SchemaVersion, now: NaiveDateTime) -> SeedParams {
+        SeedParams {
+            sessions,
+            users: Self::default_users(sessions),
+            seed,
+            schema,
+            now,
+            reset: false,
+        }
+    }
+
     /// One user for every 4 sessions, at least 10.
     pub fn default_users(sessions: u64) -> u64 {
         (sessions / 4).max(10)

@@ -79,14 +79,7 @@ async fn seeded(engine: Engine, sessions: u64) -> TestDb {
     let t = TestDb::new(engine).await;
     seed_demo(
         &t.db,
-        &SeedParams {
-            sessions,
-            users: SeedParams::default_users(sessions),
-            seed: 3,
-            schema: SchemaVersion::V2,
-            now: now(),
-            reset: false,
-        },
+        &SeedParams::new(sessions, 3, SchemaVersion::V2, now()),
     )
     .await
     .unwrap();

@@ -49,12 +49,13 @@ pub async fn run(
     let seeded = seed_demo(
         &db,
         &SeedParams {
-            sessions: args.sessions,
-            users: SeedParams::default_users(args.sessions),
-            seed: 1,
-            schema: SchemaVersion::V2,
-            now: chrono::Utc::now().naive_utc(),
             reset: true,
+            ..SeedParams::new(
+                args.sessions,
+                1,
+                SchemaVersion::V2,
+                chrono::Utc::now().naive_utc(),
+            )
         },
     )
     .await?;
