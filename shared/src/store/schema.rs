@@ -396,7 +396,24 @@ pub async fn detect_with(db: &Db, profile: &SessionProfile) -> Result<Schema, St
 /// Creates the Vedfolnir tables (`users`, `platform_connections`, `user_sessions`) with the
 /// reference's column, constraint and index names, if they do not exist yet.
 pub async fn create(db: &Db, version: SchemaVersion) -> Result<(), StoreError> {
-    for stmt in ddl(db.engine(), version) {
+    create_tables(db, version).await?;
+    create_indexes(db, version).await
+}
+
+/// The tables of [`create`] without their secondary indexes. A bulk load into fresh tables
+/// followed by [`create_indexes`] sorts each index once instead of updating every B-tree
+/// on every row.
+pub async fn create_tables(db: &Db, version: SchemaVersion) -> Result<(), StoreError> {
+    run_ddl(db, ddl(db.engine(), version).tables).await
+}
+
+/// The secondary indexes of [`create`]; existing ones are left alone.
+pub async fn create_indexes(db: &Db, version: SchemaVersion) -> Result<(), StoreError> {
+    run_ddl(db, ddl(db.engine(), version).indexes).await
+}
+
+async fn run_ddl(db: &Db, statements: Vec<String>) -> Result<(), StoreError> {
+    for stmt in statements {
         match db.execute(&stmt).await {
             Ok(_) => {}
             // MySQL (unlike MariaDB) has no CREATE INDEX IF NOT EXISTS: 1061 = "duplicate key name".
@@ -407,8 +424,17 @@ pub async fn create(db: &Db, version: SchemaVersion) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The statements of [`create`]: tables first, then their secondary indexes.
+#[derive(Debug, Clone)]
+pub struct Ddl {
+    /// `CREATE TABLE IF NOT EXISTS`, with primary keys and constraints.
+    pub tables: Vec<String>,
+    /// `CREATE [UNIQUE] INDEX`, idempotent.
+    pub indexes: Vec<String>,
+}
+
 /// The DDL [`create`] runs, per engine and version.
-pub fn ddl(engine: Engine, version: SchemaVersion) -> Vec<String> {
+pub fn ddl(engine: Engine, version: SchemaVersion) -> Ddl {
     // Per-engine spellings of the same types; the names are the reference's (§1.2–1.4).
     let (pk, dt, now, boolean, if_not_exists_ix, table_suffix) = match engine {
         Engine::Sqlite => (
@@ -441,15 +467,13 @@ pub fn ddl(engine: Engine, version: SchemaVersion) -> Vec<String> {
         Engine::Sqlite => "VARCHAR(9)",
         Engine::MySql => "ENUM('admin','moderator','reviewer','viewer')",
     };
-    let mut v = vec![
+    let mut tables = vec![
         format!(
             "CREATE TABLE IF NOT EXISTS users (\
              id {pk}, username VARCHAR(64) NOT NULL, email VARCHAR(120) NOT NULL, \
              password_hash VARCHAR(256) NOT NULL, role {role} DEFAULT 'viewer', \
              is_active {boolean} DEFAULT TRUE, created_at {dt}, last_login {dt} NULL){table_suffix}"
         ),
-        format!("CREATE UNIQUE INDEX {if_not_exists_ix}ix_users_username ON users (username)"),
-        format!("CREATE UNIQUE INDEX {if_not_exists_ix}ix_users_email ON users (email)"),
         format!(
             "CREATE TABLE IF NOT EXISTS platform_connections (\
              id {pk}, user_id INTEGER NOT NULL, name VARCHAR(100) NOT NULL, \
@@ -461,6 +485,10 @@ pub fn ddl(engine: Engine, version: SchemaVersion) -> Vec<String> {
              CONSTRAINT uq_user_instance_username UNIQUE (user_id, instance_url, username), \
              FOREIGN KEY (user_id) REFERENCES users (id)){table_suffix}"
         ),
+    ];
+    let mut indexes = vec![
+        format!("CREATE UNIQUE INDEX {if_not_exists_ix}ix_users_username ON users (username)"),
+        format!("CREATE UNIQUE INDEX {if_not_exists_ix}ix_users_email ON users (email)"),
         format!(
             "CREATE INDEX {if_not_exists_ix}ix_platform_user_active ON platform_connections (user_id, is_active)"
         ),
@@ -478,7 +506,7 @@ pub fn ddl(engine: Engine, version: SchemaVersion) -> Vec<String> {
              is_active {boolean} NOT NULL DEFAULT TRUE, session_fingerprint TEXT NULL, "
         ),
     };
-    v.push(format!(
+    tables.push(format!(
         "CREATE TABLE IF NOT EXISTS user_sessions (\
          id {pk}, session_id VARCHAR(255) NOT NULL, user_id INTEGER NOT NULL, \
          active_platform_id INTEGER NULL, created_at {dt} NOT NULL DEFAULT {now}, \
@@ -487,7 +515,7 @@ pub fn ddl(engine: Engine, version: SchemaVersion) -> Vec<String> {
          FOREIGN KEY (user_id) REFERENCES users (id), \
          FOREIGN KEY (active_platform_id) REFERENCES platform_connections (id)){table_suffix}"
     ));
-    v.push(format!(
+    indexes.push(format!(
         "CREATE UNIQUE INDEX {if_not_exists_ix}ix_user_sessions_session_id ON user_sessions (session_id)"
     ));
     let mut indexed = vec!["user_id", "updated_at"];
@@ -495,11 +523,11 @@ pub fn ddl(engine: Engine, version: SchemaVersion) -> Vec<String> {
         indexed.extend(["last_activity", "expires_at", "is_active"]);
     }
     for col in indexed {
-        v.push(format!(
+        indexes.push(format!(
             "CREATE INDEX {if_not_exists_ix}ix_user_sessions_{col} ON user_sessions ({col})"
         ));
     }
-    v
+    Ddl { tables, indexes }
 }
 
 #[cfg(test)]
@@ -516,7 +544,8 @@ mod tests {
 
     #[test]
     fn v2_ddl_carries_the_reference_index_names() {
-        let ddl = ddl(Engine::Postgres, SchemaVersion::V2).join("\n");
+        let ddl = ddl(Engine::Postgres, SchemaVersion::V2);
+        let ddl = [ddl.tables, ddl.indexes].concat().join("\n");
         for ix in [
             "ix_user_sessions_session_id",
             "ix_user_sessions_user_id",
