@@ -595,3 +595,134 @@ fn restarted_epoch(at: Instant) -> i64 {
     let ago = at.elapsed();
     (chrono::Utc::now() - chrono::Duration::from_std(ago).unwrap()).timestamp() + 1
 }
+
+/// `sessionfleet jobs` over real dead letters and a real worker; `sessionfleet lease` over a
+/// lease held by this test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_and_lease_commands_show_and_repair_what_the_fleet_holds() {
+    use sessionfleet::dispatch::OperationJob;
+    use sessionfleet::jobs::{JobEnvelope, QueueClass};
+    use sessionfleet::lease::{self, HolderInfo, LeaseConfig};
+    use sessionfleet::ops::cleanup::CleanupParams;
+    use sessionfleet::queue::DeadLetter;
+
+    let t = seeded(Engine::Sqlite, 600).await;
+    let doomed_before = doomed(&t).await;
+    assert!(doomed_before > 0);
+    let cli = Cli::new(&t.url);
+    let q = queue(&cli.redis, &cli.ns).await;
+
+    // Two dead letters: a cleanup that failed for good, and a payload that never decoded.
+    let job = OperationJob::Cleanup(CleanupParams::default());
+    let failed = JobEnvelope::new(job.kind(), "default", job.params(), "e2e");
+    q.add_dead_letter(&DeadLetter::failed(
+        &failed,
+        "t-1",
+        "database unreachable after 5 attempts".into(),
+        "w-gone",
+    ))
+    .await
+    .unwrap();
+    let garbage = DeadLetter::undecodable(
+        QueueClass::Maintenance,
+        "t-2",
+        b"{ truncated",
+        "payload is not a job envelope".into(),
+        "w-gone",
+    );
+    q.add_dead_letter(&garbage).await.unwrap();
+
+    let listed = cli.json(&["jobs", "dead", "--json"]);
+    let ids: BTreeSet<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    let failed_id = failed.job_id.to_string();
+    assert_eq!(
+        ids,
+        BTreeSet::from([failed_id.as_str(), garbage.id.as_str()])
+    );
+    let shown = cli.json(&["jobs", "show", &garbage.id, "--json"]);
+    assert_eq!(shown["reason"], "payload is not a job envelope");
+    assert_eq!(shown["payload"], "{ truncated");
+
+    // An undecodable payload cannot be requeued: one line, nothing lost.
+    let refused = cli.run(&["jobs", "requeue", &garbage.id]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("can only be purged"), "{err}");
+    assert_eq!(q.dead_letter_count().await.unwrap(), 2);
+
+    // Requeue the failed cleanup; a worker runs it and `jobs show` reports its result.
+    let requeued = cli.run(&["jobs", "requeue", &failed_id]);
+    assert!(
+        requeued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&requeued.stderr)
+    );
+    assert_eq!(q.dead_letter_count().await.unwrap(), 1);
+    let _w = cli.worker("jobs");
+    let result = sessionfleet_e2e::eventually(Duration::from_secs(120), "requeued job", || {
+        let q = q.clone();
+        async move { q.result(failed.job_id).await.ok().flatten() }
+    })
+    .await;
+    assert_eq!(result.outcome.as_str(), "succeeded");
+    let shown = cli.json(&["jobs", "show", &failed_id, "--json"]);
+    assert_eq!(shown["outcome"], "succeeded");
+    assert_eq!(shown["rows_affected"].as_i64(), Some(doomed_before));
+    assert_eq!(doomed(&t).await, 0);
+
+    let purged = cli.json(&["jobs", "purge", "--all", "--json"]);
+    assert_eq!(purged["purged"], 1);
+    assert!(
+        cli.json(&["jobs", "dead", "--json"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let missing = cli.run(&["jobs", "show", "no-such-job"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr)
+            .trim()
+            .lines()
+            .count(),
+        1
+    );
+
+    // A lease held by someone else is shown with its holder and the database's token.
+    let held = lease::try_acquire(
+        &q.connection(),
+        &cli.ns,
+        "default",
+        &HolderInfo::new("e2e-holder", "job-42"),
+        &t.db,
+        &LeaseConfig::default(),
+    )
+    .await
+    .unwrap()
+    .expect("the lease is free");
+    let token = held.fence().token;
+    let status = cli.json(&["lease", "--json"]);
+    let row = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["target"] == "default")
+        .expect("default target listed")
+        .clone();
+    assert_eq!(row["holder"]["worker"], "e2e-holder");
+    assert_eq!(row["holder"]["job_id"], "job-42");
+    assert_eq!(row["holder"]["token"].as_i64(), Some(token));
+    assert_eq!(row["db_fence"]["token"].as_i64(), Some(token));
+    assert!(held.release(&q.connection()).await.unwrap());
+    let status = cli.json(&["lease", "--json"]);
+    let row = &status.as_array().unwrap()[0];
+    assert!(row["holder"].is_null(), "{row}");
+    assert_eq!(row["db_fence"]["token"].as_i64(), Some(token));
+    sessionfleet_e2e::drop_namespace(&q).await;
+    t.drop_db().await;
+}
