@@ -19,7 +19,7 @@ use tokio::sync::Mutex;
 use crate::CancellationToken;
 use crate::config::Settings;
 use crate::jobs::{JobEnvelope, JobKind};
-use crate::lease::{self, HolderInfo, LeaseConfig, LeaseError};
+use crate::lease::{self, HolderInfo, LeaseConfig};
 use crate::ops::analytics::{self, AnalyticsParams, FleetFacts, JobCounts};
 use crate::ops::cleanup::{self, CleanupParams};
 use crate::ops::full::{self, FullParams};
@@ -273,7 +273,7 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
     };
 
     match result {
-        Err(e @ LeaseError::Busy { .. }) => JobOutcome::Deferred {
+        Err(e) if e.is_busy() => JobOutcome::Deferred {
             delay: lease_cfg.busy_delay(),
             reason: e.to_string(),
         },

@@ -126,13 +126,22 @@ pub async fn issue_token_after(
     floor: i64,
 ) -> Result<Fence, FenceError> {
     ensure_tables(db).await?;
-    let mut tx = db.begin_write().await?;
+    let busy = |e: sqlx::Error| {
+        if is_lock_wait_expired(&e) {
+            FenceError::Busy(name.to_string())
+        } else {
+            FenceError::Sql(e)
+        }
+    };
+    let mut tx = db.begin_write().await.map_err(busy)?;
     set_lock_timeout(&mut tx).await?;
     if !try_session_lock_xact(&mut tx, name).await? {
         tx.rollback().await?;
         return Err(FenceError::Busy(name.to_string()));
     }
-    let (current, _) = lock_row(&mut tx, name).await?;
+    // An older holder inside a batch keeps the row locked until it commits, or until the
+    // server ends its stalled session (store::STALLED_TRANSACTION_TIMEOUT).
+    let (current, _) = lock_row(&mut tx, name).await.map_err(busy)?;
     let token = current.max(floor) + 1;
     write_row(&mut tx, name, token, holder).await?;
     tx.commit().await?;
@@ -141,6 +150,18 @@ pub async fn issue_token_after(
         token,
         holder: holder.to_string(),
     })
+}
+
+/// True when a statement gave up waiting for a lock another session holds: PostgreSQL
+/// `lock_not_available`, MySQL/MariaDB 1205, SQLite `SQLITE_BUSY`.
+fn is_lock_wait_expired(e: &sqlx::Error) -> bool {
+    if crate::store::mysql_error_number(e) == Some(1205) {
+        return true;
+    }
+    match e {
+        sqlx::Error::Database(d) => matches!(d.code().as_deref(), Some("55P03" | "5" | "517")),
+        _ => false,
+    }
 }
 
 /// Reads the fence row of `name`, if any token was ever issued.

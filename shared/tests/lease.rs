@@ -811,3 +811,42 @@ async fn concurrent_fence_access_queues_instead_of_failing() {
         tdb.drop_db().await;
     }
 }
+
+/// A holder frozen *inside* a fenced transaction (a SIGSTOP between two statements of a
+/// batch) keeps the fence row locked. The next holder's token request gives up after the lock
+/// wait with `Busy` (so its job is deferred, not failed); once the server ends the stalled
+/// session, the next request gets a newer token, and the frozen holder's batch is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_frozen_mid_transaction_is_rolled_back_by_the_server() {
+    for engine in [Engine::Postgres] {
+        let t = TestDb::new(engine).await;
+        create_probe(&t.db).await;
+        let name = lease::fence_name(TARGET);
+        let stale = fence::issue_token(&t.db, &name, "frozen").await.unwrap();
+        // The frozen holder: a batch that wrote one row and never commits.
+        let mut tx = stale.begin(&t.db).await.unwrap();
+        let sql = tx.sql("INSERT INTO lease_probe (token, seq) VALUES (?, 1)");
+        sessionfleet::on_tx!(&mut tx, c => { sqlx::query(sql).bind(stale.token).execute(&mut *c).await.unwrap(); });
+
+        let first = fence::issue_token(&t.db, &name, "next").await;
+        assert!(
+            matches!(first, Err(FenceError::Busy(_))),
+            "{engine}: {first:?}"
+        );
+        // The server ends the stalled session after STALLED_TRANSACTION_TIMEOUT.
+        let newer = loop {
+            match fence::issue_token(&t.db, &name, "next").await {
+                Ok(f) => break f,
+                Err(FenceError::Busy(_)) => continue,
+                Err(e) => panic!("{engine}: {e}"),
+            }
+        };
+        assert!(newer.token > stale.token);
+        assert!(
+            tx.commit().await.is_err(),
+            "{engine}: the frozen batch commits nothing"
+        );
+        assert_eq!(rows_of(&t.db, stale.token).await, 0, "{engine}");
+        t.drop_db().await;
+    }
+}

@@ -130,9 +130,17 @@ pub enum LeaseError {
 }
 
 impl LeaseError {
-    /// True when the lease was simply busy: the job should be deferred, not failed.
+    /// True when the lease was simply busy — held in Redis, or its database fence still locked
+    /// by an older holder's transaction: the job should be deferred, not failed.
     pub fn is_busy(&self) -> bool {
-        matches!(self, LeaseError::Busy { .. })
+        matches!(
+            self,
+            LeaseError::Busy { .. }
+                | LeaseError::Token {
+                    source: FenceError::Busy(_),
+                    ..
+                }
+        )
     }
 }
 

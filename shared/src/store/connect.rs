@@ -160,6 +160,17 @@ pub struct DbInfo {
     pub url: String,
 }
 
+/// How long PostgreSQL lets one of our sessions sit idle inside a transaction before it ends
+/// the session and rolls the transaction back. Our transactions are short batches; a session
+/// idle in one is a frozen process (SIGSTOP, VM pause) whose row locks would otherwise keep
+/// the next lease holder from issuing its fencing token for as long as the freeze lasts.
+/// Below the default lease TTL, so the lock is gone by the time the lease can change hands.
+pub const STALLED_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// MySQL/MariaDB have no idle-in-transaction timeout; `wait_timeout` on our sessions ends a
+/// frozen holder's connection (and rolls back its transaction) after this long idle.
+pub const MYSQL_IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A connected database: the pool plus what is needed to speak its dialect.
 #[derive(Debug, Clone)]
 pub struct Db {
@@ -201,7 +212,11 @@ impl Db {
                 Engine::Postgres => {
                     let o = PgConnectOptions::from_str(url)
                         .map_err(bad_url)?
-                        .application_name("sessionfleet");
+                        .application_name("sessionfleet")
+                        .options([(
+                            "idle_in_transaction_session_timeout",
+                            STALLED_TRANSACTION_TIMEOUT.as_millis(),
+                        )]);
                     PgPoolOptions::new()
                         .max_connections(opts.max_connections)
                         .acquire_timeout(Duration::from_secs(10))
@@ -215,12 +230,20 @@ impl Db {
                     MySqlPoolOptions::new()
                         .max_connections(opts.max_connections)
                         .acquire_timeout(Duration::from_secs(10))
+                        // Retire idle connections before the server's wait_timeout does.
+                        .idle_timeout(MYSQL_IDLE_CONNECTION_TIMEOUT / 2)
                         .after_connect(|conn, _| {
                             Box::pin(async move {
                                 // UTC, so DATETIME comparisons mean the same as on the other engines.
                                 sqlx::query("SET time_zone = '+00:00'")
                                     .execute(&mut *conn)
                                     .await?;
+                                sqlx::query(sqlx::AssertSqlSafe(format!(
+                                    "SET SESSION wait_timeout = {}",
+                                    MYSQL_IDLE_CONNECTION_TIMEOUT.as_secs()
+                                )))
+                                .execute(&mut *conn)
+                                .await?;
                                 Ok(())
                             })
                         })
