@@ -255,7 +255,9 @@ pub async fn seed_demo(db: &Db, params: &SeedParams) -> Result<SeedReport, Store
     let mut pending: Vec<SessionRow> = Vec::with_capacity(SeedParams::ROWS_PER_STATEMENT);
     let mut statements_in_tx = 0;
     let mut tx = db.begin_write().await?;
-    grow_sqlite_cache(&mut tx).await?;
+    if !fresh {
+        grow_sqlite_cache(&mut tx).await?;
+    }
     for i in 0..params.sessions {
         let row = generate_session(
             &mut rng,
@@ -276,7 +278,9 @@ pub async fn seed_demo(db: &Db, params: &SeedParams) -> Result<SeedReport, Store
             if statements_in_tx == SeedParams::STATEMENTS_PER_TX {
                 tx.commit().await?;
                 tx = db.begin_write().await?;
-                grow_sqlite_cache(&mut tx).await?;
+                if !fresh {
+                    grow_sqlite_cache(&mut tx).await?;
+                }
                 statements_in_tx = 0;
             }
         }
