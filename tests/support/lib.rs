@@ -313,6 +313,18 @@ impl RedisServer {
         }
     }
 
+    /// Kills the server without saving and starts an empty one on the same port: everything
+    /// it held (queues, leases, token counters) is lost, as after a restart without
+    /// persistence or a failover to a replica that missed the writes.
+    pub fn crash_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(self.dir.path().join("dump.rdb"));
+        self.spawn();
+    }
+
     /// Starts again on the same port from the saved snapshot.
     pub fn restart(&mut self) {
         self.spawn();

@@ -1,5 +1,7 @@
 //! The lease with real worker processes: several workers on one database never write at the
-//! same time, and a holder paused past its TTL (SIGSTOP) is fenced out when it wakes.
+//! same time; a holder paused past its TTL (SIGSTOP) is fenced out when it wakes; Redis
+//! losing every lease and counter mid-run still leaves one writer; different databases are
+//! worked on in parallel by different workers. (kill -9 of a holder: tests/fleet.rs.)
 
 use std::time::Duration;
 
@@ -13,10 +15,14 @@ use sessionfleet::queue::{EnqueueOptions, Queue};
 use sessionfleet::seed::{SeedParams, seed_demo};
 use sessionfleet::store::{Engine, SchemaVersion};
 use sessionfleet::testing::{TestDb, redis_url, unique_namespace};
-use sessionfleet_e2e::{Worker, WorkerSpec, eventually, queue};
+use sessionfleet_e2e::{RedisServer, Worker, WorkerSpec, eventually, queue};
 
 fn spec(ns: &str, db_url: &str, label: &str, ttl_ms: &str) -> WorkerSpec {
-    let mut s = WorkerSpec::new(&redis_url(), ns, label);
+    spec_on(&redis_url(), ns, db_url, label, ttl_ms)
+}
+
+fn spec_on(redis: &str, ns: &str, db_url: &str, label: &str, ttl_ms: &str) -> WorkerSpec {
+    let mut s = WorkerSpec::new(redis, ns, label);
     s.env.push(("DATABASE_URL".into(), db_url.into()));
     s.env
         .push(("SESSIONFLEET_LEASE_TTL_MS".into(), ttl_ms.into()));
@@ -99,24 +105,6 @@ async fn three_workers_thirty_mutating_jobs_one_writer_at_a_time() {
         "every job's token was accepted and logged"
     );
     t.drop_db().await;
-}
-
-/// SIGSTOPs `w` at a moment when none of its connections is inside a transaction.
-#[allow(dead_code)] // called by the ignored SIGSTOP test, which clippy does not see as used
-async fn pause_between_batches(w: &Worker, t: &TestDb) {
-    let in_tx = "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%' OR \
-                 (datname = current_database() AND pid <> pg_backend_pid() AND state = 'active' AND xact_start IS NOT NULL)";
-    for _ in 0..200 {
-        w.signal("STOP");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if t.db.scalar_i64(in_tx).await.unwrap() == 0 {
-            return;
-        }
-        w.signal("CONT");
-        tokio::time::sleep(Duration::from_millis(7)).await;
-    }
-    panic!("never caught the holder between two batches");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,4 +207,145 @@ async fn a_holder_paused_past_its_ttl_is_fenced_out_when_it_wakes() {
     assert!(!a.log_text().contains("panicked"), "{}", a.log_text());
     drop(b);
     t.drop_db().await;
+}
+
+/// Small batches and no budget: a cleanup that runs long enough to be interrupted.
+fn slow_cleanup() -> CleanupParams {
+    CleanupParams {
+        batch_size: 10,
+        max_batch_size: 10,
+        budget_secs: None,
+        ..CleanupParams::default()
+    }
+}
+
+async fn seeded(engine: Engine, sessions: u64, seed: u64) -> TestDb {
+    let t = TestDb::new(engine).await;
+    seed_demo(
+        &t.db,
+        &SeedParams::new(sessions, seed, SchemaVersion::V2, chrono::Utc::now().naive_utc()),
+    )
+    .await
+    .unwrap();
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_its_data_mid_run_still_leaves_one_writer() {
+    let t = seeded(Engine::Postgres, 6000, 11).await;
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let ns = unique_namespace();
+    let _workers: Vec<Worker> = (0..2)
+        .map(|i| Worker::start(&spec_on(&url, &ns, &t.url, &format!("rl{i}"), "1000")))
+        .collect();
+    let q = queue(&url, &ns).await;
+    let first = envelope(OperationJob::Cleanup(slow_cleanup()));
+    q.enqueue(&first).await.unwrap();
+    eventually(Duration::from_secs(60), "a lease holder", || async {
+        lease::status(&q.connection(), &ns, "default", None)
+            .await
+            .ok()
+            .and_then(|s| s.holder)
+    })
+    .await;
+    let stale_token = eventually(Duration::from_secs(30), "the holder's first write", || async {
+        let log = fence::write_log(&t.db, &lease::fence_name("default")).await.ok()?;
+        log.last().map(|l| l.token)
+    })
+    .await;
+
+    // Queues, the lease and the token counter are gone; the holder keeps working until its
+    // renewal finds the lease missing.
+    redis.crash_and_restart();
+    let second = envelope(OperationJob::Cleanup(CleanupParams::default()));
+    eventually(Duration::from_secs(30), "enqueue after the restart", || async {
+        q.enqueue(&second).await.ok()
+    })
+    .await;
+    let done = eventually(Duration::from_secs(120), "the run after the restart", || async {
+        q.result(second.job_id).await.ok().flatten()
+    })
+    .await;
+    assert!(done.error.is_none(), "{:?}", done.error);
+    // The Redis counter restarted at zero, yet the new holder got a token above the old one
+    // (the database is the authority) and was not fenced out.
+    let newer = fence::inspect(&t.db, &lease::fence_name("default"))
+        .await
+        .unwrap()
+        .unwrap()
+        .token;
+    assert!(newer > stale_token, "{newer} > {stale_token}");
+    assert!(assert_single_writer(&t).await >= 2);
+    let remaining = t
+        .db
+        .scalar_i64(&format!(
+            "SELECT COUNT(*) FROM user_sessions WHERE expires_at < '{}'",
+            done.started_at.naive_utc().format("%Y-%m-%d %H:%M:%S")
+        ))
+        .await
+        .unwrap();
+    assert_eq!(remaining, 0, "the run after the restart finished the cleanup");
+    t.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_databases_are_worked_on_in_parallel_by_different_workers() {
+    let dbs = [
+        seeded(Engine::Sqlite, 4000, 12).await,
+        seeded(Engine::Sqlite, 4000, 13).await,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("targets.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "default_target = \"a\"\n[targets.a]\nurl = \"{}\"\n[targets.b]\nurl = \"{}\"\n",
+            dbs[0].url, dbs[1].url
+        ),
+    )
+    .unwrap();
+    let ns = unique_namespace();
+    let workers: Vec<Worker> = (0..2)
+        .map(|i| {
+            let mut s = spec(&ns, &dbs[0].url, &format!("tt{i}"), "3000");
+            s.concurrency = 1;
+            s.env
+                .push(("SESSIONFLEET_CONFIG".into(), config.display().to_string()));
+            Worker::start(&s)
+        })
+        .collect();
+    let q = queue(&redis_url(), &ns).await;
+    let job = OperationJob::Cleanup(slow_cleanup());
+    let envs: Vec<JobEnvelope> = ["a", "b"]
+        .iter()
+        .map(|target| JobEnvelope::new(job.kind(), *target, job.params(), "lease-e2e"))
+        .collect();
+    q.enqueue_batch(envs.clone(), EnqueueOptions::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(180), "both runs", || async {
+        all_done(&q, &envs).await.then_some(())
+    })
+    .await;
+    let a = q.result(envs[0].job_id).await.unwrap().unwrap();
+    let b = q.result(envs[1].job_id).await.unwrap().unwrap();
+    assert!(a.error.is_none() && b.error.is_none(), "{a:?} {b:?}");
+    assert_ne!(a.worker, b.worker, "each database had its own worker");
+    assert!(
+        a.started_at < b.finished_at && b.started_at < a.finished_at,
+        "the runs overlapped in time: a {}..{}, b {}..{}",
+        a.started_at,
+        a.finished_at,
+        b.started_at,
+        b.finished_at
+    );
+    for (d, target) in dbs.iter().zip(["a", "b"]) {
+        let log = fence::write_log(&d.db, &lease::fence_name(target)).await.unwrap();
+        assert!(!log.is_empty(), "target {target} was written under its own fence");
+    }
+    drop(workers);
+    for d in dbs {
+        d.drop_db().await;
+    }
 }

@@ -63,8 +63,10 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
 /// to ride out a stalled runtime on a busy machine, short enough that a killed worker's job
 /// resumes well within a minute.
 pub const MISSED_HEARTBEATS: usize = 5;
-/// Jobs one fetch claims. Small, because a claimed batch belongs to one worker until done.
-pub const FETCH_BATCH: usize = 10;
+/// Jobs one fetch claims from the operation queues. One: operation jobs run for seconds to
+/// minutes and a claimed job belongs to its worker until done, so a larger claim would let
+/// one busy worker sit on jobs for other databases while its peers idle.
+pub const FETCH_BATCH: usize = 1;
 /// Jobs per fetch for the diagnostic queue, where jobs are tiny.
 pub const DIAG_FETCH_BATCH: usize = 100;
 /// Lifetime of a dedupe marker: a second job with the same key is dropped for this long.
