@@ -223,7 +223,12 @@ async fn seeded(engine: Engine, sessions: u64, seed: u64) -> TestDb {
     let t = TestDb::new(engine).await;
     seed_demo(
         &t.db,
-        &SeedParams::new(sessions, seed, SchemaVersion::V2, chrono::Utc::now().naive_utc()),
+        &SeedParams::new(
+            sessions,
+            seed,
+            SchemaVersion::V2,
+            chrono::Utc::now().naive_utc(),
+        ),
     )
     .await
     .unwrap();
@@ -249,23 +254,33 @@ async fn redis_losing_its_data_mid_run_still_leaves_one_writer() {
             .and_then(|s| s.holder)
     })
     .await;
-    let stale_token = eventually(Duration::from_secs(30), "the holder's first write", || async {
-        let log = fence::write_log(&t.db, &lease::fence_name("default")).await.ok()?;
-        log.last().map(|l| l.token)
-    })
+    let stale_token = eventually(
+        Duration::from_secs(30),
+        "the holder's first write",
+        || async {
+            let log = fence::write_log(&t.db, &lease::fence_name("default"))
+                .await
+                .ok()?;
+            log.last().map(|l| l.token)
+        },
+    )
     .await;
 
     // Queues, the lease and the token counter are gone; the holder keeps working until its
     // renewal finds the lease missing.
     redis.crash_and_restart();
     let second = envelope(OperationJob::Cleanup(CleanupParams::default()));
-    eventually(Duration::from_secs(30), "enqueue after the restart", || async {
-        q.enqueue(&second).await.ok()
-    })
+    eventually(
+        Duration::from_secs(30),
+        "enqueue after the restart",
+        || async { q.enqueue(&second).await.ok() },
+    )
     .await;
-    let done = eventually(Duration::from_secs(120), "the run after the restart", || async {
-        q.result(second.job_id).await.ok().flatten()
-    })
+    let done = eventually(
+        Duration::from_secs(120),
+        "the run after the restart",
+        || async { q.result(second.job_id).await.ok().flatten() },
+    )
     .await;
     assert!(done.error.is_none(), "{:?}", done.error);
     // The Redis counter restarted at zero, yet the new holder got a token above the old one
@@ -277,15 +292,17 @@ async fn redis_losing_its_data_mid_run_still_leaves_one_writer() {
         .token;
     assert!(newer > stale_token, "{newer} > {stale_token}");
     assert!(assert_single_writer(&t).await >= 2);
-    let remaining = t
-        .db
-        .scalar_i64(&format!(
+    let remaining =
+        t.db.scalar_i64(&format!(
             "SELECT COUNT(*) FROM user_sessions WHERE expires_at < '{}'",
             done.started_at.naive_utc().format("%Y-%m-%d %H:%M:%S")
         ))
         .await
         .unwrap();
-    assert_eq!(remaining, 0, "the run after the restart finished the cleanup");
+    assert_eq!(
+        remaining, 0,
+        "the run after the restart finished the cleanup"
+    );
     t.drop_db().await;
 }
 
@@ -341,8 +358,13 @@ async fn different_databases_are_worked_on_in_parallel_by_different_workers() {
         b.finished_at
     );
     for (d, target) in dbs.iter().zip(["a", "b"]) {
-        let log = fence::write_log(&d.db, &lease::fence_name(target)).await.unwrap();
-        assert!(!log.is_empty(), "target {target} was written under its own fence");
+        let log = fence::write_log(&d.db, &lease::fence_name(target))
+            .await
+            .unwrap();
+        assert!(
+            !log.is_empty(),
+            "target {target} was written under its own fence"
+        );
     }
     drop(workers);
     for d in dbs {

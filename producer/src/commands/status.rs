@@ -19,35 +19,29 @@ fn section<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Value 
     }
 }
 
-/// Prints the status.
+/// Prints the status. Targets, the parts of each target and the fleet are gathered
+/// concurrently: the answer takes as long as the slowest part, not the sum of all.
 pub async fn run(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
-    let quick = ConnectOptions {
-        attempts: 1,
-        ..ConnectOptions::default()
-    };
-    let mut targets = serde_json::Map::new();
-    let mut critical = false;
-    for target in inv.targets()? {
-        let entry = match Db::connect(&target.url, &quick).await {
-            Err(e) => json!({ "error": e.to_string() }),
-            Ok(db) => {
-                let cparams = plan::cleanup_params(inv.settings, target, &CleanupAsk::default())?;
-                let hparams = plan::health_params(inv.settings, target)?;
-                let stats = section(cleanup::stats(&db, &cparams).await);
-                let health = analytics::health_report(&db, &hparams).await;
-                if let Ok(h) = &health {
-                    critical |= h.health_status.overall_health == analytics::Health::Critical;
-                }
-                let health = section(health.map(|h| h.health_status));
-                let dbstats = section(maintenance::statistics(&db).await);
-                db.close().await;
-                json!({ "cleanup": stats, "health": health, "database": dbstats })
-            }
-        };
-        targets.insert(target.name.clone(), entry);
+    let targets = inv.targets()?;
+    let mut prepared = Vec::with_capacity(targets.len());
+    for target in targets {
+        let cparams = plan::cleanup_params(inv.settings, target, &CleanupAsk::default())?;
+        let hparams = plan::health_params(inv.settings, target)?;
+        prepared.push((target, cparams, hparams));
     }
-    let fleet = fleet_status(inv).await;
-    let doc = json!({ "targets": targets, "fleet": fleet });
+    let per_target = futures::future::join_all(
+        prepared
+            .iter()
+            .map(|(target, cparams, hparams)| target_status(&target.url, cparams, hparams)),
+    );
+    let (entries, fleet) = tokio::join!(per_target, fleet_status(inv));
+    let mut doc_targets = serde_json::Map::new();
+    let mut critical = false;
+    for ((target, _, _), (entry, is_critical)) in prepared.iter().zip(entries) {
+        critical |= is_critical;
+        doc_targets.insert(target.name.clone(), entry);
+    }
+    let doc = json!({ "targets": doc_targets, "fleet": fleet });
     if inv.out.json {
         inv.out.print_json(&doc);
     } else {
@@ -60,20 +54,60 @@ pub async fn run(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
     })
 }
 
+/// One target's cleanup statistics, health and database statistics, and whether its health
+/// is critical. A database that cannot be reached becomes an `error` entry.
+async fn target_status(
+    url: &str,
+    cparams: &cleanup::CleanupParams,
+    hparams: &analytics::HealthParams,
+) -> (Value, bool) {
+    let quick = ConnectOptions {
+        attempts: 1,
+        ..ConnectOptions::default()
+    };
+    let db = match Db::connect(url, &quick).await {
+        Ok(db) => db,
+        Err(e) => return (json!({ "error": e.to_string() }), false),
+    };
+    let (stats, health, dbstats) = tokio::join!(
+        cleanup::stats(&db, cparams),
+        analytics::health_report(&db, hparams),
+        maintenance::statistics(&db)
+    );
+    db.close().await;
+    let critical =
+        matches!(&health, Ok(h) if h.health_status.overall_health == analytics::Health::Critical);
+    let entry = json!({
+        "cleanup": section(stats),
+        "health": section(health.map(|h| h.health_status)),
+        "database": section(dbstats),
+    });
+    (entry, critical)
+}
+
 async fn fleet_status(inv: &Invocation<'_>) -> Value {
     let queue = match Queue::connect_with_patience(inv.settings, REDIS_PATIENCE).await {
         Ok(q) => q,
         Err(e) => return json!({ "error": e.to_string() }),
     };
-    let mut last_runs = serde_json::Map::new();
-    for name in inv.settings.targets.keys() {
-        last_runs.insert(name.clone(), section(queue.recent_runs(name, 5).await));
-    }
+    let names: Vec<&String> = inv.settings.targets.keys().collect();
+    let (runs, depths, dead, workers, leases) = tokio::join!(
+        futures::future::join_all(names.iter().map(|name| queue.recent_runs(name, 5))),
+        queue.queue_depths(),
+        queue.dead_letter_count(),
+        queue.live_workers(None),
+        lease::holders(&queue.connection(), &inv.settings.namespace.value),
+    );
+    let last_runs: serde_json::Map<String, Value> = names
+        .into_iter()
+        .zip(runs)
+        .map(|(name, r)| (name.clone(), section(r)))
+        .collect();
     json!({
-        "queues": section(queue.queue_depths().await),
-        "dead_letters": section(queue.dead_letter_count().await),
-        "workers": section(queue.live_workers(None).await),
-        "leases": section(lease::holders(&queue.connection(), &inv.settings.namespace.value).await.map(|v| {
+        "queues": section(depths),
+        "dead_letters": section(dead),
+        "workers": section(workers),
+        "leases": section(leases.map(|v| {
             v.into_iter().map(|(t, h)| json!({"target": t, "holder": h})).collect::<Vec<_>>()
         })),
         "last_runs": last_runs,

@@ -81,23 +81,36 @@ impl Cell {
     }
 }
 
-/// Runs queries on one database and records their timings.
+/// Runs queries on one database and records their timings. Shared by reference, so several
+/// queries can run at once on the pool's connections.
 pub(crate) struct Probe<'a> {
     db: &'a Db,
-    pub(crate) timings: Vec<QueryTiming>,
+    timings: std::sync::Mutex<Vec<QueryTiming>>,
 }
 
 impl<'a> Probe<'a> {
     pub(crate) fn new(db: &'a Db) -> Probe<'a> {
         Probe {
             db,
-            timings: Vec::new(),
+            timings: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// The timings recorded, in the order of `order` (names not listed come last).
+    pub(crate) fn into_timings(self, order: &[&str]) -> Vec<QueryTiming> {
+        let mut t = self.timings.into_inner().unwrap_or_else(|p| p.into_inner());
+        t.sort_by_key(|q| {
+            order
+                .iter()
+                .position(|n| *n == q.name)
+                .unwrap_or(order.len())
+        });
+        t
     }
 
     /// Runs `sql` (with `?` placeholders) and decodes every row by `kinds`.
     pub(crate) async fn rows(
-        &mut self,
+        &self,
         name: &str,
         sql: String,
         args: &[Arg],
@@ -136,17 +149,21 @@ impl<'a> Probe<'a> {
             }
             out
         });
-        self.timings.push(QueryTiming {
+        let timing = QueryTiming {
             name: name.to_string(),
             millis: started.elapsed().as_secs_f64() * 1000.0,
             rows: rows.len() as u64,
-        });
+        };
+        self.timings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(timing);
         Ok(rows)
     }
 
     /// Runs a query expected to return exactly one row (an aggregate).
     pub(crate) async fn one(
-        &mut self,
+        &self,
         name: &str,
         sql: String,
         args: &[Arg],
