@@ -726,3 +726,40 @@ async fn jobs_and_lease_commands_show_and_repair_what_the_fleet_holds() {
     sessionfleet_e2e::drop_namespace(&q).await;
     t.drop_db().await;
 }
+
+/// Status with Redis down, then with the database down: each part says what is wrong in one
+/// line, the rest is still reported, and no password is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_degrades_part_by_part_when_redis_or_the_database_is_down() {
+    let t = seeded(Engine::Sqlite, 500).await;
+    let mut cli = Cli::new(&t.url);
+    cli.redis = format!("redis://:hunter2@127.0.0.1:{}", free_port());
+    let doc = cli.json(&["maintenance", "--status", "--json"]);
+    assert_eq!(
+        doc["targets"]["default"]["cleanup"]["total_sessions"].as_i64(),
+        Some(total(&t).await),
+        "{doc}"
+    );
+    let fleet_error = doc["fleet"]["error"].as_str().expect("fleet error");
+    assert!(fleet_error.contains("127.0.0.1"), "{fleet_error}");
+    assert!(!doc.to_string().contains("hunter2"), "{doc}");
+    let text = cli.run(&["maintenance", "--status"]);
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(stdout.contains("Fleet:\n  unavailable:"), "{stdout}");
+    assert!(stdout.contains("Total Sessions: 500"), "{stdout}");
+
+    // Database down (a PostgreSQL port nobody listens on), Redis up.
+    let mut cli = Cli::new(&format!(
+        "postgres://app:hunter2@127.0.0.1:{}/app",
+        free_port()
+    ));
+    cli.redis = redis_url();
+    let doc = cli.json(&["maintenance", "--status", "--json"]);
+    let db_error = doc["targets"]["default"]["error"]
+        .as_str()
+        .expect("target error");
+    assert!(db_error.contains("cannot connect"), "{db_error}");
+    assert!(doc["fleet"]["queues"].is_array(), "{doc}");
+    assert!(!doc.to_string().contains("hunter2"), "{doc}");
+    t.drop_db().await;
+}

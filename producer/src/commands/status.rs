@@ -91,12 +91,13 @@ async fn fleet_status(inv: &Invocation<'_>) -> Value {
         Err(e) => return json!({ "error": e.to_string() }),
     };
     let names: Vec<&String> = inv.settings.targets.keys().collect();
+    let redis = queue.connection();
     let (runs, depths, dead, workers, leases) = tokio::join!(
         futures::future::join_all(names.iter().map(|name| queue.recent_runs(name, 5))),
         queue.queue_depths(),
         queue.dead_letter_count(),
         queue.live_workers(None),
-        lease::holders(&queue.connection(), &inv.settings.namespace.value),
+        lease::holders(&redis, &inv.settings.namespace.value),
     );
     let last_runs: serde_json::Map<String, Value> = names
         .into_iter()
