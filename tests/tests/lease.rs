@@ -79,7 +79,7 @@ async fn three_workers_thirty_mutating_jobs_one_writer_at_a_time() {
     .await
     .unwrap();
     let ns = unique_namespace();
-    let _workers: Vec<Worker> = (0..3)
+    let workers: Vec<Worker> = (0..3)
         .map(|i| Worker::start(&spec(&ns, &t.url, &format!("w{i}"), "3000")))
         .collect();
     let q = queue(&redis_url(), &ns).await;
@@ -104,6 +104,24 @@ async fn three_workers_thirty_mutating_jobs_one_writer_at_a_time() {
         30,
         "every job's token was accepted and logged"
     );
+    // The workers' metrics agree: 30 acquisitions in all, none held any more.
+    let mut acquired = 0.0;
+    for w in &workers {
+        let (_, body) = sessionfleet_e2e::http_get(w.metrics_port, "/metrics")
+            .await
+            .expect("metrics");
+        acquired += metric(
+            &body,
+            "sessionfleet_lease_acquisitions_total",
+            "result=\"acquired\"",
+        );
+        assert_eq!(
+            metric(&body, "sessionfleet_lease_holds", "target="),
+            0.0,
+            "{body}"
+        );
+    }
+    assert_eq!(acquired, 30.0);
     t.drop_db().await;
 }
 
@@ -207,6 +225,14 @@ async fn a_holder_paused_past_its_ttl_is_fenced_out_when_it_wakes() {
     assert!(!a.log_text().contains("panicked"), "{}", a.log_text());
     drop(b);
     t.drop_db().await;
+}
+
+/// The sum of the samples of `name` whose labels contain `label` (0 when absent).
+fn metric(body: &str, name: &str, label: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Small batches and no budget: a cleanup that runs long enough to be interrupted.

@@ -374,8 +374,6 @@ async fn gauges(
     prom: metrics_exporter_prometheus::PrometheusHandle,
     stop: CancellationToken,
 ) {
-    // Placeholder until the lease is wired into the runner: always 0 here.
-    metrics::gauge!("sessionfleet_lease_holds").set(0.0);
     loop {
         if let Ok(depths) = queue.queue_depths().await {
             for d in depths {

@@ -195,6 +195,8 @@ impl Keeper {
             return;
         }
         tracing::warn!(target = %self.target, %reason, "lease lost; cancelling the operation");
+        metrics::counter!("sessionfleet_lease_losses_total", "target" => self.target.clone())
+            .increment(1);
         *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
         self.cancel_on_loss.cancel();
     }

@@ -179,6 +179,22 @@ fn check_name(name: &str) -> Result<(), LeaseError> {
     Ok(())
 }
 
+/// `sessionfleet_lease_holds{target}`: leases this process holds, up while a [`Lease`] lives.
+struct HoldGauge(String);
+
+impl HoldGauge {
+    fn new(target: &str) -> HoldGauge {
+        metrics::gauge!("sessionfleet_lease_holds", "target" => target.to_string()).increment(1.0);
+        HoldGauge(target.to_string())
+    }
+}
+
+impl Drop for HoldGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("sessionfleet_lease_holds", "target" => self.0.clone()).decrement(1.0);
+    }
+}
+
 /// A held lease: the Redis key is ours and the database granted [`Lease::fence`].
 ///
 /// Dropping it stops its keeper; the Redis key then expires after the TTL. Call
@@ -191,6 +207,8 @@ pub struct Lease {
     fence: Fence,
     holder: HolderInfo,
     cfg: LeaseConfig,
+    /// Counts this lease in `sessionfleet_lease_holds` while it exists.
+    _held: HoldGauge,
     /// Until when the lease is surely ours (measured from before the last successful
     /// renewal was sent). Shared with the keeper.
     valid_until: Arc<Mutex<Instant>>,
@@ -236,6 +254,7 @@ pub async fn try_acquire(
         .invoke_async(&mut con)
         .await?;
     let Some(counter) = counter else {
+        metrics::counter!("sessionfleet_lease_acquisitions_total", "target" => target.to_string(), "result" => "busy").increment(1);
         return Ok(None);
     };
 
@@ -276,6 +295,7 @@ pub async fn try_acquire(
         return Err(LeaseError::LostWhileAcquiring(target.to_string()));
     }
     tracing::debug!(target, token = fence.token, worker = %holder.worker, job_id = %holder.job_id, "lease acquired");
+    metrics::counter!("sessionfleet_lease_acquisitions_total", "target" => target.to_string(), "result" => "acquired").increment(1);
     Ok(Some(Lease {
         namespace: namespace.to_string(),
         target: target.to_string(),
@@ -288,6 +308,7 @@ pub async fn try_acquire(
         },
         fence,
         cfg: cfg.clone(),
+        _held: HoldGauge::new(target),
         valid_until: Arc::new(Mutex::new(sent + cfg.ttl)),
         stop: CancellationToken::new(),
     }))
