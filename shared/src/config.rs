@@ -122,6 +122,13 @@ pub const KEYS: &[Key] = &[
         help: "Redis holding queues, leases and results",
     },
     Key {
+        env: "REDIS_CA_CERT",
+        file: "redis_ca_cert",
+        default: "",
+        form: "the path of a readable PEM file",
+        help: "CA certificate(s) that signed the rediss:// server's certificate (default: the public web roots)",
+    },
+    Key {
         env: "SESSION_CLEANUP_INTERVAL",
         file: "cleanup_interval",
         default: "3600",
@@ -305,6 +312,8 @@ pub struct Settings {
     /// Redis URL (may contain a password).
     #[serde(skip)]
     pub redis_url: Sourced<String>,
+    /// CA bundle for `rediss://` servers with a private CA; `None` = the public web roots.
+    pub redis_ca_cert: Sourced<Option<PathBuf>>,
     /// Seconds between scheduled cleanups.
     pub cleanup_interval: Sourced<u64>,
     /// Starting batch size.
@@ -404,6 +413,7 @@ impl Settings {
                 .get("SESSION_METRICS_RETENTION_DAYS", range_u32(1, 3650))?,
             alert_thresholds_file: layers
                 .get("SESSION_ALERT_THRESHOLDS_FILE", parse_readable_file)?,
+            redis_ca_cert: layers.get("REDIS_CA_CERT", parse_readable_file)?,
             cleanup_target_batch_ms: layers
                 .get("SESSION_CLEANUP_TARGET_BATCH_MS", range_u64(1, 60_000))?,
             namespace: layers.get("SESSIONFLEET_NAMESPACE", parse_namespace)?,
@@ -526,6 +536,14 @@ impl Settings {
                 "REDIS_URL".to_string(),
                 redact_url(&self.redis_url.value),
                 self.redis_url.source.clone(),
+            ),
+            (
+                "REDIS_CA_CERT".into(),
+                self.redis_ca_cert
+                    .value
+                    .as_ref()
+                    .map_or("(public web roots)".into(), |p| p.display().to_string()),
+                self.redis_ca_cert.source.clone(),
             ),
             row("SESSION_CLEANUP_INTERVAL", &self.cleanup_interval),
             row("SESSION_CLEANUP_BATCH_SIZE", &self.cleanup_batch_size),

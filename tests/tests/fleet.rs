@@ -382,3 +382,64 @@ async fn restart_with_the_same_host_and_pid_is_never_refused() {
     );
     drop_namespace(&queue).await;
 }
+
+/// TLS Redis (`rediss://`) with a password and a private CA: the worker and the CLI run a
+/// cleanup through it when told the CA (`REDIS_CA_CERT`); without it the certificate is
+/// refused in one line; the password appears nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_redis_with_a_password_and_a_private_ca_carries_the_fleet() {
+    use sessionfleet::seed::{SeedParams, seed_demo};
+    use sessionfleet::store::{Engine, SchemaVersion};
+    use sessionfleet::testing::TestDb;
+
+    const PASSWORD: &str = "tls-s3cret-pw";
+    let (redis, ca) = RedisServer::start_tls(PASSWORD);
+    let url = format!("rediss://:{PASSWORD}@127.0.0.1:{}", redis.port);
+    let ns = unique_namespace();
+    let t = TestDb::new(Engine::Sqlite).await;
+    seed_demo(
+        &t.db,
+        &SeedParams::new(400, 21, SchemaVersion::V2, chrono::Utc::now().naive_utc()),
+    )
+    .await
+    .unwrap();
+    let ca = ca.display().to_string();
+    let mut spec = WorkerSpec::new(&url, &ns, "tls");
+    spec.queues = "cleanup".into();
+    spec.env.push(("DATABASE_URL".into(), t.url.clone()));
+    spec.env.push(("REDIS_CA_CERT".into(), ca.clone()));
+    let w = Worker::start(&spec);
+
+    let cli = |args: &[&str], with_ca: bool| {
+        let mut c = std::process::Command::new(binaries().join("sessionfleet"));
+        c.args(args)
+            .env("DATABASE_URL", &t.url)
+            .env("REDIS_URL", &url)
+            .env("SESSIONFLEET_NAMESPACE", &ns)
+            .env_remove("SESSIONFLEET_CONFIG")
+            .env_remove("REDIS_CA_CERT");
+        if with_ca {
+            c.env("REDIS_CA_CERT", &ca);
+        }
+        c.output().expect("run sessionfleet")
+    };
+    let out = cli(&["cleanup", "--once", "--json", "--timeout", "120"], true);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["expired_sessions_cleaned"].as_i64().unwrap() > 0,
+        "{report}"
+    );
+
+    let refused = cli(&["jobs", "dead"], false);
+    assert_eq!(refused.status.code(), Some(5), "fleet unreachable");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+
+    for text in [stderr.to_string(), err.to_string(), w.log_text()] {
+        assert!(!text.contains(PASSWORD), "password leaked: {text}");
+    }
+    t.drop_db().await;
+}

@@ -192,11 +192,14 @@ impl Queue {
     ) -> Result<Queue, QueueError> {
         let url = settings.redis_url.value.clone();
         let redacted = redact_url(&url);
-        let client = redis::Client::open(url.as_str()).map_err(|e| QueueError::Unreachable {
-            url: redacted.clone(),
-            attempts: 0,
-            reason: crate::secret::redact_text(&e.to_string(), &url),
-        })?;
+        let client =
+            redis_client(&url, settings.redis_ca_cert.value.as_deref()).map_err(|reason| {
+                QueueError::Unreachable {
+                    url: redacted.clone(),
+                    attempts: 0,
+                    reason,
+                }
+            })?;
         let started = std::time::Instant::now();
         let mut attempt = 0u32;
         let conn = loop {
@@ -334,6 +337,31 @@ impl Queue {
         }
         Ok(out)
     }
+}
+
+/// A Redis client for `url`; with `ca_cert`, `rediss://` servers are verified against that
+/// PEM bundle instead of the public web roots. Errors are one line, password removed.
+fn redis_client(url: &str, ca_cert: Option<&std::path::Path>) -> Result<redis::Client, String> {
+    let scrub = |e: redis::RedisError| crate::secret::redact_text(&e.to_string(), url);
+    let Some(path) = ca_cert else {
+        return redis::Client::open(url).map_err(scrub);
+    };
+    if !url.to_ascii_lowercase().starts_with("rediss://") {
+        return Err(format!(
+            "REDIS_CA_CERT ({}) is set but REDIS_URL is not a rediss:// (TLS) URL",
+            path.display()
+        ));
+    }
+    let pem = std::fs::read(path)
+        .map_err(|e| format!("cannot read REDIS_CA_CERT {}: {e}", path.display()))?;
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        },
+    )
+    .map_err(scrub)
 }
 
 fn manager_config() -> ConnectionManagerConfig {
