@@ -59,6 +59,24 @@ pub fn binaries() -> &'static Path {
     })
 }
 
+/// Sessions a cleanup must delete now under the v2 rules and the default max age (48 h),
+/// counted by SQL written independently of the tool.
+pub async fn doomed_v2(db: &sessionfleet::store::Db) -> i64 {
+    let now = chrono::Utc::now().naive_utc();
+    let cutoff = (now - chrono::Duration::seconds(172_800))
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    let stamp = now.format("%Y-%m-%d %H:%M:%S").to_string();
+    db.scalar_i64(&format!(
+        "SELECT COUNT(*) FROM user_sessions s WHERE s.expires_at < '{stamp}' \
+         OR (s.is_active = FALSE AND s.last_activity < '{cutoff}') \
+         OR NOT EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id) \
+         OR EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id AND u.is_active = FALSE)"
+    ))
+    .await
+    .expect("count doomed sessions")
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

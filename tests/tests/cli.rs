@@ -88,18 +88,7 @@ async fn seeded(engine: Engine, sessions: u64) -> TestDb {
 
 /// Sessions a cleanup must delete (v2 rules), counted independently of the tool.
 async fn doomed(t: &TestDb) -> i64 {
-    let cutoff = (now() - chrono::Duration::seconds(172_800))
-        .format("%Y-%m-%d %H:%M:%S")
-        .to_string();
-    let stamp = now().format("%Y-%m-%d %H:%M:%S").to_string();
-    t.db.scalar_i64(&format!(
-        "SELECT COUNT(*) FROM user_sessions s WHERE s.expires_at < '{stamp}' \
-         OR (s.is_active = FALSE AND s.last_activity < '{cutoff}') \
-         OR NOT EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id) \
-         OR EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id AND u.is_active = FALSE)"
-    ))
-    .await
-    .unwrap()
+    sessionfleet_e2e::doomed_v2(&t.db).await
 }
 
 async fn total(t: &TestDb) -> i64 {
