@@ -401,7 +401,10 @@ async fn different_databases_are_worked_on_in_parallel_by_different_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_holder_is_replaced_and_nothing_is_lost_or_deleted_twice() {
     let t = seeded(Engine::Postgres, 6000, 14).await;
-    let before = t.db.scalar_i64("SELECT COUNT(*) FROM user_sessions").await.unwrap();
+    let before =
+        t.db.scalar_i64("SELECT COUNT(*) FROM user_sessions")
+            .await
+            .unwrap();
     let doomed = sessionfleet_e2e::doomed_v2(&t.db).await;
     assert!(doomed > 1000);
     let ns = unique_namespace();
@@ -418,9 +421,11 @@ async fn a_killed_holder_is_replaced_and_nothing_is_lost_or_deleted_twice() {
             .and_then(|s| s.holder)
     })
     .await;
-    eventually(Duration::from_secs(30), "the holder's first batch", || async {
-        (sessionfleet_e2e::doomed_v2(&t.db).await < doomed).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the holder's first batch",
+        || async { (sessionfleet_e2e::doomed_v2(&t.db).await < doomed).then_some(()) },
+    )
     .await;
     let victim = workers
         .iter()
@@ -431,15 +436,35 @@ async fn a_killed_holder_is_replaced_and_nothing_is_lost_or_deleted_twice() {
 
     // The claimed job is recovered from the dead worker, the lease expires, and the other
     // worker finishes the cleanup.
-    let done = eventually(Duration::from_secs(120), "the job after the kill", || async {
-        q.result(job.job_id).await.ok().flatten()
-    })
+    let done = eventually(
+        Duration::from_secs(120),
+        "the job after the kill",
+        || async { q.result(job.job_id).await.ok().flatten() },
+    )
     .await;
     assert!(done.error.is_none(), "{:?}", done.error);
-    assert!(!done.worker.contains(&format!("-{killed}-")), "{}", done.worker);
-    assert_eq!(sessionfleet_e2e::doomed_v2(&t.db).await, 0, "nothing left behind");
-    let after = t.db.scalar_i64("SELECT COUNT(*) FROM user_sessions").await.unwrap();
-    assert_eq!(after, before - doomed, "exactly the doomed sessions are gone");
-    assert!(assert_single_writer(&t).await >= 2, "two holders wrote, one after the other");
+    assert!(
+        !done.worker.contains(&format!("-{killed}-")),
+        "{}",
+        done.worker
+    );
+    assert_eq!(
+        sessionfleet_e2e::doomed_v2(&t.db).await,
+        0,
+        "nothing left behind"
+    );
+    let after =
+        t.db.scalar_i64("SELECT COUNT(*) FROM user_sessions")
+            .await
+            .unwrap();
+    assert_eq!(
+        after,
+        before - doomed,
+        "exactly the doomed sessions are gone"
+    );
+    assert!(
+        assert_single_writer(&t).await >= 2,
+        "two holders wrote, one after the other"
+    );
     t.drop_db().await;
 }

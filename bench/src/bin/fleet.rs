@@ -214,7 +214,9 @@ async fn main() -> anyhow::Result<()> {
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let d = q.queue_depths().await?;
-        if d.iter().all(|d| d.queue != "diag" || d.ready + d.running == 0) {
+        if d.iter()
+            .all(|d| d.queue != "diag" || d.ready + d.running == 0)
+        {
             break;
         }
         if t.elapsed() > Duration::from_secs(1800) {
@@ -226,8 +228,16 @@ async fn main() -> anyhow::Result<()> {
         let results = futures::future::join_all(chunk.iter().map(|id| q.result(*id))).await;
         for r in results {
             let r = r?.context("a job has no result")?;
-            first = Some(first.map_or(r.started_at, |f: chrono::DateTime<chrono::Utc>| f.min(r.started_at)));
-            last = Some(last.map_or(r.finished_at, |l: chrono::DateTime<chrono::Utc>| l.max(r.finished_at)));
+            first = Some(
+                first.map_or(r.started_at, |f: chrono::DateTime<chrono::Utc>| {
+                    f.min(r.started_at)
+                }),
+            );
+            last = Some(
+                last.map_or(r.finished_at, |l: chrono::DateTime<chrono::Utc>| {
+                    l.max(r.finished_at)
+                }),
+            );
         }
     }
     let window = (last.context("no results")? - first.context("no results")?)
