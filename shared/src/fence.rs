@@ -396,11 +396,27 @@ async fn log_write(tx: &mut DbTx<'_>, fence: &Fence) -> Result<(), sqlx::Error> 
 }
 
 /// One pinned connection holding the engine's session lock for a lease, for statements that
-/// cannot run inside a transaction. Dropping it returns the connection; call
-/// [`SessionLock::release`] to unlock explicitly (the server also unlocks on disconnect).
+/// cannot run inside a transaction. [`SessionLock::release`] unlocks and returns the
+/// connection to the pool. Dropped without `release` (an error, a cancelled task), the
+/// connection is closed instead, so the server ends the session and its lock with it: a
+/// pooled connection never carries a forgotten session lock to its next user.
 pub struct SessionLock {
     conn: LockedConn,
     fence: Fence,
+    released: bool,
+}
+
+impl Drop for SessionLock {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        match &mut self.conn {
+            LockedConn::Sqlite(c) => c.close_on_drop(),
+            LockedConn::Postgres(c) => c.close_on_drop(),
+            LockedConn::MySql(c) => c.close_on_drop(),
+        }
+    }
 }
 
 enum LockedConn {
@@ -451,6 +467,7 @@ impl SessionLock {
         Ok(SessionLock {
             conn,
             fence: fence.clone(),
+            released: false,
         })
     }
 
@@ -533,6 +550,7 @@ impl SessionLock {
                     .await?;
             }
         }
+        self.released = true;
         Ok(())
     }
 

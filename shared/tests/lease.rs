@@ -850,3 +850,25 @@ async fn a_holder_frozen_mid_transaction_is_rolled_back_by_the_server() {
         t.drop_db().await;
     }
 }
+
+/// A session lock dropped without `release` (an error or a cancelled task) must not stay
+/// with a pooled connection: the connection is closed and the server frees the lock.
+#[tokio::test]
+async fn a_session_lock_dropped_without_release_is_freed_by_the_server() {
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let t = TestDb::new(engine).await;
+        let name = lease::fence_name(TARGET);
+        let first = fence::issue_token(&t.db, &name, "first").await.unwrap();
+        let lock = fence::SessionLock::acquire(&t.db, &first).await.unwrap();
+        drop(lock);
+        // Another process, with its own pool: issuing a token takes the same session lock
+        // and gives up after the lock wait if the dropped holder still had it.
+        let other = Db::connect(&t.url, &ConnectOptions::default())
+            .await
+            .unwrap();
+        let next = fence::issue_token(&other, &name, "next").await;
+        assert!(next.is_ok(), "{engine}: {next:?}");
+        other.close().await;
+        t.drop_db().await;
+    }
+}
