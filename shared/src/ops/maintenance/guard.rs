@@ -140,11 +140,12 @@ impl FencedConn {
     }
 
     /// Resets the timeouts (when the fence still holds) and releases the session lock. Never
-    /// fails: the server drops the lock with the connection anyway.
+    /// fails. When a reset fails, the connection is closed instead of going back to the pool
+    /// with maintenance timeouts (the server drops the lock with it).
     pub(super) async fn close(mut self) {
         for s in reset_timeouts(self.engine) {
             if self.lock.execute_checked(s).await.is_err() {
-                break;
+                return; // dropping an unreleased SessionLock closes its connection
             }
         }
         if let Err(e) = self.lock.release().await {
