@@ -732,3 +732,40 @@ async fn stats_agree_with_a_dry_run() {
         tdb.drop_db().await;
     }
 }
+
+/// The same oracle equality when the expired rule is sparse (the steady state of an hourly
+/// cleanup): the rule is then walked along its time index, not the primary key.
+#[tokio::test]
+async fn sparse_rules_walk_their_index_and_still_delete_exactly_the_oracle_set() {
+    for engine in ENGINES {
+        let version = SchemaVersion::V2;
+        let what = format!("{engine} sparse");
+        let tdb = seeded(engine, version).await;
+        let db = &tdb.db;
+        // Revive all but every 25th session: fewer than the dense share stay expired.
+        let live_until = t0() + ChronoDuration::days(1);
+        let sql = db.sql(
+            "UPDATE user_sessions SET expires_at = ?, is_active = TRUE, last_activity = ? \
+             WHERE id % 25 <> 0",
+        );
+        sessionfleet::on_pool!(db, p => {
+            sqlx::query(sql).bind(live_until).bind(t0()).execute(p).await.expect("revive");
+        });
+        let total = db
+            .scalar_i64("SELECT COUNT(*) FROM user_sessions")
+            .await
+            .unwrap();
+        let before = snapshot(db, version).await;
+        let purge = oracle(db, version, None, true).await;
+        assert!(!purge.is_empty(), "{what}");
+        assert!(
+            (purge.len() as f64) < cleanup::DENSE_RULE_SHARE * total as f64,
+            "{what}: sparse ({} of {total})",
+            purge.len()
+        );
+        let report = cleanup::run(&ctx(db).await, &params()).await.expect("run");
+        assert_exactly_purged(&before, &snapshot(db, version).await, &purge, &what);
+        assert_eq!(report.total_cleaned(), purge.len() as u64, "{what}");
+        tdb.drop_db().await;
+    }
+}
