@@ -67,6 +67,9 @@ pub(crate) struct Figures {
 
 /// Runs the report's queries.
 pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, OpError> {
+    // Pool figures before the report's own queries, which run concurrently and would
+    // otherwise always find every connection busy (their own).
+    let pool = crate::on_pool!(db, p => (p.size(), p.num_idle() as u32, p.options().get_max_connections()));
     let schema = schema::detect(db).await?;
     let now = params.now();
     let e = db.engine();
@@ -348,7 +351,6 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         unsupported.push("user_agent role: users seen with many user agents".into());
     }
 
-    let pool = crate::on_pool!(db, p => (p.size(), p.num_idle() as u32, p.options().get_max_connections()));
     Ok(Figures {
         now,
         active_definition,

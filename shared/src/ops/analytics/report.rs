@@ -210,7 +210,7 @@ pub struct PerformanceMetrics {
 pub struct PoolFigures {
     /// Engine name.
     pub engine: String,
-    /// Connections currently open.
+    /// Connections open when the report started (before its own queries).
     pub size: u32,
     /// Of which idle.
     pub idle: u32,
