@@ -154,22 +154,6 @@ async fn delete_matching(
     ids: &[i64],
 ) -> Result<u64, sqlx::Error> {
     let t = &schema.sessions.table;
-    if let DbTx::Postgres(c) = tx {
-        // One array parameter: the same statement text for every batch size, so it is
-        // prepared and planned once per connection instead of once per size.
-        let sql = crate::store::dialect_sql(
-            crate::store::Engine::Postgres,
-            format!(
-                "DELETE FROM {t} WHERE {t}.{} = ANY(?) AND ({})",
-                schema.sessions.id, pred.sql
-            ),
-        );
-        let mut q = sqlx::query(sql).bind(ids.to_vec());
-        for b in &pred.binds {
-            q = q.bind(*b);
-        }
-        return Ok(q.execute(&mut **c).await?.rows_affected());
-    }
     let marks = vec!["?"; ids.len()].join(", ");
     let sql = tx.sql(format!(
         "DELETE FROM {t} WHERE {t}.{} IN ({marks}) AND ({})",
