@@ -531,20 +531,22 @@ impl Settings {
                 s.source.clone(),
             )
         };
+        let path = |name: &str, s: &Sourced<Option<PathBuf>>, none: &str| {
+            (
+                name.to_string(),
+                s.value
+                    .as_ref()
+                    .map_or(none.into(), |p| p.display().to_string()),
+                s.source.clone(),
+            )
+        };
         let mut rows = vec![
             (
                 "REDIS_URL".to_string(),
                 redact_url(&self.redis_url.value),
                 self.redis_url.source.clone(),
             ),
-            (
-                "REDIS_CA_CERT".into(),
-                self.redis_ca_cert
-                    .value
-                    .as_ref()
-                    .map_or("(public web roots)".into(), |p| p.display().to_string()),
-                self.redis_ca_cert.source.clone(),
-            ),
+            path("REDIS_CA_CERT", &self.redis_ca_cert, "(public web roots)"),
             row("SESSION_CLEANUP_INTERVAL", &self.cleanup_interval),
             row("SESSION_CLEANUP_BATCH_SIZE", &self.cleanup_batch_size),
             row("SESSION_MAX_AGE", &self.max_age),
@@ -553,13 +555,10 @@ impl Settings {
                 "SESSION_METRICS_RETENTION_DAYS",
                 &self.metrics_retention_days,
             ),
-            (
-                "SESSION_ALERT_THRESHOLDS_FILE".into(),
-                self.alert_thresholds_file
-                    .value
-                    .as_ref()
-                    .map_or("(built-in thresholds)".into(), |p| p.display().to_string()),
-                self.alert_thresholds_file.source.clone(),
+            path(
+                "SESSION_ALERT_THRESHOLDS_FILE",
+                &self.alert_thresholds_file,
+                "(built-in thresholds)",
             ),
             row(
                 "SESSION_CLEANUP_TARGET_BATCH_MS",

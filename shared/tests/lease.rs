@@ -833,14 +833,20 @@ async fn a_holder_frozen_mid_transaction_is_rolled_back_by_the_server() {
             matches!(first, Err(FenceError::Busy(_))),
             "{engine}: {first:?}"
         );
-        // The server ends the stalled session after STALLED_TRANSACTION_TIMEOUT.
-        let newer = loop {
+        // The server ends the stalled session after STALLED_TRANSACTION_TIMEOUT; without
+        // that limit every request stays Busy and the attempts run out.
+        let mut newer = None;
+        for _ in 0..6 {
             match fence::issue_token(&t.db, &name, "next").await {
-                Ok(f) => break f,
+                Ok(f) => {
+                    newer = Some(f);
+                    break;
+                }
                 Err(FenceError::Busy(_)) => continue,
                 Err(e) => panic!("{engine}: {e}"),
             }
-        };
+        }
+        let newer = newer.expect("a newer token once the server ended the frozen session");
         assert!(newer.token > stale.token);
         assert!(
             tx.commit().await.is_err(),

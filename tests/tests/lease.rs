@@ -148,22 +148,10 @@ async fn a_holder_paused_past_its_ttl_is_fenced_out_when_it_wakes() {
     let ns = unique_namespace();
     let a = Worker::start(&spec(&ns, &t.url, "a", "1000"));
     let q = queue(&redis_url(), &ns).await;
-    // Small batches and no budget: a long run, so the pause lands mid-cleanup.
-    let slow = CleanupParams {
-        batch_size: 10,
-        max_batch_size: 10,
-        budget_secs: None,
-        ..CleanupParams::default()
-    };
-    let first = envelope(OperationJob::Cleanup(slow.clone()));
+    // A long run, so the pause lands mid-cleanup.
+    let first = envelope(OperationJob::Cleanup(slow_cleanup()));
     q.enqueue(&first).await.unwrap();
-    let holder = eventually(Duration::from_secs(60), "a lease holder", || async {
-        lease::status(&q.connection(), &ns, "default", None)
-            .await
-            .ok()
-            .and_then(|s| s.holder)
-    })
-    .await;
+    let holder = wait_for_holder(&q, &ns).await;
     let stale_token = eventually(Duration::from_secs(30), "the holder's token", || async {
         fence::inspect(&t.db, &lease::fence_name("default"))
             .await
@@ -235,6 +223,17 @@ fn metric(body: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// Waits until someone holds the `default` target's lease in namespace `ns`.
+async fn wait_for_holder(q: &Queue, ns: &str) -> lease::HolderInfo {
+    eventually(Duration::from_secs(60), "a lease holder", || async {
+        lease::status(&q.connection(), ns, "default", None)
+            .await
+            .ok()
+            .and_then(|s| s.holder)
+    })
+    .await
+}
+
 /// Small batches and no budget: a cleanup that runs long enough to be interrupted.
 fn slow_cleanup() -> CleanupParams {
     CleanupParams {
@@ -273,13 +272,7 @@ async fn redis_losing_its_data_mid_run_still_leaves_one_writer() {
     let q = queue(&url, &ns).await;
     let first = envelope(OperationJob::Cleanup(slow_cleanup()));
     q.enqueue(&first).await.unwrap();
-    eventually(Duration::from_secs(60), "a lease holder", || async {
-        lease::status(&q.connection(), &ns, "default", None)
-            .await
-            .ok()
-            .and_then(|s| s.holder)
-    })
-    .await;
+    wait_for_holder(&q, &ns).await;
     let stale_token = eventually(
         Duration::from_secs(30),
         "the holder's first write",
@@ -414,13 +407,7 @@ async fn a_killed_holder_is_replaced_and_nothing_is_lost_or_deleted_twice() {
     let q = queue(&redis_url(), &ns).await;
     let job = envelope(OperationJob::Cleanup(slow_cleanup()));
     q.enqueue(&job).await.unwrap();
-    let holder = eventually(Duration::from_secs(60), "a lease holder", || async {
-        lease::status(&q.connection(), &ns, "default", None)
-            .await
-            .ok()
-            .and_then(|s| s.holder)
-    })
-    .await;
+    let holder = wait_for_holder(&q, &ns).await;
     eventually(
         Duration::from_secs(30),
         "the holder's first batch",

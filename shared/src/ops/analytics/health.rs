@@ -271,7 +271,7 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         }
     };
 
-    // The five queries are independent: run them at once on the pool's connections.
+    // The six queries are independent: run them at once on the pool's connections.
     let (row, dur_row, users, platform_rows, suspicious_rows, diversity_rows) = tokio::try_join!(
         scan,
         durations,
