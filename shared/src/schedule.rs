@@ -59,6 +59,26 @@ impl Cadence {
         }
     }
 
+    /// How many ticks fall strictly between `after` and `before`, counting at most `cap`
+    /// (a scheduler down for a year on a per-second cadence is reported as "at least cap").
+    pub fn ticks_between(&self, after: DateTime<Utc>, before: DateTime<Utc>, cap: u64) -> u64 {
+        match self {
+            Cadence::Every(secs) => {
+                let gap = (before.timestamp() - after.timestamp()).max(0) as u64;
+                // Both ends are ticks in practice; count the multiples strictly inside.
+                (gap.saturating_sub(1) / secs).min(cap)
+            }
+            Cadence::Cron(expr) => match cron::Schedule::from_str(expr) {
+                Ok(schedule) => schedule
+                    .after(&after)
+                    .take_while(|t| *t < before)
+                    .take(cap as usize)
+                    .count() as u64,
+                Err(_) => 0,
+            },
+        }
+    }
+
     /// The first tick strictly after `now`.
     pub fn next_tick(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
@@ -99,6 +119,9 @@ if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1";
 
+/// Missed ticks are counted up to this many; counting further only costs time.
+pub const MISSED_TICKS_COUNT_CAP: u64 = 10_000;
+
 /// What one scheduler pass decided for one schedule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum TickDecision {
@@ -107,6 +130,15 @@ pub enum TickDecision {
     Initialized(i64),
     /// The tick was enqueued (or found already enqueued by another replica) and recorded.
     Fired(i64),
+    /// Ticks were missed (every scheduler was down): only the latest, `tick`, was enqueued,
+    /// and `missed` older ones were skipped rather than fired in a burst.
+    CaughtUp {
+        /// The tick that was enqueued (Unix seconds).
+        tick: i64,
+        /// Ticks between the last recorded one and `tick` that were skipped (capped at
+        /// [`MISSED_TICKS_COUNT_CAP`]).
+        missed: u64,
+    },
     /// Nothing due.
     Idle,
 }
@@ -144,7 +176,16 @@ where
             Ok(TickDecision::Initialized(tick.timestamp()))
         }
         Some(last) if last >= tick.timestamp() => Ok(TickDecision::Idle),
-        Some(_) => {
+        Some(last) => {
+            let missed = Utc
+                .timestamp_opt(last, 0)
+                .single()
+                .map(|last| {
+                    schedule
+                        .cadence
+                        .ticks_between(last, tick, MISSED_TICKS_COUNT_CAP)
+                })
+                .unwrap_or(0);
             enqueue(tick, tick_dedupe_key(&schedule.name, tick))
                 .await
                 .map_err(|e| ScheduleError::Enqueue(e.to_string()))?;
@@ -153,7 +194,13 @@ where
                 .arg(tick.timestamp())
                 .invoke_async(redis)
                 .await?;
-            Ok(TickDecision::Fired(tick.timestamp()))
+            Ok(match missed {
+                0 => TickDecision::Fired(tick.timestamp()),
+                missed => TickDecision::CaughtUp {
+                    tick: tick.timestamp(),
+                    missed,
+                },
+            })
         }
     }
 }
@@ -217,6 +264,23 @@ mod tests {
         assert_eq!(
             c.next_tick(at("2026-11-28T02:00:00Z")),
             Some(at("2026-11-29T02:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn missed_ticks_are_the_ones_strictly_between() {
+        let every = Cadence::parse("every 2s").unwrap();
+        let (from, to) = (at("2026-11-28T03:00:00Z"), at("2026-11-28T03:00:08Z"));
+        assert_eq!(every.ticks_between(from, to, 100), 3);
+        assert_eq!(
+            every.ticks_between(from, at("2026-11-28T03:00:02Z"), 100),
+            0
+        );
+        assert_eq!(every.ticks_between(from, to, 2), 2);
+        let hourly = Cadence::parse("0 * * * *").unwrap();
+        assert_eq!(
+            hourly.ticks_between(at("2026-11-28T01:00:00Z"), at("2026-11-28T05:00:00Z"), 100),
+            3
         );
     }
 

@@ -83,11 +83,15 @@ async fn downtime_catches_up_the_latest_missed_tick_once() {
     };
     let fired: Fired = Arc::default();
     run_pass(&mut conn, &ns, &s, "2026-11-28T01:10:00Z", &fired).await;
-    // Down from 01:10 to 05:30: four hourly ticks missed, one catch-up.
+    // Down from 01:10 to 05:30: four hourly ticks due; 05:00 is caught up, the three
+    // before it are skipped.
     let d = run_pass(&mut conn, &ns, &s, "2026-11-28T05:30:00Z", &fired).await;
     assert_eq!(
         d,
-        TickDecision::Fired(at("2026-11-28T05:00:00Z").timestamp())
+        TickDecision::CaughtUp {
+            tick: at("2026-11-28T05:00:00Z").timestamp(),
+            missed: 3
+        }
     );
     run_pass(&mut conn, &ns, &s, "2026-11-28T05:31:00Z", &fired).await;
     assert_eq!(fired.lock().unwrap().len(), 1);

@@ -434,10 +434,18 @@ async fn usage_errors_help_and_exit_codes() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("hunter2"));
 }
 
+/// One tick a scheduler enqueued.
+#[derive(Debug, Clone, Copy)]
+struct FiredTick {
+    tick: i64,
+    catch_up: bool,
+}
+
 /// A scheduler process whose stderr lines are collected.
 struct Scheduler {
     child: Child,
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Scheduler {
@@ -451,37 +459,59 @@ impl Scheduler {
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = lines.clone();
         let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
         });
-        Scheduler { child, lines }
+        Scheduler {
+            child,
+            lines,
+            reader: Some(reader),
+        }
     }
 
     fn fired(&self) -> Vec<i64> {
+        self.fired_ticks().into_iter().map(|f| f.tick).collect()
+    }
+
+    /// The ticks this scheduler reported enqueuing (`<schedule> tick <secs> enqueued…`), in
+    /// order, each marked when the scheduler said it was a catch-up.
+    fn fired_ticks(&self) -> Vec<FiredTick> {
         self.lines
             .lock()
             .unwrap()
             .iter()
-            .filter(|l| l.contains("tick") && l.ends_with("enqueued"))
+            .filter(|l| l.contains(" enqueued"))
             .filter_map(|l| {
-                l.split_whitespace()
-                    .rev()
-                    .nth(1)
-                    .and_then(|t| t.parse().ok())
+                let mut words = l.split_whitespace().skip_while(|w| *w != "tick");
+                let tick = words.nth(1)?.parse().ok()?;
+                Some(FiredTick {
+                    tick,
+                    catch_up: l.contains("catch-up"),
+                })
             })
             .collect()
     }
 
-    fn stop(mut self) -> Vec<i64> {
+    fn stop(self) -> Vec<i64> {
+        self.stop_reporting_ticks()
+            .into_iter()
+            .map(|f| f.tick)
+            .collect()
+    }
+
+    fn stop_reporting_ticks(mut self) -> Vec<FiredTick> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let status = self.child.wait().unwrap();
         assert!(status.success(), "scheduler exits 0 on SIGTERM: {status:?}");
-        std::thread::sleep(Duration::from_millis(100));
-        self.fired()
+        // The reader ends at end of stream, so every line the scheduler wrote is in.
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.fired_ticks()
     }
 }
 
@@ -552,9 +582,12 @@ async fn a_scheduler_stopped_across_ticks_catches_up_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let before = first.stop();
+    let last_before = *before.iter().max().unwrap();
     let jobs_before = cleanup_jobs_enqueued(&cli).await;
     assert_eq!(jobs_before, before.len() as u64);
-    // Down across at least three ticks.
+    // Down across at least three two-second ticks. However long the second scheduler takes
+    // to start, its first pass finds ticks it never fired: it must enqueue only the latest
+    // of them, once, and say it was a catch-up — a burst would show the older ones too.
     tokio::time::sleep(Duration::from_secs(7)).await;
     let second = Scheduler::start(&cli);
     let restarted = Instant::now();
@@ -562,27 +595,29 @@ async fn a_scheduler_stopped_across_ticks_catches_up_once() {
         assert!(restarted.elapsed() < Duration::from_secs(30));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let after = second.stop();
-    let missed_window: Vec<i64> = after
-        .iter()
-        .copied()
-        .filter(|t| *t < restarted_epoch(restarted))
-        .collect();
+    let after = second.stop_reporting_ticks();
+    let first_after = after[0];
+    assert!(
+        first_after.catch_up,
+        "the first tick after downtime is a catch-up: {after:?}"
+    );
+    assert!(
+        first_after.tick > last_before + 2,
+        "older missed ticks are skipped, not fired (last before {last_before}): {after:?}"
+    );
     assert_eq!(
-        missed_window.len(),
+        after.iter().filter(|f| f.catch_up).count(),
         1,
-        "exactly one catch-up for the missed ticks: {after:?}"
+        "exactly one catch-up: {after:?}"
+    );
+    assert!(
+        after.windows(2).all(|w| w[1].tick == w[0].tick + 2),
+        "after the catch-up, every tick once and in order: {after:?}"
     );
     assert_eq!(
         cleanup_jobs_enqueued(&cli).await,
         jobs_before + after.len() as u64
     );
-}
-
-/// Unix seconds of an `Instant` in the past (ticks before it were missed while down).
-fn restarted_epoch(at: Instant) -> i64 {
-    let ago = at.elapsed();
-    (chrono::Utc::now() - chrono::Duration::from_std(ago).unwrap()).timestamp() + 1
 }
 
 /// `sessionfleet jobs` over real dead letters and a real worker; `sessionfleet lease` over a

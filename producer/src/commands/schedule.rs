@@ -94,6 +94,13 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: bool) -> anyhow::Result<Exi
                     Ok(TickDecision::Fired(t)) => {
                         inv.out.info(format!("{} tick {t} enqueued", sched.name))
                     }
+                    Ok(TickDecision::CaughtUp { tick, missed }) => {
+                        tracing::warn!(schedule = %sched.name, tick, missed, "no scheduler ran for a while: caught up the latest tick once, skipped the older ones");
+                        inv.out.info(format!(
+                            "{} tick {tick} enqueued as a catch-up ({missed} missed ticks skipped)",
+                            sched.name
+                        ))
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(schedule = %sched.name, error = %e, "scheduler pass failed; retrying")
