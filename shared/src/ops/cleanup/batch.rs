@@ -24,16 +24,111 @@ pub enum Cursor {
     Id(i64),
 }
 
-/// Candidate ids of one batch and the cursor after them.
-pub struct Candidates {
-    /// Ids, in walk order.
-    pub ids: Vec<i64>,
-    /// Where the next batch starts.
-    pub next: Cursor,
+/// The rows one batch will delete, as the DELETE names them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Batch {
+    /// These ids (each re-checked against the rule).
+    Ids(Vec<i64>),
+    /// Every row with an id in `after < id <= upto` that matches the rule.
+    Range {
+        /// Exclusive lower bound.
+        after: i64,
+        /// Inclusive upper bound.
+        upto: i64,
+    },
 }
 
-/// Reads up to `limit` ids matching `rule` from `cursor` on, outside any transaction: a plain
-/// read takes no write lock, and the DELETE re-checks the rule anyway.
+/// One batch's candidates and the cursor after them.
+pub struct Candidates {
+    /// What to delete.
+    pub batch: Batch,
+    /// Rows the batch covers: ids found, or the rows a range is expected to hold.
+    pub rows: u32,
+    /// Where the next batch starts.
+    pub next: Cursor,
+    /// True when this is the walk's last batch.
+    pub last: bool,
+}
+
+impl Candidates {
+    fn ids(ids: Vec<i64>, next: Cursor, limit: u32) -> Candidates {
+        let rows = ids.len() as u32;
+        Candidates {
+            batch: Batch::Ids(ids),
+            rows,
+            next,
+            last: rows < limit,
+        }
+    }
+}
+
+/// The stretch of primary key a range walk covers: from the first to the last row matching
+/// the rule when it starts (so a continuation does not re-walk what an earlier part emptied).
+/// Rows inserted later get higher ids: they are newer than the run's reference time and left
+/// to the next run.
+#[derive(Debug, Clone, Copy)]
+pub struct IdSpan {
+    first: i64,
+    last: i64,
+    /// Rows per id (ids have gaps where rows were deleted), to turn a batch size into a stride.
+    density: f64,
+}
+
+impl IdSpan {
+    /// Reads the lowest and highest id matching `pred` in a table of `table_rows` rows; `None`
+    /// when nothing matches.
+    pub async fn read(
+        db: &Db,
+        schema: &Schema,
+        pred: &Predicate,
+        table_rows: u64,
+    ) -> Result<Option<IdSpan>, sqlx::Error> {
+        let t = &schema.sessions.table;
+        let id = id_as_i64(db.engine(), &format!("{t}.{}", schema.sessions.id));
+        let sql = db.sql(format!(
+            "SELECT MIN({id}), MAX({id}) FROM {t} WHERE {}",
+            pred.sql
+        ));
+        let (first, last): (Option<i64>, Option<i64>) = crate::on_pool!(db, p => {
+            let mut q = sqlx::query_as::<_, (Option<i64>, Option<i64>)>(sql);
+            for b in &pred.binds {
+                q = q.bind(*b);
+            }
+            q.fetch_one(p).await?
+        });
+        Ok(match (first, last) {
+            (Some(first), Some(last)) => {
+                let ids = (last - first + 1).max(1) as f64;
+                Some(IdSpan {
+                    first,
+                    last,
+                    density: (table_rows as f64 / ids).clamp(1e-6, 1.0),
+                })
+            }
+            _ => None,
+        })
+    }
+
+    /// The range of about `rows` rows after `cursor`.
+    pub fn next(&self, cursor: Cursor, rows: u32) -> Candidates {
+        let after = match cursor {
+            Cursor::Id(v) => v,
+            _ => self.first - 1,
+        };
+        let stride = (f64::from(rows.max(1)) / self.density).ceil() as i64;
+        let upto = after.saturating_add(stride).min(self.last);
+        Candidates {
+            batch: Batch::Range { after, upto },
+            rows,
+            next: Cursor::Id(upto),
+            last: upto >= self.last,
+        }
+    }
+}
+
+/// Reads the ids of the next `limit` rows matching `rule`, from `cursor` on, outside any
+/// transaction: a plain read takes no write lock, and the DELETE re-checks the rule anyway.
+/// Range walks do not read ahead: see [`IdSpan`].
 pub async fn select_candidates(
     db: &Db,
     schema: &Schema,
@@ -73,24 +168,16 @@ pub async fn select_candidates(
                     .collect::<Result<Vec<_>, sqlx::Error>>()?
             });
             let next = rows.last().map(|(_, v)| Cursor::Time(*v)).unwrap_or(cursor);
-            Ok(Candidates {
-                ids: rows.into_iter().map(|(i, _)| i).collect(),
-                next,
-            })
+            let ids = rows.into_iter().map(|(i, _)| i).collect();
+            Ok(Candidates::ids(ids, next, limit))
         }
-        Walk::PrimaryKey => {
-            let after = match cursor {
-                Cursor::Id(v) => Some(v),
-                _ => None,
-            };
-            let bound_sql = if after.is_some() {
-                format!(" AND {id} > ?")
-            } else {
-                String::new()
-            };
+        // A range walk's batches come from its IdSpan; asked here, it walks ids like a sparse rule.
+        Walk::PrimaryKey | Walk::PrimaryKeyRange => {
+            let after = id_cursor(cursor);
             let sql = db.sql(format!(
-                "SELECT {id_expr} FROM {t} WHERE ({}){bound_sql} ORDER BY {id} LIMIT {limit}",
-                pred.sql
+                "SELECT {id_expr} FROM {t} WHERE ({}){} ORDER BY {id} LIMIT {limit}",
+                pred.sql,
+                after_sql(&id, after)
             ));
             let ids: Vec<i64> = crate::on_pool!(db, p => {
                 let mut q = sqlx::query_scalar::<_, i64>(sql);
@@ -103,8 +190,23 @@ pub async fn select_candidates(
                 q.fetch_all(p).await?
             });
             let next = ids.last().map(|v| Cursor::Id(*v)).unwrap_or(cursor);
-            Ok(Candidates { ids, next })
+            Ok(Candidates::ids(ids, next, limit))
         }
+    }
+}
+
+fn id_cursor(cursor: Cursor) -> Option<i64> {
+    match cursor {
+        Cursor::Id(v) => Some(v),
+        _ => None,
+    }
+}
+
+fn after_sql(id: &str, after: Option<i64>) -> String {
+    if after.is_some() {
+        format!(" AND {id} > ?")
+    } else {
+        String::new()
     }
 }
 
@@ -116,14 +218,15 @@ pub struct BatchResult {
     pub took: Duration,
 }
 
-/// Deletes `ids` that still match `rule`, in one transaction that first advances the fence.
-/// A session the application touched since the SELECT no longer matches and survives.
+/// Deletes the rows of `batch` that still match `rule`, in one transaction that first
+/// advances the fence. A session the application touched since the read no longer matches
+/// and survives.
 pub async fn purge_batch(
     db: &Db,
     fence: &Fence,
     schema: &Schema,
     rule: &Rule,
-    ids: &[i64],
+    batch: &Batch,
 ) -> Result<BatchResult, OpError> {
     // Timed from the moment the write transaction is open (on SQLite: the write lock is
     // held), not while BEGIN waits for other writers: this is how long we block others.
@@ -133,7 +236,7 @@ pub async fn purge_batch(
         let _ = tx.rollback().await;
         return Err(e.into());
     }
-    let deleted = match delete_matching(&mut tx, schema, &rule.predicate, ids).await {
+    let deleted = match delete_matching(&mut tx, schema, &rule.predicate, batch).await {
         Ok(n) => n,
         Err(e) => {
             let _ = tx.rollback().await;
@@ -151,17 +254,25 @@ async fn delete_matching(
     tx: &mut DbTx<'_>,
     schema: &Schema,
     pred: &Predicate,
-    ids: &[i64],
+    batch: &Batch,
 ) -> Result<u64, sqlx::Error> {
     let t = &schema.sessions.table;
-    let marks = vec!["?"; ids.len()].join(", ");
+    let id = format!("{t}.{}", schema.sessions.id);
+    // Placeholders in text order: the batch's ids or bounds, then the rule's.
+    let (rows_sql, ids): (String, Vec<i64>) = match batch {
+        Batch::Ids(ids) => (
+            format!("{id} IN ({})", vec!["?"; ids.len()].join(", ")),
+            ids.clone(),
+        ),
+        Batch::Range { after, upto } => (format!("{id} > ? AND {id} <= ?"), vec![*after, *upto]),
+    };
     let sql = tx.sql(format!(
-        "DELETE FROM {t} WHERE {t}.{} IN ({marks}) AND ({})",
-        schema.sessions.id, pred.sql
+        "DELETE FROM {t} WHERE {rows_sql} AND ({})",
+        pred.sql
     ));
     crate::on_tx!(tx, c => {
         let mut q = sqlx::query(sql);
-        for id in ids {
+        for id in &ids {
             q = q.bind(*id);
         }
         for b in &pred.binds {

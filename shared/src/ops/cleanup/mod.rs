@@ -12,9 +12,10 @@
 //! - sessions whose platform id points at a missing platform are only **reported**.
 //!
 //! How ([`run`]): the cutoffs are computed once from `as_of`. For each rule, a plain read
-//! finds up to N ids along an index (along the primary key when the rule matches a large
-//! share of the table, [`DENSE_RULE_SHARE`]); one transaction then advances the fence and deletes
-//! those ids *that still match the rule*, and commits. N adapts so each transaction stays
+//! finds the next N matching ids along an index; one transaction then advances the fence,
+//! deletes those ids *that still match the rule*, and commits. When the rule matches a large
+//! share of the table ([`DENSE_RULE_SHARE`]), the read walks the primary key instead and the
+//! transaction deletes the id range holding those N rows, still re-checking the rule. N adapts so each transaction stays
 //! under the target duration. Cancellation and the time budget are checked between batches;
 //! whatever was committed is counted, and `remaining` says what is left for a continuation.
 
@@ -33,7 +34,7 @@ pub use batch::BatchSizer;
 pub use report::{CleanupReport, CleanupStats, RuleCounts};
 pub use rules::RuleKind;
 
-use batch::{Cursor, count, purge_batch, select_candidates};
+use batch::{Batch, Cursor, IdSpan, count, purge_batch, select_candidates};
 use rules::{Cutoffs, Predicate};
 
 use super::{OpContext, OpError, Outcome};
@@ -54,11 +55,11 @@ pub const DEFAULT_TARGET_BATCH_MS: u64 = 50;
 pub const DEFAULT_MAX_AGE_SECS: u64 = 172_800;
 /// Default interval between scheduled cleanups, seconds (`SESSION_CLEANUP_INTERVAL`).
 pub const DEFAULT_INTERVAL_SECS: u64 = 3_600;
-/// A rule matching at least this share of the table is walked along the primary key instead
-/// of its time index: the rows then come in physical order, so each batch's DELETE touches
-/// neighbouring pages (about half the cost per row on PostgreSQL) and the candidate read is a
-/// sequential scan that finds a match in most rows. Sparse rules — the steady state of an
-/// hourly cleanup — keep the index walk, which reads only matching rows.
+/// A rule matching at least this share of the table deletes primary-key ranges instead of
+/// walking its time index ([`rules::Walk::PrimaryKeyRange`]): the rows then come in key
+/// (mostly physical) order, each batch's DELETE reads one stretch of the table as a bulk
+/// DELETE does, and most rows it reads match. Sparse rules — the steady state of an hourly
+/// cleanup — keep the index walk, which reads only matching rows.
 pub const DENSE_RULE_SHARE: f64 = 0.2;
 /// Consecutive batches that find candidates but delete none before a rule is given up
 /// (rows changing under us faster than we can purge them; a safety net against looping).
@@ -217,6 +218,15 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
         let table_rows = count(db, &schema, None).await?;
         'rules: for rule in &rules {
             let rule = &walk_for_density(db, &schema, rule, table_rows).await?;
+            let span = match rule.walk {
+                rules::Walk::PrimaryKeyRange => {
+                    match IdSpan::read(db, &schema, &rule.predicate, table_rows).await? {
+                        Some(span) => Some(span),
+                        None => continue,
+                    }
+                }
+                _ => None,
+            };
             let mut cursor = Cursor::Start;
             let mut fruitless = 0;
             loop {
@@ -225,20 +235,27 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                     break 'rules;
                 }
                 let limit = sizer.size();
-                let found = select_candidates(db, &schema, rule, cursor, limit).await?;
-                if found.ids.is_empty() {
+                let found = match &span {
+                    Some(span) => span.next(cursor, limit),
+                    None => select_candidates(db, &schema, rule, cursor, limit).await?,
+                };
+                if found.rows == 0 {
                     break;
                 }
-                let done = purge_batch(db, fence, &schema, rule, &found.ids).await?;
+                let done = purge_batch(db, fence, &schema, rule, &found.batch).await?;
                 report.batches += 1;
                 report.rules.add(rule.kind, done.deleted);
                 report.longest_batch_ms = report
                     .longest_batch_ms
                     .max(done.took.as_secs_f64() * 1000.0);
-                sizer.observe(found.ids.len() as u32, done.took);
+                sizer.observe(found.rows, done.took);
                 rest_after_batch(db, done.took).await;
                 cursor = found.next;
-                fruitless = if done.deleted == 0 { fruitless + 1 } else { 0 };
+                // A range may hold no match at all; found ids that all vanished are suspect.
+                fruitless = match found.batch {
+                    Batch::Ids(_) if done.deleted == 0 => fruitless + 1,
+                    _ => 0,
+                };
                 if fruitless >= MAX_FRUITLESS_BATCHES {
                     report.errors.push(format!(
                         "rule {:?}: {MAX_FRUITLESS_BATCHES} batches in a row found candidates that no longer matched; left for the next run",
@@ -246,7 +263,7 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                     ));
                     break;
                 }
-                if (found.ids.len() as u32) < limit {
+                if found.last {
                     break;
                 }
             }
@@ -323,8 +340,8 @@ async fn walk_for_density(
     if matches!(rule.walk, rules::Walk::Column(_)) && table_rows > 0 {
         let matching = count(db, schema, Some(&rule.predicate)).await?;
         if matching as f64 >= DENSE_RULE_SHARE * table_rows as f64 {
-            tracing::debug!(rule = ?rule.kind, matching, table_rows, "dense rule: walking the primary key");
-            rule.walk = rules::Walk::PrimaryKey;
+            tracing::debug!(rule = ?rule.kind, matching, table_rows, "dense rule: deleting primary-key ranges");
+            rule.walk = rules::Walk::PrimaryKeyRange;
         }
     }
     Ok(rule)

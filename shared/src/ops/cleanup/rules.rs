@@ -67,14 +67,20 @@ impl Predicate {
     }
 }
 
-/// How a rule's batches find their rows: along the index of a time column (keyset on that
-/// column) or along the primary key (keyset on the id).
+/// How a rule's batches find their rows and name them to the DELETE.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Walk {
-    /// Walk the index of this (qualified) time column upwards.
+    /// Walk the index of this (qualified) time column upwards (keyset on the column); delete
+    /// the ids found.
     Column(String),
-    /// Walk the primary key upwards.
+    /// Walk the primary key upwards (keyset on the id); delete the ids found. For rules whose
+    /// rows are few and scattered.
     PrimaryKey,
+    /// Walk the primary key upwards in strides: each batch deletes the rows of the next K ids
+    /// that match the rule, K sized to the batch size. For dense rules: the DELETE reads one
+    /// stretch of the key in order, as a bulk DELETE does, instead of probing the key once
+    /// per id (several times the cost per row), and no read ahead of it is needed.
+    PrimaryKeyRange,
 }
 
 /// One purge rule.
