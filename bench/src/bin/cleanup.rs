@@ -37,6 +37,9 @@ struct Args {
     /// Cleanup target transaction duration, ms.
     #[arg(long, default_value_t = cleanup::DEFAULT_TARGET_BATCH_MS)]
     target_batch_ms: u64,
+    /// Which sides to run, comma-separated (`ours`, `plain`); the document's runs use both.
+    #[arg(long, default_value = "ours,plain", value_delimiter = ',')]
+    sides: Vec<String>,
     /// Internal: run one side (`ours` or `plain`) against `--url` and print JSON.
     #[arg(long)]
     side: Option<String>,
@@ -51,6 +54,13 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    // RUST_LOG=sessionfleet=debug shows each cleanup batch.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match args.side.clone() {
         Some(side) => child(&args, &side).await,
         None => parent(&args).await,
@@ -72,7 +82,7 @@ async fn parent(args: &Args) -> Result<()> {
     let now =
         now - chrono::Duration::nanoseconds(i64::from(now.and_utc().timestamp_subsec_nanos()));
     let mut results = Vec::new();
-    for side in ["ours", "plain"] {
+    for side in args.sides.iter().map(String::as_str) {
         let tdb = TestDb::new(engine).await;
         let seed = SeedParams {
             sessions: args.sessions,

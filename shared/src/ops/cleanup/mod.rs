@@ -209,15 +209,19 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     } else {
         let fence = ctx.fence()?;
         let budget = params.budget_secs.map(Duration::from_secs);
-        let mut sizer = BatchSizer::new(
-            params.batch_size.min(params.max_batch_size),
-            MIN_BATCH_SIZE.min(params.batch_size),
-            params.max_batch_size,
-            Duration::from_millis(params.target_batch_ms),
-        );
         let table_rows = count(db, &schema, None).await?;
         'rules: for rule in &rules {
-            let rule = &walk_for_density(db, &schema, rule, table_rows).await?;
+            let Some(rule) = &plan_walk(db, &schema, rule, table_rows).await? else {
+                continue;
+            };
+            // Each rule learns its own batch size: a row costs very different amounts to find
+            // and delete under different rules (a key range against scattered ids).
+            let mut sizer = BatchSizer::new(
+                params.batch_size.min(params.max_batch_size),
+                MIN_BATCH_SIZE.min(params.batch_size),
+                params.max_batch_size,
+                Duration::from_millis(params.target_batch_ms),
+            );
             let span = match rule.walk {
                 rules::Walk::PrimaryKeyRange => {
                     match IdSpan::read(db, &schema, &rule.predicate, table_rows).await? {
@@ -229,6 +233,8 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
             };
             let mut cursor = Cursor::Start;
             let mut fruitless = 0;
+            let rule_started = Instant::now();
+            let deleted_before = report.rules.total();
             loop {
                 if let Some(stop) = stop_reason(ctx, budget, started, report.batches) {
                     report.outcome = stop;
@@ -249,6 +255,7 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                     .longest_batch_ms
                     .max(done.took.as_secs_f64() * 1000.0);
                 sizer.observe(found.rows, done.took);
+                tracing::debug!(rule = ?rule.kind, rows = found.rows, deleted = done.deleted, ms = done.took.as_secs_f64() * 1000.0, "batch committed");
                 rest_after_batch(db, done.took).await;
                 cursor = found.next;
                 // A range may hold no match at all; found ids that all vanished are suspect.
@@ -267,6 +274,13 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                     break;
                 }
             }
+            tracing::debug!(
+                rule = ?rule.kind,
+                walk = ?rule.walk,
+                deleted = report.rules.total() - deleted_before,
+                secs = rule_started.elapsed().as_secs_f64(),
+                "rule done"
+            );
         }
         if report.outcome != Outcome::Completed
             && let Some(any) = Predicate::any_of(&all_rules)
@@ -329,22 +343,26 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
     })
 }
 
-/// The rule with the walk its density calls for (see [`DENSE_RULE_SHARE`]).
-async fn walk_for_density(
+/// The rule with the walk its density calls for (see [`DENSE_RULE_SHARE`]), or `None` when an
+/// index-walked rule matches nothing (walking its index to find that out can take seconds).
+async fn plan_walk(
     db: &Db,
     schema: &Schema,
     rule: &rules::Rule,
     table_rows: u64,
-) -> Result<rules::Rule, OpError> {
+) -> Result<Option<rules::Rule>, OpError> {
     let mut rule = rule.clone();
-    if matches!(rule.walk, rules::Walk::Column(_)) && table_rows > 0 {
+    if matches!(rule.walk, rules::Walk::Column(_)) {
         let matching = count(db, schema, Some(&rule.predicate)).await?;
+        if matching == 0 {
+            return Ok(None);
+        }
         if matching as f64 >= DENSE_RULE_SHARE * table_rows as f64 {
             tracing::debug!(rule = ?rule.kind, matching, table_rows, "dense rule: deleting primary-key ranges");
             rule.walk = rules::Walk::PrimaryKeyRange;
         }
     }
-    Ok(rule)
+    Ok(Some(rule))
 }
 
 /// SQLite has one writer at a time and no queue for waiting writers: their busy handlers poll
@@ -399,8 +417,13 @@ async fn count_missing_platform_kept(
     schema: &Schema,
     all_rules: &[&Predicate],
 ) -> Result<u64, OpError> {
-    match rules::missing_platform(schema) {
-        Some(missing) => Ok(count(db, schema, Some(&missing.and_none_of(all_rules))).await?),
-        None => Ok(0),
+    let Some(missing) = rules::missing_platform(schema) else {
+        return Ok(0);
+    };
+    // Usually there are none: the plain anti-join says so without evaluating every rule on
+    // every row.
+    if count(db, schema, Some(&missing)).await? == 0 {
+        return Ok(0);
     }
+    Ok(count(db, schema, Some(&missing.and_none_of(all_rules))).await?)
 }

@@ -172,8 +172,11 @@ pub fn build(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<String>) {
                 users.id, s.user_id
             );
             let sql = match &users.is_active {
+                // Missing or deactivated = no user row that is not deactivated. One NOT EXISTS
+                // (not "missing OR deactivated") so every engine plans it as an anti-join that
+                // probes the users key, instead of evaluating two subqueries per row.
                 Some(flag) => format!(
-                    "{missing} OR EXISTS (SELECT 1 FROM {u} u WHERE u.{} = {t}.{} AND u.{flag} = FALSE)",
+                    "NOT EXISTS (SELECT 1 FROM {u} u WHERE u.{} = {t}.{} AND (u.{flag} IS NULL OR u.{flag} <> FALSE))",
                     users.id, s.user_id
                 ),
                 None => {
