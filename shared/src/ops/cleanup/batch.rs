@@ -7,6 +7,7 @@ use chrono::NaiveDateTime;
 use sqlx::Row;
 
 use super::rules::{Predicate, Rule, Walk, id_as_i64};
+use super::stream::IdStream;
 use crate::fence::Fence;
 use crate::ops::OpError;
 use crate::store::{Db, DbTx, Schema};
@@ -126,88 +127,96 @@ impl IdSpan {
     }
 }
 
-/// Reads the ids of the next `limit` rows matching `rule`, from `cursor` on, outside any
-/// transaction: a plain read takes no write lock, and the DELETE re-checks the rule anyway.
-/// Range walks do not read ahead: see [`IdSpan`].
-pub async fn select_candidates(
+/// Where a rule's batches come from, per its [`Walk`].
+pub enum Source {
+    /// Read the next ids along the index of this time column before each batch.
+    Index(String),
+    /// Ranges of the primary key.
+    Range(IdSpan),
+    /// One read streaming every matching id.
+    Stream(IdStream),
+}
+
+impl Source {
+    /// Opens the source of `rule` in a table of `table_rows` rows; `None` when a range walk
+    /// finds nothing to walk.
+    pub async fn open(
+        db: &Db,
+        schema: &Schema,
+        rule: &Rule,
+        table_rows: u64,
+    ) -> Result<Option<Source>, sqlx::Error> {
+        Ok(match &rule.walk {
+            Walk::Column(col) => Some(Source::Index(col.clone())),
+            Walk::PrimaryKeyRange => IdSpan::read(db, schema, &rule.predicate, table_rows)
+                .await?
+                .map(Source::Range),
+            Walk::PrimaryKey => Some(Source::Stream(IdStream::open(db, schema, rule))),
+        })
+    }
+
+    /// The next batch of about `limit` rows after `cursor`.
+    pub async fn next(
+        &mut self,
+        db: &Db,
+        schema: &Schema,
+        pred: &Predicate,
+        cursor: Cursor,
+        limit: u32,
+    ) -> Result<Candidates, sqlx::Error> {
+        match self {
+            Source::Index(col) => select_along_index(db, schema, pred, col, cursor, limit).await,
+            Source::Range(span) => Ok(span.next(cursor, limit)),
+            Source::Stream(ids) => {
+                let ids = ids.next_batch(limit).await?;
+                let next = ids.last().map(|v| Cursor::Id(*v)).unwrap_or(cursor);
+                Ok(Candidates::ids(ids, next, limit))
+            }
+        }
+    }
+}
+
+/// Reads the ids of the next `limit` rows matching `pred` along the index of `col`, from
+/// `cursor` on, outside any transaction: a plain read takes no write lock, and the DELETE
+/// re-checks the rule anyway.
+async fn select_along_index(
     db: &Db,
     schema: &Schema,
-    rule: &Rule,
+    pred: &Predicate,
+    col: &str,
     cursor: Cursor,
     limit: u32,
 ) -> Result<Candidates, sqlx::Error> {
     let t = &schema.sessions.table;
-    let id = format!("{t}.{}", schema.sessions.id);
-    let id_expr = id_as_i64(db.engine(), &id);
-    let pred = &rule.predicate;
-    match &rule.walk {
-        Walk::Column(col) => {
-            let bound = match cursor {
-                Cursor::Time(v) => Some(v),
-                _ => None,
-            };
-            let bound_sql = if bound.is_some() {
-                format!(" AND {col} >= ?")
-            } else {
-                String::new()
-            };
-            let sql = db.sql(format!(
-                "SELECT {id_expr}, {col} FROM {t} WHERE ({}){bound_sql} ORDER BY {col} LIMIT {limit}",
-                pred.sql
-            ));
-            let rows: Vec<(i64, NaiveDateTime)> = crate::on_pool!(db, p => {
-                let mut q = sqlx::query(sql);
-                for b in &pred.binds {
-                    q = q.bind(*b);
-                }
-                if let Some(v) = bound {
-                    q = q.bind(v);
-                }
-                q.fetch_all(p).await?.iter()
-                    .map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<NaiveDateTime, _>(1)?)))
-                    .collect::<Result<Vec<_>, sqlx::Error>>()?
-            });
-            let next = rows.last().map(|(_, v)| Cursor::Time(*v)).unwrap_or(cursor);
-            let ids = rows.into_iter().map(|(i, _)| i).collect();
-            Ok(Candidates::ids(ids, next, limit))
-        }
-        // A range walk's batches come from its IdSpan; asked here, it walks ids like a sparse rule.
-        Walk::PrimaryKey | Walk::PrimaryKeyRange => {
-            let after = id_cursor(cursor);
-            let sql = db.sql(format!(
-                "SELECT {id_expr} FROM {t} WHERE ({}){} ORDER BY {id} LIMIT {limit}",
-                pred.sql,
-                after_sql(&id, after)
-            ));
-            let ids: Vec<i64> = crate::on_pool!(db, p => {
-                let mut q = sqlx::query_scalar::<_, i64>(sql);
-                for b in &pred.binds {
-                    q = q.bind(*b);
-                }
-                if let Some(v) = after {
-                    q = q.bind(v);
-                }
-                q.fetch_all(p).await?
-            });
-            let next = ids.last().map(|v| Cursor::Id(*v)).unwrap_or(cursor);
-            Ok(Candidates::ids(ids, next, limit))
-        }
-    }
-}
-
-fn id_cursor(cursor: Cursor) -> Option<i64> {
-    match cursor {
-        Cursor::Id(v) => Some(v),
+    let id_expr = id_as_i64(db.engine(), &format!("{t}.{}", schema.sessions.id));
+    let bound = match cursor {
+        Cursor::Time(v) => Some(v),
         _ => None,
-    }
-}
-
-fn after_sql(id: &str, after: Option<i64>) -> String {
-    if after.is_some() {
-        format!(" AND {id} > ?")
+    };
+    let bound_sql = if bound.is_some() {
+        format!(" AND {col} >= ?")
     } else {
         String::new()
-    }
+    };
+    let sql = db.sql(format!(
+        "SELECT {id_expr}, {col} FROM {t} WHERE ({}){bound_sql} ORDER BY {col} LIMIT {limit}",
+        pred.sql
+    ));
+    let rows: Vec<(i64, NaiveDateTime)> = crate::on_pool!(db, p => {
+        let mut q = sqlx::query(sql);
+        for b in &pred.binds {
+            q = q.bind(*b);
+        }
+        if let Some(v) = bound {
+            q = q.bind(v);
+        }
+        q.fetch_all(p).await?.iter()
+            .map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<NaiveDateTime, _>(1)?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()?
+    });
+    let next = rows.last().map(|(_, v)| Cursor::Time(*v)).unwrap_or(cursor);
+    let ids = rows.into_iter().map(|(i, _)| i).collect();
+    Ok(Candidates::ids(ids, next, limit))
 }
 
 /// What one committed batch did.

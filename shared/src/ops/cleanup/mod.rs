@@ -23,6 +23,7 @@ mod analyze;
 mod batch;
 mod report;
 pub mod rules;
+mod stream;
 
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,7 @@ pub use batch::BatchSizer;
 pub use report::{CleanupReport, CleanupStats, RuleCounts};
 pub use rules::RuleKind;
 
-use batch::{Batch, Cursor, IdSpan, count, purge_batch, select_candidates};
+use batch::{Batch, Cursor, Source, count, purge_batch};
 use rules::{Cutoffs, Predicate};
 
 use super::{OpContext, OpError, Outcome};
@@ -222,14 +223,8 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                 params.max_batch_size,
                 Duration::from_millis(params.target_batch_ms),
             );
-            let span = match rule.walk {
-                rules::Walk::PrimaryKeyRange => {
-                    match IdSpan::read(db, &schema, &rule.predicate, table_rows).await? {
-                        Some(span) => Some(span),
-                        None => continue,
-                    }
-                }
-                _ => None,
+            let Some(mut source) = Source::open(db, &schema, rule, table_rows).await? else {
+                continue;
             };
             let mut cursor = Cursor::Start;
             let mut fruitless = 0;
@@ -241,10 +236,9 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                     break 'rules;
                 }
                 let limit = sizer.size();
-                let found = match &span {
-                    Some(span) => span.next(cursor, limit),
-                    None => select_candidates(db, &schema, rule, cursor, limit).await?,
-                };
+                let found = source
+                    .next(db, &schema, &rule.predicate, cursor, limit)
+                    .await?;
                 if found.rows == 0 {
                     break;
                 }

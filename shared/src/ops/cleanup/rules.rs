@@ -73,8 +73,9 @@ pub enum Walk {
     /// Walk the index of this (qualified) time column upwards (keyset on the column); delete
     /// the ids found.
     Column(String),
-    /// Walk the primary key upwards (keyset on the id); delete the ids found. For rules whose
-    /// rows are few and scattered.
+    /// No index finds the rows: one read streams every matching id in key order, and each
+    /// batch deletes the next ids it delivered (see `stream`). For rules with few, scattered
+    /// rows, found by a join (orphans) or a NULL (v1 sessions without activity).
     PrimaryKey,
     /// Walk the primary key upwards in strides: each batch deletes the rows of the next K ids
     /// that match the rule, K sized to the batch size. For dense rules: the DELETE reads one
