@@ -310,13 +310,22 @@ pub async fn count(db: &Db, schema: &Schema, pred: Option<&Predicate>) -> Result
 }
 
 /// Adapts the batch size so each transaction stays under the target duration: shrink at once
-/// to what the last batch's per-row cost says fits, grow gently while well under.
+/// to what the last batch's per-row cost says fits, grow gently while well under, and stay
+/// below a size that overshot. Cost is not always linear in rows: past some IN-list length a
+/// planner may switch to a plan that costs ten times more, so without that memory the size
+/// would climb back to the cliff again and again.
 #[derive(Debug, Clone)]
 pub struct BatchSizer {
     size: u32,
     min: u32,
     max: u32,
     target: Duration,
+    /// The smallest size that overshot the target right after growing; growth stops short of
+    /// it. It creeps up with every batch on target, so a stall that happened to coincide with
+    /// growth does not cap the run for good.
+    ceiling: f64,
+    /// Whether the last step grew the size.
+    grew: bool,
 }
 
 /// Aim below the target, so normal jitter does not cross it.
@@ -325,6 +334,11 @@ const AIM_SHARE: f64 = 0.8;
 const GROW_BELOW_SHARE: f64 = 0.5;
 /// Largest growth step per batch (25 %).
 const GROWTH_FACTOR: f64 = 1.25;
+/// Growth stops at this share of a size that overshot.
+const BELOW_CEILING_SHARE: f64 = 0.8;
+/// How much the ceiling rises with each batch that stayed on target (0.2 %: a cliff is
+/// probed again about every hundred batches).
+const CEILING_CREEP: f64 = 1.002;
 
 impl BatchSizer {
     /// A controller starting at `start`, kept within `min..=max`.
@@ -336,6 +350,8 @@ impl BatchSizer {
             min,
             max,
             target,
+            ceiling: f64::INFINITY,
+            grew: false,
         }
     }
 
@@ -353,15 +369,25 @@ impl BatchSizer {
         let took = took.as_secs_f64().max(1e-6);
         let fits = (f64::from(rows) * target * AIM_SHARE / took).floor();
         let next = if took > target {
+            if self.grew {
+                self.ceiling = self.ceiling.min(f64::from(rows));
+            }
             fits.min(f64::from(self.size))
-        } else if took < target * GROW_BELOW_SHARE && rows >= self.size {
-            (f64::from(self.size) * GROWTH_FACTOR)
-                .ceil()
-                .min(fits.max(f64::from(self.size)))
         } else {
-            f64::from(self.size)
+            self.ceiling *= CEILING_CREEP;
+            if took < target * GROW_BELOW_SHARE && rows >= self.size {
+                (f64::from(self.size) * GROWTH_FACTOR)
+                    .ceil()
+                    .min(fits.max(f64::from(self.size)))
+                    .min((self.ceiling * BELOW_CEILING_SHARE).floor())
+                    .max(f64::from(self.size))
+            } else {
+                f64::from(self.size)
+            }
         };
-        self.size = (next as u32).clamp(self.min, self.max);
+        let next = (next as u32).clamp(self.min, self.max);
+        self.grew = next > self.size;
+        self.size = next;
     }
 }
 
@@ -392,5 +418,30 @@ mod tests {
         assert_eq!(s.size(), 5000, "bounded above");
         s.observe(5000, Duration::from_secs(10_000));
         assert_eq!(s.size(), 1, "bounded below");
+    }
+
+    #[test]
+    fn sizer_stays_below_a_size_that_hit_a_cliff() {
+        // Cheap per row up to 1,400 rows, ten times dearer past it (a plan change).
+        let cost = |rows: u32| {
+            let per_row_us = if rows > 1_400 { 120 } else { 12 };
+            Duration::from_micros(u64::from(rows) * per_row_us)
+        };
+        let mut s = BatchSizer::new(100, 10, 5000, Duration::from_millis(50));
+        let mut overshoots = 0;
+        for _ in 0..200 {
+            let rows = s.size();
+            let took = cost(rows);
+            if took > Duration::from_millis(50) {
+                overshoots += 1;
+            }
+            s.observe(rows, took);
+        }
+        assert!(overshoots <= 3, "overshot {overshoots} times");
+        assert!(
+            (1_100..=1_400).contains(&s.size()),
+            "settled just below the cliff: {}",
+            s.size()
+        );
     }
 }
