@@ -85,9 +85,12 @@ impl IdSpan {
         table_rows: u64,
     ) -> Result<Option<IdSpan>, sqlx::Error> {
         let t = &schema.sessions.table;
-        let id = id_as_i64(db.engine(), &format!("{t}.{}", schema.sessions.id));
+        // Cast the aggregate, not the column, so the engine reads both ends off the key.
+        let id = format!("{t}.{}", schema.sessions.id);
         let sql = db.sql(format!(
-            "SELECT MIN({id}), MAX({id}) FROM {t} WHERE {}",
+            "SELECT {}, {} FROM {t} WHERE {}",
+            id_as_i64(db.engine(), &format!("MIN({id})")),
+            id_as_i64(db.engine(), &format!("MAX({id})")),
             pred.sql
         ));
         let (first, last): (Option<i64>, Option<i64>) = crate::on_pool!(db, p => {
@@ -138,20 +141,25 @@ pub enum Source {
 }
 
 impl Source {
-    /// Opens the source of `rule` in a table of `table_rows` rows; `None` when a range walk
-    /// finds nothing to walk.
+    /// Opens the source of `rule` in a table of `table_rows` rows, using `prefetched` for a
+    /// stream opened earlier; `None` when a range walk finds nothing to walk.
     pub async fn open(
         db: &Db,
         schema: &Schema,
         rule: &Rule,
         table_rows: u64,
+        prefetched: Option<IdStream>,
     ) -> Result<Option<Source>, sqlx::Error> {
         Ok(match &rule.walk {
             Walk::Column(col) => Some(Source::Index(col.clone())),
             Walk::PrimaryKeyRange => IdSpan::read(db, schema, &rule.predicate, table_rows)
                 .await?
                 .map(Source::Range),
-            Walk::PrimaryKey => Some(Source::Stream(IdStream::open(db, schema, rule))),
+            Walk::PrimaryKey => {
+                Some(Source::Stream(prefetched.unwrap_or_else(|| {
+                    IdStream::open(db, schema, &rule.predicate)
+                })))
+            }
         })
     }
 

@@ -37,6 +37,7 @@ pub use rules::RuleKind;
 
 use batch::{Batch, Cursor, Source, count, purge_batch};
 use rules::{Cutoffs, Predicate};
+use stream::IdStream;
 
 use super::{OpContext, OpError, Outcome};
 use crate::store::{Db, Schema, schema};
@@ -44,7 +45,7 @@ use crate::store::{Db, Schema, schema};
 /// Default starting batch size (`SESSION_CLEANUP_BATCH_SIZE`).
 pub const DEFAULT_BATCH_SIZE: u32 = 100;
 /// Default upper bound of the adaptive batch size.
-pub const DEFAULT_MAX_BATCH_SIZE: u32 = 5_000;
+pub const DEFAULT_MAX_BATCH_SIZE: u32 = 20_000;
 /// Highest accepted `max_batch_size`: one DELETE binds every id, and engines cap the number of
 /// placeholders per statement (65,535 on PostgreSQL and MySQL).
 pub const MAX_BATCH_SIZE_LIMIT: u32 = 20_000;
@@ -204,101 +205,136 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
         report.custom_max_age_hours = params.force_max_age_hours;
     }
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
-
+    // Independent of the purge (it counts rows no rule touches), so it runs alongside it.
+    let missing_platform = count_missing_platform_kept(db, &schema, &all_rules);
     if params.dry_run {
-        report.rules = count_per_rule(db, &schema, &rules).await?;
+        let (counts, missing) = tokio::join!(count_per_rule(db, &schema, &rules), missing_platform);
+        report.rules = counts?;
+        report.missing_platform_sessions = missing?;
     } else {
-        let fence = ctx.fence()?;
-        let budget = params.budget_secs.map(Duration::from_secs);
-        let table_rows = count(db, &schema, None).await?;
-        'rules: for rule in &rules {
-            let Some(rule) = &plan_walk(db, &schema, rule, table_rows).await? else {
-                continue;
-            };
-            // Each rule learns its own batch size: a row costs very different amounts to find
-            // and delete under different rules (a key range against scattered ids).
-            let mut sizer = BatchSizer::new(
-                params.batch_size.min(params.max_batch_size),
-                MIN_BATCH_SIZE.min(params.batch_size),
-                params.max_batch_size,
-                Duration::from_millis(params.target_batch_ms),
-            );
-            let Some(mut source) = Source::open(db, &schema, rule, table_rows).await? else {
-                continue;
-            };
-            let mut cursor = Cursor::Start;
-            let mut fruitless = 0;
-            let rule_started = Instant::now();
-            let deleted_before = report.rules.total();
-            loop {
-                if let Some(stop) = stop_reason(ctx, budget, started, report.batches) {
-                    report.outcome = stop;
-                    break 'rules;
-                }
-                let limit = sizer.size();
-                let found = source
-                    .next(db, &schema, &rule.predicate, cursor, limit)
-                    .await?;
-                if found.rows == 0 {
-                    break;
-                }
-                let done = purge_batch(db, fence, &schema, rule, &found.batch).await?;
-                report.batches += 1;
-                report.rules.add(rule.kind, done.deleted);
-                report.longest_batch_ms = report
-                    .longest_batch_ms
-                    .max(done.took.as_secs_f64() * 1000.0);
-                sizer.observe(found.rows, done.took);
-                tracing::debug!(rule = ?rule.kind, rows = found.rows, deleted = done.deleted, ms = done.took.as_secs_f64() * 1000.0, "batch committed");
-                rest_after_batch(db, done.took).await;
-                cursor = found.next;
-                // A range may hold no match at all; found ids that all vanished are suspect.
-                fruitless = match found.batch {
-                    Batch::Ids(_) if done.deleted == 0 => fruitless + 1,
-                    _ => 0,
-                };
-                if fruitless >= MAX_FRUITLESS_BATCHES {
-                    report.errors.push(format!(
-                        "rule {:?}: {MAX_FRUITLESS_BATCHES} batches in a row found candidates that no longer matched; left for the next run",
-                        rule.kind
-                    ));
-                    break;
-                }
-                if found.last {
-                    break;
-                }
-            }
-            tracing::debug!(
-                rule = ?rule.kind,
-                walk = ?rule.walk,
-                deleted = report.rules.total() - deleted_before,
-                secs = rule_started.elapsed().as_secs_f64(),
-                "rule done"
-            );
-        }
-        if report.outcome != Outcome::Completed
-            && let Some(any) = Predicate::any_of(&all_rules)
-        {
-            report.remaining = count(db, &schema, Some(&any)).await?;
-        }
-        let deleted = report.rules.total();
-        if report.outcome != Outcome::Cancelled && deleted > 0 {
-            let left = count(db, &schema, None).await?;
-            if analyze::worth_refreshing(deleted, left) {
-                match analyze::refresh_statistics(db, fence, &schema.sessions.table).await {
-                    Ok(n) => report.database_optimizations += n,
-                    Err(e) if e.is_fenced_out() => return Err(e),
-                    Err(e) => report
-                        .errors
-                        .push(format!("refreshing planner statistics failed: {e}")),
-                }
-            }
-        }
+        let purged = purge(ctx, params, &schema, &rules, started, &mut report);
+        let (purged, missing) = tokio::join!(purged, missing_platform);
+        purged?;
+        report.missing_platform_sessions = missing?;
     }
-    report.missing_platform_sessions = count_missing_platform_kept(db, &schema, &all_rules).await?;
     report.duration_seconds = started.elapsed().as_secs_f64();
     report.settle();
     Ok(report)
+}
+
+/// The real run: each rule in turn, in fenced batches, then fresh planner statistics when a
+/// large share of the table went. Stops early on cancellation or a spent budget (`report`
+/// says so and counts what is left).
+async fn purge(
+    ctx: &OpContext,
+    params: &CleanupParams,
+    schema: &Schema,
+    rules: &[rules::Rule],
+    started: Instant,
+    report: &mut CleanupReport,
+) -> Result<(), OpError> {
+    let db = &ctx.db;
+    let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
+    let fence = ctx.fence()?;
+    let budget = params.budget_secs.map(Duration::from_secs);
+    let table_rows = count(db, schema, None).await?;
+    // Streamed rules start reading now, so the engine finds their rows while earlier rules
+    // delete; each read leaves out rows an earlier rule purges, as a sequential run counts.
+    let mut prefetched: Vec<Option<IdStream>> = rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            (rule.walk == rules::Walk::PrimaryKey).then(|| {
+                let earlier: Vec<&Predicate> = all_rules[..i].to_vec();
+                IdStream::open(db, schema, &rule.predicate.and_none_of(&earlier))
+            })
+        })
+        .collect();
+    'rules: for (i, rule) in rules.iter().enumerate() {
+        let prefetched = prefetched[i].take();
+        let Some(rule) = &plan_walk(db, schema, rule, table_rows).await? else {
+            continue;
+        };
+        // Each rule learns its own batch size: a row costs very different amounts to find
+        // and delete under different rules (a key range against scattered ids).
+        let mut sizer = BatchSizer::new(
+            params.batch_size.min(params.max_batch_size),
+            MIN_BATCH_SIZE.min(params.batch_size),
+            params.max_batch_size,
+            Duration::from_millis(params.target_batch_ms),
+        );
+        let Some(mut source) = Source::open(db, schema, rule, table_rows, prefetched).await? else {
+            continue;
+        };
+        let mut cursor = Cursor::Start;
+        let mut fruitless = 0;
+        let rule_started = Instant::now();
+        let deleted_before = report.rules.total();
+        loop {
+            if let Some(stop) = stop_reason(ctx, budget, started, report.batches) {
+                report.outcome = stop;
+                break 'rules;
+            }
+            let limit = sizer.size();
+            let found = source
+                .next(db, schema, &rule.predicate, cursor, limit)
+                .await?;
+            if found.rows == 0 {
+                break;
+            }
+            let done = purge_batch(db, fence, schema, rule, &found.batch).await?;
+            report.batches += 1;
+            report.rules.add(rule.kind, done.deleted);
+            report.longest_batch_ms = report
+                .longest_batch_ms
+                .max(done.took.as_secs_f64() * 1000.0);
+            sizer.observe(found.rows, done.took);
+            tracing::debug!(rule = ?rule.kind, rows = found.rows, deleted = done.deleted, ms = done.took.as_secs_f64() * 1000.0, "batch committed");
+            rest_after_batch(db, done.took).await;
+            cursor = found.next;
+            // A range may hold no match at all; found ids that all vanished are suspect.
+            fruitless = match found.batch {
+                Batch::Ids(_) if done.deleted == 0 => fruitless + 1,
+                _ => 0,
+            };
+            if fruitless >= MAX_FRUITLESS_BATCHES {
+                report.errors.push(format!(
+                    "rule {:?}: {MAX_FRUITLESS_BATCHES} batches in a row found candidates that no longer matched; left for the next run",
+                    rule.kind
+                ));
+                break;
+            }
+            if found.last {
+                break;
+            }
+        }
+        tracing::debug!(
+            rule = ?rule.kind,
+            walk = ?rule.walk,
+            deleted = report.rules.total() - deleted_before,
+            secs = rule_started.elapsed().as_secs_f64(),
+            "rule done"
+        );
+    }
+    if report.outcome != Outcome::Completed
+        && let Some(any) = Predicate::any_of(&all_rules)
+    {
+        report.remaining = count(db, schema, Some(&any)).await?;
+    }
+    let deleted = report.rules.total();
+    if report.outcome != Outcome::Cancelled && deleted > 0 {
+        let left = table_rows.saturating_sub(deleted);
+        if analyze::worth_refreshing(deleted, left) {
+            match analyze::refresh_statistics(db, fence, &schema.sessions.table).await {
+                Ok(n) => report.database_optimizations += n,
+                Err(e) if e.is_fenced_out() => return Err(e),
+                Err(e) => report
+                    .errors
+                    .push(format!("refreshing planner statistics failed: {e}")),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The original `--stats`, plus what a cleanup with `params` would delete per rule.
