@@ -19,6 +19,22 @@ pub fn worth_refreshing(deleted: u64, left: u64) -> bool {
         && deleted.saturating_mul(100) >= (deleted + left).saturating_mul(ANALYZE_AFTER_SHARE_PCT)
 }
 
+/// True when the engine refreshes statistics after large changes by itself: PostgreSQL with
+/// autovacuum on (its autoanalyze runs once a tenth of a table changed), MySQL/MariaDB with
+/// `innodb_stats_auto_recalc` (likewise). An ANALYZE of ours would then only repeat that work
+/// on the cleanup's clock. SQLite never does it.
+pub async fn engine_refreshes_statistics(db: &Db) -> bool {
+    let setting = match db.engine() {
+        Engine::Postgres => {
+            "SELECT CASE WHEN current_setting('autovacuum') = 'on' THEN 1 ELSE 0 END"
+        }
+        Engine::MySql => "SELECT @@innodb_stats_auto_recalc",
+        Engine::Sqlite => return false,
+    };
+    // When the setting cannot be read, refresh ourselves.
+    matches!(db.scalar_i64(setting).await, Ok(1))
+}
+
 /// Runs the engine's statistics refresh on `table` under the fence. Returns statements run.
 pub async fn refresh_statistics(db: &Db, fence: &Fence, table: &str) -> Result<u64, OpError> {
     match db.engine() {

@@ -137,7 +137,7 @@ pub enum Source {
     /// Ranges of the primary key.
     Range(IdSpan),
     /// One read streaming every matching id.
-    Stream(IdStream),
+    Stream(Box<IdStream>),
 }
 
 impl Source {
@@ -156,9 +156,9 @@ impl Source {
                 .await?
                 .map(Source::Range),
             Walk::PrimaryKey => {
-                Some(Source::Stream(prefetched.unwrap_or_else(|| {
+                Some(Source::Stream(Box::new(prefetched.unwrap_or_else(|| {
                     IdStream::open(db, schema, &rule.predicate)
-                })))
+                }))))
             }
         })
     }
@@ -342,6 +342,9 @@ const AIM_SHARE: f64 = 0.8;
 const GROW_BELOW_SHARE: f64 = 0.5;
 /// Largest growth step per batch (25 %).
 const GROWTH_FACTOR: f64 = 1.25;
+/// While a full batch takes less than this share of the target, the size doubles instead:
+/// tiny first batches would otherwise take dozens of steps to reach a useful size.
+const FAST_GROWTH_BELOW_SHARE: f64 = 0.1;
 /// Growth stops at this share of a size that overshot.
 const BELOW_CEILING_SHARE: f64 = 0.8;
 /// How much the ceiling rises with each batch that stayed on target (0.2 %: a cliff is
@@ -384,7 +387,12 @@ impl BatchSizer {
         } else {
             self.ceiling *= CEILING_CREEP;
             if took < target * GROW_BELOW_SHARE && rows >= self.size {
-                (f64::from(self.size) * GROWTH_FACTOR)
+                let factor = if took < target * FAST_GROWTH_BELOW_SHARE {
+                    2.0
+                } else {
+                    GROWTH_FACTOR
+                };
+                (f64::from(self.size) * factor)
                     .ceil()
                     .min(fits.max(f64::from(self.size)))
                     .min((self.ceiling * BELOW_CEILING_SHARE).floor())
@@ -412,7 +420,7 @@ mod tests {
             20,
             "four times over the target: aim at 80 % of what fits"
         );
-        s.observe(20, Duration::from_millis(5));
+        s.observe(20, Duration::from_millis(10));
         assert_eq!(
             s.size(),
             25,
@@ -420,6 +428,8 @@ mod tests {
         );
         s.observe(25, Duration::from_millis(40));
         assert_eq!(s.size(), 25, "near the target: hold");
+        s.observe(25, Duration::from_millis(1));
+        assert_eq!(s.size(), 50, "far under: double");
         for _ in 0..100 {
             s.observe(s.size(), Duration::from_micros(10));
         }

@@ -237,7 +237,10 @@ async fn purge(
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
     let fence = ctx.fence()?;
     let budget = params.budget_secs.map(Duration::from_secs);
-    let table_rows = count(db, schema, None).await?;
+    let (table_rows, matching) = tokio::try_join!(
+        count(db, schema, None),
+        count_index_walked(db, schema, rules)
+    )?;
     // Streamed rules start reading now, so the engine finds their rows while earlier rules
     // delete; each read leaves out rows an earlier rule purges, as a sequential run counts.
     let mut prefetched: Vec<Option<IdStream>> = rules
@@ -252,7 +255,7 @@ async fn purge(
         .collect();
     'rules: for (i, rule) in rules.iter().enumerate() {
         let prefetched = prefetched[i].take();
-        let Some(rule) = &plan_walk(db, schema, rule, table_rows).await? else {
+        let Some(rule) = &plan_walk(rule, matching[i], table_rows) else {
             continue;
         };
         // Each rule learns its own batch size: a row costs very different amounts to find
@@ -324,7 +327,14 @@ async fn purge(
     let deleted = report.rules.total();
     if report.outcome != Outcome::Cancelled && deleted > 0 {
         let left = table_rows.saturating_sub(deleted);
-        if analyze::worth_refreshing(deleted, left) {
+        if !analyze::worth_refreshing(deleted, left) {
+            // Few rows went: the statistics still describe the table.
+        } else if analyze::engine_refreshes_statistics(db).await {
+            report.notes.push(format!(
+                "planner statistics: left to {}'s automatic refresh after this large purge",
+                db.engine()
+            ));
+        } else {
             match analyze::refresh_statistics(db, fence, &schema.sessions.table).await {
                 Ok(n) => report.database_optimizations += n,
                 Err(e) if e.is_fenced_out() => return Err(e),
@@ -373,26 +383,50 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
     })
 }
 
-/// The rule with the walk its density calls for (see [`DENSE_RULE_SHARE`]), or `None` when an
-/// index-walked rule matches nothing (walking its index to find that out can take seconds).
-async fn plan_walk(
+/// For each index-walked rule, the rows it will delete (matching it and no earlier rule),
+/// counted two at a time alongside the table count: the pool has room for that, the purge's
+/// reads and the missing-platform report.
+async fn count_index_walked(
     db: &Db,
     schema: &Schema,
-    rule: &rules::Rule,
-    table_rows: u64,
-) -> Result<Option<rules::Rule>, OpError> {
+    rules: &[rules::Rule],
+) -> Result<Vec<Option<u64>>, sqlx::Error> {
+    let all: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
+    let exclusive: Vec<(usize, Predicate)> = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r.walk, rules::Walk::Column(_)))
+        .map(|(i, r)| (i, r.predicate.and_none_of(&all[..i])))
+        .collect();
+    let mut counts = vec![None; rules.len()];
+    for pair in exclusive.chunks(2) {
+        let mut queries = Vec::with_capacity(pair.len());
+        for (_, pred) in pair {
+            queries.push(count(db, schema, Some(pred)));
+        }
+        let found = futures::future::try_join_all(queries).await?;
+        for ((i, _), n) in pair.iter().zip(found) {
+            counts[*i] = Some(n);
+        }
+    }
+    Ok(counts)
+}
+
+/// The rule with the walk its density calls for (see [`DENSE_RULE_SHARE`]), or `None` when an
+/// index-walked rule has nothing to delete (walking its index to find that out can take
+/// seconds). `matching` is its count from [`count_index_walked`].
+fn plan_walk(rule: &rules::Rule, matching: Option<u64>, table_rows: u64) -> Option<rules::Rule> {
     let mut rule = rule.clone();
-    if matches!(rule.walk, rules::Walk::Column(_)) {
-        let matching = count(db, schema, Some(&rule.predicate)).await?;
+    if let Some(matching) = matching {
         if matching == 0 {
-            return Ok(None);
+            return None;
         }
         if matching as f64 >= DENSE_RULE_SHARE * table_rows as f64 {
             tracing::debug!(rule = ?rule.kind, matching, table_rows, "dense rule: deleting primary-key ranges");
             rule.walk = rules::Walk::PrimaryKeyRange;
         }
     }
-    Ok(Some(rule))
+    Some(rule)
 }
 
 /// SQLite has one writer at a time and no queue for waiting writers: their busy handlers poll
