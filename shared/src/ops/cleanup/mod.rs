@@ -237,10 +237,8 @@ async fn purge(
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
     let fence = ctx.fence()?;
     let budget = params.budget_secs.map(Duration::from_secs);
-    let (table_rows, matching) = tokio::try_join!(
-        count(db, schema, None),
-        count_index_walked(db, schema, rules)
-    )?;
+    let mut matching = count_index_walked(db, schema, rules);
+    let table_rows = count(db, schema, None).await?;
     // Streamed rules start reading now, so the engine finds their rows while earlier rules
     // delete; each read leaves out rows an earlier rule purges, as a sequential run counts.
     let mut prefetched: Vec<Option<IdStream>> = rules
@@ -255,7 +253,13 @@ async fn purge(
         .collect();
     'rules: for (i, rule) in rules.iter().enumerate() {
         let prefetched = prefetched[i].take();
-        let Some(rule) = &plan_walk(rule, matching[i], table_rows) else {
+        let matching = match matching[i].take() {
+            Some(pending) => Some(pending.await.map_err(|_| {
+                sqlx::Error::Protocol("the rule count task ended without an answer".into())
+            })??),
+            None => None,
+        };
+        let Some(rule) = &plan_walk(rule, matching, table_rows) else {
             continue;
         };
         // Each rule learns its own batch size: a row costs very different amounts to find
@@ -383,33 +387,39 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
     })
 }
 
+/// The answer of a count running in the background.
+type PendingCount = tokio::sync::oneshot::Receiver<Result<u64, sqlx::Error>>;
+
 /// For each index-walked rule, the rows it will delete (matching it and no earlier rule),
-/// counted two at a time alongside the table count: the pool has room for that, the purge's
-/// reads and the missing-platform report.
-async fn count_index_walked(
+/// counted one after another in the background: the first rule starts as soon as its own
+/// count is in, and the later counts run while it deletes. `None` for other walks.
+fn count_index_walked(
     db: &Db,
     schema: &Schema,
     rules: &[rules::Rule],
-) -> Result<Vec<Option<u64>>, sqlx::Error> {
+) -> Vec<Option<PendingCount>> {
     let all: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
-    let exclusive: Vec<(usize, Predicate)> = rules
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| matches!(r.walk, rules::Walk::Column(_)))
-        .map(|(i, r)| (i, r.predicate.and_none_of(&all[..i])))
-        .collect();
-    let mut counts = vec![None; rules.len()];
-    for pair in exclusive.chunks(2) {
-        let mut queries = Vec::with_capacity(pair.len());
-        for (_, pred) in pair {
-            queries.push(count(db, schema, Some(pred)));
-        }
-        let found = futures::future::try_join_all(queries).await?;
-        for ((i, _), n) in pair.iter().zip(found) {
-            counts[*i] = Some(n);
+    let mut queue = Vec::new();
+    let mut pending = Vec::with_capacity(rules.len());
+    for (i, rule) in rules.iter().enumerate() {
+        if matches!(rule.walk, rules::Walk::Column(_)) {
+            let (answer, rx) = tokio::sync::oneshot::channel();
+            queue.push((rule.predicate.and_none_of(&all[..i]), answer));
+            pending.push(Some(rx));
+        } else {
+            pending.push(None);
         }
     }
-    Ok(counts)
+    let (db, schema) = (db.clone(), schema.clone());
+    tokio::spawn(async move {
+        for (pred, answer) in queue {
+            let n = count(&db, &schema, Some(&pred)).await;
+            if answer.send(n).is_err() {
+                return; // The run ended.
+            }
+        }
+    });
+    pending
 }
 
 /// The rule with the walk its density calls for (see [`DENSE_RULE_SHARE`]), or `None` when an
