@@ -245,12 +245,26 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         col.as_ref()
             .map_or("0".to_string(), |c| format!("COUNT(DISTINCT {c})"))
     };
+    // Only users with more sessions than the lower limit can have more distinct values than
+    // it: a cheap grouped count finds them, and only their rows go through the distinct
+    // counting (on MariaDB, COUNT(DISTINCT) over every user took 27-43 s at 1M sessions).
+    let floor = [
+        s.ip_address.as_ref().map(|_| ip_lim),
+        s.user_agent.as_ref().map(|_| ua_lim),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(0);
     let diversity_sql = (s.ip_address.is_some() || s.user_agent.is_some()).then(|| {
         format!(
             "SELECT user_id, ki, ku, \
              CAST(SUM(CASE WHEN ki > {ip_lim} THEN 1 ELSE 0 END) OVER () AS {it}), \
              CAST(SUM(CASE WHEN ku > {ua_lim} THEN 1 ELSE 0 END) OVER () AS {it}) \
-             FROM (SELECT {uid} AS user_id, {ki} AS ki, {ku} AS ku FROM {t}{scan_all} WHERE {act} >= ? GROUP BY {uid}) x \
+             FROM (SELECT {uid} AS user_id, {ki} AS ki, {ku} AS ku FROM {t}{scan_all} \
+             WHERE {act} >= ? AND {uid} IN \
+             (SELECT {uid} FROM {t}{scan_all} WHERE {act} >= ? GROUP BY {uid} HAVING COUNT(*) > {floor}) \
+             GROUP BY {uid}) x \
              WHERE ki > {ip_lim} OR ku > {ua_lim} ORDER BY ki + ku DESC, user_id LIMIT {n}",
             ki = distinct(&s.ip_address),
             ku = distinct(&s.user_agent),
@@ -260,7 +274,7 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
             scan_all = if e == Engine::Sqlite { " NOT INDEXED" } else { "" },
         )
     });
-    let day_ago = [Arg::Time(now - Duration::hours(24))];
+    let day_ago = [Arg::Time(now - Duration::hours(24)); 2];
     let diversity = async {
         match diversity_sql {
             Some(sql) => probe
