@@ -173,3 +173,71 @@ impl Reader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seed::{SeedParams, seed_demo};
+    use crate::store::SchemaVersion;
+    use crate::store::schema;
+    use crate::testing::TestDb;
+
+    /// A read whose connection is killed mid-way resumes after the last id it delivered:
+    /// every id comes out once, in order.
+    #[tokio::test]
+    async fn a_broken_read_resumes_after_the_last_delivered_id() {
+        let tdb = TestDb::new(Engine::Postgres).await;
+        let db = &tdb.db;
+        let seed = SeedParams {
+            sessions: 10,
+            users: 10,
+            seed: 1,
+            schema: SchemaVersion::V2,
+            now: chrono::Utc::now().naive_utc(),
+            reset: false,
+        };
+        seed_demo(db, &seed).await.expect("seed");
+        // Enough rows that the server is still sending when the read is broken.
+        db.execute(
+            "INSERT INTO user_sessions (session_id, user_id, created_at, updated_at, last_activity, expires_at, is_active) \
+             SELECT 'bulk-' || g, (SELECT MIN(id) FROM users), now(), now(), now(), now(), TRUE FROM generate_series(1, 300000) g",
+        )
+        .await
+        .expect("bulk rows");
+        let expected: Vec<i64> = crate::on_pool!(db, p => {
+            sqlx::query_scalar("SELECT CAST(id AS BIGINT) FROM user_sessions ORDER BY id")
+                .fetch_all(p)
+                .await
+                .expect("ids")
+        });
+        let schema = schema::detect(db).await.expect("schema");
+        let all = Predicate {
+            sql: "user_sessions.id > 0".into(),
+            binds: vec![],
+        };
+        let mut stream = IdStream::open(db, &schema, &all);
+        let mut got = stream.next_batch(1000).await.expect("first batch");
+        // Kill every other backend of this database: the read's connection among them.
+        let killed: Vec<bool> = crate::on_pool!(db, p => {
+            sqlx::query_scalar(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .fetch_all(p)
+            .await
+            .expect("terminate")
+        });
+        assert!(killed.iter().any(|k| *k), "the read's backend was killed");
+        loop {
+            let batch = stream.next_batch(5000).await.expect("resumed read");
+            if batch.is_empty() {
+                break;
+            }
+            got.extend(batch);
+        }
+        assert_eq!(stream.reopened, 1, "the read was reopened once");
+        assert_eq!(got.len(), expected.len(), "every id once");
+        assert!(got == expected, "in key order, no gap, no repeat");
+        tdb.drop_db().await;
+    }
+}
