@@ -406,6 +406,58 @@ async fn fixture(engine: Engine) -> TestDb {
     tdb
 }
 
+/// Users seen from many addresses or agents in 24 h: counted exactly, whoever else has many
+/// sessions, and only within the window.
+#[tokio::test]
+async fn users_over_the_address_and_agent_lines_are_found_and_no_one_else() {
+    for engine in ENGINES {
+        let tdb = TestDb::new(engine).await;
+        let db = &tdb.db;
+        schema::create(db, SchemaVersion::V2).await.expect("schema");
+        for id in 1..=4 {
+            db.execute(&format!("INSERT INTO users (id, username, email, password_hash, is_active) VALUES ({id}, 'u{id}', 'u{id}@example.org', 'x', TRUE)"))
+                .await
+                .expect("user");
+        }
+        let n = now();
+        // (user, sessions, distinct addresses, distinct agents, hours ago)
+        let groups = [
+            (1, 12, 12, 1, 1), // over the address line (10) only
+            (2, 7, 1, 7, 2),   // over the agent line (5) only
+            (3, 15, 1, 1, 3),  // many sessions, no diversity
+            (4, 8, 8, 8, 30),  // diverse, but outside the 24-hour window
+        ];
+        for (user, sessions, ips, agents, hours) in groups {
+            for i in 0..sessions {
+                let at = n - Duration::hours(hours) - Duration::seconds(i64::from(i));
+                on_pool!(db, p => sqlx::query(db.sql("INSERT INTO user_sessions (session_id, user_id, created_at, updated_at, last_activity, expires_at, is_active, user_agent, ip_address) VALUES (?, ?, ?, ?, ?, ?, TRUE, ?, ?)"))
+                    .bind(format!("u{user}-{i}")).bind(user).bind(at).bind(at).bind(at).bind(n + Duration::hours(24))
+                    .bind(format!("agent-{}", i % agents)).bind(format!("192.0.2.{}", i % ips))
+                    .execute(p).await.map(|_| ()).expect("session"));
+            }
+        }
+        let r = analytics::health_report(db, &params())
+            .await
+            .expect("report");
+        let s = &r.security_analysis;
+        let ips = s.users_with_many_ips.as_ref().expect("address role");
+        assert_eq!(ips.count, 1, "{engine}");
+        assert_eq!(
+            (ips.examples[0].user_id, ips.examples[0].value),
+            (1, 12),
+            "{engine}"
+        );
+        let agents = s.users_with_many_user_agents.as_ref().expect("agent role");
+        assert_eq!(agents.count, 1, "{engine}");
+        assert_eq!(
+            (agents.examples[0].user_id, agents.examples[0].value),
+            (2, 7),
+            "{engine}"
+        );
+        tdb.drop_db().await;
+    }
+}
+
 #[tokio::test]
 async fn fixture_known_answers_and_new_sessions_are_not_suspicious() {
     for engine in ENGINES {
