@@ -140,7 +140,10 @@ async fn main() -> Result<()> {
     for ddl in index_ddl(engine, args.schema) {
         match db.execute(&ddl).await {
             Ok(_) => {}
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("1061") => {}
+            // 1061 = duplicate key name (the code() of a MySQL error is its SQLSTATE).
+            Err(sqlx::Error::Database(e))
+                if e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                    .is_some_and(|m| m.number() == 1061) => {}
             Err(e) => return Err(e.into()),
         }
     }
