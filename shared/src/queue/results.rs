@@ -131,6 +131,17 @@ impl Queue {
         p.query_async::<()>(&mut c).await.map_err(|e| self.err(e))
     }
 
+    /// Whether job `job_id` has a retained result (a redelivery of a finished job). Cheaper
+    /// than [`Self::result`]: nothing travels back but a flag.
+    pub async fn has_result(&self, job_id: Uuid) -> Result<bool, QueueError> {
+        let mut c = self.conn.clone();
+        redis::cmd("EXISTS")
+            .arg(self.keys.result(&job_id))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
     /// The result of one job, if it finished and is still retained.
     pub async fn result(&self, job_id: Uuid) -> Result<Option<JobResult>, QueueError> {
         let mut c = self.conn.clone();

@@ -80,7 +80,7 @@ pub async fn process_delivery(
     async move {
         // At-least-once delivery: a redelivered job whose result is already stored (the ack
         // was lost, or the worker died after finishing) is not run twice.
-        if queue.result(env.job_id).await?.is_some() {
+        if queue.has_result(env.job_id).await? {
             tracing::info!("already finished; skipping redelivery");
             metrics::counter!("sessionfleet_jobs_total", "kind" => env.kind.as_str(), "outcome" => "duplicate").increment(1);
             return Ok(Settled::Duplicate);
