@@ -236,7 +236,6 @@ async fn purge(
     let db = &ctx.db;
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
     let fence = ctx.fence()?;
-    let budget = params.budget_secs.map(Duration::from_secs);
     let mut matching = count_index_walked(db, schema, rules);
     let table_rows = count(db, schema, None).await?;
     // Streamed rules start reading now, so the engine finds their rows while earlier rules
@@ -251,7 +250,7 @@ async fn purge(
             })
         })
         .collect();
-    'rules: for (i, rule) in rules.iter().enumerate() {
+    for (i, rule) in rules.iter().enumerate() {
         let prefetched = prefetched[i].take();
         let matching = match matching[i].take() {
             Some(pending) => Some(pending.await.map_err(|_| {
@@ -262,91 +261,124 @@ async fn purge(
         let Some(rule) = &plan_walk(rule, matching, table_rows) else {
             continue;
         };
-        // Each rule learns its own batch size: a row costs very different amounts to find
-        // and delete under different rules (a key range against scattered ids).
-        let mut sizer = BatchSizer::new(
-            params.batch_size.min(params.max_batch_size),
-            MIN_BATCH_SIZE.min(params.batch_size),
-            params.max_batch_size,
-            Duration::from_millis(params.target_batch_ms),
-        );
-        let Some(mut source) = Source::open(db, schema, rule, table_rows, prefetched).await? else {
+        let Some(source) = Source::open(db, schema, rule, table_rows, prefetched).await? else {
             continue;
         };
-        let mut cursor = Cursor::Start;
-        let mut fruitless = 0;
-        let rule_started = Instant::now();
-        let deleted_before = report.rules.total();
-        loop {
-            if let Some(stop) = stop_reason(ctx, budget, started, report.batches) {
-                report.outcome = stop;
-                break 'rules;
-            }
-            let limit = sizer.size();
-            let found = source
-                .next(db, schema, &rule.predicate, cursor, limit)
-                .await?;
-            if found.rows == 0 {
-                break;
-            }
-            let done = purge_batch(db, fence, schema, rule, &found.batch).await?;
-            report.batches += 1;
-            report.rules.add(rule.kind, done.deleted);
-            report.longest_batch_ms = report
-                .longest_batch_ms
-                .max(done.took.as_secs_f64() * 1000.0);
-            sizer.observe(found.rows, done.took);
-            tracing::debug!(rule = ?rule.kind, rows = found.rows, deleted = done.deleted, ms = done.took.as_secs_f64() * 1000.0, "batch committed");
-            rest_after_batch(db, done.took).await;
-            cursor = found.next;
-            // A range may hold no match at all; found ids that all vanished are suspect.
-            fruitless = match found.batch {
-                Batch::Ids(_) if done.deleted == 0 => fruitless + 1,
-                _ => 0,
-            };
-            if fruitless >= MAX_FRUITLESS_BATCHES {
-                report.errors.push(format!(
-                    "rule {:?}: {MAX_FRUITLESS_BATCHES} batches in a row found candidates that no longer matched; left for the next run",
-                    rule.kind
-                ));
-                break;
-            }
-            if found.last {
-                break;
-            }
+        if let Some(stop) = purge_rule(ctx, params, schema, rule, source, started, report).await? {
+            report.outcome = stop;
+            break;
         }
-        tracing::debug!(
-            rule = ?rule.kind,
-            walk = ?rule.walk,
-            deleted = report.rules.total() - deleted_before,
-            secs = rule_started.elapsed().as_secs_f64(),
-            "rule done"
-        );
     }
     if report.outcome != Outcome::Completed
         && let Some(any) = Predicate::any_of(&all_rules)
     {
         report.remaining = count(db, schema, Some(&any)).await?;
     }
-    let deleted = report.rules.total();
-    if report.outcome != Outcome::Cancelled && deleted > 0 {
-        let left = table_rows.saturating_sub(deleted);
-        if !analyze::worth_refreshing(deleted, left) {
-            // Few rows went: the statistics still describe the table.
-        } else if analyze::engine_refreshes_statistics(db).await {
-            report.notes.push(format!(
-                "planner statistics: left to {}'s automatic refresh after this large purge",
-                db.engine()
-            ));
-        } else {
-            match analyze::refresh_statistics(db, fence, &schema.sessions.table).await {
-                Ok(n) => report.database_optimizations += n,
-                Err(e) if e.is_fenced_out() => return Err(e),
-                Err(e) => report
-                    .errors
-                    .push(format!("refreshing planner statistics failed: {e}")),
-            }
+    if report.outcome != Outcome::Cancelled {
+        refresh_statistics_after(db, fence, schema, table_rows, report).await?;
+    }
+    Ok(())
+}
+
+/// Deletes one rule's rows batch by batch from `source` until it runs dry, the rule gives up,
+/// or the run must stop — then returns why.
+async fn purge_rule(
+    ctx: &OpContext,
+    params: &CleanupParams,
+    schema: &Schema,
+    rule: &rules::Rule,
+    mut source: Source,
+    started: Instant,
+    report: &mut CleanupReport,
+) -> Result<Option<Outcome>, OpError> {
+    let db = &ctx.db;
+    let fence = ctx.fence()?;
+    let budget = params.budget_secs.map(Duration::from_secs);
+    // Each rule learns its own batch size: a row costs very different amounts to find and
+    // delete under different rules (a key range against scattered ids).
+    let mut sizer = BatchSizer::new(
+        params.batch_size.min(params.max_batch_size),
+        MIN_BATCH_SIZE.min(params.batch_size),
+        params.max_batch_size,
+        Duration::from_millis(params.target_batch_ms),
+    );
+    let mut cursor = Cursor::Start;
+    let mut fruitless = 0;
+    let rule_started = Instant::now();
+    let deleted_before = report.rules.total();
+    let stop = loop {
+        if let Some(stop) = stop_reason(ctx, budget, started, report.batches) {
+            break Some(stop);
         }
+        let limit = sizer.size();
+        let found = source
+            .next(db, schema, &rule.predicate, cursor, limit)
+            .await?;
+        if found.rows == 0 {
+            break None;
+        }
+        let done = purge_batch(db, fence, schema, rule, &found.batch).await?;
+        report.batches += 1;
+        report.rules.add(rule.kind, done.deleted);
+        report.longest_batch_ms = report
+            .longest_batch_ms
+            .max(done.took.as_secs_f64() * 1000.0);
+        sizer.observe(found.rows, done.took);
+        tracing::debug!(rule = ?rule.kind, rows = found.rows, deleted = done.deleted, ms = done.took.as_secs_f64() * 1000.0, "batch committed");
+        rest_after_batch(db, done.took).await;
+        cursor = found.next;
+        // A range may hold no match at all; found ids that all vanished are suspect.
+        fruitless = match found.batch {
+            Batch::Ids(_) if done.deleted == 0 => fruitless + 1,
+            _ => 0,
+        };
+        if fruitless >= MAX_FRUITLESS_BATCHES {
+            report.errors.push(format!(
+                "rule {:?}: {MAX_FRUITLESS_BATCHES} batches in a row found candidates that no longer matched; left for the next run",
+                rule.kind
+            ));
+            break None;
+        }
+        if found.last {
+            break None;
+        }
+    };
+    tracing::debug!(
+        rule = ?rule.kind,
+        walk = ?rule.walk,
+        deleted = report.rules.total() - deleted_before,
+        secs = rule_started.elapsed().as_secs_f64(),
+        "rule done"
+    );
+    Ok(stop)
+}
+
+/// After a purge that removed a large share of the table, fresh planner statistics: ours,
+/// unless the engine refreshes them itself (then the report says so).
+async fn refresh_statistics_after(
+    db: &Db,
+    fence: &crate::fence::Fence,
+    schema: &Schema,
+    table_rows: u64,
+    report: &mut CleanupReport,
+) -> Result<(), OpError> {
+    let deleted = report.rules.total();
+    if !analyze::worth_refreshing(deleted, table_rows.saturating_sub(deleted)) {
+        return Ok(());
+    }
+    if analyze::engine_refreshes_statistics(db).await {
+        report.notes.push(format!(
+            "planner statistics: left to {}'s automatic refresh after this large purge",
+            db.engine()
+        ));
+        return Ok(());
+    }
+    match analyze::refresh_statistics(db, fence, &schema.sessions.table).await {
+        Ok(n) => report.database_optimizations += n,
+        Err(e) if e.is_fenced_out() => return Err(e),
+        Err(e) => report
+            .errors
+            .push(format!("refreshing planner statistics failed: {e}")),
     }
     Ok(())
 }
