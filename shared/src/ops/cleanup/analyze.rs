@@ -25,10 +25,12 @@ pub fn worth_refreshing(deleted: u64, left: u64) -> bool {
 /// on the cleanup's clock. SQLite never does it.
 pub async fn engine_refreshes_statistics(db: &Db) -> bool {
     let setting = match db.engine() {
+        // Both cast to a 64-bit integer: a 32-bit answer would not decode, read as "off",
+        // and we would repeat the engine's work.
         Engine::Postgres => {
-            "SELECT CASE WHEN current_setting('autovacuum') = 'on' THEN 1 ELSE 0 END"
+            "SELECT CAST(CASE WHEN current_setting('autovacuum') = 'on' THEN 1 ELSE 0 END AS BIGINT)"
         }
-        Engine::MySql => "SELECT @@innodb_stats_auto_recalc",
+        Engine::MySql => "SELECT CAST(@@innodb_stats_auto_recalc AS SIGNED)",
         Engine::Sqlite => return false,
     };
     // When the setting cannot be read, refresh ourselves.

@@ -11,12 +11,12 @@
 //!   not count);
 //! - sessions whose platform id points at a missing platform are only **reported**.
 //!
-//! How ([`run`]): the cutoffs are computed once from `as_of`. For each rule, a plain read
-//! finds the next N matching ids along an index; one transaction then advances the fence,
-//! deletes those ids *that still match the rule*, and commits. When the rule matches a large
-//! share of the table ([`DENSE_RULE_SHARE`]), the read walks the primary key instead and the
-//! transaction deletes the id range holding those N rows, still re-checking the rule. N adapts so each transaction stays
-//! under the target duration. Cancellation and the time budget are checked between batches;
+//! How ([`run`]): the cutoffs are computed once from `as_of`. Each batch is one transaction
+//! that advances the fence, deletes rows *that still match the rule*, and commits; what names
+//! the rows depends on the rule ([`rules::Walk`]): the next N ids read along its time index;
+//! for a rule matching a large share of the table ([`DENSE_RULE_SHARE`]), a stride of the
+//! primary key; for orphans, the next N ids of one streamed read. N adapts so each
+//! transaction stays under the target duration. Cancellation and the time budget are checked between batches;
 //! whatever was committed is counted, and `remaining` says what is left for a continuation.
 
 mod analyze;
