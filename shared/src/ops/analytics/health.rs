@@ -1,17 +1,19 @@
-//! The health report's queries: six aggregate statements, each returning at most a few rows,
-//! run concurrently on the pool's connections.
+//! The health report's queries: five or six aggregate statements, each returning at most a few
+//! rows, run concurrently on the pool's connections.
 //!
-//! 1. `session_scan` — one pass over the session table for every per-row count (totals,
-//!    creation rate, age windows, old-but-active, no platform, rapid updates), and
-//!    `session_durations` — a second pass for the duration statistics;
-//! 2. `per_user` — sessions grouped per user: unique, multi-session, active and over-limit
-//!    users, with the worst users listed (window functions give totals and list in one go);
-//! 3. `platforms` — sessions per platform id first (index-only), then joined to the small
-//!    platform table: distribution by type and sessions pointing at a missing platform;
+//! 1. `session_scan` — one pass over the session table for the per-row counts (creation
+//!    rate, age windows, old-but-active, rapid updates), and `session_durations` — the
+//!    duration statistics, a second pass except on PostgreSQL, where they fold into the scan;
+//! 2. `per_user` — sessions grouped per user: total and active sessions, unique,
+//!    multi-session, active and over-limit users, with the worst users listed (window
+//!    functions give totals and list in one go);
+//! 3. `platforms` — sessions per platform id first (index-only), then joined to the platform
+//!    table: distribution by type, sessions without a platform and sessions pointing at a
+//!    missing one;
 //! 4. `suspicious_list` — the rapidly updated sessions themselves (last 5 minutes only);
 //! 5. `diversity_24h` — distinct addresses and agents per user among sessions active in
-//!    the last 24 hours, counted only for users with more sessions than the lower limit
-//!    (examples are the users furthest over either line).
+//!    the last 24 hours, counted only for users with more sessions than the lower limit,
+//!    through the user index (examples are the users furthest over either line).
 //!
 //! Column names always come from the detected schema's roles.
 
@@ -110,9 +112,9 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
     let rapid = format!(
         "{created} >= ? AND {act} >= ? AND {act} > {created} AND {dur} < {RAPID_UPDATE_SECS}"
     );
+    // Totals and the active count come from `per_user` (its window sums see every row), and
+    // sessions without a platform from `platforms`: a per-row count costs as much as a pass.
     let mut cols: Vec<(String, Vec<Arg>)> = vec![
-        ("COUNT(*)".into(), vec![]),
-        (count_if(e, &active_pred), vec![active_arg]),
         (
             count_if(e, &format!("{created} >= ?")),
             vec![Arg::Time(recent)],
@@ -149,11 +151,26 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
             vec![Arg::Time(recent), Arg::Time(recent)],
         ),
     ];
-    let mut kinds = vec![Kind::Int; 10];
-    if let Some(pid) = &s.platform_id {
+    let mut kinds = vec![Kind::Int; 8];
+    let f = float_type(e);
+    // PostgreSQL aggregates the durations as intervals in the same pass, converting three
+    // results instead of every row (scan and durations: 0.15 + 0.33 s → 0.23 s at 1M rows).
+    let durations_in_scan = e == Engine::Postgres;
+    if durations_in_scan {
+        let gap = format!("{act} - {created}");
+        for agg in ["AVG", "MIN", "MAX"] {
+            cols.push((
+                format!("CAST(EXTRACT(EPOCH FROM {agg}({gap})) AS {f})"),
+                vec![],
+            ));
+            kinds.push(Kind::Float);
+        }
+    }
+    let platform_less_in_scan = s.platform_id.is_some() && schema.platforms.is_none();
+    if let Some(pid) = s.platform_id.as_ref().filter(|_| platform_less_in_scan) {
         cols.push((count_if(e, &format!("{pid} IS NULL")), vec![]));
         kinds.push(Kind::Int);
-    } else {
+    } else if s.platform_id.is_none() {
         unsupported.push("platform role: sessions without a platform cannot be counted".into());
     }
     let args: Vec<Arg> = cols.iter().flat_map(|c| c.1.iter().copied()).collect();
@@ -161,22 +178,29 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
     let sql = format!("SELECT {} FROM {t}", select.join(", "));
     let scan = probe.one("session_scan", sql, &args, &kinds);
 
-    // 1b. session_durations: a second pass, because parsing two timestamps per row for three
-    //     aggregates costs as much as every count above; on its own it runs on another core.
-    let f = float_type(e);
-    let sql = match e {
+    // 1b. session_durations elsewhere: a second pass, because parsing two timestamps per row
+    //     for three aggregates costs as much as every count above; on its own it runs on
+    //     another core.
+    let durations_sql = (!durations_in_scan).then(|| match e {
         // LIMIT -1 keeps SQLite from flattening the subquery, so each row's duration is
         // computed once instead of once per aggregate (0.8 s → 0.3 s at 1M rows).
         Engine::Sqlite => format!(
             "SELECT CAST(AVG(d) AS {f}), CAST(MIN(d) AS {f}), CAST(MAX(d) AS {f}) \
              FROM (SELECT {dur} AS d FROM {t} LIMIT -1) x"
         ),
-        // PostgreSQL runs the plain form in parallel workers, faster than any subquery.
         _ => format!(
             "SELECT CAST(AVG({dur}) AS {f}), CAST(MIN({dur}) AS {f}), CAST(MAX({dur}) AS {f}) FROM {t}"
         ),
+    });
+    let durations = async {
+        match durations_sql {
+            Some(sql) => probe
+                .one("session_durations", sql, &[], &[Kind::Float; 3])
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
     };
-    let durations = probe.one("session_durations", sql, &[], &[Kind::Float; 3]);
 
     // 2. per_user: the window sums see every group; LIMIT only trims the listed rows.
     let it = int_type(e);
@@ -185,30 +209,35 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         "SELECT user_id, a, COUNT(*) OVER (), \
          CAST(SUM(CASE WHEN n > 1 THEN 1 ELSE 0 END) OVER () AS {it}), \
          CAST(SUM(CASE WHEN a > 0 THEN 1 ELSE 0 END) OVER () AS {it}), \
-         CAST(SUM(CASE WHEN a > {limit} THEN 1 ELSE 0 END) OVER () AS {it}) \
+         CAST(SUM(CASE WHEN a > {limit} THEN 1 ELSE 0 END) OVER () AS {it}), \
+         CAST(SUM(n) OVER () AS {it}), CAST(SUM(a) OVER () AS {it}) \
          FROM (SELECT {uid} AS user_id, COUNT(*) AS n, {a} AS a FROM {t} GROUP BY {uid}) x \
          ORDER BY a DESC, user_id LIMIT {n}",
         a = count_if(e, &active_pred),
         n = params.example_limit
     );
     let per_user_args = [active_arg];
-    let per_user = probe.rows("per_user", sql, &per_user_args, &[Kind::Int; 6]);
+    let per_user = probe.rows("per_user", sql, &per_user_args, &[Kind::Int; 8]);
 
-    // 3. platforms: aggregate the big table per platform id before joining the small one.
+    // 3. platforms: aggregate the big table per platform id before joining the other table,
+    //    then group by platform type only, with sessions without a platform and those
+    //    pointing at a missing one as sums: a handful of groups the engines hash, where
+    //    grouping by a computed kind made PostgreSQL sort every platform id on disk.
     let platform_sql = match (&s.platform_id, &schema.platforms) {
         (Some(pid), Some(pt)) => {
-            let ptype = pt
-                .platform_type
-                .as_ref()
-                .map_or("NULL".to_string(), |c| format!("p.{c}"));
-            let kind = text(e, "CASE WHEN x.pid IS NULL THEN 'none' WHEN p.{pk} IS NULL THEN 'missing' ELSE 'ok' END")
-                .replace("{pk}", &pt.id);
+            let (ptype, group) = match &pt.platform_type {
+                Some(c) => (format!("p.{c}"), format!(" GROUP BY p.{c}")),
+                None => ("NULL".to_string(), String::new()),
+            };
+            let pk = &pt.id;
             Some(format!(
-                "SELECT {kind}, {ptype}, CAST(SUM(x.n) AS {it}) \
+                "SELECT {ptype}, \
+                 CAST(SUM(CASE WHEN x.pid IS NULL THEN x.n ELSE 0 END) AS {it}), \
+                 CAST(SUM(CASE WHEN x.pid IS NOT NULL AND p.{pk} IS NULL THEN x.n ELSE 0 END) AS {it}), \
+                 CAST(SUM(CASE WHEN p.{pk} IS NOT NULL THEN x.n ELSE 0 END) AS {it}) \
                  FROM (SELECT {pid} AS pid, COUNT(*) AS n FROM {t} GROUP BY {pid}) x \
-                 LEFT JOIN {ptable} p ON p.{pk} = x.pid GROUP BY 1, 2",
+                 LEFT JOIN {ptable} p ON p.{pk} = x.pid{group}",
                 ptable = pt.table,
-                pk = pt.id
             ))
         }
         _ => None,
@@ -216,7 +245,12 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
     let platforms = async {
         match platform_sql {
             Some(sql) => probe
-                .rows("platforms", sql, &[], &[Kind::Text, Kind::Text, Kind::Int])
+                .rows(
+                    "platforms",
+                    sql,
+                    &[],
+                    &[Kind::Text, Kind::Int, Kind::Int, Kind::Int],
+                )
                 .await
                 .map(Some),
             None => Ok(None),
@@ -243,14 +277,19 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
     //    pass for both; the window sums count every offender, the list keeps the worst.
     let (ip_lim, ua_lim) = (params.ip_diversity_limit, params.user_agent_diversity_limit);
     let distinct = |col: &Option<String>| {
-        col.as_ref()
-            .map_or("0".to_string(), |c| format!("COUNT(DISTINCT s.{c})"))
+        col.as_ref().map_or("0".to_string(), |c| {
+            format!(
+                "(SELECT COUNT(DISTINCT s.{c}) FROM {t} s WHERE s.{uid} = c.candidate AND s.{act} >= ?)"
+            )
+        })
     };
     // Only users with more sessions than the lower limit can have more distinct values than
-    // it: a cheap grouped count finds them, and only their rows — joined back through the
-    // user index — go through the distinct counting. On MariaDB, COUNT(DISTINCT) over every
-    // user took 27-43 s at 1M sessions, and 24 s with the candidates as an IN filter on a
-    // second full scan; joined, 2.3 s.
+    // it: a cheap grouped count finds them, and only their rows — looked up through the
+    // user index, per candidate — go through the distinct counting. On MariaDB,
+    // COUNT(DISTINCT) over every user took 27-43 s at 1M sessions, and 24 s with the
+    // candidates as an IN filter on a second full scan. A join back let PostgreSQL hash the
+    // whole day's rows (and build the candidates once per parallel worker): 0.6-0.7 s; the
+    // per-candidate lookups 0.3 s.
     let floor = [
         s.ip_address.as_ref().map(|_| ip_lim),
         s.user_agent.as_ref().map(|_| ua_lim),
@@ -264,11 +303,9 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
             "SELECT user_id, ki, ku, \
              CAST(SUM(CASE WHEN ki > {ip_lim} THEN 1 ELSE 0 END) OVER () AS {it}), \
              CAST(SUM(CASE WHEN ku > {ua_lim} THEN 1 ELSE 0 END) OVER () AS {it}) \
-             FROM (SELECT s.{uid} AS user_id, {ki} AS ki, {ku} AS ku \
+             FROM (SELECT c.candidate AS user_id, {ki} AS ki, {ku} AS ku \
              FROM (SELECT {uid} AS candidate FROM {t}{scan_all} WHERE {act} >= ? \
-             GROUP BY {uid} HAVING COUNT(*) > {floor}) c \
-             JOIN {t} s ON s.{uid} = c.candidate \
-             WHERE s.{act} >= ? GROUP BY s.{uid}) x \
+             GROUP BY {uid} HAVING COUNT(*) > {floor}) c{keep_apart}) x \
              WHERE ki > {ip_lim} OR ku > {ua_lim} ORDER BY ki + ku DESC, user_id LIMIT {n}",
             ki = distinct(&s.ip_address),
             ku = distinct(&s.user_agent),
@@ -281,9 +318,17 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
                 Engine::MySql => " USE INDEX ()",
                 Engine::Postgres => "",
             },
+            // Keeps the engines from merging `x` into the outer query, which would run each
+            // lookup again for the filter and the ordering.
+            keep_apart = match e {
+                Engine::Sqlite => " LIMIT -1",
+                Engine::MySql | Engine::Postgres => " GROUP BY c.candidate",
+            },
         )
     });
-    let day_ago = [Arg::Time(now - Duration::hours(24)); 2];
+    // One bound "a day ago" per lookup, then the candidates' own.
+    let lookups = usize::from(s.ip_address.is_some()) + usize::from(s.user_agent.is_some());
+    let day_ago = vec![Arg::Time(now - Duration::hours(24)); lookups + 1];
     let diversity = async {
         match diversity_sql {
             Some(sql) => probe
@@ -295,6 +340,7 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
     };
 
     // The six queries are independent: run them at once on the pool's connections.
+    let kinds_scan = kinds.len();
     let (row, dur_row, users, platform_rows, suspicious_rows, diversity_rows) = tokio::try_join!(
         scan,
         durations,
@@ -303,7 +349,7 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         suspicious_list,
         diversity
     )?;
-    let without_platform = s.platform_id.as_ref().map(|_| row[10].count());
+    let dur_row = dur_row.unwrap_or_else(|| row[8..11].to_vec());
     let first = users.first();
     let total_of = |i: usize| first.map_or(0, |r| r[i].count());
     let users_over_limit_examples = users
@@ -315,25 +361,24 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         })
         .collect();
 
-    let (platform_distribution, missing_platform) = match platform_rows {
+    let (platform_distribution, missing_platform, without_platform) = match platform_rows {
         Some(rows) => {
             let mut dist = Vec::new();
-            let mut missing = 0;
+            let (mut none, mut missing) = (0, 0);
             for r in &rows {
-                match r[0].text() {
-                    Some("ok") => {
-                        dist.push((r[1].text().unwrap_or("unknown").to_string(), r[2].count()))
-                    }
-                    Some("missing") => missing += r[2].count(),
-                    _ => {}
+                none += r[1].count();
+                missing += r[2].count();
+                if r[3].count() > 0 {
+                    dist.push((r[0].text().unwrap_or("unknown").to_string(), r[3].count()));
                 }
             }
-            (Some(dist), Some(missing))
+            (Some(dist), Some(missing), Some(none))
         }
         None => {
             unsupported
                 .push("platform table: platform distribution and missing-platform sessions".into());
-            (None, None)
+            let without = platform_less_in_scan.then(|| row[kinds_scan - 1].count());
+            (None, None, without)
         }
     };
     let suspicious = suspicious_rows
@@ -378,18 +423,18 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         now,
         active_definition,
         unsupported,
-        total: row[0].count(),
-        active: row[1].count(),
-        created_5m: row[2].count(),
-        created_1h: row[3].count(),
+        total: total_of(6),
+        active: total_of(7),
+        created_5m: row[0].count(),
+        created_1h: row[1].count(),
         age: [
+            row[2].count(),
+            row[3].count(),
             row[4].count(),
             row[5].count(),
-            row[6].count(),
-            row[7].count(),
         ],
-        old_active: row[8].count(),
-        suspicious_count: row[9].count(),
+        old_active: row[6].count(),
+        suspicious_count: row[7].count(),
         duration: [
             dur_row[0].millis(),
             dur_row[1].millis(),
@@ -417,13 +462,4 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         pool,
         schema,
     })
-}
-
-/// A text-valued expression decodable as a string on every engine (MySQL may otherwise
-/// label a literal-only `CASE` as binary).
-fn text(engine: Engine, expr: &str) -> String {
-    match engine {
-        Engine::MySql => format!("CAST({expr} AS CHAR)"),
-        _ => expr.to_string(),
-    }
 }
