@@ -1,7 +1,7 @@
 //! Fleet benchmark: no-op throughput through the full worker stack, batch enqueue rate, and
 //! enqueue→start latency at a low rate. Run in release (see bench/results/fleet.md).
 //!
-//! cargo build --release -p sessionfleet-worker -p sessionfleet-bench --bin fleet
+//! cargo build --release -p sessionfleet-worker -p sessionfleet-bench --bin fleet --bin sessionfleet-worker
 //! target/release/fleet --jobs 100000
 
 use std::path::PathBuf;
