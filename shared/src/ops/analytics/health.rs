@@ -341,14 +341,17 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
 
     // The six queries are independent: run them at once on the pool's connections.
     let kinds_scan = kinds.len();
-    let (row, dur_row, users, platform_rows, suspicious_rows, diversity_rows) = tokio::try_join!(
+    // Polled, and so given the pool's connections, longest first: the queries outnumber the
+    // connections, and a long query that starts last finishes alone on one core.
+    let (row, diversity_rows, per_user_rows, dur_row, platform_rows, suspicious_rows) = tokio::try_join!(
         scan,
-        durations,
+        diversity,
         per_user,
+        durations,
         platforms,
-        suspicious_list,
-        diversity
+        suspicious_list
     )?;
+    let users = per_user_rows;
     let dur_row = dur_row.unwrap_or_else(|| row[8..11].to_vec());
     let first = users.first();
     let total_of = |i: usize| first.map_or(0, |r| r[i].count());
