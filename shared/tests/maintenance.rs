@@ -186,6 +186,22 @@ async fn analyze_figures_equal_the_catalog(engine: Engine) {
         report.recommendations
     );
     assert!(report.render_text().contains("Indexes ("));
+    // PostgreSQL with autovacuum off is told so; whether it is off is the server's setting.
+    let autovacuum_advice = report
+        .recommendations
+        .iter()
+        .any(|r| r.starts_with("Autovacuum is off on this server"));
+    let server_autovacuum_off = engine == Engine::Postgres
+        && db
+            .scalar_i64("SELECT CAST(CASE WHEN current_setting('autovacuum') = 'off' THEN 1 ELSE 0 END AS BIGINT)")
+            .await
+            .unwrap()
+            == 1;
+    assert_eq!(
+        autovacuum_advice, server_autovacuum_off,
+        "{:?}",
+        report.recommendations
+    );
     tdb.drop_db().await;
 }
 

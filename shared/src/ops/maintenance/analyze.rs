@@ -140,7 +140,11 @@ pub async fn analyze(db: &Db) -> Result<TableAnalysis, OpError> {
     }
     finish_read(tx).await?;
     let now = Utc::now().naive_utc();
-    let recommendations = recommend(db.engine(), &schema, &tables, &indexes, now);
+    let mut recommendations = recommend(db.engine(), &schema, &tables, &indexes, now);
+    if let Some(advice) = autovacuum_off_advice(db, &schema, &tables).await {
+        recommendations.retain(|r| r != NOTHING_TO_DO);
+        recommendations.push(advice);
+    }
     Ok(TableAnalysis {
         timestamp: now,
         engine: db.engine().name().to_string(),
@@ -390,9 +394,48 @@ fn recommend(
         ));
     }
     if out.is_empty() {
-        out.push("Database maintenance is up to date".into());
+        out.push(NOTHING_TO_DO.into());
     }
     out
+}
+
+/// The recommendation when nothing else is recommended.
+const NOTHING_TO_DO: &str = "Database maintenance is up to date";
+
+/// PostgreSQL with autovacuum off, server-wide or for the session table: nothing reclaims the
+/// dead rows every cleanup leaves, nor refreshes statistics, but an explicit vacuum.
+async fn autovacuum_off_advice(
+    db: &Db,
+    schema: &Schema,
+    tables: &BTreeMap<String, TableStats>,
+) -> Option<String> {
+    if db.engine() != Engine::Postgres {
+        return None;
+    }
+    let table = &schema.sessions.table;
+    let off_for_table = tables.get(table).is_some_and(|t| {
+        t.storage_options
+            .iter()
+            .any(|o| o.eq_ignore_ascii_case("autovacuum_enabled=false"))
+    });
+    // Unreadable counts as on: no advice is better than a wrong one.
+    let off_on_server = matches!(
+        db.scalar_i64(
+            "SELECT CAST(CASE WHEN current_setting('autovacuum') = 'off' THEN 1 ELSE 0 END AS BIGINT)"
+        )
+        .await,
+        Ok(1)
+    );
+    let scope = if off_on_server {
+        "on this server"
+    } else if off_for_table {
+        "for this table"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "Autovacuum is off {scope} - the dead rows each cleanup leaves in {table} are never reclaimed and its statistics never refreshed: turn autovacuum on, or run optimize with vacuum after cleanups"
+    ))
 }
 
 /// Reclaimable space per engine: dead rows (PostgreSQL), free pages (SQLite), data_free (MySQL).
