@@ -890,3 +890,38 @@ fn thresholds_file_overrides_given_keys_and_refuses_mistakes() {
         Err(ThresholdsError::Read { .. })
     ));
 }
+
+/// The report runs more queries than the pool has connections. When the first ones take
+/// longer than the pool's acquire timeout (10 s on the servers; here they wait on a lock
+/// another session holds, as on a table of ten million rows they take that long), the rest
+/// must wait their turn instead of failing with "pool timed out".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_waiting_longer_than_the_pool_timeout_wait_their_turn() {
+    use sqlx::Connection;
+    /// Longer than the pool's acquire timeout on PostgreSQL.
+    const HOLD: std::time::Duration = std::time::Duration::from_secs(12);
+
+    let tdb = seeded(Engine::Postgres, SchemaVersion::V2, 200).await;
+    let mut locker = sqlx::PgConnection::connect(&tdb.url)
+        .await
+        .expect("second session");
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE user_sessions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let p = params();
+    let (report, ()) = tokio::join!(analytics::health_report(&tdb.db, &p), async {
+        tokio::time::sleep(HOLD).await;
+        sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    });
+    let report = report.expect("the report waits for the lock and for its connections");
+    assert_eq!(report.statistics.session_counts.total_sessions, 200);
+    assert!(
+        report.performance_metrics.queries.len() >= 5,
+        "{:?}",
+        report.performance_metrics.queries
+    );
+    locker.close().await.ok();
+    tdb.drop_db().await;
+}
