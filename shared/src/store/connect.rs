@@ -348,6 +348,20 @@ impl Db {
         crate::on_pool!(self, p => sqlx::query_scalar::<_, i64>(self.sql(sql.to_string())).fetch_one(p).await)
     }
 
+    /// Whether PostgreSQL's autovacuum is on for the server; `None` on the other engines or
+    /// when the setting cannot be read. Cast to 64 bits: a 32-bit answer would not decode.
+    pub async fn postgres_autovacuum(&self) -> Option<bool> {
+        if self.engine != Engine::Postgres {
+            return None;
+        }
+        self.scalar_i64(
+            "SELECT CAST(CASE WHEN current_setting('autovacuum') = 'on' THEN 1 ELSE 0 END AS BIGINT)",
+        )
+        .await
+        .ok()
+        .map(|on| on == 1)
+    }
+
     /// Closes the pool, waiting for connections to be returned.
     pub async fn close(&self) {
         crate::on_pool!(self, p => p.close().await)

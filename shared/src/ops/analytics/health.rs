@@ -151,11 +151,12 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
             vec![Arg::Time(recent), Arg::Time(recent)],
         ),
     ];
-    let mut kinds = vec![Kind::Int; 8];
+    let mut kinds = vec![Kind::Int; cols.len()];
     let f = float_type(e);
     // PostgreSQL aggregates the durations as intervals in the same pass, converting three
     // results instead of every row (scan and durations: 0.15 + 0.33 s → 0.23 s at 1M rows).
     let durations_in_scan = e == Engine::Postgres;
+    let durations_at = cols.len();
     if durations_in_scan {
         let gap = format!("{act} - {created}");
         for agg in ["AVG", "MIN", "MAX"] {
@@ -167,6 +168,7 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         }
     }
     let platform_less_in_scan = s.platform_id.is_some() && schema.platforms.is_none();
+    let platform_less_at = cols.len();
     if let Some(pid) = s.platform_id.as_ref().filter(|_| platform_less_in_scan) {
         cols.push((count_if(e, &format!("{pid} IS NULL")), vec![]));
         kinds.push(Kind::Int);
@@ -339,11 +341,10 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         }
     };
 
-    // The six queries are independent: run them at once on the pool's connections.
-    let kinds_scan = kinds.len();
-    // Polled, and so given the pool's connections, longest first: the queries outnumber the
-    // connections, and a long query that starts last finishes alone on one core.
-    let (row, diversity_rows, per_user_rows, dur_row, platform_rows, suspicious_rows) = tokio::try_join!(
+    // The queries are independent: run them at once on the pool's connections. Polled, and
+    // so given the connections, longest first: the queries outnumber the connections, and a
+    // long query that starts last finishes alone on one core.
+    let (row, diversity_rows, users, dur_row, platform_rows, suspicious_rows) = tokio::try_join!(
         scan,
         diversity,
         per_user,
@@ -351,8 +352,7 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         platforms,
         suspicious_list
     )?;
-    let users = per_user_rows;
-    let dur_row = dur_row.unwrap_or_else(|| row[8..11].to_vec());
+    let dur_row = dur_row.unwrap_or_else(|| row[durations_at..durations_at + 3].to_vec());
     let first = users.first();
     let total_of = |i: usize| first.map_or(0, |r| r[i].count());
     let users_over_limit_examples = users
@@ -380,7 +380,7 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
         None => {
             unsupported
                 .push("platform table: platform distribution and missing-platform sessions".into());
-            let without = platform_less_in_scan.then(|| row[kinds_scan - 1].count());
+            let without = platform_less_in_scan.then(|| row[platform_less_at].count());
             (None, None, without)
         }
     };

@@ -24,17 +24,18 @@ pub fn worth_refreshing(deleted: u64, left: u64) -> bool {
 /// `innodb_stats_auto_recalc` (likewise). An ANALYZE of ours would then only repeat that work
 /// on the cleanup's clock. SQLite never does it.
 pub async fn engine_refreshes_statistics(db: &Db) -> bool {
-    let setting = match db.engine() {
-        // Both cast to a 64-bit integer: a 32-bit answer would not decode, read as "off",
-        // and we would repeat the engine's work.
-        Engine::Postgres => {
-            "SELECT CAST(CASE WHEN current_setting('autovacuum') = 'on' THEN 1 ELSE 0 END AS BIGINT)"
-        }
-        Engine::MySql => "SELECT CAST(@@innodb_stats_auto_recalc AS SIGNED)",
-        Engine::Sqlite => return false,
-    };
     // When the setting cannot be read, refresh ourselves.
-    matches!(db.scalar_i64(setting).await, Ok(1))
+    match db.engine() {
+        Engine::Postgres => db.postgres_autovacuum().await == Some(true),
+        // Cast to a 64-bit integer: a 32-bit answer would not decode, read as "off", and we
+        // would repeat the engine's work.
+        Engine::MySql => matches!(
+            db.scalar_i64("SELECT CAST(@@innodb_stats_auto_recalc AS SIGNED)")
+                .await,
+            Ok(1)
+        ),
+        Engine::Sqlite => false,
+    }
 }
 
 /// Runs the engine's statistics refresh on `table` under the fence. Returns statements run.

@@ -412,20 +412,14 @@ async fn autovacuum_off_advice(
     if db.engine() != Engine::Postgres {
         return None;
     }
+    // Unreadable counts as on: no advice is better than a wrong one.
+    let off_on_server = db.postgres_autovacuum().await == Some(false);
     let table = &schema.sessions.table;
     let off_for_table = tables.get(table).is_some_and(|t| {
         t.storage_options
             .iter()
             .any(|o| o.eq_ignore_ascii_case("autovacuum_enabled=false"))
     });
-    // Unreadable counts as on: no advice is better than a wrong one.
-    let off_on_server = matches!(
-        db.scalar_i64(
-            "SELECT CAST(CASE WHEN current_setting('autovacuum') = 'off' THEN 1 ELSE 0 END AS BIGINT)"
-        )
-        .await,
-        Ok(1)
-    );
     let scope = if off_on_server {
         "on this server"
     } else if off_for_table {
