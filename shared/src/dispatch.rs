@@ -221,7 +221,12 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
             };
         }
     };
-    let db = match shared_db(&target.url).await {
+    let role = if job.is_mutating() {
+        PoolRole::Writes
+    } else {
+        PoolRole::Reads
+    };
+    let db = match shared_db(&target.url, role).await {
         Ok(db) => db,
         Err(error) => {
             return JobOutcome::Failed {
@@ -312,18 +317,36 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
     }
 }
 
-/// One pool per database URL per process, shared by every job on that target.
-pub async fn shared_db(url: &str) -> Result<Db, String> {
-    static POOLS: OnceLock<Mutex<HashMap<String, Db>>> = OnceLock::new();
+/// Which of a target's two pools a job draws its connections from.
+///
+/// Read-only work (reports, statistics, dry runs) can hold every connection of its pool for a
+/// long time — a health report runs its queries on all of them at once, for a minute on a
+/// large table — and takes no lease, so it may run beside the one writer the lease admits.
+/// Giving writes their own pool keeps that writer from waiting out the pool's acquire timeout
+/// behind a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoolRole {
+    /// Mutating work, under the lease: at most one such job per target at a time.
+    Writes,
+    /// Read-only work: any number of jobs, sharing the pool's connections.
+    Reads,
+}
+
+/// One pool per database URL and [`PoolRole`] per process, shared by every job of that role
+/// on that target (so at most twice [`ConnectOptions::DEFAULT_MAX_CONNECTIONS`] connections
+/// per target per worker).
+pub async fn shared_db(url: &str, role: PoolRole) -> Result<Db, String> {
+    static POOLS: OnceLock<Mutex<HashMap<(String, PoolRole), Db>>> = OnceLock::new();
     let pools = POOLS.get_or_init(Mutex::default);
     let mut map = pools.lock().await;
-    if let Some(db) = map.get(url) {
+    let key = (url.to_string(), role);
+    if let Some(db) = map.get(&key) {
         return Ok(db.clone());
     }
     let db = Db::connect(url, &ConnectOptions::default())
         .await
         .map_err(|e| e.to_string())?;
-    map.insert(url.to_string(), db.clone());
+    map.insert(key, db.clone());
     Ok(db)
 }
 

@@ -794,3 +794,53 @@ async fn sparse_rules_walk_their_index_and_still_delete_exactly_the_oracle_set()
         tdb.drop_db().await;
     }
 }
+
+/// A worker runs read-only jobs beside the one writer the lease admits: a long health report
+/// holding every connection of its pool must not make a cleanup wait out the pool's acquire
+/// timeout and fail.
+#[tokio::test]
+async fn cleanup_runs_while_reports_hold_every_read_connection() {
+    use sessionfleet::config::{Overrides, Settings};
+    use sessionfleet::dispatch::{self, OperationEnv, OperationJob, PoolRole};
+    use sessionfleet::jobs::{JobEnvelope, JobKind};
+    use sessionfleet::runner::JobOutcome;
+    use sessionfleet::store::{ConnectOptions, Pool};
+
+    let tdb = seeded(Engine::Sqlite, SchemaVersion::V2).await;
+    let expected = oracle(&tdb.db, SchemaVersion::V2, None, true).await;
+    assert!(!expected.is_empty(), "the seed must leave work to do");
+
+    // A report's queries, simulated by holding every connection of the read pool.
+    let reads = dispatch::shared_db(&tdb.url, PoolRole::Reads)
+        .await
+        .expect("read pool");
+    let Pool::Sqlite(pool) = reads.pool() else {
+        unreachable!("SQLite test database")
+    };
+    let mut held = Vec::new();
+    for _ in 0..ConnectOptions::DEFAULT_MAX_CONNECTIONS {
+        held.push(pool.acquire().await.expect("read connection"));
+    }
+
+    let url = tdb.url.clone();
+    let env_of = move |k: &str| (k == "DATABASE_URL").then(|| url.clone());
+    let settings = Settings::resolve(&Overrides::default(), &env_of, None).expect("settings");
+    let job = OperationJob::Cleanup(params());
+    let env = JobEnvelope::new(JobKind::Cleanup, "default", job.params(), "test");
+    let shutdown = CancellationToken::new();
+    let oe = OperationEnv {
+        settings: &settings,
+        redis: None,
+        queue: None,
+        holder: "test",
+        shutdown: &shutdown,
+    };
+    match dispatch::run_operation(&env, &oe).await {
+        JobOutcome::Done { rows_affected, .. } => {
+            assert_eq!(rows_affected, expected.len() as u64)
+        }
+        other => panic!("cleanup did not finish beside a busy read pool: {other:?}"),
+    }
+    drop(held);
+    tdb.drop_db().await;
+}
