@@ -15,8 +15,9 @@ use anyhow::{Context, Result};
 use chrono::{NaiveDate, NaiveDateTime};
 use clap::Parser;
 use sessionfleet::ops::analytics::{self, HealthParams};
+use sessionfleet::ops::maintenance;
 use sessionfleet::seed::{SeedParams, seed_demo};
-use sessionfleet::store::{ConnectOptions, Db, Engine, SchemaVersion};
+use sessionfleet::store::{ConnectOptions, Db, Engine, SchemaVersion, schema};
 
 #[derive(Parser)]
 struct Args {
@@ -83,32 +84,23 @@ async fn target_db(args: &Args) -> Result<Db> {
     Ok(Db::connect(&url, &opts).await?)
 }
 
-/// The indexes the report's queries use: the maintenance operation's recommended composite
-/// index, one on the platform column (the platform step groups by it index-only) and, on v2,
-/// a covering index for the per-user step (user, active flag, expiry).
-fn index_ddl(engine: Engine, version: SchemaVersion) -> Vec<String> {
-    let mut ix = vec![
-        (
-            "ix_user_sessions_user_platform",
-            "user_id, active_platform_id",
-        ),
-        ("ix_user_sessions_active_platform", "active_platform_id"),
-    ];
-    if version == SchemaVersion::V2 {
-        ix.push((
-            "ix_user_sessions_user_active",
-            "user_id, is_active, expires_at",
-        ));
-    }
-    // MySQL has no CREATE INDEX IF NOT EXISTS; its duplicate-name error is ignored below.
-    let ine = if engine == Engine::MySql {
-        ""
-    } else {
-        "IF NOT EXISTS "
-    };
-    ix.into_iter()
-        .map(|(name, cols)| format!("CREATE INDEX {ine}{name} ON user_sessions ({cols})"))
-        .collect()
+/// `CREATE INDEX` for every recommended index the table lacks — the set `sessionfleet db
+/// --create-indexes` builds (there online; here plainly, on a scratch database).
+async fn recommended_index_ddl(db: &Db) -> Result<Vec<String>> {
+    let schema = schema::detect(db).await?;
+    let missing = maintenance::missing_recommended_indexes(db).await?;
+    Ok(maintenance::recommended_indexes(&schema)
+        .into_iter()
+        .filter(|spec| missing.contains(&spec.name))
+        .map(|spec| {
+            format!(
+                "CREATE INDEX {} ON {} ({})",
+                spec.name,
+                spec.table,
+                spec.columns.join(", ")
+            )
+        })
+        .collect())
 }
 
 #[tokio::main]
@@ -137,15 +129,8 @@ async fn main() -> Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
-    for ddl in index_ddl(engine, args.schema) {
-        match db.execute(&ddl).await {
-            Ok(_) => {}
-            // 1061 = duplicate key name (the code() of a MySQL error is its SQLSTATE).
-            Err(sqlx::Error::Database(e))
-                if e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-                    .is_some_and(|m| m.number() == 1061) => {}
-            Err(e) => return Err(e.into()),
-        }
+    for ddl in recommended_index_ddl(&db).await? {
+        db.execute(&ddl).await?;
     }
     match engine {
         Engine::Sqlite => db.execute("ANALYZE").await.map(|_| ())?,
