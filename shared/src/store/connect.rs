@@ -116,6 +116,19 @@ pub enum DbTx<'c> {
 }
 
 impl DbTx<'_> {
+    /// Keeps this transaction's PostgreSQL plans on one core (no parallel workers), for
+    /// background reads that must leave the rest of a small machine to the foreground work —
+    /// a parallel anti-join beside a cleanup's first batches slowed them tenfold on two cores.
+    /// Ends with the transaction; a no-op on the other engines.
+    pub async fn without_parallel_workers(&mut self) -> Result<(), sqlx::Error> {
+        if let DbTx::Postgres(t) = self {
+            sqlx::query("SET LOCAL max_parallel_workers_per_gather = 0")
+                .execute(&mut **t)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Commits the transaction.
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         match self {
@@ -324,6 +337,16 @@ impl Db {
             engine: self.engine,
             version,
             url: self.redacted_url.clone(),
+        })
+    }
+
+    /// Opens a transaction for reading (`BEGIN`, deferred on SQLite), so the read can tune
+    /// its own settings with `SET LOCAL` (see [`DbTx::without_parallel_workers`]).
+    pub async fn begin_read(&self) -> Result<DbTx<'static>, sqlx::Error> {
+        Ok(match &self.pool {
+            Pool::Sqlite(p) => DbTx::Sqlite(p.begin().await?),
+            Pool::Postgres(p) => DbTx::Postgres(p.begin().await?),
+            Pool::MySql(p) => DbTx::MySql(p.begin().await?),
         })
     }
 

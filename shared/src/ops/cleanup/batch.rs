@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDateTime;
 use sqlx::Row;
 
-use super::rules::{Predicate, Rule, Walk, id_as_i64};
+use super::rules::{Predicate, Rule, RuleKind, Walk, id_as_i64};
 use super::stream::IdStream;
 use crate::fence::Fence;
 use crate::ops::OpError;
@@ -253,6 +253,10 @@ pub async fn purge_batch(
         let _ = tx.rollback().await;
         return Err(e.into());
     }
+    if let Err(e) = plan_id_list_recheck(&mut tx, rule, batch).await {
+        let _ = tx.rollback().await;
+        return Err(e.into());
+    }
     let deleted = match delete_matching(&mut tx, schema, &rule.predicate, batch).await {
         Ok(n) => n,
         Err(e) => {
@@ -265,6 +269,23 @@ pub async fn purge_batch(
         deleted,
         took: started.elapsed(),
     })
+}
+
+/// PostgreSQL re-plans the orphan re-check of a list of more than about 1,400 ids as a hash
+/// anti-join over every user — ten times the cost per row — which capped those batches there.
+/// Probing the users key per listed row stays linear, so the batch can grow to its target;
+/// the setting ends with the transaction.
+async fn plan_id_list_recheck(
+    tx: &mut DbTx<'_>,
+    rule: &Rule,
+    batch: &Batch,
+) -> Result<(), sqlx::Error> {
+    if let (DbTx::Postgres(c), RuleKind::Orphaned, Batch::Ids(_)) = (tx, rule.kind, batch) {
+        sqlx::raw_sql("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+            .execute(&mut **c)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn delete_matching(
@@ -301,19 +322,43 @@ async fn delete_matching(
 
 /// Counts the session rows matching `pred` (all rows when `None`).
 pub async fn count(db: &Db, schema: &Schema, pred: Option<&Predicate>) -> Result<u64, sqlx::Error> {
+    count_with(db, schema, pred, false).await
+}
+
+/// [`count`] for a count that runs beside the batches: on one core, so it does not take the
+/// cores they need (see [`DbTx::without_parallel_workers`]).
+pub async fn count_in_background(
+    db: &Db,
+    schema: &Schema,
+    pred: Option<&Predicate>,
+) -> Result<u64, sqlx::Error> {
+    count_with(db, schema, pred, true).await
+}
+
+async fn count_with(
+    db: &Db,
+    schema: &Schema,
+    pred: Option<&Predicate>,
+    background: bool,
+) -> Result<u64, sqlx::Error> {
     let t = &schema.sessions.table;
     let (where_sql, binds) = match pred {
         Some(p) => (format!(" WHERE {}", p.sql), p.binds.as_slice()),
         None => (String::new(), &[][..]),
     };
     let sql = db.sql(format!("SELECT COUNT(*) FROM {t}{where_sql}"));
-    let n: i64 = crate::on_pool!(db, p => {
+    let mut tx = db.begin_read().await?;
+    if background {
+        tx.without_parallel_workers().await?;
+    }
+    let n: i64 = crate::on_tx!(&mut tx, c => {
         let mut q = sqlx::query_scalar::<_, i64>(sql);
         for b in binds {
             q = q.bind(*b);
         }
-        q.fetch_one(p).await?
+        q.fetch_one(&mut *c).await?
     });
+    tx.rollback().await?;
     Ok(u64::try_from(n).unwrap_or(0))
 }
 

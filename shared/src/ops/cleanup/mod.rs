@@ -35,7 +35,7 @@ pub use batch::BatchSizer;
 pub use report::{CleanupReport, CleanupStats, RuleCounts};
 pub use rules::RuleKind;
 
-use batch::{Batch, Cursor, Source, count, purge_batch};
+use batch::{Batch, Cursor, Source, count, count_in_background, purge_batch};
 use rules::{Cutoffs, Predicate};
 use stream::IdStream;
 
@@ -238,26 +238,31 @@ async fn purge(
     let fence = ctx.fence()?;
     let mut matching = count_index_walked(db, schema, rules);
     let table_rows = count(db, schema, None).await?;
-    // Streamed rules start reading now, so the engine finds their rows while earlier rules
-    // delete; each read leaves out rows an earlier rule purges, as a sequential run counts.
-    let mut prefetched: Vec<Option<IdStream>> = rules
-        .iter()
-        .enumerate()
-        .map(|(i, rule)| {
-            (rule.walk == rules::Walk::PrimaryKey).then(|| {
-                let earlier: Vec<&Predicate> = all_rules[..i].to_vec();
-                IdStream::open(db, schema, &rule.predicate.and_none_of(&earlier))
-            })
-        })
-        .collect();
+    let mut prefetched: Vec<Option<IdStream>> = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
-        let prefetched = prefetched[i].take();
         let matching = match matching[i].take() {
             Some(pending) => Some(pending.await.map_err(|_| {
                 sqlx::Error::Protocol("the rule count task ended without an answer".into())
             })??),
             None => None,
         };
+        if i == 0 {
+            // Streamed rules start reading once the first rule can start deleting (not
+            // before: on two cores their reads slowed the count it waits for), so the engine
+            // finds their rows while earlier rules delete; each read leaves out rows an
+            // earlier rule purges, as a sequential run counts.
+            prefetched = rules
+                .iter()
+                .enumerate()
+                .map(|(i, rule)| {
+                    (rule.walk == rules::Walk::PrimaryKey).then(|| {
+                        let earlier: Vec<&Predicate> = all_rules[..i].to_vec();
+                        IdStream::open(db, schema, &rule.predicate.and_none_of(&earlier))
+                    })
+                })
+                .collect();
+        }
+        let prefetched = prefetched[i].take();
         let Some(rule) = &plan_walk(rule, matching, table_rows) else {
             continue;
         };
@@ -444,8 +449,13 @@ fn count_index_walked(
     }
     let (db, schema) = (db.clone(), schema.clone());
     tokio::spawn(async move {
-        for (pred, answer) in queue {
-            let n = count(&db, &schema, Some(&pred)).await;
+        for (i, (pred, answer)) in queue.into_iter().enumerate() {
+            // The first rule waits for its count; the later ones are counted while it deletes.
+            let n = if i == 0 {
+                count(&db, &schema, Some(&pred)).await
+            } else {
+                count_in_background(&db, &schema, Some(&pred)).await
+            };
             if answer.send(n).is_err() {
                 return; // The run ended.
             }
@@ -528,8 +538,8 @@ async fn count_missing_platform_kept(
     };
     // Usually there are none: the plain anti-join says so without evaluating every rule on
     // every row.
-    if count(db, schema, Some(&missing)).await? == 0 {
+    if count_in_background(db, schema, Some(&missing)).await? == 0 {
         return Ok(0);
     }
-    Ok(count(db, schema, Some(&missing.and_none_of(all_rules))).await?)
+    Ok(count_in_background(db, schema, Some(&missing.and_none_of(all_rules))).await?)
 }

@@ -121,10 +121,13 @@ impl Reader {
         )
     }
 
-    /// Server engines: one statement, streamed (their hash anti-join needs one pass).
+    /// Server engines: one statement, streamed (their hash anti-join needs one pass), on one
+    /// core: it runs beside the batches and must not take the cores they need.
     async fn in_one_pass(&self, after: Option<i64>, sink: &Sink) -> Result<(), sqlx::Error> {
         let sql = self.db.sql(self.sql(after, None));
-        crate::on_pool!(self.db, p => {
+        let mut tx = self.db.begin_read().await?;
+        tx.without_parallel_workers().await?;
+        crate::on_tx!(&mut tx, c => {
             let mut q = sqlx::query_scalar::<_, i64>(sql);
             for b in &self.pred.binds {
                 q = q.bind(*b);
@@ -132,14 +135,15 @@ impl Reader {
             if let Some(after) = after {
                 q = q.bind(after);
             }
-            let mut rows = q.fetch(p);
+            let mut rows = q.fetch(&mut *c);
             while let Some(id) = rows.try_next().await? {
                 if sink.send(Ok(id)).await.is_err() {
-                    return Ok(()); // The run stopped taking batches.
+                    break; // The run stopped taking batches.
                 }
             }
         });
-        Ok(())
+        // Nothing was written: ending the transaction either way only releases the snapshot.
+        tx.rollback().await
     }
 
     /// SQLite: short keyset statements. A statement left open pins a WAL snapshot while the
