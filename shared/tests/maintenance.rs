@@ -343,9 +343,9 @@ async fn index_with_equivalent_columns_counts_as_present(engine: Engine) {
         )
     );
     assert!(
-        report
-            .indexes_skipped
-            .contains(&"ix_user_sessions_platform (already exists as sessions_by_platform)".to_string()),
+        report.indexes_skipped.contains(
+            &"ix_user_sessions_platform (already exists as sessions_by_platform)".to_string()
+        ),
         "{:?}",
         report.indexes_skipped
     );
