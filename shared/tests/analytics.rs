@@ -896,7 +896,7 @@ fn thresholds_file_overrides_given_keys_and_refuses_mistakes() {
 /// another session holds, as on a table of ten million rows they take that long), the rest
 /// must wait their turn instead of failing with "pool timed out".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queries_waiting_longer_than_the_pool_timeout_wait_their_turn() {
+async fn queries_of_concurrent_reports_waiting_longer_than_the_pool_timeout_wait_their_turn() {
     use sqlx::Connection;
     /// Longer than the pool's acquire timeout on PostgreSQL.
     const HOLD: std::time::Duration = std::time::Duration::from_secs(12);
@@ -911,17 +911,25 @@ async fn queries_waiting_longer_than_the_pool_timeout_wait_their_turn() {
         .await
         .unwrap();
     let p = params();
-    let (report, ()) = tokio::join!(analytics::health_report(&tdb.db, &p), async {
-        tokio::time::sleep(HOLD).await;
-        sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
-    });
-    let report = report.expect("the report waits for the lock and for its connections");
-    assert_eq!(report.statistics.session_counts.total_sessions, 200);
-    assert!(
-        report.performance_metrics.queries.len() >= 5,
-        "{:?}",
-        report.performance_metrics.queries
+    // Two reports on one pool, as in a worker running two analytics jobs on one target:
+    // together they queue twice as many queries as the pool has connections.
+    let (first, second, ()) = tokio::join!(
+        analytics::health_report(&tdb.db, &p),
+        analytics::health_report(&tdb.db, &p),
+        async {
+            tokio::time::sleep(HOLD).await;
+            sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+        }
     );
+    for report in [first, second] {
+        let report = report.expect("the report waits for the lock and for its connections");
+        assert_eq!(report.statistics.session_counts.total_sessions, 200);
+        assert!(
+            report.performance_metrics.queries.len() >= 5,
+            "{:?}",
+            report.performance_metrics.queries
+        );
+    }
     locker.close().await.ok();
     tdb.drop_db().await;
 }

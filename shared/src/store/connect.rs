@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -190,6 +191,8 @@ pub struct Db {
     engine: Engine,
     pool: Pool,
     redacted_url: String,
+    /// Turns for long queries, shared by every clone (see [`Db::query_turn`]).
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 impl Db {
@@ -274,6 +277,9 @@ impl Db {
                         engine,
                         pool,
                         redacted_url,
+                        turns: Arc::new(tokio::sync::Semaphore::new(
+                            opts.max_connections.saturating_sub(1).max(1) as usize,
+                        )),
                     });
                 }
                 Err(e) if is_permanent(&e) => return Err(bad_url(e)),
@@ -338,6 +344,17 @@ impl Db {
             version,
             url: self.redacted_url.clone(),
         })
+    }
+
+    /// Waits for a turn to run one long query. Work that starts more queries than the pool
+    /// has connections — a health report, or two reports at once in one worker — waits
+    /// here, in order, as long as it takes, instead of in the pool's acquire, whose timeout
+    /// (10 s on the servers) a long query on a large table outlasts. There is one turn
+    /// fewer than connections (at least one), so the quick queries around them (schema
+    /// detection, index checks) always find a connection. Shared by every clone of this
+    /// `Db`. `None` cannot happen: the semaphore is never closed.
+    pub async fn query_turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.turns.acquire().await.ok()
     }
 
     /// Opens a transaction for reading (`BEGIN`, deferred on SQLite), so the read can tune

@@ -87,20 +87,13 @@ impl Cell {
 pub(crate) struct Probe<'a> {
     db: &'a Db,
     timings: std::sync::Mutex<Vec<QueryTiming>>,
-    /// One permit per pool connection. The report has more queries than the pool has
-    /// connections; without this, the extra ones wait in the pool's acquire, whose timeout
-    /// (10 s on the servers) a long query outlasts on a large table: the report then failed
-    /// at 10M sessions on MariaDB. Here they wait, in order, as long as it takes.
-    permits: tokio::sync::Semaphore,
 }
 
 impl<'a> Probe<'a> {
     pub(crate) fn new(db: &'a Db) -> Probe<'a> {
-        let connections = crate::on_pool!(db, p => p.options().get_max_connections());
         Probe {
             db,
             timings: std::sync::Mutex::new(Vec::new()),
-            permits: tokio::sync::Semaphore::new(connections.max(1) as usize),
         }
     }
 
@@ -125,8 +118,10 @@ impl<'a> Probe<'a> {
         kinds: &[Kind],
     ) -> Result<Vec<Vec<Cell>>, sqlx::Error> {
         let db = self.db;
-        // Never closed, so acquiring cannot fail.
-        let _permit = self.permits.acquire().await.ok();
+        // The report has more queries than the pool has connections, and a worker may run
+        // several reports on one pool: without a turn, the extra queries waited in the
+        // pool's acquire and timed out behind long ones (at 10M sessions on MariaDB).
+        let _turn = db.query_turn().await;
         let (started, rows): (Instant, Vec<Vec<Cell>>) = crate::on_pool!(db, p => {
             // The clock starts once a connection is ours: the report's queries run
             // concurrently, and waiting for the pool is not a query's round trip.
