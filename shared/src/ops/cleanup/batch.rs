@@ -375,12 +375,12 @@ pub struct BatchSizer {
     min: u32,
     max: u32,
     target: Duration,
-    /// A size that overshot the target right after growing, twice (or once more after a
-    /// cliff was known); growth stops short of it. It creeps up with every batch on target,
+    /// A size that overshot the target right after growing, twice at about the same size (or
+    /// once more near a known cliff); growth stops short of it. It creeps up with every batch on target,
     /// so the cliff is probed again now and then.
     ceiling: f64,
-    /// A size that overshot once right after growing: a cliff if growing to it overshoots
-    /// again, a stall if a batch this large stays on target.
+    /// A size that overshot once right after growing: a cliff if growing to about it
+    /// overshoots again, a stall if a batch this large stays on target.
     suspect: Option<u32>,
     /// Whether the last step grew the size.
     grew: bool,
@@ -397,6 +397,9 @@ const GROWTH_FACTOR: f64 = 1.25;
 const FAST_GROWTH_BELOW_SHARE: f64 = 0.1;
 /// Growth stops at this share of a size that overshot.
 const BELOW_CEILING_SHARE: f64 = 0.8;
+/// An overshoot at this share of a suspect or ceiling size or more is taken as the same size
+/// (growth stops at [`BELOW_CEILING_SHARE`] of a ceiling, so a probe of it lands above this).
+const SAME_SIZE_SHARE: f64 = 0.7;
 /// How much the ceiling rises with each batch that stayed on target (0.2 %: a cliff is
 /// probed again about every hundred batches).
 const CEILING_CREEP: f64 = 1.002;
@@ -432,11 +435,21 @@ impl BatchSizer {
         let fits = (f64::from(rows) * target * AIM_SHARE / took).floor();
         let next = if took > target {
             if self.grew {
-                if self.suspect.is_some() || self.ceiling.is_finite() {
-                    let first = self.suspect.take().unwrap_or(rows);
-                    self.ceiling = self.ceiling.min(f64::from(rows.min(first)));
-                } else {
-                    self.suspect = Some(rows);
+                // A cliff shows again at the size it showed at; an overshoot well below the
+                // suspect or a known ceiling is a stall, and only shrinks the next batch.
+                let near = |size: f64| f64::from(rows) >= size * SAME_SIZE_SHARE;
+                match self.suspect {
+                    Some(first) if near(f64::from(first)) => {
+                        self.ceiling = self.ceiling.min(f64::from(rows.min(first)));
+                        self.suspect = None;
+                    }
+                    Some(_) => {}
+                    None if self.ceiling.is_finite() => {
+                        if near(self.ceiling) {
+                            self.ceiling = self.ceiling.min(f64::from(rows));
+                        }
+                    }
+                    None => self.suspect = Some(rows),
                 }
             }
             fits.min(f64::from(self.size))
@@ -513,6 +526,28 @@ mod tests {
         }
         assert!(stalled, "the run reached the stall");
         assert_eq!(s.size(), 5000, "a single stall is not a cliff");
+    }
+
+    #[test]
+    fn sizer_ignores_a_second_stall_well_below_the_first() {
+        // 2 µs per row; a 150 ms stall on the first batch past 3,000 rows (3,200), and another
+        // on the first growth step past 1,000 rows on the way back (1,706): no cliff.
+        let mut s = BatchSizer::new(100, 10, 5000, Duration::from_millis(50));
+        let (mut first, mut second) = (false, false);
+        for _ in 0..40 {
+            let rows = s.size();
+            let mut took = Duration::from_micros(u64::from(rows) * 2);
+            if rows > 3_000 && !first {
+                first = true;
+                took = Duration::from_millis(150);
+            } else if first && rows > 1_000 && !second {
+                second = true;
+                took = Duration::from_millis(150);
+            }
+            s.observe(rows, took);
+        }
+        assert!(first && second, "the run reached both stalls");
+        assert_eq!(s.size(), 5000, "stalls at different sizes are not a cliff");
     }
 
     #[test]
