@@ -287,6 +287,108 @@ async fn v2_demo_report_equals_sql_oracle_on_every_engine() {
     }
 }
 
+/// The figures `session_scan` yields, in a comparable form.
+fn scan_figures(r: &analytics::HealthReport) -> [u64; 8] {
+    let cr = &r.statistics.creation_rate;
+    let a = &r.detailed_analytics.age_distribution;
+    let s = &r.security_analysis;
+    [
+        cr.created_last_5_minutes,
+        cr.created_last_hour,
+        a.last_hour,
+        a.last_24h,
+        a.last_week,
+        a.last_month,
+        s.old_active_sessions,
+        s.suspicious_session_count,
+    ]
+}
+
+/// The same figures, each from a plain query of its own.
+async fn scan_oracle(db: &Db) -> [u64; 8] {
+    let since = |s: i64| now() - Duration::seconds(s);
+    let created = "SELECT COUNT(*) FROM user_sessions WHERE created_at >= ?";
+    let act = "SELECT COUNT(*) FROM user_sessions WHERE last_activity >= ?";
+    let rapid = match db.engine() {
+        Engine::Sqlite => "(julianday(last_activity) - julianday(created_at)) * 86400.0 < 10",
+        Engine::Postgres => "last_activity - created_at < INTERVAL '10 seconds'",
+        Engine::MySql => "TIMESTAMPDIFF(MICROSECOND, created_at, last_activity) < 10000000",
+    };
+    [
+        count(db, created, &[since(300)]).await,
+        count(db, created, &[since(3600)]).await,
+        count(db, act, &[since(3600)]).await,
+        count(db, act, &[since(86_400)]).await,
+        count(db, act, &[since(7 * 86_400)]).await,
+        count(db, act, &[since(30 * 86_400)]).await,
+        count(
+            db,
+            "SELECT COUNT(*) FROM user_sessions WHERE created_at < ? AND last_activity > ?",
+            &[since(7 * 86_400), since(3600)],
+        )
+        .await,
+        count(
+            db,
+            &format!(
+                "SELECT COUNT(*) FROM user_sessions WHERE created_at >= ? AND last_activity >= ? \
+                 AND last_activity > created_at AND {rapid}"
+            ),
+            &[since(300), since(300)],
+        )
+        .await,
+    ]
+}
+
+/// On SQLite a count over an indexed column comes from the index's range, the others from
+/// one pass over the rows: the figures are the oracle's with the reference schema's indexes
+/// (activity indexed, creation not), with every recommended index, and with none.
+#[tokio::test]
+async fn sqlite_counts_are_the_same_whichever_columns_are_indexed() {
+    let tdb = seeded(Engine::Sqlite, SchemaVersion::V2, 1500).await;
+    let db = &tdb.db;
+    // Sessions made and touched in the last minutes, so every window and rule has members.
+    for (i, (created_ago, touched_ago)) in [(100, 95), (200, 20), (240, 238), (1200, 30)]
+        .into_iter()
+        .enumerate()
+    {
+        let at = |s: i64| now() - Duration::seconds(s);
+        on_pool!(db, p => sqlx::query("INSERT INTO user_sessions (session_id, user_id, created_at, updated_at, last_activity, expires_at, is_active) VALUES (?, 1, ?, ?, ?, ?, TRUE)")
+            .bind(format!("recent-{i}")).bind(at(created_ago)).bind(at(touched_ago)).bind(at(touched_ago)).bind(now() + Duration::hours(1))
+            .execute(p).await.map(|_| ()).expect("recent session"));
+    }
+    let oracle = scan_oracle(db).await;
+    assert!(
+        oracle.iter().all(|n| *n > 0),
+        "every figure has members: {oracle:?}"
+    );
+    let report = || async {
+        analytics::health_report(db, &params())
+            .await
+            .expect("report")
+    };
+
+    assert_eq!(scan_figures(&report().await), oracle, "reference indexes");
+    db.execute("CREATE INDEX ix_user_sessions_created_at ON user_sessions (created_at)")
+        .await
+        .expect("index");
+    assert_eq!(
+        scan_figures(&report().await),
+        oracle,
+        "every column indexed"
+    );
+    let names: Vec<String> = on_pool!(db, p => sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'user_sessions' AND sql IS NOT NULL")
+        .fetch_all(p).await.expect("index names"));
+    assert!(names.len() > 5, "{names:?}");
+    for name in names {
+        db.execute(&format!("DROP INDEX {name}"))
+            .await
+            .expect("drop index");
+    }
+    assert_eq!(scan_figures(&report().await), oracle, "no index");
+    tdb.drop_db().await;
+}
+
 #[tokio::test]
 async fn v1_schema_is_reported_from_updated_at_and_max_age() {
     for engine in ENGINES {

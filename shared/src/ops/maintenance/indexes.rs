@@ -106,6 +106,12 @@ pub fn recommended_indexes(schema: &Schema) -> Vec<IndexSpec> {
             vec![&s.updated_at],
             "v1 idle-timeout cleanup and activity analytics",
         ),
+        // Written once per session and appended at the index's end, so cheap to keep.
+        spec(
+            "created_at",
+            vec![&s.created_at],
+            "creation rates and per-day creation trends without reading every row",
+        ),
     ];
     if let Some(platform) = &s.platform_id {
         v.push(spec(
