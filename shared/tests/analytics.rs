@@ -389,6 +389,37 @@ async fn sqlite_counts_are_the_same_whichever_columns_are_indexed() {
     tdb.drop_db().await;
 }
 
+/// The report's per-query PostgreSQL plan settings (`SET LOCAL`) end with their query: no
+/// pooled connection keeps them for the next user of the pool.
+#[tokio::test]
+async fn postgres_plan_settings_do_not_outlive_their_query() {
+    let tdb = seeded(Engine::Postgres, SchemaVersion::V2, 300).await;
+    let db = &tdb.db;
+    analytics::health_report(db, &params())
+        .await
+        .expect("report");
+    let sessionfleet::store::Pool::Postgres(pool) = db.pool() else {
+        unreachable!("a PostgreSQL test database")
+    };
+    let mut held = Vec::new();
+    while held.len() < pool.size() as usize {
+        held.push(pool.acquire().await.expect("connection"));
+    }
+    assert!(!held.is_empty());
+    for conn in &mut held {
+        let (hashjoin, work_mem): (String, String) = sqlx::query_as(
+            "SELECT current_setting('enable_hashjoin'), current_setting('work_mem')",
+        )
+        .fetch_one(&mut **conn)
+        .await
+        .expect("settings");
+        assert_eq!(hashjoin, "on");
+        assert_ne!(work_mem, "32MB");
+    }
+    drop(held);
+    tdb.drop_db().await;
+}
+
 #[tokio::test]
 async fn v1_schema_is_reported_from_updated_at_and_max_age() {
     for engine in ENGINES {

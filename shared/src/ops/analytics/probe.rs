@@ -117,7 +117,22 @@ impl<'a> Probe<'a> {
         args: &[Arg],
         kinds: &[Kind],
     ) -> Result<Vec<Vec<Cell>>, sqlx::Error> {
+        self.rows_planned(name, sql, args, kinds, None).await
+    }
+
+    /// [`Self::rows`], on PostgreSQL with `pg_settings` (`SET LOCAL …` statements) applied
+    /// to this query alone, inside a transaction that is rolled back, so a pooled connection
+    /// never keeps them.
+    pub(crate) async fn rows_planned(
+        &self,
+        name: &str,
+        sql: String,
+        args: &[Arg],
+        kinds: &[Kind],
+        pg_settings: Option<&'static str>,
+    ) -> Result<Vec<Vec<Cell>>, sqlx::Error> {
         let db = self.db;
+        let pg_settings = pg_settings.filter(|_| db.engine() == Engine::Postgres);
         // The report has more queries than the pool has connections, and a worker may run
         // several reports on one pool: without a turn, the extra queries waited in the
         // pool's acquire and timed out behind long ones (at 10M sessions on MariaDB).
@@ -133,7 +148,16 @@ impl<'a> Probe<'a> {
                     Arg::Time(t) => q.bind(t),
                 };
             }
-            let raw = q.fetch_all(&mut *conn).await?;
+            let raw = match pg_settings {
+                Some(settings) => {
+                    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                    sqlx::raw_sql(settings).execute(&mut *tx).await?;
+                    let raw = q.fetch_all(&mut *tx).await?;
+                    tx.rollback().await?;
+                    raw
+                }
+                None => q.fetch_all(&mut *conn).await?,
+            };
             let mut out = Vec::with_capacity(raw.len());
             for r in &raw {
                 let mut cells = Vec::with_capacity(kinds.len());
