@@ -532,6 +532,30 @@ mod tests {
     }
 
     #[test]
+    fn sizer_is_not_ratcheted_down_by_occasional_stalls() {
+        // MariaDB-like costs with a stalled commit (100 ms) every 30th batch.
+        let cost = |rows: u32| Duration::from_secs_f64(0.019 + 0.000_05 * f64::from(rows));
+        let mut s = BatchSizer::new(100, 1, 20_000, Duration::from_millis(50));
+        let mut sizes = Vec::new();
+        for i in 1..=600 {
+            let rows = s.size();
+            let took = if i % 30 == 0 {
+                Duration::from_millis(100)
+            } else {
+                cost(rows)
+            };
+            s.observe(rows, took);
+            sizes.push(s.size());
+        }
+        let late = &sizes[300..];
+        let mean = late.iter().map(|&n| f64::from(n)).sum::<f64>() / late.len() as f64;
+        assert!(
+            mean > 220.0,
+            "stalls shrink one batch each, they set no ceiling: mean late size {mean:.0}"
+        );
+    }
+
+    #[test]
     fn sizer_grows_past_a_one_off_stall() {
         // 2 µs per row, and one 150 ms stall on the first batch past 3,000 rows.
         let mut s = BatchSizer::new(100, 10, 5000, Duration::from_millis(50));
