@@ -42,8 +42,11 @@ pub async fn engine_refreshes_statistics(db: &Db) -> bool {
 pub async fn refresh_statistics(db: &Db, fence: &Fence, table: &str) -> Result<u64, OpError> {
     match db.engine() {
         // Both run inside a transaction, so the fence check and the statement are one unit.
+        // The fence is advanced after the ANALYZE, not before: its row lock is then held for
+        // an instant, not for the whole ANALYZE while the run's last batches wait on it. A
+        // fenced-out holder still commits nothing.
         Engine::Sqlite | Engine::Postgres => {
-            let mut tx = fence.begin(db).await?;
+            let mut tx = db.begin_write().await?;
             let limit = (db.engine() == Engine::Sqlite)
                 .then(|| format!("PRAGMA analysis_limit = {SQLITE_ANALYSIS_LIMIT}"));
             let analyze = format!("ANALYZE {table}");
@@ -57,13 +60,15 @@ pub async fn refresh_statistics(db: &Db, fence: &Fence, table: &str) -> Result<u
                 Ok(())
             }
             .await;
-            match result {
-                Ok(()) => tx.commit().await?,
-                Err(e) => {
-                    let _ = tx.rollback().await;
-                    return Err(e.into());
-                }
+            if let Err(e) = result {
+                let _ = tx.rollback().await;
+                return Err(e.into());
             }
+            if let Err(e) = fence.advance(&mut tx).await {
+                let _ = tx.rollback().await;
+                return Err(e.into());
+            }
+            tx.commit().await?;
         }
         // ANALYZE TABLE commits implicitly: run it on a pinned connection holding the
         // session lock, with the fence checked just before.
