@@ -322,7 +322,18 @@ async fn delete_matching(
 
 /// Counts the session rows matching `pred` (all rows when `None`).
 pub async fn count(db: &Db, schema: &Schema, pred: Option<&Predicate>) -> Result<u64, sqlx::Error> {
-    count_with(db, schema, pred, false).await
+    count_with(db, schema, pred, None, false).await
+}
+
+/// Counts the session rows matching `pred`, but stops at `limit`: enough to tell whether a
+/// rule is dense without reading all of its matches first.
+pub async fn count_up_to(
+    db: &Db,
+    schema: &Schema,
+    pred: &Predicate,
+    limit: u64,
+) -> Result<u64, sqlx::Error> {
+    count_with(db, schema, Some(pred), Some(limit), false).await
 }
 
 /// [`count`] for a count that runs beside the batches: on one core, so it does not take the
@@ -332,13 +343,14 @@ pub async fn count_in_background(
     schema: &Schema,
     pred: Option<&Predicate>,
 ) -> Result<u64, sqlx::Error> {
-    count_with(db, schema, pred, true).await
+    count_with(db, schema, pred, None, true).await
 }
 
 async fn count_with(
     db: &Db,
     schema: &Schema,
     pred: Option<&Predicate>,
+    limit: Option<u64>,
     background: bool,
 ) -> Result<u64, sqlx::Error> {
     let t = &schema.sessions.table;
@@ -346,7 +358,12 @@ async fn count_with(
         Some(p) => (format!(" WHERE {}", p.sql), p.binds.as_slice()),
         None => (String::new(), &[][..]),
     };
-    let sql = db.sql(format!("SELECT COUNT(*) FROM {t}{where_sql}"));
+    let sql = db.sql(match limit {
+        Some(n) => {
+            format!("SELECT COUNT(*) FROM (SELECT 1 AS one FROM {t}{where_sql} LIMIT {n}) AS found")
+        }
+        None => format!("SELECT COUNT(*) FROM {t}{where_sql}"),
+    });
     let mut tx = db.begin_read().await?;
     if background {
         tx.without_parallel_workers().await?;

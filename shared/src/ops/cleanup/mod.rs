@@ -35,7 +35,7 @@ pub use batch::BatchSizer;
 pub use report::{CleanupReport, CleanupStats, RuleCounts};
 pub use rules::RuleKind;
 
-use batch::{Batch, Cursor, Source, count, count_in_background, purge_batch};
+use batch::{Batch, Cursor, Source, count, count_in_background, count_up_to, purge_batch};
 use rules::{Cutoffs, Predicate};
 use stream::IdStream;
 
@@ -236,8 +236,8 @@ async fn purge(
     let db = &ctx.db;
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
     let fence = ctx.fence()?;
-    let mut matching = count_index_walked(db, schema, rules);
     let table_rows = count(db, schema, None).await?;
+    let mut matching = count_index_walked(db, schema, rules, table_rows);
     tracing::debug!(
         table_rows,
         ms = started.elapsed().as_secs_f64() * 1000.0,
@@ -524,11 +524,15 @@ type PendingCount = tokio::sync::oneshot::Receiver<Result<u64, sqlx::Error>>;
 
 /// For each index-walked rule, the rows it will delete (matching it and no earlier rule),
 /// counted one after another in the background: the first rule starts as soon as its own
-/// count is in, and the later counts run while it deletes. `None` for other walks.
+/// count is in, and the later counts run while it deletes. The first count stops at the
+/// dense share of `table_rows` ([`DENSE_RULE_SHARE`]): past it only "dense" matters, and a
+/// rule matching most of the table (the first big purge) is then known in a third of the
+/// reading. `None` for other walks.
 fn count_index_walked(
     db: &Db,
     schema: &Schema,
     rules: &[rules::Rule],
+    table_rows: u64,
 ) -> Vec<Option<PendingCount>> {
     let all: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
     let mut queue = Vec::new();
@@ -547,7 +551,7 @@ fn count_index_walked(
         for (i, (pred, answer)) in queue.into_iter().enumerate() {
             // The first rule waits for its count; the later ones are counted while it deletes.
             let n = if i == 0 {
-                count(&db, &schema, Some(&pred)).await
+                count_up_to(&db, &schema, &pred, dense_rows(table_rows)).await
             } else {
                 count_in_background(&db, &schema, Some(&pred)).await
             };
@@ -559,6 +563,11 @@ fn count_index_walked(
     pending
 }
 
+/// Matching rows from which a rule in a table of `table_rows` rows is dense.
+fn dense_rows(table_rows: u64) -> u64 {
+    ((DENSE_RULE_SHARE * table_rows as f64).ceil() as u64).max(1)
+}
+
 /// The rule with the walk its density calls for (see [`DENSE_RULE_SHARE`]), or `None` when an
 /// index-walked rule has nothing to delete (walking its index to find that out can take
 /// seconds). `matching` is its count from [`count_index_walked`].
@@ -568,8 +577,8 @@ fn plan_walk(rule: &rules::Rule, matching: Option<u64>, table_rows: u64) -> Opti
         if matching == 0 {
             return None;
         }
-        if matching as f64 >= DENSE_RULE_SHARE * table_rows as f64 {
-            tracing::debug!(rule = ?rule.kind, matching, table_rows, "dense rule: deleting primary-key ranges");
+        if matching >= dense_rows(table_rows) {
+            tracing::debug!(rule = ?rule.kind, matching, table_rows, "dense rule (count stops at the dense share): deleting primary-key ranges");
             rule.walk = rules::Walk::PrimaryKeyRange;
         }
     }
