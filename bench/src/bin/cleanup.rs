@@ -124,12 +124,12 @@ async fn parent(args: &Args) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&results)?);
     println!();
     println!(
-        "| side | rows deleted | seconds | rows/s | longest tx ms | batches | peak RSS MiB | app p50 idle/during ms | app p99 idle/during ms | app max idle/during ms | app errors |"
+        "| side | rows deleted | seconds | rows/s | longest tx ms | batches | peak RSS MiB | app p50 idle/during ms | app p99 idle/during ms | app max idle/during ms | app errors | engine I/O during |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for v in &results {
         println!(
-            "| {} | {} | {:.2} | {:.0} | {:.1} | {} | {:.1} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} | {} |",
+            "| {} | {} | {:.2} | {:.0} | {:.1} | {} | {:.1} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} | {} | {} |",
             v["side"].as_str().unwrap_or("?"),
             v["deleted"],
             v["seconds"].as_f64().unwrap_or(0.0),
@@ -144,9 +144,22 @@ async fn parent(args: &Args) -> Result<()> {
             v["idle"]["max"].as_f64().unwrap_or(0.0),
             v["during"]["max"].as_f64().unwrap_or(0.0),
             v["app_errors"],
+            io_text(&v["engine_io"]),
         );
     }
     Ok(())
+}
+
+/// `name value, …` of a side's engine I/O, or `—` where the engine has no counters.
+fn io_text(io: &serde_json::Value) -> String {
+    match io.as_object() {
+        Some(m) if !m.is_empty() => m
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => "—".to_string(),
+    }
 }
 
 /// The application's load: at a fixed rate, read one live session and touch its activity.
@@ -206,6 +219,49 @@ async fn app_op(db: &Db, id: i64) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// The server's own I/O counters, to read as differences across one side's cleanup: what the
+/// rows cost the engine, not just how long they took. PostgreSQL: WAL bytes written (its
+/// per-database block counters are flushed lazily, the WAL position is exact). MariaDB:
+/// InnoDB pages read from disk and pages flushed to it (server-wide, so they include the
+/// application loop, the same on both sides). SQLite has no such counters.
+async fn engine_io(db: &Db) -> Result<Vec<(&'static str, f64)>> {
+    Ok(match db.engine() {
+        Engine::Postgres => {
+            let wal = db
+                .scalar_i64("SELECT CAST(pg_current_wal_lsn() - '0/0' AS BIGINT)")
+                .await?;
+            vec![("wal_mib", wal as f64 / 1_048_576.0)]
+        }
+        Engine::MySql => {
+            let sql = "SHOW GLOBAL STATUS WHERE Variable_name IN \
+                       ('Innodb_buffer_pool_reads', 'Innodb_buffer_pool_pages_flushed')";
+            let rows: Vec<(String, String)> =
+                sessionfleet::on_pool!(db, p => sqlx::query_as(sql).fetch_all(p).await?);
+            let value = |name: &str| {
+                rows.iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .and_then(|(_, v)| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            vec![
+                ("pages_read", value("Innodb_buffer_pool_reads")),
+                ("pages_flushed", value("Innodb_buffer_pool_pages_flushed")),
+            ]
+        }
+        Engine::Sqlite => Vec::new(),
+    })
+}
+
+/// `after - before` per counter, as JSON.
+fn io_delta(before: &[(&str, f64)], after: &[(&str, f64)]) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = before
+        .iter()
+        .zip(after)
+        .map(|((name, b), (_, a))| (name.to_string(), json!((a - b).round())))
+        .collect();
+    serde_json::Value::Object(map)
+}
+
 fn summary(mut v: Vec<f64>) -> serde_json::Value {
     if v.is_empty() {
         return json!({"n": 0});
@@ -258,6 +314,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     let total_before = db.scalar_i64("SELECT COUNT(*) FROM user_sessions").await?;
     let app = start_app(app_db, live, args.app_rate);
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let io_before = engine_io(&db).await?;
     let cleanup_start = Instant::now();
     let (deleted, longest_ms, batches) = match side {
         "ours" => {
@@ -291,6 +348,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
         other => bail!("unknown side {other}"),
     };
     let cleanup_end = Instant::now();
+    let io = io_delta(&io_before, &engine_io(&db).await?);
     let seconds = (cleanup_end - cleanup_start).as_secs_f64();
     // Let in-flight operations scheduled during the cleanup finish.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -319,6 +377,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
         "idle": summary(idle),
         "during": summary(during),
         "app_errors": app_errors,
+        "engine_io": io,
     });
     println!("{out}");
     Ok(())
