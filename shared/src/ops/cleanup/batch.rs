@@ -381,11 +381,12 @@ async fn count_with(
 
 /// Adapts the batch size so each transaction stays under the target duration: shrink at once
 /// to what the last batch's per-row cost says fits, grow gently while well under, and stay
-/// below a size that overshot twice. Cost is not always linear in rows: past some IN-list
-/// length a planner may switch to a plan that costs ten times more, so without that memory the
-/// size would climb back to the cliff again and again. But a single overshoot is as often a
-/// stall (a checkpoint, a WAL flush) that happened to meet a growth step; capping the run on
-/// it kept PostgreSQL's batches at 2,900 rows taking 5 ms each, half the plain DELETE's rate.
+/// below a size that overshot twice right after growing. Cost is not always linear in rows:
+/// past some IN-list length a planner may switch to a plan that costs ten times more, so
+/// without that memory the size would climb back to the cliff again and again. But a single
+/// overshoot is as often a stall (a checkpoint, a WAL flush) that happened to meet a growth
+/// step; capping the run on it kept PostgreSQL's batches at 2,900 rows taking 5 ms each, half
+/// the plain DELETE's rate.
 #[derive(Debug, Clone)]
 pub struct BatchSizer {
     size: u32,
@@ -432,8 +433,8 @@ const GROW_BELOW_SHARE: f64 = AIM_SHARE / GROWTH_FACTOR;
 const FAST_GROWTH_BELOW_SHARE: f64 = 0.1;
 /// Growth stops at this share of a size that overshot.
 const BELOW_CEILING_SHARE: f64 = 0.8;
-/// An overshoot at this share of a suspect or ceiling size or more is taken as the same size
-/// (growth stops at [`BELOW_CEILING_SHARE`] of a ceiling, so a probe of it lands above this).
+/// An overshoot right after growing, at this share of a suspect's size or more, is taken as
+/// the same size: growth steps are 25 %, so a second probe of a cliff lands within it.
 const SAME_SIZE_SHARE: f64 = 0.7;
 /// How much the ceiling rises with each batch that stayed on target (0.2 %: a cliff is
 /// probed again about every hundred batches).
