@@ -10,10 +10,10 @@
 //! stored token with its own and aborts with [`FenceError::FencedOut`] if a newer holder
 //! exists. The row lock is held until commit, so a newer holder's token cannot be issued while
 //! an older holder's batch is in flight: a write with a stale token is impossible by
-//! construction, not by timing.
-//! ([`Fence::advance`] may also come last, just before commit, in a transaction whose one
-//! long statement should not hold the row: the cleanup's `ANALYZE`.) `sessionfleet_fence_log` keeps, per granted token, the first
-//! and last accepted write — the audit trail that shows holders never overlapped.
+//! construction, not by timing. (A transaction whose one long statement should not hold the
+//! row — the cleanup's `ANALYZE` — calls [`Fence::advance`] last instead, just before commit:
+//! the same guarantee.) `sessionfleet_fence_log` keeps, per granted token, the first and last
+//! accepted write — the audit trail that shows holders never overlapped.
 //!
 //! Statements that cannot run in a transaction (`VACUUM`, `CREATE INDEX CONCURRENTLY`,
 //! `OPTIMIZE TABLE`) go through [`SessionLock`], which pins one connection, takes the engine's

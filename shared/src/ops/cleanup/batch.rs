@@ -579,24 +579,35 @@ mod tests {
         assert!(cost(s.size()) <= Duration::from_millis(40), "{}", s.size());
     }
 
+    /// Drives a sizer for `batches` batches, batch `i` (from 1) of `rows` rows taking
+    /// `took(i, rows)`, and returns the mean size it chose over the batches after `settle`.
+    fn mean_late_size(
+        mut s: BatchSizer,
+        batches: u32,
+        settle: usize,
+        took: impl Fn(u32, u32) -> Duration,
+    ) -> f64 {
+        let mut sizes = Vec::new();
+        for i in 1..=batches {
+            let rows = s.size();
+            s.observe(rows, took(i, rows));
+            sizes.push(f64::from(s.size()));
+        }
+        let late = &sizes[settle..];
+        late.iter().sum::<f64>() / late.len() as f64
+    }
+
     #[test]
     fn sizer_is_not_ratcheted_down_by_occasional_stalls() {
         // MariaDB-like costs with a stalled commit (100 ms) every 30th batch.
-        let cost = mariadb_like_cost;
-        let mut s = BatchSizer::new(100, 1, 20_000, Duration::from_millis(50));
-        let mut sizes = Vec::new();
-        for i in 1..=600 {
-            let rows = s.size();
-            let took = if i % 30 == 0 {
+        let s = BatchSizer::new(100, 1, 20_000, Duration::from_millis(50));
+        let mean = mean_late_size(s, 600, 300, |i, rows| {
+            if i % 30 == 0 {
                 Duration::from_millis(100)
             } else {
-                cost(rows)
-            };
-            s.observe(rows, took);
-            sizes.push(s.size());
-        }
-        let late = &sizes[300..];
-        let mean = late.iter().map(|&n| f64::from(n)).sum::<f64>() / late.len() as f64;
+                mariadb_like_cost(rows)
+            }
+        });
         assert!(
             mean > 220.0,
             "stalls shrink one batch each, they set no ceiling: mean late size {mean:.0}"
@@ -609,20 +620,14 @@ mod tests {
         // 60-100 ms on every 6th batch whatever its size. Two stalls right after growth steps
         // may pass for a cliff; later stalls at the capped size must not keep lowering it (the
         // rule before this test settled at a mean of 75 rows).
-        let mut s = BatchSizer::new(100, 10, 20_000, Duration::from_millis(50));
-        let mut sizes = Vec::new();
-        for i in 1..=400u32 {
-            let rows = s.size();
-            let took = if i % 6 == 0 {
+        let s = BatchSizer::new(100, 10, 20_000, Duration::from_millis(50));
+        let mean = mean_late_size(s, 400, 200, |i, rows| {
+            if i % 6 == 0 {
                 Duration::from_millis(60 + u64::from(i % 5) * 10)
             } else {
                 Duration::from_secs_f64(0.002 + 0.000_001 * f64::from(rows))
-            };
-            s.observe(rows, took);
-            sizes.push(s.size());
-        }
-        let late = &sizes[200..];
-        let mean = late.iter().map(|&n| f64::from(n)).sum::<f64>() / late.len() as f64;
+            }
+        });
         assert!(
             mean > 8_000.0,
             "stalls shrink one batch each, they do not ratchet the size down: mean late size {mean:.0}"
