@@ -362,3 +362,61 @@ async fn fence_tokens_increase_and_a_stale_token_writes_nothing() {
         t.drop_db().await;
     }
 }
+
+/// A cleanup batch deletes matching rows from a key range. On MySQL/MariaDB, InnoDB's default
+/// `REPEATABLE READ` would keep the live rows of that range locked until the batch commits, so
+/// the application's update of a live session would wait for the whole batch; write
+/// transactions run `READ COMMITTED`, where the rows a `DELETE` skips stay free. Fails (lock
+/// wait timeout, error 1205) if the write transaction locks the skipped row.
+#[tokio::test]
+async fn a_write_transaction_leaves_the_rows_its_delete_skips_unlocked_on_mysql() {
+    let t = TestDb::new(Engine::MySql).await;
+    t.db.execute(
+        "CREATE TABLE items (id BIGINT PRIMARY KEY, expired BOOLEAN NOT NULL, touched INT NOT NULL DEFAULT 0)",
+    )
+    .await
+    .unwrap();
+    t.db.execute("INSERT INTO items (id, expired) VALUES (1, TRUE), (2, FALSE), (3, TRUE)")
+        .await
+        .unwrap();
+
+    let mut batch = t.db.begin_write().await.unwrap();
+    let sessionfleet::store::DbTx::MySql(b) = &mut batch else {
+        unreachable!("a MySQL database opens MySQL transactions")
+    };
+    let deleted = sqlx::query("DELETE FROM items WHERE id > 0 AND id <= 3 AND expired = TRUE")
+        .execute(&mut **b)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(deleted, 2);
+
+    // The application, while the batch is still open: it gives up after 1 s of lock wait.
+    let mut app = t.db.begin_read().await.unwrap();
+    let sessionfleet::store::DbTx::MySql(a) = &mut app else {
+        unreachable!()
+    };
+    sqlx::query("SET SESSION innodb_lock_wait_timeout = 1")
+        .execute(&mut **a)
+        .await
+        .unwrap();
+    let touched = sqlx::query("UPDATE items SET touched = 1 WHERE id = 2")
+        .execute(&mut **a)
+        .await;
+    sqlx::query("SET SESSION innodb_lock_wait_timeout = DEFAULT")
+        .execute(&mut **a)
+        .await
+        .unwrap();
+    let touched = touched.expect("the live row in the batch's range is not locked by the batch");
+    assert_eq!(touched.rows_affected(), 1);
+    app.commit().await.unwrap();
+    batch.commit().await.unwrap();
+
+    let left = t
+        .db
+        .scalar_i64("SELECT COUNT(*) FROM items WHERE id = 2 AND touched = 1")
+        .await
+        .unwrap();
+    assert_eq!(left, 1, "the live row survived with the application's update");
+    t.drop_db().await;
+}

@@ -369,12 +369,21 @@ impl Db {
 
     /// Opens a transaction meant to write. On SQLite it is `BEGIN IMMEDIATE`, which takes the
     /// write lock up front so two writers queue on the busy timeout instead of deadlocking on
-    /// a lock upgrade.
+    /// a lock upgrade. On MySQL/MariaDB it is `READ COMMITTED`: under InnoDB's default
+    /// `REPEATABLE READ` a `DELETE` over a key range keeps every row it reads locked until
+    /// commit, the live sessions it skips and the gaps between them too, so the application's
+    /// updates of those sessions would wait for the whole batch. Statements that change rows
+    /// read the latest committed version at either level; only our locks differ.
     pub async fn begin_write(&self) -> Result<DbTx<'static>, sqlx::Error> {
         Ok(match &self.pool {
             Pool::Sqlite(p) => DbTx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
             Pool::Postgres(p) => DbTx::Postgres(p.begin().await?),
-            Pool::MySql(p) => DbTx::MySql(p.begin().await?),
+            // `SET TRANSACTION` applies to the next transaction only, so it cannot outlive
+            // this one on the pooled connection.
+            Pool::MySql(p) => DbTx::MySql(
+                p.begin_with("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION")
+                    .await?,
+            ),
         })
     }
 
