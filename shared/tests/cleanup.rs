@@ -844,3 +844,47 @@ async fn cleanup_runs_while_reports_hold_every_read_connection() {
     drop(held);
     tdb.drop_db().await;
 }
+
+/// A PostgreSQL batch commits without waiting for its WAL flush and the orphan batches switch
+/// hash and merge joins off, each for its own transaction only (`SET LOCAL`). If either leaked
+/// to the pooled connection, the next fence token (issued on the same pool) would commit
+/// without durability and unrelated queries would lose their join plans.
+#[tokio::test]
+async fn postgres_batch_settings_do_not_outlive_their_batch() {
+    let tdb = seeded(Engine::Postgres, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    let c = OpContext {
+        db: db.clone(),
+        fence: Some(
+            fence::issue_token(db, "target:test", "settings")
+                .await
+                .expect("token"),
+        ),
+        cancel: CancellationToken::new(),
+    };
+    let r = cleanup::run(&c, &params()).await.expect("cleanup");
+    assert!(
+        r.expired_sessions_cleaned > 0 && r.orphaned_sessions_cleaned > 0,
+        "both kinds of batch ran: {r:?}"
+    );
+    let sessionfleet::store::Pool::Postgres(pool) = db.pool() else {
+        unreachable!("a PostgreSQL test database")
+    };
+    let mut held = Vec::new();
+    while held.len() < pool.size() as usize {
+        held.push(pool.acquire().await.expect("connection"));
+    }
+    assert!(!held.is_empty());
+    for conn in &mut held {
+        let settings: (String, String, String) = sqlx::query_as(
+            "SELECT current_setting('synchronous_commit'), current_setting('enable_hashjoin'), \
+             current_setting('enable_mergejoin')",
+        )
+        .fetch_one(&mut **conn)
+        .await
+        .expect("settings");
+        assert_eq!(settings, ("on".into(), "on".into(), "on".into()));
+    }
+    drop(held);
+    tdb.drop_db().await;
+}

@@ -412,11 +412,13 @@ async fn a_write_transaction_leaves_the_rows_its_delete_skips_unlocked_on_mysql(
     app.commit().await.unwrap();
     batch.commit().await.unwrap();
 
-    let left = t
-        .db
-        .scalar_i64("SELECT COUNT(*) FROM items WHERE id = 2 AND touched = 1")
-        .await
-        .unwrap();
-    assert_eq!(left, 1, "the live row survived with the application's update");
+    let left =
+        t.db.scalar_i64("SELECT COUNT(*) FROM items WHERE id = 2 AND touched = 1")
+            .await
+            .unwrap();
+    assert_eq!(
+        left, 1,
+        "the live row survived with the application's update"
+    );
     t.drop_db().await;
 }

@@ -40,6 +40,10 @@ struct Args {
     /// Which sides to run, comma-separated (`ours`, `plain`); the document's runs use both.
     #[arg(long, default_value = "ours,plain", value_delimiter = ',')]
     sides: Vec<String>,
+    /// Also write every application operation of each side to `DIR/<side>-app.csv`: its
+    /// scheduled start in ms relative to the cleanup's start, and its latency in ms.
+    #[arg(long, value_name = "DIR")]
+    app_trace: Option<std::path::PathBuf>,
     /// Internal: run one side (`ours` or `plain`) against `--url` and print JSON.
     #[arg(long)]
     side: Option<String>,
@@ -102,6 +106,12 @@ async fn parent(args: &Args) -> Result<()> {
         if engine != Engine::Sqlite {
             tdb.db.execute("ANALYZE user_sessions").await.ok();
         }
+        let t = Instant::now();
+        settle_writes(&tdb.db).await?;
+        eprintln!(
+            "{side}: seed's writes settled in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
         let out = std::process::Command::new(std::env::current_exe()?)
             .args(["--engine", &args.engine, "--side", side, "--url", &tdb.url])
             .args([
@@ -112,6 +122,7 @@ async fn parent(args: &Args) -> Result<()> {
             ])
             .args(["--target-batch-ms", &args.target_batch_ms.to_string()])
             .args(["--as-of", &now.format("%Y-%m-%dT%H:%M:%S").to_string()])
+            .args(args.app_trace.iter().flat_map(|d| [std::ffi::OsStr::new("--app-trace"), d.as_os_str()]))
             .output()?;
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
         if !out.status.success() {
@@ -222,8 +233,8 @@ async fn app_op(db: &Db, id: i64) -> Result<(), sqlx::Error> {
 /// The server's own I/O counters, to read as differences across one side's cleanup: what the
 /// rows cost the engine, not just how long they took. PostgreSQL: WAL bytes written (its
 /// per-database block counters are flushed lazily, the WAL position is exact). MariaDB:
-/// InnoDB pages read from disk and pages flushed to it (server-wide, so they include the
-/// application loop, the same on both sides). SQLite has no such counters.
+/// InnoDB pages read from disk, pages flushed to it, and row lock waits (server-wide, so they
+/// include the application loop, the same on both sides). SQLite has no such counters.
 async fn engine_io(db: &Db) -> Result<Vec<(&'static str, f64)>> {
     Ok(match db.engine() {
         Engine::Postgres => {
@@ -234,7 +245,8 @@ async fn engine_io(db: &Db) -> Result<Vec<(&'static str, f64)>> {
         }
         Engine::MySql => {
             let sql = "SHOW GLOBAL STATUS WHERE Variable_name IN \
-                       ('Innodb_buffer_pool_reads', 'Innodb_buffer_pool_pages_flushed')";
+                       ('Innodb_buffer_pool_reads', 'Innodb_buffer_pool_pages_flushed', \
+                       'Innodb_row_lock_waits')";
             let rows: Vec<(String, String)> =
                 sessionfleet::on_pool!(db, p => sqlx::query_as(sql).fetch_all(p).await?);
             let value = |name: &str| {
@@ -246,6 +258,7 @@ async fn engine_io(db: &Db) -> Result<Vec<(&'static str, f64)>> {
             vec![
                 ("pages_read", value("Innodb_buffer_pool_reads")),
                 ("pages_flushed", value("Innodb_buffer_pool_pages_flushed")),
+                ("row_lock_waits", value("Innodb_row_lock_waits")),
             ]
         }
         Engine::Sqlite => Vec::new(),
@@ -260,6 +273,51 @@ fn io_delta(before: &[(&str, f64)], after: &[(&str, f64)]) -> serde_json::Value 
         .map(|((name, b), (_, a))| (name.to_string(), json!((a - b).round())))
         .collect();
     serde_json::Value::Object(map)
+}
+
+/// Writes the seed left behind in memory to disk before the side starts, so neither side's
+/// cleanup shares the disk with write-back of the seed (a million rows and their indexes): a
+/// PostgreSQL `CHECKPOINT`, InnoDB's dirty pages flushed (its dirty-page limit at 0 until
+/// they are, then restored), SQLite's WAL checkpointed into the database file.
+async fn settle_writes(db: &Db) -> Result<()> {
+    match db.engine() {
+        Engine::Postgres => {
+            db.execute("CHECKPOINT").await?;
+        }
+        Engine::MySql => {
+            let before = db
+                .scalar_i64("SELECT CAST(@@GLOBAL.innodb_max_dirty_pages_pct AS SIGNED)")
+                .await?;
+            db.execute("SET GLOBAL innodb_max_dirty_pages_pct = 0").await?;
+            let dirty = "SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM information_schema.GLOBAL_STATUS \
+                         WHERE VARIABLE_NAME = 'INNODB_BUFFER_POOL_PAGES_DIRTY'";
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while db.scalar_i64(dirty).await? > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            db.execute(&format!("SET GLOBAL innodb_max_dirty_pages_pct = {before}"))
+                .await?;
+        }
+        Engine::Sqlite => {
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").await?;
+        }
+    }
+    Ok(())
+}
+
+/// One line per application operation: scheduled start relative to the cleanup's start (ms,
+/// negative while idle) and latency (ms), to line up with the cleanup's debug log.
+fn write_app_trace(path: &std::path::Path, lat: &[(Instant, f64)], start: Instant) -> Result<()> {
+    let mut out = String::from("start_ms,latency_ms\n");
+    for (at, ms) in lat {
+        let offset = if *at >= start {
+            (*at - start).as_secs_f64()
+        } else {
+            -(start - *at).as_secs_f64()
+        };
+        out.push_str(&format!("{:.1},{ms:.2}\n", offset * 1000.0));
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
 fn summary(mut v: Vec<f64>) -> serde_json::Value {
@@ -316,6 +374,8 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let io_before = engine_io(&db).await?;
     let cleanup_start = Instant::now();
+    // The wall clock of the start, to line the app trace up with the debug log's timestamps.
+    eprintln!("{side}: cleanup started at {}", Utc::now().format("%H:%M:%S%.6f"));
     let (deleted, longest_ms, batches) = match side {
         "ours" => {
             let fence = fence::issue_token(&db, "target:bench", "bench").await?;
@@ -364,6 +424,9 @@ async fn child(args: &Args, side: &str) -> Result<()> {
         .filter(|(at, _)| *at >= cleanup_start && *at < cleanup_end)
         .map(|(_, ms)| *ms)
         .collect();
+    if let Some(dir) = &args.app_trace {
+        write_app_trace(&dir.join(format!("{side}-app.csv")), &lat, cleanup_start)?;
+    }
     let out = json!({
         "side": side,
         "engine": db.engine().name(),

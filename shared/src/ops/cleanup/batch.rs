@@ -253,6 +253,10 @@ pub async fn purge_batch(
         let _ = tx.rollback().await;
         return Err(e.into());
     }
+    if let Err(e) = commit_without_flush_wait(&mut tx).await {
+        let _ = tx.rollback().await;
+        return Err(e.into());
+    }
     if let Err(e) = plan_id_list_recheck(&mut tx, rule, batch).await {
         let _ = tx.rollback().await;
         return Err(e.into());
@@ -269,6 +273,22 @@ pub async fn purge_batch(
         deleted,
         took: started.elapsed(),
     })
+}
+
+/// On PostgreSQL a batch's COMMIT does not wait for its WAL to reach the disk
+/// (`synchronous_commit = off` for this transaction only). Waiting made the application's own
+/// commits queue behind each batch's flush of several megabytes, so its operations stalled
+/// for a whole batch at a time. A crash can forget the last batches of a run, at most about
+/// three `wal_writer_delay`s of them: those sessions are still expired and the next run
+/// deletes them. The fence is unharmed: the token was issued in a durable transaction and a
+/// batch only writes the same token again.
+async fn commit_without_flush_wait(tx: &mut DbTx<'_>) -> Result<(), sqlx::Error> {
+    if let DbTx::Postgres(c) = tx {
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut **c)
+            .await?;
+    }
+    Ok(())
 }
 
 /// PostgreSQL re-plans the orphan re-check of a list of more than about 1,400 ids as a hash
