@@ -122,7 +122,11 @@ async fn parent(args: &Args) -> Result<()> {
             ])
             .args(["--target-batch-ms", &args.target_batch_ms.to_string()])
             .args(["--as-of", &now.format("%Y-%m-%dT%H:%M:%S").to_string()])
-            .args(args.app_trace.iter().flat_map(|d| [std::ffi::OsStr::new("--app-trace"), d.as_os_str()]))
+            .args(
+                args.app_trace
+                    .iter()
+                    .flat_map(|d| [std::ffi::OsStr::new("--app-trace"), d.as_os_str()]),
+            )
             .output()?;
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
         if !out.status.success() {
@@ -288,7 +292,8 @@ async fn settle_writes(db: &Db) -> Result<()> {
             let before = db
                 .scalar_i64("SELECT CAST(@@GLOBAL.innodb_max_dirty_pages_pct AS SIGNED)")
                 .await?;
-            db.execute("SET GLOBAL innodb_max_dirty_pages_pct = 0").await?;
+            db.execute("SET GLOBAL innodb_max_dirty_pages_pct = 0")
+                .await?;
             let dirty = "SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM information_schema.GLOBAL_STATUS \
                          WHERE VARIABLE_NAME = 'INNODB_BUFFER_POOL_PAGES_DIRTY'";
             let deadline = Instant::now() + Duration::from_secs(600);
@@ -375,7 +380,10 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     let io_before = engine_io(&db).await?;
     let cleanup_start = Instant::now();
     // The wall clock of the start, to line the app trace up with the debug log's timestamps.
-    eprintln!("{side}: cleanup started at {}", Utc::now().format("%H:%M:%S%.6f"));
+    eprintln!(
+        "{side}: cleanup started at {}",
+        Utc::now().format("%H:%M:%S%.6f")
+    );
     let (deleted, longest_ms, batches) = match side {
         "ours" => {
             let fence = fence::issue_token(&db, "target:bench", "bench").await?;
