@@ -100,6 +100,22 @@ impl TestDb {
         self.engine
     }
 
+    /// Every connection the PostgreSQL pool has opened, held at once, so a test can check
+    /// that no session setting outlived the transaction that set it. Panics on other engines.
+    pub async fn every_postgres_connection(
+        &self,
+    ) -> Vec<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        let crate::store::Pool::Postgres(pool) = self.db.pool() else {
+            panic!("every_postgres_connection on a {} database", self.engine);
+        };
+        let mut held = Vec::new();
+        while held.len() < pool.size() as usize {
+            held.push(pool.acquire().await.expect("connection"));
+        }
+        assert!(!held.is_empty(), "the pool has opened no connection");
+        held
+    }
+
     /// Drops the database (SQLite: the temporary directory goes with the value).
     pub async fn drop_db(self) {
         self.db.close().await;

@@ -398,14 +398,7 @@ async fn postgres_plan_settings_do_not_outlive_their_query() {
     analytics::health_report(db, &params())
         .await
         .expect("report");
-    let sessionfleet::store::Pool::Postgres(pool) = db.pool() else {
-        unreachable!("a PostgreSQL test database")
-    };
-    let mut held = Vec::new();
-    while held.len() < pool.size() as usize {
-        held.push(pool.acquire().await.expect("connection"));
-    }
-    assert!(!held.is_empty());
+    let mut held = tdb.every_postgres_connection().await;
     for conn in &mut held {
         let (hashjoin, work_mem): (String, String) = sqlx::query_as(
             "SELECT current_setting('enable_hashjoin'), current_setting('work_mem')",

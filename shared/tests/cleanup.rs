@@ -867,14 +867,7 @@ async fn postgres_batch_settings_do_not_outlive_their_batch() {
         r.expired_sessions_cleaned > 0 && r.orphaned_sessions_cleaned > 0,
         "both kinds of batch ran: {r:?}"
     );
-    let sessionfleet::store::Pool::Postgres(pool) = db.pool() else {
-        unreachable!("a PostgreSQL test database")
-    };
-    let mut held = Vec::new();
-    while held.len() < pool.size() as usize {
-        held.push(pool.acquire().await.expect("connection"));
-    }
-    assert!(!held.is_empty());
+    let mut held = tdb.every_postgres_connection().await;
     for conn in &mut held {
         let settings: (String, String, String) = sqlx::query_as(
             "SELECT current_setting('synchronous_commit'), current_setting('enable_hashjoin'), \
