@@ -249,23 +249,17 @@ pub async fn purge_batch(
     // held), not while BEGIN waits for other writers: this is how long we block others.
     let mut tx = db.begin_write().await?;
     let started = Instant::now();
-    if let Err(e) = fence.advance(&mut tx).await {
-        let _ = tx.rollback().await;
-        return Err(e.into());
-    }
-    if let Err(e) = commit_without_flush_wait(&mut tx).await {
-        let _ = tx.rollback().await;
-        return Err(e.into());
-    }
-    if let Err(e) = plan_id_list_recheck(&mut tx, rule, batch).await {
-        let _ = tx.rollback().await;
-        return Err(e.into());
-    }
-    let deleted = match delete_matching(&mut tx, schema, &rule.predicate, batch).await {
+    let work = async {
+        fence.advance(&mut tx).await?;
+        commit_without_flush_wait(&mut tx).await?;
+        plan_id_list_recheck(&mut tx, rule, batch).await?;
+        Ok::<_, OpError>(delete_matching(&mut tx, schema, &rule.predicate, batch).await?)
+    };
+    let deleted = match work.await {
         Ok(n) => n,
         Err(e) => {
             let _ = tx.rollback().await;
-            return Err(e.into());
+            return Err(e);
         }
     };
     tx.commit().await?;
