@@ -289,25 +289,38 @@ async fn settle_writes(db: &Db) -> Result<()> {
             db.execute("CHECKPOINT").await?;
         }
         Engine::MySql => {
-            let before = db
-                .scalar_i64("SELECT CAST(@@GLOBAL.innodb_max_dirty_pages_pct AS SIGNED)")
-                .await?;
+            // A fraction (90.000000 by default): kept as text to be restored exactly.
+            let before: String = sessionfleet::on_pool!(db, p => sqlx::query_scalar(
+                "SELECT CAST(@@GLOBAL.innodb_max_dirty_pages_pct AS CHAR)").fetch_one(p).await?);
             db.execute("SET GLOBAL innodb_max_dirty_pages_pct = 0")
                 .await?;
-            let dirty = "SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM information_schema.GLOBAL_STATUS \
-                         WHERE VARIABLE_NAME = 'INNODB_BUFFER_POOL_PAGES_DIRTY'";
-            let deadline = Instant::now() + Duration::from_secs(600);
-            while db.scalar_i64(dirty).await? > 0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+            let flushed = wait_for_no_dirty_pages(db, Duration::from_secs(600)).await;
+            // Restored whatever happened: it is a server-wide setting.
             db.execute(&format!("SET GLOBAL innodb_max_dirty_pages_pct = {before}"))
                 .await?;
+            if !flushed? {
+                eprintln!("warning: InnoDB still had dirty pages after 600 s; starting anyway");
+            }
         }
         Engine::Sqlite => {
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)").await?;
         }
     }
     Ok(())
+}
+
+/// Polls InnoDB's dirty-page count until it is zero (true) or `limit` has passed (false).
+async fn wait_for_no_dirty_pages(db: &Db, limit: Duration) -> Result<bool> {
+    let dirty = "SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM information_schema.GLOBAL_STATUS \
+                 WHERE VARIABLE_NAME = 'INNODB_BUFFER_POOL_PAGES_DIRTY'";
+    let deadline = Instant::now() + limit;
+    while db.scalar_i64(dirty).await? > 0 {
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(true)
 }
 
 /// One line per application operation: scheduled start relative to the cleanup's start (ms,
