@@ -108,12 +108,15 @@ impl TestDb {
         let crate::store::Pool::Postgres(pool) = self.db.pool() else {
             panic!("every_postgres_connection on a {} database", self.engine);
         };
-        let mut held = Vec::new();
-        while held.len() < pool.size() as usize {
-            held.push(pool.acquire().await.expect("connection"));
-        }
-        assert!(!held.is_empty(), "the pool has opened no connection");
-        held
+        hold_every_connection(pool).await
+    }
+
+    /// [`TestDb::every_postgres_connection`] for SQLite, whose settings are per connection too.
+    pub async fn every_sqlite_connection(&self) -> Vec<sqlx::pool::PoolConnection<sqlx::Sqlite>> {
+        let crate::store::Pool::Sqlite(pool) = self.db.pool() else {
+            panic!("every_sqlite_connection on a {} database", self.engine);
+        };
+        hold_every_connection(pool).await
     }
 
     /// Drops the database (SQLite: the temporary directory goes with the value).
@@ -142,4 +145,16 @@ fn replace_db(url: &str, name: &str) -> String {
     let mut u = url::Url::parse(url).expect("admin URL");
     u.set_path(&format!("/{name}"));
     u.to_string()
+}
+
+/// Acquires as many connections as `pool` has open, so each one it had is among them.
+async fn hold_every_connection<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+) -> Vec<sqlx::pool::PoolConnection<DB>> {
+    let mut held = Vec::new();
+    while held.len() < pool.size() as usize {
+        held.push(pool.acquire().await.expect("connection"));
+    }
+    assert!(!held.is_empty(), "the pool has opened no connection");
+    held
 }

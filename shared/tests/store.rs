@@ -422,3 +422,35 @@ async fn a_write_transaction_leaves_the_rows_its_delete_skips_unlocked_on_mysql(
     );
     t.drop_db().await;
 }
+
+/// The SQLite batch writer turns automatic checkpoints off on its own connection only, and
+/// closes that connection when dropped: every connection the pool hands out afterwards still
+/// checkpoints by itself. Fails if the writer's connection went back to the pool as it was.
+#[tokio::test]
+async fn the_sqlite_batch_writer_keeps_its_setting_out_of_the_pool() {
+    let t = TestDb::new(Engine::Sqlite).await;
+    let autocheckpoint = "PRAGMA wal_autocheckpoint";
+    let mut writer = t.db.batch_writer().await.unwrap();
+    let mut tx = writer.begin().await.unwrap();
+    let sessionfleet::store::DbTx::Sqlite(c) = &mut tx else {
+        unreachable!("a SQLite database opens SQLite transactions")
+    };
+    let inside: i64 = sqlx::query_scalar(autocheckpoint)
+        .fetch_one(&mut **c)
+        .await
+        .unwrap();
+    assert_eq!(inside, 0, "the writer's commits leave the WAL alone");
+    tx.commit().await.unwrap();
+    let checkpoint = writer.checkpoint().await.unwrap();
+    assert!(checkpoint.wal_frames >= 0 && checkpoint.left == 0);
+    drop(writer);
+
+    for mut conn in t.every_sqlite_connection().await {
+        let pages: i64 = sqlx::query_scalar(autocheckpoint)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(pages, 1000, "a pooled connection checkpoints by itself");
+    }
+    t.drop_db().await;
+}

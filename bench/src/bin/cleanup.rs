@@ -238,7 +238,9 @@ async fn app_op(db: &Db, id: i64) -> Result<(), sqlx::Error> {
 /// rows cost the engine, not just how long they took. PostgreSQL: WAL bytes written (its
 /// per-database block counters are flushed lazily, the WAL position is exact). MariaDB:
 /// InnoDB pages read from disk, pages flushed to it, and row lock waits (server-wide, so they
-/// include the application loop, the same on both sides). SQLite has no such counters.
+/// include the application loop, the same on both sides). SQLite has no such counters; its
+/// WAL file's growth is reported instead: it grows while checkpoints cannot start the WAL
+/// over, and does not shrink by itself.
 async fn engine_io(db: &Db) -> Result<Vec<(&'static str, f64)>> {
     Ok(match db.engine() {
         Engine::Postgres => {
@@ -265,7 +267,12 @@ async fn engine_io(db: &Db) -> Result<Vec<(&'static str, f64)>> {
                 ("row_lock_waits", value("Innodb_row_lock_waits")),
             ]
         }
-        Engine::Sqlite => Vec::new(),
+        Engine::Sqlite => {
+            let file: String = sessionfleet::on_pool!(db, p => sqlx::query_scalar(
+                "SELECT file FROM pragma_database_list WHERE name = 'main'").fetch_one(p).await?);
+            let wal = std::fs::metadata(format!("{file}-wal")).map_or(0, |m| m.len());
+            vec![("wal_file_mib", wal as f64 / 1_048_576.0)]
+        }
     })
 }
 

@@ -11,10 +11,12 @@
 mod connect;
 pub mod schema;
 mod sql;
+mod writer;
 
 pub use connect::{ConnectOptions, Db, DbInfo, DbTx, Engine, Pool, dialect_sql};
 pub use schema::{Schema, SchemaVersion, SessionProfile};
 pub use sql::{placeholders, sqlite_datetime};
+pub use writer::{BatchWriter, Checkpoint};
 
 /// Errors raised while reaching or inspecting a database.
 #[derive(Debug, thiserror::Error)]

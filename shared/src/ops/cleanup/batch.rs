@@ -10,7 +10,7 @@ use super::rules::{Predicate, Rule, RuleKind, Walk, id_as_i64};
 use super::stream::IdStream;
 use crate::fence::Fence;
 use crate::ops::OpError;
-use crate::store::{Db, DbTx, Schema};
+use crate::store::{BatchWriter, Db, DbTx, Schema};
 
 /// Where the walk of one rule stands: the next batch starts at (or after) this point.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -239,7 +239,7 @@ pub struct BatchResult {
 /// advances the fence. A session the application touched since the read no longer matches
 /// and survives.
 pub async fn purge_batch(
-    db: &Db,
+    writer: &mut BatchWriter,
     fence: &Fence,
     schema: &Schema,
     rule: &Rule,
@@ -247,7 +247,7 @@ pub async fn purge_batch(
 ) -> Result<BatchResult, OpError> {
     // Timed from the moment the write transaction is open (on SQLite: the write lock is
     // held), not while BEGIN waits for other writers: this is how long we block others.
-    let mut tx = db.begin_write().await?;
+    let mut tx = writer.begin().await?;
     let started = Instant::now();
     let work = async {
         fence.advance(&mut tx).await?;
