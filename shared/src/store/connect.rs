@@ -174,6 +174,10 @@ pub struct DbInfo {
     pub url: String,
 }
 
+/// How a SQLite write transaction begins: taking the write lock up front (see
+/// [`Db::begin_write`]).
+pub(super) const SQLITE_BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+
 /// How long PostgreSQL lets one of our sessions sit idle inside a transaction before it ends
 /// the session and rolls the transaction back. Our transactions are short batches; a session
 /// idle in one is a frozen process (SIGSTOP, VM pause) whose row locks would otherwise keep
@@ -376,7 +380,7 @@ impl Db {
     /// read the latest committed version at either level; only our locks differ.
     pub async fn begin_write(&self) -> Result<DbTx<'static>, sqlx::Error> {
         Ok(match &self.pool {
-            Pool::Sqlite(p) => DbTx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
+            Pool::Sqlite(p) => DbTx::Sqlite(p.begin_with(SQLITE_BEGIN_WRITE).await?),
             Pool::Postgres(p) => DbTx::Postgres(p.begin().await?),
             // `SET TRANSACTION` applies to the next transaction only, so it cannot outlive
             // this one on the pooled connection.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, Sqlite};
 
-use super::connect::{Db, DbTx, Pool};
+use super::connect::{Db, DbTx, Pool, SQLITE_BEGIN_WRITE};
 
 /// Commits a series of write batches ([`Db::batch_writer`]).
 ///
@@ -60,7 +60,7 @@ impl BatchWriter {
         match self {
             BatchWriter::Pooled(db) => db.begin_write().await,
             BatchWriter::Sqlite(conn) => {
-                Ok(DbTx::Sqlite(conn.begin_with("BEGIN IMMEDIATE").await?))
+                Ok(DbTx::Sqlite(conn.begin_with(SQLITE_BEGIN_WRITE).await?))
             }
         }
     }
