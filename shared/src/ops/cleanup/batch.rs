@@ -233,6 +233,8 @@ pub struct BatchResult {
     pub deleted: u64,
     /// Time the transaction was open: from BEGIN returning to the end of COMMIT.
     pub took: Duration,
+    /// The part of `took` spent in COMMIT: tells a slow statement from a slow commit.
+    pub committing: Duration,
 }
 
 /// Deletes the rows of `batch` that still match `rule`, in one transaction that first
@@ -262,10 +264,12 @@ pub async fn purge_batch(
             return Err(e);
         }
     };
+    let commit_started = Instant::now();
     tx.commit().await?;
     Ok(BatchResult {
         deleted,
         took: started.elapsed(),
+        committing: commit_started.elapsed(),
     })
 }
 

@@ -415,7 +415,7 @@ async fn purge_rule(
             .max(done.took.as_secs_f64() * 1000.0);
         sizer.observe(found.rows, done.took);
         let checkpoint = writer.checkpoint().await?;
-        tracing::debug!(rule = ?rule.kind, rows = found.rows, deleted = done.deleted, ms = done.took.as_secs_f64() * 1000.0, checkpoint_ms = checkpoint.took.as_secs_f64() * 1000.0, wal_frames = checkpoint.wal_frames, frames_left = checkpoint.left, "batch committed");
+        tracing::debug!(rule = ?rule.kind, rows = found.rows, deleted = done.deleted, ms = done.took.as_secs_f64() * 1000.0, commit_ms = done.committing.as_secs_f64() * 1000.0, checkpoint_ms = checkpoint.took.as_secs_f64() * 1000.0, wal_frames = checkpoint.wal_frames, frames_left = checkpoint.left, "batch committed");
         rest_after_batch(db, done.took, checkpoint.took).await;
         cursor = found.next;
         // A range may hold no match at all; found ids that all vanished are suspect.
