@@ -11,7 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, MySql, Postgres, Row, Sqlite, Transaction};
 
-use super::StoreError;
+use super::{StoreError, nodelay};
 use crate::secret::{redact_text, redact_url};
 
 /// The database engines sessionfleet supports.
@@ -240,9 +240,21 @@ impl Db {
                             "idle_in_transaction_session_timeout",
                             STALLED_TRANSACTION_TIMEOUT.as_millis(),
                         )]);
+                    let servers = Arc::new(
+                        nodelay::server_addresses(
+                            o.get_host(),
+                            o.get_port(),
+                            o.get_socket().is_some(),
+                        )
+                        .await,
+                    );
                     PgPoolOptions::new()
                         .max_connections(opts.max_connections)
                         .acquire_timeout(Duration::from_secs(10))
+                        .after_connect(move |_, _| {
+                            nodelay::set_on_connections_to(&servers);
+                            Box::pin(async { Ok(()) })
+                        })
                         .connect_with(o)
                         .await
                         .map(Pool::Postgres)
@@ -250,12 +262,21 @@ impl Db {
                 Engine::MySql => {
                     let normalized = mysql_url(url);
                     let o = MySqlConnectOptions::from_str(&normalized).map_err(bad_url)?;
+                    let servers = Arc::new(
+                        nodelay::server_addresses(
+                            o.get_host(),
+                            o.get_port(),
+                            o.get_socket().is_some(),
+                        )
+                        .await,
+                    );
                     MySqlPoolOptions::new()
                         .max_connections(opts.max_connections)
                         .acquire_timeout(Duration::from_secs(10))
                         // Retire idle connections before the server's wait_timeout does.
                         .idle_timeout(MYSQL_IDLE_CONNECTION_TIMEOUT / 2)
-                        .after_connect(|conn, _| {
+                        .after_connect(move |conn, _| {
+                            nodelay::set_on_connections_to(&servers);
                             Box::pin(async move {
                                 // UTC, so DATETIME comparisons mean the same as on the other engines.
                                 sqlx::query("SET time_zone = '+00:00'")
