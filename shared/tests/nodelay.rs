@@ -16,11 +16,13 @@ async fn every_connection_to_the_server_has_nodelay(engine: Engine) {
         Pool::Sqlite(_) => unreachable!("SQLite has no socket"),
     }
     let url = url::Url::parse(&t.url).unwrap();
-    let servers = nodelay::server_addresses(
+    let servers = nodelay::Server::new(
         url.host_str().unwrap(),
         url.port_or_known_default().unwrap(),
         false,
     )
+    .expect("a TCP server")
+    .addresses()
     .await;
     assert!(!servers.is_empty(), "{} resolves", t.url);
     let (connections, with_nodelay) = nodelay::count_connections_to(&servers);

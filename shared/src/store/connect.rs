@@ -240,20 +240,19 @@ impl Db {
                             "idle_in_transaction_session_timeout",
                             STALLED_TRANSACTION_TIMEOUT.as_millis(),
                         )]);
-                    let servers = Arc::new(
-                        nodelay::server_addresses(
-                            o.get_host(),
-                            o.get_port(),
-                            o.get_socket().is_some(),
-                        )
-                        .await,
-                    );
+                    let server =
+                        nodelay::Server::new(o.get_host(), o.get_port(), o.get_socket().is_some());
                     PgPoolOptions::new()
                         .max_connections(opts.max_connections)
                         .acquire_timeout(Duration::from_secs(10))
                         .after_connect(move |_, _| {
-                            nodelay::set_on_connections_to(&servers);
-                            Box::pin(async { Ok(()) })
+                            let server = server.clone();
+                            Box::pin(async move {
+                                if let Some(server) = server {
+                                    server.set_nodelay_on_connections().await;
+                                }
+                                Ok(())
+                            })
                         })
                         .connect_with(o)
                         .await
@@ -262,22 +261,19 @@ impl Db {
                 Engine::MySql => {
                     let normalized = mysql_url(url);
                     let o = MySqlConnectOptions::from_str(&normalized).map_err(bad_url)?;
-                    let servers = Arc::new(
-                        nodelay::server_addresses(
-                            o.get_host(),
-                            o.get_port(),
-                            o.get_socket().is_some(),
-                        )
-                        .await,
-                    );
+                    let server =
+                        nodelay::Server::new(o.get_host(), o.get_port(), o.get_socket().is_some());
                     MySqlPoolOptions::new()
                         .max_connections(opts.max_connections)
                         .acquire_timeout(Duration::from_secs(10))
                         // Retire idle connections before the server's wait_timeout does.
                         .idle_timeout(MYSQL_IDLE_CONNECTION_TIMEOUT / 2)
                         .after_connect(move |conn, _| {
-                            nodelay::set_on_connections_to(&servers);
+                            let server = server.clone();
                             Box::pin(async move {
+                                if let Some(server) = server {
+                                    server.set_nodelay_on_connections().await;
+                                }
                                 // UTC, so DATETIME comparisons mean the same as on the other engines.
                                 sqlx::query("SET time_zone = '+00:00'")
                                     .execute(&mut *conn)

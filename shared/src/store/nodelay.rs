@@ -12,16 +12,35 @@
 
 use std::net::SocketAddr;
 
-/// The addresses `host:port` resolves to; empty when it does not resolve (connecting then
-/// fails with the resolver's own error) or names a Unix socket, where Nagle does not apply.
-pub async fn server_addresses(host: &str, port: u16, unix_socket: bool) -> Vec<SocketAddr> {
-    if unix_socket || host.starts_with('/') {
-        return Vec::new();
+/// A database server's address as the connection options name it.
+#[derive(Debug, Clone)]
+pub struct Server {
+    host: String,
+    port: u16,
+}
+
+impl Server {
+    /// The server at `host:port`; `None` for a Unix socket, where Nagle does not apply.
+    pub fn new(host: &str, port: u16, unix_socket: bool) -> Option<Server> {
+        (!unix_socket && !host.starts_with('/')).then(|| Server {
+            host: host.trim_matches(|c| c == '[' || c == ']').to_string(),
+            port,
+        })
     }
-    let host = host.trim_matches(|c| c == '[' || c == ']');
-    match tokio::net::lookup_host((host, port)).await {
-        Ok(addrs) => addrs.collect(),
-        Err(_) => Vec::new(),
+
+    /// The addresses it resolves to now (resolved on each call, so a DNS change that moves the
+    /// server is followed); empty when it does not resolve, as connecting then says.
+    pub async fn addresses(&self) -> Vec<SocketAddr> {
+        match tokio::net::lookup_host((self.host.as_str(), self.port)).await {
+            Ok(addrs) => addrs.collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Sets `TCP_NODELAY` on every socket of this process connected to the server; returns
+    /// how many it set.
+    pub async fn set_nodelay_on_connections(&self) -> usize {
+        set_on_connections_to(&self.addresses().await)
     }
 }
 
