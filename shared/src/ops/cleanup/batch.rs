@@ -10,7 +10,7 @@ use super::rules::{Predicate, Rule, RuleKind, Walk, id_as_i64};
 use super::stream::IdStream;
 use crate::fence::Fence;
 use crate::ops::OpError;
-use crate::store::{BatchWriter, Db, DbTx, Schema};
+use crate::store::{BatchWriter, Db, DbTx, Engine, Schema};
 
 /// Where the walk of one rule stands: the next batch starts at (or after) this point.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -206,8 +206,10 @@ async fn select_along_index(
     } else {
         String::new()
     };
+    // The limit is a parameter, not text: the size changes nearly every batch, and a new text
+    // is a new prepared statement on the server and in the connection's cache.
     let sql = db.sql(format!(
-        "SELECT {id_expr}, {col} FROM {t} WHERE ({}){bound_sql} ORDER BY {col} LIMIT {limit}",
+        "SELECT {id_expr}, {col} FROM {t} WHERE ({}){bound_sql} ORDER BY {col} LIMIT ?",
         pred.sql
     ));
     let rows: Vec<(i64, NaiveDateTime)> = crate::on_pool!(db, p => {
@@ -218,7 +220,7 @@ async fn select_along_index(
         if let Some(v) = bound {
             q = q.bind(v);
         }
-        q.fetch_all(p).await?.iter()
+        q.bind(i64::from(limit)).fetch_all(p).await?.iter()
             .map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<NaiveDateTime, _>(1)?)))
             .collect::<Result<Vec<_>, sqlx::Error>>()?
     });
@@ -315,17 +317,27 @@ async fn delete_matching(
     let t = &schema.sessions.table;
     let id = format!("{t}.{}", schema.sessions.id);
     // Placeholders in text order: the batch's ids or bounds, then the rule's.
-    let (rows_sql, ids): (String, Vec<i64>) = match batch {
-        Batch::Ids(ids) => (
-            format!("{id} IN ({})", vec!["?"; ids.len()].join(", ")),
-            ids.clone(),
+    let (rows_sql, ids) = match batch {
+        Batch::Ids(ids) => id_list(tx.engine(), &id, ids),
+        Batch::Range { after, upto } => (
+            format!("{id} > ? AND {id} <= ?"),
+            IdBinds::Each(vec![*after, *upto]),
         ),
-        Batch::Range { after, upto } => (format!("{id} > ? AND {id} <= ?"), vec![*after, *upto]),
     };
     let sql = tx.sql(format!(
         "DELETE FROM {t} WHERE {rows_sql} AND ({})",
         pred.sql
     ));
+    if let (DbTx::Postgres(c), IdBinds::Array(ids)) = (&mut *tx, &ids) {
+        let mut q = sqlx::query(sql).bind(ids.as_slice());
+        for b in &pred.binds {
+            q = q.bind(*b);
+        }
+        return Ok(q.execute(&mut **c).await?.rows_affected());
+    }
+    let IdBinds::Each(ids) = ids else {
+        unreachable!("an id array is only built for PostgreSQL")
+    };
     crate::on_tx!(tx, c => {
         let mut q = sqlx::query(sql);
         for id in &ids {
@@ -336,6 +348,47 @@ async fn delete_matching(
         }
         Ok(q.execute(&mut *c).await?.rows_affected())
     })
+}
+
+/// How a batch's ids are bound.
+enum IdBinds {
+    /// One array parameter (PostgreSQL).
+    Array(Vec<i64>),
+    /// One parameter each.
+    Each(Vec<i64>),
+}
+
+/// The condition naming a batch's ids, and its binds. Batch sizes change nearly every batch,
+/// and each distinct statement text is prepared anew — parsed while the batch holds its locks
+/// (13 ms for 20,000 placeholders on PostgreSQL here) and kept in the connection's statement
+/// cache and the server's memory (~250 KB per 1,500-placeholder statement on PostgreSQL). So
+/// PostgreSQL gets one text for every size, `= ANY` of an array; engines without array
+/// parameters get one text per [`id_list_slots`] size, padded by repeating the last id, which
+/// `IN` ignores.
+fn id_list(engine: Engine, id: &str, ids: &[i64]) -> (String, IdBinds) {
+    if engine == Engine::Postgres {
+        return (format!("{id} = ANY(?)"), IdBinds::Array(ids.to_vec()));
+    }
+    let slots = id_list_slots(ids.len());
+    let mut binds = Vec::with_capacity(slots);
+    binds.extend_from_slice(ids);
+    if let Some(last) = ids.last() {
+        binds.resize(slots, *last);
+    }
+    let sql = format!("{id} IN ({})", vec!["?"; binds.len()].join(", "));
+    (sql, IdBinds::Each(binds))
+}
+
+/// Placeholders for a list of `n` ids where each needs its own: `n` rounded up to a multiple
+/// of an eighth of the next power of two — four sizes per doubling, at most 25 % padding —
+/// so a rule whose batch sizes wander within a factor of two uses four statements. Up to 8
+/// ids, exactly `n`.
+fn id_list_slots(n: usize) -> usize {
+    if n <= 8 {
+        return n;
+    }
+    let step = n.next_power_of_two() / 8;
+    n.div_ceil(step) * step
 }
 
 /// Counts the session rows matching `pred` (all rows when `None`).
@@ -717,5 +770,101 @@ mod tests {
             "settled just below the cliff: {}",
             s.size()
         );
+    }
+
+    #[test]
+    fn id_lists_pad_by_at_most_a_quarter_into_four_sizes_per_doubling() {
+        for n in 1..=usize::try_from(super::super::MAX_BATCH_SIZE_LIMIT).unwrap() {
+            let slots = id_list_slots(n);
+            assert!(slots >= n && slots * 4 <= n * 5, "{n} ids in {slots} slots");
+        }
+        let sizes: std::collections::BTreeSet<usize> = (1025..=2048).map(id_list_slots).collect();
+        assert_eq!(sizes.len(), 4, "{sizes:?}");
+        // SQLite's default cap on parameters, which every other engine exceeds; the rules bind
+        // a few more.
+        assert!(id_list_slots(super::super::MAX_BATCH_SIZE_LIMIT as usize) + 16 <= 32_766);
+    }
+
+    /// A rule's batch sizes change nearly every batch; its DELETE must not become a new
+    /// prepared statement with each one. Without the array (PostgreSQL) and the padded sizes
+    /// (the others), each of these 60 sizes adds a statement to the connection's cache.
+    #[tokio::test]
+    async fn a_batch_of_any_size_reuses_a_prepared_statement() {
+        use sqlx::Connection;
+
+        use crate::store::{BatchWriter, ConnectOptions, Pool, SchemaVersion, schema};
+        use crate::testing::{ENGINES, TestDb};
+
+        for engine in ENGINES {
+            let tdb = TestDb::new(engine).await;
+            schema::create(&tdb.db, SchemaVersion::V2)
+                .await
+                .expect("schema");
+            // One connection, so every batch goes through the cache counted below.
+            let opts = ConnectOptions {
+                max_connections: 1,
+                ..ConnectOptions::default()
+            };
+            let db = Db::connect(&tdb.url, &opts).await.expect("connect");
+            let schema = schema::detect(&db).await.expect("detect");
+            let fence = crate::fence::issue_token(&db, "target:test", "test")
+                .await
+                .expect("token");
+            let cutoffs =
+                super::super::rules::Cutoffs::new(chrono::Utc::now().naive_utc(), 48 * 3600, None);
+            let (rules, _) = super::super::rules::build(&schema, &cutoffs);
+            let mut writer = db.batch_writer().await.expect("writer");
+            let purge = async |writer: &mut BatchWriter, n: i64| {
+                let batch = Batch::Ids((1..=n).collect());
+                purge_batch(writer, &fence, &schema, &rules[0], &batch)
+                    .await
+                    .expect("batch");
+            };
+            // The first batch prepares the fence's statements too.
+            purge(&mut writer, 100).await;
+            let cached = async |writer: &mut BatchWriter| match (&mut *writer, db.pool()) {
+                (BatchWriter::Sqlite(c), _) => c.cached_statements_size(),
+                (_, Pool::Postgres(p)) => p.acquire().await.unwrap().cached_statements_size(),
+                (_, Pool::MySql(p)) => p.acquire().await.unwrap().cached_statements_size(),
+                (_, Pool::Sqlite(_)) => unreachable!("SQLite batches use their own connection"),
+            };
+            let before = cached(&mut writer).await;
+            for n in 101..=160 {
+                purge(&mut writer, n).await;
+            }
+            let added = cached(&mut writer).await - before;
+            // 101..=128 and 129..=160 fall into 4 + 2 padded sizes; one is 100's own.
+            let allowed = if engine == Engine::Postgres { 0 } else { 6 };
+            assert!(
+                added <= allowed,
+                "{engine}: {added} statements for 60 batch sizes"
+            );
+            drop(writer);
+
+            // The same for the reads that find a batch along a time index.
+            let pooled = async || match db.pool() {
+                Pool::Sqlite(p) => p.acquire().await.unwrap().cached_statements_size(),
+                Pool::Postgres(p) => p.acquire().await.unwrap().cached_statements_size(),
+                Pool::MySql(p) => p.acquire().await.unwrap().cached_statements_size(),
+            };
+            let pred = &rules[0].predicate;
+            let Walk::Column(col) = &rules[0].walk else {
+                panic!("the expired rule walks its time index")
+            };
+            let find = async |limit| {
+                select_along_index(&db, &schema, pred, col, Cursor::Start, limit)
+                    .await
+                    .expect("read");
+            };
+            find(100).await;
+            let before = pooled().await;
+            for limit in 101..=160 {
+                find(limit).await;
+            }
+            let added = pooled().await - before;
+            assert_eq!(added, 0, "{engine}: {added} statements for 60 read sizes");
+            db.close().await;
+            tdb.drop_db().await;
+        }
     }
 }

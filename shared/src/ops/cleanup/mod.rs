@@ -46,8 +46,9 @@ use crate::store::{Db, Schema, schema};
 pub const DEFAULT_BATCH_SIZE: u32 = 100;
 /// Default upper bound of the adaptive batch size.
 pub const DEFAULT_MAX_BATCH_SIZE: u32 = 20_000;
-/// Highest accepted `max_batch_size`: one DELETE binds every id, and engines cap the number of
-/// placeholders per statement (65,535 on PostgreSQL and MySQL).
+/// Highest accepted `max_batch_size`: on MySQL and SQLite one DELETE binds every id (padded by
+/// up to a quarter), and engines cap the placeholders per statement (65,535 on MySQL, 32,766
+/// on SQLite); PostgreSQL binds the ids as one array.
 pub const MAX_BATCH_SIZE_LIMIT: u32 = 20_000;
 /// Smallest batch the controller shrinks to.
 pub const MIN_BATCH_SIZE: u32 = 10;
