@@ -917,3 +917,54 @@ async fn sqlite_batches_keep_the_wal_about_one_batch_long() {
     );
     tdb.drop_db().await;
 }
+
+/// Beside a reader that keeps SQLite from starting the WAL over, a purge grows the WAL file
+/// past `SQLITE_WAL_SIZE_LIMIT`, and SQLite keeps a WAL file at the longest it ever was. The
+/// run does not wait for the reader; once it is gone, the next run (nothing left to delete)
+/// cuts the file back. Fails if no write of ours starts the WAL over with the size limit on.
+#[tokio::test]
+async fn a_sqlite_wal_grown_beside_a_reader_is_cut_back_by_the_next_run() {
+    use sessionfleet::store::SQLITE_WAL_SIZE_LIMIT;
+    use sqlx::Connection;
+
+    let tdb = TestDb::new(Engine::Sqlite).await;
+    let seed = SeedParams {
+        sessions: 8_000,
+        users: 400,
+        seed: 42,
+        schema: SchemaVersion::V2,
+        now: t0(),
+        reset: false,
+    };
+    seed_demo(&tdb.db, &seed).await.expect("seed");
+    let path = tdb.url.trim_start_matches("sqlite://").to_string();
+    let wal_bytes = || std::fs::metadata(format!("{path}-wal")).map_or(0, |m| m.len());
+
+    let mut reader = sqlx::SqliteConnection::connect(&tdb.url)
+        .await
+        .expect("reader");
+    let mut read = reader.begin().await.expect("read transaction");
+    let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM user_sessions")
+        .fetch_one(&mut *read)
+        .await
+        .expect("read");
+    let context = ctx(&tdb.db).await;
+    let first = cleanup::run(&context, &params()).await.expect("cleanup");
+    assert!(first.total_cleaned() > 0, "{first:?}");
+    let grown = wal_bytes();
+    assert!(
+        grown > SQLITE_WAL_SIZE_LIMIT,
+        "the reader kept the WAL from starting over: {grown} bytes"
+    );
+
+    read.rollback().await.expect("end the read");
+    reader.close().await.expect("close the reader");
+    let second = cleanup::run(&context, &params()).await.expect("cleanup");
+    assert_eq!(second.total_cleaned(), 0, "{second:?}");
+    let after = wal_bytes();
+    assert!(
+        after <= SQLITE_WAL_SIZE_LIMIT,
+        "WAL file {after} bytes after the second run, {grown} after the first"
+    );
+    tdb.drop_db().await;
+}

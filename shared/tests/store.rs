@@ -427,7 +427,7 @@ async fn a_write_transaction_leaves_the_rows_its_delete_skips_unlocked_on_mysql(
 /// closes that connection when dropped: every connection the pool hands out afterwards still
 /// checkpoints by itself. Fails if the writer's connection went back to the pool as it was.
 #[tokio::test]
-async fn the_sqlite_batch_writer_keeps_its_setting_out_of_the_pool() {
+async fn the_sqlite_batch_writer_keeps_its_settings_out_of_the_pool() {
     let t = TestDb::new(Engine::Sqlite).await;
     let autocheckpoint = "PRAGMA wal_autocheckpoint";
     let mut writer = t.db.batch_writer().await.unwrap();
@@ -440,6 +440,15 @@ async fn the_sqlite_batch_writer_keeps_its_setting_out_of_the_pool() {
         .await
         .unwrap();
     assert_eq!(inside, 0, "the writer's commits leave the WAL alone");
+    let limit: i64 = sqlx::query_scalar("PRAGMA journal_size_limit")
+        .fetch_one(&mut **c)
+        .await
+        .unwrap();
+    assert_eq!(
+        u64::try_from(limit).ok(),
+        Some(sessionfleet::store::SQLITE_WAL_SIZE_LIMIT),
+        "the writer cuts the WAL file back when it starts the WAL over"
+    );
     tx.commit().await.unwrap();
     let checkpoint = writer.checkpoint().await.unwrap();
     assert_eq!(checkpoint.left, 0, "no reader kept a frame from the copy");
@@ -451,6 +460,11 @@ async fn the_sqlite_batch_writer_keeps_its_setting_out_of_the_pool() {
             .await
             .unwrap();
         assert_eq!(pages, 1000, "a pooled connection checkpoints by itself");
+        let limit: i64 = sqlx::query_scalar("PRAGMA journal_size_limit")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(limit, -1, "a pooled connection keeps SQLite's default");
     }
     t.drop_db().await;
 }

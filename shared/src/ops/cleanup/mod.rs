@@ -24,6 +24,7 @@ mod batch;
 mod report;
 pub mod rules;
 mod stream;
+mod wal;
 
 use std::time::{Duration, Instant};
 
@@ -40,7 +41,7 @@ use rules::{Cutoffs, Predicate};
 use stream::IdStream;
 
 use super::{OpContext, OpError, Outcome};
-use crate::store::{Db, Schema, schema};
+use crate::store::{Db, SQLITE_WAL_SIZE_LIMIT, Schema, schema};
 
 /// Default starting batch size (`SESSION_CLEANUP_BATCH_SIZE`).
 pub const DEFAULT_BATCH_SIZE: u32 = 100;
@@ -291,8 +292,36 @@ async fn purge(
     }
     if report.outcome != Outcome::Cancelled {
         refresh_statistics_after(db, fence, schema, table_rows, early_refresh, report).await?;
+        cut_back_wal(db, fence, report).await?;
     } else if let Some(early) = early_refresh {
         early.finish(report).await?;
+    }
+    Ok(())
+}
+
+/// [`wal::cut_back`], logged; a failure is noted in `report`, only a fenced-out error is
+/// returned.
+async fn cut_back_wal(
+    db: &Db,
+    fence: &crate::fence::Fence,
+    report: &mut CleanupReport,
+) -> Result<(), OpError> {
+    const MIB: f64 = 1_048_576.0;
+    match wal::cut_back(db, fence).await {
+        Ok(None) => {}
+        Ok(Some(w)) if w.after <= SQLITE_WAL_SIZE_LIMIT => tracing::info!(
+            before_mib = w.before as f64 / MIB,
+            after_mib = w.after as f64 / MIB,
+            "SQLite WAL file cut back"
+        ),
+        Ok(Some(w)) => tracing::info!(
+            mib = w.after as f64 / MIB,
+            "SQLite WAL file left long: readers kept the WAL in use; the next run tries again"
+        ),
+        Err(e) if e.is_fenced_out() => return Err(e),
+        Err(e) => report
+            .errors
+            .push(format!("cutting the SQLite WAL file back failed: {e}")),
     }
     Ok(())
 }
