@@ -919,12 +919,13 @@ async fn sqlite_batches_keep_the_wal_about_one_batch_long() {
 }
 
 /// Beside a reader that keeps SQLite from starting the WAL over, a purge grows the WAL file
-/// past `SQLITE_WAL_SIZE_LIMIT`, and SQLite keeps a WAL file at the longest it ever was. The
+/// past `SQLITE_WAL_FILE_TARGET`, and SQLite keeps a WAL file at the longest it ever was. The
 /// run does not wait for the reader; once it is gone, the next run (nothing left to delete)
-/// cuts the file back. Fails if no write of ours starts the WAL over with the size limit on.
+/// cuts the file back, more than one step's worth. Fails if no write of ours starts the WAL
+/// over with a size limit on.
 #[tokio::test]
 async fn a_sqlite_wal_grown_beside_a_reader_is_cut_back_by_the_next_run() {
-    use sessionfleet::store::SQLITE_WAL_SIZE_LIMIT;
+    use sessionfleet::ops::cleanup::{SQLITE_WAL_CUT_STEP, SQLITE_WAL_FILE_TARGET};
     use sqlx::Connection;
 
     let tdb = TestDb::new(Engine::Sqlite).await;
@@ -953,7 +954,7 @@ async fn a_sqlite_wal_grown_beside_a_reader_is_cut_back_by_the_next_run() {
     assert!(first.total_cleaned() > 0, "{first:?}");
     let grown = wal_bytes();
     assert!(
-        grown > SQLITE_WAL_SIZE_LIMIT,
+        grown > SQLITE_WAL_FILE_TARGET + SQLITE_WAL_CUT_STEP,
         "the reader kept the WAL from starting over: {grown} bytes"
     );
 
@@ -963,7 +964,7 @@ async fn a_sqlite_wal_grown_beside_a_reader_is_cut_back_by_the_next_run() {
     assert_eq!(second.total_cleaned(), 0, "{second:?}");
     let after = wal_bytes();
     assert!(
-        after <= SQLITE_WAL_SIZE_LIMIT,
+        after <= SQLITE_WAL_FILE_TARGET,
         "WAL file {after} bytes after the second run, {grown} after the first"
     );
     tdb.drop_db().await;

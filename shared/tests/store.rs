@@ -423,9 +423,10 @@ async fn a_write_transaction_leaves_the_rows_its_delete_skips_unlocked_on_mysql(
     t.drop_db().await;
 }
 
-/// The SQLite batch writer turns automatic checkpoints off on its own connection only, and
-/// closes that connection when dropped: every connection the pool hands out afterwards still
-/// checkpoints by itself. Fails if the writer's connection went back to the pool as it was.
+/// The SQLite batch writer turns automatic checkpoints off (and sets a WAL file limit, when
+/// asked) on its own connection only, and closes that connection when dropped: every
+/// connection the pool hands out afterwards still checkpoints by itself and has no limit.
+/// Fails if the writer's connection went back to the pool as it was.
 #[tokio::test]
 async fn the_sqlite_batch_writer_keeps_its_settings_out_of_the_pool() {
     let t = TestDb::new(Engine::Sqlite).await;
@@ -440,16 +441,16 @@ async fn the_sqlite_batch_writer_keeps_its_settings_out_of_the_pool() {
         .await
         .unwrap();
     assert_eq!(inside, 0, "the writer's commits leave the WAL alone");
+    tx.commit().await.unwrap();
+    writer.limit_wal_file(1 << 20).await.unwrap();
+    let sessionfleet::store::BatchWriter::Sqlite(c) = &mut writer else {
+        unreachable!("a SQLite batch writer has its own connection")
+    };
     let limit: i64 = sqlx::query_scalar("PRAGMA journal_size_limit")
         .fetch_one(&mut **c)
         .await
         .unwrap();
-    assert_eq!(
-        u64::try_from(limit).ok(),
-        Some(sessionfleet::store::SQLITE_WAL_SIZE_LIMIT),
-        "the writer cuts the WAL file back when it starts the WAL over"
-    );
-    tx.commit().await.unwrap();
+    assert_eq!(limit, 1 << 20, "the writer's WAL file limit is set");
     let checkpoint = writer.checkpoint().await.unwrap();
     assert_eq!(checkpoint.left, 0, "no reader kept a frame from the copy");
     drop(writer);

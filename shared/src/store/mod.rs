@@ -17,7 +17,7 @@ mod writer;
 pub use connect::{ConnectOptions, Db, DbInfo, DbTx, Engine, Pool, dialect_sql};
 pub use schema::{Schema, SchemaVersion, SessionProfile};
 pub use sql::{placeholders, sqlite_datetime};
-pub use writer::{BatchWriter, Checkpoint, SQLITE_WAL_SIZE_LIMIT};
+pub use writer::{BatchWriter, Checkpoint};
 
 /// Errors raised while reaching or inspecting a database.
 #[derive(Debug, thiserror::Error)]

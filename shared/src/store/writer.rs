@@ -1,6 +1,5 @@
 //! Where a long series of short write transactions commits: on SQLite, one connection that
-//! checkpoints the WAL between transactions instead of inside their COMMIT, and cuts the WAL
-//! file back to [`SQLITE_WAL_SIZE_LIMIT`] whenever one of them starts the WAL over.
+//! checkpoints the WAL between transactions instead of inside their COMMIT.
 
 use std::time::{Duration, Instant};
 
@@ -21,17 +20,11 @@ use super::connect::{Db, DbTx, Pool, SQLITE_BEGIN_WRITE};
 pub enum BatchWriter {
     /// PostgreSQL, MySQL/MariaDB: each transaction takes any pooled connection.
     Pooled(Db),
-    /// SQLite: one connection for the whole series, with automatic checkpoints off and the
-    /// WAL size limit on. It is closed when dropped, so the settings never reach the pool.
+    /// SQLite: one connection for the whole series, with automatic checkpoints off (and the
+    /// WAL file's size limit, once set). It is closed when dropped, so the settings never
+    /// reach the pool.
     Sqlite(PoolConnection<Sqlite>),
 }
-
-/// Length a SQLite WAL file is cut back to when a batch writer's transaction starts the WAL
-/// over (`journal_size_limit`). Without a limit SQLite keeps the file at the longest it ever
-/// grew — 0.6–1.3 GB after purging a 1,000,000-session table beside a busy application, whose
-/// readers keep the WAL from starting over until the purge ends. Four times what SQLite's own
-/// checkpoint threshold (1,000 pages) lets it reach in normal use with 4 KiB pages.
-pub const SQLITE_WAL_SIZE_LIMIT: u64 = 16 * 1024 * 1024;
 
 /// What [`BatchWriter::checkpoint`] did.
 #[derive(Debug, Clone, Copy, Default)]
@@ -52,11 +45,9 @@ impl Db {
             Pool::Sqlite(p) => {
                 let mut conn = p.acquire().await?;
                 conn.close_on_drop();
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {SQLITE_WAL_SIZE_LIMIT}"
-                )))
-                .execute(&mut *conn)
-                .await?;
+                sqlx::query("PRAGMA wal_autocheckpoint = 0")
+                    .execute(&mut *conn)
+                    .await?;
                 BatchWriter::Sqlite(conn)
             }
             Pool::Postgres(_) | Pool::MySql(_) => BatchWriter::Pooled(self.clone()),
@@ -92,6 +83,21 @@ impl BatchWriter {
         Ok(Some(
             std::fs::metadata(format!("{file}-wal")).map_or(0, |m| m.len()),
         ))
+    }
+
+    /// On SQLite, makes this connection's next transaction that starts the WAL over cut the
+    /// WAL file to `bytes` when it commits (`journal_size_limit`; SQLite otherwise keeps the
+    /// file at its longest). The cut happens inside that COMMIT, under the write lock, and
+    /// costs about as much as the length cut. Nothing elsewhere.
+    pub async fn limit_wal_file(&mut self, bytes: u64) -> Result<(), sqlx::Error> {
+        if let BatchWriter::Sqlite(conn) = self {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "PRAGMA journal_size_limit = {bytes}"
+            )))
+            .execute(&mut **conn)
+            .await?;
+        }
+        Ok(())
     }
 
     /// On SQLite, copies what the WAL holds back into the database file without waiting for

@@ -35,13 +35,14 @@ pub use analyze::{ANALYZE_AFTER_SHARE_PCT, SQLITE_ANALYSIS_LIMIT};
 pub use batch::BatchSizer;
 pub use report::{CleanupReport, CleanupStats, RuleCounts};
 pub use rules::RuleKind;
+pub use wal::{SQLITE_WAL_CUT_STEP, SQLITE_WAL_FILE_TARGET};
 
 use batch::{Batch, Cursor, Source, count, count_in_background, count_up_to, purge_batch};
 use rules::{Cutoffs, Predicate};
 use stream::IdStream;
 
 use super::{OpContext, OpError, Outcome};
-use crate::store::{Db, SQLITE_WAL_SIZE_LIMIT, Schema, schema};
+use crate::store::{Db, Schema, schema};
 
 /// Default starting batch size (`SESSION_CLEANUP_BATCH_SIZE`).
 pub const DEFAULT_BATCH_SIZE: u32 = 100;
@@ -309,7 +310,7 @@ async fn cut_back_wal(
     const MIB: f64 = 1_048_576.0;
     match wal::cut_back(db, fence).await {
         Ok(None) => {}
-        Ok(Some(w)) if w.after <= SQLITE_WAL_SIZE_LIMIT => tracing::info!(
+        Ok(Some(w)) if w.after <= wal::SQLITE_WAL_FILE_TARGET => tracing::info!(
             before_mib = w.before as f64 / MIB,
             after_mib = w.after as f64 / MIB,
             "SQLite WAL file cut back"
