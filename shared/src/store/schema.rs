@@ -6,7 +6,7 @@
 //! Two profiles exist today, both Vedfolnir's (`reference/vedfolnir-behaviour.md` §1):
 //! v1 (`user_sessions` with `updated_at` only) and v2 (adds `expires_at`, `is_active`,
 //! `last_activity`, `session_fingerprint`). [`detect`] tells which one a database has;
-//! [`create_v2`] lays the v2 schema out on a new database with the reference's names.
+//! [`create`] lays either schema out on a new database with the reference's names.
 
 use std::collections::BTreeSet;
 

@@ -10,7 +10,7 @@
 //! Submodules, one job each: [`thresholds`] (the five alert lines and their file),
 //! `probe` (timed queries and per-engine SQL fragments), `health` (the report's queries),
 //! [`security`] (findings and score), `rules` (status, alerts, recommendations),
-//! [`trends`], `text` (people's output) and [`html`] (export).
+//! [`trends`](mod@trends), `text` (people's output) and [`html`] (export).
 
 use std::collections::BTreeMap;
 

@@ -36,7 +36,7 @@ pub async fn trends(
     .await
 }
 
-/// [`trends`] with an explicit "now" and v1 max age (seconds).
+/// [`trends()`] with an explicit "now" and v1 max age (seconds).
 pub async fn trends_at(
     db: &Db,
     days: u32,
