@@ -44,6 +44,13 @@ struct Args {
     /// scheduled start in ms relative to the cleanup's start, and its latency in ms.
     #[arg(long, value_name = "DIR")]
     app_trace: Option<std::path::PathBuf>,
+    /// MariaDB: after the cleanup, keep the application running until InnoDB has purged the
+    /// rows the side deleted (at most `PURGE_WAIT_LIMIT`), and report that time, the I/O to
+    /// then and the application's latency over it. A
+    /// committed DELETE only marks its rows; the purge that removes them from the table and
+    /// its indexes comes after, and the plain side's would otherwise never be seen.
+    #[arg(long)]
+    until_purged: bool,
     /// Internal: run one side (`ours` or `plain`) against `--url` and print JSON.
     #[arg(long)]
     side: Option<String>,
@@ -122,6 +129,7 @@ async fn parent(args: &Args) -> Result<()> {
             ])
             .args(["--target-batch-ms", &args.target_batch_ms.to_string()])
             .args(["--as-of", &now.format("%Y-%m-%dT%H:%M:%S").to_string()])
+            .args(args.until_purged.then_some("--until-purged"))
             .args(
                 args.app_trace
                     .iter()
@@ -160,6 +168,20 @@ async fn parent(args: &Args) -> Result<()> {
             v["during"]["max"].as_f64().unwrap_or(0.0),
             v["app_errors"],
             io_text(&v["engine_io"]),
+        );
+    }
+    for v in results.iter().filter(|v| !v["until_purged"].is_null()) {
+        let p = &v["until_purged"];
+        println!();
+        println!(
+            "{}: purged {:.2} s after the start; app after the cleanup until then p50 {:.2} / p99 {:.2} / max {:.1} ms ({} ops); engine I/O to then: {}",
+            v["side"].as_str().unwrap_or("?"),
+            p["seconds"].as_f64().unwrap_or(0.0),
+            p["app_after_cleanup"]["p50"].as_f64().unwrap_or(0.0),
+            p["app_after_cleanup"]["p99"].as_f64().unwrap_or(0.0),
+            p["app_after_cleanup"]["max"].as_f64().unwrap_or(0.0),
+            p["app_after_cleanup"]["n"],
+            io_text(&p["engine_io"]),
         );
     }
     Ok(())
@@ -330,6 +352,61 @@ async fn wait_for_no_dirty_pages(db: &Db, limit: Duration) -> Result<bool> {
     Ok(true)
 }
 
+/// Longest wait for InnoDB's purge after a side's cleanup (`--until-purged`).
+const PURGE_WAIT_LIMIT: Duration = Duration::from_secs(900);
+/// InnoDB's count of deleted rows its purge has removed: the history list length would not
+/// do, it counts transactions, and the plain side's is one.
+const PURGED_ROWS_METRIC: &str = "purge_del_mark_records";
+
+/// InnoDB's count of purged deleted rows, turning its monitor on if it is off (and saying
+/// so, to be turned off again by [`stop_counting_purged_rows`]); `None` on other engines.
+async fn purged_rows(db: &Db) -> Result<Option<(i64, bool)>> {
+    if db.engine() != Engine::MySql {
+        return Ok(None);
+    }
+    let sql = db.sql(format!(
+        "SELECT CAST(`COUNT` AS SIGNED), CAST(ENABLED AS SIGNED) FROM information_schema.INNODB_METRICS \
+         WHERE NAME = '{PURGED_ROWS_METRIC}'"
+    ));
+    let (count, enabled): (i64, i64) =
+        sessionfleet::on_pool!(db, p => sqlx::query_as(sql).fetch_one(p).await?);
+    if enabled == 0 {
+        db.execute(&format!(
+            "SET GLOBAL innodb_monitor_enable = '{PURGED_ROWS_METRIC}'"
+        ))
+        .await?;
+    }
+    Ok(Some((count, enabled == 0)))
+}
+
+/// Turns the purged-rows monitor off again when this side turned it on.
+async fn stop_counting_purged_rows(db: &Db, turned_on: bool) -> Result<()> {
+    if turned_on {
+        db.execute(&format!(
+            "SET GLOBAL innodb_monitor_disable = '{PURGED_ROWS_METRIC}'"
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Waits until InnoDB has purged `deleted` rows more than `before` (or [`PURGE_WAIT_LIMIT`]
+/// has passed, with a warning) and returns when.
+async fn wait_for_purge(db: &Db, before: i64, deleted: u64) -> Result<Instant> {
+    let started = Instant::now();
+    loop {
+        let purged = purged_rows(db).await?.map_or(0, |(n, _)| n) - before;
+        if purged >= deleted as i64 {
+            return Ok(Instant::now());
+        }
+        if started.elapsed() >= PURGE_WAIT_LIMIT {
+            eprintln!("warning: InnoDB purged {purged} of {deleted} deleted rows; stopped waiting");
+            return Ok(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// One line per application operation: scheduled start relative to the cleanup's start (ms,
 /// negative while idle) and latency (ms), to line up with the cleanup's debug log.
 fn write_app_trace(path: &std::path::Path, lat: &[(Instant, f64)], start: Instant) -> Result<()> {
@@ -398,6 +475,11 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     let app = start_app(app_db, live, args.app_rate);
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let io_before = engine_io(&db).await?;
+    let purged_before = if args.until_purged {
+        purged_rows(&db).await?
+    } else {
+        None
+    };
     let cleanup_start = Instant::now();
     // The wall clock of the start, to line the app trace up with the debug log's timestamps.
     eprintln!(
@@ -438,6 +520,14 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     let cleanup_end = Instant::now();
     let io = io_delta(&io_before, &engine_io(&db).await?);
     let seconds = (cleanup_end - cleanup_start).as_secs_f64();
+    let purge_end = match purged_before {
+        Some((before, turned_on)) => {
+            let end = wait_for_purge(&db, before, deleted).await;
+            stop_counting_purged_rows(&db, turned_on).await?;
+            Some(end?)
+        }
+        None => None,
+    };
     // Let in-flight operations scheduled during the cleanup finish.
     tokio::time::sleep(Duration::from_millis(500)).await;
     app.stop.cancel();
@@ -452,6 +542,20 @@ async fn child(args: &Args, side: &str) -> Result<()> {
         .filter(|(at, _)| *at >= cleanup_start && *at < cleanup_end)
         .map(|(_, ms)| *ms)
         .collect();
+    let purge_tail: Option<Vec<f64>> = purge_end.map(|end| {
+        lat.iter()
+            .filter(|(at, _)| *at >= cleanup_end && *at < end)
+            .map(|(_, ms)| *ms)
+            .collect()
+    });
+    let purge = match purge_end {
+        Some(end) => json!({
+            "seconds": (end - cleanup_start).as_secs_f64(),
+            "engine_io": io_delta(&io_before, &engine_io(&db).await?),
+            "app_after_cleanup": summary(purge_tail.unwrap_or_default()),
+        }),
+        None => serde_json::Value::Null,
+    };
     if let Some(dir) = &args.app_trace {
         write_app_trace(&dir.join(format!("{side}-app.csv")), &lat, cleanup_start)?;
     }
@@ -469,6 +573,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
         "during": summary(during),
         "app_errors": app_errors,
         "engine_io": io,
+        "until_purged": purge,
     });
     println!("{out}");
     Ok(())
