@@ -31,7 +31,8 @@ struct Args {
     /// Application operations per second (each: read one live session, update its activity).
     #[arg(long, default_value_t = 200)]
     app_rate: u32,
-    /// Seconds of application load measured before the cleanup starts.
+    /// Seconds of application load measured before the cleanup starts (after a warm-up second
+    /// that is not measured).
     #[arg(long, default_value_t = 5)]
     idle_secs: u64,
     /// Cleanup target transaction duration, ms.
@@ -198,6 +199,10 @@ fn io_text(io: &serde_json::Value) -> String {
         _ => "—".to_string(),
     }
 }
+
+/// Time the application loop runs before its idle window starts: its first operations wait
+/// for new connections, which no later operation does.
+const APP_WARM_UP: Duration = Duration::from_secs(1);
 
 /// The application's load: at a fixed rate, read one live session and touch its activity.
 /// Each operation is its own task, timed from its scheduled start, so a stalled database shows
@@ -473,6 +478,10 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     };
     let total_before = db.scalar_i64("SELECT COUNT(*) FROM user_sessions").await?;
     let app = start_app(app_db, live, args.app_rate);
+    // The first operations open the application's connections (~100 ms each on PostgreSQL
+    // here): they would set the idle window's p99, so they are left out of both windows.
+    tokio::time::sleep(APP_WARM_UP).await;
+    let idle_start = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let io_before = engine_io(&db).await?;
     let purged_before = if args.until_purged {
@@ -534,7 +543,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     let (lat, app_errors) = app.handle.await?;
     let idle: Vec<f64> = lat
         .iter()
-        .filter(|(at, _)| *at < cleanup_start)
+        .filter(|(at, _)| *at >= idle_start && *at < cleanup_start)
         .map(|(_, ms)| *ms)
         .collect();
     let during: Vec<f64> = lat
