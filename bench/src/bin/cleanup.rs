@@ -45,11 +45,16 @@ struct Args {
     /// scheduled start in ms relative to the cleanup's start, and its latency in ms.
     #[arg(long, value_name = "DIR")]
     app_trace: Option<std::path::PathBuf>,
+    /// Runs of every side (each on freshly seeded data). Above 1, a pooled table follows the
+    /// runs: the application's percentiles over every run's operations together, since one
+    /// run's cleanup window holds only a few hundred of them on a fast engine.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// MariaDB: after the cleanup, keep the application running until InnoDB has purged the
     /// rows the side deleted (at most `PURGE_WAIT_LIMIT`), and report that time, the I/O to
-    /// then and the application's latency over it. A
-    /// committed DELETE only marks its rows; the purge that removes them from the table and
-    /// its indexes comes after, and the plain side's would otherwise never be seen.
+    /// then and the application's latency over it. A committed DELETE only marks its rows;
+    /// the purge that removes them from the table and its indexes comes after, and the plain
+    /// side's would otherwise never be seen.
     #[arg(long)]
     until_purged: bool,
     /// Internal: run one side (`ours` or `plain`) against `--url` and print JSON.
@@ -94,7 +99,9 @@ async fn parent(args: &Args) -> Result<()> {
     let now =
         now - chrono::Duration::nanoseconds(i64::from(now.and_utc().timestamp_subsec_nanos()));
     let mut results = Vec::new();
-    for side in args.sides.iter().map(String::as_str) {
+    let runs =
+        (1..=args.repeat).flat_map(|run| args.sides.iter().map(move |side| (run, side.as_str())));
+    for (run, side) in runs {
         let tdb = TestDb::new(engine).await;
         let seed = SeedParams {
             sessions: args.sessions,
@@ -131,30 +138,35 @@ async fn parent(args: &Args) -> Result<()> {
             .args(["--target-batch-ms", &args.target_batch_ms.to_string()])
             .args(["--as-of", &now.format("%Y-%m-%dT%H:%M:%S").to_string()])
             .args(args.until_purged.then_some("--until-purged"))
-            .args(
-                args.app_trace
-                    .iter()
-                    .flat_map(|d| [std::ffi::OsStr::new("--app-trace"), d.as_os_str()]),
-            )
+            .args(trace_dir(args, run)?.iter().flat_map(|d| {
+                [
+                    std::ffi::OsString::from("--app-trace"),
+                    d.clone().into_os_string(),
+                ]
+            }))
             .output()?;
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
         if !out.status.success() {
             bail!("{side} side failed");
         }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("child output")?;
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("child output")?;
+        v["run"] = json!(run);
         results.push(v);
         tdb.drop_db().await;
     }
+    let pooled = pool_runs(&mut results);
     println!("{}", serde_json::to_string_pretty(&results)?);
     println!();
     println!(
-        "| side | rows deleted | seconds | rows/s | longest tx ms | batches | peak RSS MiB | app p50 idle/during ms | app p99 idle/during ms | app max idle/during ms | app errors | engine I/O during |"
+        "| side (run) | rows deleted | seconds | rows/s | longest tx ms | batches | peak RSS MiB | app p50 idle/during ms | app p99 idle/during ms | app max idle/during ms | app errors | engine I/O during |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for v in &results {
         println!(
-            "| {} | {} | {:.2} | {:.0} | {:.1} | {} | {:.1} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} | {} | {} |",
+            "| {} ({}) | {} | {:.2} | {:.0} | {:.1} | {} | {:.1} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} | {} | {} |",
             v["side"].as_str().unwrap_or("?"),
+            v["run"],
             v["deleted"],
             v["seconds"].as_f64().unwrap_or(0.0),
             v["rows_per_second"].as_f64().unwrap_or(0.0),
@@ -171,12 +183,17 @@ async fn parent(args: &Args) -> Result<()> {
             io_text(&v["engine_io"]),
         );
     }
+    print_rate_ratios(&results);
+    if args.repeat > 1 {
+        print_pooled(&pooled);
+    }
     for v in results.iter().filter(|v| !v["until_purged"].is_null()) {
         let p = &v["until_purged"];
         println!();
         println!(
-            "{}: purged {:.2} s after the start; app after the cleanup until then p50 {:.2} / p99 {:.2} / max {:.1} ms ({} ops); engine I/O to then: {}",
+            "{} ({}): purged {:.2} s after the start; app after the cleanup until then p50 {:.2} / p99 {:.2} / max {:.1} ms ({} ops); engine I/O to then: {}",
             v["side"].as_str().unwrap_or("?"),
+            v["run"],
             p["seconds"].as_f64().unwrap_or(0.0),
             p["app_after_cleanup"]["p50"].as_f64().unwrap_or(0.0),
             p["app_after_cleanup"]["p99"].as_f64().unwrap_or(0.0),
@@ -186,6 +203,130 @@ async fn parent(args: &Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where run `run` writes its application trace: `DIR` itself for a single run, `DIR/run<N>`
+/// when repeating (created here).
+fn trace_dir(args: &Args, run: u32) -> Result<Option<std::path::PathBuf>> {
+    let Some(dir) = &args.app_trace else {
+        return Ok(None);
+    };
+    if args.repeat == 1 {
+        return Ok(Some(dir.clone()));
+    }
+    let dir = dir.join(format!("run{run}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(Some(dir))
+}
+
+/// One side over every run: the range of its cleanup times, its longest transaction, and
+/// every run's application latencies together.
+struct Pooled {
+    side: String,
+    runs: usize,
+    seconds: (f64, f64),
+    longest_tx_ms: f64,
+    idle: Vec<f64>,
+    during: Vec<f64>,
+    app_errors: u64,
+}
+
+/// Gathers each side's runs, taking the raw latencies out of `results` (too long to print).
+fn pool_runs(results: &mut [serde_json::Value]) -> Vec<Pooled> {
+    let mut pooled: Vec<Pooled> = Vec::new();
+    for v in results.iter_mut() {
+        let side = v["side"].as_str().unwrap_or("?").to_string();
+        let at = match pooled.iter().position(|p| p.side == side) {
+            Some(i) => i,
+            None => {
+                pooled.push(Pooled {
+                    side,
+                    runs: 0,
+                    seconds: (f64::MAX, 0.0),
+                    longest_tx_ms: 0.0,
+                    idle: Vec::new(),
+                    during: Vec::new(),
+                    app_errors: 0,
+                });
+                pooled.len() - 1
+            }
+        };
+        let p = &mut pooled[at];
+        let secs = v["seconds"].as_f64().unwrap_or(0.0);
+        p.runs += 1;
+        p.seconds = (p.seconds.0.min(secs), p.seconds.1.max(secs));
+        p.longest_tx_ms = p
+            .longest_tx_ms
+            .max(v["longest_tx_ms"].as_f64().unwrap_or(0.0));
+        p.app_errors += v["app_errors"].as_u64().unwrap_or(0);
+        if let Some(obj) = v.as_object_mut() {
+            p.idle.extend(take_latencies(obj.remove("idle_ms")));
+            p.during.extend(take_latencies(obj.remove("during_ms")));
+        }
+    }
+    pooled
+}
+
+fn take_latencies(v: Option<serde_json::Value>) -> Vec<f64> {
+    match v {
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_f64()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Our rows per second over the plain DELETE's, run by run (point 8's first target).
+fn print_rate_ratios(results: &[serde_json::Value]) {
+    let rate = |run: &serde_json::Value, side: &str| {
+        results
+            .iter()
+            .find(|v| v["run"] == *run && v["side"] == side)
+            .and_then(|v| v["rows_per_second"].as_f64())
+    };
+    let mut ratios = Vec::new();
+    let mut seen = Vec::new();
+    for run in results.iter().map(|v| &v["run"]) {
+        if seen.contains(&run) {
+            continue;
+        }
+        seen.push(run);
+        if let (Some(ours), Some(plain)) = (rate(run, "ours"), rate(run, "plain")) {
+            ratios.push(format!("{:.2}×", ours / plain));
+        }
+    }
+    if !ratios.is_empty() {
+        println!();
+        println!("ours ÷ plain rows/s, by run: {}", ratios.join(", "));
+    }
+}
+
+fn print_pooled(pooled: &[Pooled]) {
+    println!();
+    println!(
+        "| side | runs | seconds | longest tx ms | pooled app ops idle / during | app p50 idle/during ms | app p99 idle/during ms | p99 during ÷ idle | app max idle/during ms | app errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for p in pooled {
+        let (idle, during) = (summary(p.idle.clone()), summary(p.during.clone()));
+        let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+        println!(
+            "| {} | {} | {:.2}–{:.2} | {:.1} | {} / {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2}× | {:.1} / {:.1} | {} |",
+            p.side,
+            p.runs,
+            p.seconds.0,
+            p.seconds.1,
+            p.longest_tx_ms,
+            idle["n"],
+            during["n"],
+            f(&idle, "p50"),
+            f(&during, "p50"),
+            f(&idle, "p99"),
+            f(&during, "p99"),
+            f(&during, "p99") / f(&idle, "p99"),
+            f(&idle, "max"),
+            f(&during, "max"),
+            p.app_errors,
+        );
+    }
 }
 
 /// `name value, …` of a side's engine I/O, or `—` where the engine has no counters.
@@ -578,8 +719,10 @@ async fn child(args: &Args, side: &str) -> Result<()> {
         "longest_tx_ms": longest_ms,
         "batches": batches,
         "peak_rss_mib": peak_rss_mib(),
-        "idle": summary(idle),
-        "during": summary(during),
+        "idle": summary(idle.clone()),
+        "during": summary(during.clone()),
+        "idle_ms": idle,
+        "during_ms": during,
         "app_errors": app_errors,
         "engine_io": io,
         "until_purged": purge,
