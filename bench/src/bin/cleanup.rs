@@ -305,6 +305,9 @@ fn print_pooled(pooled: &[Pooled]) {
         "| side | runs | seconds | longest tx ms | pooled app ops idle / during | app p50 idle/during ms | app p99 idle/during ms | p99 during ÷ idle | app max idle/during ms | app errors |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
+    // The idle windows of all sides are the same application on the same kind of data, so
+    // together they are the steadiest baseline (per side it moved 2x within one batch of runs).
+    let all_idle = summary(pooled.iter().flat_map(|p| p.idle.iter().copied()).collect());
     for p in pooled {
         let (idle, during) = (summary(p.idle.clone()), summary(p.during.clone()));
         let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
@@ -327,6 +330,20 @@ fn print_pooled(pooled: &[Pooled]) {
             p.app_errors,
         );
     }
+    let baseline = all_idle["p99"].as_f64().unwrap_or(0.0);
+    println!();
+    println!(
+        "idle, every side's runs together: {} ops, p99 {baseline:.2} ms; p99 during ÷ that: {}",
+        all_idle["n"],
+        pooled
+            .iter()
+            .map(|p| {
+                let during = summary(p.during.clone())["p99"].as_f64().unwrap_or(0.0);
+                format!("{} {:.2}×", p.side, during / baseline)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }
 
 /// `name value, …` of a side's engine I/O, or `—` where the engine has no counters.
