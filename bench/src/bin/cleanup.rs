@@ -183,7 +183,7 @@ async fn parent(args: &Args) -> Result<()> {
             io_text(&v["engine_io"]),
         );
     }
-    print_rate_ratios(&results);
+    print_rate_ratios(&results, args.repeat);
     if args.repeat > 1 {
         print_pooled(&pooled);
     }
@@ -275,24 +275,16 @@ fn take_latencies(v: Option<serde_json::Value>) -> Vec<f64> {
 }
 
 /// Our rows per second over the plain DELETE's, run by run (point 8's first target).
-fn print_rate_ratios(results: &[serde_json::Value]) {
-    let rate = |run: &serde_json::Value, side: &str| {
+fn print_rate_ratios(results: &[serde_json::Value], repeat: u32) {
+    let rate = |run: u32, side: &str| {
         results
             .iter()
-            .find(|v| v["run"] == *run && v["side"] == side)
+            .find(|v| v["run"] == run && v["side"] == side)
             .and_then(|v| v["rows_per_second"].as_f64())
     };
-    let mut ratios = Vec::new();
-    let mut seen = Vec::new();
-    for run in results.iter().map(|v| &v["run"]) {
-        if seen.contains(&run) {
-            continue;
-        }
-        seen.push(run);
-        if let (Some(ours), Some(plain)) = (rate(run, "ours"), rate(run, "plain")) {
-            ratios.push(format!("{:.2}×", ours / plain));
-        }
-    }
+    let ratios: Vec<String> = (1..=repeat)
+        .filter_map(|run| Some(format!("{:.2}×", rate(run, "ours")? / rate(run, "plain")?)))
+        .collect();
     if !ratios.is_empty() {
         println!();
         println!("ours ÷ plain rows/s, by run: {}", ratios.join(", "));
@@ -308,9 +300,15 @@ fn print_pooled(pooled: &[Pooled]) {
     // The idle windows of all sides are the same application on the same kind of data, so
     // together they are the steadiest baseline (per side it moved 2x within one batch of runs).
     let all_idle = summary(pooled.iter().flat_map(|p| p.idle.iter().copied()).collect());
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let mut against_all_idle = Vec::new();
     for p in pooled {
         let (idle, during) = (summary(p.idle.clone()), summary(p.during.clone()));
-        let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+        against_all_idle.push(format!(
+            "{} {:.2}×",
+            p.side,
+            f(&during, "p99") / f(&all_idle, "p99")
+        ));
         println!(
             "| {} | {} | {:.2}–{:.2} | {:.1} | {} / {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2}× | {:.1} / {:.1} | {} |",
             p.side,
@@ -330,19 +328,12 @@ fn print_pooled(pooled: &[Pooled]) {
             p.app_errors,
         );
     }
-    let baseline = all_idle["p99"].as_f64().unwrap_or(0.0);
     println!();
     println!(
-        "idle, every side's runs together: {} ops, p99 {baseline:.2} ms; p99 during ÷ that: {}",
+        "idle, every side's runs together: {} ops, p99 {:.2} ms; p99 during ÷ that: {}",
         all_idle["n"],
-        pooled
-            .iter()
-            .map(|p| {
-                let during = summary(p.during.clone())["p99"].as_f64().unwrap_or(0.0);
-                format!("{} {:.2}×", p.side, during / baseline)
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
+        f(&all_idle, "p99"),
+        against_all_idle.join(", ")
     );
 }
 
@@ -521,25 +512,36 @@ const PURGE_WAIT_LIMIT: Duration = Duration::from_secs(900);
 /// do, it counts transactions, and the plain side's is one.
 const PURGED_ROWS_METRIC: &str = "purge_del_mark_records";
 
-/// InnoDB's count of purged deleted rows, turning its monitor on if it is off (and saying
-/// so, to be turned off again by [`stop_counting_purged_rows`]); `None` on other engines.
-async fn purged_rows(db: &Db) -> Result<Option<(i64, bool)>> {
+/// Starts counting InnoDB's purged deleted rows: turns its monitor on if it is off, then
+/// reads the count to measure from (read after, so turning it on cannot move the baseline).
+/// Returns that count and whether this side turned the monitor on (to turn it off again with
+/// [`stop_counting_purged_rows`]); `None` on other engines.
+async fn start_counting_purged_rows(db: &Db) -> Result<Option<(i64, bool)>> {
     if db.engine() != Engine::MySql {
         return Ok(None);
     }
     let sql = db.sql(format!(
-        "SELECT CAST(`COUNT` AS SIGNED), CAST(ENABLED AS SIGNED) FROM information_schema.INNODB_METRICS \
+        "SELECT CAST(ENABLED AS SIGNED) FROM information_schema.INNODB_METRICS \
          WHERE NAME = '{PURGED_ROWS_METRIC}'"
     ));
-    let (count, enabled): (i64, i64) =
-        sessionfleet::on_pool!(db, p => sqlx::query_as(sql).fetch_one(p).await?);
-    if enabled == 0 {
+    let enabled: i64 = sessionfleet::on_pool!(db, p => sqlx::query_scalar(sql).fetch_one(p).await?);
+    let turned_on = enabled == 0;
+    if turned_on {
         db.execute(&format!(
             "SET GLOBAL innodb_monitor_enable = '{PURGED_ROWS_METRIC}'"
         ))
         .await?;
     }
-    Ok(Some((count, enabled == 0)))
+    Ok(Some((purged_rows(db).await?, turned_on)))
+}
+
+/// InnoDB's count of purged deleted rows (its monitor must be on).
+async fn purged_rows(db: &Db) -> Result<i64> {
+    let sql = format!(
+        "SELECT CAST(`COUNT` AS SIGNED) FROM information_schema.INNODB_METRICS \
+         WHERE NAME = '{PURGED_ROWS_METRIC}'"
+    );
+    Ok(db.scalar_i64(&sql).await?)
 }
 
 /// Turns the purged-rows monitor off again when this side turned it on.
@@ -558,7 +560,7 @@ async fn stop_counting_purged_rows(db: &Db, turned_on: bool) -> Result<()> {
 async fn wait_for_purge(db: &Db, before: i64, deleted: u64) -> Result<Instant> {
     let started = Instant::now();
     loop {
-        let purged = purged_rows(db).await?.map_or(0, |(n, _)| n) - before;
+        let purged = purged_rows(db).await? - before;
         if purged >= deleted as i64 {
             return Ok(Instant::now());
         }
@@ -643,7 +645,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let io_before = engine_io(&db).await?;
     let purged_before = if args.until_purged {
-        purged_rows(&db).await?
+        start_counting_purged_rows(&db).await?
     } else {
         None
     };
