@@ -795,6 +795,43 @@ async fn sparse_rules_walk_their_index_and_still_delete_exactly_the_oracle_set()
     }
 }
 
+/// The table's size comes from the engine's estimate, which can be far off (a stale ANALYZE):
+/// it steers only how batches are shaped, never which rows go. Forced far too low and far too
+/// high on PostgreSQL (superuser may write `pg_class`), the run still deletes exactly the
+/// oracle set.
+#[tokio::test]
+async fn a_wrong_row_estimate_changes_no_deleted_row() {
+    let version = SchemaVersion::V2;
+    for factor in [0.02, 50.0] {
+        let what = format!("postgres, estimate x{factor}");
+        let tdb = seeded(Engine::Postgres, version).await;
+        let db = &tdb.db;
+        db.execute("ANALYZE user_sessions").await.unwrap();
+        db.execute(&format!(
+            "UPDATE pg_class SET reltuples = reltuples * {factor} \
+             WHERE oid = 'user_sessions'::regclass"
+        ))
+        .await
+        .unwrap();
+        let total = db
+            .scalar_i64("SELECT COUNT(*) FROM user_sessions")
+            .await
+            .unwrap();
+        let estimate = db.estimated_rows("user_sessions").await.unwrap().unwrap();
+        assert!(
+            estimate.abs_diff(total as u64) > total as u64 / 2,
+            "{what}: the estimate ({estimate}) is off the count ({total})"
+        );
+        let before = snapshot(db, version).await;
+        let purge = oracle(db, version, None, true).await;
+        let report = cleanup::run(&ctx(db).await, &params()).await.expect("run");
+        assert_exactly_purged(&before, &snapshot(db, version).await, &purge, &what);
+        assert_eq!(report.total_cleaned(), purge.len() as u64, "{what}");
+        assert_eq!(report.outcome, Outcome::Completed, "{what}");
+        tdb.drop_db().await;
+    }
+}
+
 /// A worker runs read-only jobs beside the one writer the lease admits: a long health report
 /// holding every connection of its pool must not make a cleanup wait out the pool's acquire
 /// timeout and fail.

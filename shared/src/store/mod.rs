@@ -9,6 +9,7 @@
 //! schema, never about queues or leases.
 
 mod connect;
+mod estimate;
 pub mod nodelay;
 pub mod schema;
 mod sql;

@@ -239,12 +239,13 @@ async fn purge(
     let db = &ctx.db;
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
     let fence = ctx.fence()?;
-    let table_rows = count(db, schema, None).await?;
+    let (table_rows, estimated) = table_size(db, schema).await?;
     let mut matching = count_index_walked(db, schema, rules, table_rows);
     tracing::debug!(
         table_rows,
+        estimated,
         ms = started.elapsed().as_secs_f64() * 1000.0,
-        "table counted"
+        "table size known"
     );
     let mut prefetched: Vec<Option<IdStream>> = Vec::new();
     let mut early_refresh: Option<EarlyRefresh> = None;
@@ -298,6 +299,21 @@ async fn purge(
         early.finish(report).await?;
     }
     Ok(())
+}
+
+/// The session table's rows, and whether that is the engine's estimate: the walk, the stride
+/// of key ranges and the statistics refresh only need its order of magnitude, and counting
+/// exactly reads the whole table on every run. Counted when the engine has no estimate (or
+/// it cannot be read).
+async fn table_size(db: &Db, schema: &Schema) -> Result<(u64, bool), OpError> {
+    match db.estimated_rows(&schema.sessions.table).await {
+        Ok(Some(rows)) => return Ok((rows, true)),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::debug!(error = %e, "the engine's row estimate could not be read; counting")
+        }
+    }
+    Ok((count(db, schema, None).await?, false))
 }
 
 /// [`wal::cut_back`], logged; a failure is noted in `report`, only a fenced-out error is
