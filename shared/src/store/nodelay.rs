@@ -8,6 +8,8 @@
 //! more than their statement (bench/results/cleanup.md). sqlx offers no hook on its socket, so
 //! each new connection sets the option on every TCP socket of this process that is connected
 //! to the server's address; the ones already set are set again, which changes nothing.
+//! That is after the TLS handshake, which sqlx runs first: its small messages still wait for
+//! delayed ACKs, so a new PostgreSQL connection with TLS took ~88 ms here, ~2 ms without.
 //! Remove this module once sqlx sets the option itself again.
 
 use std::net::SocketAddr;
