@@ -520,11 +520,12 @@ async fn start_counting_purged_rows(db: &Db) -> Result<Option<(i64, bool)>> {
     if db.engine() != Engine::MySql {
         return Ok(None);
     }
-    let sql = db.sql(format!(
-        "SELECT CAST(ENABLED AS SIGNED) FROM information_schema.INNODB_METRICS \
-         WHERE NAME = '{PURGED_ROWS_METRIC}'"
-    ));
-    let enabled: i64 = sessionfleet::on_pool!(db, p => sqlx::query_scalar(sql).fetch_one(p).await?);
+    let enabled = db
+        .scalar_i64(&format!(
+            "SELECT CAST(ENABLED AS SIGNED) FROM information_schema.INNODB_METRICS \
+             WHERE NAME = '{PURGED_ROWS_METRIC}'"
+        ))
+        .await?;
     let turned_on = enabled == 0;
     if turned_on {
         db.execute(&format!(
