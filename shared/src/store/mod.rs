@@ -11,11 +11,13 @@
 mod connect;
 mod estimate;
 pub mod nodelay;
+mod read_conn;
 pub mod schema;
 mod sql;
 mod writer;
 
 pub use connect::{ConnectOptions, Db, DbInfo, DbTx, Engine, Pool, dialect_sql};
+pub use read_conn::ReadConnection;
 pub use schema::{Schema, SchemaVersion, SessionProfile};
 pub use sql::{placeholders, sqlite_datetime};
 pub use writer::{BatchWriter, Checkpoint};

@@ -9,26 +9,53 @@
 //! the read takes no lock — each DELETE re-checks the rule as before.
 //!
 //! The read may be opened before its rule's turn, so the engine computes it while earlier
-//! rules delete. On SQLite it is a series of short keyset reads instead (see
-//! `Reader::in_chunks`). A read that breaks (a dropped connection, MySQL's `net_write_timeout` on a
-//! consumer that paused too long) is reopened after the last id it delivered.
+//! rules delete. But an open statement keeps its snapshot: PostgreSQL's vacuum can then
+//! remove no row deleted or updated after it started (the application's own included), and
+//! InnoDB's purge leaves every such row in every index. So a read whose batches stay away
+//! longer than [`READ_PAUSE_LIMIT`] — an earlier rule still deleting, on a table whose
+//! matches outgrow the buffer — closes its statement, and reopens it after the last id it
+//! delivered once the batches want more. A read that breaks (a dropped connection, a server
+//! timeout) is reopened the same way. On SQLite it is a series of short keyset reads instead
+//! (see `Reader::in_chunks`).
+
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use tokio::sync::mpsc;
 
 use super::rules::{Predicate, id_as_i64};
-use crate::store::{Db, Engine, Schema};
+use crate::store::{Db, Engine, ReadConnection, Schema};
 
 /// Ids buffered between the read and the batches: a few batches' worth.
 const BUFFERED_IDS: usize = 20_000;
+/// How long a read keeps its statement open while the batches take no id. Far above a
+/// batch's time, so a rule taking its own ids never pays for a reopen; far below the minutes
+/// an earlier rule can delete for on a large table.
+pub const READ_PAUSE_LIMIT: Duration = Duration::from_secs(2);
 /// Times a broken read is reopened before the error ends the run.
 const REOPEN_ATTEMPTS: u32 = 3;
 
+/// How a read buffers and pauses: [`ReadTuning::default`] outside tests.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadTuning {
+    /// Ids held between the read and the batches ([`BUFFERED_IDS`]).
+    pub buffered: usize,
+    /// See [`READ_PAUSE_LIMIT`].
+    pub pause_limit: Duration,
+}
+
+impl Default for ReadTuning {
+    fn default() -> Self {
+        ReadTuning {
+            buffered: BUFFERED_IDS,
+            pause_limit: READ_PAUSE_LIMIT,
+        }
+    }
+}
+
 /// Ids matching a predicate, in key order, as a read delivers them.
 pub struct IdStream {
-    db: Db,
-    schema: Schema,
-    pred: Predicate,
+    reader: Reader,
     ids: mpsc::Receiver<Result<i64, sqlx::Error>>,
     last: Option<i64>,
     reopened: u32,
@@ -38,11 +65,20 @@ impl IdStream {
     /// Starts the read on a connection of its own (the pool always has more than one; the
     /// batches use another). Dropping the stream stops the read.
     pub fn open(db: &Db, schema: &Schema, pred: &Predicate) -> IdStream {
-        IdStream {
-            ids: start_read(db, schema, pred, None),
+        IdStream::open_tuned(db, schema, pred, ReadTuning::default())
+    }
+
+    /// [`IdStream::open`] with its buffer and pause limit given.
+    pub fn open_tuned(db: &Db, schema: &Schema, pred: &Predicate, tuning: ReadTuning) -> IdStream {
+        let reader = Reader {
             db: db.clone(),
             schema: schema.clone(),
             pred: pred.clone(),
+            tuning,
+        };
+        IdStream {
+            ids: reader.clone().start(None),
+            reader,
             last: None,
             reopened: 0,
         }
@@ -60,7 +96,7 @@ impl IdStream {
                 Some(Err(e)) if self.reopened < REOPEN_ATTEMPTS => {
                     self.reopened += 1;
                     tracing::warn!(error = %e, after_id = ?self.last, "cleanup read broke; reopening it after the last id it delivered");
-                    self.ids = start_read(&self.db, &self.schema, &self.pred, self.last);
+                    self.ids = self.reader.clone().start(self.last);
                 }
                 Some(Err(e)) => return Err(e),
                 None => break,
@@ -70,41 +106,43 @@ impl IdStream {
     }
 }
 
-/// Spawns the read of the ids matching `pred` (after `after`, when given).
-fn start_read(
-    db: &Db,
-    schema: &Schema,
-    pred: &Predicate,
-    after: Option<i64>,
-) -> mpsc::Receiver<Result<i64, sqlx::Error>> {
-    let (tx, rx) = mpsc::channel(BUFFERED_IDS);
-    let reader = Reader {
-        db: db.clone(),
-        schema: schema.clone(),
-        pred: pred.clone(),
-    };
-    tokio::spawn(async move {
-        let read = match reader.db.engine() {
-            Engine::Sqlite => reader.in_chunks(after, &tx).await,
-            _ => reader.in_one_pass(after, &tx).await,
-        };
-        if let Err(e) = read {
-            let _ = tx.send(Err(e)).await;
-        }
-    });
-    rx
-}
-
 /// One read of the ids matching a predicate.
+#[derive(Clone)]
 struct Reader {
     db: Db,
     schema: Schema,
     pred: Predicate,
+    tuning: ReadTuning,
 }
 
 type Sink = mpsc::Sender<Result<i64, sqlx::Error>>;
 
+/// How one statement of a read ended.
+enum Ended {
+    /// Every matching id was delivered.
+    Done,
+    /// The batches stopped taking ids: the run is over.
+    Dropped,
+    /// The batches took no id for the pause limit; this one was read but not delivered.
+    Paused(i64),
+}
+
 impl Reader {
+    /// Spawns the read of the ids after `after` (all, when `None`).
+    fn start(self, after: Option<i64>) -> mpsc::Receiver<Result<i64, sqlx::Error>> {
+        let (tx, rx) = mpsc::channel(self.tuning.buffered);
+        tokio::spawn(async move {
+            let read = match self.db.engine() {
+                Engine::Sqlite => self.in_chunks(after, &tx).await,
+                _ => self.in_one_pass(after, &tx).await,
+            };
+            if let Err(e) = read {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        rx
+    }
+
     fn sql(&self, after: Option<i64>, limit: Option<usize>) -> String {
         let t = &self.schema.sessions.table;
         let id = format!("{t}.{}", self.schema.sessions.id);
@@ -122,12 +160,42 @@ impl Reader {
     }
 
     /// Server engines: one statement, streamed (their hash anti-join needs one pass), on one
-    /// core: it runs beside the batches and must not take the cores they need.
-    async fn in_one_pass(&self, after: Option<i64>, sink: &Sink) -> Result<(), sqlx::Error> {
+    /// core: it runs beside the batches and must not take the cores they need. Closed while
+    /// the batches stay away, and reopened after the last id sent (see the module's note).
+    async fn in_one_pass(&self, mut after: Option<i64>, sink: &Sink) -> Result<(), sqlx::Error> {
+        loop {
+            let mut conn = self.db.read_connection().await?;
+            let waiting = match self.one_statement(&mut conn, after, sink).await {
+                Ok(Ended::Done) => return Ok(()),
+                Ok(Ended::Paused(id)) => id,
+                ended @ (Ok(Ended::Dropped) | Err(_)) => {
+                    // The rest of the result is not wanted: close, do not read it to its end.
+                    conn.abandon();
+                    return ended.map(|_| ());
+                }
+            };
+            conn.abandon();
+            tracing::debug!(after_id = ?after, "cleanup read closed while its rule waits");
+            // Wait, without a statement open, for room for the id already read.
+            let Ok(permit) = sink.reserve().await else {
+                return Ok(());
+            };
+            permit.send(Ok(waiting));
+            after = Some(waiting);
+        }
+    }
+
+    /// One statement of [`Reader::in_one_pass`], on `conn`.
+    async fn one_statement(
+        &self,
+        conn: &mut ReadConnection,
+        after: Option<i64>,
+        sink: &Sink,
+    ) -> Result<Ended, sqlx::Error> {
         let sql = self.db.sql(self.sql(after, None));
-        let mut tx = self.db.begin_read().await?;
+        let mut tx = conn.begin().await?;
         tx.without_parallel_workers().await?;
-        crate::on_tx!(&mut tx, c => {
+        let ended = crate::on_tx!(&mut tx, c => {
             let mut q = sqlx::query_scalar::<_, i64>(sql);
             for b in &self.pred.binds {
                 q = q.bind(*b);
@@ -136,14 +204,22 @@ impl Reader {
                 q = q.bind(after);
             }
             let mut rows = q.fetch(&mut *c);
-            while let Some(id) = rows.try_next().await? {
-                if sink.send(Ok(id)).await.is_err() {
-                    break; // The run stopped taking batches.
+            loop {
+                let Some(id) = rows.try_next().await? else {
+                    break Ended::Done;
+                };
+                match tokio::time::timeout(self.tuning.pause_limit, sink.reserve()).await {
+                    Ok(Ok(permit)) => permit.send(Ok(id)),
+                    Ok(Err(_)) => break Ended::Dropped,
+                    Err(_) => break Ended::Paused(id),
                 }
             }
         });
-        // Nothing was written: ending the transaction either way only releases the snapshot.
-        tx.rollback().await
+        if matches!(ended, Ended::Done) {
+            // Nothing was written: ending the transaction either way only releases it.
+            tx.rollback().await?;
+        }
+        Ok(ended)
     }
 
     /// SQLite: short keyset statements. A statement left open pins a WAL snapshot while the
@@ -152,7 +228,7 @@ impl Reader {
     /// with short reads 195 ms and 61 MiB. SQLite joins by index probes anyway, so one pass
     /// gains nothing there.
     async fn in_chunks(&self, mut after: Option<i64>, sink: &Sink) -> Result<(), sqlx::Error> {
-        let chunk = BUFFERED_IDS / 4;
+        let chunk = (self.tuning.buffered / 4).max(1);
         loop {
             let ids: Vec<i64> = crate::on_pool!(self.db, p => {
                 let sql = self.db.sql(self.sql(after, Some(chunk)));
@@ -187,12 +263,8 @@ mod tests {
     use crate::store::schema;
     use crate::testing::TestDb;
 
-    /// A read whose connection is killed mid-way resumes after the last id it delivered:
-    /// every id comes out once, in order.
-    #[tokio::test]
-    async fn a_broken_read_resumes_after_the_last_delivered_id() {
-        let tdb = TestDb::new(Engine::Postgres).await;
-        let db = &tdb.db;
+    /// Seeds a few v2 sessions into `db` and returns the schema detected there.
+    async fn small_v2_schema(db: &Db) -> schema::Schema {
         let seed = SeedParams {
             sessions: 10,
             users: 10,
@@ -202,6 +274,132 @@ mod tests {
             reset: false,
         };
         seed_demo(db, &seed).await.expect("seed");
+        schema::detect(db).await.expect("schema")
+    }
+
+    /// The server session running a statement whose text contains `marker`, other than the
+    /// asking one: PostgreSQL's backend pid or MySQL's connection id.
+    async fn session_running(db: &Db, marker: &str) -> Option<i64> {
+        let sql = match db.engine() {
+            Engine::Postgres => {
+                "SELECT CAST(pid AS BIGINT) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND pid <> pg_backend_pid() AND state = 'active' AND query LIKE ?"
+            }
+            _ => {
+                "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() \
+                 AND ID <> CONNECTION_ID() AND INFO LIKE ?"
+            }
+        };
+        let pattern = format!("%{marker}%");
+        crate::on_pool!(db, p => sqlx::query_scalar::<_, i64>(db.sql(sql))
+            .bind(pattern)
+            .fetch_optional(p)
+            .await
+            .expect("sessions"))
+    }
+
+    /// Whether the server session `id` is still connected.
+    async fn session_alive(db: &Db, id: i64) -> bool {
+        let sql = match db.engine() {
+            Engine::Postgres => "SELECT COUNT(*) FROM pg_stat_activity WHERE pid = ?",
+            _ => "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?",
+        };
+        let n: i64 = crate::on_pool!(db, p => sqlx::query_scalar::<_, i64>(db.sql(sql))
+            .bind(id)
+            .fetch_one(p)
+            .await
+            .expect("session"));
+        n > 0
+    }
+
+    /// While its batches stay away longer than the pause limit, a server read ends its
+    /// statement (and so its snapshot: the session is gone), then resumes after the last id
+    /// it delivered: every id once, in key order. Each row costs the server a millisecond,
+    /// so a read that kept its statement would still be running for ~20 s.
+    async fn a_read_left_waiting_closes_its_statement_and_resumes(engine: Engine) {
+        let tdb = TestDb::new(engine).await;
+        let db = &tdb.db;
+        db.execute("CREATE TABLE ids_only (id BIGINT PRIMARY KEY)")
+            .await
+            .expect("table");
+        let fill = match engine {
+            Engine::Postgres => "INSERT INTO ids_only SELECT g FROM generate_series(1, 20000) g",
+            // MariaDB's sequence engine.
+            _ => "INSERT INTO ids_only SELECT seq FROM seq_1_to_20000",
+        };
+        db.execute(fill).await.expect("rows");
+        if engine == Engine::Postgres {
+            // Read along the key, as a real read's plan streams: sorting first would run
+            // every row's sleep before the first row is out.
+            let name: String = crate::on_pool!(db, p => sqlx::query_scalar("SELECT current_database()")
+                .fetch_one(p)
+                .await
+                .expect("name"));
+            db.execute(&format!("ALTER DATABASE {name} SET enable_sort = off"))
+                .await
+                .expect("plan setting");
+        }
+        let db = &Db::connect(&tdb.url, &crate::store::ConnectOptions::default())
+            .await
+            .expect("connect");
+        // The read only needs a table and its key: one of plain ids.
+        let mut schema = small_v2_schema(db).await;
+        schema.sessions.table = "ids_only".into();
+        schema.sessions.id = "id".into();
+        let (marker, slow) = match engine {
+            Engine::Postgres => ("pg_sleep(0.001)", "pg_sleep(0.001)::text = ''"),
+            _ => ("SLEEP(0.001)", "SLEEP(0.001) = 0"),
+        };
+        let pred = Predicate {
+            sql: format!("ids_only.id > 0 AND {slow}"),
+            binds: vec![],
+        };
+        let tuning = ReadTuning {
+            buffered: 10,
+            pause_limit: Duration::from_secs(1),
+        };
+        let mut stream = IdStream::open_tuned(db, &schema, &pred, tuning);
+        let mut got = stream.next_batch(5).await.expect("first ids");
+        let reader = session_running(db, marker)
+            .await
+            .expect("the read's statement is running");
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while session_alive(db, reader).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the read kept its statement open while nothing took its ids"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        got.extend(stream.next_batch(200).await.expect("resumed read"));
+        assert_eq!(
+            got,
+            (1..=205).collect::<Vec<i64>>(),
+            "every id once, in key order"
+        );
+        assert_eq!(stream.reopened, 0, "no error was needed to resume");
+        drop(stream);
+        db.close().await;
+        tdb.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn a_postgres_read_left_waiting_closes_its_statement_and_resumes() {
+        a_read_left_waiting_closes_its_statement_and_resumes(Engine::Postgres).await;
+    }
+
+    #[tokio::test]
+    async fn a_mysql_read_left_waiting_closes_its_statement_and_resumes() {
+        a_read_left_waiting_closes_its_statement_and_resumes(Engine::MySql).await;
+    }
+
+    /// A read whose connection is killed mid-way resumes after the last id it delivered:
+    /// every id comes out once, in order.
+    #[tokio::test]
+    async fn a_broken_read_resumes_after_the_last_delivered_id() {
+        let tdb = TestDb::new(Engine::Postgres).await;
+        let db = &tdb.db;
+        let schema = small_v2_schema(db).await;
         // Enough rows that the server is still sending when the read is broken.
         db.execute(
             "INSERT INTO user_sessions (session_id, user_id, created_at, updated_at, last_activity, expires_at, is_active) \
@@ -215,7 +413,6 @@ mod tests {
                 .await
                 .expect("ids")
         });
-        let schema = schema::detect(db).await.expect("schema");
         let all = Predicate {
             sql: "user_sessions.id > 0".into(),
             binds: vec![],
