@@ -440,7 +440,7 @@ async fn deletes_exactly_the_oracle_set_and_dry_run_predicts_it() {
             );
             assert_eq!(
                 report.missing_platform_sessions,
-                missing_kept.len() as u64,
+                Some(missing_kept.len() as u64),
                 "{what}: missing-platform count"
             );
             assert_eq!(
@@ -1005,4 +1005,119 @@ async fn a_sqlite_wal_grown_beside_a_reader_is_cut_back_by_the_next_run() {
         "WAL file {after} bytes after the second run, {grown} after the first"
     );
     tdb.drop_db().await;
+}
+
+/// A connection holding a lock on `platform_connections` that keeps every other session from
+/// reading it: the missing-platform count then waits, while the purge never reads that table.
+enum PlatformLock {
+    Postgres(sqlx::PgConnection),
+    MySql(sqlx::MySqlConnection),
+}
+
+impl PlatformLock {
+    async fn take(engine: Engine, url: &str) -> PlatformLock {
+        use sqlx::Connection;
+        match engine {
+            Engine::Postgres => {
+                let mut c = sqlx::PgConnection::connect(url).await.expect("connect");
+                sqlx::raw_sql("BEGIN; LOCK TABLE platform_connections IN ACCESS EXCLUSIVE MODE")
+                    .execute(&mut c)
+                    .await
+                    .expect("lock");
+                PlatformLock::Postgres(c)
+            }
+            _ => {
+                let mut c = sqlx::MySqlConnection::connect(url).await.expect("connect");
+                sqlx::raw_sql("LOCK TABLES platform_connections WRITE")
+                    .execute(&mut c)
+                    .await
+                    .expect("lock");
+                PlatformLock::MySql(c)
+            }
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            PlatformLock::Postgres(mut c) => {
+                sqlx::raw_sql("COMMIT")
+                    .execute(&mut c)
+                    .await
+                    .expect("unlock");
+            }
+            PlatformLock::MySql(mut c) => {
+                sqlx::raw_sql("UNLOCK TABLES")
+                    .execute(&mut c)
+                    .await
+                    .expect("unlock");
+            }
+        }
+    }
+}
+
+/// Sessions of this database waiting for a table lock, the holder's aside.
+async fn waiting_for_a_table_lock(db: &Db) -> i64 {
+    let sql = match db.engine() {
+        Engine::Postgres => {
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        }
+        _ => {
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND STATE LIKE 'Waiting for table%'"
+        }
+    };
+    sessionfleet::on_pool!(db, p => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await.expect("waiting sessions"))
+}
+
+/// A part cut short by its budget returns without waiting for the missing-platform count
+/// and cancels it on the server; the part that completes the run counts. The count is kept
+/// waiting on a table lock for as long as the part runs, so a part that waited for it would
+/// never return.
+#[tokio::test]
+async fn a_part_cut_by_its_budget_leaves_the_missing_platform_count_to_the_last_part() {
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let tdb = seeded(engine, SchemaVersion::V2).await;
+        let db = &tdb.db;
+        let c = ctx(db).await;
+        let missing = missing_platform_ids(db).await.len() as u64;
+        assert!(
+            missing > 0,
+            "{engine}: the data has missing-platform sessions"
+        );
+        let lock = PlatformLock::take(engine, &tdb.url).await;
+        let cut = CleanupParams {
+            budget_secs: Some(0),
+            ..params()
+        };
+        let first = tokio::time::timeout(Duration::from_secs(120), cleanup::run(&c, &cut))
+            .await
+            .unwrap_or_else(|_| panic!("{engine}: the part waited for the blocked count"))
+            .expect("first part");
+        assert_eq!(first.outcome, Outcome::BudgetSpent, "{engine}");
+        assert_eq!(
+            first.missing_platform_sessions, None,
+            "{engine}: not counted"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while waiting_for_a_table_lock(db).await > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{engine}: the count still waits on the server"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        lock.release().await;
+
+        let rest = CleanupParams {
+            budget_secs: None,
+            as_of: Some(first.as_of),
+            ..params()
+        };
+        let last = cleanup::run(&c, &rest).await.expect("last part");
+        assert_eq!(last.outcome, Outcome::Completed, "{engine}");
+        assert_eq!(last.missing_platform_sessions, Some(missing), "{engine}");
+        let mut merged = first.clone();
+        merged.merge(&last);
+        assert_eq!(merged.missing_platform_sessions, Some(missing), "{engine}");
+        tdb.drop_db().await;
+    }
 }

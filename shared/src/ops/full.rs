@@ -275,10 +275,9 @@ pub fn summarize(r: &FullReport) -> Summary {
             s.actions_taken
                 .push(format!("{would} {orphaned} orphaned sessions"));
         }
-        if c.missing_platform_sessions > 0 {
+        if let Some(n) = c.missing_platform_sessions.filter(|n| *n > 0) {
             s.issues_found.push(format!(
-                "{} sessions point at a missing platform connection (reported, not deleted)",
-                c.missing_platform_sessions
+                "{n} sessions point at a missing platform connection (reported, not deleted)"
             ));
         }
     }

@@ -17,7 +17,7 @@ mod sql;
 mod writer;
 
 pub use connect::{ConnectOptions, Db, DbInfo, DbTx, Engine, Pool, dialect_sql};
-pub use read_conn::ReadConnection;
+pub use read_conn::{ReadConnection, ServerSession};
 pub use schema::{Schema, SchemaVersion, SessionProfile};
 pub use sql::{placeholders, sqlite_datetime};
 pub use writer::{BatchWriter, Checkpoint};

@@ -10,7 +10,7 @@ use super::rules::{Predicate, Rule, RuleKind, Walk, id_as_i64};
 use super::stream::IdStream;
 use crate::fence::Fence;
 use crate::ops::OpError;
-use crate::store::{BatchWriter, Db, DbTx, Engine, Schema};
+use crate::store::{BatchWriter, Db, DbTx, Engine, ReadConnection, Schema};
 
 /// Where the walk of one rule stands: the next batch starts at (or after) this point.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -424,18 +424,38 @@ async fn count_with(
     limit: Option<u64>,
     background: bool,
 ) -> Result<u64, sqlx::Error> {
+    count_in(db.begin_read().await?, schema, pred, limit, background).await
+}
+
+/// [`count_in_background`] on `conn`, whose server session the caller knows, so it can
+/// cancel the count on the server ([`Db::cancel_statement`]).
+pub async fn count_in_background_on(
+    conn: &mut ReadConnection,
+    schema: &Schema,
+    pred: Option<&Predicate>,
+) -> Result<u64, sqlx::Error> {
+    count_in(conn.begin().await?, schema, pred, None, true).await
+}
+
+/// Counts in `tx`, then ends it.
+async fn count_in(
+    mut tx: DbTx<'_>,
+    schema: &Schema,
+    pred: Option<&Predicate>,
+    limit: Option<u64>,
+    background: bool,
+) -> Result<u64, sqlx::Error> {
     let t = &schema.sessions.table;
     let (where_sql, binds) = match pred {
         Some(p) => (format!(" WHERE {}", p.sql), p.binds.as_slice()),
         None => (String::new(), &[][..]),
     };
-    let sql = db.sql(match limit {
+    let sql = tx.sql(match limit {
         Some(n) => {
             format!("SELECT COUNT(*) FROM (SELECT 1 AS one FROM {t}{where_sql} LIMIT {n}) AS found")
         }
         None => format!("SELECT COUNT(*) FROM {t}{where_sql}"),
     });
-    let mut tx = db.begin_read().await?;
     if background {
         tx.without_parallel_workers().await?;
     }

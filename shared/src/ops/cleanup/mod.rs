@@ -21,6 +21,7 @@
 
 mod analyze;
 mod batch;
+mod missing;
 mod report;
 pub mod rules;
 mod stream;
@@ -38,6 +39,7 @@ pub use rules::RuleKind;
 pub use wal::{SQLITE_WAL_CUT_STEP, SQLITE_WAL_FILE_TARGET};
 
 use batch::{Batch, Cursor, Source, count, count_in_background, count_up_to, purge_batch};
+use missing::MissingPlatformCount;
 use rules::{Cutoffs, Predicate};
 use stream::IdStream;
 
@@ -209,16 +211,23 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     }
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
     // Independent of the purge (it counts rows no rule touches), so it runs alongside it.
-    let missing_platform = count_missing_platform_kept(db, &schema, &all_rules);
-    if params.dry_run {
-        let (counts, missing) = tokio::join!(count_per_rule(db, &schema, &rules), missing_platform);
-        report.rules = counts?;
-        report.missing_platform_sessions = missing?;
+    let missing_platform = MissingPlatformCount::start(db, &schema, &all_rules);
+    let worked = if params.dry_run {
+        count_per_rule(db, &schema, &rules)
+            .await
+            .map(|counts| report.rules = counts)
     } else {
-        let purged = purge(ctx, params, &schema, &rules, started, &mut report);
-        let (purged, missing) = tokio::join!(purged, missing_platform);
-        purged?;
-        report.missing_platform_sessions = missing?;
+        purge(ctx, params, &schema, &rules, started, &mut report).await
+    };
+    // A part cut short leaves the count to the part that completes the run (see `missing`).
+    match worked {
+        Ok(()) if report.outcome == Outcome::Completed => {
+            report.missing_platform_sessions = Some(missing_platform.finish().await?);
+        }
+        worked => {
+            missing_platform.cancel().await;
+            worked?;
+        }
     }
     report.duration_seconds = started.elapsed().as_secs_f64();
     report.settle();
@@ -559,7 +568,9 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
         rules: by_rule,
         expired_sessions: by_rule.expired_total(),
         orphaned_sessions: by_rule.orphaned,
-        missing_platform_sessions: count_missing_platform_kept(db, &schema, &all_rules).await?,
+        missing_platform_sessions: MissingPlatformCount::start(db, &schema, &all_rules)
+            .finish()
+            .await?,
         cleanup_interval: params.interval_secs,
         batch_size: params.batch_size,
         max_session_age: params.max_age_secs,
@@ -679,21 +690,4 @@ async fn count_per_rule(
         counts.add(rule.kind, count(db, schema, Some(&exclusive)).await?);
     }
     Ok(counts)
-}
-
-/// Sessions pointing at a missing platform that no rule purges.
-async fn count_missing_platform_kept(
-    db: &Db,
-    schema: &Schema,
-    all_rules: &[&Predicate],
-) -> Result<u64, OpError> {
-    let Some(missing) = rules::missing_platform(schema) else {
-        return Ok(0);
-    };
-    // Usually there are none: the plain anti-join says so without evaluating every rule on
-    // every row.
-    if count_in_background(db, schema, Some(&missing)).await? == 0 {
-        return Ok(0);
-    }
-    Ok(count_in_background(db, schema, Some(&missing.and_none_of(all_rules))).await?)
 }

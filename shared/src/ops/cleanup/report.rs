@@ -91,8 +91,10 @@ pub struct CleanupReport {
     /// True when nothing was deleted and the counts are what a real run would delete.
     pub dry_run: bool,
     /// Sessions kept although their platform id points at a missing platform: reported for
-    /// people to look at, never deleted or changed for that reason.
-    pub missing_platform_sessions: u64,
+    /// people to look at, never deleted or changed for that reason. Absent from a part cut
+    /// short by its budget or a cancellation, which does not wait for the count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_platform_sessions: Option<u64>,
     /// Rules that could not apply to this schema, and similar remarks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -118,7 +120,7 @@ impl CleanupReport {
             remaining: 0,
             as_of,
             dry_run,
-            missing_platform_sessions: 0,
+            missing_platform_sessions: None,
             notes: Vec::new(),
         }
     }
@@ -140,8 +142,9 @@ impl CleanupReport {
     }
 
     /// Folds a later part of the same run into this one: counts and durations add up, the
-    /// outcome, `remaining` and the missing-platform count are the later part's (the latest
-    /// view), `timestamp` and `as_of` stay the first part's.
+    /// outcome and `remaining` are the later part's (the latest view), so is the
+    /// missing-platform count when the later part has one; `timestamp` and `as_of` stay the
+    /// first part's.
     pub fn merge(&mut self, later: &CleanupReport) {
         self.rules.merge(&later.rules);
         self.database_optimizations += later.database_optimizations;
@@ -156,7 +159,9 @@ impl CleanupReport {
         self.longest_batch_ms = self.longest_batch_ms.max(later.longest_batch_ms);
         self.outcome = later.outcome;
         self.remaining = later.remaining;
-        self.missing_platform_sessions = later.missing_platform_sessions;
+        self.missing_platform_sessions = later
+            .missing_platform_sessions
+            .or(self.missing_platform_sessions);
         self.forced_cleanup = self.forced_cleanup.or(later.forced_cleanup);
         self.custom_max_age_hours = self.custom_max_age_hours.or(later.custom_max_age_hours);
         self.dry_run = self.dry_run && later.dry_run;
@@ -203,10 +208,9 @@ impl CleanupReport {
         line("remaining", self.remaining.to_string());
         line("as_of", self.as_of.to_string());
         line("dry_run", self.dry_run.to_string());
-        line(
-            "missing_platform_sessions",
-            self.missing_platform_sessions.to_string(),
-        );
+        if let Some(n) = self.missing_platform_sessions {
+            line("missing_platform_sessions", n.to_string());
+        }
         for note in &self.notes {
             line("note", note.clone());
         }
