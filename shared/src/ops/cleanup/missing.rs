@@ -7,9 +7,10 @@
 //! Such a part cancels the count on the server and reports none; the part that completes
 //! the run counts, and a run's merged report carries the last part's figure.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
 use super::batch::count_in_background_on;
@@ -19,29 +20,39 @@ use crate::store::{Db, Schema, ServerSession};
 /// How long a cancelled count gets to end before it is cancelled once more and left.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
+/// What the count and its canceller share. The count clears `session` before its connection
+/// goes back to the pool, and a cancel is sent with the lock held, so a cancel never reaches
+/// a pooled connection that has moved on to other work.
+#[derive(Default)]
+struct Shared {
+    /// The server session counting; `None` before it is known, after the count, and on SQLite.
+    session: Option<ServerSession>,
+    /// Set by [`MissingPlatformCount::cancel`]: start no further statement.
+    cancelled: bool,
+}
+
 /// A missing-platform count running in the background ([`MissingPlatformCount::start`]).
 pub struct MissingPlatformCount {
     db: Db,
     handle: JoinHandle<Result<u64, sqlx::Error>>,
-    /// The server session counting, once it is known; `None` on SQLite.
-    session: Arc<Mutex<Option<ServerSession>>>,
+    shared: Arc<Mutex<Shared>>,
 }
 
 impl MissingPlatformCount {
     /// Starts counting the sessions of `schema` that point at a missing platform and that
     /// none of `rules` purges.
     pub fn start(db: &Db, schema: &Schema, rules: &[&Predicate]) -> MissingPlatformCount {
-        let session = Arc::new(Mutex::new(None));
+        let shared = Arc::new(Mutex::new(Shared::default()));
         let handle = tokio::spawn(count(
             db.clone(),
             schema.clone(),
             rules.iter().map(|p| (*p).clone()).collect(),
-            session.clone(),
+            shared.clone(),
         ));
         MissingPlatformCount {
             db: db.clone(),
             handle,
-            session,
+            shared,
         }
     }
 
@@ -57,14 +68,17 @@ impl MissingPlatformCount {
     }
 
     /// Cancels the count on the server and returns once it has ended (or, should the
-    /// cancellation arrive between two statements, after a second one and
+    /// cancellation arrive just before a statement, after a second one and
     /// [`CANCEL_GRACE`]). On SQLite the count runs in this process and is simply left.
     pub async fn cancel(mut self) {
         for _ in 0..2 {
-            let session = *self.session.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(session) = session else { break };
-            if let Err(e) = self.db.cancel_statement(session).await {
-                tracing::debug!(error = %e, "cancelling the missing-platform count failed");
+            {
+                let mut shared = self.shared.lock().await;
+                shared.cancelled = true;
+                let Some(session) = shared.session else { break };
+                if let Err(e) = self.db.cancel_statement(session).await {
+                    tracing::debug!(error = %e, "cancelling the missing-platform count failed");
+                }
             }
             if tokio::time::timeout(CANCEL_GRACE, &mut self.handle)
                 .await
@@ -77,23 +91,40 @@ impl MissingPlatformCount {
     }
 }
 
-/// The count itself, on one connection whose server session is published first.
+/// The count itself, on one connection whose server session is shared while it counts.
 async fn count(
     db: Db,
     schema: Schema,
     rules: Vec<Predicate>,
-    session: Arc<Mutex<Option<ServerSession>>>,
+    shared: Arc<Mutex<Shared>>,
 ) -> Result<u64, sqlx::Error> {
     let Some(missing) = rules::missing_platform(&schema) else {
         return Ok(0);
     };
     let mut conn = db.read_connection().await?;
-    *session.lock().unwrap_or_else(|e| e.into_inner()) = conn.server_session().await?;
-    // Usually there are none: the plain anti-join says so without evaluating every rule on
-    // every row.
-    if count_in_background_on(&mut conn, &schema, Some(&missing)).await? == 0 {
-        return Ok(0);
+    shared.lock().await.session = conn.server_session().await?;
+    let counted = async {
+        let go_on = || async {
+            if shared.lock().await.cancelled {
+                Err(sqlx::Error::Protocol(
+                    "the missing-platform count was cancelled".into(),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        go_on().await?;
+        // Usually there are none: the plain anti-join says so without evaluating every
+        // rule on every row.
+        if count_in_background_on(&mut conn, &schema, Some(&missing)).await? == 0 {
+            return Ok(0);
+        }
+        go_on().await?;
+        let all: Vec<&Predicate> = rules.iter().collect();
+        count_in_background_on(&mut conn, &schema, Some(&missing.and_none_of(&all))).await
     }
-    let all: Vec<&Predicate> = rules.iter().collect();
-    count_in_background_on(&mut conn, &schema, Some(&missing.and_none_of(&all))).await
+    .await;
+    shared.lock().await.session = None;
+    drop(conn);
+    counted
 }
