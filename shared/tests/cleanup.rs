@@ -1068,8 +1068,9 @@ async fn waiting_for_a_table_lock(db: &Db) -> i64 {
     sessionfleet::on_pool!(db, p => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await.expect("waiting sessions"))
 }
 
-/// A part cut short by its budget returns without waiting for the missing-platform count
-/// and cancels it on the server; the part that completes the run counts. The count is kept
+/// A part cut short by its budget returns without waiting for the missing-platform count:
+/// it cancels the count on the server (on InnoDB it never started one); the part that
+/// completes the run counts. The count is kept
 /// waiting on a table lock for as long as the part runs, so a part that waited for it would
 /// never return.
 #[tokio::test]
@@ -1120,4 +1121,50 @@ async fn a_part_cut_by_its_budget_leaves_the_missing_platform_count_to_the_last_
         assert_eq!(merged.missing_platform_sessions, Some(missing), "{engine}");
         tdb.drop_db().await;
     }
+}
+
+/// On InnoDB the missing-platform count starts only once the purge is over: beside the
+/// batches its index-only scan went to the clustered index for nearly every record and read
+/// for minutes (`cleanup::missing`). The count is held on a table lock, so the first session
+/// seen waiting for that lock is the count; by then every row the rules purge must be gone.
+#[tokio::test]
+async fn on_innodb_the_missing_platform_count_starts_once_the_purge_is_over() {
+    let (engine, version) = (Engine::MySql, SchemaVersion::V2);
+    let tdb = seeded(engine, version).await;
+    let db = &tdb.db;
+    let c = ctx(db).await;
+    let missing = missing_platform_ids(db).await.len() as u64;
+    assert!(missing > 0, "the data has missing-platform sessions");
+    let purged = oracle(db, version, None, true).await;
+    assert!(purged.len() > 100, "the data has rows to purge");
+    let lock = PlatformLock::take(engine, &tdb.url).await;
+    // One row a batch: the purge lasts long enough for a count beside it to be seen waiting.
+    let one_by_one = CleanupParams {
+        batch_size: 1,
+        max_batch_size: 1,
+        ..params()
+    };
+    let run = tokio::spawn(async move { cleanup::run(&c, &one_by_one).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while waiting_for_a_table_lock(db).await == 0 {
+        assert!(!run.is_finished(), "the run ended without waiting to count");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing waited for the locked platforms table"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let present: BTreeSet<i64> = snapshot(db, version).await.into_keys().collect();
+    let left = purged.intersection(&present).count();
+    assert_eq!(
+        left,
+        0,
+        "the count started while {left} of {} rows to purge were still there",
+        purged.len()
+    );
+    lock.release().await;
+    let report = run.await.expect("run task").expect("run");
+    assert_eq!(report.outcome, Outcome::Completed);
+    assert_eq!(report.missing_platform_sessions, Some(missing));
+    tdb.drop_db().await;
 }
