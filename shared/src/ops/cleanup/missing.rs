@@ -122,8 +122,8 @@ impl MissingPlatformCount {
 /// the platform column's index (the foreign key's) that is cheap alone and ruinous beside the
 /// batches: a secondary-index page changed after the count's snapshot sends it to the
 /// clustered index for every record on the page, and the batches change nearly every page.
-/// At 1,000,000 sessions on MariaDB it took 0.4–0.5 s after the purge and 109–150 s beside
-/// it, and the purge around it took 122–181 s instead of 39–42 s (bench/results/cleanup.md).
+/// At 1,000,000 sessions on MariaDB it took 0.4–0.7 s after the purge and 109–150 s beside
+/// it, and the run around it took 122–181 s instead of 37–45 s (bench/results/cleanup.md).
 fn counts_beside_the_purge(engine: Engine) -> bool {
     engine != Engine::MySql
 }
