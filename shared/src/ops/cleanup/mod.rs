@@ -210,7 +210,8 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
         report.custom_max_age_hours = params.force_max_age_hours;
     }
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
-    // Independent of the purge (it counts rows no rule touches), so it runs alongside it.
+    // Independent of the purge (it counts rows no rule touches), so it runs alongside it,
+    // except on InnoDB, where it waits for the purge to end (see `missing`).
     let missing_platform = MissingPlatformCount::start(db, &schema, &all_rules);
     let worked = if params.dry_run {
         count_per_rule(db, &schema, &rules)
