@@ -36,6 +36,7 @@ pub fn cleanup_params(
             .batch_size
             .unwrap_or_else(|| settings.batch_size_for(target)),
         target_batch_ms: settings.target_batch_for(target).as_millis() as u64,
+        rest_ratio: settings.rest_ratio_for(target),
         max_age_secs: settings.max_age_for(target).as_secs(),
         force: ask.force,
         force_max_age_hours: ask.max_age_hours,

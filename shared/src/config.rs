@@ -178,6 +178,13 @@ pub const KEYS: &[Key] = &[
         help: "duration each cleanup transaction aims to stay under",
     },
     Key {
+        env: "SESSION_CLEANUP_REST_RATIO",
+        file: "cleanup_rest_ratio",
+        default: "",
+        form: "a number from 0 to 100, or empty for the engine's default",
+        help: "rest after each cleanup batch, as a multiple of the batch's time (default: 1 on SQLite and MySQL, 0 on PostgreSQL)",
+    },
+    Key {
         env: "SESSIONFLEET_NAMESPACE",
         file: "namespace",
         default: "sessionfleet",
@@ -280,6 +287,8 @@ pub struct Target {
     pub max_age: Option<u64>,
     /// Per-target batch duration target override (milliseconds).
     pub cleanup_target_batch_ms: Option<u64>,
+    /// Per-target rest ratio override.
+    pub cleanup_rest_ratio: Option<f64>,
 }
 
 impl Target {
@@ -328,6 +337,8 @@ pub struct Settings {
     pub alert_thresholds_file: Sourced<Option<PathBuf>>,
     /// Target duration of a cleanup batch, ms.
     pub cleanup_target_batch_ms: Sourced<u64>,
+    /// Rest after each cleanup batch, as a multiple of its time; `None` = the engine's default.
+    pub cleanup_rest_ratio: Sourced<Option<f64>>,
     /// Redis key namespace.
     pub namespace: Sourced<String>,
     /// Default target name.
@@ -372,6 +383,7 @@ const TARGET_KEYS: &[&str] = &[
     "cleanup_batch_size",
     "max_age",
     "cleanup_target_batch_ms",
+    "cleanup_rest_ratio",
 ];
 const SCHEDULE_KEYS: &[&str] = &["cleanup", "full_maintenance", "health_report"];
 
@@ -416,6 +428,7 @@ impl Settings {
             redis_ca_cert: layers.get("REDIS_CA_CERT", parse_readable_file)?,
             cleanup_target_batch_ms: layers
                 .get("SESSION_CLEANUP_TARGET_BATCH_MS", range_u64(1, 60_000))?,
+            cleanup_rest_ratio: layers.get("SESSION_CLEANUP_REST_RATIO", parse_rest_ratio)?,
             namespace: layers.get("SESSIONFLEET_NAMESPACE", parse_namespace)?,
             default_target: layers.get("SESSIONFLEET_DEFAULT_TARGET", |s| Ok(s.to_string()))?,
             worker_concurrency: layers
@@ -457,6 +470,7 @@ impl Settings {
                     cleanup_batch_size: None,
                     max_age: None,
                     cleanup_target_batch_ms: None,
+                    cleanup_rest_ratio: None,
                 },
             );
         }
@@ -509,6 +523,11 @@ impl Settings {
                 .cleanup_target_batch_ms
                 .unwrap_or(self.cleanup_target_batch_ms.value),
         )
+    }
+
+    /// Effective rest ratio for a target; `None` = the engine's default.
+    pub fn rest_ratio_for(&self, target: &Target) -> Option<f64> {
+        target.cleanup_rest_ratio.or(self.cleanup_rest_ratio.value)
     }
 
     /// The cleanup schedule: the file's, or "every SESSION_CLEANUP_INTERVAL seconds".
@@ -564,6 +583,13 @@ impl Settings {
                 "SESSION_CLEANUP_TARGET_BATCH_MS",
                 &self.cleanup_target_batch_ms,
             ),
+            (
+                "SESSION_CLEANUP_REST_RATIO".into(),
+                self.cleanup_rest_ratio
+                    .value
+                    .map_or("(engine's default)".into(), |r| r.to_string()),
+                self.cleanup_rest_ratio.source.clone(),
+            ),
             row("SESSIONFLEET_NAMESPACE", &self.namespace),
             row("SESSIONFLEET_DEFAULT_TARGET", &self.default_target),
             row("SESSIONFLEET_WORKER_CONCURRENCY", &self.worker_concurrency),
@@ -605,6 +631,13 @@ impl Settings {
                 rows.push((
                     format!("target.{}.cleanup_target_batch_ms", t.name),
                     ms.to_string(),
+                    Source::File,
+                ));
+            }
+            if let Some(r) = t.cleanup_rest_ratio {
+                rows.push((
+                    format!("target.{}.cleanup_rest_ratio", t.name),
+                    r.to_string(),
                     Source::File,
                 ));
             }
@@ -812,6 +845,13 @@ impl FileLayer {
                         60_000,
                         "a whole number of milliseconds from 1 to 60000",
                     )?,
+                    cleanup_rest_ratio: field("cleanup_rest_ratio")?
+                        .map(|v| {
+                            parse_rest_ratio(&v).ok().flatten().ok_or_else(|| {
+                                invalid("cleanup_rest_ratio", v.clone(), "a number from 0 to 100")
+                            })
+                        })
+                        .transpose()?,
                 },
             );
         }
@@ -921,6 +961,17 @@ fn parse_redis_url(s: &str) -> Result<String, ()> {
         Ok(s.to_string())
     } else {
         Err(())
+    }
+}
+
+/// A rest ratio from 0 to [`crate::ops::cleanup::MAX_REST_RATIO`]; empty = the engine's default.
+fn parse_rest_ratio(s: &str) -> Result<Option<f64>, ()> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=crate::ops::cleanup::MAX_REST_RATIO).contains(&r) => Ok(Some(r)),
+        _ => Err(()),
     }
 }
 

@@ -101,6 +101,39 @@ fn targets_come_from_the_file_with_overrides() {
 }
 
 #[test]
+fn the_rest_ratio_is_the_engine_s_unless_set_globally_or_per_target() {
+    let file = file_with(
+        "[targets.lite]\nurl = \"sqlite://app.db\"\ncleanup_rest_ratio = 0.25\n\
+         [targets.pg]\nurl = \"postgres://app@db/app\"\n",
+    );
+    let unset = Settings::resolve(&Overrides::default(), &env_of(&[]), Some(file.path())).unwrap();
+    let pg = unset.target(Some("pg")).unwrap();
+    assert_eq!(unset.rest_ratio_for(pg), None, "the engine decides");
+    let lite = unset.target(Some("lite")).unwrap();
+    assert_eq!(unset.rest_ratio_for(lite), Some(0.25));
+
+    let env = [("SESSION_CLEANUP_REST_RATIO", "2")];
+    let global =
+        Settings::resolve(&Overrides::default(), &env_of(&env), Some(file.path())).unwrap();
+    assert_eq!(
+        global.rest_ratio_for(global.target(Some("pg")).unwrap()),
+        Some(2.0)
+    );
+    assert_eq!(
+        global.rest_ratio_for(global.target(Some("lite")).unwrap()),
+        Some(0.25),
+        "a target's own value beats the global one"
+    );
+
+    let bad = file_with("[targets.x]\nurl = \"sqlite://x.db\"\ncleanup_rest_ratio = 500\n");
+    let msg = refusal(&Overrides::default(), &[], Some(bad.path()));
+    assert!(
+        msg.contains("targets.x.cleanup_rest_ratio") && msg.contains("from 0 to 100"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn every_invalid_value_is_refused_with_the_variable_and_the_form() {
     let none = Overrides::default();
     let cases: &[(&str, &str, &str)] = &[
@@ -121,6 +154,12 @@ fn every_invalid_value_is_refused_with_the_variable_and_the_form() {
         ("DATABASE_URL", "oracle://db/app", "sqlite:, postgres:"),
         ("REDIS_URL", "http://cache:6379", "redis:// or rediss://"),
         ("SESSIONFLEET_LOG_FORMAT", "xml", "text or json"),
+        ("SESSION_CLEANUP_REST_RATIO", "-1", "a number from 0 to 100"),
+        (
+            "SESSION_CLEANUP_REST_RATIO",
+            "lots",
+            "a number from 0 to 100",
+        ),
     ];
     for (var, value, form) in cases {
         let msg = refusal(&none, &[(var, value)], None);

@@ -38,6 +38,10 @@ struct Args {
     /// Cleanup target transaction duration, ms.
     #[arg(long, default_value_t = cleanup::DEFAULT_TARGET_BATCH_MS)]
     target_batch_ms: u64,
+    /// Cleanup rest after each batch, as a multiple of the batch's time; the engine's default
+    /// (`cleanup::default_rest_ratio`) when not given.
+    #[arg(long)]
+    rest_ratio: Option<f64>,
     /// Which sides to run, comma-separated (`ours`, `plain`); the document's runs use both.
     #[arg(long, default_value = "ours,plain", value_delimiter = ',')]
     sides: Vec<String>,
@@ -136,6 +140,11 @@ async fn parent(args: &Args) -> Result<()> {
                 &args.idle_secs.to_string(),
             ])
             .args(["--target-batch-ms", &args.target_batch_ms.to_string()])
+            .args(
+                args.rest_ratio
+                    .iter()
+                    .flat_map(|r| ["--rest-ratio".to_string(), r.to_string()]),
+            )
             .args(["--as-of", &now.format("%Y-%m-%dT%H:%M:%S").to_string()])
             .args(args.until_purged.then_some("--until-purged"))
             .args(trace_dir(args, run)?.iter().flat_map(|d| {
@@ -667,6 +676,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
             let params = CleanupParams {
                 as_of: Some(as_of),
                 target_batch_ms: args.target_batch_ms,
+                rest_ratio: args.rest_ratio,
                 ..Default::default()
             };
             let r = cleanup::run(&ctx, &params).await?;
