@@ -35,7 +35,7 @@ pub fn cleanup_params(
         batch_size: ask
             .batch_size
             .unwrap_or_else(|| settings.batch_size_for(target)),
-        target_batch_ms: settings.target_batch_for(target).as_millis() as u64,
+        target_batch_ms: settings.target_batch_ms_for(target),
         rest_ratio: settings.rest_ratio_for(target),
         max_age_secs: settings.max_age_for(target).as_secs(),
         force: ask.force,

@@ -173,9 +173,9 @@ pub const KEYS: &[Key] = &[
     Key {
         env: "SESSION_CLEANUP_TARGET_BATCH_MS",
         file: "cleanup_target_batch_ms",
-        default: "50",
-        form: "a whole number of milliseconds from 1 to 60000",
-        help: "duration each cleanup transaction aims to stay under",
+        default: "",
+        form: "a whole number of milliseconds from 1 to 60000, or empty for the engine's default",
+        help: "duration each cleanup transaction aims to stay under (default: 50, on SQLite 20)",
     },
     Key {
         env: "SESSION_CLEANUP_REST_RATIO",
@@ -335,8 +335,8 @@ pub struct Settings {
     pub metrics_retention_days: Sourced<u32>,
     /// Alert thresholds file.
     pub alert_thresholds_file: Sourced<Option<PathBuf>>,
-    /// Target duration of a cleanup batch, ms.
-    pub cleanup_target_batch_ms: Sourced<u64>,
+    /// Target duration of a cleanup batch, ms; `None` = the engine's default.
+    pub cleanup_target_batch_ms: Sourced<Option<u64>>,
     /// Rest after each cleanup batch, as a multiple of its time; `None` = the engine's default.
     pub cleanup_rest_ratio: Sourced<Option<f64>>,
     /// Redis key namespace.
@@ -426,9 +426,12 @@ impl Settings {
             alert_thresholds_file: layers
                 .get("SESSION_ALERT_THRESHOLDS_FILE", parse_readable_file)?,
             redis_ca_cert: layers.get("REDIS_CA_CERT", parse_readable_file)?,
-            cleanup_target_batch_ms: layers
-                .get("SESSION_CLEANUP_TARGET_BATCH_MS", range_u64(1, 60_000))?,
-            cleanup_rest_ratio: layers.get("SESSION_CLEANUP_REST_RATIO", parse_rest_ratio)?,
+            cleanup_target_batch_ms: layers.get(
+                "SESSION_CLEANUP_TARGET_BATCH_MS",
+                optional(range_u64(1, 60_000)),
+            )?,
+            cleanup_rest_ratio: layers
+                .get("SESSION_CLEANUP_REST_RATIO", optional(parse_rest_ratio))?,
             namespace: layers.get("SESSIONFLEET_NAMESPACE", parse_namespace)?,
             default_target: layers.get("SESSIONFLEET_DEFAULT_TARGET", |s| Ok(s.to_string()))?,
             worker_concurrency: layers
@@ -516,13 +519,11 @@ impl Settings {
         Duration::from_secs(target.max_age.unwrap_or(self.max_age.value))
     }
 
-    /// Effective batch duration target for a target.
-    pub fn target_batch_for(&self, target: &Target) -> Duration {
-        Duration::from_millis(
-            target
-                .cleanup_target_batch_ms
-                .unwrap_or(self.cleanup_target_batch_ms.value),
-        )
+    /// Effective batch duration target for a target, ms; `None` = the engine's default.
+    pub fn target_batch_ms_for(&self, target: &Target) -> Option<u64> {
+        target
+            .cleanup_target_batch_ms
+            .or(self.cleanup_target_batch_ms.value)
     }
 
     /// Effective rest ratio for a target; `None` = the engine's default.
@@ -579,15 +580,18 @@ impl Settings {
                 &self.alert_thresholds_file,
                 "(built-in thresholds)",
             ),
-            row(
-                "SESSION_CLEANUP_TARGET_BATCH_MS",
-                &self.cleanup_target_batch_ms,
+            (
+                "SESSION_CLEANUP_TARGET_BATCH_MS".into(),
+                self.cleanup_target_batch_ms
+                    .value
+                    .map_or(ENGINE_DEFAULT.into(), |ms| ms.to_string()),
+                self.cleanup_target_batch_ms.source.clone(),
             ),
             (
                 "SESSION_CLEANUP_REST_RATIO".into(),
                 self.cleanup_rest_ratio
                     .value
-                    .map_or("(engine's default)".into(), |r| r.to_string()),
+                    .map_or(ENGINE_DEFAULT.into(), |r| r.to_string()),
                 self.cleanup_rest_ratio.source.clone(),
             ),
             row("SESSIONFLEET_NAMESPACE", &self.namespace),
@@ -847,7 +851,7 @@ impl FileLayer {
                     )?,
                     cleanup_rest_ratio: field("cleanup_rest_ratio")?
                         .map(|v| {
-                            parse_rest_ratio(&v).ok().flatten().ok_or_else(|| {
+                            parse_rest_ratio(&v).map_err(|()| {
                                 invalid("cleanup_rest_ratio", v.clone(), "a number from 0 to 100")
                             })
                         })
@@ -922,6 +926,20 @@ pub fn normalize_cron(expr: &str) -> Option<String> {
     cron::Schedule::from_str(&six).ok().map(|_| six)
 }
 
+/// How `config show` names a setting left to the engine's default.
+const ENGINE_DEFAULT: &str = "(engine's default)";
+
+/// `parse`, or `None` for an empty value.
+fn optional<T>(parse: impl Fn(&str) -> Result<T, ()>) -> impl Fn(&str) -> Result<Option<T>, ()> {
+    move |s| {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            parse(s).map(Some)
+        }
+    }
+}
+
 fn range_u64(lo: u64, hi: u64) -> impl Fn(&str) -> Result<u64, ()> {
     move |s| match s.parse::<u64>() {
         Ok(v) if (lo..=hi).contains(&v) => Ok(v),
@@ -964,13 +982,10 @@ fn parse_redis_url(s: &str) -> Result<String, ()> {
     }
 }
 
-/// A rest ratio from 0 to [`crate::ops::cleanup::MAX_REST_RATIO`]; empty = the engine's default.
-fn parse_rest_ratio(s: &str) -> Result<Option<f64>, ()> {
-    if s.is_empty() {
-        return Ok(None);
-    }
+/// A rest ratio from 0 to [`crate::ops::cleanup::MAX_REST_RATIO`].
+fn parse_rest_ratio(s: &str) -> Result<f64, ()> {
     match s.parse::<f64>() {
-        Ok(r) if (0.0..=crate::ops::cleanup::MAX_REST_RATIO).contains(&r) => Ok(Some(r)),
+        Ok(r) if (0.0..=crate::ops::cleanup::MAX_REST_RATIO).contains(&r) => Ok(r),
         _ => Err(()),
     }
 }

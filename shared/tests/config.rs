@@ -101,6 +101,32 @@ fn targets_come_from_the_file_with_overrides() {
 }
 
 #[test]
+fn the_batch_target_is_the_engine_s_unless_set_globally_or_per_target() {
+    let file = file_with(
+        "[targets.lite]\nurl = \"sqlite://app.db\"\ncleanup_target_batch_ms = 35\n\
+         [targets.pg]\nurl = \"postgres://app@db/app\"\n",
+    );
+    let unset = Settings::resolve(&Overrides::default(), &env_of(&[]), Some(file.path())).unwrap();
+    let pg = unset.target(Some("pg")).unwrap();
+    assert_eq!(unset.target_batch_ms_for(pg), None, "the engine decides");
+    let lite = unset.target(Some("lite")).unwrap();
+    assert_eq!(unset.target_batch_ms_for(lite), Some(35));
+
+    let env = [("SESSION_CLEANUP_TARGET_BATCH_MS", "80")];
+    let global =
+        Settings::resolve(&Overrides::default(), &env_of(&env), Some(file.path())).unwrap();
+    assert_eq!(
+        global.target_batch_ms_for(global.target(Some("pg")).unwrap()),
+        Some(80)
+    );
+    assert_eq!(
+        global.target_batch_ms_for(global.target(Some("lite")).unwrap()),
+        Some(35),
+        "a target's own value beats the global one"
+    );
+}
+
+#[test]
 fn the_rest_ratio_is_the_engine_s_unless_set_globally_or_per_target() {
     let file = file_with(
         "[targets.lite]\nurl = \"sqlite://app.db\"\ncleanup_rest_ratio = 0.25\n\
@@ -155,6 +181,11 @@ fn every_invalid_value_is_refused_with_the_variable_and_the_form() {
         ("REDIS_URL", "http://cache:6379", "redis:// or rediss://"),
         ("SESSIONFLEET_LOG_FORMAT", "xml", "text or json"),
         ("SESSION_CLEANUP_REST_RATIO", "-1", "a number from 0 to 100"),
+        (
+            "SESSION_CLEANUP_TARGET_BATCH_MS",
+            "0",
+            "milliseconds from 1 to 60000",
+        ),
         (
             "SESSION_CLEANUP_REST_RATIO",
             "lots",

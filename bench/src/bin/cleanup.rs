@@ -35,9 +35,10 @@ struct Args {
     /// that is not measured).
     #[arg(long, default_value_t = 5)]
     idle_secs: u64,
-    /// Cleanup target transaction duration, ms.
-    #[arg(long, default_value_t = cleanup::DEFAULT_TARGET_BATCH_MS)]
-    target_batch_ms: u64,
+    /// Cleanup target transaction duration, ms; the engine's default
+    /// (`cleanup::default_target_batch_ms`) when not given.
+    #[arg(long)]
+    target_batch_ms: Option<u64>,
     /// Cleanup rest after each batch, as a multiple of the batch's time; the engine's default
     /// (`cleanup::default_rest_ratio`) when not given.
     #[arg(long)]
@@ -139,7 +140,11 @@ async fn parent(args: &Args) -> Result<()> {
                 "--idle-secs",
                 &args.idle_secs.to_string(),
             ])
-            .args(["--target-batch-ms", &args.target_batch_ms.to_string()])
+            .args(
+                args.target_batch_ms
+                    .iter()
+                    .flat_map(|ms| ["--target-batch-ms".to_string(), ms.to_string()]),
+            )
             .args(
                 args.rest_ratio
                     .iter()
