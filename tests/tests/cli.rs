@@ -316,6 +316,27 @@ async fn every_spec_invocation_has_an_equivalent() {
         let _w = cli.worker("spec");
         let stats = cli.json(&["cleanup", "--stats", "--json"]);
         assert_eq!(stats["total_sessions"].as_i64(), Some(total(&t).await));
+        // Nothing configured: the engine's own batch target and rest, decided by the worker.
+        let (target_ms, rest) = if engine == Engine::Sqlite {
+            (20, 1.0)
+        } else {
+            (50, 0.0)
+        };
+        assert_eq!(stats["target_batch_ms"], target_ms, "{engine}: {stats}");
+        assert_eq!(stats["rest_ratio"], rest, "{engine}: {stats}");
+        // Set by the producer's configuration: it travels in the job to the same worker.
+        let tuned = Cli {
+            ns: cli.ns.clone(),
+            db_url: cli.db_url.clone(),
+            redis: cli.redis.clone(),
+            extra: vec![
+                ("SESSION_CLEANUP_TARGET_BATCH_MS".into(), "35".into()),
+                ("SESSION_CLEANUP_REST_RATIO".into(), "0.5".into()),
+            ],
+        };
+        let stats = tuned.json(&["cleanup", "--stats", "--json"]);
+        assert_eq!(stats["target_batch_ms"], 35, "{engine}: {stats}");
+        assert_eq!(stats["rest_ratio"], 0.5, "{engine}: {stats}");
         let health = cli.json(&["analytics", "--health-report", "--json"]);
         for key in [
             "timestamp",
