@@ -101,54 +101,31 @@ fn targets_come_from_the_file_with_overrides() {
 }
 
 #[test]
-fn the_batch_target_is_the_engine_s_unless_set_globally_or_per_target() {
+fn batch_target_and_rest_are_the_engine_s_unless_set_globally_or_per_target() {
     let file = file_with(
-        "[targets.lite]\nurl = \"sqlite://app.db\"\ncleanup_target_batch_ms = 35\n\
+        "[targets.lite]\nurl = \"sqlite://app.db\"\n\
+         cleanup_target_batch_ms = 35\ncleanup_rest_ratio = 0.25\n\
          [targets.pg]\nurl = \"postgres://app@db/app\"\n",
     );
+    let pick = |s: &Settings, name: &str| {
+        let t = s.target(Some(name)).unwrap();
+        (s.target_batch_ms_for(t), s.rest_ratio_for(t))
+    };
     let unset = Settings::resolve(&Overrides::default(), &env_of(&[]), Some(file.path())).unwrap();
-    let pg = unset.target(Some("pg")).unwrap();
-    assert_eq!(unset.target_batch_ms_for(pg), None, "the engine decides");
-    let lite = unset.target(Some("lite")).unwrap();
-    assert_eq!(unset.target_batch_ms_for(lite), Some(35));
+    assert_eq!(pick(&unset, "pg"), (None, None), "the engine decides");
+    assert_eq!(pick(&unset, "lite"), (Some(35), Some(0.25)));
 
-    let env = [("SESSION_CLEANUP_TARGET_BATCH_MS", "80")];
+    let env = [
+        ("SESSION_CLEANUP_TARGET_BATCH_MS", "80"),
+        ("SESSION_CLEANUP_REST_RATIO", "2"),
+    ];
     let global =
         Settings::resolve(&Overrides::default(), &env_of(&env), Some(file.path())).unwrap();
+    assert_eq!(pick(&global, "pg"), (Some(80), Some(2.0)));
     assert_eq!(
-        global.target_batch_ms_for(global.target(Some("pg")).unwrap()),
-        Some(80)
-    );
-    assert_eq!(
-        global.target_batch_ms_for(global.target(Some("lite")).unwrap()),
-        Some(35),
-        "a target's own value beats the global one"
-    );
-}
-
-#[test]
-fn the_rest_ratio_is_the_engine_s_unless_set_globally_or_per_target() {
-    let file = file_with(
-        "[targets.lite]\nurl = \"sqlite://app.db\"\ncleanup_rest_ratio = 0.25\n\
-         [targets.pg]\nurl = \"postgres://app@db/app\"\n",
-    );
-    let unset = Settings::resolve(&Overrides::default(), &env_of(&[]), Some(file.path())).unwrap();
-    let pg = unset.target(Some("pg")).unwrap();
-    assert_eq!(unset.rest_ratio_for(pg), None, "the engine decides");
-    let lite = unset.target(Some("lite")).unwrap();
-    assert_eq!(unset.rest_ratio_for(lite), Some(0.25));
-
-    let env = [("SESSION_CLEANUP_REST_RATIO", "2")];
-    let global =
-        Settings::resolve(&Overrides::default(), &env_of(&env), Some(file.path())).unwrap();
-    assert_eq!(
-        global.rest_ratio_for(global.target(Some("pg")).unwrap()),
-        Some(2.0)
-    );
-    assert_eq!(
-        global.rest_ratio_for(global.target(Some("lite")).unwrap()),
-        Some(0.25),
-        "a target's own value beats the global one"
+        pick(&global, "lite"),
+        (Some(35), Some(0.25)),
+        "a target's own values beat the global ones"
     );
 
     let bad = file_with("[targets.x]\nurl = \"sqlite://x.db\"\ncleanup_rest_ratio = 500\n");

@@ -791,32 +791,21 @@ mod tests {
     }
 
     #[test]
-    fn each_engine_has_its_default_rest_and_a_chosen_one_wins() {
+    fn each_engine_has_its_own_batch_target_and_rest_unless_told_otherwise() {
         let default = CleanupParams::default();
-        assert_eq!(default.effective_rest_ratio(Engine::Sqlite), 1.0);
-        assert_eq!(default.effective_rest_ratio(Engine::MySql), 1.0);
-        assert_eq!(default.effective_rest_ratio(Engine::Postgres), 0.0);
+        let effective = |p: &CleanupParams, e: Engine| {
+            (p.effective_target_batch_ms(e), p.effective_rest_ratio(e))
+        };
+        assert_eq!(effective(&default, Engine::Sqlite), (20, 1.0));
+        assert_eq!(effective(&default, Engine::MySql), (50, 1.0));
+        assert_eq!(effective(&default, Engine::Postgres), (50, 0.0));
         let chosen = CleanupParams {
+            target_batch_ms: Some(75),
             rest_ratio: Some(0.25),
             ..CleanupParams::default()
         };
         for engine in [Engine::Sqlite, Engine::Postgres, Engine::MySql] {
-            assert_eq!(chosen.effective_rest_ratio(engine), 0.25);
-        }
-    }
-
-    #[test]
-    fn sqlite_aims_at_shorter_batches_unless_told_otherwise() {
-        let default = CleanupParams::default();
-        assert_eq!(default.effective_target_batch_ms(Engine::Sqlite), 20);
-        assert_eq!(default.effective_target_batch_ms(Engine::MySql), 50);
-        assert_eq!(default.effective_target_batch_ms(Engine::Postgres), 50);
-        let chosen = CleanupParams {
-            target_batch_ms: Some(75),
-            ..CleanupParams::default()
-        };
-        for engine in [Engine::Sqlite, Engine::Postgres, Engine::MySql] {
-            assert_eq!(chosen.effective_target_batch_ms(engine), 75);
+            assert_eq!(effective(&chosen, engine), (75, 0.25));
         }
         let zero = CleanupParams {
             target_batch_ms: Some(0),
