@@ -93,7 +93,9 @@ pub struct CleanupParams {
     pub target_batch_ms: Option<u64>,
     /// Rest after each batch, as a multiple of the time the batch took (pt-archiver's
     /// `--sleep-coef`): 1.0 keeps the database free of our writes half the time. `None`: the
-    /// engine's default ([`default_rest_ratio`]). From 0 to [`MAX_REST_RATIO`].
+    /// engine's default ([`default_rest_ratio`]). From 0 to [`MAX_REST_RATIO`]. Left out of the
+    /// payload when `None`, like `target_batch_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rest_ratio: Option<f64>,
     /// Idle seconds after which a session counts as expired (v1) or a session marked inactive
     /// is purged (v2). Default [`DEFAULT_MAX_AGE_SECS`].
@@ -721,7 +723,7 @@ fn rest_after(engine: Engine, ratio: f64, held: Duration, already: Duration) -> 
 /// - **MySQL/MariaDB: 1.0.** Lock waiters queue fairly, but under back-to-back deletes single
 ///   batches stall (not on free pages or the redo log; the cause is not established): at
 ///   1,000,000 sessions the longest transaction was over 100 ms in 6 of 8 runs without rests
-///   and in none of 4 with, at 0.86–1.56× the plain `DELETE`'s rate instead of 1.52–1.93×.
+///   and in none of 8 with, at 0.86–1.56× the plain `DELETE`'s rate instead of 1.52–1.93×.
 ///   Replicas apply the batches one after another too, so rests also bound their lag.
 /// - **PostgreSQL: 0.** Rests lowered the application's median latency but not its p99, and
 ///   cost a third to a half of the rate (bench/results/cleanup.md, 2026-12-03 08:58–10:30).
@@ -817,10 +819,12 @@ mod tests {
     #[test]
     fn a_payload_without_a_target_leaves_it_to_the_engine_and_an_old_one_keeps_its_own() {
         let json = serde_json::to_value(CleanupParams::default()).expect("serialize");
-        assert!(
-            json.get("target_batch_ms").is_none(),
-            "an unset target is left out, so an older worker reads its own default: {json}"
-        );
+        for key in ["target_batch_ms", "rest_ratio"] {
+            assert!(
+                json.get(key).is_none(),
+                "an unset {key} is left out, so an older worker reads its own default: {json}"
+            );
+        }
         let old: CleanupParams =
             serde_json::from_str(r#"{"batch_size": 100, "target_batch_ms": 50}"#)
                 .expect("old payload");
