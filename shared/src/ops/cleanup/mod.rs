@@ -507,13 +507,12 @@ async fn purge_rule(
         sizer.observe(found.rows, done.took);
         let checkpoint = writer.checkpoint().await?;
         tracing::debug!(rule = ?rule.kind, rows = found.rows, deleted = done.deleted, ms = done.took.as_secs_f64() * 1000.0, commit_ms = done.committing.as_secs_f64() * 1000.0, checkpoint_ms = checkpoint.took.as_secs_f64() * 1000.0, wal_frames = checkpoint.wal_frames, frames_left = checkpoint.left, "batch committed");
-        tokio::time::sleep(rest_after(
-            db.engine(),
-            rest_ratio,
-            done.took,
-            checkpoint.took,
-        ))
-        .await;
+        // A cancellation ends the rest at once: with a large ratio it can last seconds.
+        let rest = rest_after(db.engine(), rest_ratio, done.took, checkpoint.took);
+        tokio::select! {
+            () = tokio::time::sleep(rest) => {}
+            () = ctx.cancel.cancelled() => {}
+        }
         cursor = found.next;
         // A range may hold no match at all; found ids that all vanished are suspect.
         fruitless = match found.batch {
