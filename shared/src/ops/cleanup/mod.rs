@@ -722,7 +722,7 @@ fn rest_after(engine: Engine, ratio: f64, held: Duration, already: Duration) -> 
 /// - **MySQL/MariaDB: 1.0.** Lock waiters queue fairly, but under back-to-back deletes single
 ///   batches stall (not on free pages or the redo log; the cause is not established): at
 ///   1,000,000 sessions the longest transaction was over 100 ms in 6 of 8 runs without rests
-///   and in none of 8 with, at 0.86–1.56× the plain `DELETE`'s rate instead of 1.52–1.93×.
+///   and in 1 of 9 with (105.0 ms), at 0.86–1.56× the plain `DELETE`'s rate instead of 1.52–1.93×.
 ///   Replicas apply the batches one after another too, so rests also bound their lag.
 /// - **PostgreSQL: 0.** Rests lowered the application's median latency but not its p99, and
 ///   cost a third to a half of the rate (bench/results/cleanup.md, 2026-12-03 08:58–10:30).
