@@ -423,9 +423,11 @@ impl Settings {
             monitoring_enabled: layers.get("SESSION_MONITORING_ENABLED", parse_bool)?,
             metrics_retention_days: layers
                 .get("SESSION_METRICS_RETENTION_DAYS", range_u32(1, 3650))?,
-            alert_thresholds_file: layers
-                .get("SESSION_ALERT_THRESHOLDS_FILE", parse_readable_file)?,
-            redis_ca_cert: layers.get("REDIS_CA_CERT", parse_readable_file)?,
+            alert_thresholds_file: layers.get(
+                "SESSION_ALERT_THRESHOLDS_FILE",
+                optional(parse_readable_file),
+            )?,
+            redis_ca_cert: layers.get("REDIS_CA_CERT", optional(parse_readable_file))?,
             cleanup_target_batch_ms: layers.get(
                 "SESSION_CLEANUP_TARGET_BATCH_MS",
                 optional(range_u64(1, 60_000)),
@@ -544,6 +546,11 @@ impl Settings {
         fn row<T: ToString>(name: &str, s: &Sourced<T>) -> (String, String, Source) {
             (name.to_string(), s.value.to_string(), s.source.clone())
         }
+        // A setting whose default differs per engine: unset reads "(engine's default)".
+        fn per_engine<T: ToString>(name: &str, s: &Sourced<Option<T>>) -> (String, String, Source) {
+            let value = s.value.as_ref().map_or(ENGINE_DEFAULT.into(), T::to_string);
+            (name.to_string(), value, s.source.clone())
+        }
         let opt = |name: &str, s: &Sourced<Option<String>>, none: &str| {
             (
                 name.to_string(),
@@ -580,20 +587,11 @@ impl Settings {
                 &self.alert_thresholds_file,
                 "(built-in thresholds)",
             ),
-            (
-                "SESSION_CLEANUP_TARGET_BATCH_MS".into(),
-                self.cleanup_target_batch_ms
-                    .value
-                    .map_or(ENGINE_DEFAULT.into(), |ms| ms.to_string()),
-                self.cleanup_target_batch_ms.source.clone(),
+            per_engine(
+                "SESSION_CLEANUP_TARGET_BATCH_MS",
+                &self.cleanup_target_batch_ms,
             ),
-            (
-                "SESSION_CLEANUP_REST_RATIO".into(),
-                self.cleanup_rest_ratio
-                    .value
-                    .map_or(ENGINE_DEFAULT.into(), |r| r.to_string()),
-                self.cleanup_rest_ratio.source.clone(),
-            ),
+            per_engine("SESSION_CLEANUP_REST_RATIO", &self.cleanup_rest_ratio),
             row("SESSIONFLEET_NAMESPACE", &self.namespace),
             row("SESSIONFLEET_DEFAULT_TARGET", &self.default_target),
             row("SESSIONFLEET_WORKER_CONCURRENCY", &self.worker_concurrency),
@@ -990,12 +988,9 @@ fn parse_rest_ratio(s: &str) -> Result<f64, ()> {
     }
 }
 
-fn parse_readable_file(s: &str) -> Result<Option<PathBuf>, ()> {
-    if s.is_empty() {
-        return Ok(None);
-    }
+fn parse_readable_file(s: &str) -> Result<PathBuf, ()> {
     let p = PathBuf::from(s);
-    std::fs::File::open(&p).map(|_| Some(p)).map_err(|_| ())
+    std::fs::File::open(&p).map(|_| p).map_err(|_| ())
 }
 
 fn parse_namespace(s: &str) -> Result<String, ()> {

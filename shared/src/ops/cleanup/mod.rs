@@ -694,8 +694,9 @@ fn plan_walk(rule: &rules::Rule, matching: Option<u64>, table_rows: u64) -> Opti
 ///   so an application write arriving meanwhile waits for the whole batch, and single batches
 ///   stall now and then to twice or three times their size's usual time (cause not
 ///   established). At 1,000,000 sessions, both sides in each run: at 50 ms the longest
-///   transaction reached 74–129 ms and the application's p99 58–84 ms; at 20 ms 32–37 ms and
-///   36 ms, for 13–17 % less rate (bench/results/cleanup.md, 2026-12-03 17:06–17:14).
+///   transaction took 74–79 ms (119 ms in an ours-only run the same hour) and the
+///   application's p99 was 58 ms; at 20 ms 32–37 ms and 36 ms, for 13–17 % less rate
+///   (bench/results/cleanup.md, 2026-12-03 17:00–17:14).
 pub fn default_target_batch_ms(engine: Engine) -> u64 {
     match engine {
         Engine::Sqlite => SQLITE_TARGET_BATCH_MS,
@@ -725,7 +726,7 @@ fn rest_after(engine: Engine, ratio: f64, held: Duration, already: Duration) -> 
 ///   and in 1 of 9 with (105.0 ms), at 0.86–1.56× the plain `DELETE`'s rate instead of 1.52–1.93×.
 ///   Replicas apply the batches one after another too, so rests also bound their lag.
 /// - **PostgreSQL: 0.** Rests lowered the application's median latency but not its p99, and
-///   cost a third to a half of the rate (bench/results/cleanup.md, 2026-12-03 08:58–10:30).
+///   cost a quarter to two fifths of the rate (bench/results/cleanup.md, 2026-12-03 08:58–10:30).
 pub fn default_rest_ratio(engine: Engine) -> f64 {
     match engine {
         Engine::Sqlite | Engine::MySql => 1.0,
