@@ -531,3 +531,90 @@ async fn row_estimates_follow_the_table_where_the_engine_keeps_them() {
 fn close(estimate: u64, exact: i64) -> bool {
     estimate.abs_diff(exact as u64) <= exact as u64 / 10
 }
+
+/// PostgreSQL's SQLSTATE for a statement cancelled on request, and MySQL's for an
+/// interrupted one (error 1317).
+const QUERY_CANCELED: &str = "57014";
+const QUERY_INTERRUPTED: &str = "70100";
+
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned())
+}
+
+/// `Db::cancel_statement` ends the statement another connection of the pool is running, and
+/// that connection stays usable. Fails if the cancellation reaches nothing: the sleep would
+/// then run its full minute and end normally.
+#[tokio::test]
+async fn a_cancelled_statement_ends_early_and_leaves_its_connection_usable() {
+    use sessionfleet::store::ReadConnection;
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let t = TestDb::new(engine).await;
+        let mut conn = t.db.read_connection().await.unwrap();
+        let session = conn
+            .server_session()
+            .await
+            .unwrap()
+            .expect("a server engine names its sessions");
+        let sleeper = tokio::spawn(async move {
+            // PostgreSQL reports a cancelled statement as an error; MariaDB ends an
+            // interrupted SLEEP either with an error or with SLEEP's result 1.
+            let ended_early = match &mut conn {
+                ReadConnection::Postgres(c) => {
+                    let slept = sqlx::query_scalar::<_, i32>("SELECT 1 FROM pg_sleep(60)")
+                        .fetch_one(&mut **c)
+                        .await;
+                    matches!(slept, Err(e) if sqlstate(&e).as_deref() == Some(QUERY_CANCELED))
+                }
+                ReadConnection::MySql(c) => {
+                    let slept = sqlx::query_scalar::<_, i64>("SELECT CAST(SLEEP(60) AS SIGNED)")
+                        .fetch_one(&mut **c)
+                        .await;
+                    match slept {
+                        Ok(interrupted) => interrupted == 1,
+                        Err(e) => sqlstate(&e).as_deref() == Some(QUERY_INTERRUPTED),
+                    }
+                }
+                ReadConnection::Sqlite(_) => unreachable!("only server engines here"),
+            };
+            (ended_early, conn)
+        });
+
+        // Cancel only once the sleep is running: a cancellation that arrives before its
+        // statement is, by design, not kept for the next one.
+        let running = match engine {
+            Engine::Postgres => {
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND state = 'active' AND query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()"
+            }
+            _ => {
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() \
+                 AND INFO LIKE '%SLEEP(60)%' AND ID <> CONNECTION_ID()"
+            }
+        };
+        while t.db.scalar_i64(running).await.unwrap() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        t.db.cancel_statement(session).await.unwrap();
+
+        let (ended_early, mut conn) = sleeper.await.unwrap();
+        assert!(ended_early, "{engine}: the sleep ran to its end");
+        let usable = match &mut conn {
+            ReadConnection::Postgres(c) => sqlx::query_scalar::<_, i32>("SELECT 7")
+                .fetch_one(&mut **c)
+                .await
+                .unwrap(),
+            ReadConnection::MySql(c) => sqlx::query_scalar::<_, i64>("SELECT CAST(7 AS SIGNED)")
+                .fetch_one(&mut **c)
+                .await
+                .map(i32::try_from)
+                .unwrap()
+                .unwrap(),
+            ReadConnection::Sqlite(_) => unreachable!(),
+        };
+        assert_eq!(usable, 7, "{engine}: the connection answers after the cancellation");
+        drop(conn);
+        t.drop_db().await;
+    }
+}

@@ -43,9 +43,15 @@ struct Args {
     /// (`cleanup::default_rest_ratio`) when not given.
     #[arg(long)]
     rest_ratio: Option<f64>,
-    /// Which sides to run, comma-separated (`ours`, `plain`); the document's runs use both.
+    /// Which sides to run, comma-separated: `ours`, `plain` (the document's runs use both),
+    /// and two controls that delete nothing, for what the application's latency does without
+    /// a cleanup: `none` (its window is `--control-secs` of nothing: the measurement's own
+    /// noise) and `cpu` (one thread spinning for that time: CPU contention alone).
     #[arg(long, default_value = "ours,plain", value_delimiter = ',')]
     sides: Vec<String>,
+    /// Length of the control sides' window, seconds.
+    #[arg(long, default_value_t = 20)]
+    control_secs: u64,
     /// Also write every application operation of each side to `DIR/<side>-app.csv`: its
     /// scheduled start in ms relative to the cleanup's start, and its latency in ms.
     #[arg(long, value_name = "DIR")]
@@ -139,6 +145,8 @@ async fn parent(args: &Args) -> Result<()> {
                 &args.app_rate.to_string(),
                 "--idle-secs",
                 &args.idle_secs.to_string(),
+                "--control-secs",
+                &args.control_secs.to_string(),
             ])
             .args(
                 args.target_batch_ms
@@ -699,6 +707,22 @@ async fn child(args: &Args, side: &str) -> Result<()> {
             let t = Instant::now();
             let n = sessionfleet::on_pool!(db, p => sqlx::query(sql).bind(as_of).bind(cutoff).execute(p).await?.rows_affected());
             (n, t.elapsed().as_secs_f64() * 1000.0, 1)
+        }
+        "none" => {
+            tokio::time::sleep(Duration::from_secs(args.control_secs)).await;
+            (0, 0.0, 0)
+        }
+        "cpu" => {
+            let until = Instant::now() + Duration::from_secs(args.control_secs);
+            // A blocking-pool thread, as a busy database backend is a process of its own: not a
+            // runtime worker, which would also hold the application's tasks back directly.
+            tokio::task::spawn_blocking(move || {
+                while Instant::now() < until {
+                    std::hint::black_box((0..1_000u64).sum::<u64>());
+                }
+            })
+            .await?;
+            (0, 0.0, 0)
         }
         other => bail!("unknown side {other}"),
     };

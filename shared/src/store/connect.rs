@@ -9,7 +9,7 @@ use serde::Serialize;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{AssertSqlSafe, MySql, Postgres, Row, Sqlite, Transaction};
+use sqlx::{AssertSqlSafe, ConnectOptions as _, MySql, Postgres, Row, Sqlite, Transaction};
 
 use super::{StoreError, nodelay};
 use crate::secret::{redact_text, redact_url};
@@ -189,6 +189,14 @@ pub const STALLED_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// frozen holder's connection (and rolls back its transaction) after this long idle.
 pub const MYSQL_IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// sqlx logs statements slower than this at WARN with their SQL text; a maintenance tool runs
+/// such statements by design (exact counts, ANALYZE, VACUUM) and reports its own timings, so
+/// they go to [`SLOW_STATEMENT_LEVEL`] instead: there with `RUST_LOG=sqlx=debug`, not in
+/// every operator's log.
+pub const SLOW_STATEMENT_AFTER: Duration = Duration::from_secs(1);
+/// See [`SLOW_STATEMENT_AFTER`].
+pub const SLOW_STATEMENT_LEVEL: log::LevelFilter = log::LevelFilter::Debug;
+
 /// A connected database: the pool plus what is needed to speak its dialect.
 #[derive(Debug, Clone)]
 pub struct Db {
@@ -224,7 +232,8 @@ impl Db {
                         // a power cut may forget the last batches, which the next run redoes.
                         .synchronous(SqliteSynchronous::Normal)
                         .busy_timeout(opts.sqlite_busy_timeout)
-                        .foreign_keys(false);
+                        .foreign_keys(false)
+                        .log_slow_statements(SLOW_STATEMENT_LEVEL, SLOW_STATEMENT_AFTER);
                     SqlitePoolOptions::new()
                         .max_connections(opts.max_connections)
                         .acquire_timeout(Duration::from_secs(30))
@@ -239,7 +248,8 @@ impl Db {
                         .options([(
                             "idle_in_transaction_session_timeout",
                             STALLED_TRANSACTION_TIMEOUT.as_millis(),
-                        )]);
+                        )])
+                        .log_slow_statements(SLOW_STATEMENT_LEVEL, SLOW_STATEMENT_AFTER);
                     let server =
                         nodelay::Server::new(o.get_host(), o.get_port(), o.get_socket().is_some());
                     PgPoolOptions::new()
@@ -260,7 +270,9 @@ impl Db {
                 }
                 Engine::MySql => {
                     let normalized = mysql_url(url);
-                    let o = MySqlConnectOptions::from_str(&normalized).map_err(bad_url)?;
+                    let o = MySqlConnectOptions::from_str(&normalized)
+                        .map_err(bad_url)?
+                        .log_slow_statements(SLOW_STATEMENT_LEVEL, SLOW_STATEMENT_AFTER);
                     let server =
                         nodelay::Server::new(o.get_host(), o.get_port(), o.get_socket().is_some());
                     MySqlPoolOptions::new()
