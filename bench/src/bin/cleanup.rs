@@ -52,6 +52,9 @@ struct Args {
     /// Length of the control sides' window, seconds.
     #[arg(long, default_value_t = 20)]
     control_secs: u64,
+    /// Spinning threads of the `cpu` control side.
+    #[arg(long, default_value_t = 1)]
+    control_threads: u32,
     /// Also write every application operation of each side to `DIR/<side>-app.csv`: its
     /// scheduled start in ms relative to the cleanup's start, and its latency in ms.
     #[arg(long, value_name = "DIR")]
@@ -147,6 +150,8 @@ async fn parent(args: &Args) -> Result<()> {
                 &args.idle_secs.to_string(),
                 "--control-secs",
                 &args.control_secs.to_string(),
+                "--control-threads",
+                &args.control_threads.to_string(),
             ])
             .args(
                 args.target_batch_ms
@@ -181,12 +186,12 @@ async fn parent(args: &Args) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&results)?);
     println!();
     println!(
-        "| side (run) | rows deleted | seconds | rows/s | longest tx ms | batches | peak RSS MiB | app p50 idle/during ms | app p99 idle/during ms | app max idle/during ms | app errors | engine I/O during |"
+        "| side (run) | rows deleted | seconds | rows/s | longest tx ms | batches | peak RSS MiB | app p50 idle/during ms | app p99 idle/during ms | app max idle/during ms | app errors | engine I/O during | busy cores |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for v in &results {
         println!(
-            "| {} ({}) | {} | {:.2} | {:.0} | {:.1} | {} | {:.1} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} | {} | {} |",
+            "| {} ({}) | {} | {:.2} | {:.0} | {:.1} | {} | {:.1} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} | {} | {} | {:.2} |",
             v["side"].as_str().unwrap_or("?"),
             v["run"],
             v["deleted"],
@@ -203,6 +208,7 @@ async fn parent(args: &Args) -> Result<()> {
             v["during"]["max"].as_f64().unwrap_or(0.0),
             v["app_errors"],
             io_text(&v["engine_io"]),
+            v["machine_busy_cores"].as_f64().unwrap_or(0.0),
         );
     }
     print_rate_ratios(&results, args.repeat);
@@ -610,6 +616,32 @@ fn write_app_trace(path: &std::path::Path, lat: &[(Instant, f64)], start: Instan
     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The machine's CPU time so far from `/proc/stat`, in clock ticks: (busy, all). Busy is all
+/// but idle and I/O wait.
+fn machine_cpu_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("/proc/stat has no cpu line")?
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let all: u64 = ticks.iter().sum();
+    let waiting = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    Ok((all - waiting, all))
+}
+
+/// Cores the whole machine kept busy on average since `before` (database server, this
+/// process and anything else): what the side cost in CPU, against the machine's cores.
+fn busy_cores_since(before: (u64, u64)) -> Result<f64> {
+    let after = machine_cpu_ticks()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let (busy, all) = (after.0 - before.0, after.1 - before.1);
+    Ok(if all == 0 { 0.0 } else { busy as f64 / all as f64 * cores })
+}
+
 fn summary(mut v: Vec<f64>) -> serde_json::Value {
     if v.is_empty() {
         return json!({"n": 0});
@@ -672,6 +704,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     } else {
         None
     };
+    let cpu_before = machine_cpu_ticks()?;
     let cleanup_start = Instant::now();
     // The wall clock of the start, to line the app trace up with the debug log's timestamps.
     eprintln!(
@@ -714,19 +747,26 @@ async fn child(args: &Args, side: &str) -> Result<()> {
         }
         "cpu" => {
             let until = Instant::now() + Duration::from_secs(args.control_secs);
-            // A blocking-pool thread, as a busy database backend is a process of its own: not a
-            // runtime worker, which would also hold the application's tasks back directly.
-            tokio::task::spawn_blocking(move || {
-                while Instant::now() < until {
-                    std::hint::black_box((0..1_000u64).sum::<u64>());
-                }
-            })
-            .await?;
+            // Blocking-pool threads, as a busy database backend is a process of its own: not
+            // runtime workers, which would also hold the application's tasks back directly.
+            let spinners: Vec<_> = (0..args.control_threads)
+                .map(|_| {
+                    tokio::task::spawn_blocking(move || {
+                        while Instant::now() < until {
+                            std::hint::black_box((0..1_000u64).sum::<u64>());
+                        }
+                    })
+                })
+                .collect();
+            for spinner in spinners {
+                spinner.await?;
+            }
             (0, 0.0, 0)
         }
         other => bail!("unknown side {other}"),
     };
     let cleanup_end = Instant::now();
+    let busy_cores = busy_cores_since(cpu_before)?;
     let io = io_delta(&io_before, &engine_io(&db).await?);
     let seconds = (cleanup_end - cleanup_start).as_secs_f64();
     let purge_end = match purged_before {
@@ -784,6 +824,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
         "during_ms": during,
         "app_errors": app_errors,
         "engine_io": io,
+        "machine_busy_cores": busy_cores,
         "until_purged": purge,
     });
     println!("{out}");
