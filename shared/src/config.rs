@@ -185,6 +185,13 @@ pub const KEYS: &[Key] = &[
         help: "rest after each cleanup batch, as a multiple of the batch's time (default: 1 on SQLite and MySQL, 0 on PostgreSQL)",
     },
     Key {
+        env: "SESSION_CLEANUP_PARALLEL_READS",
+        file: "cleanup_parallel_reads",
+        default: "true",
+        form: "true or false",
+        help: "run the cleanup's reads (counts, candidates, statistics) beside its deletes; false: one statement at a time, slower and gentler on a database server with few cores",
+    },
+    Key {
         env: "SESSIONFLEET_NAMESPACE",
         file: "namespace",
         default: "sessionfleet",
@@ -289,6 +296,8 @@ pub struct Target {
     pub cleanup_target_batch_ms: Option<u64>,
     /// Per-target rest ratio override.
     pub cleanup_rest_ratio: Option<f64>,
+    /// Per-target override of whether the cleanup's reads run beside its deletes.
+    pub cleanup_parallel_reads: Option<bool>,
 }
 
 impl Target {
@@ -339,6 +348,8 @@ pub struct Settings {
     pub cleanup_target_batch_ms: Sourced<Option<u64>>,
     /// Rest after each cleanup batch, as a multiple of its time; `None` = the engine's default.
     pub cleanup_rest_ratio: Sourced<Option<f64>>,
+    /// Whether the cleanup's reads run beside its deletes.
+    pub cleanup_parallel_reads: Sourced<bool>,
     /// Redis key namespace.
     pub namespace: Sourced<String>,
     /// Default target name.
@@ -384,6 +395,7 @@ const TARGET_KEYS: &[&str] = &[
     "max_age",
     "cleanup_target_batch_ms",
     "cleanup_rest_ratio",
+    "cleanup_parallel_reads",
 ];
 const SCHEDULE_KEYS: &[&str] = &["cleanup", "full_maintenance", "health_report"];
 
@@ -434,6 +446,7 @@ impl Settings {
             )?,
             cleanup_rest_ratio: layers
                 .get("SESSION_CLEANUP_REST_RATIO", optional(parse_rest_ratio))?,
+            cleanup_parallel_reads: layers.get("SESSION_CLEANUP_PARALLEL_READS", parse_bool)?,
             namespace: layers.get("SESSIONFLEET_NAMESPACE", parse_namespace)?,
             default_target: layers.get("SESSIONFLEET_DEFAULT_TARGET", |s| Ok(s.to_string()))?,
             worker_concurrency: layers
@@ -476,6 +489,7 @@ impl Settings {
                     max_age: None,
                     cleanup_target_batch_ms: None,
                     cleanup_rest_ratio: None,
+                    cleanup_parallel_reads: None,
                 },
             );
         }
@@ -531,6 +545,13 @@ impl Settings {
     /// Effective rest ratio for a target; `None` = the engine's default.
     pub fn rest_ratio_for(&self, target: &Target) -> Option<f64> {
         target.cleanup_rest_ratio.or(self.cleanup_rest_ratio.value)
+    }
+
+    /// Whether the cleanup's reads run beside its deletes on a target.
+    pub fn parallel_reads_for(&self, target: &Target) -> bool {
+        target
+            .cleanup_parallel_reads
+            .unwrap_or(self.cleanup_parallel_reads.value)
     }
 
     /// The cleanup schedule: the file's, or "every SESSION_CLEANUP_INTERVAL seconds".
@@ -592,6 +613,10 @@ impl Settings {
                 &self.cleanup_target_batch_ms,
             ),
             per_engine("SESSION_CLEANUP_REST_RATIO", &self.cleanup_rest_ratio),
+            row(
+                "SESSION_CLEANUP_PARALLEL_READS",
+                &self.cleanup_parallel_reads,
+            ),
             row("SESSIONFLEET_NAMESPACE", &self.namespace),
             row("SESSIONFLEET_DEFAULT_TARGET", &self.default_target),
             row("SESSIONFLEET_WORKER_CONCURRENCY", &self.worker_concurrency),
@@ -640,6 +665,13 @@ impl Settings {
                 rows.push((
                     format!("target.{}.cleanup_rest_ratio", t.name),
                     r.to_string(),
+                    Source::File,
+                ));
+            }
+            if let Some(p) = t.cleanup_parallel_reads {
+                rows.push((
+                    format!("target.{}.cleanup_parallel_reads", t.name),
+                    p.to_string(),
                     Source::File,
                 ));
             }
@@ -851,6 +883,13 @@ impl FileLayer {
                         .map(|v| {
                             parse_rest_ratio(&v).map_err(|()| {
                                 invalid("cleanup_rest_ratio", v.clone(), "a number from 0 to 100")
+                            })
+                        })
+                        .transpose()?,
+                    cleanup_parallel_reads: field("cleanup_parallel_reads")?
+                        .map(|v| {
+                            parse_bool(&v).map_err(|()| {
+                                invalid("cleanup_parallel_reads", v.clone(), "true or false")
                             })
                         })
                         .transpose()?,

@@ -759,12 +759,13 @@ async fn stats_agree_with_a_dry_run() {
 }
 
 /// The same oracle equality when the expired rule is sparse (the steady state of an hourly
-/// cleanup): the rule is then walked along its time index, not the primary key.
+/// cleanup): the rule is then walked along its time index, not the primary key. Also with
+/// one statement at a time, where each rule's count runs when the rule comes up.
 #[tokio::test]
 async fn sparse_rules_walk_their_index_and_still_delete_exactly_the_oracle_set() {
-    for engine in ENGINES {
+    for (engine, parallel_reads) in ENGINES.into_iter().flat_map(|e| [(e, true), (e, false)]) {
         let version = SchemaVersion::V2;
-        let what = format!("{engine} sparse");
+        let what = format!("{engine} sparse, parallel reads {parallel_reads}");
         let tdb = seeded(engine, version).await;
         let db = &tdb.db;
         // Revive all but every 25th session: fewer than the dense share stay expired.
@@ -788,7 +789,15 @@ async fn sparse_rules_walk_their_index_and_still_delete_exactly_the_oracle_set()
             "{what}: sparse ({} of {total})",
             purge.len()
         );
-        let report = cleanup::run(&ctx(db).await, &params()).await.expect("run");
+        let report = cleanup::run(
+            &ctx(db).await,
+            &CleanupParams {
+                parallel_reads,
+                ..params()
+            },
+        )
+        .await
+        .expect("run");
         assert_exactly_purged(&before, &snapshot(db, version).await, &purge, &what);
         assert_eq!(report.total_cleaned(), purge.len() as u64, "{what}");
         tdb.drop_db().await;
@@ -1125,16 +1134,25 @@ async fn a_part_cut_by_its_budget_leaves_the_missing_platform_count_to_the_last_
 
 /// On InnoDB the missing-platform count starts only once the purge is over: beside the
 /// batches its index-only scan went to the clustered index for nearly every record and read
-/// for minutes (`cleanup::missing`). The count is held on a table lock, so the first session
-/// seen waiting for that lock is the count; by then every row the rules purge must be gone.
+/// for minutes (`cleanup::missing`). So it does on any engine when the run keeps to one
+/// statement at a time (`parallel_reads` false; PostgreSQL here, which otherwise counts
+/// beside). The count is held on a table lock, so the first session seen waiting for that
+/// lock is the count; by then every row the rules purge must be gone.
 #[tokio::test]
-async fn on_innodb_the_missing_platform_count_starts_once_the_purge_is_over() {
-    let (engine, version) = (Engine::MySql, SchemaVersion::V2);
+async fn the_missing_platform_count_starts_once_the_purge_is_over_on_innodb_and_one_at_a_time() {
+    for (engine, parallel_reads) in [(Engine::MySql, true), (Engine::Postgres, false)] {
+        missing_platform_count_starts_after_the_purge(engine, parallel_reads).await;
+    }
+}
+
+async fn missing_platform_count_starts_after_the_purge(engine: Engine, parallel_reads: bool) {
+    let version = SchemaVersion::V2;
     let tdb = seeded(engine, version).await;
     let db = &tdb.db;
     let c = ctx(db).await;
     let missing = missing_platform_ids(db).await.len() as u64;
     assert!(missing > 0, "the data has missing-platform sessions");
+    let before = snapshot(db, version).await;
     let purged = oracle(db, version, None, true).await;
     assert!(purged.len() > 100, "the data has rows to purge");
     let lock = PlatformLock::take(engine, &tdb.url).await;
@@ -1142,15 +1160,19 @@ async fn on_innodb_the_missing_platform_count_starts_once_the_purge_is_over() {
     let one_by_one = CleanupParams {
         batch_size: 1,
         max_batch_size: 1,
+        parallel_reads,
         ..params()
     };
     let run = tokio::spawn(async move { cleanup::run(&c, &one_by_one).await });
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while waiting_for_a_table_lock(db).await == 0 {
-        assert!(!run.is_finished(), "the run ended without waiting to count");
+        assert!(
+            !run.is_finished(),
+            "{engine}: the run ended without waiting to count"
+        );
         assert!(
             std::time::Instant::now() < deadline,
-            "nothing waited for the locked platforms table"
+            "{engine}: nothing waited for the locked platforms table"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -1159,12 +1181,14 @@ async fn on_innodb_the_missing_platform_count_starts_once_the_purge_is_over() {
     assert_eq!(
         left,
         0,
-        "the count started while {left} of {} rows to purge were still there",
+        "{engine}: the count started while {left} of {} rows to purge were still there",
         purged.len()
     );
     lock.release().await;
     let report = run.await.expect("run task").expect("run");
-    assert_eq!(report.outcome, Outcome::Completed);
-    assert_eq!(report.missing_platform_sessions, Some(missing));
+    assert_eq!(report.outcome, Outcome::Completed, "{engine}");
+    assert_eq!(report.missing_platform_sessions, Some(missing), "{engine}");
+    let what = format!("{engine}, parallel reads {parallel_reads}");
+    assert_exactly_purged(&before, &snapshot(db, version).await, &purged, &what);
     tdb.drop_db().await;
 }

@@ -137,6 +137,38 @@ fn batch_target_and_rest_are_the_engine_s_unless_set_globally_or_per_target() {
 }
 
 #[test]
+fn parallel_reads_are_on_unless_turned_off_globally_or_per_target() {
+    let file = file_with(
+        "[targets.small]\nurl = \"postgres://app@small/app\"\ncleanup_parallel_reads = false\n\
+         [targets.big]\nurl = \"postgres://app@big/app\"\n",
+    );
+    let pick = |s: &Settings, name: &str| s.parallel_reads_for(s.target(Some(name)).unwrap());
+    let unset = Settings::resolve(&Overrides::default(), &env_of(&[]), Some(file.path())).unwrap();
+    assert!(pick(&unset, "big"), "on by default");
+    assert!(!pick(&unset, "small"), "off for the target that says so");
+
+    let env = [("SESSION_CLEANUP_PARALLEL_READS", "false")];
+    let global =
+        Settings::resolve(&Overrides::default(), &env_of(&env), Some(file.path())).unwrap();
+    assert!(
+        !pick(&global, "big"),
+        "off for every target without its own value"
+    );
+
+    let on = file_with("[targets.x]\nurl = \"sqlite://x.db\"\ncleanup_parallel_reads = true\n");
+    let s = Settings::resolve(&Overrides::default(), &env_of(&env), Some(on.path())).unwrap();
+    assert!(pick(&s, "x"), "a target's own value beats the global one");
+
+    let bad =
+        file_with("[targets.x]\nurl = \"sqlite://x.db\"\ncleanup_parallel_reads = \"often\"\n");
+    let msg = refusal(&Overrides::default(), &[], Some(bad.path()));
+    assert!(
+        msg.contains("targets.x.cleanup_parallel_reads") && msg.contains("true or false"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn every_invalid_value_is_refused_with_the_variable_and_the_form() {
     let none = Overrides::default();
     let cases: &[(&str, &str, &str)] = &[
@@ -158,6 +190,11 @@ fn every_invalid_value_is_refused_with_the_variable_and_the_form() {
         ("REDIS_URL", "http://cache:6379", "redis:// or rediss://"),
         ("SESSIONFLEET_LOG_FORMAT", "xml", "text or json"),
         ("SESSION_CLEANUP_REST_RATIO", "-1", "a number from 0 to 100"),
+        (
+            "SESSION_CLEANUP_PARALLEL_READS",
+            "sometimes",
+            "true or false",
+        ),
         (
             "SESSION_CLEANUP_TARGET_BATCH_MS",
             "0",

@@ -613,7 +613,10 @@ async fn a_cancelled_statement_ends_early_and_leaves_its_connection_usable() {
                 .unwrap(),
             ReadConnection::Sqlite(_) => unreachable!(),
         };
-        assert_eq!(usable, 7, "{engine}: the connection answers after the cancellation");
+        assert_eq!(
+            usable, 7,
+            "{engine}: the connection answers after the cancellation"
+        );
         drop(conn);
         t.drop_db().await;
     }

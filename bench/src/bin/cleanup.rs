@@ -43,6 +43,10 @@ struct Args {
     /// (`cleanup::default_rest_ratio`) when not given.
     #[arg(long)]
     rest_ratio: Option<f64>,
+    /// Cleanup reads beside its deletes (`CleanupParams::parallel_reads`); `false` keeps it
+    /// to one statement at a time.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    parallel_reads: bool,
     /// Which sides to run, comma-separated: `ours`, `plain` (the document's runs use both),
     /// and two controls that delete nothing, for what the application's latency does without
     /// a cleanup: `none` (its window is `--control-secs` of nothing: the measurement's own
@@ -163,6 +167,7 @@ async fn parent(args: &Args) -> Result<()> {
                     .iter()
                     .flat_map(|r| ["--rest-ratio".to_string(), r.to_string()]),
             )
+            .args(["--parallel-reads", &args.parallel_reads.to_string()])
             .args(["--as-of", &now.format("%Y-%m-%dT%H:%M:%S").to_string()])
             .args(args.until_purged.then_some("--until-purged"))
             .args(trace_dir(args, run)?.iter().flat_map(|d| {
@@ -441,10 +446,10 @@ async fn app_op(db: &Db, id: i64) -> Result<(), sqlx::Error> {
 /// The server's own I/O counters, to read as differences across one side's cleanup: what the
 /// rows cost the engine, not just how long they took. PostgreSQL: WAL bytes written (its
 /// per-database block counters are flushed lazily, the WAL position is exact). MariaDB:
-/// InnoDB pages read from disk, pages flushed to it, and row lock waits (server-wide, so they
-/// include the application loop, the same on both sides). SQLite has no such counters; its
-/// WAL file's growth is reported instead: it grows while checkpoints cannot start the WAL
-/// over, and does not shrink by itself.
+/// InnoDB pages read from disk, pages flushed to it, and row lock waits and the time spent in
+/// them (server-wide, so they include the application loop, the same on both sides). SQLite
+/// has no such counters; its WAL file's growth is reported instead: it grows while
+/// checkpoints cannot start the WAL over, and does not shrink by itself.
 async fn engine_io(db: &Db) -> Result<Vec<(&'static str, f64)>> {
     Ok(match db.engine() {
         Engine::Postgres => {
@@ -456,7 +461,7 @@ async fn engine_io(db: &Db) -> Result<Vec<(&'static str, f64)>> {
         Engine::MySql => {
             let sql = "SHOW GLOBAL STATUS WHERE Variable_name IN \
                        ('Innodb_buffer_pool_reads', 'Innodb_buffer_pool_pages_flushed', \
-                       'Innodb_row_lock_waits')";
+                       'Innodb_row_lock_waits', 'Innodb_row_lock_time')";
             let rows: Vec<(String, String)> =
                 sessionfleet::on_pool!(db, p => sqlx::query_as(sql).fetch_all(p).await?);
             let value = |name: &str| {
@@ -469,6 +474,7 @@ async fn engine_io(db: &Db) -> Result<Vec<(&'static str, f64)>> {
                 ("pages_read", value("Innodb_buffer_pool_reads")),
                 ("pages_flushed", value("Innodb_buffer_pool_pages_flushed")),
                 ("row_lock_waits", value("Innodb_row_lock_waits")),
+                ("row_lock_wait_ms", value("Innodb_row_lock_time")),
             ]
         }
         Engine::Sqlite => {
@@ -639,7 +645,11 @@ fn busy_cores_since(before: (u64, u64)) -> Result<f64> {
     let after = machine_cpu_ticks()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let (busy, all) = (after.0 - before.0, after.1 - before.1);
-    Ok(if all == 0 { 0.0 } else { busy as f64 / all as f64 * cores })
+    Ok(if all == 0 {
+        0.0
+    } else {
+        busy as f64 / all as f64 * cores
+    })
 }
 
 fn summary(mut v: Vec<f64>) -> serde_json::Value {
@@ -723,6 +733,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
                 as_of: Some(as_of),
                 target_batch_ms: args.target_batch_ms,
                 rest_ratio: args.rest_ratio,
+                parallel_reads: args.parallel_reads,
                 ..Default::default()
             };
             let r = cleanup::run(&ctx, &params).await?;

@@ -1,7 +1,8 @@
 //! The count of sessions pointing at a missing platform: reported, never acted on.
 //!
 //! It reads the whole session table, so it runs beside the purge, except on InnoDB, where
-//! it runs after it ([`counts_beside_the_purge`]). A part the budget or a cancellation cuts
+//! it runs after it ([`counts_beside_the_purge`]), and when the run keeps to one statement at
+//! a time (`CleanupParams::parallel_reads` false). A part the budget or a cancellation cuts
 //! short reports none: it cancels a count running beside it on the server rather than wait
 //! (on MariaDB, beside the batches of a 2,000,000-session table, a 30-second part of a
 //! fleet's cleanup once ended 1:52 to 3:21 minutes late waiting for it, its open read holding
@@ -45,7 +46,8 @@ enum Work {
         handle: JoinHandle<Result<u64, sqlx::Error>>,
         shared: Arc<Mutex<Shared>>,
     },
-    /// Counted by [`MissingPlatformCount::finish`], once the purge is over (InnoDB).
+    /// Counted by [`MissingPlatformCount::finish`], once the purge is over (InnoDB, or one
+    /// statement at a time).
     After {
         schema: Box<Schema>,
         rules: Vec<Predicate>,
@@ -54,10 +56,16 @@ enum Work {
 
 impl MissingPlatformCount {
     /// Starts counting the sessions of `schema` that point at a missing platform and that
-    /// none of `rules` purges; on InnoDB, only notes what to count ([`counts_beside_the_purge`]).
-    pub fn start(db: &Db, schema: &Schema, rules: &[&Predicate]) -> MissingPlatformCount {
+    /// none of `rules` purges; on InnoDB ([`counts_beside_the_purge`]) or without `beside`,
+    /// only notes what to count.
+    pub fn start(
+        db: &Db,
+        schema: &Schema,
+        rules: &[&Predicate],
+        beside: bool,
+    ) -> MissingPlatformCount {
         let rules: Vec<Predicate> = rules.iter().map(|p| (*p).clone()).collect();
-        let work = if counts_beside_the_purge(db.engine()) {
+        let work = if beside && counts_beside_the_purge(db.engine()) {
             let shared = Arc::new(Mutex::new(Shared::default()));
             let handle = tokio::spawn(count(db.clone(), schema.clone(), rules, shared.clone()));
             Work::Beside { handle, shared }

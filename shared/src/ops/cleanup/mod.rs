@@ -97,6 +97,14 @@ pub struct CleanupParams {
     /// payload when `None`, like `target_batch_ms`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rest_ratio: Option<f64>,
+    /// Whether reads run beside the batches (default true): the later rules' counts and
+    /// candidate reads, the missing-platform count (not on InnoDB, see `missing`) and the
+    /// statistics refresh. False keeps the run to one statement at a time: slower, and on a
+    /// database server with few cores shared with the application, gentler on it (at
+    /// 1,000,000 sessions on two cores: 0.52-0.58x the plain DELETE's rate instead of
+    /// 0.77-0.83x, and the application's p99 near the plain DELETE's instead of twice
+    /// and more above it; BENCHMARKS.md).
+    pub parallel_reads: bool,
     /// Idle seconds after which a session counts as expired (v1) or a session marked inactive
     /// is purged (v2). Default [`DEFAULT_MAX_AGE_SECS`].
     pub max_age_secs: u64,
@@ -128,6 +136,7 @@ impl Default for CleanupParams {
             max_batch_size: DEFAULT_MAX_BATCH_SIZE,
             target_batch_ms: None,
             rest_ratio: None,
+            parallel_reads: true,
             max_age_secs: DEFAULT_MAX_AGE_SECS,
             force: false,
             force_max_age_hours: None,
@@ -244,8 +253,10 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     }
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
     // Independent of the purge (it counts rows no rule touches), so it runs alongside it,
-    // except on InnoDB, where it waits for the purge to end (see `missing`).
-    let missing_platform = MissingPlatformCount::start(db, &schema, &all_rules);
+    // except on InnoDB, where it waits for the purge to end (see `missing`), and without
+    // parallel reads.
+    let missing_platform =
+        MissingPlatformCount::start(db, &schema, &all_rules, params.parallel_reads);
     let worked = if params.dry_run {
         count_per_rule(db, &schema, &rules)
             .await
@@ -283,7 +294,7 @@ async fn purge(
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
     let fence = ctx.fence()?;
     let (table_rows, estimated) = table_size(db, schema).await?;
-    let mut matching = count_index_walked(db, schema, rules, table_rows);
+    let mut matching = count_index_walked(db, schema, rules, table_rows, params.parallel_reads);
     tracing::debug!(
         table_rows,
         estimated,
@@ -294,12 +305,10 @@ async fn purge(
     let mut early_refresh: Option<EarlyRefresh> = None;
     for (i, rule) in rules.iter().enumerate() {
         let matching = match matching[i].take() {
-            Some(pending) => Some(pending.await.map_err(|_| {
-                sqlx::Error::Protocol("the rule count task ended without an answer".into())
-            })??),
+            Some(pending) => Some(pending.await?),
             None => None,
         };
-        if i == 0 {
+        if i == 0 && params.parallel_reads {
             // Streamed rules start reading once the first rule can start deleting (not
             // before: on two cores their reads slowed the count it waits for), so the engine
             // finds their rows while earlier rules delete; each read leaves out rows an
@@ -315,7 +324,7 @@ async fn purge(
                 })
                 .collect();
         }
-        let prefetched = prefetched[i].take();
+        let prefetched = prefetched.get_mut(i).and_then(Option::take);
         let Some(rule) = &plan_walk(rule, matching, table_rows) else {
             continue;
         };
@@ -326,7 +335,7 @@ async fn purge(
             report.outcome = stop;
             break;
         }
-        if early_refresh.is_none() && i + 1 < rules.len() {
+        if params.parallel_reads && early_refresh.is_none() && i + 1 < rules.len() {
             early_refresh = EarlyRefresh::start(db, fence, schema, table_rows, report).await;
         }
     }
@@ -608,7 +617,7 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
         rules: by_rule,
         expired_sessions: by_rule.expired_total(),
         orphaned_sessions: by_rule.orphaned,
-        missing_platform_sessions: MissingPlatformCount::start(db, &schema, &all_rules)
+        missing_platform_sessions: MissingPlatformCount::start(db, &schema, &all_rules, false)
             .finish()
             .await?,
         cleanup_interval: params.interval_secs,
@@ -616,47 +625,67 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
         max_session_age: params.max_age_secs,
         target_batch_ms: params.effective_target_batch_ms(db.engine()),
         rest_ratio: params.effective_rest_ratio(db.engine()),
+        parallel_reads: params.parallel_reads,
         notes: all_notes,
     })
 }
 
-/// The answer of a count running in the background.
-type PendingCount = tokio::sync::oneshot::Receiver<Result<u64, sqlx::Error>>;
+/// A rule's count: running in the background, or to run when awaited.
+type PendingCount = futures::future::BoxFuture<'static, Result<u64, sqlx::Error>>;
 
 /// For each index-walked rule, the rows it will delete (matching it and no earlier rule),
-/// counted one after another in the background: the first rule starts as soon as its own
-/// count is in, and the later counts run while it deletes. The first count stops at the
-/// dense share of `table_rows` ([`DENSE_RULE_SHARE`]): past it only "dense" matters, and a
-/// rule matching most of the table (the first big purge) is then known in a third of the
-/// reading. `None` for other walks.
+/// counted one after another: with `in_background`, the first rule starts as soon as its own
+/// count is in and the later counts run while it deletes; without, each count runs when its
+/// rule comes up. The first count stops at the dense share of `table_rows`
+/// ([`DENSE_RULE_SHARE`]): past it only "dense" matters, and a rule matching most of the
+/// table (the first big purge) is then known in a third of the reading. `None` for other
+/// walks.
 fn count_index_walked(
     db: &Db,
     schema: &Schema,
     rules: &[rules::Rule],
     table_rows: u64,
+    in_background: bool,
 ) -> Vec<Option<PendingCount>> {
     let all: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
-    let mut queue = Vec::new();
-    let mut pending = Vec::with_capacity(rules.len());
+    let mut counts: Vec<(usize, futures::future::BoxFuture<'static, _>)> = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
         if matches!(rule.walk, rules::Walk::Column(_)) {
-            let (answer, rx) = tokio::sync::oneshot::channel();
-            queue.push((rule.predicate.and_none_of(&all[..i]), answer));
-            pending.push(Some(rx));
-        } else {
-            pending.push(None);
+            let (db, schema) = (db.clone(), schema.clone());
+            let pred = rule.predicate.and_none_of(&all[..i]);
+            let first = counts.is_empty();
+            counts.push((
+                i,
+                Box::pin(async move {
+                    if first {
+                        count_up_to(&db, &schema, &pred, dense_rows(table_rows)).await
+                    } else {
+                        count_in_background(&db, &schema, Some(&pred)).await
+                    }
+                }),
+            ));
         }
     }
-    let (db, schema) = (db.clone(), schema.clone());
+    let mut pending: Vec<Option<PendingCount>> = rules.iter().map(|_| None).collect();
+    if !in_background {
+        for (i, count) in counts {
+            pending[i] = Some(count);
+        }
+        return pending;
+    }
+    let mut queue = Vec::new();
+    for (i, count) in counts {
+        let (answer, rx) = tokio::sync::oneshot::channel();
+        queue.push((count, answer));
+        pending[i] = Some(Box::pin(async move {
+            rx.await.map_err(|_| {
+                sqlx::Error::Protocol("the rule count task ended without an answer".into())
+            })?
+        }));
+    }
     tokio::spawn(async move {
-        for (i, (pred, answer)) in queue.into_iter().enumerate() {
-            // The first rule waits for its count; the later ones are counted while it deletes.
-            let n = if i == 0 {
-                count_up_to(&db, &schema, &pred, dense_rows(table_rows)).await
-            } else {
-                count_in_background(&db, &schema, Some(&pred)).await
-            };
-            if answer.send(n).is_err() {
+        for (count, answer) in queue {
+            if answer.send(count.await).is_err() {
                 return; // The run ended.
             }
         }
@@ -830,6 +859,10 @@ mod tests {
                 .expect("old payload");
         assert_eq!(old.target_batch_ms, Some(50));
         assert_eq!(old.effective_target_batch_ms(Engine::Sqlite), 50);
+        assert!(
+            old.parallel_reads,
+            "a payload from before parallel_reads keeps the reads beside the batches"
+        );
     }
 
     #[test]

@@ -262,6 +262,8 @@ pub struct CleanupStats {
     pub target_batch_ms: u64,
     /// Effective rest after each batch, as a multiple of the batch's time.
     pub rest_ratio: f64,
+    /// Whether reads run beside the batches (`CleanupParams::parallel_reads`).
+    pub parallel_reads: bool,
     /// Rules this schema cannot support, and similar remarks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -298,6 +300,7 @@ impl CleanupStats {
         line("max_session_age", self.max_session_age.to_string());
         line("target_batch_ms", self.target_batch_ms.to_string());
         line("rest_ratio", self.rest_ratio.to_string());
+        line("parallel_reads", self.parallel_reads.to_string());
         line("as_of", self.as_of.to_string());
         line("schema", self.schema.clone());
         for note in &self.notes {
