@@ -101,9 +101,9 @@ pub struct CleanupParams {
     /// candidate reads, the missing-platform count (not on InnoDB, see `missing`) and the
     /// statistics refresh. False keeps the run to one statement at a time: slower, and on a
     /// database server with few cores shared with the application, gentler on it (at
-    /// 1,000,000 sessions on two cores: 0.52-0.58x the plain DELETE's rate instead of
-    /// 0.77-0.83x, and the application's p99 near the plain DELETE's instead of twice
-    /// and more above it; BENCHMARKS.md).
+    /// 1,000,000 sessions on a two-core PostgreSQL: 1.1 cores busy instead of 1.7-1.8, the
+    /// application's p99 2.7-4.2x idle instead of 5-7x, for 0.47-0.58x the plain DELETE's
+    /// rate instead of 0.75-0.83x; BENCHMARKS.md).
     pub parallel_reads: bool,
     /// Idle seconds after which a session counts as expired (v1) or a session marked inactive
     /// is purged (v2). Default [`DEFAULT_MAX_AGE_SECS`].
