@@ -50,8 +50,10 @@ struct Args {
     /// Which sides to run, comma-separated: `ours`, `plain` (the document's runs use both),
     /// and two controls that delete nothing, for what the application's latency does without
     /// a cleanup: `none` (its window is `--control-secs` of nothing: the measurement's own
-    /// noise) and `cpu` (one thread spinning for that time: CPU contention alone).
-    #[arg(long, default_value = "ours,plain", value_delimiter = ',')]
+    /// noise) and `cpu` (`--control-threads` threads spinning for that time: CPU contention
+    /// alone). Checked before any database is seeded.
+    #[arg(long, default_value = "ours,plain", value_delimiter = ',',
+          value_parser = ["ours", "plain", "none", "cpu"])]
     sides: Vec<String>,
     /// Length of the control sides' window, seconds.
     #[arg(long, default_value_t = 20)]

@@ -648,7 +648,7 @@ fn count_index_walked(
     in_background: bool,
 ) -> Vec<Option<PendingCount>> {
     let all: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
-    let mut counts: Vec<(usize, futures::future::BoxFuture<'static, _>)> = Vec::new();
+    let mut counts: Vec<(usize, PendingCount)> = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
         if matches!(rule.walk, rules::Walk::Column(_)) {
             let (db, schema) = (db.clone(), schema.clone());
