@@ -1192,3 +1192,49 @@ async fn missing_platform_count_starts_after_the_purge(engine: Engine, parallel_
     assert_exactly_purged(&before, &snapshot(db, version).await, &purged, &what);
     tdb.drop_db().await;
 }
+
+/// On MySQL/MariaDB batches rest only while InnoDB's redo log is at least `rest_from_redo`
+/// full. A test server's log is never full (1), so there no batch rests, and with 0 every
+/// batch does; PostgreSQL rests after every batch whatever the threshold. The reading itself
+/// is a share of the log's limit on MariaDB and absent elsewhere.
+#[tokio::test]
+async fn on_mariadb_batches_rest_only_while_the_redo_log_is_full_enough() {
+    for engine in [Engine::MySql, Engine::Postgres] {
+        for from in [0.0, 1.0] {
+            let tdb = seeded(engine, SchemaVersion::V2).await;
+            let c = ctx(&tdb.db).await;
+            let p = CleanupParams {
+                rest_ratio: Some(0.01),
+                rest_from_redo: from,
+                ..params()
+            };
+            let report = cleanup::run(&c, &p).await.expect("run");
+            assert!(report.batches > 1, "{engine}: {} batches", report.batches);
+            let rests = if engine == Engine::MySql && from == 1.0 {
+                0
+            } else {
+                report.batches
+            };
+            assert_eq!(
+                report.rests, rests,
+                "{engine}, rests from a redo log {from} full: {} batches",
+                report.batches
+            );
+            assert_eq!(report.rest_seconds > 0.0, rests > 0, "{engine}, {from}");
+            tdb.drop_db().await;
+        }
+    }
+    for engine in ENGINES {
+        let tdb = TestDb::new(engine).await;
+        let share = cleanup::redo_log_share(&tdb.db).await.expect("read");
+        if engine == Engine::MySql {
+            assert!(
+                share.is_some_and(|s| (0.0..=1.0).contains(&s)),
+                "MariaDB reports its redo log's fill: {share:?}"
+            );
+        } else {
+            assert_eq!(share, None, "{engine}");
+        }
+        tdb.drop_db().await;
+    }
+}
