@@ -37,7 +37,6 @@ pub fn cleanup_params(
             .unwrap_or_else(|| settings.batch_size_for(target)),
         target_batch_ms: settings.target_batch_ms_for(target),
         rest_ratio: settings.rest_ratio_for(target),
-        rest_from_redo: settings.rest_from_redo_for(target),
         parallel_reads: settings.parallel_reads_for(target),
         max_age_secs: settings.max_age_for(target).as_secs(),
         force: ask.force,

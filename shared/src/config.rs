@@ -185,13 +185,6 @@ pub const KEYS: &[Key] = &[
         help: "rest after each cleanup batch, as a multiple of the batch's time (default: 1 on SQLite and MySQL, 0 on PostgreSQL)",
     },
     Key {
-        env: "SESSION_CLEANUP_REST_FROM_REDO",
-        file: "cleanup_rest_from_redo",
-        default: "0.5",
-        form: "a number from 0 to 1",
-        help: "MySQL/MariaDB: rest only while InnoDB's redo log is at least this full (checkpoint age / its limit); 0: after every batch",
-    },
-    Key {
         env: "SESSION_CLEANUP_PARALLEL_READS",
         file: "cleanup_parallel_reads",
         default: "true",
@@ -303,8 +296,6 @@ pub struct Target {
     pub cleanup_target_batch_ms: Option<u64>,
     /// Per-target rest ratio override.
     pub cleanup_rest_ratio: Option<f64>,
-    /// Per-target override of how full InnoDB's redo log must be for batches to rest.
-    pub cleanup_rest_from_redo: Option<f64>,
     /// Per-target override of whether the cleanup's reads run beside its deletes.
     pub cleanup_parallel_reads: Option<bool>,
 }
@@ -357,8 +348,6 @@ pub struct Settings {
     pub cleanup_target_batch_ms: Sourced<Option<u64>>,
     /// Rest after each cleanup batch, as a multiple of its time; `None` = the engine's default.
     pub cleanup_rest_ratio: Sourced<Option<f64>>,
-    /// MySQL/MariaDB: how full InnoDB's redo log must be for cleanup batches to rest.
-    pub cleanup_rest_from_redo: Sourced<f64>,
     /// Whether the cleanup's reads run beside its deletes.
     pub cleanup_parallel_reads: Sourced<bool>,
     /// Redis key namespace.
@@ -406,7 +395,6 @@ const TARGET_KEYS: &[&str] = &[
     "max_age",
     "cleanup_target_batch_ms",
     "cleanup_rest_ratio",
-    "cleanup_rest_from_redo",
     "cleanup_parallel_reads",
 ];
 const SCHEDULE_KEYS: &[&str] = &["cleanup", "full_maintenance", "health_report"];
@@ -458,8 +446,6 @@ impl Settings {
             )?,
             cleanup_rest_ratio: layers
                 .get("SESSION_CLEANUP_REST_RATIO", optional(parse_rest_ratio))?,
-            cleanup_rest_from_redo: layers
-                .get("SESSION_CLEANUP_REST_FROM_REDO", parse_rest_from_redo)?,
             cleanup_parallel_reads: layers.get("SESSION_CLEANUP_PARALLEL_READS", parse_bool)?,
             namespace: layers.get("SESSIONFLEET_NAMESPACE", parse_namespace)?,
             default_target: layers.get("SESSIONFLEET_DEFAULT_TARGET", |s| Ok(s.to_string()))?,
@@ -503,7 +489,6 @@ impl Settings {
                     max_age: None,
                     cleanup_target_batch_ms: None,
                     cleanup_rest_ratio: None,
-                    cleanup_rest_from_redo: None,
                     cleanup_parallel_reads: None,
                 },
             );
@@ -560,13 +545,6 @@ impl Settings {
     /// Effective rest ratio for a target; `None` = the engine's default.
     pub fn rest_ratio_for(&self, target: &Target) -> Option<f64> {
         target.cleanup_rest_ratio.or(self.cleanup_rest_ratio.value)
-    }
-
-    /// How full InnoDB's redo log must be for cleanup batches on a target to rest.
-    pub fn rest_from_redo_for(&self, target: &Target) -> f64 {
-        target
-            .cleanup_rest_from_redo
-            .unwrap_or(self.cleanup_rest_from_redo.value)
     }
 
     /// Whether the cleanup's reads run beside its deletes on a target.
@@ -636,10 +614,6 @@ impl Settings {
             ),
             per_engine("SESSION_CLEANUP_REST_RATIO", &self.cleanup_rest_ratio),
             row(
-                "SESSION_CLEANUP_REST_FROM_REDO",
-                &self.cleanup_rest_from_redo,
-            ),
-            row(
                 "SESSION_CLEANUP_PARALLEL_READS",
                 &self.cleanup_parallel_reads,
             ),
@@ -690,13 +664,6 @@ impl Settings {
             if let Some(r) = t.cleanup_rest_ratio {
                 rows.push((
                     format!("target.{}.cleanup_rest_ratio", t.name),
-                    r.to_string(),
-                    Source::File,
-                ));
-            }
-            if let Some(r) = t.cleanup_rest_from_redo {
-                rows.push((
-                    format!("target.{}.cleanup_rest_from_redo", t.name),
                     r.to_string(),
                     Source::File,
                 ));
@@ -919,13 +886,6 @@ impl FileLayer {
                             })
                         })
                         .transpose()?,
-                    cleanup_rest_from_redo: field("cleanup_rest_from_redo")?
-                        .map(|v| {
-                            parse_rest_from_redo(&v).map_err(|()| {
-                                invalid("cleanup_rest_from_redo", v.clone(), "a number from 0 to 1")
-                            })
-                        })
-                        .transpose()?,
                     cleanup_parallel_reads: field("cleanup_parallel_reads")?
                         .map(|v| {
                             parse_bool(&v).map_err(|()| {
@@ -1063,14 +1023,6 @@ fn parse_redis_url(s: &str) -> Result<String, ()> {
 fn parse_rest_ratio(s: &str) -> Result<f64, ()> {
     match s.parse::<f64>() {
         Ok(r) if (0.0..=crate::ops::cleanup::MAX_REST_RATIO).contains(&r) => Ok(r),
-        _ => Err(()),
-    }
-}
-
-/// A share of InnoDB's redo log, from 0 to 1.
-fn parse_rest_from_redo(s: &str) -> Result<f64, ()> {
-    match s.parse::<f64>() {
-        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
         _ => Err(()),
     }
 }

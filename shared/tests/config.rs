@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::io::Write;
 
 use sessionfleet::config::{ConfigError, Overrides, Settings, Source};
-use sessionfleet::ops::cleanup;
 
 fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = pairs
@@ -170,35 +169,6 @@ fn parallel_reads_are_on_unless_turned_off_globally_or_per_target() {
 }
 
 #[test]
-fn rests_start_at_a_half_full_redo_log_unless_set_globally_or_per_target() {
-    let file = file_with(
-        "[targets.replicated]\nurl = \"mysql://app@primary/app\"\ncleanup_rest_from_redo = 0\n\
-         [targets.big]\nurl = \"mysql://app@big/app\"\n",
-    );
-    let pick = |s: &Settings, name: &str| s.rest_from_redo_for(s.target(Some(name)).unwrap());
-    let unset = Settings::resolve(&Overrides::default(), &env_of(&[]), Some(file.path())).unwrap();
-    assert_eq!(pick(&unset, "big"), cleanup::DEFAULT_REST_FROM_REDO);
-    assert_eq!(pick(&unset, "replicated"), 0.0);
-
-    let env = [("SESSION_CLEANUP_REST_FROM_REDO", "0.8")];
-    let global =
-        Settings::resolve(&Overrides::default(), &env_of(&env), Some(file.path())).unwrap();
-    assert_eq!(pick(&global, "big"), 0.8);
-    assert_eq!(
-        pick(&global, "replicated"),
-        0.0,
-        "a target's own value beats the global one"
-    );
-
-    let bad = file_with("[targets.x]\nurl = \"mysql://x/x\"\ncleanup_rest_from_redo = 50\n");
-    let msg = refusal(&Overrides::default(), &[], Some(bad.path()));
-    assert!(
-        msg.contains("targets.x.cleanup_rest_from_redo") && msg.contains("from 0 to 1"),
-        "{msg}"
-    );
-}
-
-#[test]
 fn every_invalid_value_is_refused_with_the_variable_and_the_form() {
     let none = Overrides::default();
     let cases: &[(&str, &str, &str)] = &[
@@ -220,7 +190,6 @@ fn every_invalid_value_is_refused_with_the_variable_and_the_form() {
         ("REDIS_URL", "http://cache:6379", "redis:// or rediss://"),
         ("SESSIONFLEET_LOG_FORMAT", "xml", "text or json"),
         ("SESSION_CLEANUP_REST_RATIO", "-1", "a number from 0 to 100"),
-        ("SESSION_CLEANUP_REST_FROM_REDO", "1.5", "a number from 0 to 1"),
         (
             "SESSION_CLEANUP_PARALLEL_READS",
             "sometimes",

@@ -324,7 +324,6 @@ async fn every_spec_invocation_has_an_equivalent() {
         };
         assert_eq!(stats["target_batch_ms"], target_ms, "{engine}: {stats}");
         assert_eq!(stats["rest_ratio"], rest, "{engine}: {stats}");
-        assert_eq!(stats["rest_from_redo"], 0.5, "{engine}: {stats}");
         assert_eq!(stats["parallel_reads"], true, "{engine}: {stats}");
         // Set by the producer's configuration: it travels in the job to the same worker.
         let tuned = Cli {
@@ -334,14 +333,12 @@ async fn every_spec_invocation_has_an_equivalent() {
             extra: vec![
                 ("SESSION_CLEANUP_TARGET_BATCH_MS".into(), "35".into()),
                 ("SESSION_CLEANUP_REST_RATIO".into(), "0.5".into()),
-                ("SESSION_CLEANUP_REST_FROM_REDO".into(), "0.75".into()),
                 ("SESSION_CLEANUP_PARALLEL_READS".into(), "false".into()),
             ],
         };
         let stats = tuned.json(&["cleanup", "--stats", "--json"]);
         assert_eq!(stats["target_batch_ms"], 35, "{engine}: {stats}");
         assert_eq!(stats["rest_ratio"], 0.5, "{engine}: {stats}");
-        assert_eq!(stats["rest_from_redo"], 0.75, "{engine}: {stats}");
         assert_eq!(stats["parallel_reads"], false, "{engine}: {stats}");
         let health = cli.json(&["analytics", "--health-report", "--json"]);
         for key in [

@@ -43,10 +43,6 @@ struct Args {
     /// (`cleanup::default_rest_ratio`) when not given.
     #[arg(long)]
     rest_ratio: Option<f64>,
-    /// MySQL/MariaDB: rest only while InnoDB's redo log is at least this full
-    /// (`CleanupParams::rest_from_redo`); 0 rests after every batch.
-    #[arg(long, default_value_t = cleanup::DEFAULT_REST_FROM_REDO)]
-    rest_from_redo: f64,
     /// Cleanup reads beside its deletes (`CleanupParams::parallel_reads`); `false` keeps it
     /// to one statement at a time.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -173,7 +169,6 @@ async fn parent(args: &Args) -> Result<()> {
                     .iter()
                     .flat_map(|r| ["--rest-ratio".to_string(), r.to_string()]),
             )
-            .args(["--rest-from-redo", &args.rest_from_redo.to_string()])
             .args(["--parallel-reads", &args.parallel_reads.to_string()])
             .args(["--as-of", &now.format("%Y-%m-%dT%H:%M:%S").to_string()])
             .args(args.until_purged.then_some("--until-purged"))
@@ -740,7 +735,6 @@ async fn child(args: &Args, side: &str) -> Result<()> {
                 as_of: Some(as_of),
                 target_batch_ms: args.target_batch_ms,
                 rest_ratio: args.rest_ratio,
-                rest_from_redo: args.rest_from_redo,
                 parallel_reads: args.parallel_reads,
                 ..Default::default()
             };

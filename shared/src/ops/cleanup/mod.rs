@@ -23,7 +23,6 @@ mod analyze;
 mod batch;
 mod missing;
 mod report;
-mod rest;
 pub mod rules;
 mod stream;
 mod wal;
@@ -36,15 +35,11 @@ use serde::{Deserialize, Serialize};
 pub use analyze::{ANALYZE_AFTER_SHARE_PCT, SQLITE_ANALYSIS_LIMIT};
 pub use batch::BatchSizer;
 pub use report::{CleanupReport, CleanupStats, RuleCounts};
-pub use rest::{
-    DEFAULT_REST_FROM_REDO, MAX_REST_RATIO, SQLITE_MIN_REST, default_rest_ratio, redo_log_share,
-};
 pub use rules::RuleKind;
 pub use wal::{SQLITE_WAL_CUT_STEP, SQLITE_WAL_FILE_TARGET};
 
 use batch::{Batch, Cursor, Source, count, count_in_background, count_up_to, purge_batch};
 use missing::MissingPlatformCount;
-use rest::Rests;
 use rules::{Cutoffs, Predicate};
 use stream::IdStream;
 
@@ -102,12 +97,6 @@ pub struct CleanupParams {
     /// payload when `None`, like `target_batch_ms`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rest_ratio: Option<f64>,
-    /// MySQL/MariaDB: rest only after batches that leave InnoDB's redo log at least this full
-    /// (checkpoint age ÷ its limit, [`redo_log_share`]); 0 rests after every batch, as do
-    /// servers that do not report it (MySQL). From 0 to 1. Default [`DEFAULT_REST_FROM_REDO`].
-    /// A server sized for its data then runs without rests, one that flushes at its redo
-    /// log's limit rests. Other engines always rest `rest_ratio`.
-    pub rest_from_redo: f64,
     /// Whether reads run beside the batches (default true): the later rules' counts and
     /// candidate reads, the missing-platform count (not on InnoDB, see `missing`) and the
     /// statistics refresh. False keeps the run to one statement at a time: slower, and on a
@@ -147,7 +136,6 @@ impl Default for CleanupParams {
             max_batch_size: DEFAULT_MAX_BATCH_SIZE,
             target_batch_ms: None,
             rest_ratio: None,
-            rest_from_redo: DEFAULT_REST_FROM_REDO,
             parallel_reads: true,
             max_age_secs: DEFAULT_MAX_AGE_SECS,
             force: false,
@@ -181,12 +169,6 @@ impl CleanupParams {
         {
             return bad(format!(
                 "rest ratio must be from 0 to {MAX_REST_RATIO}, not {r}"
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.rest_from_redo) {
-            return bad(format!(
-                "rest-from-redo share must be from 0 to 1, not {}",
-                self.rest_from_redo
             ));
         }
         if self.max_age_secs == 0 {
@@ -508,11 +490,7 @@ async fn purge_rule(
         params.max_batch_size,
         Duration::from_millis(params.effective_target_batch_ms(db.engine())),
     );
-    let mut rests = Rests::new(
-        db.engine(),
-        params.effective_rest_ratio(db.engine()),
-        params.rest_from_redo,
-    );
+    let rest_ratio = params.effective_rest_ratio(db.engine());
     let mut writer = db.batch_writer().await?;
     let mut cursor = Cursor::Start;
     let mut fruitless = 0;
@@ -537,13 +515,9 @@ async fn purge_rule(
             .max(done.took.as_secs_f64() * 1000.0);
         sizer.observe(found.rows, done.took);
         let checkpoint = writer.checkpoint().await?;
-        let rest = rests.after(db, done.took, checkpoint.took).await;
-        tracing::debug!(rule = ?rule.kind, rows = found.rows, deleted = done.deleted, ms = done.took.as_secs_f64() * 1000.0, commit_ms = done.committing.as_secs_f64() * 1000.0, checkpoint_ms = checkpoint.took.as_secs_f64() * 1000.0, wal_frames = checkpoint.wal_frames, frames_left = checkpoint.left, rest_ms = rest.as_secs_f64() * 1000.0, "batch committed");
-        if !rest.is_zero() {
-            report.rests += 1;
-            report.rest_seconds += rest.as_secs_f64();
-        }
+        tracing::debug!(rule = ?rule.kind, rows = found.rows, deleted = done.deleted, ms = done.took.as_secs_f64() * 1000.0, commit_ms = done.committing.as_secs_f64() * 1000.0, checkpoint_ms = checkpoint.took.as_secs_f64() * 1000.0, wal_frames = checkpoint.wal_frames, frames_left = checkpoint.left, "batch committed");
         // A cancellation ends the rest at once: with a large ratio it can last seconds.
+        let rest = rest_after(db.engine(), rest_ratio, done.took, checkpoint.took);
         tokio::select! {
             () = tokio::time::sleep(rest) => {}
             () = ctx.cancel.cancelled() => {}
@@ -651,7 +625,6 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
         max_session_age: params.max_age_secs,
         target_batch_ms: params.effective_target_batch_ms(db.engine()),
         rest_ratio: params.effective_rest_ratio(db.engine()),
-        rest_from_redo: params.rest_from_redo,
         parallel_reads: params.parallel_reads,
         notes: all_notes,
     })
@@ -760,6 +733,46 @@ pub fn default_target_batch_ms(engine: Engine) -> u64 {
     }
 }
 
+/// How long to sleep after a batch that `held` its locks: `ratio` times that (at least
+/// [`SQLITE_MIN_REST`] on SQLite), less the work done since the commit that held no lock
+/// (`already`: the SQLite WAL checkpoint).
+fn rest_after(engine: Engine, ratio: f64, held: Duration, already: Duration) -> Duration {
+    let mut rest = held.mul_f64(ratio);
+    if engine == Engine::Sqlite {
+        rest = rest.max(SQLITE_MIN_REST);
+    }
+    rest.saturating_sub(already)
+}
+
+/// The rest after each batch, as a multiple of the batch's time, when `rest_ratio` is not set.
+///
+/// - **SQLite: 1.0.** One writer at a time and no queue for waiting writers: their busy
+///   handlers poll with growing sleeps, so back-to-back batches starve them until their busy
+///   timeout runs out. Resting as long as the lock was held leaves it free half the time.
+/// - **MySQL/MariaDB: 1.0.** Lock waiters queue fairly, but under back-to-back deletes single
+///   batches and COMMITs stall on a server whose buffer pool and redo log the table outgrows
+///   (MariaDB's defaults, 128 MiB and 96 MiB: InnoDB flushed at the redo log's limit all
+///   through the purge). There, at 1,000,000 sessions, the longest transaction was over 100 ms
+///   in 6 of 8 runs without rests and in 3 of 12 with, at 0.86–1.56× the plain `DELETE`'s rate
+///   instead of 1.52–1.93×. With 2 GiB and 1 GiB it was 55 ms without rests, and a rest of 1
+///   only halved the rate: set 0 for a server sized for its data. Replicas apply the batches
+///   one after another too, so rests also bound their lag.
+/// - **PostgreSQL: 0.** Rests lowered the application's median latency but not its p99, and
+///   cost a quarter to two fifths of the rate (bench/results/cleanup.md, 2026-12-03 08:58–10:30).
+pub fn default_rest_ratio(engine: Engine) -> f64 {
+    match engine {
+        Engine::Sqlite | Engine::MySql => 1.0,
+        Engine::Postgres => 0.0,
+    }
+}
+
+/// Highest accepted `rest_ratio`.
+pub const MAX_REST_RATIO: f64 = 100.0;
+
+/// Shortest rest between two SQLite batches, whatever the ratio: a writer polling for the lock
+/// must find it free now and then.
+pub const SQLITE_MIN_REST: Duration = Duration::from_millis(10);
+
 /// Why the run should stop before the next batch, if it should. The budget only counts once
 /// a batch has run, so every part makes progress.
 fn stop_reason(
@@ -795,6 +808,21 @@ async fn count_per_rule(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rest_follows_the_ratio_with_sqlite_s_floor_and_counts_the_checkpoint() {
+        let ms = Duration::from_millis;
+        assert_eq!(rest_after(Engine::MySql, 1.0, ms(40), ms(0)), ms(40));
+        assert_eq!(rest_after(Engine::MySql, 0.5, ms(40), ms(0)), ms(20));
+        assert_eq!(rest_after(Engine::Postgres, 0.0, ms(40), ms(0)), ms(0));
+        assert_eq!(rest_after(Engine::Postgres, 2.0, ms(40), ms(0)), ms(80));
+        assert_eq!(
+            rest_after(Engine::Sqlite, 0.0, ms(40), ms(0)),
+            SQLITE_MIN_REST
+        );
+        assert_eq!(rest_after(Engine::Sqlite, 1.0, ms(40), ms(15)), ms(25));
+        assert_eq!(rest_after(Engine::Sqlite, 1.0, ms(40), ms(60)), ms(0));
+    }
 
     #[test]
     fn each_engine_has_its_own_batch_target_and_rest_unless_told_otherwise() {

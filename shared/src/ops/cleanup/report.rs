@@ -82,13 +82,6 @@ pub struct CleanupReport {
     pub rows_per_second: f64,
     /// The longest delete transaction, milliseconds.
     pub longest_batch_ms: f64,
-    /// Batches followed by a rest (`rest_ratio`; on MySQL/MariaDB only while InnoDB's redo
-    /// log is full enough, `rest_from_redo`).
-    #[serde(default)]
-    pub rests: u64,
-    /// Time spent resting between batches, seconds.
-    #[serde(default)]
-    pub rest_seconds: f64,
     /// Finished, or cut short by the budget or a cancellation.
     pub outcome: Outcome,
     /// Rows still matching a rule when the run stopped early (0 when completed).
@@ -123,8 +116,6 @@ impl CleanupReport {
             batches: 0,
             rows_per_second: 0.0,
             longest_batch_ms: 0.0,
-            rests: 0,
-            rest_seconds: 0.0,
             outcome: Outcome::Completed,
             remaining: 0,
             as_of,
@@ -166,8 +157,6 @@ impl CleanupReport {
         self.duration_seconds += later.duration_seconds;
         self.batches += later.batches;
         self.longest_batch_ms = self.longest_batch_ms.max(later.longest_batch_ms);
-        self.rests += later.rests;
-        self.rest_seconds += later.rest_seconds;
         self.outcome = later.outcome;
         self.remaining = later.remaining;
         self.missing_platform_sessions = later
@@ -215,8 +204,6 @@ impl CleanupReport {
         line("batches", self.batches.to_string());
         line("rows_per_second", format!("{:.1}", self.rows_per_second));
         line("longest_batch_ms", format!("{:.1}", self.longest_batch_ms));
-        line("rests", self.rests.to_string());
-        line("rest_seconds", format!("{:.3}", self.rest_seconds));
         line("outcome", outcome_name(self.outcome).into());
         line("remaining", self.remaining.to_string());
         line("as_of", self.as_of.to_string());
@@ -275,9 +262,6 @@ pub struct CleanupStats {
     pub target_batch_ms: u64,
     /// Effective rest after each batch, as a multiple of the batch's time.
     pub rest_ratio: f64,
-    /// MySQL/MariaDB: how full InnoDB's redo log must be for batches to rest
-    /// (`CleanupParams::rest_from_redo`).
-    pub rest_from_redo: f64,
     /// Whether reads run beside the batches (`CleanupParams::parallel_reads`).
     pub parallel_reads: bool,
     /// Rules this schema cannot support, and similar remarks.
@@ -316,7 +300,6 @@ impl CleanupStats {
         line("max_session_age", self.max_session_age.to_string());
         line("target_batch_ms", self.target_batch_ms.to_string());
         line("rest_ratio", self.rest_ratio.to_string());
-        line("rest_from_redo", self.rest_from_redo.to_string());
         line("parallel_reads", self.parallel_reads.to_string());
         line("as_of", self.as_of.to_string());
         line("schema", self.schema.clone());
@@ -350,17 +333,12 @@ mod tests {
         second.batches = 1;
         second.duration_seconds = 1.0;
         second.longest_batch_ms = 12.0;
-        first.rests = 2;
-        first.rest_seconds = 0.25;
-        second.rests = 1;
-        second.rest_seconds = 0.5;
         second.settle();
         first.merge(&second);
         assert_eq!(first.expired_sessions_cleaned, 13);
         assert_eq!(first.orphaned_sessions_cleaned, 2);
         assert_eq!(first.batches, 3);
         assert_eq!(first.longest_batch_ms, 30.0);
-        assert_eq!((first.rests, first.rest_seconds), (3, 0.75));
         assert_eq!(first.outcome, Outcome::Completed);
         assert_eq!(first.remaining, 0);
         assert!((first.rows_per_second - 7.5).abs() < 1e-9);
