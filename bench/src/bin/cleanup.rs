@@ -17,7 +17,7 @@ use sessionfleet::fence;
 use sessionfleet::ops::OpContext;
 use sessionfleet::ops::cleanup::{self, CleanupParams};
 use sessionfleet::seed::{SeedParams, seed_demo};
-use sessionfleet::store::{ConnectOptions, Db, Engine, SchemaVersion};
+use sessionfleet::store::{ConnectOptions, Db, Engine, Pool, SchemaVersion};
 use sessionfleet::testing::TestDb;
 
 #[derive(Parser, Debug, Clone)]
@@ -488,6 +488,87 @@ async fn engine_io(db: &Db) -> Result<Vec<(&'static str, f64)>> {
     })
 }
 
+/// How often [`RedoSampler`] reads InnoDB's checkpoint age.
+const REDO_SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+/// Share of its limit from which InnoDB's checkpoint age makes the page cleaner flush hard
+/// (its "async" flush point, 7/8); at the limit itself writes wait for a checkpoint.
+const REDO_HARD_FLUSH_SHARE: f64 = 0.875;
+
+/// On MariaDB, InnoDB's checkpoint age as a share of its limit (`Innodb_checkpoint_age` ÷
+/// `Innodb_checkpoint_max_age`), sampled through one side's window: whether InnoDB spent it
+/// flushing at its redo log's limit, which stalls single batches and COMMITs whatever the
+/// cleanup does (bench/results/cleanup.md, 2026-12-03 22:13–22:46).
+struct RedoSampler {
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<Vec<f64>>,
+}
+
+impl RedoSampler {
+    /// Starts sampling on MariaDB; `None` elsewhere, or when the server does not report it.
+    async fn start(db: &Db) -> Option<RedoSampler> {
+        if db.engine() != Engine::MySql || redo_log_share(db).await.is_none() {
+            return None;
+        }
+        let (db, stop) = (db.clone(), CancellationToken::new());
+        let until = stop.clone();
+        let handle = tokio::spawn(async move {
+            let mut shares = Vec::new();
+            while !until.is_cancelled() {
+                shares.extend(redo_log_share(&db).await);
+                tokio::select! {
+                    () = tokio::time::sleep(REDO_SAMPLE_EVERY) => {}
+                    () = until.cancelled() => {}
+                }
+            }
+            shares
+        });
+        Some(RedoSampler { stop, handle })
+    }
+
+    /// Stops sampling and adds to `io` the highest share seen and the share of samples at or
+    /// over [`REDO_HARD_FLUSH_SHARE`], both in percent.
+    async fn finish(self, io: &mut serde_json::Value) -> Result<()> {
+        self.stop.cancel();
+        let shares = self.handle.await?;
+        if let (Some(io), false) = (io.as_object_mut(), shares.is_empty()) {
+            let max = shares.iter().copied().fold(0.0, f64::max);
+            let hard = shares
+                .iter()
+                .filter(|s| **s >= REDO_HARD_FLUSH_SHARE)
+                .count();
+            io.insert("redo_full_max_pct".into(), json!((max * 100.0).round()));
+            io.insert(
+                "redo_over_7_8_pct_of_time".into(),
+                json!((hard as f64 * 100.0 / shares.len() as f64).round()),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// InnoDB's checkpoint age as a share of its limit; `None` when it cannot be read.
+async fn redo_log_share(db: &Db) -> Option<f64> {
+    let sql = "SELECT UPPER(VARIABLE_NAME), VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS \
+               WHERE VARIABLE_NAME IN ('INNODB_CHECKPOINT_AGE', 'INNODB_CHECKPOINT_MAX_AGE')";
+    let Pool::MySql(pool) = db.pool() else {
+        return None;
+    };
+    let rows: Vec<(String, String)> = sqlx::query_as(sql).fetch_all(pool).await.ok()?;
+    let value = |name: &str| {
+        rows.iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+    };
+    match (
+        value("INNODB_CHECKPOINT_AGE"),
+        value("INNODB_CHECKPOINT_MAX_AGE"),
+    ) {
+        (Some(age), Some(max)) if max > 0.0 => Some(age / max),
+        _ => None,
+    }
+}
+
 /// `after - before` per counter, as JSON.
 fn io_delta(before: &[(&str, f64)], after: &[(&str, f64)]) -> serde_json::Value {
     let map: serde_json::Map<String, serde_json::Value> = before
@@ -716,6 +797,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     } else {
         None
     };
+    let redo = RedoSampler::start(&db).await;
     let cpu_before = machine_cpu_ticks()?;
     let cleanup_start = Instant::now();
     // The wall clock of the start, to line the app trace up with the debug log's timestamps.
@@ -780,7 +862,10 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     };
     let cleanup_end = Instant::now();
     let busy_cores = busy_cores_since(cpu_before)?;
-    let io = io_delta(&io_before, &engine_io(&db).await?);
+    let mut io = io_delta(&io_before, &engine_io(&db).await?);
+    if let Some(redo) = redo {
+        redo.finish(&mut io).await?;
+    }
     let seconds = (cleanup_end - cleanup_start).as_secs_f64();
     let purge_end = match purged_before {
         Some((before, turned_on)) => {
