@@ -69,11 +69,34 @@ pub(crate) struct Figures {
     pub pool: (u32, u32, u32),
 }
 
+/// Times [`pool_figures`] looks again at a pool that seems full, [`POOL_SETTLE_PAUSE`] apart.
+const POOL_SETTLE_TRIES: u32 = 5;
+/// Pause between two looks at a pool that seems full.
+const POOL_SETTLE_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The pool's (open connections, idle ones, maximum). A connection its user just let go is not
+/// idle until a task of its own has handed it back, so a pool used a moment ago can look full
+/// with no one using it (the report then advised a bigger pool on an idle database). A full
+/// pool counts only when it stays full for [`POOL_SETTLE_TRIES`] looks.
+pub(crate) async fn pool_figures(db: &Db) -> (u32, u32, u32) {
+    let look = || crate::on_pool!(db, p => (p.size(), p.num_idle() as u32, p.options().get_max_connections()));
+    let mut figures = look();
+    for _ in 1..POOL_SETTLE_TRIES {
+        let (size, idle, max) = figures;
+        if size < max || idle > 0 {
+            break;
+        }
+        tokio::time::sleep(POOL_SETTLE_PAUSE).await;
+        figures = look();
+    }
+    figures
+}
+
 /// Runs the report's queries.
 pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, OpError> {
     // Pool figures before the report's own queries, which run concurrently and would
     // otherwise always find every connection busy (their own).
-    let pool = crate::on_pool!(db, p => (p.size(), p.num_idle() as u32, p.options().get_max_connections()));
+    let pool = pool_figures(db).await;
     let schema = schema::detect(db).await?;
     let now = params.now();
     let e = db.engine();
@@ -524,4 +547,39 @@ async fn leading_index_columns(db: &Db, table: &str) -> Result<Vec<String>, OpEr
         .filter(|ix| ix.valid)
         .filter_map(|ix| ix.columns.into_iter().next())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ConnectOptions, Pool};
+
+    #[tokio::test]
+    async fn a_pool_is_full_while_its_connections_are_held_and_not_just_after() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("pool.db").display());
+        let db = Db::connect(&url, &ConnectOptions::default())
+            .await
+            .expect("connect");
+        let Pool::Sqlite(pool) = db.pool() else {
+            unreachable!("a SQLite URL")
+        };
+        let max = pool.options().get_max_connections();
+        let mut held = Vec::new();
+        for _ in 0..max {
+            held.push(pool.acquire().await.expect("connection"));
+        }
+        assert_eq!(
+            pool_figures(&db).await,
+            (max, 0, max),
+            "every connection held"
+        );
+        // Let go: the connections go back to the pool on tasks that have not run yet.
+        drop(held);
+        let (size, idle, _) = pool_figures(&db).await;
+        assert!(
+            idle > 0,
+            "a pool let go of a moment ago is not full: {size} open, {idle} idle"
+        );
+    }
 }
