@@ -17,7 +17,7 @@ use sessionfleet::fence;
 use sessionfleet::ops::OpContext;
 use sessionfleet::ops::cleanup::{self, CleanupParams};
 use sessionfleet::seed::{SeedParams, seed_demo};
-use sessionfleet::store::{ConnectOptions, Db, Engine, Pool, SchemaVersion};
+use sessionfleet::store::{ConnectOptions, Db, Engine, SchemaVersion};
 use sessionfleet::testing::TestDb;
 
 #[derive(Parser, Debug, Clone)]
@@ -461,23 +461,18 @@ async fn engine_io(db: &Db) -> Result<Vec<(&'static str, f64)>> {
             vec![("wal_mib", wal as f64 / 1_048_576.0)]
         }
         Engine::MySql => {
-            let sql = "SHOW GLOBAL STATUS WHERE Variable_name IN \
-                       ('Innodb_buffer_pool_reads', 'Innodb_buffer_pool_pages_flushed', \
-                       'Innodb_row_lock_waits', 'Innodb_row_lock_time')";
-            let rows: Vec<(String, String)> =
-                sessionfleet::on_pool!(db, p => sqlx::query_as(sql).fetch_all(p).await?);
-            let value = |name: &str| {
-                rows.iter()
-                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                    .and_then(|(_, v)| v.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            };
-            vec![
-                ("pages_read", value("Innodb_buffer_pool_reads")),
-                ("pages_flushed", value("Innodb_buffer_pool_pages_flushed")),
-                ("row_lock_waits", value("Innodb_row_lock_waits")),
-                ("row_lock_wait_ms", value("Innodb_row_lock_time")),
-            ]
+            let names = [
+                ("pages_read", "Innodb_buffer_pool_reads"),
+                ("pages_flushed", "Innodb_buffer_pool_pages_flushed"),
+                ("row_lock_waits", "Innodb_row_lock_waits"),
+                ("row_lock_wait_ms", "Innodb_row_lock_time"),
+            ];
+            let values = global_status(db, &names.map(|(_, var)| var)).await?;
+            names
+                .iter()
+                .zip(values)
+                .map(|((key, _), v)| (*key, v.unwrap_or(0.0)))
+                .collect()
         }
         Engine::Sqlite => {
             let file: String = sessionfleet::on_pool!(db, p => sqlx::query_scalar(
@@ -507,9 +502,7 @@ struct RedoSampler {
 impl RedoSampler {
     /// Starts sampling on MariaDB; `None` elsewhere, or when the server does not report it.
     async fn start(db: &Db) -> Option<RedoSampler> {
-        if db.engine() != Engine::MySql || redo_log_share(db).await.is_none() {
-            return None;
-        }
+        redo_log_share(db).await?;
         let (db, stop) = (db.clone(), CancellationToken::new());
         let until = stop.clone();
         let handle = tokio::spawn(async move {
@@ -547,26 +540,37 @@ impl RedoSampler {
     }
 }
 
-/// InnoDB's checkpoint age as a share of its limit; `None` when it cannot be read.
+/// InnoDB's checkpoint age as a share of its limit; `None` when it cannot be read (or off
+/// MySQL/MariaDB).
 async fn redo_log_share(db: &Db) -> Option<f64> {
-    let sql = "SELECT UPPER(VARIABLE_NAME), VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS \
-               WHERE VARIABLE_NAME IN ('INNODB_CHECKPOINT_AGE', 'INNODB_CHECKPOINT_MAX_AGE')";
-    let Pool::MySql(pool) = db.pool() else {
+    if db.engine() != Engine::MySql {
         return None;
-    };
-    let rows: Vec<(String, String)> = sqlx::query_as(sql).fetch_all(pool).await.ok()?;
-    let value = |name: &str| {
-        rows.iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, v)| v.parse::<f64>().ok())
-    };
-    match (
-        value("INNODB_CHECKPOINT_AGE"),
-        value("INNODB_CHECKPOINT_MAX_AGE"),
-    ) {
-        (Some(age), Some(max)) if max > 0.0 => Some(age / max),
+    }
+    let names = ["Innodb_checkpoint_age", "Innodb_checkpoint_max_age"];
+    match global_status(db, &names).await.ok()?[..] {
+        [Some(age), Some(max)] if max > 0.0 => Some(age / max),
         _ => None,
     }
+}
+
+/// MySQL/MariaDB global status variables by name, in the order asked; `None` for one the
+/// server does not report. One `SHOW GLOBAL STATUS` for all of them.
+async fn global_status(db: &Db, names: &[&str]) -> Result<Vec<Option<f64>>, sqlx::Error> {
+    let list = names
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!("SHOW GLOBAL STATUS WHERE Variable_name IN ({list})");
+    let rows: Vec<(String, String)> = sessionfleet::on_pool!(db, p => sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(p).await?);
+    Ok(names
+        .iter()
+        .map(|name| {
+            rows.iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .and_then(|(_, v)| v.parse::<f64>().ok())
+        })
+        .collect())
 }
 
 /// `after - before` per counter, as JSON.
