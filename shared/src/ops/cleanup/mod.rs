@@ -753,11 +753,11 @@ fn rest_after(engine: Engine, ratio: f64, held: Duration, already: Duration) -> 
 ///   batches and COMMITs stall on a server whose buffer pool and redo log the table outgrows
 ///   (MariaDB's defaults, 128 MiB and 96 MiB). There, at 1,000,000 sessions, the longest
 ///   transaction was over 100 ms in 6 of 8 runs without rests and in 3 of 13 with, at
-///   0.86–1.56× the plain `DELETE`'s rate instead of 1.52–1.93×. With 2 GiB and 1 GiB it was 55–86 ms without rests, and a rest of
-///   1 only halved the rate: set 0 for a server sized for its data. With only one of the two
-///   enlarged, rests were never worse for the longest transaction (bench/results/cleanup.md,
-///   2026-12-03 22:13–22:46). Replicas apply the batches one after another too, so rests also
-///   bound their lag.
+///   0.86–1.56× the plain `DELETE`'s rate instead of 1.52–1.93×. With 2 GiB and 1 GiB it was
+///   55–86 ms without rests, and a rest of 1 only halved the rate: set 0 for a server sized
+///   for its data. With only one of the two enlarged, rests were never worse for the longest
+///   transaction (bench/results/cleanup.md, 2026-12-03 22:13–22:46). Replicas apply the
+///   batches one after another too, so rests also bound their lag.
 /// - **PostgreSQL: 0.** Rests lowered the application's median latency but not its p99, and
 ///   cost a quarter to two fifths of the rate (bench/results/cleanup.md, 2026-12-03 08:58–10:30).
 pub fn default_rest_ratio(engine: Engine) -> f64 {
