@@ -339,10 +339,13 @@ async fn purge(
             early_refresh = EarlyRefresh::start(db, fence, schema, table_rows, report).await;
         }
     }
-    if report.outcome != Outcome::Completed
+    // Only a budget stop counts what is left: a cancelled run must end now (see `remaining`).
+    if report.outcome == Outcome::Cancelled {
+        report.remaining = None;
+    } else if report.outcome == Outcome::BudgetSpent
         && let Some(any) = Predicate::any_of(&all_rules)
     {
-        report.remaining = count(db, schema, Some(&any)).await?;
+        report.remaining = Some(count(db, schema, Some(&any)).await?);
     }
     if report.outcome != Outcome::Cancelled {
         refresh_statistics_after(db, fence, schema, table_rows, early_refresh, report).await?;

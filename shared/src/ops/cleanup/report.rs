@@ -84,8 +84,12 @@ pub struct CleanupReport {
     pub longest_batch_ms: f64,
     /// Finished, or cut short by the budget or a cancellation.
     pub outcome: Outcome,
-    /// Rows still matching a rule when the run stopped early (0 when completed).
-    pub remaining: u64,
+    /// Rows still matching a rule when the budget stopped the run (0 when completed). Absent
+    /// from a cancelled part: a cancellation (shutdown, lost lease) stops at once, and counting
+    /// what is left reads the whole table — seconds per million rows, which a stopping worker
+    /// does not have. The continuation's report counts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<u64>,
     /// The reference time every cutoff was computed from. A continuation passes it on.
     pub as_of: NaiveDateTime,
     /// True when nothing was deleted and the counts are what a real run would delete.
@@ -117,7 +121,7 @@ impl CleanupReport {
             rows_per_second: 0.0,
             longest_batch_ms: 0.0,
             outcome: Outcome::Completed,
-            remaining: 0,
+            remaining: Some(0),
             as_of,
             dry_run,
             missing_platform_sessions: None,
@@ -205,7 +209,13 @@ impl CleanupReport {
         line("rows_per_second", format!("{:.1}", self.rows_per_second));
         line("longest_batch_ms", format!("{:.1}", self.longest_batch_ms));
         line("outcome", outcome_name(self.outcome).into());
-        line("remaining", self.remaining.to_string());
+        line(
+            "remaining",
+            match self.remaining {
+                Some(n) => n.to_string(),
+                None => "not counted (cancelled; the continuation counts it)".into(),
+            },
+        );
         line("as_of", self.as_of.to_string());
         line("dry_run", self.dry_run.to_string());
         if let Some(n) = self.missing_platform_sessions {
@@ -325,7 +335,7 @@ mod tests {
         first.duration_seconds = 1.0;
         first.longest_batch_ms = 30.0;
         first.outcome = Outcome::BudgetSpent;
-        first.remaining = 5;
+        first.remaining = Some(5);
         first.settle();
         let mut second = CleanupReport::new(as_of, false);
         second.rules.expired = 3;
@@ -340,7 +350,7 @@ mod tests {
         assert_eq!(first.batches, 3);
         assert_eq!(first.longest_batch_ms, 30.0);
         assert_eq!(first.outcome, Outcome::Completed);
-        assert_eq!(first.remaining, 0);
+        assert_eq!(first.remaining, Some(0));
         assert!((first.rows_per_second - 7.5).abs() < 1e-9);
         let text = first.render_text();
         assert!(text.starts_with("Cleanup Results:\n====================\ntimestamp: "));
