@@ -124,12 +124,8 @@ impl OperationJob {
             OperationJob::Cleanup(p) => {
                 let r = cleanup::run(&ctx, p).await?;
                 let rows = if r.dry_run { 0 } else { r.total_cleaned() };
-                // Continuations judge rows by the first part's reference time.
-                let next = (r.outcome != Outcome::Completed).then(|| {
-                    let mut np = p.clone();
-                    np.as_of = Some(r.as_of);
-                    OperationJob::Cleanup(np)
-                });
+                let next = (r.outcome != Outcome::Completed)
+                    .then(|| OperationJob::Cleanup(p.continuation(&r)));
                 Ok(Executed {
                     report: to_json(&r),
                     rows,

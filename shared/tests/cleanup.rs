@@ -625,6 +625,74 @@ async fn budget_stop_reports_remaining_and_continuations_finish_the_job() {
     }
 }
 
+/// A run cut by its budget into parts that each delete far less than the refresh share
+/// (`ANALYZE_AFTER_SHARE_PCT`) still refreshes statistics once the parts together have:
+/// each continuation carries the deletes no refresh has seen.
+#[tokio::test]
+async fn small_budgeted_parts_refresh_statistics_once_their_purge_together_is_large() {
+    for engine in ENGINES {
+        let tdb = seeded(engine, SchemaVersion::V2).await;
+        let db = &tdb.db;
+        let table = db
+            .scalar_i64("SELECT COUNT(*) FROM user_sessions")
+            .await
+            .expect("count") as u64;
+        let purge = oracle(db, SchemaVersion::V2, None, true).await.len() as u64;
+        // At most 8 rows a part: under 8 % of any table this run leaves (over 100 rows).
+        let per_part = 8;
+        assert!(
+            table - purge > 100,
+            "{engine}: {table} rows, {purge} to purge"
+        );
+        let c = ctx(db).await;
+        let mut p = CleanupParams {
+            batch_size: per_part,
+            max_batch_size: per_part,
+            budget_secs: Some(0),
+            ..params()
+        };
+        let (mut parts, mut refreshing_parts) = (0, 0);
+        let mut merged: Option<CleanupReport> = None;
+        for _ in 0..200 {
+            let part = cleanup::run(&c, &p).await.expect("part");
+            parts += 1;
+            assert!(part.total_cleaned() <= u64::from(per_part), "{engine}");
+            if part.database_optimizations > 0 {
+                refreshing_parts += 1;
+            }
+            let done = part.outcome == Outcome::Completed;
+            p = p.continuation(&part);
+            match &mut merged {
+                Some(m) => m.merge(&part),
+                None => merged = Some(part),
+            }
+            if done {
+                break;
+            }
+        }
+        let merged = merged.expect("at least one part");
+        assert_eq!(merged.outcome, Outcome::Completed, "{engine}");
+        assert_eq!(merged.total_cleaned(), purge, "{engine}");
+        if engine_refreshes_statistics(db).await {
+            assert!(
+                merged.notes.iter().any(|n| n.contains("automatic")),
+                "{engine}: says the engine refreshes statistics: {:?}",
+                merged.notes
+            );
+        } else {
+            assert!(
+                refreshing_parts >= 1,
+                "{engine}: no part of {parts} refreshed statistics after {purge} of {table} rows"
+            );
+            assert!(
+                refreshing_parts * 3 < parts,
+                "{engine}: refreshes only once enough is carried, not every part ({refreshing_parts} of {parts})"
+            );
+        }
+        tdb.drop_db().await;
+    }
+}
+
 #[tokio::test]
 async fn stale_fence_token_changes_nothing() {
     for engine in ENGINES {

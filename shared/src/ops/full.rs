@@ -170,6 +170,7 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
         }
         let part = cleanup::run(ctx, &cp).await?;
         let outcome = part.outcome;
+        let continued = p.cleanup.continuation(&part);
         match &mut report.cleanup {
             Some(total) => total.merge(&part),
             None => report.cleanup = Some(part),
@@ -178,6 +179,7 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
             let next = FullParams {
                 stage: Stage::Cleanup,
                 partial: Some(report.clone()),
+                cleanup: continued,
                 ..p.clone()
             };
             return Ok(FullRun {

@@ -127,6 +127,17 @@ pub struct CleanupParams {
     /// Seconds between scheduled cleanups; reported by [`stats`] only. Default
     /// [`DEFAULT_INTERVAL_SECS`].
     pub interval_secs: u64,
+    /// Rows earlier parts of this run deleted that no statistics refresh has seen yet; set by
+    /// [`CleanupParams::continuation`], 0 otherwise. The statistics refresh judges the run's
+    /// whole purge against [`ANALYZE_AFTER_SHARE_PCT`]: a run cut by its budget into parts
+    /// that each delete less than that share would otherwise never refresh. Left out of the
+    /// payload when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub carried_deletes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Default for CleanupParams {
@@ -144,6 +155,7 @@ impl Default for CleanupParams {
             budget_secs: None,
             as_of: None,
             interval_secs: DEFAULT_INTERVAL_SECS,
+            carried_deletes: 0,
         }
     }
 }
@@ -221,6 +233,21 @@ impl CleanupParams {
                 now.and_utc().timestamp_subsec_nanos() % 1000,
             ))
         })
+    }
+
+    /// The parameters of the part that continues a run `part` cut short: the same reference
+    /// time, and the deletes no statistics refresh has seen yet (see `carried_deletes`).
+    pub fn continuation(&self, part: &CleanupReport) -> CleanupParams {
+        let carried_deletes = if part.database_optimizations > 0 {
+            0
+        } else {
+            self.carried_deletes.saturating_add(part.total_cleaned())
+        };
+        CleanupParams {
+            as_of: Some(part.as_of),
+            carried_deletes,
+            ..self.clone()
+        }
     }
 
     fn cutoffs(&self) -> Cutoffs {
@@ -336,7 +363,15 @@ async fn purge(
             break;
         }
         if params.parallel_reads && early_refresh.is_none() && i + 1 < rules.len() {
-            early_refresh = EarlyRefresh::start(db, fence, schema, table_rows, report).await;
+            early_refresh = EarlyRefresh::start(
+                db,
+                fence,
+                schema,
+                table_rows,
+                params.carried_deletes,
+                report,
+            )
+            .await;
         }
     }
     // Only a budget stop counts what is left: a cancelled run must end now (see `remaining`).
@@ -348,7 +383,17 @@ async fn purge(
         report.remaining = Some(count(db, schema, Some(&any)).await?);
     }
     if report.outcome != Outcome::Cancelled {
-        refresh_statistics_after(db, fence, schema, table_rows, early_refresh, report).await?;
+        let carried = params.carried_deletes;
+        refresh_statistics_after(
+            db,
+            fence,
+            schema,
+            table_rows,
+            carried,
+            early_refresh,
+            report,
+        )
+        .await?;
         cut_back_wal(db, fence, report).await?;
     } else if let Some(early) = early_refresh {
         early.finish(report).await?;
@@ -409,17 +454,19 @@ struct EarlyRefresh {
 }
 
 impl EarlyRefresh {
-    /// Starts the refresh if what is deleted so far calls for one and the engine does not
-    /// refresh statistics itself.
+    /// Starts the refresh if what is deleted so far (with `carried`, earlier parts' deletes)
+    /// calls for one and the engine does not refresh statistics itself.
     async fn start(
         db: &Db,
         fence: &crate::fence::Fence,
         schema: &Schema,
         table_rows: u64,
+        carried: u64,
         report: &CleanupReport,
     ) -> Option<EarlyRefresh> {
         let deleted = report.rules.total();
-        if !analyze::worth_refreshing(deleted, table_rows.saturating_sub(deleted))
+        let unseen = carried.saturating_add(deleted);
+        if !analyze::worth_refreshing(unseen, table_rows.saturating_sub(deleted))
             || analyze::engine_refreshes_statistics(db).await
         {
             return None;
@@ -553,14 +600,16 @@ async fn purge_rule(
 }
 
 /// After a purge that removed a large share of the table, fresh planner statistics: ours,
-/// unless the engine refreshes them itself (then the report says so). When one was started
-/// early ([`EarlyRefresh`]), it is repeated only if the rules after its start removed a
-/// large share of what was left.
+/// unless the engine refreshes them itself (then the report says so). The purge is this
+/// part's deletes plus `carried`, earlier parts' that no refresh has seen. When one was
+/// started early ([`EarlyRefresh`]), it is repeated only if the rules after its start removed
+/// a large share of what was left.
 async fn refresh_statistics_after(
     db: &Db,
     fence: &crate::fence::Fence,
     schema: &Schema,
     table_rows: u64,
+    carried: u64,
     early: Option<EarlyRefresh>,
     report: &mut CleanupReport,
 ) -> Result<(), OpError> {
@@ -572,7 +621,7 @@ async fn refresh_statistics_after(
             early.finish(report).await?;
             unseen
         }
-        None => deleted,
+        None => carried.saturating_add(deleted),
     };
     if !analyze::worth_refreshing(unseen, left) {
         return Ok(());
