@@ -28,9 +28,13 @@ pub fn finished(runs: &[Finished], out: &Output) -> Exit {
                 }
                 println!("## target {}", r.target);
             }
-            match &r.error {
-                Some(e) => println!("Error: {e}"),
-                None => print!("{}", text(r.kind, &r.report)),
+            // A run stopped part-way (interrupted, a later part failed) still shows what its
+            // finished parts did, before the error.
+            if !r.report.is_null() {
+                print!("{}", text(r.kind, &r.report));
+            }
+            if let Some(e) = &r.error {
+                println!("Error: {e}");
             }
         }
     }

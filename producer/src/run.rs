@@ -35,7 +35,7 @@ pub struct Finished {
     pub run_id: String,
     /// Parts the run took.
     pub parts: u32,
-    /// The report (cleanup parts merged), `null` on failure.
+    /// The report of the parts that finished (cleanup parts merged); `null` when none did.
     pub report: serde_json::Value,
     /// The error of a failed run.
     pub error: Option<String>,
@@ -295,15 +295,19 @@ async fn run_locally(
                     next,
                 } => {
                     reports.push(report);
-                    inv.out.info(format!(
-                        "{}: part {} done ({rows_affected} rows), continuing",
-                        env.target,
-                        env.part + 1
-                    ));
+                    let part = env.part + 1;
                     if shutdown.is_cancelled() {
+                        inv.out.info(format!(
+                            "{}: part {part} stopped after {rows_affected} rows: interrupted",
+                            env.target
+                        ));
                         error = Some("interrupted; run the command again to finish".to_string());
                         break;
                     }
+                    inv.out.info(format!(
+                        "{}: part {part} done ({rows_affected} rows), continuing",
+                        env.target
+                    ));
                     env = next;
                 }
                 JobOutcome::Deferred { delay, reason } => {

@@ -187,6 +187,77 @@ async fn local_mode_runs_without_workers_and_without_redis() {
     t2.drop_db().await;
 }
 
+/// Ctrl-C during a local cleanup: it stops at the next batch boundary, and the report of
+/// what it deleted is still printed, with the error after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_local_cleanup_shows_what_it_deleted() {
+    let t = seeded(Engine::Sqlite, 2000).await;
+    let before = total(&t).await;
+    let mut cli = Cli::new(&t.url);
+    // Tiny batches with long rests: the run lasts long enough to be interrupted mid-way.
+    cli.extra = [
+        ("SESSION_CLEANUP_BATCH_SIZE", "1"),
+        ("SESSION_CLEANUP_TARGET_BATCH_MS", "1"),
+        ("SESSION_CLEANUP_REST_RATIO", "100"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec();
+    let child = cli
+        .command(&["--local", "cleanup", "--once"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sessionfleet");
+    let started = Instant::now();
+    while total(&t).await == before {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no batch committed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    let out = child.wait_with_output().expect("wait");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let deleted = before - total(&t).await;
+    assert!(
+        deleted > 0 && doomed(&t).await > 0,
+        "interrupted mid-way: {deleted} deleted"
+    );
+    let field = |name: &str| -> i64 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in: {stdout}"))
+            .parse()
+            .expect("a number")
+    };
+    assert_eq!(
+        field("expired_sessions_cleaned") + field("orphaned_sessions_cleaned"),
+        deleted,
+        "the report counts what was deleted: {stdout}"
+    );
+    for expected in [
+        "outcome: cancelled",
+        "remaining: not counted",
+        "Error: interrupted",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in: {stdout}");
+    }
+    assert!(
+        stderr.contains("stopped after") && !stderr.contains("continuing"),
+        "{stderr}"
+    );
+    t.drop_db().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_targets_fans_out_one_job_per_database() {
     let dbs = [
