@@ -213,7 +213,7 @@ impl CleanupReport {
             "remaining",
             match self.remaining {
                 Some(n) => n.to_string(),
-                None => "not counted (cancelled; the continuation counts it)".into(),
+                None => "not counted (cancelled)".into(),
             },
         );
         line("as_of", self.as_of.to_string());
