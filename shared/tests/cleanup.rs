@@ -693,6 +693,117 @@ async fn small_budgeted_parts_refresh_statistics_once_their_purge_together_is_la
     }
 }
 
+/// Ends the server sessions of the cleanup's statements caught running (and, on PostgreSQL,
+/// of its transactions caught between statements), found through a connection of
+/// `killer`'s own; true once one was ended.
+async fn kill_statements_in_flight(killer: &Db) -> bool {
+    match killer.engine() {
+        Engine::Postgres => {
+            killer
+                .scalar_i64(
+                    "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                     AND state <> 'idle'",
+                )
+                .await
+                .expect("terminate")
+                > 0
+        }
+        Engine::MySql => {
+            // The processlist, not INNODB_TRX: InnoDB refreshes that table's cache only after
+            // 100 ms without a read, so a tight poll never sees a new transaction.
+            let sql = "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST \
+                       WHERE DB = DATABASE() AND ID <> CONNECTION_ID() AND INFO IS NOT NULL";
+            let ids: Vec<i64> = sessionfleet::on_pool!(killer, p => sqlx::query_scalar(sql)
+                .fetch_all(p).await.expect("running statements"));
+            for id in &ids {
+                // It may have ended meanwhile.
+                let _ = killer.execute(&format!("KILL CONNECTION {id}")).await;
+            }
+            !ids.is_empty()
+        }
+        Engine::Sqlite => unreachable!("SQLite has no server sessions to end"),
+    }
+}
+
+/// Connections dropped under a run (a failover, a proxy restart) cost retries, not the run:
+/// a batch is tried again on a fresh connection, so are the counts and reads beside the
+/// batches, and the run purges exactly what an uninterrupted one does, with its retries in
+/// the report.
+#[tokio::test]
+async fn a_run_whose_connections_are_killed_retries_and_completes() {
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let version = SchemaVersion::V2;
+        let tdb = seeded(engine, version).await;
+        let db = tdb.db.clone();
+        let before = snapshot(&db, version).await;
+        let purge = oracle(&db, version, None, true).await;
+        let killer = Db::connect(&tdb.url, &sessionfleet::store::ConnectOptions::default())
+            .await
+            .expect("killer connection");
+        let c = ctx(&db).await;
+        // One-row batches with rests: a few hundred short transactions to catch.
+        let slow = CleanupParams {
+            batch_size: 1,
+            max_batch_size: 1,
+            rest_ratio: Some(2.0),
+            ..params()
+        };
+        let run = tokio::spawn(async move { cleanup::run(&c, &slow).await });
+        // Once batches run (a run that cannot start fails at once and is retried whole).
+        let started = std::time::Instant::now();
+        while killer
+            .scalar_i64("SELECT COUNT(*) FROM user_sessions")
+            .await
+            .expect("count")
+            == before.len() as i64
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{engine}: no batch"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut killed = 0;
+        while killed < 3 && !run.is_finished() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{engine}: nothing caught running"
+            );
+            if kill_statements_in_flight(&killer).await {
+                killed += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let report = run
+            .await
+            .expect("task")
+            .expect("the run survives its killed connections");
+        assert_eq!(killed, 3, "{engine}: the run ended before three kills");
+        assert_eq!(report.outcome, Outcome::Completed, "{engine}");
+        assert_exactly_purged(
+            &before,
+            &snapshot(&db, version).await,
+            &purge,
+            &format!("{engine} with killed connections"),
+        );
+        // A COMMIT whose answer was lost may have committed: its row is gone but uncounted.
+        let counted = report.total_cleaned();
+        assert!(
+            counted <= purge.len() as u64 && counted + killed >= purge.len() as u64,
+            "{engine}: counted {counted} of {}",
+            purge.len()
+        );
+        assert!(
+            report.notes.iter().any(|n| n.contains("transient")),
+            "{engine}: the retries are reported: {:?}",
+            report.notes
+        );
+        killer.close().await;
+        tdb.drop_db().await;
+    }
+}
+
 #[tokio::test]
 async fn stale_fence_token_changes_nothing() {
     for engine in ENGINES {

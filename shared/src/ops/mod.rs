@@ -72,4 +72,15 @@ impl OpError {
     pub fn is_fenced_out(&self) -> bool {
         matches!(self, OpError::Fence(FenceError::FencedOut { .. }))
     }
+
+    /// True when a statement failed in a way a fresh attempt may not repeat: a lost
+    /// connection, a server restarting, a lost lock race ([`crate::store::is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            OpError::Sql(e)
+            | OpError::Fence(FenceError::Sql(e))
+            | OpError::Store(StoreError::Sql(e)) => crate::store::is_transient(e),
+            _ => false,
+        }
+    }
 }

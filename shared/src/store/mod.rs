@@ -14,12 +14,14 @@ pub mod nodelay;
 mod read_conn;
 pub mod schema;
 mod sql;
+mod transient;
 mod writer;
 
 pub use connect::{ConnectOptions, Db, DbInfo, DbTx, Engine, Pool, dialect_sql};
 pub use read_conn::{ReadConnection, ServerSession};
 pub use schema::{Schema, SchemaVersion, SessionProfile};
 pub use sql::{placeholders, sqlite_datetime};
+pub use transient::is_transient;
 pub use writer::{BatchWriter, Checkpoint};
 
 /// Errors raised while reaching or inspecting a database.

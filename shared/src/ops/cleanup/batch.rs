@@ -152,15 +152,22 @@ impl Source {
     ) -> Result<Option<Source>, sqlx::Error> {
         Ok(match &rule.walk {
             Walk::Column(col) => Some(Source::Index(col.clone())),
-            Walk::PrimaryKeyRange => IdSpan::read(db, schema, &rule.predicate, table_rows)
-                .await?
-                .map(Source::Range),
+            Walk::PrimaryKeyRange => super::retry::read_with_retries("key span", || {
+                IdSpan::read(db, schema, &rule.predicate, table_rows)
+            })
+            .await?
+            .map(Source::Range),
             Walk::PrimaryKey => {
                 Some(Source::Stream(Box::new(prefetched.unwrap_or_else(|| {
                     IdStream::open(db, schema, &rule.predicate)
                 }))))
             }
         })
+    }
+
+    /// True for one streamed read, which cannot be asked for the same ids twice.
+    pub fn is_stream(&self) -> bool {
+        matches!(self, Source::Stream(_))
     }
 
     /// The next batch of about `limit` rows after `cursor`.

@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
 use super::batch::count_in_background_on;
+use super::retry::read_with_retries;
 use super::rules::{self, Predicate};
 use crate::store::{Db, Engine, Schema, ServerSession};
 
@@ -67,7 +68,14 @@ impl MissingPlatformCount {
         let rules: Vec<Predicate> = rules.iter().map(|p| (*p).clone()).collect();
         let work = if beside && counts_beside_the_purge(db.engine()) {
             let shared = Arc::new(Mutex::new(Shared::default()));
-            let handle = tokio::spawn(count(db.clone(), schema.clone(), rules, shared.clone()));
+            let (db, schema) = (db.clone(), schema.clone());
+            let counter = shared.clone();
+            let handle = tokio::spawn(async move {
+                read_with_retries("missing-platform count", || {
+                    count(db.clone(), schema.clone(), rules.clone(), counter.clone())
+                })
+                .await
+            });
             Work::Beside { handle, shared }
         } else {
             Work::After {
@@ -86,7 +94,15 @@ impl MissingPlatformCount {
         let handle = match self.work {
             Work::Beside { handle, .. } => handle,
             Work::After { schema, rules } => {
-                return count(self.db, *schema, rules, Arc::default()).await;
+                return read_with_retries("missing-platform count", || {
+                    count(
+                        self.db.clone(),
+                        (*schema).clone(),
+                        rules.clone(),
+                        Arc::default(),
+                    )
+                })
+                .await;
             }
         };
         match handle.await {

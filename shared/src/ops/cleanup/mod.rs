@@ -23,6 +23,7 @@ mod analyze;
 mod batch;
 mod missing;
 mod report;
+mod retry;
 pub mod rules;
 mod stream;
 mod wal;
@@ -35,11 +36,13 @@ use serde::{Deserialize, Serialize};
 pub use analyze::{ANALYZE_AFTER_SHARE_PCT, SQLITE_ANALYSIS_LIMIT};
 pub use batch::BatchSizer;
 pub use report::{CleanupReport, CleanupStats, RuleCounts};
+pub use retry::{BATCH_RETRIES, BATCH_RETRY_BASE, BATCH_RETRY_MAX};
 pub use rules::RuleKind;
 pub use wal::{SQLITE_WAL_CUT_STEP, SQLITE_WAL_FILE_TARGET};
 
 use batch::{Batch, Cursor, Source, count, count_in_background, count_up_to, purge_batch};
 use missing::MissingPlatformCount;
+use retry::{BatchRetry, read_with_retries};
 use rules::{Cutoffs, Predicate};
 use stream::IdStream;
 
@@ -380,7 +383,8 @@ async fn purge(
     } else if report.outcome == Outcome::BudgetSpent
         && let Some(any) = Predicate::any_of(&all_rules)
     {
-        report.remaining = Some(count(db, schema, Some(&any)).await?);
+        report.remaining =
+            Some(read_with_retries("remaining count", || count(db, schema, Some(&any))).await?);
     }
     if report.outcome != Outcome::Cancelled {
         let carried = params.carried_deletes;
@@ -544,6 +548,10 @@ async fn purge_rule(
     let mut writer = db.batch_writer().await?;
     let mut cursor = Cursor::Start;
     let mut fruitless = 0;
+    let mut retry = BatchRetry::default();
+    // Candidates whose delete failed with a transient error, to delete on the next attempt:
+    // a streamed rule's ids are not read twice.
+    let mut pending = None;
     let rule_started = Instant::now();
     let deleted_before = report.rules.total();
     let stop = loop {
@@ -551,13 +559,37 @@ async fn purge_rule(
             break Some(stop);
         }
         let limit = sizer.size();
-        let found = source
-            .next(db, schema, &rule.predicate, cursor, limit)
-            .await?;
+        let found = match pending.take() {
+            Some(found) => found,
+            None => match source
+                .next(db, schema, &rule.predicate, cursor, limit)
+                .await
+            {
+                Ok(found) => found,
+                // A stream reopens a broken read itself; its error is final.
+                Err(e) => {
+                    let e = OpError::from(e);
+                    if source.is_stream() || !retry.wait_to_retry(&e, &ctx.cancel).await {
+                        return Err(e);
+                    }
+                    continue;
+                }
+            },
+        };
         if found.rows == 0 {
             break None;
         }
-        let done = purge_batch(&mut writer, fence, schema, rule, &found.batch).await?;
+        let done = match purge_batch(&mut writer, fence, schema, rule, &found.batch).await {
+            Ok(done) => done,
+            Err(e) => {
+                if !retry.wait_to_retry(&e, &ctx.cancel).await {
+                    return Err(e);
+                }
+                pending = Some(found);
+                continue;
+            }
+        };
+        retry.succeeded();
         report.batches += 1;
         report.rules.add(rule.kind, done.deleted);
         report.longest_batch_ms = report
@@ -589,6 +621,7 @@ async fn purge_rule(
             break None;
         }
     };
+    report.notes.extend(retry.note(rule.kind));
     tracing::debug!(
         rule = ?rule.kind,
         walk = ?rule.walk,
@@ -709,11 +742,14 @@ fn count_index_walked(
             counts.push((
                 i,
                 Box::pin(async move {
-                    if first {
-                        count_up_to(&db, &schema, &pred, dense_rows(table_rows)).await
-                    } else {
-                        count_in_background(&db, &schema, Some(&pred)).await
-                    }
+                    read_with_retries("rule count", || async {
+                        if first {
+                            count_up_to(&db, &schema, &pred, dense_rows(table_rows)).await
+                        } else {
+                            count_in_background(&db, &schema, Some(&pred)).await
+                        }
+                    })
+                    .await
                 }),
             ));
         }

@@ -1,0 +1,90 @@
+//! Another attempt at a batch whose read or delete failed with a transient database error
+//! (a lost connection, a server restarting, a lost lock race: `store::is_transient`).
+//!
+//! A batch is idempotent — its transaction either committed or rolled back, and the DELETE
+//! re-checks the rule — so it can be tried again from the same cursor with the same
+//! candidates, on a fresh pooled connection. Without this, one dropped connection threw away
+//! a long run, and its committed batches went uncounted (a failed part reports nothing).
+
+use std::time::Duration;
+
+use crate::CancellationToken;
+use crate::ops::OpError;
+
+/// Attempts in a row one batch gets after transient errors before the run fails.
+pub const BATCH_RETRIES: u32 = 5;
+/// Wait before the first retry; it doubles (jittered) up to [`BATCH_RETRY_MAX`], so the
+/// five retries span about 6 s — a restart or failover of a few seconds.
+pub const BATCH_RETRY_BASE: Duration = Duration::from_millis(200);
+/// Longest wait between two attempts.
+pub const BATCH_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The retries of one rule's batches.
+#[derive(Default)]
+pub struct BatchRetry {
+    /// Failures in a row of the current batch.
+    failures: u32,
+    /// Attempts retried over the whole rule.
+    retried: u64,
+    /// The last transient error, for the report.
+    last: Option<String>,
+}
+
+impl BatchRetry {
+    /// After a failed attempt: true when `e` is transient and the batch has retries left, once
+    /// the backoff has passed (or the run was cancelled meanwhile: the caller's next check
+    /// stops it). False: the error ends the run.
+    pub async fn wait_to_retry(&mut self, e: &OpError, cancel: &CancellationToken) -> bool {
+        if !e.is_transient() || self.failures >= BATCH_RETRIES {
+            return false;
+        }
+        self.failures += 1;
+        self.retried += 1;
+        self.last = Some(e.to_string());
+        let delay = crate::backoff::exponential(self.failures, BATCH_RETRY_BASE, BATCH_RETRY_MAX);
+        tracing::warn!(error = %e, attempt = self.failures, delay_ms = delay.as_millis() as u64, "cleanup batch failed with a transient database error; trying it again");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = cancel.cancelled() => {}
+        }
+        true
+    }
+
+    /// The batch went through: the next one starts with all its retries.
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+
+    /// A line for the report when any attempt was retried.
+    pub fn note(&self, rule: super::RuleKind) -> Option<String> {
+        let last = self.last.as_ref()?;
+        Some(format!(
+            "rule {rule:?}: {} batch attempt(s) failed with a transient database error and were retried (last: {last})",
+            self.retried
+        ))
+    }
+}
+
+/// Runs the read `attempt` makes, again after a transient error (at most [`BATCH_RETRIES`]
+/// times in a row, with the batches' backoff): the counts and reads beside the batches, so a
+/// dropped connection does not fail a run whose batches survive it. `what` names the read in
+/// the log.
+pub async fn read_with_retries<T, F, Fut>(what: &str, mut attempt: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut failures = 0;
+    loop {
+        match attempt().await {
+            Err(e) if crate::store::is_transient(&e) && failures < BATCH_RETRIES => {
+                failures += 1;
+                let delay =
+                    crate::backoff::exponential(failures, BATCH_RETRY_BASE, BATCH_RETRY_MAX);
+                tracing::warn!(error = %e, read = what, attempt = failures, delay_ms = delay.as_millis() as u64, "cleanup read failed with a transient database error; trying it again");
+                tokio::time::sleep(delay).await;
+            }
+            done => return done,
+        }
+    }
+}
