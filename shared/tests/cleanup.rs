@@ -804,6 +804,49 @@ async fn a_run_whose_connections_are_killed_retries_and_completes() {
     }
 }
 
+/// An application transaction holding a lock on an expired session does not hold a batch for
+/// as long as it lasts: the batch gives up after `BATCH_LOCK_TIMEOUT`, rolls back and is tried
+/// again, and the row goes once the lock is released.
+#[tokio::test]
+async fn a_batch_gives_up_a_row_lock_held_by_the_application_and_tries_again() {
+    let version = SchemaVersion::V2;
+    let tdb = seeded(Engine::Postgres, version).await;
+    let db = tdb.db.clone();
+    let before = snapshot(&db, version).await;
+    let purge = oracle(&db, version, None, true).await;
+    let locked = *purge.iter().next().expect("a row to purge");
+    let app = Db::connect(&tdb.url, &sessionfleet::store::ConnectOptions::default())
+        .await
+        .expect("application connection");
+    let mut tx = app.begin_write().await.expect("begin");
+    sessionfleet::on_tx!(&mut tx, c => sqlx::query("SELECT id FROM user_sessions WHERE id = $1 FOR UPDATE")
+        .bind(locked as i32)
+        .execute(&mut *c)
+        .await
+        .map(|_| ())
+        .expect("lock the row"));
+    let c = ctx(&db).await;
+    let run = tokio::spawn(async move { cleanup::run(&c, &params()).await });
+    // Longer than one lock timeout, far shorter than the retries.
+    tokio::time::sleep(cleanup::BATCH_LOCK_TIMEOUT + Duration::from_secs(1)).await;
+    tx.rollback().await.expect("release the lock");
+    let report = run.await.expect("task").expect("run");
+    assert_eq!(report.outcome, Outcome::Completed);
+    assert_exactly_purged(
+        &before,
+        &snapshot(&db, version).await,
+        &purge,
+        "postgres with a locked row",
+    );
+    assert!(
+        report.notes.iter().any(|n| n.contains("lock timeout")),
+        "the batch gave up the lock and was retried: {:?}",
+        report.notes
+    );
+    app.close().await;
+    tdb.drop_db().await;
+}
+
 #[tokio::test]
 async fn stale_fence_token_changes_nothing() {
     for engine in ENGINES {

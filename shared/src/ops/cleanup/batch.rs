@@ -262,7 +262,7 @@ pub async fn purge_batch(
     let started = Instant::now();
     let work = async {
         fence.advance(&mut tx).await?;
-        commit_without_flush_wait(&mut tx).await?;
+        postgres_batch_settings(&mut tx).await?;
         plan_id_list_recheck(&mut tx, rule, batch).await?;
         Ok::<_, OpError>(delete_matching(&mut tx, schema, &rule.predicate, batch).await?)
     };
@@ -282,18 +282,30 @@ pub async fn purge_batch(
     })
 }
 
-/// On PostgreSQL a batch's COMMIT does not wait for its WAL to reach the disk
-/// (`synchronous_commit = off` for this transaction only). Waiting made the application's own
-/// commits queue behind each batch's flush of several megabytes, so its operations stalled
-/// for a whole batch at a time. A crash can forget the last batches of a run, at most about
-/// three `wal_writer_delay`s of them: those sessions are still expired and the next run
-/// deletes them. The fence is unharmed: the token was issued in a durable transaction and a
-/// batch only writes the same token again.
-async fn commit_without_flush_wait(tx: &mut DbTx<'_>) -> Result<(), sqlx::Error> {
+/// How long a batch's statements wait for a row lock on PostgreSQL before they give up
+/// (`lock_timeout`, this transaction only). An application transaction holding a lock on an
+/// expired session — a stuck request, a connection left idle in its transaction — would
+/// otherwise hold the batch, and the rows and fence it has locked, for as long as it lasts,
+/// past any budget or shutdown. Given up, the batch rolls back and is tried again after a
+/// backoff (`retry`); far above the application's ordinary lock waits of milliseconds.
+pub const BATCH_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A PostgreSQL batch's settings, for its transaction only:
+/// - `lock_timeout` = [`BATCH_LOCK_TIMEOUT`];
+/// - `synchronous_commit = off`: the COMMIT does not wait for the WAL to reach the disk.
+///   Waiting made the application's own commits queue behind each batch's flush of several
+///   megabytes, so its operations stalled for a whole batch at a time. A crash can forget the
+///   last batches of a run, at most about three `wal_writer_delay`s of them: those sessions
+///   are still expired and the next run deletes them. The fence is unharmed: the token was
+///   issued in a durable transaction and a batch only writes the same token again.
+async fn postgres_batch_settings(tx: &mut DbTx<'_>) -> Result<(), sqlx::Error> {
     if let DbTx::Postgres(c) = tx {
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut **c)
-            .await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL synchronous_commit = off; SET LOCAL lock_timeout = {}",
+            BATCH_LOCK_TIMEOUT.as_millis()
+        )))
+        .execute(&mut **c)
+        .await?;
     }
     Ok(())
 }

@@ -34,7 +34,7 @@ use chrono::{NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 pub use analyze::{ANALYZE_AFTER_SHARE_PCT, SQLITE_ANALYSIS_LIMIT};
-pub use batch::BatchSizer;
+pub use batch::{BATCH_LOCK_TIMEOUT, BatchSizer};
 pub use report::{CleanupReport, CleanupStats, RuleCounts};
 pub use retry::{BATCH_RETRIES, BATCH_RETRY_BASE, BATCH_RETRY_MAX};
 pub use rules::RuleKind;
