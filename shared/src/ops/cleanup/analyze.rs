@@ -38,8 +38,17 @@ pub async fn engine_refreshes_statistics(db: &Db) -> bool {
     }
 }
 
-/// Runs the engine's statistics refresh on `table` under the fence. Returns statements run.
+/// Runs the engine's statistics refresh on `table` under the fence, again after a transient
+/// error (a dropped connection at the end of a long purge would otherwise leave the planner
+/// with the statistics of the table before it). Returns statements run.
 pub async fn refresh_statistics(db: &Db, fence: &Fence, table: &str) -> Result<u64, OpError> {
+    super::retry::with_retries("statistics refresh", OpError::is_transient, || {
+        refresh_once(db, fence, table)
+    })
+    .await
+}
+
+async fn refresh_once(db: &Db, fence: &Fence, table: &str) -> Result<u64, OpError> {
     match db.engine() {
         // Both run inside a transaction, so the fence check and the statement are one unit.
         // The fence is advanced after the ANALYZE, not before: its row lock is then held for

@@ -69,22 +69,76 @@ impl BatchRetry {
 /// times in a row, with the batches' backoff): the counts and reads beside the batches, so a
 /// dropped connection does not fail a run whose batches survive it. `what` names the read in
 /// the log.
-pub async fn read_with_retries<T, F, Fut>(what: &str, mut attempt: F) -> Result<T, sqlx::Error>
+pub async fn read_with_retries<T, F, Fut>(what: &str, attempt: F) -> Result<T, sqlx::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
 {
+    with_retries(what, crate::store::is_transient, attempt).await
+}
+
+/// Runs `attempt`, again while it fails with an error `transient` accepts, at most
+/// [`BATCH_RETRIES`] times in a row with the batches' backoff. `what` names the work in the
+/// log.
+pub async fn with_retries<T, E, F, Fut>(
+    what: &str,
+    transient: impl Fn(&E) -> bool,
+    mut attempt: F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
     let mut failures = 0;
     loop {
         match attempt().await {
-            Err(e) if crate::store::is_transient(&e) && failures < BATCH_RETRIES => {
+            Err(e) if transient(&e) && failures < BATCH_RETRIES => {
                 failures += 1;
                 let delay =
                     crate::backoff::exponential(failures, BATCH_RETRY_BASE, BATCH_RETRY_MAX);
-                tracing::warn!(error = %e, read = what, attempt = failures, delay_ms = delay.as_millis() as u64, "cleanup read failed with a transient database error; trying it again");
+                tracing::warn!(error = %e, work = what, attempt = failures, delay_ms = delay.as_millis() as u64, "cleanup step failed with a transient database error; trying it again");
                 tokio::time::sleep(delay).await;
             }
             done => return done,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reset() -> sqlx::Error {
+        sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+    }
+
+    /// Fails with `first` for the first `fails` attempts, then succeeds; counts the attempts.
+    async fn flaky(fails: u32, first: fn() -> sqlx::Error) -> (Result<u32, sqlx::Error>, u32) {
+        let tries = std::cell::Cell::new(0);
+        let result = read_with_retries("test", || {
+            tries.set(tries.get() + 1);
+            let n = tries.get();
+            async move { if n <= fails { Err(first()) } else { Ok(n) } }
+        })
+        .await;
+        (result, tries.get())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_errors_are_retried_up_to_the_limit_and_others_not_at_all() {
+        let (ok, tries) = flaky(BATCH_RETRIES, reset).await;
+        assert_eq!(
+            (ok.ok(), tries),
+            (Some(BATCH_RETRIES + 1), BATCH_RETRIES + 1)
+        );
+
+        let (failed, tries) = flaky(BATCH_RETRIES + 1, reset).await;
+        assert!(matches!(failed, Err(sqlx::Error::Io(_))));
+        assert_eq!(tries, BATCH_RETRIES + 1, "the sixth failure ends it");
+
+        let (failed, tries) = flaky(1, || sqlx::Error::RowNotFound).await;
+        assert!(matches!(failed, Err(sqlx::Error::RowNotFound)));
+        assert_eq!(tries, 1, "a permanent error is not retried");
     }
 }
