@@ -1,5 +1,6 @@
-//! Another attempt at a batch whose read or delete failed with a transient database error
-//! (a lost connection, a server restarting, a lost lock race: `store::is_transient`).
+//! Another attempt at a batch, a count or read beside the batches, or the statistics refresh
+//! after a transient database error (a lost connection, a server restarting, a lost lock race:
+//! `store::is_transient`).
 //!
 //! A batch is idempotent — its transaction either committed or rolled back, and the DELETE
 //! re-checks the rule — so it can be tried again from the same cursor with the same
@@ -13,11 +14,16 @@ use crate::ops::OpError;
 
 /// Attempts in a row one batch gets after transient errors before the run fails.
 pub const BATCH_RETRIES: u32 = 5;
-/// Wait before the first retry; it doubles (jittered) up to [`BATCH_RETRY_MAX`], so the
-/// five retries span about 6 s — a restart or failover of a few seconds.
+/// Wait before the first retry; it doubles up to [`BATCH_RETRY_MAX`], each wait jittered down
+/// to half, so the five retries span 3–6 s — a restart or failover of a few seconds.
 pub const BATCH_RETRY_BASE: Duration = Duration::from_millis(200);
 /// Longest wait between two attempts.
 pub const BATCH_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The wait before retry number `failures` (1-based).
+fn retry_delay(failures: u32) -> Duration {
+    crate::backoff::exponential(failures, BATCH_RETRY_BASE, BATCH_RETRY_MAX)
+}
 
 /// The retries of one rule's batches.
 #[derive(Default)]
@@ -41,7 +47,7 @@ impl BatchRetry {
         self.failures += 1;
         self.retried += 1;
         self.last = Some(e.to_string());
-        let delay = crate::backoff::exponential(self.failures, BATCH_RETRY_BASE, BATCH_RETRY_MAX);
+        let delay = retry_delay(self.failures);
         tracing::warn!(error = %e, attempt = self.failures, delay_ms = delay.as_millis() as u64, "cleanup batch failed with a transient database error; trying it again");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
@@ -95,8 +101,7 @@ where
         match attempt().await {
             Err(e) if transient(&e) && failures < BATCH_RETRIES => {
                 failures += 1;
-                let delay =
-                    crate::backoff::exponential(failures, BATCH_RETRY_BASE, BATCH_RETRY_MAX);
+                let delay = retry_delay(failures);
                 tracing::warn!(error = %e, work = what, attempt = failures, delay_ms = delay.as_millis() as u64, "cleanup step failed with a transient database error; trying it again");
                 tokio::time::sleep(delay).await;
             }
