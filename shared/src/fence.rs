@@ -135,7 +135,10 @@ pub async fn issue_token_after(
             FenceError::Sql(e)
         }
     };
-    let mut tx = db.begin_write().await.map_err(busy)?;
+    // On MySQL the lock wait below is a session setting: the connection it is set on is closed
+    // afterwards, not returned to the pool, where it would bound every later batch instead.
+    let mut conn = db.scoped_connection().await.map_err(busy)?;
+    let mut tx = conn.begin_write().await.map_err(busy)?;
     set_lock_timeout(&mut tx).await?;
     if !try_session_lock_xact(&mut tx, name).await? {
         tx.rollback().await?;
@@ -277,6 +280,7 @@ async fn set_lock_timeout(tx: &mut DbTx<'_>) -> Result<(), sqlx::Error> {
             .execute(&mut **t)
             .await?;
         }
+        // Session-wide on MySQL: only on a `ScopedConnection`.
         DbTx::MySql(t) => {
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SET SESSION innodb_lock_wait_timeout = {}",

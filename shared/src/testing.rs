@@ -119,6 +119,14 @@ impl TestDb {
         hold_every_connection(pool).await
     }
 
+    /// [`TestDb::every_postgres_connection`] for MySQL/MariaDB.
+    pub async fn every_mysql_connection(&self) -> Vec<sqlx::pool::PoolConnection<sqlx::MySql>> {
+        let crate::store::Pool::MySql(pool) = self.db.pool() else {
+            panic!("every_mysql_connection on a {} database", self.engine);
+        };
+        hold_every_connection(pool).await
+    }
+
     /// Drops the database (SQLite: the temporary directory goes with the value).
     pub async fn drop_db(self) {
         self.db.close().await;

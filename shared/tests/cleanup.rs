@@ -806,45 +806,51 @@ async fn a_run_whose_connections_are_killed_retries_and_completes() {
 
 /// An application transaction holding a lock on an expired session does not hold a batch for
 /// as long as it lasts: the batch gives up after `BATCH_LOCK_TIMEOUT`, rolls back and is tried
-/// again, and the row goes once the lock is released.
+/// again, and the row goes once the lock is released. (MySQL's own wait is 50 s by default.)
 #[tokio::test]
 async fn a_batch_gives_up_a_row_lock_held_by_the_application_and_tries_again() {
     let version = SchemaVersion::V2;
-    let tdb = seeded(Engine::Postgres, version).await;
-    let db = tdb.db.clone();
-    let before = snapshot(&db, version).await;
-    let purge = oracle(&db, version, None, true).await;
-    let locked = *purge.iter().next().expect("a row to purge");
-    let app = Db::connect(&tdb.url, &sessionfleet::store::ConnectOptions::default())
-        .await
-        .expect("application connection");
-    let mut tx = app.begin_write().await.expect("begin");
-    sessionfleet::on_tx!(&mut tx, c => sqlx::query("SELECT id FROM user_sessions WHERE id = $1 FOR UPDATE")
-        .bind(locked as i32)
-        .execute(&mut *c)
-        .await
-        .map(|_| ())
-        .expect("lock the row"));
-    let c = ctx(&db).await;
-    let run = tokio::spawn(async move { cleanup::run(&c, &params()).await });
-    // Longer than one lock timeout, far shorter than the retries.
-    tokio::time::sleep(cleanup::BATCH_LOCK_TIMEOUT + Duration::from_secs(1)).await;
-    tx.rollback().await.expect("release the lock");
-    let report = run.await.expect("task").expect("run");
-    assert_eq!(report.outcome, Outcome::Completed);
-    assert_exactly_purged(
-        &before,
-        &snapshot(&db, version).await,
-        &purge,
-        "postgres with a locked row",
-    );
-    assert!(
-        report.notes.iter().any(|n| n.contains("lock timeout")),
-        "the batch gave up the lock and was retried: {:?}",
-        report.notes
-    );
-    app.close().await;
-    tdb.drop_db().await;
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let tdb = seeded(engine, version).await;
+        let db = tdb.db.clone();
+        let before = snapshot(&db, version).await;
+        let purge = oracle(&db, version, None, true).await;
+        let locked = *purge.iter().next().expect("a row to purge");
+        let app = Db::connect(&tdb.url, &sessionfleet::store::ConnectOptions::default())
+            .await
+            .expect("application connection");
+        let mut tx = app.begin_write().await.expect("begin");
+        let lock = tx.sql("SELECT id FROM user_sessions WHERE id = ? FOR UPDATE".to_string());
+        sessionfleet::on_tx!(&mut tx, c => sqlx::query(lock)
+            .bind(locked as i32)
+            .execute(&mut *c)
+            .await
+            .map(|_| ())
+            .expect("lock the row"));
+        let c = ctx(&db).await;
+        let run = tokio::spawn(async move { cleanup::run(&c, &params()).await });
+        // Longer than one lock timeout, far shorter than the retries.
+        tokio::time::sleep(cleanup::BATCH_LOCK_TIMEOUT + Duration::from_secs(1)).await;
+        tx.rollback().await.expect("release the lock");
+        let report = run.await.expect("task").expect("run");
+        assert_eq!(report.outcome, Outcome::Completed, "{engine}");
+        assert_exactly_purged(
+            &before,
+            &snapshot(&db, version).await,
+            &purge,
+            &format!("{engine} with a locked row"),
+        );
+        assert!(
+            report.notes.iter().any(|n| {
+                let n = n.to_lowercase();
+                n.contains("lock timeout") || n.contains("lock wait timeout")
+            }),
+            "{engine}: the batch gave up the lock and was retried: {:?}",
+            report.notes
+        );
+        app.close().await;
+        tdb.drop_db().await;
+    }
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
 //! Engines, schema detection and creation, demo data and the fence, on SQLite, PostgreSQL
 //! and MariaDB — each test in its own database.
 
+use std::time::Duration;
+
 use chrono::NaiveDate;
 use sessionfleet::fence;
 use sessionfleet::seed::{SeedParams, seed_demo};
@@ -431,7 +433,7 @@ async fn a_write_transaction_leaves_the_rows_its_delete_skips_unlocked_on_mysql(
 async fn the_sqlite_batch_writer_keeps_its_settings_out_of_the_pool() {
     let t = TestDb::new(Engine::Sqlite).await;
     let autocheckpoint = "PRAGMA wal_autocheckpoint";
-    let mut writer = t.db.batch_writer().await.unwrap();
+    let mut writer = t.db.batch_writer(Duration::from_secs(2)).await.unwrap();
     let mut tx = writer.begin().await.unwrap();
     let sessionfleet::store::DbTx::Sqlite(c) = &mut tx else {
         unreachable!("a SQLite database opens SQLite transactions")
@@ -620,4 +622,47 @@ async fn a_cancelled_statement_ends_early_and_leaves_its_connection_usable() {
         drop(conn);
         t.drop_db().await;
     }
+}
+
+/// MySQL has no transaction-local lock wait, so the batch writer sets its row-lock wait on a
+/// connection of its own and a fencing token its 5 s wait on another, and both connections are
+/// closed afterwards: every connection the pool hands out still waits as the server says.
+/// Fails if either went back to the pool with its setting (a token's 5 s then bounded every
+/// later batch on that connection) or if the writer's wait is not set.
+#[tokio::test]
+async fn mysql_lock_waits_stay_off_the_pooled_connections() {
+    let t = TestDb::new(Engine::MySql).await;
+    fence::issue_token(&t.db, "target:test", "test")
+        .await
+        .unwrap();
+    let mut writer = t.db.batch_writer(Duration::from_secs(2)).await.unwrap();
+    let mut tx = writer.begin().await.unwrap();
+    let sessionfleet::store::DbTx::MySql(c) = &mut tx else {
+        unreachable!("a MySQL database opens MySQL transactions")
+    };
+    let inside: i64 =
+        sqlx::query_scalar("SELECT CAST(@@SESSION.innodb_lock_wait_timeout AS SIGNED)")
+            .fetch_one(&mut **c)
+            .await
+            .unwrap();
+    assert_eq!(inside, 2, "the writer's batches wait 2 s for a row lock");
+    tx.commit().await.unwrap();
+    drop(writer);
+
+    let global: i64 =
+        t.db.scalar_i64("SELECT CAST(@@GLOBAL.innodb_lock_wait_timeout AS SIGNED)")
+            .await
+            .unwrap();
+    for mut conn in t.every_mysql_connection().await {
+        let session: i64 =
+            sqlx::query_scalar("SELECT CAST(@@SESSION.innodb_lock_wait_timeout AS SIGNED)")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+        assert_eq!(
+            session, global,
+            "a pooled connection waits as the server says"
+        );
+    }
+    t.drop_db().await;
 }

@@ -178,6 +178,12 @@ pub struct DbInfo {
 /// [`Db::begin_write`]).
 pub(super) const SQLITE_BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
 
+/// How a MySQL/MariaDB write transaction begins: `READ COMMITTED` (see [`Db::begin_write`]).
+/// `SET TRANSACTION` applies to the next transaction only, so it cannot outlive this one on
+/// a pooled connection.
+pub(super) const MYSQL_BEGIN_WRITE: &str =
+    "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION";
+
 /// How long PostgreSQL lets one of our sessions sit idle inside a transaction before it ends
 /// the session and rolls the transaction back. Our transactions are short batches; a session
 /// idle in one is a frozen process (SIGSTOP, VM pause) whose row locks would otherwise keep
@@ -411,12 +417,7 @@ impl Db {
         Ok(match &self.pool {
             Pool::Sqlite(p) => DbTx::Sqlite(p.begin_with(SQLITE_BEGIN_WRITE).await?),
             Pool::Postgres(p) => DbTx::Postgres(p.begin().await?),
-            // `SET TRANSACTION` applies to the next transaction only, so it cannot outlive
-            // this one on the pooled connection.
-            Pool::MySql(p) => DbTx::MySql(
-                p.begin_with("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION")
-                    .await?,
-            ),
+            Pool::MySql(p) => DbTx::MySql(p.begin_with(MYSQL_BEGIN_WRITE).await?),
         })
     }
 

@@ -4,9 +4,10 @@
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
-use sqlx::{Connection, Sqlite};
+use sqlx::{Connection, MySql, Sqlite};
 
-use super::connect::{Db, DbTx, Pool, SQLITE_BEGIN_WRITE};
+use super::connect::{Db, DbTx, MYSQL_BEGIN_WRITE, Pool, SQLITE_BEGIN_WRITE};
+use super::scoped::{closing_connection, mysql_lock_wait_secs};
 
 /// Commits a series of write batches ([`Db::batch_writer`]).
 ///
@@ -17,9 +18,24 @@ use super::connect::{Db, DbTx, Pool, SQLITE_BEGIN_WRITE};
 /// held the lock 25 ms — so every batch looked twice as long as it held anyone up, and batch
 /// sizes and rests were cut to match. This connection's commits leave the WAL alone and
 /// [`BatchWriter::checkpoint`] copies it back afterwards, in the time the caller rests anyway.
+///
+/// It also bounds how long a batch waits for a row lock the application holds. MySQL has no
+/// transaction-local form of that wait (`innodb_lock_wait_timeout`), so there it is set once
+/// on a connection of the writer's own, closed rather than returned to the pool (see
+/// [`ScopedConnection`](super::ScopedConnection)).
 pub enum BatchWriter {
-    /// PostgreSQL, MySQL/MariaDB: each transaction takes any pooled connection.
+    /// PostgreSQL: each transaction takes any pooled connection.
     Pooled(Db),
+    /// MySQL/MariaDB: one connection with the row-lock wait set, taken on the first batch and
+    /// again after a failed one, closed when dropped.
+    MySql {
+        /// Where a new connection comes from.
+        db: Db,
+        /// The row-lock wait to set on it.
+        row_lock_wait: Duration,
+        /// The current connection, if any.
+        conn: Option<PoolConnection<MySql>>,
+    },
     /// SQLite: one connection for the whole series, with automatic checkpoints off (and the
     /// WAL file's size limit, once set). It is closed when dropped, so the settings never
     /// reach the pool.
@@ -38,9 +54,14 @@ pub struct Checkpoint {
 }
 
 impl Db {
-    /// A [`BatchWriter`] for this database. On SQLite it holds one pooled connection until
-    /// dropped; a pool of one connection would leave none for anything else.
-    pub async fn batch_writer(&self) -> Result<BatchWriter, sqlx::Error> {
+    /// A [`BatchWriter`] for this database. On SQLite and MySQL it holds one pooled connection
+    /// until dropped; a pool of one connection would leave none for anything else.
+    ///
+    /// `row_lock_wait`: how long a statement of a batch waits for a row lock before failing,
+    /// on MySQL/MariaDB (whole seconds, rounded up). PostgreSQL batches set theirs per
+    /// transaction (`SET LOCAL lock_timeout`, in one round trip with their other settings);
+    /// SQLite writers queue on the busy timeout instead.
+    pub async fn batch_writer(&self, row_lock_wait: Duration) -> Result<BatchWriter, sqlx::Error> {
         Ok(match self.pool() {
             Pool::Sqlite(p) => {
                 let mut conn = p.acquire().await?;
@@ -50,7 +71,12 @@ impl Db {
                     .await?;
                 BatchWriter::Sqlite(conn)
             }
-            Pool::Postgres(_) | Pool::MySql(_) => BatchWriter::Pooled(self.clone()),
+            Pool::MySql(_) => BatchWriter::MySql {
+                db: self.clone(),
+                row_lock_wait,
+                conn: None,
+            },
+            Pool::Postgres(_) => BatchWriter::Pooled(self.clone()),
         })
     }
 }
@@ -60,9 +86,30 @@ impl BatchWriter {
     pub async fn begin(&mut self) -> Result<DbTx<'_>, sqlx::Error> {
         match self {
             BatchWriter::Pooled(db) => db.begin_write().await,
+            BatchWriter::MySql {
+                db,
+                row_lock_wait,
+                conn,
+            } => {
+                let conn = match conn {
+                    Some(c) => c,
+                    None => conn.insert(mysql_writer_connection(db, *row_lock_wait).await?),
+                };
+                Ok(DbTx::MySql(conn.begin_with(MYSQL_BEGIN_WRITE).await?))
+            }
             BatchWriter::Sqlite(conn) => {
                 Ok(DbTx::Sqlite(conn.begin_with(SQLITE_BEGIN_WRITE).await?))
             }
+        }
+    }
+
+    /// After a failed transaction: on MySQL the connection is closed and the next
+    /// transaction takes a fresh one, since the failure may have been the connection itself
+    /// (the error a retry is for). The other engines need nothing: PostgreSQL takes a pooled
+    /// connection per transaction, and SQLite's connection is in-process.
+    pub fn discard_connection(&mut self) {
+        if let BatchWriter::MySql { conn, .. } = self {
+            *conn = None;
         }
     }
 
@@ -120,4 +167,22 @@ impl BatchWriter {
             took: started.elapsed(),
         })
     }
+}
+
+/// A MySQL connection of the writer's own, with its row-lock wait set and closed when dropped.
+async fn mysql_writer_connection(
+    db: &Db,
+    row_lock_wait: Duration,
+) -> Result<PoolConnection<MySql>, sqlx::Error> {
+    let Pool::MySql(pool) = db.pool() else {
+        unreachable!("a MySQL batch writer is made from a MySQL pool")
+    };
+    let mut conn = closing_connection(pool).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET SESSION innodb_lock_wait_timeout = {}",
+        mysql_lock_wait_secs(row_lock_wait)
+    )))
+    .execute(&mut *conn)
+    .await?;
+    Ok(conn)
 }

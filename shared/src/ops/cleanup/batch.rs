@@ -258,6 +258,20 @@ pub async fn purge_batch(
 ) -> Result<BatchResult, OpError> {
     // Timed from the moment the write transaction is open (on SQLite: the write lock is
     // held), not while BEGIN waits for other writers: this is how long we block others.
+    let result = purge_batch_in(writer, fence, schema, rule, batch).await;
+    if result.is_err() {
+        writer.discard_connection();
+    }
+    result
+}
+
+async fn purge_batch_in(
+    writer: &mut BatchWriter,
+    fence: &Fence,
+    schema: &Schema,
+    rule: &Rule,
+    batch: &Batch,
+) -> Result<BatchResult, OpError> {
     let mut tx = writer.begin().await?;
     let started = Instant::now();
     let work = async {
@@ -282,12 +296,14 @@ pub async fn purge_batch(
     })
 }
 
-/// How long a batch's statements wait for a row lock on PostgreSQL before they give up
-/// (`lock_timeout`, this transaction only). An application transaction holding a lock on an
-/// expired session — a stuck request, a connection left idle in its transaction — would
-/// otherwise hold the batch, and the rows and fence it has locked, for as long as it lasts,
-/// past any budget or shutdown. Given up, the batch rolls back and is tried again after a
-/// backoff (`retry`); far above the application's ordinary lock waits of milliseconds.
+/// How long a batch's statements wait for a row lock before they give up: PostgreSQL
+/// `lock_timeout` for the batch's transaction only, MySQL/MariaDB `innodb_lock_wait_timeout`
+/// on the batch writer's own connection (`store::BatchWriter`). An application transaction
+/// holding a lock on an expired session — a stuck request, a connection left idle in its
+/// transaction — would otherwise hold the batch, and the rows and fence it has locked, for as
+/// long as it lasts (MySQL's default: 50 s), past any budget or shutdown. Given up, the batch
+/// rolls back and is tried again after a backoff (`retry`); far above the application's
+/// ordinary lock waits of milliseconds.
 pub const BATCH_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A PostgreSQL batch's settings, for its transaction only:
@@ -852,7 +868,7 @@ mod tests {
             let cutoffs =
                 super::super::rules::Cutoffs::new(chrono::Utc::now().naive_utc(), 48 * 3600, None);
             let (rules, _) = super::super::rules::build(&schema, &cutoffs);
-            let mut writer = db.batch_writer().await.expect("writer");
+            let mut writer = db.batch_writer(BATCH_LOCK_TIMEOUT).await.expect("writer");
             let purge = async |writer: &mut BatchWriter, n: i64| {
                 let batch = Batch::Ids((1..=n).collect());
                 purge_batch(writer, &fence, &schema, &rules[0], &batch)
@@ -863,6 +879,7 @@ mod tests {
             purge(&mut writer, 100).await;
             let cached = async |writer: &mut BatchWriter| match (&mut *writer, db.pool()) {
                 (BatchWriter::Sqlite(c), _) => c.cached_statements_size(),
+                (BatchWriter::MySql { conn: Some(c), .. }, _) => c.cached_statements_size(),
                 (_, Pool::Postgres(p)) => p.acquire().await.unwrap().cached_statements_size(),
                 (_, Pool::MySql(p)) => p.acquire().await.unwrap().cached_statements_size(),
                 (_, Pool::Sqlite(_)) => unreachable!("SQLite batches use their own connection"),

@@ -545,7 +545,7 @@ async fn purge_rule(
         Duration::from_millis(params.effective_target_batch_ms(db.engine())),
     );
     let rest_ratio = params.effective_rest_ratio(db.engine());
-    let mut writer = db.batch_writer().await?;
+    let mut writer = db.batch_writer(BATCH_LOCK_TIMEOUT).await?;
     let mut cursor = Cursor::Start;
     let mut fruitless = 0;
     let mut retry = BatchRetry::default();

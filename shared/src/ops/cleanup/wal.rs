@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::BATCH_LOCK_TIMEOUT;
 use crate::fence::Fence;
 use crate::ops::OpError;
 use crate::store::Db;
@@ -39,7 +40,7 @@ pub struct WalCutBack {
 /// [`SQLITE_WAL_CUT_STEP`] below the file's length. Nothing happens on server engines or
 /// when the file is already short. `None` when nothing needed doing.
 pub async fn cut_back(db: &Db, fence: &Fence) -> Result<Option<WalCutBack>, OpError> {
-    let mut writer = db.batch_writer().await?;
+    let mut writer = db.batch_writer(BATCH_LOCK_TIMEOUT).await?;
     let before = match writer.wal_file_bytes().await? {
         Some(bytes) if bytes > SQLITE_WAL_FILE_TARGET => bytes,
         _ => return Ok(None),

@@ -8,7 +8,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use super::guard::{finish_read, read_tx};
+use super::guard::read_tx;
 use super::indexes::{IndexInfo, missing_from, table_indexes};
 use super::{OpError, push_section, session_tables};
 use crate::store::{Db, DbTx, Engine, Schema, schema};
@@ -130,7 +130,8 @@ pub async fn analyze(db: &Db) -> Result<TableAnalysis, OpError> {
     let schema = schema::detect(db).await?;
     let mut tables = BTreeMap::new();
     let mut indexes = BTreeMap::new();
-    let mut tx = read_tx(db).await?;
+    let mut conn = db.scoped_connection().await?;
+    let mut tx = read_tx(&mut conn).await?;
     for table in session_tables(&schema) {
         let mut stats = count_rows(&mut tx, &schema, &table).await?;
         let present = table_indexes(db, &table).await?;
@@ -138,7 +139,7 @@ pub async fn analyze(db: &Db) -> Result<TableAnalysis, OpError> {
         tables.insert(table.clone(), stats);
         indexes.insert(table, present);
     }
-    finish_read(tx).await?;
+    tx.commit().await?;
     let now = Utc::now().naive_utc();
     let mut recommendations = recommend(db.engine(), &schema, &tables, &indexes, now);
     if let Some(advice) = autovacuum_off_advice(db, &schema, &tables).await {

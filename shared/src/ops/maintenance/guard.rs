@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::fence::{Fence, FenceError, SessionLock};
-use crate::store::{Db, DbTx, Engine, Pool};
+use crate::store::{Db, DbTx, Engine, ScopedConnection};
 
 use super::OpError;
 
@@ -55,16 +55,14 @@ fn reset_timeouts(engine: Engine) -> Vec<&'static str> {
     }
 }
 
-/// Opens a read transaction under the maintenance timeouts. PostgreSQL uses `SET LOCAL`, so
-/// the settings end with the transaction even on an error path. MySQL has no transaction-local
-/// form: its session value stays on the pooled connection until [`finish_read`] resets it.
-pub(super) async fn read_tx(db: &Db) -> Result<DbTx<'static>, sqlx::Error> {
-    let mut tx = match db.pool() {
-        Pool::Sqlite(p) => DbTx::Sqlite(p.begin().await?),
-        Pool::Postgres(p) => DbTx::Postgres(p.begin().await?),
-        Pool::MySql(p) => DbTx::MySql(p.begin().await?),
-    };
-    let statements: Vec<String> = match db.engine() {
+/// Opens a read transaction under the maintenance timeouts, on `conn`. PostgreSQL uses
+/// `SET LOCAL`, so the settings end with the transaction. MySQL has no transaction-local form:
+/// its session values stay on the connection, which [`ScopedConnection`] closes when dropped
+/// rather than returning it to the pool — on every path, errors included.
+pub(super) async fn read_tx(conn: &mut ScopedConnection) -> Result<DbTx<'_>, sqlx::Error> {
+    let mut tx = conn.begin_read().await?;
+    let engine = tx.engine();
+    let statements: Vec<String> = match engine {
         Engine::Postgres => session_timeouts(Engine::Postgres, READ_STATEMENT_TIMEOUT)
             .into_iter()
             .map(|s| s.replacen("SET ", "SET LOCAL ", 1))
@@ -76,17 +74,6 @@ pub(super) async fn read_tx(db: &Db) -> Result<DbTx<'static>, sqlx::Error> {
         crate::on_tx!(&mut tx, c => { sqlx::query(sql).execute(&mut *c).await?; });
     }
     Ok(tx)
-}
-
-/// Ends a read transaction and gives MySQL's session timeouts their defaults back.
-pub(super) async fn finish_read(mut tx: DbTx<'static>) -> Result<(), sqlx::Error> {
-    if tx.engine() == Engine::MySql {
-        for s in reset_timeouts(Engine::MySql) {
-            let sql = tx.sql(s);
-            crate::on_tx!(&mut tx, c => { sqlx::query(sql).execute(&mut *c).await?; });
-        }
-    }
-    tx.commit().await
 }
 
 /// A [`SessionLock`] connection under the maintenance timeouts: the engine's session lock is

@@ -12,7 +12,7 @@ use chrono::{NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use super::guard::{finish_read, read_tx};
+use super::guard::read_tx;
 use super::optimize::mysql_row_errors;
 use super::{OpError, push_section, session_tables};
 use crate::store::{ConnectOptions, Db, DbTx, Engine, Schema, schema};
@@ -162,7 +162,14 @@ async fn sqlite_checks(db: &Db, full: bool, report: &mut IntegrityReport) {
         format!("PRAGMA quick_check({MAX_LISTED_ISSUES})")
     };
     report.checks_run.push(check.clone());
-    let mut tx = match read_tx(db).await {
+    let mut conn = match db.scoped_connection().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            report.corrupt(format!("cannot read the database: {e}"));
+            return;
+        }
+    };
+    let mut tx = match read_tx(&mut conn).await {
         Ok(tx) => tx,
         Err(e) => {
             report.corrupt(format!("cannot read the database: {e}"));
@@ -222,7 +229,7 @@ async fn sqlite_checks(db: &Db, full: bool, report: &mut IntegrityReport) {
                 .push(format!("Foreign key check failed: {e}"));
         }
     }
-    let _ = finish_read(tx).await;
+    let _ = tx.commit().await;
 }
 
 /// PostgreSQL: amcheck's `bt_index_check` on every valid B-tree index of the session tables
@@ -247,7 +254,8 @@ async fn postgres_storage_check(
             return Ok(());
         }
     }
-    let mut tx = read_tx(db).await?;
+    let mut conn = db.scoped_connection().await?;
+    let mut tx = read_tx(&mut conn).await?;
     let DbTx::Postgres(t) = &mut tx else {
         return Ok(());
     };
@@ -289,7 +297,7 @@ async fn postgres_storage_check(
             }
         }
     }
-    finish_read(tx).await?;
+    tx.commit().await?;
     report.checks_run.push(format!(
         "bt_index_check(heapallindexed => {full}) on {checked} B-tree indexes"
     ));
@@ -307,7 +315,8 @@ async fn mysql_storage_check(
     full: bool,
     report: &mut IntegrityReport,
 ) -> Result<(), OpError> {
-    let mut tx = read_tx(db).await?;
+    let mut conn = db.scoped_connection().await?;
+    let mut tx = read_tx(&mut conn).await?;
     let DbTx::MySql(t) = &mut tx else {
         return Ok(());
     };
@@ -346,7 +355,7 @@ async fn mysql_storage_check(
                 .push(format!("Integrity check failed: {table}: {status}"));
         }
     }
-    finish_read(tx).await?;
+    tx.commit().await?;
     report.integrity_check = if failed {
         CheckStatus::Failed
     } else {
@@ -402,7 +411,8 @@ async fn orphan_checks(
     if checks.is_empty() {
         return Ok(());
     }
-    let mut tx = read_tx(db).await?;
+    let mut conn = db.scoped_connection().await?;
+    let mut tx = read_tx(&mut conn).await?;
     let mut orphans_total = 0;
     for (sql, edge, parent) in &checks {
         let sql = tx.sql(sql.clone());
@@ -417,7 +427,7 @@ async fn orphan_checks(
             ));
         }
     }
-    finish_read(tx).await?;
+    tx.commit().await?;
     report.foreign_key_check = if orphans_total > 0 {
         CheckStatus::Failed
     } else {

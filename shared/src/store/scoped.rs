@@ -1,0 +1,83 @@
+//! A connection for transactions that change a session setting MySQL cannot scope to a
+//! transaction.
+//!
+//! PostgreSQL's `SET LOCAL` ends with its transaction. MySQL/MariaDB have no such form for
+//! the lock waits (`innodb_lock_wait_timeout`, `lock_wait_timeout`): a `SET SESSION` stays on
+//! the connection, and a pooled connection would hand it to its next user — a lock wait of
+//! 5 s meant for a fencing token bounding every later batch on that connection. Resetting it
+//! afterwards misses every early return and error path, so on MySQL the connection is
+//! instead closed when dropped, never returned to the pool. That costs one new connection
+//! (a few milliseconds) per use: used for rare transactions (a fencing token, a maintenance
+//! read) and, through [`BatchWriter`](super::BatchWriter), once per cleanup rule.
+
+use std::time::Duration;
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, MySql};
+
+use super::connect::{Db, DbTx, MYSQL_BEGIN_WRITE, Pool};
+
+/// A connection whose session settings never reach the pool ([`Db::scoped_connection`]).
+pub enum ScopedConnection {
+    /// PostgreSQL, SQLite: the pool itself. Settings there are per transaction (`SET LOCAL`)
+    /// or per statement.
+    Pooled(Db),
+    /// MySQL/MariaDB: a connection of its own, closed when dropped.
+    MySql(PoolConnection<MySql>),
+}
+
+impl Db {
+    /// A [`ScopedConnection`]: on MySQL/MariaDB one pooled connection, closed when dropped.
+    pub async fn scoped_connection(&self) -> Result<ScopedConnection, sqlx::Error> {
+        Ok(match self.pool() {
+            Pool::MySql(p) => ScopedConnection::MySql(closing_connection(p).await?),
+            Pool::Sqlite(_) | Pool::Postgres(_) => ScopedConnection::Pooled(self.clone()),
+        })
+    }
+}
+
+impl ScopedConnection {
+    /// Opens a write transaction, as [`Db::begin_write`] does.
+    pub async fn begin_write(&mut self) -> Result<DbTx<'_>, sqlx::Error> {
+        match self {
+            ScopedConnection::Pooled(db) => db.begin_write().await,
+            ScopedConnection::MySql(c) => Ok(DbTx::MySql(c.begin_with(MYSQL_BEGIN_WRITE).await?)),
+        }
+    }
+
+    /// Opens a read transaction, as [`Db::begin_read`] does.
+    pub async fn begin_read(&mut self) -> Result<DbTx<'_>, sqlx::Error> {
+        match self {
+            ScopedConnection::Pooled(db) => db.begin_read().await,
+            ScopedConnection::MySql(c) => Ok(DbTx::MySql(c.begin().await?)),
+        }
+    }
+}
+
+/// A pooled MySQL connection that is closed when dropped instead of going back to the pool.
+pub(super) async fn closing_connection(
+    pool: &sqlx::MySqlPool,
+) -> Result<PoolConnection<MySql>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    conn.close_on_drop();
+    Ok(conn)
+}
+
+/// `innodb_lock_wait_timeout` in whole seconds, rounded up: the server takes no fractions and
+/// 0 would mean "fail at once".
+pub(super) fn mysql_lock_wait_secs(wait: Duration) -> u64 {
+    (wait.as_millis().div_ceil(1000) as u64).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_waits_round_up_to_whole_seconds_of_at_least_one() {
+        assert_eq!(mysql_lock_wait_secs(Duration::from_secs(2)), 2);
+        assert_eq!(mysql_lock_wait_secs(Duration::from_millis(2500)), 3);
+        assert_eq!(mysql_lock_wait_secs(Duration::from_millis(10)), 1);
+        assert_eq!(mysql_lock_wait_secs(Duration::ZERO), 1);
+    }
+}
