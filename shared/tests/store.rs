@@ -624,11 +624,11 @@ async fn a_cancelled_statement_ends_early_and_leaves_its_connection_usable() {
     }
 }
 
-/// MySQL has no transaction-local lock wait, so the batch writer sets its row-lock wait on a
-/// connection of its own and a fencing token its 5 s wait on another, and both connections are
-/// closed afterwards: every connection the pool hands out still waits as the server says.
-/// Fails if either went back to the pool with its setting (a token's 5 s then bounded every
-/// later batch on that connection) or if the writer's wait is not set.
+/// MySQL has no transaction-local lock wait, so the batch writer gives its connection back
+/// only with the server's row-lock wait restored, and a fencing token sets its 5 s wait on a
+/// connection that is closed afterwards: every connection the pool hands out still waits as
+/// the server says. Fails if either went back to the pool with its setting (a token's 5 s then
+/// bounded every later batch on that connection) or if the writer's wait is not set.
 #[tokio::test]
 async fn mysql_lock_waits_stay_off_the_pooled_connections() {
     let t = TestDb::new(Engine::MySql).await;
@@ -647,7 +647,7 @@ async fn mysql_lock_waits_stay_off_the_pooled_connections() {
             .unwrap();
     assert_eq!(inside, 2, "the writer's batches wait 2 s for a row lock");
     tx.commit().await.unwrap();
-    drop(writer);
+    writer.release_connection().await;
 
     let global: i64 =
         t.db.scalar_i64("SELECT CAST(@@GLOBAL.innodb_lock_wait_timeout AS SIGNED)")

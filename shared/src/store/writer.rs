@@ -7,7 +7,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Connection, MySql, Sqlite};
 
 use super::connect::{Db, DbTx, MYSQL_BEGIN_WRITE, Pool, SQLITE_BEGIN_WRITE};
-use super::scoped::{closing_connection, mysql_lock_wait_secs};
+use super::scoped::mysql_lock_wait_secs;
 
 /// Commits a series of write batches ([`Db::batch_writer`]).
 ///
@@ -19,21 +19,21 @@ use super::scoped::{closing_connection, mysql_lock_wait_secs};
 /// sizes and rests were cut to match. This connection's commits leave the WAL alone and
 /// [`BatchWriter::checkpoint`] copies it back afterwards, in the time the caller rests anyway.
 ///
-/// It also bounds how long a batch waits for a row lock the application holds. MySQL has no
-/// transaction-local form of that wait (`innodb_lock_wait_timeout`), so there it is set once
-/// on a connection of the writer's own, closed rather than returned to the pool (see
-/// [`ScopedConnection`](super::ScopedConnection)).
+/// On MySQL it also bounds how long a batch waits for a row lock the application holds.
+/// MySQL has no transaction-local form of that wait (`innodb_lock_wait_timeout`): the writer
+/// sets it on the connection it takes for a batch and gives the connection back only with the
+/// server's value restored ([`BatchWriter::release_connection`]); otherwise it closes it.
 pub enum BatchWriter {
     /// PostgreSQL: each transaction takes any pooled connection.
     Pooled(Db),
-    /// MySQL/MariaDB: one connection with the row-lock wait set, taken on the first batch and
-    /// again after a failed one, closed when dropped.
+    /// MySQL/MariaDB: a pooled connection per batch, with the row-lock wait set from
+    /// [`BatchWriter::begin`] until it is released or discarded.
     MySql {
-        /// Where a new connection comes from.
+        /// Where connections come from.
         db: Db,
-        /// The row-lock wait to set on it.
+        /// The row-lock wait to set on them.
         row_lock_wait: Duration,
-        /// The current connection, if any.
+        /// The current batch's connection, if one is held.
         conn: Option<PoolConnection<MySql>>,
     },
     /// SQLite: one connection for the whole series, with automatic checkpoints off (and the
@@ -54,8 +54,8 @@ pub struct Checkpoint {
 }
 
 impl Db {
-    /// A [`BatchWriter`] for this database. On SQLite and MySQL it holds one pooled connection
-    /// until dropped; a pool of one connection would leave none for anything else.
+    /// A [`BatchWriter`] for this database. On SQLite it holds one pooled connection until
+    /// dropped; a pool of one connection would leave none for anything else.
     ///
     /// `row_lock_wait`: how long a statement of a batch waits for a row lock before failing,
     /// on MySQL/MariaDB (whole seconds, rounded up). PostgreSQL batches set theirs per
@@ -93,9 +93,22 @@ impl BatchWriter {
             } => {
                 let conn = match conn {
                     Some(c) => c,
-                    None => conn.insert(mysql_writer_connection(db, *row_lock_wait).await?),
+                    None => {
+                        let Pool::MySql(pool) = db.pool() else {
+                            unreachable!("a MySQL batch writer is made from a MySQL pool")
+                        };
+                        conn.insert(pool.acquire().await?)
+                    }
                 };
-                Ok(DbTx::MySql(conn.begin_with(MYSQL_BEGIN_WRITE).await?))
+                // Set first, in the same round trip: if BEGIN fails, the connection is
+                // discarded anyway.
+                let begin = format!(
+                    "SET SESSION innodb_lock_wait_timeout = {}; {MYSQL_BEGIN_WRITE}",
+                    mysql_lock_wait_secs(*row_lock_wait)
+                );
+                Ok(DbTx::MySql(
+                    conn.begin_with(sqlx::AssertSqlSafe(begin)).await?,
+                ))
             }
             BatchWriter::Sqlite(conn) => {
                 Ok(DbTx::Sqlite(conn.begin_with(SQLITE_BEGIN_WRITE).await?))
@@ -103,13 +116,30 @@ impl BatchWriter {
         }
     }
 
-    /// After a failed transaction: on MySQL the connection is closed and the next
-    /// transaction takes a fresh one, since the failure may have been the connection itself
-    /// (the error a retry is for). The other engines need nothing: PostgreSQL takes a pooled
-    /// connection per transaction, and SQLite's connection is in-process.
+    /// After a committed transaction: on MySQL the connection goes back to the pool with the
+    /// server's row-lock wait restored, or is closed if that fails. Nothing elsewhere.
+    pub async fn release_connection(&mut self) {
+        if let BatchWriter::MySql { conn, .. } = self
+            && let Some(mut c) = conn.take()
+        {
+            let restored = sqlx::query("SET SESSION innodb_lock_wait_timeout = DEFAULT")
+                .execute(&mut *c)
+                .await;
+            if restored.is_err() {
+                c.close_on_drop();
+            }
+        }
+    }
+
+    /// After a failed transaction: on MySQL the connection is closed, not returned — the
+    /// failure may have been the connection itself (the error a retry is for), and its row-lock
+    /// wait is still set. The next transaction takes a fresh one. Nothing elsewhere:
+    /// PostgreSQL takes a pooled connection per transaction, and SQLite's is in-process.
     pub fn discard_connection(&mut self) {
-        if let BatchWriter::MySql { conn, .. } = self {
-            *conn = None;
+        if let BatchWriter::MySql { conn, .. } = self
+            && let Some(mut c) = conn.take()
+        {
+            c.close_on_drop();
         }
     }
 
@@ -169,20 +199,10 @@ impl BatchWriter {
     }
 }
 
-/// A MySQL connection of the writer's own, with its row-lock wait set and closed when dropped.
-async fn mysql_writer_connection(
-    db: &Db,
-    row_lock_wait: Duration,
-) -> Result<PoolConnection<MySql>, sqlx::Error> {
-    let Pool::MySql(pool) = db.pool() else {
-        unreachable!("a MySQL batch writer is made from a MySQL pool")
-    };
-    let mut conn = closing_connection(pool).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SET SESSION innodb_lock_wait_timeout = {}",
-        mysql_lock_wait_secs(row_lock_wait)
-    )))
-    .execute(&mut *conn)
-    .await?;
-    Ok(conn)
+impl Drop for BatchWriter {
+    /// A writer dropped in the middle of a batch (a cancelled task) closes the MySQL
+    /// connection it holds rather than return it with the row-lock wait set.
+    fn drop(&mut self) {
+        self.discard_connection();
+    }
 }

@@ -259,8 +259,9 @@ pub async fn purge_batch(
     // Timed from the moment the write transaction is open (on SQLite: the write lock is
     // held), not while BEGIN waits for other writers: this is how long we block others.
     let result = purge_batch_in(writer, fence, schema, rule, batch).await;
-    if result.is_err() {
-        writer.discard_connection();
+    match result {
+        Ok(_) => writer.release_connection().await,
+        Err(_) => writer.discard_connection(),
     }
     result
 }
@@ -879,7 +880,6 @@ mod tests {
             purge(&mut writer, 100).await;
             let cached = async |writer: &mut BatchWriter| match (&mut *writer, db.pool()) {
                 (BatchWriter::Sqlite(c), _) => c.cached_statements_size(),
-                (BatchWriter::MySql { conn: Some(c), .. }, _) => c.cached_statements_size(),
                 (_, Pool::Postgres(p)) => p.acquire().await.unwrap().cached_statements_size(),
                 (_, Pool::MySql(p)) => p.acquire().await.unwrap().cached_statements_size(),
                 (_, Pool::Sqlite(_)) => unreachable!("SQLite batches use their own connection"),
