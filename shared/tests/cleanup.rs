@@ -804,6 +804,151 @@ async fn a_run_whose_connections_are_killed_retries_and_completes() {
     }
 }
 
+/// Holds a lock on the sessions table that every read waits behind — PostgreSQL `ACCESS
+/// EXCLUSIVE`, MySQL `LOCK TABLES … WRITE` — on a pool of one connection, so the lock's
+/// statements all run on one session. [`release_table`] lets the readers in.
+async fn lock_table(url: &str, engine: Engine) -> (Db, Option<sessionfleet::store::DbTx<'static>>) {
+    let opts = sessionfleet::store::ConnectOptions {
+        max_connections: 1,
+        ..Default::default()
+    };
+    let locker = Db::connect(url, &opts).await.expect("locker connection");
+    if engine == Engine::MySql {
+        locker
+            .execute("LOCK TABLES user_sessions WRITE")
+            .await
+            .expect("lock");
+        return (locker, None);
+    }
+    let mut tx = locker.begin_write().await.expect("begin");
+    sessionfleet::on_tx!(&mut tx, c => sqlx::query("LOCK TABLE user_sessions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *c).await.map(|_| ()).expect("lock"));
+    (locker, Some(tx))
+}
+
+async fn release_table((locker, tx): (Db, Option<sessionfleet::store::DbTx<'static>>)) {
+    match tx {
+        Some(tx) => tx.rollback().await.expect("unlock"),
+        None => {
+            locker.execute("UNLOCK TABLES").await.expect("unlock");
+        }
+    }
+    locker.close().await;
+}
+
+/// Ends the server sessions of this database that wait for a table lock; how many.
+async fn kill_lock_waiters(killer: &Db) -> usize {
+    match killer.engine() {
+        Engine::Postgres => killer
+            .scalar_i64(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                 AND pid <> pg_backend_pid()",
+            )
+            .await
+            .expect("terminate") as usize,
+        Engine::MySql => {
+            let sql = "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST \
+                       WHERE DB = DATABASE() AND STATE LIKE 'Waiting for table%'";
+            let ids: Vec<i64> = sessionfleet::on_pool!(killer, p => sqlx::query_scalar(sql)
+                .fetch_all(p).await.expect("processlist"));
+            for id in &ids {
+                let _ = killer.execute(&format!("KILL CONNECTION {id}")).await;
+            }
+            ids.len()
+        }
+        Engine::Sqlite => unreachable!("SQLite has no server sessions to end"),
+    }
+}
+
+/// Runs `work` while the sessions table is locked, ends its server sessions twice as they wait
+/// for the lock, then releases the lock and returns what `work` returned.
+async fn with_connections_killed_twice<T: Send + 'static>(
+    tdb: &TestDb,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let killer = Db::connect(&tdb.url, &sessionfleet::store::ConnectOptions::default())
+        .await
+        .expect("killer connection");
+    let lock = lock_table(&tdb.url, tdb.engine()).await;
+    let run = tokio::spawn(work);
+    let started = std::time::Instant::now();
+    let mut killed = 0;
+    while killed < 2 {
+        assert!(
+            !run.is_finished(),
+            "{}: the work ended before it was killed twice",
+            tdb.engine()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{}: nothing waited for the lock",
+            tdb.engine()
+        );
+        if kill_lock_waiters(&killer).await > 0 {
+            killed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    release_table(lock).await;
+    killer.close().await;
+    run.await.expect("task")
+}
+
+/// A dry run and the statistics read only, so a dropped connection under them (a failover, a
+/// proxy restart) costs a retry of the statement it broke, not the report: both give the
+/// same figures as without the kills.
+#[tokio::test]
+async fn a_dry_run_and_stats_outlast_connections_killed_under_them() {
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let tdb = seeded(engine, SchemaVersion::V2).await;
+        let dry = CleanupParams {
+            dry_run: true,
+            ..params()
+        };
+        let quiet = cleanup::run(&read_only(&tdb.db), &dry)
+            .await
+            .expect("dry run");
+        assert!(quiet.rules.total() > 0, "{engine}: something to count");
+        let quiet_stats = cleanup::stats(&tdb.db, &params()).await.expect("stats");
+
+        let (db, p) = (tdb.db.clone(), dry.clone());
+        let killed =
+            with_connections_killed_twice(
+                &tdb,
+                async move { cleanup::run(&read_only(&db), &p).await },
+            )
+            .await
+            .expect("the dry run survives its killed connections");
+        assert_eq!(killed.rules, quiet.rules, "{engine}: dry-run counts");
+
+        let db = tdb.db.clone();
+        let killed =
+            with_connections_killed_twice(
+                &tdb,
+                async move { cleanup::stats(&db, &params()).await },
+            )
+            .await
+            .expect("the statistics survive their killed connections");
+        assert_eq!(
+            (
+                killed.total_sessions,
+                killed.old_sessions_48h,
+                killed.rules,
+                killed.missing_platform_sessions
+            ),
+            (
+                quiet_stats.total_sessions,
+                quiet_stats.old_sessions_48h,
+                quiet_stats.rules,
+                quiet_stats.missing_platform_sessions
+            ),
+            "{engine}: statistics"
+        );
+        tdb.drop_db().await;
+    }
+}
+
 /// An application transaction holding a lock on an expired session does not hold a batch for
 /// as long as it lasts: the batch gives up after `BATCH_LOCK_TIMEOUT`, rolls back and is tried
 /// again, and the row goes once the lock is released. (MySQL's own wait is 50 s by default.)

@@ -47,7 +47,7 @@ use rules::{Cutoffs, Predicate};
 use stream::IdStream;
 
 use super::{OpContext, OpError, Outcome};
-use crate::store::{Db, Engine, Schema, schema};
+use crate::store::{Db, Engine, Schema, StoreError, schema};
 
 /// Default starting batch size (`SESSION_CLEANUP_BATCH_SIZE`).
 pub const DEFAULT_BATCH_SIZE: u32 = 100;
@@ -271,7 +271,7 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     params.validate()?;
     let started = Instant::now();
     let db = &ctx.db;
-    let schema = schema::detect(db).await?;
+    let schema = detect_schema(db).await?;
     let cutoffs = params.cutoffs();
     let (rules, notes) = rules::build(&schema, &cutoffs);
     let mut report = CleanupReport::new(cutoffs.as_of, params.dry_run);
@@ -417,7 +417,18 @@ async fn table_size(db: &Db, schema: &Schema) -> Result<(u64, bool), OpError> {
             tracing::debug!(error = %e, "the engine's row estimate could not be read; counting")
         }
     }
-    Ok((count(db, schema, None).await?, false))
+    Ok((
+        read_with_retries("table size", || count(db, schema, None)).await?,
+        false,
+    ))
+}
+
+/// [`schema::detect`], tried again after a transient error like the counts: the first
+/// statements of a run or a report.
+async fn detect_schema(db: &Db) -> Result<Schema, OpError> {
+    let transient =
+        |e: &StoreError| matches!(e, StoreError::Sql(e) if crate::store::is_transient(e));
+    Ok(retry::with_retries("schema detection", transient, || schema::detect(db)).await?)
 }
 
 /// [`wal::cut_back`], logged; a failure is noted in `report`, only a fenced-out error is
@@ -678,7 +689,7 @@ async fn refresh_statistics_after(
 /// The original `--stats`, plus what a cleanup with `params` would delete per rule.
 pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpError> {
     params.validate()?;
-    let schema = schema::detect(db).await?;
+    let schema = detect_schema(db).await?;
     let cutoffs = params.cutoffs();
     let as_of = cutoffs.as_of;
     let (rules, notes) = rules::build(&schema, &cutoffs);
@@ -686,6 +697,9 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
     let bucket = |op: &str, hours: i64| Predicate {
         sql: format!("{activity} {op} ?"),
         binds: vec![as_of - chrono::Duration::hours(hours)],
+    };
+    let counted = async |pred: Option<&Predicate>| {
+        read_with_retries("statistics count", || count(db, &schema, pred)).await
     };
     let by_rule = count_per_rule(db, &schema, &rules).await?;
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
@@ -695,10 +709,10 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
         timestamp: Utc::now(),
         as_of,
         schema: schema.version.to_string(),
-        total_sessions: count(db, &schema, None).await?,
-        recent_sessions_24h: count(db, &schema, Some(&bucket(">=", 24))).await?,
-        old_sessions_48h: count(db, &schema, Some(&bucket("<", 48))).await?,
-        very_old_sessions_week: count(db, &schema, Some(&bucket("<", 7 * 24))).await?,
+        total_sessions: counted(None).await?,
+        recent_sessions_24h: counted(Some(&bucket(">=", 24))).await?,
+        old_sessions_48h: counted(Some(&bucket("<", 48))).await?,
+        very_old_sessions_week: counted(Some(&bucket("<", 7 * 24))).await?,
         rules: by_rule,
         expired_sessions: by_rule.expired_total(),
         orphaned_sessions: by_rule.orphaned,
@@ -889,7 +903,8 @@ async fn count_per_rule(
     for (i, rule) in rules.iter().enumerate() {
         let earlier: Vec<&Predicate> = rules[..i].iter().map(|r| &r.predicate).collect();
         let exclusive = rule.predicate.and_none_of(&earlier);
-        counts.add(rule.kind, count(db, schema, Some(&exclusive)).await?);
+        let n = read_with_retries("rule count", || count(db, schema, Some(&exclusive))).await?;
+        counts.add(rule.kind, n);
     }
     Ok(counts)
 }
