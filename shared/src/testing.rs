@@ -26,9 +26,64 @@ pub fn redis_url() -> String {
     std::env::var("SESSIONFLEET_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-/// A Redis namespace no other test uses.
+/// A Redis namespace no other test uses. Pair it with a [`RedisKeysGuard`], or the keys that
+/// carry no expiry (lease-token counters, the scheduler's last ticks) stay in Redis.
 pub fn unique_namespace() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Deletes every key of a test's namespace (any key containing it: `<ns>:lease…`,
+/// `{sessionfleet:<ns>}:…`), and its entries in apalis' queue registry, when dropped, unless the test is failing: like a [`TestDb`], a
+/// failed test's keys stay for inspection. The keys are gone when the test ends, even on a
+/// developer's Redis that keeps its data.
+pub struct RedisKeysGuard {
+    namespace: String,
+}
+
+impl RedisKeysGuard {
+    /// Guards the keys of `namespace` (from [`unique_namespace`]).
+    pub fn new(namespace: &str) -> RedisKeysGuard {
+        RedisKeysGuard {
+            namespace: namespace.to_string(),
+        }
+    }
+}
+
+impl Drop for RedisKeysGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        // Blocking on purpose: Drop cannot await, and it is a handful of keys on a local server.
+        let deleted = (|| -> redis::RedisResult<()> {
+            let mut conn = redis::Client::open(redis_url())?.get_connection()?;
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("*{}*", self.namespace))
+                .query(&mut conn)?;
+            if !keys.is_empty() {
+                redis::cmd("DEL").arg(keys).exec(&mut conn)?;
+            }
+            // apalis registers each queue's worker set in its global registry (the hash
+            // tag's own key), which outlives any namespace.
+            let registry = crate::queue::keys::SLOT_TAG.trim_matches(['{', '}']);
+            let members: Vec<String> = redis::cmd("ZRANGE")
+                .arg(registry)
+                .arg(0)
+                .arg(-1)
+                .query(&mut conn)?;
+            let ours: Vec<&String> = members
+                .iter()
+                .filter(|m| m.contains(&format!(":{}:", self.namespace)))
+                .collect();
+            if !ours.is_empty() {
+                redis::cmd("ZREM").arg(registry).arg(ours).exec(&mut conn)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = deleted {
+            eprintln!("leaving Redis keys of {}: {e}", self.namespace);
+        }
+    }
 }
 
 /// The three engines, for tests that run on each.

@@ -10,7 +10,7 @@ use sessionfleet::CancellationToken;
 use sessionfleet::fence::{self, Fence, FenceError};
 use sessionfleet::lease::{self, HolderInfo, LeaseConfig, LeaseError, LossReason};
 use sessionfleet::store::{ConnectOptions, Db, Engine};
-use sessionfleet::testing::{ENGINES, TestDb, redis_url, unique_namespace};
+use sessionfleet::testing::{ENGINES, RedisKeysGuard, TestDb, redis_url, unique_namespace};
 
 const TARGET: &str = "default";
 /// A short TTL so expiry-based tests run in about a second.
@@ -181,6 +181,7 @@ impl Drop for PrivateRedis {
 async fn release_never_deletes_another_holders_lease() {
     let redis = connect_redis(&redis_url()).await;
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let tdb = TestDb::new(Engine::Sqlite).await;
     let cfg = LeaseConfig::from_ttl(lease::MIN_TTL);
 
@@ -215,6 +216,7 @@ async fn release_never_deletes_another_holders_lease() {
 async fn busy_lease_returns_none_and_issues_no_token() {
     let redis = connect_redis(&redis_url()).await;
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let tdb = TestDb::new(Engine::Postgres).await;
     let cfg = short_cfg();
 
@@ -268,6 +270,7 @@ async fn busy_lease_returns_none_and_issues_no_token() {
 async fn status_and_holders_report_the_holder_and_the_database_fence() {
     let redis = connect_redis(&redis_url()).await;
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let tdb = TestDb::new(Engine::MySql).await;
     let cfg = short_cfg();
 
@@ -313,6 +316,7 @@ async fn status_and_holders_report_the_holder_and_the_database_fence() {
 async fn token_failure_releases_the_redis_lease() {
     let redis = connect_redis(&redis_url()).await;
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let tdb = TestDb::new(Engine::Sqlite).await;
     let closed = Db::connect(&tdb.url, &ConnectOptions::default())
         .await
@@ -347,6 +351,7 @@ async fn token_failure_releases_the_redis_lease() {
 async fn renewal_keeps_the_lease_past_its_ttl() {
     let redis = connect_redis(&redis_url()).await;
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let tdb = TestDb::new(Engine::Sqlite).await;
     let cfg = short_cfg();
 
@@ -376,6 +381,7 @@ async fn renewal_keeps_the_lease_past_its_ttl() {
 async fn keeper_cancels_the_operation_when_another_owner_appears() {
     let redis = connect_redis(&redis_url()).await;
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let tdb = TestDb::new(Engine::Sqlite).await;
     let a = acquire(&redis, &ns, &holder("w-a", "job-a"), &tdb.db, &short_cfg()).await;
     let cancel = CancellationToken::new();
@@ -419,6 +425,7 @@ async fn paused_holder_is_fenced_out_and_cancelled() {
         let tdb = TestDb::new(engine).await;
         create_probe(&tdb.db).await;
         let ns = unique_namespace();
+        let _keys = RedisKeysGuard::new(&ns);
         let cfg = short_cfg();
         let (acquired_tx, acquired_rx) = std::sync::mpsc::channel::<i64>();
         let (b_wrote_tx, b_wrote_rx) = std::sync::mpsc::channel::<()>();
@@ -509,6 +516,7 @@ async fn tokens_keep_increasing_when_redis_loses_its_data() {
         let tdb = TestDb::new(engine).await;
         create_probe(&tdb.db).await;
         let ns = unique_namespace();
+        let _keys = RedisKeysGuard::new(&ns);
         let cfg = short_cfg();
 
         let a = acquire_when_free(&redis, &ns, &holder("w-a", "a"), &tdb.db, &cfg).await;
@@ -579,6 +587,7 @@ async fn tokens_keep_increasing_when_redis_loses_its_data() {
 async fn tokens_stay_above_the_redis_counter_when_the_fence_table_goes_back() {
     let redis = connect_redis(&redis_url()).await;
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let tdb = TestDb::new(Engine::Postgres).await;
     let cfg = short_cfg();
     let mut last = 0;
@@ -614,6 +623,7 @@ async fn contenders_take_turns_on_every_engine() {
         let tdb = TestDb::new(engine).await;
         create_probe(&tdb.db).await;
         let ns = unique_namespace();
+        let _keys = RedisKeysGuard::new(&ns);
         let mut tasks = Vec::new();
         for w in 0..CONTENDERS {
             let (redis, db, ns) = (redis.clone(), tdb.db.clone(), ns.clone());
@@ -693,6 +703,7 @@ async fn contenders_take_turns_on_every_engine() {
 async fn two_targets_run_in_parallel() {
     let redis = connect_redis(&redis_url()).await;
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let (pg, my) = (
         TestDb::new(Engine::Postgres).await,
         TestDb::new(Engine::MySql).await,
@@ -748,6 +759,7 @@ async fn fenced_insert_probe(ctx: &sessionfleet::ops::OpContext) {
 async fn db_fence_only_run_fences_out_an_older_lease_holder() {
     let redis = connect_redis(&redis_url()).await;
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let tdb = TestDb::new(Engine::Sqlite).await;
     create_probe(&tdb.db).await;
     let a = acquire(&redis, &ns, &holder("w-a", "job-a"), &tdb.db, &short_cfg()).await;

@@ -13,16 +13,18 @@ use sessionfleet::queue::{
     EnqueueOptions, JobResult, MAX_DUE_PER_SECOND, Queue, QueueError, ResultOutcome,
 };
 use sessionfleet::runner::RunnerDeps;
-use sessionfleet::testing::{redis_url, unique_namespace};
+use sessionfleet::testing::{RedisKeysGuard, redis_url, unique_namespace};
 
 struct Ns {
     queue: Queue,
     deps: RunnerDeps,
+    _keys: RedisKeysGuard,
 }
 
 impl Ns {
     async fn new() -> Ns {
         let ns = unique_namespace();
+        let keys = RedisKeysGuard::new(&ns);
         let url = redis_url();
         let env = move |k: &str| match k {
             "REDIS_URL" => Some(url.clone()),
@@ -38,7 +40,11 @@ impl Ns {
             worker_name: "test-worker".into(),
             shutdown: CancellationToken::new(),
         };
-        Ns { queue, deps }
+        Ns {
+            queue,
+            deps,
+            _keys: keys,
+        }
     }
 
     fn conn(&self) -> redis::aio::ConnectionManager {
@@ -561,4 +567,72 @@ async fn janitor_removes_finished_tasks_and_dead_workers_and_hands_back_their_jo
     let (id, _) = t.take(q).await.expect("orphaned job handed back");
     assert_eq!(id, orphan.task_id);
     t.cleanup().await;
+}
+
+/// A test's namespace leaves nothing in Redis: the guard deletes every key that names it,
+/// expiring or not, and its entries in apalis' queue registry — and nothing of another
+/// namespace.
+#[tokio::test]
+async fn a_test_namespace_leaves_no_keys_behind() {
+    let (mine, other) = (unique_namespace(), unique_namespace());
+    let _other_keys = RedisKeysGuard::new(&other);
+    let mut c = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let registry = sessionfleet::queue::keys::SLOT_TAG.trim_matches(['{', '}']);
+    for ns in [&mine, &other] {
+        for key in [
+            format!("{ns}:lease-token:{{{ns}:default}}"),
+            format!("{{sessionfleet:{ns}}}:schedule:cleanup:last"),
+        ] {
+            let () = redis::cmd("SET")
+                .arg(&key)
+                .arg(1)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+        let member = format!(
+            "{}:{ns}:cleanup:workers",
+            sessionfleet::queue::keys::SLOT_TAG
+        );
+        let () = redis::cmd("ZADD")
+            .arg(registry)
+            .arg(0)
+            .arg(member)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    drop(RedisKeysGuard::new(&mine));
+    let count = async |c: &mut redis::aio::MultiplexedConnection, ns: &str| {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("*{ns}*"))
+            .query_async(c)
+            .await
+            .unwrap();
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(registry)
+            .arg(0)
+            .arg(-1)
+            .query_async(c)
+            .await
+            .unwrap();
+        (
+            keys.len(),
+            members.iter().filter(|m| m.contains(ns)).count(),
+        )
+    };
+    assert_eq!(
+        count(&mut c, &mine).await,
+        (0, 0),
+        "the namespace's keys are gone"
+    );
+    assert_eq!(
+        count(&mut c, &other).await,
+        (2, 1),
+        "another namespace's keys stay"
+    );
 }

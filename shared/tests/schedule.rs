@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use sessionfleet::schedule::{Cadence, Schedule, TickDecision, pass, tick_dedupe_key};
-use sessionfleet::testing::{redis_url, unique_namespace};
+use sessionfleet::testing::{RedisKeysGuard, redis_url, unique_namespace};
 
 fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -41,6 +41,7 @@ async fn run_pass(
 async fn first_pass_initialises_then_each_tick_fires_once() {
     let mut conn = redis().await;
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let s = Schedule {
         name: "cleanup".into(),
         cadence: Cadence::parse("every 60s").unwrap(),
@@ -77,6 +78,7 @@ async fn first_pass_initialises_then_each_tick_fires_once() {
 async fn downtime_catches_up_the_latest_missed_tick_once() {
     let mut conn = redis().await;
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let s = Schedule {
         name: "health_report".into(),
         cadence: Cadence::parse("0 * * * *").unwrap(),
@@ -100,6 +102,7 @@ async fn downtime_catches_up_the_latest_missed_tick_once() {
 #[tokio::test]
 async fn replicas_agree_on_the_record_and_the_dedupe_key() {
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let s = Schedule {
         name: "full_maintenance".into(),
         cadence: Cadence::parse("0 2 * * *").unwrap(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use sessionfleet::seed::{SeedParams, seed_demo};
 use sessionfleet::store::{Engine, SchemaVersion};
-use sessionfleet::testing::{TestDb, redis_url, unique_namespace};
+use sessionfleet::testing::{RedisKeysGuard, TestDb, redis_url, unique_namespace};
 use sessionfleet_e2e::{Worker, WorkerSpec, binaries, free_port, queue};
 
 /// One invocation of `sessionfleet` with its own namespace and database.
@@ -18,12 +18,16 @@ struct Cli {
     db_url: String,
     redis: String,
     extra: Vec<(String, String)>,
+    /// The namespace's keys go when the `Cli` that made it goes.
+    _keys: Option<RedisKeysGuard>,
 }
 
 impl Cli {
     fn new(db_url: &str) -> Cli {
+        let ns = unique_namespace();
         Cli {
-            ns: unique_namespace(),
+            _keys: Some(RedisKeysGuard::new(&ns)),
+            ns,
             db_url: db_url.into(),
             redis: redis_url(),
             extra: Vec::new(),
@@ -398,6 +402,7 @@ async fn every_spec_invocation_has_an_equivalent() {
         assert_eq!(stats["parallel_reads"], true, "{engine}: {stats}");
         // Set by the producer's configuration: it travels in the job to the same worker.
         let tuned = Cli {
+            _keys: None,
             ns: cli.ns.clone(),
             db_url: cli.db_url.clone(),
             redis: cli.redis.clone(),

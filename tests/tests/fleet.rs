@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use sessionfleet::jobs::{JobEnvelope, QueueClass};
 use sessionfleet::queue::{EnqueueOptions, Queue, ResultOutcome};
-use sessionfleet::testing::{redis_url, unique_namespace};
+use sessionfleet::testing::{RedisKeysGuard, redis_url, unique_namespace};
 use sessionfleet_e2e::*;
 
 const HANG_GUARD: Duration = Duration::from_secs(240);
@@ -37,6 +37,7 @@ async fn all_results(queue: &Queue, ids: &[uuid::Uuid]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_enqueued_by_another_process_is_picked_up_and_endpoints_answer() {
     let (url, ns) = (redis_url(), unique_namespace());
+    let _keys = RedisKeysGuard::new(&ns);
     let queue = queue(&url, &ns).await;
     let mut spec = WorkerSpec::new(&url, &ns, "pickup");
     spec.queues = "diag".into();
@@ -78,6 +79,7 @@ async fn job_enqueued_by_another_process_is_picked_up_and_endpoints_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_jobs_enqueued_at_once_are_all_processed() {
     let (url, ns) = (redis_url(), unique_namespace());
+    let _keys = RedisKeysGuard::new(&ns);
     let queue = queue(&url, &ns).await;
     let mut spec = WorkerSpec::new(&url, &ns, "10k");
     spec.queues = "diag".into();
@@ -107,6 +109,7 @@ async fn ten_thousand_jobs_enqueued_at_once_are_all_processed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_payloads_are_dead_lettered_while_valid_jobs_keep_flowing() {
     let (url, ns) = (redis_url(), unique_namespace());
+    let _keys = RedisKeysGuard::new(&ns);
     let queue = queue(&url, &ns).await;
     let mut spec = WorkerSpec::new(&url, &ns, "garbage");
     spec.queues = "diag".into();
@@ -195,6 +198,7 @@ async fn malformed_payloads_are_dead_lettered_while_valid_jobs_keep_flowing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_of_a_killed_worker_completes_on_another_worker() {
     let (url, ns) = (redis_url(), unique_namespace());
+    let _keys = RedisKeysGuard::new(&ns);
     let queue = queue(&url, &ns).await;
     let mut spec = WorkerSpec::new(&url, &ns, "victim");
     spec.queues = "diag".into();
@@ -235,6 +239,7 @@ async fn workers_reconnect_after_a_redis_restart_and_every_job_completes() {
     let mut redis = RedisServer::start();
     let url = redis.url();
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let queue = queue(&url, &ns).await;
     let mut workers = Vec::new();
     for i in 0..2 {
@@ -285,6 +290,7 @@ async fn workers_reconnect_after_a_redis_restart_and_every_job_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_job_enqueues_the_continuation_and_exits_zero() {
     let (url, ns) = (redis_url(), unique_namespace());
+    let _keys = RedisKeysGuard::new(&ns);
     let queue = queue(&url, &ns).await;
     let mut spec = WorkerSpec::new(&url, &ns, "sigterm");
     spec.queues = "diag".into();
@@ -346,6 +352,7 @@ async fn sigterm_mid_job_enqueues_the_continuation_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_with_the_same_host_and_pid_is_never_refused() {
     let (url, ns) = (redis_url(), unique_namespace());
+    let _keys = RedisKeysGuard::new(&ns);
     let queue = queue(&url, &ns).await;
     let mut spec = WorkerSpec::new(&url, &ns, "pid1-a");
     spec.queues = "diag".into();
@@ -396,6 +403,7 @@ async fn tls_redis_with_a_password_and_a_private_ca_carries_the_fleet() {
     let (redis, ca) = RedisServer::start_tls(PASSWORD);
     let url = format!("rediss://:{PASSWORD}@127.0.0.1:{}", redis.port);
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let t = TestDb::new(Engine::Sqlite).await;
     seed_demo(
         &t.db,

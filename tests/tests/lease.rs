@@ -14,7 +14,7 @@ use sessionfleet::ops::maintenance::{MaintenanceAction, MaintenanceParams};
 use sessionfleet::queue::{EnqueueOptions, Queue};
 use sessionfleet::seed::{SeedParams, seed_demo};
 use sessionfleet::store::{Engine, SchemaVersion};
-use sessionfleet::testing::{TestDb, redis_url, unique_namespace};
+use sessionfleet::testing::{RedisKeysGuard, TestDb, redis_url, unique_namespace};
 use sessionfleet_e2e::{RedisServer, Worker, WorkerSpec, eventually, queue};
 
 fn spec(ns: &str, db_url: &str, label: &str, ttl_ms: &str) -> WorkerSpec {
@@ -79,6 +79,7 @@ async fn three_workers_thirty_mutating_jobs_one_writer_at_a_time() {
     .await
     .unwrap();
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let workers: Vec<Worker> = (0..3)
         .map(|i| Worker::start(&spec(&ns, &t.url, &format!("w{i}"), "3000")))
         .collect();
@@ -146,6 +147,7 @@ async fn a_holder_paused_past_its_ttl_is_fenced_out_when_it_wakes() {
     .await
     .unwrap();
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let a = Worker::start(&spec(&ns, &t.url, "a", "1000"));
     let q = queue(&redis_url(), &ns).await;
     // A long run, so the pause lands mid-cleanup.
@@ -266,6 +268,7 @@ async fn redis_losing_its_data_mid_run_still_leaves_one_writer() {
     let mut redis = RedisServer::start();
     let url = redis.url();
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let _workers: Vec<Worker> = (0..2)
         .map(|i| Worker::start(&spec_on(&url, &ns, &t.url, &format!("rl{i}"), "1000")))
         .collect();
@@ -342,6 +345,7 @@ async fn different_databases_are_worked_on_in_parallel_by_different_workers() {
     )
     .unwrap();
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let workers: Vec<Worker> = (0..2)
         .map(|i| {
             let mut s = spec(&ns, &dbs[0].url, &format!("tt{i}"), "3000");
@@ -401,6 +405,7 @@ async fn a_killed_holder_is_replaced_and_nothing_is_lost_or_deleted_twice() {
     let doomed = sessionfleet_e2e::doomed_v2(&t.db).await;
     assert!(doomed > 1000);
     let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
     let mut workers: Vec<Worker> = (0..2)
         .map(|i| Worker::start(&spec(&ns, &t.url, &format!("k{i}"), "1000")))
         .collect();
