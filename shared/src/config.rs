@@ -430,7 +430,10 @@ impl Settings {
         let redis_url = layers.get("REDIS_URL", parse_redis_url)?;
         let cleanup_interval = layers.get("SESSION_CLEANUP_INTERVAL", range_u64(1, 31_536_000))?;
         let cleanup_batch_size = layers.get("SESSION_CLEANUP_BATCH_SIZE", range_u32(1, 100_000))?;
-        let max_age = layers.get("SESSION_MAX_AGE", range_u64(1, 315_360_000))?;
+        let max_age = layers.get(
+            "SESSION_MAX_AGE",
+            range_u64(1, crate::ops::cleanup::MAX_AGE_LIMIT_SECS),
+        )?;
         let settings = Settings {
             monitoring_enabled: layers.get("SESSION_MONITORING_ENABLED", parse_bool)?,
             metrics_retention_days: layers
@@ -870,7 +873,7 @@ impl FileLayer {
                     max_age: num(
                         "max_age",
                         1,
-                        315_360_000,
+                        crate::ops::cleanup::MAX_AGE_LIMIT_SECS,
                         "a whole number of seconds from 1 to 315360000",
                     )?,
                     cleanup_target_batch_ms: num(

@@ -503,6 +503,11 @@ async fn usage_errors_help_and_exit_codes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("max"));
+    // Billions of hours back is past the calendar: refused, not a panic.
+    let out = cli.run(&["cleanup", "--force", "--max-age", "4000000000", "--local"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--max-age must be at most"), "{err}");
     let out = cli.run(&["cleanup", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
     let out = cli.run(&["analytics", "--trends", "0", "--local"]);

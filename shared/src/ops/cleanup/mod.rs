@@ -67,6 +67,12 @@ pub const DEFAULT_TARGET_BATCH_MS: u64 = 50;
 pub const SQLITE_TARGET_BATCH_MS: u64 = 20;
 /// Default max age, seconds (`SESSION_MAX_AGE`, 48 h).
 pub const DEFAULT_MAX_AGE_SECS: u64 = 172_800;
+/// The longest max age accepted, seconds (10 years), for `SESSION_MAX_AGE` and a job's
+/// `max_age_secs` alike: far past any session's life, and well inside the calendar's range,
+/// which a cutoff billions of hours back would leave (it panicked in chrono).
+pub const MAX_AGE_LIMIT_SECS: u64 = 315_360_000;
+/// The longest `--force --max-age`, hours (10 years, as [`MAX_AGE_LIMIT_SECS`]).
+pub const FORCE_MAX_AGE_LIMIT_HOURS: u32 = 87_600;
 /// Default interval between scheduled cleanups, seconds (`SESSION_CLEANUP_INTERVAL`).
 pub const DEFAULT_INTERVAL_SECS: u64 = 3_600;
 /// A rule matching at least this share of the table deletes primary-key ranges instead of
@@ -191,6 +197,12 @@ impl CleanupParams {
                 "max age must be at least 1 second (0 would make every session expired)".into(),
             );
         }
+        if self.max_age_secs > MAX_AGE_LIMIT_SECS {
+            return bad(format!(
+                "max age must be at most {MAX_AGE_LIMIT_SECS} seconds (10 years), not {}",
+                self.max_age_secs
+            ));
+        }
         if self.interval_secs == 0 {
             return bad("cleanup interval must be at least 1 second".into());
         }
@@ -202,6 +214,11 @@ impl CleanupParams {
             }
             Some(_) if !self.force => {
                 return bad("--max-age only applies together with --force".into());
+            }
+            Some(h) if h > FORCE_MAX_AGE_LIMIT_HOURS => {
+                return bad(format!(
+                    "--max-age must be at most {FORCE_MAX_AGE_LIMIT_HOURS} hours (10 years), not {h}"
+                ));
             }
             _ => {}
         }
@@ -989,5 +1006,33 @@ mod tests {
             };
             assert!(p.validate().is_ok(), "{good}");
         }
+    }
+
+    /// Cutoffs billions of hours back leave chrono's calendar and panicked the worker: the
+    /// largest ages are refused, and the largest accepted still make cutoffs.
+    #[test]
+    fn ages_past_ten_years_are_refused_and_the_limits_still_make_cutoffs() {
+        let payload = CleanupParams {
+            max_age_secs: u64::MAX,
+            ..CleanupParams::default()
+        };
+        let err = payload.validate().expect_err("refused").to_string();
+        assert!(err.contains("max age must be at most"), "{err}");
+        let forced = CleanupParams {
+            force: true,
+            force_max_age_hours: Some(u32::MAX),
+            ..CleanupParams::default()
+        };
+        let err = forced.validate().expect_err("refused").to_string();
+        assert!(err.contains("--max-age must be at most"), "{err}");
+        let longest = CleanupParams {
+            max_age_secs: MAX_AGE_LIMIT_SECS,
+            force: true,
+            force_max_age_hours: Some(FORCE_MAX_AGE_LIMIT_HOURS),
+            ..CleanupParams::default()
+        };
+        assert!(longest.validate().is_ok());
+        let c = longest.cutoffs();
+        assert!(c.max_age < c.as_of && c.idle.is_some_and(|i| i < c.as_of));
     }
 }
