@@ -55,7 +55,9 @@ async fn refresh_once(db: &Db, fence: &Fence, table: &str) -> Result<u64, OpErro
         // an instant, not for the whole ANALYZE while the run's last batches wait on it. A
         // fenced-out holder still commits nothing.
         Engine::Sqlite | Engine::Postgres => {
-            let mut tx = db.begin_write().await?;
+            // SQLite's `analysis_limit` stays on its connection: this one is closed after.
+            let mut conn = db.scoped_connection().await?;
+            let mut tx = conn.begin_write().await?;
             let limit = (db.engine() == Engine::Sqlite)
                 .then(|| format!("PRAGMA analysis_limit = {SQLITE_ANALYSIS_LIMIT}"));
             let analyze = format!("ANALYZE {table}");
@@ -91,4 +93,41 @@ async fn refresh_once(db: &Db, fence: &Fence, table: &str) -> Result<u64, OpErro
         }
     }
     Ok(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestDb;
+
+    /// SQLite's `analysis_limit` is a setting of the connection, not of the transaction: the
+    /// refresh runs on a connection that is closed afterwards, so the next connection the pool
+    /// hands out analyses every row again (maintenance's optimize runs `ANALYZE` too). Fails
+    /// if the refresh's connection goes back to the pool.
+    #[tokio::test]
+    async fn the_sqlite_sample_limit_stays_off_the_pool() {
+        let tdb = TestDb::new(Engine::Sqlite).await;
+        // One connection: the read below gets the refresh's, if it went back to the pool.
+        let opts = crate::store::ConnectOptions {
+            max_connections: 1,
+            ..Default::default()
+        };
+        let db = &Db::connect(&tdb.url, &opts).await.expect("connect");
+        db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .await
+            .expect("table");
+        let fence = crate::fence::issue_token(db, "target:test", "test")
+            .await
+            .expect("token");
+        assert_eq!(
+            refresh_statistics(db, &fence, "t").await.expect("refresh"),
+            1
+        );
+        let limit = db
+            .scalar_i64("PRAGMA analysis_limit")
+            .await
+            .expect("read the limit");
+        assert_eq!(limit, 0, "a pooled connection analyses every row");
+        tdb.drop_db().await;
+    }
 }
