@@ -59,6 +59,9 @@ pub enum OpError {
     /// A statement failed.
     #[error("database error: {0}")]
     Sql(#[from] sqlx::Error),
+    /// A statement ran but reported a failure in its result rows (MySQL's `ANALYZE TABLE`).
+    #[error("{0}")]
+    Reported(String),
     /// Parameters were refused.
     #[error("{0}")]
     Invalid(String),

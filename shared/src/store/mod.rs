@@ -22,7 +22,7 @@ pub use connect::{ConnectOptions, Db, DbInfo, DbTx, Engine, Pool, dialect_sql};
 pub use read_conn::{ReadConnection, ServerSession};
 pub use schema::{Schema, SchemaVersion, SessionProfile};
 pub use scoped::ScopedConnection;
-pub use sql::{placeholders, sqlite_datetime};
+pub use sql::{mysql_row_errors, placeholders, sqlite_datetime};
 pub use transient::is_transient;
 pub use writer::{BatchWriter, Checkpoint};
 

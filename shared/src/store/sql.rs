@@ -38,6 +38,25 @@ pub fn sqlite_datetime(t: NaiveDateTime) -> String {
     t.format("%Y-%m-%d %H:%M:%S%.6f").to_string()
 }
 
+/// MySQL/MariaDB administration statements (`ANALYZE`, `OPTIMIZE`, `CHECK TABLE`) report
+/// failures as result rows, not as errors: the `Msg_text` of rows whose `Msg_type` is `error`
+/// (columns: Table, Op, Msg_type, Msg_text).
+pub fn mysql_row_errors(rows: &[Vec<Option<String>>]) -> Vec<String> {
+    rows.iter()
+        .filter(|r| {
+            r.get(2)
+                .and_then(|t| t.as_deref())
+                .is_some_and(|t| t.eq_ignore_ascii_case("error"))
+        })
+        .map(|r| {
+            r.get(3)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| "unknown error".into())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 
 use crate::fence::{Fence, SessionLock};
 use crate::ops::OpError;
-use crate::store::{Db, Engine};
+use crate::store::{Db, Engine, mysql_row_errors};
 
 /// Refresh statistics once a run removed at least this share of the table (percent).
 pub const ANALYZE_AFTER_SHARE_PCT: u64 = 10;
@@ -82,14 +82,21 @@ async fn refresh_once(db: &Db, fence: &Fence, table: &str) -> Result<u64, OpErro
             tx.commit().await?;
         }
         // ANALYZE TABLE commits implicitly: run it on a pinned connection holding the
-        // session lock, with the fence checked just before.
+        // session lock, with the fence checked just before. It reports a failure as a result
+        // row, not an error: a refresh counted as done would never be tried again.
         Engine::MySql => {
             let mut lock = SessionLock::acquire(db, fence).await?;
             let result = lock
-                .execute_checked(&format!("ANALYZE TABLE {table}"))
+                .fetch_text_checked(&format!("ANALYZE TABLE {table}"))
                 .await;
             let _ = lock.release().await;
-            result?;
+            let failures = mysql_row_errors(&result?);
+            if !failures.is_empty() {
+                return Err(OpError::Reported(format!(
+                    "ANALYZE TABLE {table}: {}",
+                    failures.join("; ")
+                )));
+            }
         }
     }
     Ok(1)
@@ -128,6 +135,25 @@ mod tests {
             .await
             .expect("read the limit");
         assert_eq!(limit, 0, "a pooled connection analyses every row");
+        tdb.drop_db().await;
+    }
+
+    /// MySQL's `ANALYZE TABLE` reports a failure as a result row, not as an error: a refresh
+    /// of a table it cannot analyse is an error, not a statement counted as run. Fails if the
+    /// rows are not read.
+    #[tokio::test]
+    async fn a_mysql_analyze_that_reports_a_failure_is_an_error() {
+        let tdb = TestDb::new(Engine::MySql).await;
+        let fence = crate::fence::issue_token(&tdb.db, "target:test", "test")
+            .await
+            .expect("token");
+        let err = refresh_statistics(&tdb.db, &fence, "no_such_table")
+            .await
+            .expect_err("a failed ANALYZE is not a refresh");
+        assert!(
+            matches!(&err, OpError::Reported(m) if m.contains("no_such_table")),
+            "{err}"
+        );
         tdb.drop_db().await;
     }
 }

@@ -13,9 +13,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use super::guard::read_tx;
-use super::optimize::mysql_row_errors;
 use super::{OpError, push_section, session_tables};
-use crate::store::{ConnectOptions, Db, DbTx, Engine, Schema, schema};
+use crate::store::{ConnectOptions, Db, DbTx, Engine, Schema, mysql_row_errors, schema};
 
 /// At most this many problems of one kind are listed one by one; the rest are summed up.
 pub const MAX_LISTED_ISSUES: usize = 20;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::guard::{self, FencedConn, MAINTENANCE_STATEMENT_TIMEOUT, millis};
 use super::{OpContext, OpError, push_section, session_tables};
-use crate::store::{DbTx, Engine, schema};
+use crate::store::{DbTx, Engine, mysql_row_errors, schema};
 
 /// SQLite `PRAGMA auto_vacuum` value of INCREMENTAL mode.
 const SQLITE_AUTO_VACUUM_INCREMENTAL: i64 = 2;
@@ -180,21 +180,4 @@ async fn run_fenced(
         }
     }
     Ok(())
-}
-
-/// The `Msg_text` of rows whose `Msg_type` is `error` (columns: Table, Op, Msg_type, Msg_text).
-pub(super) fn mysql_row_errors(rows: &[Vec<Option<String>>]) -> Vec<String> {
-    rows.iter()
-        .filter(|r| {
-            r.get(2)
-                .and_then(|t| t.as_deref())
-                .is_some_and(|t| t.eq_ignore_ascii_case("error"))
-        })
-        .map(|r| {
-            r.get(3)
-                .cloned()
-                .flatten()
-                .unwrap_or_else(|| "unknown error".into())
-        })
-        .collect()
 }
