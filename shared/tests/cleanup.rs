@@ -821,7 +821,10 @@ async fn lock_table(url: &str, engine: Engine) -> (Db, Option<sessionfleet::stor
         return (locker, None);
     }
     let mut tx = locker.begin_write().await.expect("begin");
-    sessionfleet::on_tx!(&mut tx, c => sqlx::query("LOCK TABLE user_sessions IN ACCESS EXCLUSIVE MODE")
+    // Held for as long as the test says, past our sessions' idle-in-transaction limit.
+    sessionfleet::on_tx!(&mut tx, c => sqlx::raw_sql(
+        "SET LOCAL idle_in_transaction_session_timeout = 0; \
+         LOCK TABLE user_sessions IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *c).await.map(|_| ()).expect("lock"));
     (locker, Some(tx))
 }
@@ -834,6 +837,16 @@ async fn release_table((locker, tx): (Db, Option<sessionfleet::store::DbTx<'stat
         }
     }
     locker.close().await;
+}
+
+/// The server sessions of this database that wait for a table lock (PostgreSQL).
+async fn lock_waiters(db: &Db) -> i64 {
+    db.scalar_i64(
+        "SELECT COUNT(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .await
+    .expect("pg_stat_activity")
 }
 
 /// Ends the server sessions of this database that wait for a table lock; how many.
@@ -893,6 +906,49 @@ async fn with_connections_killed_twice<T: Send + 'static>(
     release_table(lock).await;
     killer.close().await;
     run.await.expect("task")
+}
+
+/// A run waiting for a rule's count — a long read on a large table, or one stuck behind a
+/// table lock — stops as soon as it is cancelled (a shutdown, a lost lease), with nothing
+/// deleted, instead of waiting for the count. Fails if the run waits for the lock's release.
+#[tokio::test]
+async fn a_run_cancelled_while_it_counts_stops_without_waiting_for_the_count() {
+    let tdb = seeded(Engine::Postgres, SchemaVersion::V2).await;
+    let before = snapshot(&tdb.db, SchemaVersion::V2).await;
+    let watcher = Db::connect(&tdb.url, &sessionfleet::store::ConnectOptions::default())
+        .await
+        .expect("watcher connection");
+    let c = ctx(&tdb.db).await;
+    let cancel = c.cancel.clone();
+    let lock = lock_table(&tdb.url, Engine::Postgres).await;
+    let run = tokio::spawn(async move { cleanup::run(&c, &params()).await });
+    let started = std::time::Instant::now();
+    while lock_waiters(&watcher).await == 0 {
+        assert!(!run.is_finished(), "the run ended before it counted");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no count waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cancel.cancel();
+    // The lock is still held: a run that waits for its count cannot end (the guard only
+    // keeps a broken build from hanging the suite).
+    let report = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("a cancelled run ends while its count still waits for the lock")
+        .expect("task")
+        .expect("run");
+    release_table(lock).await;
+    assert_eq!(report.outcome, Outcome::Cancelled);
+    assert_eq!(report.total_cleaned(), 0);
+    assert_eq!(
+        snapshot(&tdb.db, SchemaVersion::V2).await,
+        before,
+        "nothing deleted"
+    );
+    watcher.close().await;
+    tdb.drop_db().await;
 }
 
 /// A dry run and the statistics read only, so a dropped connection under them (a failover, a

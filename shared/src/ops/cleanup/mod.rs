@@ -340,8 +340,25 @@ async fn purge(
     let db = &ctx.db;
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
     let fence = ctx.fence()?;
-    let (table_rows, estimated) = table_size(db, schema).await?;
-    let mut matching = count_index_walked(db, schema, rules, table_rows, params.parallel_reads);
+    // Reads before the first batch (the table's size, a rule's count) can take long on a
+    // large table, or wait behind a table lock: a shutdown or a lost lease ends the run at
+    // once instead of after them.
+    let Some(size) = unless_cancelled(ctx, table_size(db, schema)).await else {
+        report.outcome = Outcome::Cancelled;
+        return Ok(());
+    };
+    let (table_rows, estimated) = size?;
+    // Dropped with this function: a count still running for a rule the run never reaches
+    // is stopped with it, not left to start the next.
+    let mut counting = tokio::task::JoinSet::new();
+    let mut matching = count_index_walked(
+        db,
+        schema,
+        rules,
+        table_rows,
+        params.parallel_reads,
+        &mut counting,
+    );
     tracing::debug!(
         table_rows,
         estimated,
@@ -352,7 +369,13 @@ async fn purge(
     let mut early_refresh: Option<EarlyRefresh> = None;
     for (i, rule) in rules.iter().enumerate() {
         let matching = match matching[i].take() {
-            Some(pending) => Some(pending.await?),
+            Some(pending) => match unless_cancelled(ctx, pending).await {
+                Some(counted) => Some(counted?),
+                None => {
+                    report.outcome = Outcome::Cancelled;
+                    break;
+                }
+            },
             None => None,
         };
         if i == 0 && params.parallel_reads {
@@ -438,6 +461,14 @@ async fn table_size(db: &Db, schema: &Schema) -> Result<(u64, bool), OpError> {
         read_with_retries("table size", || count(db, schema, None)).await?,
         false,
     ))
+}
+
+/// The output of `work`, or `None` when the run is cancelled first (`work` is dropped).
+async fn unless_cancelled<T>(ctx: &OpContext, work: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        done = work => Some(done),
+        () = ctx.cancel.cancelled() => None,
+    }
 }
 
 /// [`schema::detect`], tried again after a transient error like the counts: the first
@@ -755,13 +786,14 @@ type PendingCount = futures::future::BoxFuture<'static, Result<u64, sqlx::Error>
 /// rule comes up. The first count stops at the dense share of `table_rows`
 /// ([`DENSE_RULE_SHARE`]): past it only "dense" matters, and a rule matching most of the
 /// table (the first big purge) is then known in a third of the reading. `None` for other
-/// walks.
+/// walks. The background counts run in a task of `tasks`, which ends them when dropped.
 fn count_index_walked(
     db: &Db,
     schema: &Schema,
     rules: &[rules::Rule],
     table_rows: u64,
     in_background: bool,
+    tasks: &mut tokio::task::JoinSet<()>,
 ) -> Vec<Option<PendingCount>> {
     let all: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
     let mut counts: Vec<(usize, PendingCount)> = Vec::new();
@@ -802,7 +834,7 @@ fn count_index_walked(
             })?
         }));
     }
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         for (count, answer) in queue {
             if answer.send(count.await).is_err() {
                 return; // The run ended.
