@@ -8,7 +8,7 @@
 //! nothing anywhere, not even the fence table.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -331,19 +331,24 @@ pub enum PoolRole {
 /// One pool per database URL and [`PoolRole`] per process, shared by every job of that role
 /// on that target (so at most twice [`ConnectOptions::DEFAULT_MAX_CONNECTIONS`] connections
 /// per target per worker).
+///
+/// Connecting (with its retries, up to a minute for an unreachable server) happens outside
+/// the map's lock, in a cell per pool: jobs for one target wait for that target's connection
+/// only, never for another's. A failed connection leaves the cell empty for the next job.
 pub async fn shared_db(url: &str, role: PoolRole) -> Result<Db, String> {
-    static POOLS: OnceLock<Mutex<HashMap<(String, PoolRole), Db>>> = OnceLock::new();
-    let pools = POOLS.get_or_init(Mutex::default);
-    let mut map = pools.lock().await;
-    let key = (url.to_string(), role);
-    if let Some(db) = map.get(&key) {
-        return Ok(db.clone());
-    }
-    let db = Db::connect(url, &ConnectOptions::default())
+    type Cell = Arc<tokio::sync::OnceCell<Db>>;
+    static POOLS: OnceLock<Mutex<HashMap<(String, PoolRole), Cell>>> = OnceLock::new();
+    let cell = POOLS
+        .get_or_init(Mutex::default)
+        .lock()
         .await
-        .map_err(|e| e.to_string())?;
-    map.insert(key, db.clone());
-    Ok(db)
+        .entry((url.to_string(), role))
+        .or_default()
+        .clone();
+    cell.get_or_try_init(|| async { Db::connect(url, &ConnectOptions::default()).await })
+        .await
+        .cloned()
+        .map_err(|e| e.to_string())
 }
 
 /// Summarises the target's recent runs for the health report and trends.

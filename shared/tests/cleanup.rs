@@ -1269,6 +1269,32 @@ async fn a_wrong_row_estimate_changes_no_deleted_row() {
     }
 }
 
+/// A worker serves several targets from one process: while it retries a connection to a
+/// target that is down (about 50 s here), jobs for the other targets get their pools. Fails if
+/// connecting holds the lock shared by every target's pool.
+#[tokio::test]
+async fn an_unreachable_target_does_not_hold_up_the_pools_of_the_others() {
+    use sessionfleet::dispatch::{self, PoolRole};
+
+    // Nothing listens on port 1: every attempt is refused, and the retries back off.
+    let down = tokio::spawn(dispatch::shared_db(
+        "postgres://postgres@127.0.0.1:1/down",
+        PoolRole::Writes,
+    ));
+    // Lets the task start connecting (the test runs on one thread).
+    tokio::task::yield_now().await;
+    let tdb = TestDb::new(Engine::Sqlite).await;
+    dispatch::shared_db(&tdb.url, PoolRole::Writes)
+        .await
+        .expect("the reachable target's pool");
+    assert!(
+        !down.is_finished(),
+        "the reachable target waited for the unreachable one's retries"
+    );
+    down.abort();
+    tdb.drop_db().await;
+}
+
 /// A worker runs read-only jobs beside the one writer the lease admits: a long health report
 /// holding every connection of its pool must not make a cleanup wait out the pool's acquire
 /// timeout and fail.
