@@ -1005,6 +1005,58 @@ async fn a_dry_run_and_stats_outlast_connections_killed_under_them() {
     }
 }
 
+/// The missing-platform count is reported, never acted on: when it fails after a completed
+/// purge (here its table is gone; on MariaDB it runs after the purge), the purge stands and
+/// the report says what failed, instead of the whole run failing uncounted.
+#[tokio::test]
+async fn a_failed_missing_platform_count_leaves_the_purge_standing() {
+    let version = SchemaVersion::V2;
+    let tdb = seeded(Engine::MySql, version).await;
+    let db = tdb.db.clone();
+    let before = snapshot(&db, version).await;
+    let purge = oracle(&db, version, None, true).await;
+    let c = ctx(&db).await;
+    // One-row batches with rests: time to take the table away once batches run.
+    let slow = CleanupParams {
+        batch_size: 1,
+        max_batch_size: 1,
+        rest_ratio: Some(2.0),
+        ..params()
+    };
+    let run = tokio::spawn(async move { cleanup::run(&c, &slow).await });
+    let started = std::time::Instant::now();
+    while tdb
+        .db
+        .scalar_i64("SELECT COUNT(*) FROM user_sessions")
+        .await
+        .expect("count")
+        == before.len() as i64
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "no batch");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(!run.is_finished(), "the run ended before its table went");
+    // Sessions still reference it: drop it past the foreign key, on one connection.
+    let drop_platforms = "SET foreign_key_checks = 0; DROP TABLE platform_connections; \
+                          SET foreign_key_checks = 1";
+    sessionfleet::on_pool!(&tdb.db, p => sqlx::raw_sql(drop_platforms).execute(p).await.map(|_| ()))
+        .expect("drop the platforms");
+    let report = run.await.expect("task").expect("the purge stands");
+    assert_eq!(report.outcome, Outcome::Completed);
+    assert_exactly_purged(&before, &snapshot(&db, version).await, &purge, "mysql");
+    assert_eq!(report.total_cleaned(), purge.len() as u64);
+    assert_eq!(report.missing_platform_sessions, None);
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.contains("platform is missing") && e.contains("platform_connections")),
+        "{:?}",
+        report.errors
+    );
+    tdb.drop_db().await;
+}
+
 /// An application transaction holding a lock on an expired session does not hold a batch for
 /// as long as it lasts: the batch gives up after `BATCH_LOCK_TIMEOUT`, rolls back and is tried
 /// again, and the row goes once the lock is released. (MySQL's own wait is 50 s by default.)

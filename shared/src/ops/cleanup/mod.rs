@@ -313,9 +313,13 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     };
     // A part cut short leaves the count to the part that completes the run (see `missing`).
     match worked {
-        Ok(()) if report.outcome == Outcome::Completed => {
-            report.missing_platform_sessions = Some(missing_platform.finish().await?);
-        }
+        // Report-only: a failed count leaves the figure out, not the purge beside it.
+        Ok(()) if report.outcome == Outcome::Completed => match missing_platform.finish().await {
+            Ok(n) => report.missing_platform_sessions = Some(n),
+            Err(e) => report.errors.push(format!(
+                "counting sessions whose platform is missing failed: {e}"
+            )),
+        },
         worked => {
             missing_platform.cancel().await;
             worked?;
@@ -423,8 +427,13 @@ async fn purge(
     } else if report.outcome == Outcome::BudgetSpent
         && let Some(any) = Predicate::any_of(&all_rules)
     {
-        report.remaining =
-            Some(read_with_retries("remaining count", || count(db, schema, Some(&any))).await?);
+        // Informative: the continuation follows the budget stop either way.
+        match read_with_retries("remaining count", || count(db, schema, Some(&any))).await {
+            Ok(n) => report.remaining = Some(n),
+            Err(e) => report.errors.push(format!(
+                "counting the rows left for the continuation failed: {e}"
+            )),
+        }
     }
     if report.outcome != Outcome::Cancelled {
         let carried = params.carried_deletes;
