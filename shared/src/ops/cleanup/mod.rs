@@ -67,6 +67,10 @@ pub const DEFAULT_TARGET_BATCH_MS: u64 = 50;
 pub const SQLITE_TARGET_BATCH_MS: u64 = 20;
 /// Default max age, seconds (`SESSION_MAX_AGE`, 48 h).
 pub const DEFAULT_MAX_AGE_SECS: u64 = 172_800;
+/// How far ahead of this process's clock a job's `as_of` may be — a continuation carries the
+/// reference time of the worker that ran the part before, whose clock may run ahead — before
+/// it is refused rather than taken as now. Clocks kept by NTP differ by milliseconds.
+pub const CLOCK_SKEW_ALLOWANCE: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 /// The longest max age accepted, seconds (10 years), for `SESSION_MAX_AGE` and a job's
 /// `max_age_secs` alike: far past any session's life, and well inside the calendar's range,
 /// which a cutoff billions of hours back would leave (it panicked in chrono).
@@ -131,7 +135,8 @@ pub struct CleanupParams {
     pub budget_secs: Option<u64>,
     /// Reference time of every cutoff (UTC). `None`: now, at the start. A continuation passes
     /// the first part's `as_of`, so one logical run uses one set of cutoffs. A time in the
-    /// future is refused: it would purge sessions that are still live.
+    /// future would purge sessions that are still live: up to [`CLOCK_SKEW_ALLOWANCE`] ahead
+    /// (another worker's clock) it is taken as now, further ahead it is refused.
     pub as_of: Option<NaiveDateTime>,
     /// Seconds between scheduled cleanups; reported by [`stats`] only. Default
     /// [`DEFAULT_INTERVAL_SECS`].
@@ -223,7 +228,7 @@ impl CleanupParams {
             _ => {}
         }
         if let Some(t) = self.as_of
-            && t > Utc::now().naive_utc()
+            && t > Utc::now().naive_utc() + CLOCK_SKEW_ALLOWANCE
         {
             return bad(format!(
                 "as_of {t} is in the future; it would purge live sessions"
@@ -245,14 +250,15 @@ impl CleanupParams {
             .unwrap_or_else(|| default_rest_ratio(engine))
     }
 
-    /// The reference time: `as_of`, or now truncated to microseconds (what every engine stores).
+    /// The reference time: `as_of`, but never later than now (see [`CLOCK_SKEW_ALLOWANCE`]);
+    /// without it, now. Truncated to microseconds (what every engine stores).
     fn reference_time(&self) -> NaiveDateTime {
-        self.as_of.unwrap_or_else(|| {
-            let now = Utc::now().naive_utc();
-            now - chrono::Duration::nanoseconds(i64::from(
+        let now = Utc::now().naive_utc();
+        let now = now
+            - chrono::Duration::nanoseconds(i64::from(
                 now.and_utc().timestamp_subsec_nanos() % 1000,
-            ))
-        })
+            ));
+        self.as_of.map_or(now, |t| t.min(now))
     }
 
     /// The parameters of the part that continues a run `part` cut short: the same reference
@@ -1075,5 +1081,34 @@ mod tests {
         assert!(longest.validate().is_ok());
         let c = longest.cutoffs();
         assert!(c.max_age < c.as_of && c.idle.is_some_and(|i| i < c.as_of));
+    }
+
+    /// A continuation's `as_of` comes from another worker's clock: a little ahead of ours it
+    /// is taken as now (never later: that would purge live sessions), far ahead it is refused.
+    /// Fails if a skewed clock dead-letters the continuation.
+    #[test]
+    fn an_as_of_slightly_ahead_is_taken_as_now_and_far_ahead_refused() {
+        let now = Utc::now().naive_utc();
+        let ahead = CleanupParams {
+            as_of: Some(now + chrono::TimeDelta::seconds(5)),
+            ..CleanupParams::default()
+        };
+        assert!(
+            ahead.validate().is_ok(),
+            "a few seconds of skew is no error"
+        );
+        assert!(ahead.cutoffs().as_of <= Utc::now().naive_utc());
+        let far = CleanupParams {
+            as_of: Some(now + CLOCK_SKEW_ALLOWANCE + chrono::TimeDelta::seconds(5)),
+            ..CleanupParams::default()
+        };
+        let err = far.validate().expect_err("refused").to_string();
+        assert!(err.contains("in the future"), "{err}");
+        let past = now - chrono::TimeDelta::hours(1);
+        let earlier = CleanupParams {
+            as_of: Some(past),
+            ..CleanupParams::default()
+        };
+        assert_eq!(earlier.cutoffs().as_of, past, "a past as_of is kept");
     }
 }
