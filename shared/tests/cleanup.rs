@@ -726,6 +726,31 @@ async fn kill_statements_in_flight(killer: &Db) -> bool {
     }
 }
 
+/// One-row batches with rests: a run of a few hundred short transactions, long enough to
+/// act on while it runs.
+fn one_row_batches() -> CleanupParams {
+    CleanupParams {
+        batch_size: 1,
+        max_batch_size: 1,
+        rest_ratio: Some(2.0),
+        ..params()
+    }
+}
+
+/// Waits until the sessions table holds fewer than `seeded` rows: a batch has committed.
+async fn until_a_batch_committed(db: &Db, seeded: usize) {
+    let started = std::time::Instant::now();
+    while db
+        .scalar_i64("SELECT COUNT(*) FROM user_sessions")
+        .await
+        .expect("count")
+        == seeded as i64
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "no batch");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Connections dropped under a run (a failover, a proxy restart) cost retries, not the run:
 /// a batch is tried again on a fresh connection, so are the counts and reads beside the
 /// batches, and the run purges exactly what an uninterrupted one does, with its retries in
@@ -742,28 +767,11 @@ async fn a_run_whose_connections_are_killed_retries_and_completes() {
             .await
             .expect("killer connection");
         let c = ctx(&db).await;
-        // One-row batches with rests: a few hundred short transactions to catch.
-        let slow = CleanupParams {
-            batch_size: 1,
-            max_batch_size: 1,
-            rest_ratio: Some(2.0),
-            ..params()
-        };
+        let slow = one_row_batches();
         let run = tokio::spawn(async move { cleanup::run(&c, &slow).await });
         // Once batches run (a run that cannot start fails at once and is retried whole).
+        until_a_batch_committed(&killer, before.len()).await;
         let started = std::time::Instant::now();
-        while killer
-            .scalar_i64("SELECT COUNT(*) FROM user_sessions")
-            .await
-            .expect("count")
-            == before.len() as i64
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{engine}: no batch"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
         let mut killed = 0;
         while killed < 3 && !run.is_finished() {
             assert!(
@@ -1016,25 +1024,9 @@ async fn a_failed_missing_platform_count_leaves_the_purge_standing() {
     let before = snapshot(&db, version).await;
     let purge = oracle(&db, version, None, true).await;
     let c = ctx(&db).await;
-    // One-row batches with rests: time to take the table away once batches run.
-    let slow = CleanupParams {
-        batch_size: 1,
-        max_batch_size: 1,
-        rest_ratio: Some(2.0),
-        ..params()
-    };
+    let slow = one_row_batches();
     let run = tokio::spawn(async move { cleanup::run(&c, &slow).await });
-    let started = std::time::Instant::now();
-    while tdb
-        .db
-        .scalar_i64("SELECT COUNT(*) FROM user_sessions")
-        .await
-        .expect("count")
-        == before.len() as i64
-    {
-        assert!(started.elapsed() < Duration::from_secs(60), "no batch");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until_a_batch_committed(&tdb.db, before.len()).await;
     assert!(!run.is_finished(), "the run ended before its table went");
     // Sessions still reference it: drop it past the foreign key, on one connection.
     let drop_platforms = "SET foreign_key_checks = 0; DROP TABLE platform_connections; \

@@ -256,9 +256,33 @@ pub async fn purge_batch(
     rule: &Rule,
     batch: &Batch,
 ) -> Result<BatchResult, OpError> {
-    // Timed from the moment the write transaction is open (on SQLite: the write lock is
-    // held), not while BEGIN waits for other writers: this is how long we block others.
-    let result = purge_batch_in(writer, fence, schema, rule, batch).await;
+    let result = async {
+        // Timed from the moment the write transaction is open (on SQLite: the write lock is
+        // held), not while BEGIN waits for other writers: this is how long we block others.
+        let mut tx = writer.begin().await?;
+        let started = Instant::now();
+        let work = async {
+            fence.advance(&mut tx).await?;
+            postgres_batch_settings(&mut tx).await?;
+            plan_id_list_recheck(&mut tx, rule, batch).await?;
+            Ok::<_, OpError>(delete_matching(&mut tx, schema, &rule.predicate, batch).await?)
+        };
+        let deleted = match work.await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
+        };
+        let commit_started = Instant::now();
+        tx.commit().await?;
+        Ok(BatchResult {
+            deleted,
+            took: started.elapsed(),
+            committing: commit_started.elapsed(),
+        })
+    }
+    .await;
     match result {
         Ok(_) => writer.release_connection().await,
         Err(_) => writer.discard_connection(),
@@ -266,40 +290,9 @@ pub async fn purge_batch(
     result
 }
 
-async fn purge_batch_in(
-    writer: &mut BatchWriter,
-    fence: &Fence,
-    schema: &Schema,
-    rule: &Rule,
-    batch: &Batch,
-) -> Result<BatchResult, OpError> {
-    let mut tx = writer.begin().await?;
-    let started = Instant::now();
-    let work = async {
-        fence.advance(&mut tx).await?;
-        postgres_batch_settings(&mut tx).await?;
-        plan_id_list_recheck(&mut tx, rule, batch).await?;
-        Ok::<_, OpError>(delete_matching(&mut tx, schema, &rule.predicate, batch).await?)
-    };
-    let deleted = match work.await {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = tx.rollback().await;
-            return Err(e);
-        }
-    };
-    let commit_started = Instant::now();
-    tx.commit().await?;
-    Ok(BatchResult {
-        deleted,
-        took: started.elapsed(),
-        committing: commit_started.elapsed(),
-    })
-}
-
 /// How long a batch's statements wait for a row lock before they give up: PostgreSQL
 /// `lock_timeout` for the batch's transaction only, MySQL/MariaDB `innodb_lock_wait_timeout`
-/// on the batch writer's own connection (`store::BatchWriter`). An application transaction
+/// on the connection the batch writer takes for the batch (`store::BatchWriter`). An application transaction
 /// holding a lock on an expired session — a stuck request, a connection left idle in its
 /// transaction — would otherwise hold the batch, and the rows and fence it has locked, for as
 /// long as it lasts (MySQL's default: 50 s), past any budget or shutdown. Given up, the batch
