@@ -65,7 +65,7 @@ impl Drop for RedisKeysGuard {
             }
             // apalis registers each queue's worker set in its global registry (the hash
             // tag's own key), which outlives any namespace.
-            let registry = crate::queue::keys::SLOT_TAG.trim_matches(['{', '}']);
+            let registry = crate::queue::keys::apalis_registry();
             let members: Vec<String> = redis::cmd("ZRANGE")
                 .arg(registry)
                 .arg(0)

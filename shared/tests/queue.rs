@@ -581,7 +581,7 @@ async fn a_test_namespace_leaves_no_keys_behind() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let registry = sessionfleet::queue::keys::SLOT_TAG.trim_matches(['{', '}']);
+    let registry = sessionfleet::queue::keys::apalis_registry();
     for ns in [&mine, &other] {
         for key in [
             format!("{ns}:lease-token:{{{ns}:default}}"),
@@ -635,4 +635,65 @@ async fn a_test_namespace_leaves_no_keys_behind() {
         (2, 1),
         "another namespace's keys stay"
     );
+}
+
+/// A one-off fleet (the demo) leaves nothing behind: forgetting its namespace deletes its
+/// queue keys, lease counters and scheduler ticks (none of which expire) and its members of
+/// apalis' registry, and nothing of another namespace.
+#[tokio::test]
+async fn forgetting_a_namespace_removes_its_keys_and_only_its_keys() {
+    let (gone, kept) = (Ns::new().await, Ns::new().await);
+    let registry = sessionfleet::queue::keys::apalis_registry();
+    for t in [&gone, &kept] {
+        t.queue.enqueue(&JobEnvelope::noop("t")).await.unwrap();
+        let ns = t.queue.keys().namespace().to_string();
+        let mut c = t.conn();
+        for key in [
+            format!("{ns}:lease-token:{{{ns}:default}}"),
+            format!("{{sessionfleet:{ns}}}:schedule:cleanup:last"),
+        ] {
+            let () = redis::cmd("SET")
+                .arg(&key)
+                .arg(1)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+        let member = t.queue.keys().apalis_workers(QueueClass::Diag);
+        let () = redis::cmd("ZADD")
+            .arg(registry)
+            .arg(0)
+            .arg(member)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let left = async |t: &Ns| {
+        let ns = t.queue.keys().namespace().to_string();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("*{ns}*"))
+            .query_async(&mut t.conn())
+            .await
+            .unwrap();
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(registry)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut t.conn())
+            .await
+            .unwrap();
+        (
+            keys.len(),
+            members.iter().filter(|m| m.contains(&ns)).count(),
+        )
+    };
+    let before = left(&kept).await;
+    assert!(
+        before.0 >= 4,
+        "the job's keys, the lease's and the schedule's: {before:?}"
+    );
+    let deleted = gone.queue.forget_namespace().await.unwrap();
+    assert!(deleted >= 4, "{deleted}");
+    assert_eq!(left(&gone).await, (0, 0), "the namespace is gone");
+    assert_eq!(left(&kept).await, before, "another namespace is untouched");
 }

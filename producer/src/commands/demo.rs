@@ -119,6 +119,16 @@ pub async fn run(
     let runs = run::run(&inv, |t| crate::plan::full(&settings, t, false)).await;
     out.info("4/4 stopping the worker");
     worker.stop();
+    // The demo's namespace is its own: leave nothing of it on the user's Redis (lease
+    // counters and worker records never expire). The run's results were read already.
+    match queue.forget_namespace().await {
+        Ok(n) => out.info(format!(
+            "    removed the {n} Redis keys of namespace {namespace}"
+        )),
+        Err(e) => out.info(format!(
+            "    the Redis keys of namespace {namespace} stay: {e}"
+        )),
+    }
     let runs = runs?.unwrap_or_default();
     let exit = crate::render::finished(&runs, &out);
     if !out.json {

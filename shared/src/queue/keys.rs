@@ -12,6 +12,23 @@ use crate::jobs::QueueClass;
 /// The hash tag every key starts with.
 pub const SLOT_TAG: &str = "{core:apalis:queues:list}";
 
+/// Glob patterns that together match every key of namespace `ns`: the queues' and our own
+/// records (under [`SLOT_TAG`]), the leases' (`<ns>:lease…`, see `lease`) and the scheduler's
+/// last ticks (`{sessionfleet:<ns>}:…`, see `schedule`). apalis' registry key itself,
+/// shared by every namespace, holds members of `ns` that these do not match.
+pub fn namespace_patterns(ns: &str) -> [String; 3] {
+    [
+        format!("{SLOT_TAG}:{ns}:*"),
+        format!("{ns}:*"),
+        format!("{{sessionfleet:{ns}}}:*"),
+    ]
+}
+
+/// apalis' registry of queues, shared by every namespace (the hash tag's own key).
+pub fn apalis_registry() -> &'static str {
+    SLOT_TAG.trim_matches(['{', '}'])
+}
+
 /// Key names for one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {

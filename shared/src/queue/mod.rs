@@ -36,6 +36,7 @@ use crate::secret::redact_url;
 
 pub mod dead;
 pub mod enqueue;
+mod forget;
 pub mod janitor;
 pub mod keys;
 pub mod results;
