@@ -33,6 +33,7 @@ pub mod lease;
 pub mod ops;
 pub mod queue;
 pub mod runner;
+pub mod scan;
 pub mod schedule;
 pub mod secret;
 pub mod seed;

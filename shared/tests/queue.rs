@@ -10,7 +10,7 @@ use sessionfleet::jobs::{JobEnvelope, JobKind, QueueClass};
 use sessionfleet::queue::results::HISTORY_LEN;
 use sessionfleet::queue::settle::{Settled, process_delivery};
 use sessionfleet::queue::{
-    EnqueueOptions, JobResult, MAX_DUE_PER_SECOND, Queue, QueueError, ResultOutcome,
+    EnqueueOptions, JobResult, Keys, MAX_DUE_PER_SECOND, Queue, QueueError, ResultOutcome,
 };
 use sessionfleet::runner::RunnerDeps;
 use sessionfleet::testing::{RedisKeysGuard, redis_url, unique_namespace};
@@ -569,6 +569,53 @@ async fn janitor_removes_finished_tasks_and_dead_workers_and_hands_back_their_jo
     t.cleanup().await;
 }
 
+/// Writes the keys of namespace `ns` that never expire — a lease-token counter, a scheduler
+/// tick — and a member of apalis' registry, as a fleet leaves them.
+async fn plant_unexpiring_keys(c: &mut (impl redis::aio::ConnectionLike + Send), ns: &str) {
+    for key in [
+        format!("{ns}:lease-token:{{{ns}:default}}"),
+        format!("{{sessionfleet:{ns}}}:schedule:cleanup:last"),
+    ] {
+        let () = redis::cmd("SET")
+            .arg(&key)
+            .arg(1)
+            .query_async(c)
+            .await
+            .unwrap();
+    }
+    let member = Keys::new(ns).apalis_workers(QueueClass::Cleanup);
+    let () = redis::cmd("ZADD")
+        .arg(sessionfleet::queue::keys::apalis_registry())
+        .arg(0)
+        .arg(member)
+        .query_async(c)
+        .await
+        .unwrap();
+}
+
+/// Keys naming `ns`, and its members of apalis' registry.
+async fn keys_and_members(
+    c: &mut (impl redis::aio::ConnectionLike + Send),
+    ns: &str,
+) -> (usize, usize) {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{ns}*"))
+        .query_async(c)
+        .await
+        .unwrap();
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(sessionfleet::queue::keys::apalis_registry())
+        .arg(0)
+        .arg(-1)
+        .query_async(c)
+        .await
+        .unwrap();
+    (
+        keys.len(),
+        members.iter().filter(|m| m.contains(ns)).count(),
+    )
+}
+
 /// A test's namespace leaves nothing in Redis: the guard deletes every key that names it,
 /// expiring or not, and its entries in apalis' queue registry — and nothing of another
 /// namespace.
@@ -581,57 +628,17 @@ async fn a_test_namespace_leaves_no_keys_behind() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let registry = sessionfleet::queue::keys::apalis_registry();
     for ns in [&mine, &other] {
-        for key in [
-            format!("{ns}:lease-token:{{{ns}:default}}"),
-            format!("{{sessionfleet:{ns}}}:schedule:cleanup:last"),
-        ] {
-            let () = redis::cmd("SET")
-                .arg(&key)
-                .arg(1)
-                .query_async(&mut c)
-                .await
-                .unwrap();
-        }
-        let member = format!(
-            "{}:{ns}:cleanup:workers",
-            sessionfleet::queue::keys::SLOT_TAG
-        );
-        let () = redis::cmd("ZADD")
-            .arg(registry)
-            .arg(0)
-            .arg(member)
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        plant_unexpiring_keys(&mut c, ns).await;
     }
     drop(RedisKeysGuard::new(&mine));
-    let count = async |c: &mut redis::aio::MultiplexedConnection, ns: &str| {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("*{ns}*"))
-            .query_async(c)
-            .await
-            .unwrap();
-        let members: Vec<String> = redis::cmd("ZRANGE")
-            .arg(registry)
-            .arg(0)
-            .arg(-1)
-            .query_async(c)
-            .await
-            .unwrap();
-        (
-            keys.len(),
-            members.iter().filter(|m| m.contains(ns)).count(),
-        )
-    };
     assert_eq!(
-        count(&mut c, &mine).await,
+        keys_and_members(&mut c, &mine).await,
         (0, 0),
         "the namespace's keys are gone"
     );
     assert_eq!(
-        count(&mut c, &other).await,
+        keys_and_members(&mut c, &other).await,
         (2, 1),
         "another namespace's keys stay"
     );
@@ -643,50 +650,11 @@ async fn a_test_namespace_leaves_no_keys_behind() {
 #[tokio::test]
 async fn forgetting_a_namespace_removes_its_keys_and_only_its_keys() {
     let (gone, kept) = (Ns::new().await, Ns::new().await);
-    let registry = sessionfleet::queue::keys::apalis_registry();
     for t in [&gone, &kept] {
         t.queue.enqueue(&JobEnvelope::noop("t")).await.unwrap();
-        let ns = t.queue.keys().namespace().to_string();
-        let mut c = t.conn();
-        for key in [
-            format!("{ns}:lease-token:{{{ns}:default}}"),
-            format!("{{sessionfleet:{ns}}}:schedule:cleanup:last"),
-        ] {
-            let () = redis::cmd("SET")
-                .arg(&key)
-                .arg(1)
-                .query_async(&mut c)
-                .await
-                .unwrap();
-        }
-        let member = t.queue.keys().apalis_workers(QueueClass::Diag);
-        let () = redis::cmd("ZADD")
-            .arg(registry)
-            .arg(0)
-            .arg(member)
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        plant_unexpiring_keys(&mut t.conn(), t.queue.keys().namespace()).await;
     }
-    let left = async |t: &Ns| {
-        let ns = t.queue.keys().namespace().to_string();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("*{ns}*"))
-            .query_async(&mut t.conn())
-            .await
-            .unwrap();
-        let members: Vec<String> = redis::cmd("ZRANGE")
-            .arg(registry)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut t.conn())
-            .await
-            .unwrap();
-        (
-            keys.len(),
-            members.iter().filter(|m| m.contains(&ns)).count(),
-        )
-    };
+    let left = async |t: &Ns| keys_and_members(&mut t.conn(), t.queue.keys().namespace()).await;
     let before = left(&kept).await;
     assert!(
         before.0 >= 4,

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::{HolderInfo, Keys, LeaseError, SINCE_FORMAT, check_name, fence_name};
 use crate::fence::{self, FenceRow};
+use crate::scan::{glob_escape, scan_all};
 use crate::store::Db;
 
 /// The state of one target's lease.
@@ -72,27 +73,15 @@ pub async fn holders(
     let mut con = redis.clone();
     let prefix = format!("{namespace}:lease:{{{namespace}:");
     let pattern = format!("{}*}}", glob_escape(&prefix));
-    let mut targets = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(500)
-            .query_async(&mut con)
-            .await?;
-        targets.extend(keys.iter().filter_map(|k| {
+    let mut targets: Vec<String> = scan_all(&mut con, &pattern)
+        .await?
+        .iter()
+        .filter_map(|k| {
             k.strip_prefix(&prefix)?
                 .strip_suffix('}')
                 .map(str::to_string)
-        }));
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+        })
+        .collect();
     targets.sort();
     targets.dedup();
     let mut out = Vec::new();
@@ -120,16 +109,4 @@ fn holder_from(fields: &HashMap<String, String>) -> Option<HolderInfo> {
             .and_then(|s| NaiveDateTime::parse_from_str(s, SINCE_FORMAT).ok()),
         token: fields.get("token").and_then(|t| t.parse().ok()),
     })
-}
-
-/// Escapes Redis glob metacharacters so a name matches only itself.
-fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }

@@ -4,9 +4,7 @@
 
 use super::keys::{SLOT_TAG, apalis_registry, namespace_patterns};
 use super::{Queue, QueueError};
-
-/// Keys asked for per `SCAN` step, and deleted per `DEL`.
-const SCAN_COUNT: usize = 500;
+use crate::scan::{SCAN_COUNT, scan_all};
 
 impl Queue {
     /// Deletes every key of this queue's namespace and its members of apalis' registry;
@@ -17,29 +15,14 @@ impl Queue {
         let mut c = self.connection();
         let mut deleted = 0;
         for pattern in namespace_patterns(&ns) {
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_COUNT)
+            let keys = scan_all(&mut c, &pattern).await.map_err(|e| self.err(e))?;
+            for chunk in keys.chunks(SCAN_COUNT) {
+                let n: u64 = redis::cmd("DEL")
+                    .arg(chunk)
                     .query_async(&mut c)
                     .await
                     .map_err(|e| self.err(e))?;
-                for chunk in keys.chunks(SCAN_COUNT) {
-                    let n: u64 = redis::cmd("DEL")
-                        .arg(chunk)
-                        .query_async(&mut c)
-                        .await
-                        .map_err(|e| self.err(e))?;
-                    deleted += n;
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
+                deleted += n;
             }
         }
         let members: Vec<String> = redis::cmd("ZRANGE")

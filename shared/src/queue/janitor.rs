@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::{DeadLetter, HEARTBEAT_INTERVAL, MISSED_HEARTBEATS, Queue, QueueError, unix_secs};
 use crate::jobs::{JobEnvelope, QueueClass};
+use crate::scan::{SCAN_COUNT, glob_escape};
 
 /// Time between janitor passes of one worker process.
 pub const JANITOR_INTERVAL: Duration = Duration::from_secs(10);
@@ -17,8 +18,6 @@ pub const JANITOR_INTERVAL: Duration = Duration::from_secs(10);
 pub const SWEEP_CHUNK: usize = 1000;
 /// Steps per queue per pass (bounds one pass's work).
 pub const SWEEP_STEPS: usize = 50;
-/// Keys examined per `SCAN` step for orphaned worker metadata.
-pub const SCAN_COUNT: usize = 500;
 
 /// What one pass removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -230,15 +229,4 @@ impl Queue {
         }
         Ok(removed)
     }
-}
-
-fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for ch in s.chars() {
-        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(ch);
-    }
-    out
 }

@@ -12,14 +12,16 @@ use crate::jobs::QueueClass;
 /// The hash tag every key starts with.
 pub const SLOT_TAG: &str = "{core:apalis:queues:list}";
 
-/// Glob patterns that together match every key of namespace `ns`: the queues' and our own
-/// records (under [`SLOT_TAG`]), the leases' (`<ns>:lease…`, see `lease`) and the scheduler's
-/// last ticks (`{sessionfleet:<ns>}:…`, see `schedule`). apalis' registry key itself,
-/// shared by every namespace, holds members of `ns` that these do not match.
+/// Glob patterns that together match every key of namespace `ns` and nothing else: the
+/// queues' and our own records (under [`SLOT_TAG`]), the leases' (`<ns>:lease:`,
+/// `:lease-holder:`, `:lease-token:`, see `lease`) and the scheduler's last ticks
+/// (`{sessionfleet:<ns>}:…`, see `schedule`). apalis' registry key itself, shared by every
+/// namespace, holds members of `ns` that these do not match.
 pub fn namespace_patterns(ns: &str) -> [String; 3] {
+    let ns = crate::scan::glob_escape(ns);
     [
         format!("{SLOT_TAG}:{ns}:*"),
-        format!("{ns}:*"),
+        format!("{ns}:lease*"),
         format!("{{sessionfleet:{ns}}}:*"),
     ]
 }

@@ -11,8 +11,6 @@
 //! milliseconds; SQLite's is in-process) per use: used for rare transactions (a fencing token,
 //! a maintenance read, the statistics refresh after a purge).
 
-use std::time::Duration;
-
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, MySql, Sqlite};
 
@@ -63,29 +61,10 @@ impl ScopedConnection {
 }
 
 /// A pooled connection that is closed when dropped instead of going back to the pool.
-pub(super) async fn closing_connection<DB: sqlx::Database>(
+async fn closing_connection<DB: sqlx::Database>(
     pool: &sqlx::Pool<DB>,
 ) -> Result<PoolConnection<DB>, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     conn.close_on_drop();
     Ok(conn)
-}
-
-/// `innodb_lock_wait_timeout` in whole seconds, rounded up: the server takes no fractions and
-/// 0 would mean "fail at once".
-pub(super) fn mysql_lock_wait_secs(wait: Duration) -> u64 {
-    (wait.as_millis().div_ceil(1000) as u64).max(1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lock_waits_round_up_to_whole_seconds_of_at_least_one() {
-        assert_eq!(mysql_lock_wait_secs(Duration::from_secs(2)), 2);
-        assert_eq!(mysql_lock_wait_secs(Duration::from_millis(2500)), 3);
-        assert_eq!(mysql_lock_wait_secs(Duration::from_millis(10)), 1);
-        assert_eq!(mysql_lock_wait_secs(Duration::ZERO), 1);
-    }
 }

@@ -7,7 +7,6 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Connection, MySql, Sqlite};
 
 use super::connect::{Db, DbTx, MYSQL_BEGIN_WRITE, Pool, SQLITE_BEGIN_WRITE};
-use super::scoped::mysql_lock_wait_secs;
 
 /// Commits a series of write batches ([`Db::batch_writer`]).
 ///
@@ -204,5 +203,24 @@ impl Drop for BatchWriter {
     /// connection it holds rather than return it with the row-lock wait set.
     fn drop(&mut self) {
         self.discard_connection();
+    }
+}
+
+/// `innodb_lock_wait_timeout` in whole seconds, rounded up: the server takes no fractions and
+/// 0 would mean "fail at once".
+fn mysql_lock_wait_secs(wait: Duration) -> u64 {
+    (wait.as_millis().div_ceil(1000) as u64).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_waits_round_up_to_whole_seconds_of_at_least_one() {
+        assert_eq!(mysql_lock_wait_secs(Duration::from_secs(2)), 2);
+        assert_eq!(mysql_lock_wait_secs(Duration::from_millis(2500)), 3);
+        assert_eq!(mysql_lock_wait_secs(Duration::from_millis(10)), 1);
+        assert_eq!(mysql_lock_wait_secs(Duration::ZERO), 1);
     }
 }
