@@ -293,6 +293,7 @@ async fn run_locally(
                     report,
                     rows_affected,
                     next,
+                    delay,
                 } => {
                     reports.push(report);
                     let part = env.part + 1;
@@ -304,10 +305,27 @@ async fn run_locally(
                         error = Some("interrupted; run the command again to finish".to_string());
                         break;
                     }
-                    inv.out.info(format!(
-                        "{}: part {part} done ({rows_affected} rows), continuing",
-                        env.target
-                    ));
+                    match delay {
+                        // Fenced out: another holder works on the database now.
+                        Some(delay) => {
+                            if Instant::now() + delay >= deadline {
+                                error = Some(format!(
+                                    "part {part} stopped after {rows_affected} rows: another holder took the database over; timed out waiting for it"
+                                ));
+                                break;
+                            }
+                            inv.out.info(format!(
+                                "{}: part {part} stopped after {rows_affected} rows: another holder took the database over; continuing in {:.1}s",
+                                env.target,
+                                delay.as_secs_f64()
+                            ));
+                            tokio::time::sleep(delay).await;
+                        }
+                        None => inv.out.info(format!(
+                            "{}: part {part} done ({rows_affected} rows), continuing",
+                            env.target
+                        )),
+                    }
                     env = next;
                 }
                 JobOutcome::Deferred { delay, reason } => {

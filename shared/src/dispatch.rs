@@ -303,6 +303,7 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
                     report: done.report,
                     rows_affected: done.rows,
                     next: env.continuation(next.params(), oe.holder),
+                    delay: (done.outcome == Outcome::FencedOut).then(|| lease_cfg.busy_delay()),
                 },
                 None => JobOutcome::Done {
                     report: done.report,

@@ -51,6 +51,10 @@ pub enum JobOutcome {
         rows_affected: u64,
         /// The continuation (same run id, part + 1).
         next: JobEnvelope,
+        /// How long to wait before `next` may start: set when a newer lease holder fenced
+        /// this part out, so the continuation does not take the database back from it at
+        /// once where no Redis lease makes it wait (a `--local` run without Redis).
+        delay: Option<Duration>,
     },
     /// Not run now (e.g. the target's lease is busy); run again after `delay` without
     /// spending an attempt.
@@ -180,6 +184,7 @@ async fn run_sleep(env: &JobEnvelope, deps: &RunnerDeps) -> JobOutcome {
                 report: serde_json::json!({ "slept_ms": slept_ms, "stopped_by": why, "remaining_ms": rest.millis }),
                 rows_affected: 0,
                 next,
+                delay: None,
             }
         }
     }

@@ -1115,15 +1115,63 @@ async fn stale_fence_token_changes_nothing() {
             fence: Some(old),
             cancel: CancellationToken::new(),
         };
-        let err = cleanup::run(&c, &params())
+        let report = cleanup::run(&c, &params())
             .await
-            .expect_err("stale token must not write");
-        assert!(err.is_fenced_out(), "{engine}: {err}");
+            .expect("a fenced-out run reports");
+        assert_eq!(report.outcome, Outcome::FencedOut, "{engine}");
+        assert_eq!(report.total_cleaned(), 0, "{engine}: {report:?}");
+        assert!(
+            report.notes.iter().any(|n| n.contains("fenced out")),
+            "{engine}: {:?}",
+            report.notes
+        );
         assert_eq!(
             snapshot(db, SchemaVersion::V2).await,
             before,
             "{engine}: nothing changed"
         );
+        tdb.drop_db().await;
+    }
+}
+
+/// A holder whose lease lapsed unnoticed is fenced out at its next batch once a newer holder
+/// has its token: it stops there, deletes nothing more, and its report counts exactly the
+/// rows it deleted before, so the run's history keeps them.
+#[tokio::test]
+async fn a_run_fenced_out_midway_reports_what_it_deleted_and_stops() {
+    let version = SchemaVersion::V2;
+    for engine in ENGINES {
+        let tdb = seeded(engine, version).await;
+        let db = tdb.db.clone();
+        let seeded_rows = snapshot(&db, version).await.len();
+        let to_purge = oracle(&db, version, None, true).await.len();
+        let c = ctx(&db).await;
+        let slow = one_row_batches();
+        let run = tokio::spawn(async move { cleanup::run(&c, &slow).await });
+        until_a_batch_committed(&db, seeded_rows).await;
+        // Waits for a batch in flight: no write with the old token can follow.
+        fence::issue_token(&db, "target:test", "newer-holder")
+            .await
+            .expect("newer token");
+        let at_takeover = snapshot(&db, version).await;
+        let report = run.await.expect("task").expect("a fenced-out run reports");
+        assert_eq!(report.outcome, Outcome::FencedOut, "{engine}: {report:?}");
+        assert_eq!(
+            snapshot(&db, version).await,
+            at_takeover,
+            "{engine}: nothing deleted with the stale token"
+        );
+        let deleted = seeded_rows - at_takeover.len();
+        assert!(
+            deleted >= 1 && deleted < to_purge,
+            "{engine}: {deleted} of {to_purge}"
+        );
+        assert_eq!(
+            report.total_cleaned(),
+            deleted as u64,
+            "{engine}: the report counts every committed delete"
+        );
+        assert_eq!(report.remaining, None, "{engine}");
         tdb.drop_db().await;
     }
 }
@@ -1386,6 +1434,66 @@ async fn cleanup_runs_while_reports_hold_every_read_connection() {
         other => panic!("cleanup did not finish beside a busy read pool: {other:?}"),
     }
     drop(held);
+    tdb.drop_db().await;
+}
+
+/// A part fenced out midway becomes a continuation, not a retry of the same part: its deletes
+/// are recorded with the part, and the next part waits a while before it takes the database
+/// back (with no Redis lease to make it wait, it would fence the newer holder out at once).
+#[tokio::test]
+async fn a_fenced_out_part_is_continued_later_with_its_deletes_recorded() {
+    use sessionfleet::config::{Overrides, Settings};
+    use sessionfleet::dispatch::{self, OperationEnv, OperationJob};
+    use sessionfleet::jobs::{JobEnvelope, JobKind};
+    use sessionfleet::runner::JobOutcome;
+
+    let version = SchemaVersion::V2;
+    let tdb = seeded(Engine::Sqlite, version).await;
+    let seeded_rows = snapshot(&tdb.db, version).await.len();
+    let url = tdb.url.clone();
+    let env_of = move |k: &str| (k == "DATABASE_URL").then(|| url.clone());
+    let settings = Settings::resolve(&Overrides::default(), &env_of, None).expect("settings");
+    let env = JobEnvelope::new(
+        JobKind::Cleanup,
+        "default",
+        OperationJob::Cleanup(one_row_batches()).params(),
+        "test",
+    );
+    let shutdown = CancellationToken::new();
+    let oe = OperationEnv {
+        settings: &settings,
+        redis: None,
+        queue: None,
+        holder: "test",
+        shutdown: &shutdown,
+    };
+    let take_over = async {
+        until_a_batch_committed(&tdb.db, seeded_rows).await;
+        fence::issue_token(
+            &tdb.db,
+            &sessionfleet::lease::fence_name("default"),
+            "newer",
+        )
+        .await
+        .expect("newer token");
+        snapshot(&tdb.db, version).await.len()
+    };
+    let (outcome, left_at_takeover) = tokio::join!(dispatch::run_operation(&env, &oe), take_over);
+    let JobOutcome::Continue {
+        report,
+        rows_affected,
+        next,
+        delay,
+    } = outcome
+    else {
+        panic!("a fenced-out part must be continued: {outcome:?}")
+    };
+    assert_eq!(report["outcome"], "fenced_out", "{report}");
+    assert_eq!(rows_affected, (seeded_rows - left_at_takeover) as u64);
+    assert!(rows_affected > 0);
+    assert!(delay.is_some_and(|d| !d.is_zero()), "{delay:?}");
+    assert_eq!((next.run_id, next.part), (env.run_id, env.part + 1));
+    assert_eq!(next.params["as_of"], report["as_of"], "same reference time");
     tdb.drop_db().await;
 }
 

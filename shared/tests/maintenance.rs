@@ -8,10 +8,12 @@ use std::collections::BTreeSet;
 use chrono::Utc;
 use sessionfleet::CancellationToken;
 use sessionfleet::fence::{self, Fence};
-use sessionfleet::ops::OpContext;
+use sessionfleet::ops::cleanup::CleanupReport;
+use sessionfleet::ops::full::{self, FullParams, FullReport, Stage};
 use sessionfleet::ops::maintenance::{
     self, CheckStatus, MaintenanceAction, MaintenanceParams, MaintenanceReport,
 };
+use sessionfleet::ops::{OpContext, Outcome};
 use sessionfleet::seed::{SeedParams, seed_demo};
 use sessionfleet::store::{Db, Engine, SchemaVersion};
 use sessionfleet::testing::TestDb;
@@ -796,6 +798,33 @@ async fn stale_fence_refuses_to_change_anything(engine: Engine) {
             .expect_err("fenced out");
         assert!(err.is_fenced_out(), "{err}");
     }
+    // Full maintenance fenced out at its index stage keeps what earlier parts did and hands
+    // the stage to a continuation, without calling the refusal an error of the run.
+    let earlier = FullReport {
+        cleanup: Some(CleanupReport::new(Utc::now().naive_utc(), false)),
+        ..FullReport::default()
+    };
+    let fenced = full::run(
+        &stale_ctx,
+        &FullParams {
+            stage: Stage::Indexes,
+            partial: Some(earlier),
+            ..FullParams::default()
+        },
+    )
+    .await
+    .expect("a fenced-out part reports");
+    assert_eq!(fenced.outcome, Outcome::FencedOut);
+    assert!(fenced.report.cleanup.is_some(), "{:?}", fenced.report);
+    assert!(
+        fenced.report.errors.is_empty(),
+        "{:?}",
+        fenced.report.errors
+    );
+    let next = fenced.next.expect("a continuation");
+    assert_eq!(next.stage, Stage::Indexes);
+    assert!(next.partial.is_some_and(|p| p.cleanup.is_some()));
+    assert_eq!(catalog_index_names(db, "user_sessions").await, before);
     if engine == Engine::Sqlite {
         // No ANALYZE happened: SQLite would have created sqlite_stat1.
         assert_eq!(

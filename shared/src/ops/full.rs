@@ -194,7 +194,7 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
     if stage == Stage::Indexes {
         match maintenance::create_indexes(ctx, p.dry_run).await {
             Ok(r) => report.indexes = Some(r),
-            Err(e) if e.is_fenced_out() => return Err(e),
+            Err(e) if e.is_fenced_out() => return Ok(fenced_out(p, stage, report, &e)),
             Err(e) => report.errors.push(format!("create indexes: {e}")),
         }
         stage = Stage::Optimize;
@@ -218,7 +218,7 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
         } else {
             match maintenance::optimize(ctx, p.vacuum).await {
                 Ok(r) => report.optimization = Some(r),
-                Err(e) if e.is_fenced_out() => return Err(e),
+                Err(e) if e.is_fenced_out() => return Ok(fenced_out(p, stage, report, &e)),
                 Err(e) => report.errors.push(format!("optimize: {e}")),
             }
         }
@@ -243,6 +243,23 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
         next: None,
         outcome: Outcome::Completed,
     })
+}
+
+/// A part that a newer lease holder fenced out at `stage`: what it did so far stays in the
+/// report carried to the continuation, which starts again at `stage` (a step refused by the
+/// fence wrote nothing). Not an error of the run: the continuation finishes the stage.
+fn fenced_out(p: &FullParams, stage: Stage, report: FullReport, e: &OpError) -> FullRun {
+    tracing::warn!(error = %e, ?stage, "fenced out: a newer lease holder took over; this part stops here");
+    let next = FullParams {
+        stage,
+        partial: Some(report.clone()),
+        ..p.clone()
+    };
+    FullRun {
+        report,
+        next: Some(next),
+        outcome: Outcome::FencedOut,
+    }
 }
 
 /// What optimize would run, for a dry run (see `maintenance::optimize`).

@@ -45,6 +45,23 @@ pub enum Outcome {
     BudgetSpent,
     /// Cancelled (lost lease, shutdown); work done so far is committed.
     Cancelled,
+    /// A write was refused because a newer lease holder's token reached the database first
+    /// (this holder's lease lapsed before its keeper noticed). Work done so far is
+    /// committed and counted; nothing was written after the refusal. A continuation
+    /// follows once the newer holder is done.
+    FencedOut,
+}
+
+impl Outcome {
+    /// The name reports and logs use (`completed`, `budget_spent`, …), as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::BudgetSpent => "budget_spent",
+            Outcome::Cancelled => "cancelled",
+            Outcome::FencedOut => "fenced_out",
+        }
+    }
 }
 
 /// Why an operation failed.

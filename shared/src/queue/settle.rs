@@ -118,10 +118,10 @@ pub async fn process_delivery(
                 }
                 Settled::Succeeded
             }
-            JobOutcome::Continue { report, rows_affected, next } => {
+            JobOutcome::Continue { report, rows_affected, next, delay } => {
                 // Continuation first: if we die before recording, the redelivered part yields
                 // the same continuation (same job id and dedupe key), which is then dropped.
-                let enq = queue.enqueue(&next).await?;
+                let enq = queue.enqueue_with(&next, EnqueueOptions { delay }).await?;
                 queue.record_result(&result(ResultOutcome::Continued, report, None, rows_affected)).await?;
                 count_rows(&env, rows_affected);
                 tracing::info!(next_job = %next.job_id, next_part = next.part, duplicate = !enq.accepted, "part done; continuation enqueued");

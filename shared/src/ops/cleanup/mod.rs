@@ -288,8 +288,9 @@ impl CleanupParams {
 
 /// Runs one cleanup (or one part of it, when a budget cuts it short).
 ///
-/// A real run needs `ctx.fence`; a fenced-out batch aborts the run with
-/// [`OpError::Fence`] and writes nothing. A dry run reads only.
+/// A real run needs `ctx.fence`. A write refused by the fence ends the run there with
+/// [`Outcome::FencedOut`]: the report counts what committed before it, so the run's history
+/// keeps those deletes, and nothing is written after it. A dry run reads only.
 pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupReport, OpError> {
     params.validate()?;
     let started = Instant::now();
@@ -315,7 +316,17 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
             .await
             .map(|counts| report.rules = counts)
     } else {
-        purge(ctx, params, &schema, &rules, started, &mut report).await
+        match purge(ctx, params, &schema, &rules, started, &mut report).await {
+            Err(e) if e.is_fenced_out() => {
+                tracing::warn!(error = %e, deleted = report.rules.total(), "fenced out: a newer lease holder took over; this part stops here");
+                // A note, not an error: the continuation finishes the run.
+                report.notes.push(e.to_string());
+                report.outcome = Outcome::FencedOut;
+                report.remaining = None;
+                Ok(())
+            }
+            purged => purged,
+        }
     };
     // A part cut short leaves the count to the part that completes the run (see `missing`).
     match worked {

@@ -82,10 +82,10 @@ pub struct CleanupReport {
     pub rows_per_second: f64,
     /// The longest delete transaction, milliseconds.
     pub longest_batch_ms: f64,
-    /// Finished, or cut short by the budget or a cancellation.
+    /// Finished, or cut short by the budget, a cancellation or a newer lease holder.
     pub outcome: Outcome,
     /// Rows still matching a rule when the budget stopped the run (0 when completed). Absent
-    /// from a cancelled part: a cancellation (shutdown, lost lease) stops at once, and counting
+    /// from a cancelled or fenced-out part: a cancellation (shutdown, lost lease) stops at once, and counting
     /// what is left reads the whole table — seconds per million rows, which a stopping worker
     /// does not have. The continuation's report counts it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -208,12 +208,12 @@ impl CleanupReport {
         line("batches", self.batches.to_string());
         line("rows_per_second", format!("{:.1}", self.rows_per_second));
         line("longest_batch_ms", format!("{:.1}", self.longest_batch_ms));
-        line("outcome", outcome_name(self.outcome).into());
+        line("outcome", self.outcome.as_str().into());
         line(
             "remaining",
             match self.remaining {
                 Some(n) => n.to_string(),
-                None => "not counted (cancelled)".into(),
+                None => format!("not counted ({})", self.outcome.as_str()),
             },
         );
         line("as_of", self.as_of.to_string());
@@ -225,14 +225,6 @@ impl CleanupReport {
             line("note", note.clone());
         }
         out
-    }
-}
-
-fn outcome_name(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Completed => "completed",
-        Outcome::BudgetSpent => "budget_spent",
-        Outcome::Cancelled => "cancelled",
     }
 }
 
