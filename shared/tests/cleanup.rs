@@ -847,14 +847,21 @@ async fn release_table((locker, tx): (Db, Option<sessionfleet::store::DbTx<'stat
     locker.close().await;
 }
 
-/// The server sessions of this database that wait for a table lock (PostgreSQL).
+/// The server sessions of this database that wait for a table lock.
 async fn lock_waiters(db: &Db) -> i64 {
-    db.scalar_i64(
-        "SELECT COUNT(*) FROM pg_stat_activity \
-         WHERE datname = current_database() AND wait_event_type = 'Lock'",
-    )
+    db.scalar_i64(match db.engine() {
+        Engine::Postgres => {
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        }
+        Engine::MySql => {
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+             WHERE DB = DATABASE() AND STATE LIKE 'Waiting for table%'"
+        }
+        Engine::Sqlite => unreachable!("SQLite has no server sessions"),
+    })
     .await
-    .expect("pg_stat_activity")
+    .expect("lock waiters")
 }
 
 /// Ends the server sessions of this database that wait for a table lock; how many.
@@ -918,45 +925,61 @@ async fn with_connections_killed_twice<T: Send + 'static>(
 
 /// A run waiting for a rule's count — a long read on a large table, or one stuck behind a
 /// table lock — stops as soon as it is cancelled (a shutdown, a lost lease), with nothing
-/// deleted, instead of waiting for the count. Fails if the run waits for the lock's release.
+/// deleted, instead of waiting for the count, and the count it gave up ends on the server
+/// too instead of running on with its snapshot. Fails if the run waits for the lock's
+/// release, or if its count still waits for the lock after the run has ended.
 #[tokio::test]
 async fn a_run_cancelled_while_it_counts_stops_without_waiting_for_the_count() {
-    let tdb = seeded(Engine::Postgres, SchemaVersion::V2).await;
-    let before = snapshot(&tdb.db, SchemaVersion::V2).await;
-    let watcher = Db::connect(&tdb.url, &sessionfleet::store::ConnectOptions::default())
-        .await
-        .expect("watcher connection");
-    let c = ctx(&tdb.db).await;
-    let cancel = c.cancel.clone();
-    let lock = lock_table(&tdb.url, Engine::Postgres).await;
-    let run = tokio::spawn(async move { cleanup::run(&c, &params()).await });
-    let started = std::time::Instant::now();
-    while lock_waiters(&watcher).await == 0 {
-        assert!(!run.is_finished(), "the run ended before it counted");
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no count waited for the lock"
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let tdb = seeded(engine, SchemaVersion::V2).await;
+        let before = snapshot(&tdb.db, SchemaVersion::V2).await;
+        let watcher = Db::connect(&tdb.url, &sessionfleet::store::ConnectOptions::default())
+            .await
+            .expect("watcher connection");
+        let c = ctx(&tdb.db).await;
+        let cancel = c.cancel.clone();
+        let lock = lock_table(&tdb.url, engine).await;
+        let run = tokio::spawn(async move { cleanup::run(&c, &params()).await });
+        let started = std::time::Instant::now();
+        while lock_waiters(&watcher).await == 0 {
+            assert!(
+                !run.is_finished(),
+                "{engine}: the run ended before it counted"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{engine}: no count waited for the lock"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cancel.cancel();
+        // The lock is still held: a run that waits for its count cannot end (the guard only
+        // keeps a broken build from hanging the suite).
+        let report = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("a cancelled run ends while its count still waits for the lock")
+            .expect("task")
+            .expect("run");
+        // Still locked: only a cancel on the server ends the count's wait.
+        let gave_up = std::time::Instant::now();
+        while lock_waiters(&watcher).await > 0 {
+            assert!(
+                gave_up.elapsed() < Duration::from_secs(30),
+                "{engine}: the run's abandoned read still waits for the lock on the server"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        release_table(lock).await;
+        assert_eq!(report.outcome, Outcome::Cancelled, "{engine}");
+        assert_eq!(report.total_cleaned(), 0, "{engine}");
+        assert_eq!(
+            snapshot(&tdb.db, SchemaVersion::V2).await,
+            before,
+            "{engine}: nothing deleted"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        watcher.close().await;
+        tdb.drop_db().await;
     }
-    cancel.cancel();
-    // The lock is still held: a run that waits for its count cannot end (the guard only
-    // keeps a broken build from hanging the suite).
-    let report = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("a cancelled run ends while its count still waits for the lock")
-        .expect("task")
-        .expect("run");
-    release_table(lock).await;
-    assert_eq!(report.outcome, Outcome::Cancelled);
-    assert_eq!(report.total_cleaned(), 0);
-    assert_eq!(
-        snapshot(&tdb.db, SchemaVersion::V2).await,
-        before,
-        "nothing deleted"
-    );
-    watcher.close().await;
-    tdb.drop_db().await;
 }
 
 /// A dry run and the statistics read only, so a dropped connection under them (a failover, a

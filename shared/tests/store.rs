@@ -585,17 +585,7 @@ async fn a_cancelled_statement_ends_early_and_leaves_its_connection_usable() {
 
         // Cancel only once the sleep is running: a cancellation that arrives before its
         // statement is, by design, not kept for the next one.
-        let running = match engine {
-            Engine::Postgres => {
-                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND state = 'active' AND query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()"
-            }
-            _ => {
-                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() \
-                 AND INFO LIKE '%SLEEP(60)%' AND ID <> CONNECTION_ID()"
-            }
-        };
-        while t.db.scalar_i64(running).await.unwrap() == 0 {
+        while minute_sleeps(&t.db).await == 0 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         t.db.cancel_statement(session).await.unwrap();
@@ -620,6 +610,63 @@ async fn a_cancelled_statement_ends_early_and_leaves_its_connection_usable() {
             "{engine}: the connection answers after the cancellation"
         );
         drop(conn);
+        t.drop_db().await;
+    }
+}
+
+/// The server sessions of this database (other than the asker's) running a minute's sleep.
+async fn minute_sleeps(db: &sessionfleet::store::Db) -> i64 {
+    db.scalar_i64(match db.engine() {
+        Engine::Postgres => {
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND state = 'active' AND query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()"
+        }
+        _ => {
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() \
+             AND INFO LIKE '%SLEEP(60)%' AND ID <> CONNECTION_ID()"
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// A statement on a `CancellableConnection` whose future is dropped part-way ends on the
+/// server then, not when it would have: a count a cleanup gives up must not keep its
+/// snapshot for minutes. Fails if nothing cancels it: the sleep then runs its minute.
+#[tokio::test]
+async fn a_statement_given_up_on_a_cancellable_connection_ends_on_the_server() {
+    use sessionfleet::store::ReadConnection;
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let t = TestDb::new(engine).await;
+        let mut conn = t.db.cancellable_connection().await.unwrap();
+        let sleeper = tokio::spawn(async move {
+            conn.run(async |c| match c {
+                ReadConnection::Postgres(c) => sqlx::query("SELECT pg_sleep(60)")
+                    .execute(&mut **c)
+                    .await
+                    .map(|_| ()),
+                ReadConnection::MySql(c) => sqlx::query("SELECT SLEEP(60)")
+                    .execute(&mut **c)
+                    .await
+                    .map(|_| ()),
+                ReadConnection::Sqlite(_) => unreachable!("only server engines here"),
+            })
+            .await
+        });
+        while minute_sleeps(&t.db).await == 0 {
+            assert!(!sleeper.is_finished(), "{engine}: the sleep never ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sleeper.abort();
+        assert!(sleeper.await.is_err_and(|e| e.is_cancelled()));
+        let given_up = std::time::Instant::now();
+        while minute_sleeps(&t.db).await > 0 {
+            assert!(
+                given_up.elapsed() < Duration::from_secs(30),
+                "{engine}: the given-up sleep still runs on the server"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         t.drop_db().await;
     }
 }

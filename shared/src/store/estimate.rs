@@ -4,6 +4,7 @@
 //! scheduled run, where the planner's figure costs one catalog read.
 
 use super::connect::{Db, Pool};
+use super::read_conn::ReadConnection;
 
 impl Db {
     /// The engine's own estimate of the rows in `table`, or `None` when it keeps none worth
@@ -14,35 +15,45 @@ impl Db {
     ///   rows come and go (approximately); MySQL 8 caches it for
     ///   `information_schema_stats_expiry` (a day by default). `None` when it is 0.
     /// - SQLite: always `None`; it keeps no live figure, and its count is cheap.
+    ///
+    /// On PostgreSQL the read waits behind an exclusive lock on the table, so it runs on a
+    /// [`Db::cancellable_connection`]: a run that stops waiting for it ends it on the server.
     pub async fn estimated_rows(&self, table: &str) -> Result<Option<u64>, sqlx::Error> {
-        Ok(match self.pool() {
-            Pool::Sqlite(_) => None,
-            Pool::Postgres(p) => {
-                let row: Option<(f64, i64, i64)> = sqlx::query_as(
-                    "SELECT c.reltuples::float8, c.relpages::int8, \
-                     (pg_relation_size(c.oid) / current_setting('block_size')::int8)::int8 \
-                     FROM pg_class c WHERE c.oid = to_regclass($1)",
-                )
-                .bind(table)
-                .fetch_optional(p)
-                .await?;
-                row.and_then(|(tuples, pages_then, pages_now)| {
-                    planner_rows(tuples, pages_then, pages_now)
-                })
-            }
-            Pool::MySql(p) => {
-                let rows: Option<Option<i64>> = sqlx::query_scalar(
-                    "SELECT CAST(TABLE_ROWS AS SIGNED) FROM information_schema.TABLES \
-                     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
-                )
-                .bind(table)
-                .fetch_optional(p)
-                .await?;
-                rows.flatten()
-                    .and_then(|n| u64::try_from(n).ok())
-                    .filter(|n| *n > 0)
-            }
+        if matches!(self.pool(), Pool::Sqlite(_)) {
+            return Ok(None);
+        }
+        let mut conn = self.cancellable_connection().await?;
+        conn.run(async |conn| {
+            Ok(match conn {
+                ReadConnection::Sqlite(_) => None,
+                ReadConnection::Postgres(c) => {
+                    let row: Option<(f64, i64, i64)> = sqlx::query_as(
+                        "SELECT c.reltuples::float8, c.relpages::int8, \
+                         (pg_relation_size(c.oid) / current_setting('block_size')::int8)::int8 \
+                         FROM pg_class c WHERE c.oid = to_regclass($1)",
+                    )
+                    .bind(table)
+                    .fetch_optional(&mut **c)
+                    .await?;
+                    row.and_then(|(tuples, pages_then, pages_now)| {
+                        planner_rows(tuples, pages_then, pages_now)
+                    })
+                }
+                ReadConnection::MySql(c) => {
+                    let rows: Option<Option<i64>> = sqlx::query_scalar(
+                        "SELECT CAST(TABLE_ROWS AS SIGNED) FROM information_schema.TABLES \
+                         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                    )
+                    .bind(table)
+                    .fetch_optional(&mut **c)
+                    .await?;
+                    rows.flatten()
+                        .and_then(|n| u64::try_from(n).ok())
+                        .filter(|n| *n > 0)
+                }
+            })
         })
+        .await
     }
 }
 

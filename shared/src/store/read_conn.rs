@@ -103,3 +103,72 @@ impl ReadConnection {
         }
     }
 }
+
+/// A [`ReadConnection`] whose statement is cancelled on the server if the future running it
+/// is dropped part-way ([`Db::cancellable_connection`]).
+///
+/// A count that a run stops waiting for (a cancellation, a part cut short) is dropped here,
+/// but the server would go on with it — for minutes on a large table, holding a snapshot
+/// that keeps vacuum (PostgreSQL) or purge (InnoDB) from the rows the batches delete — and
+/// the connection would come back to the pool still busy with it. Dropped mid-statement,
+/// this connection is closed instead of pooled, so the cancel sent after it can only reach
+/// its own statement.
+pub struct CancellableConnection {
+    db: Db,
+    conn: Option<ReadConnection>,
+    session: Option<ServerSession>,
+    running: bool,
+}
+
+impl Db {
+    /// A connection of this pool for statements to cancel on the server when their future
+    /// is dropped. Costs one round trip for the server session's id (none on SQLite).
+    pub async fn cancellable_connection(&self) -> Result<CancellableConnection, sqlx::Error> {
+        let mut conn = self.read_connection().await?;
+        let session = conn.server_session().await?;
+        Ok(CancellableConnection {
+            db: self.clone(),
+            conn: Some(conn),
+            session,
+            running: false,
+        })
+    }
+}
+
+impl CancellableConnection {
+    /// Runs `work` on the connection; dropped before `work` ends, the statement it runs is
+    /// cancelled on the server.
+    pub async fn run<T>(
+        &mut self,
+        work: impl AsyncFnOnce(&mut ReadConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let Some(conn) = self.conn.as_mut() else {
+            unreachable!("the connection is only taken when dropped")
+        };
+        self.running = true;
+        let result = work(conn).await;
+        self.running = false;
+        result
+    }
+}
+
+impl Drop for CancellableConnection {
+    fn drop(&mut self) {
+        if !self.running {
+            return;
+        }
+        if let Some(conn) = self.conn.take() {
+            conn.abandon();
+        }
+        let (Some(session), Ok(runtime)) = (self.session, tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let db = self.db.clone();
+        runtime.spawn(async move {
+            if let Err(e) = db.cancel_statement(session).await {
+                tracing::debug!(error = %e, "cancelling an abandoned statement failed");
+            }
+        });
+    }
+}

@@ -453,7 +453,10 @@ async fn count_with(
     limit: Option<u64>,
     background: bool,
 ) -> Result<u64, sqlx::Error> {
-    count_in(db.begin_read().await?, schema, pred, limit, background).await
+    // A count is often raced against a cancellation: one given up is cancelled on the server.
+    let mut conn = db.cancellable_connection().await?;
+    conn.run(async |c| count_in(c.begin().await?, schema, pred, limit, background).await)
+        .await
 }
 
 /// [`count_in_background`] on `conn`, whose server session the caller knows, so it can
