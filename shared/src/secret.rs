@@ -3,13 +3,25 @@
 
 /// Replaces the password of a URL (`scheme://user:password@host/…`) with `***`, and any
 /// `password=` query parameter likewise. Text that is not a URL is returned unchanged.
+///
+/// A URL that does not parse — typically because its password holds an unescaped `#`, `/`
+/// or `?` — still has its password hidden: everything between the user's `:` and the last
+/// `@` is replaced (hiding too much is safe; hiding too little is not).
 pub fn redact_url(url: &str) -> String {
     let mut out = match url::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             let _ = parsed.set_password(Some("***"));
             parsed.to_string()
         }
-        _ => url.to_string(),
+        Ok(_) => url.to_string(),
+        Err(_) => match raw_password_span(url) {
+            Some(span) => {
+                let mut masked = url.to_string();
+                masked.replace_range(span, "***");
+                masked
+            }
+            None => url.to_string(),
+        },
     };
     if let Some(start) = out.find("password=") {
         let value_start = start + "password=".len();
@@ -23,13 +35,23 @@ pub fn redact_url(url: &str) -> String {
 
 /// Removes the password of `url` from arbitrary text (a driver's error message may quote it).
 pub fn redact_text(text: &str, url: &str) -> String {
-    match url::Url::parse(url)
-        .ok()
-        .and_then(|u| u.password().map(str::to_string))
-    {
+    let password = match url::Url::parse(url) {
+        Ok(u) => u.password().map(str::to_string),
+        Err(_) => raw_password_span(url).map(|span| url[span].to_string()),
+    };
+    match password {
         Some(pw) if !pw.is_empty() => text.replace(&pw, "***"),
         _ => text.to_string(),
     }
+}
+
+/// Where the password of a URL that does not parse is: after the first `:` of what follows
+/// `://`, up to the last `@`. `None` without a scheme, an `@` or a `:` before it.
+fn raw_password_span(url: &str) -> Option<std::ops::Range<usize>> {
+    let start = url.find("://")? + "://".len();
+    let at = start + url[start..].rfind('@')?;
+    let colon = start + url[start..at].find(':')?;
+    (colon + 1 < at).then_some(colon + 1..at)
 }
 
 #[cfg(test)]
@@ -55,6 +77,22 @@ mod tests {
             redact_url("sqlite://sessionfleet.db"),
             "sqlite://sessionfleet.db"
         );
+    }
+
+    #[test]
+    fn hides_a_password_that_breaks_url_parsing() {
+        for (url, password) in [
+            ("postgres://app:pa#ss@db/app", "pa#ss"),
+            ("mysql://root:ab/cd@host:3306/db", "ab/cd"),
+            ("redis://:q?w@cache:6379/0", "q?w"),
+        ] {
+            assert!(url::Url::parse(url).is_err(), "{url} must be one that fails to parse");
+            let r = redact_url(url);
+            assert!(!r.contains(password), "{r}");
+            assert!(r.contains(":***@"), "{r}");
+            let t = redact_text(&format!("invalid URL {url}"), url);
+            assert!(!t.contains(password), "{t}");
+        }
     }
 
     #[test]
