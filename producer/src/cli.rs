@@ -111,7 +111,7 @@ pub struct CleanupArgs {
     #[arg(long)]
     pub once: bool,
     /// Keep running: a cleanup every SESSION_CLEANUP_INTERVAL seconds (the scheduler's cleanup-only form)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dry_run")]
     pub daemon: bool,
     /// Cleanup that also purges every session idle longer than --max-age hours
     #[arg(long)]

@@ -73,7 +73,14 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
                 Command::Analytics(a) => commands::ops::analytics(&inv, &a).await,
                 Command::Db(a) => commands::ops::db(&inv, &a).await,
                 Command::Maintenance(a) => commands::ops::maintenance(&inv, &a).await,
-                Command::Schedule(a) => commands::schedule::run(&inv, a.cleanup_only).await,
+                Command::Schedule(a) => {
+                    commands::schedule::run(
+                        &inv,
+                        a.cleanup_only
+                            .then_some(&crate::plan::CleanupAsk::default()),
+                    )
+                    .await
+                }
                 Command::Jobs(a) => commands::jobs::run(&inv, &a.action).await,
                 Command::Lease => commands::jobs::lease(&inv).await,
                 Command::Config(_) | Command::SeedDemo(_) | Command::Demo(_) => Ok(Exit::Success),

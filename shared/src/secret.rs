@@ -86,7 +86,10 @@ mod tests {
             ("mysql://root:ab/cd@host:3306/db", "ab/cd"),
             ("redis://:q?w@cache:6379/0", "q?w"),
         ] {
-            assert!(url::Url::parse(url).is_err(), "{url} must be one that fails to parse");
+            assert!(
+                url::Url::parse(url).is_err(),
+                "{url} must be one that fails to parse"
+            );
             let r = redact_url(url);
             assert!(!r.contains(password), "{r}");
             assert!(r.contains(":***@"), "{r}");

@@ -555,8 +555,12 @@ struct Scheduler {
 
 impl Scheduler {
     fn start(cli: &Cli) -> Scheduler {
+        Scheduler::start_with(cli, &["schedule"])
+    }
+
+    fn start_with(cli: &Cli, args: &[&str]) -> Scheduler {
         let mut child = cli
-            .command(&["schedule"])
+            .command(args)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -635,6 +639,70 @@ async fn cleanup_jobs_enqueued(cli: &Cli) -> u64 {
         .filter(|d| d.queue == "cleanup")
         .map(|d| d.ready + d.scheduled)
         .sum()
+}
+
+/// `cleanup --daemon` schedules the cleanup its flags describe, for the target it names — not
+/// a default cleanup of every target — and refuses flags a schedule cannot honour (a
+/// "dry-run" daemon once deleted for real) with a one-line usage error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_daemon_schedules_what_its_flags_say_and_refuses_the_rest() {
+    use sessionfleet::jobs::QueueClass;
+    use sessionfleet::queue::Keys;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cli = Cli::new(&format!("sqlite://{}/a.db", dir.path().display()));
+    let config = dir.path().join("two.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "default_target = \"a\"\n[targets.a]\nurl = \"sqlite://{d}/a.db\"\n\
+             [targets.b]\nurl = \"sqlite://{d}/b.db\"\n[schedule]\ncleanup = \"*/2 * * * * *\"\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    cli.extra
+        .push(("SESSIONFLEET_CONFIG".into(), config.display().to_string()));
+
+    for args in [
+        &["cleanup", "--daemon", "--dry-run"][..],
+        &["maintenance", "--cleanup", "--daemon", "--dry-run"][..],
+        &["cleanup", "--daemon", "--local"][..],
+    ] {
+        let out = cli.run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("error:") && (first.contains("dry-run") || first.contains("local")),
+            "{args:?}: a clear error: {err}"
+        );
+    }
+    assert_eq!(cleanup_jobs_enqueued(&cli).await, 0, "refused: nothing enqueued");
+
+    let daemon = Scheduler::start_with(
+        &cli,
+        &["cleanup", "--daemon", "--target", "b", "--batch-size", "7"],
+    );
+    let started = Instant::now();
+    while daemon.fired().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(30), "no tick fired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.stop();
+    let q = queue(&cli.redis, &cli.ns).await;
+    let mut conn = q.connection();
+    let payloads: Vec<String> = redis::cmd("HVALS")
+        .arg(Keys::new(&cli.ns).data(QueueClass::Cleanup))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!payloads.is_empty());
+    for p in &payloads {
+        let p = p.replace(['\\', ' '], "");
+        assert!(p.contains(r#""target":"b""#), "only target b: {p}");
+        assert!(p.contains(r#""batch_size":7"#), "the daemon's batch size: {p}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

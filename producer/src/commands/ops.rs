@@ -33,15 +33,6 @@ pub async fn cleanup(inv: &Invocation<'_>, a: &CleanupArgs) -> anyhow::Result<Ex
     if a.stats {
         return cleanup_stats(inv).await;
     }
-    if a.daemon {
-        return crate::commands::schedule::run(inv, true).await;
-    }
-    if !(a.once || a.force || a.dry_run) {
-        return help("cleanup");
-    }
-    if a.max_age.is_some() && !a.force {
-        return Err(CliError::usage("--max-age applies with --force"));
-    }
     let ask = CleanupAsk {
         force: a.force,
         max_age_hours: a.max_age,
@@ -49,6 +40,15 @@ pub async fn cleanup(inv: &Invocation<'_>, a: &CleanupArgs) -> anyhow::Result<Ex
         batch_size: a.batch_size,
         budget_secs: a.budget,
     };
+    if a.daemon {
+        return crate::commands::schedule::run(inv, Some(&ask)).await;
+    }
+    if !(a.once || a.force || a.dry_run) {
+        return help("cleanup");
+    }
+    if a.max_age.is_some() && !a.force {
+        return Err(CliError::usage("--max-age applies with --force"));
+    }
     let runs = run::run(inv, |t| plan::cleanup(inv.settings, t, &ask)).await?;
     finish(inv, runs).await
 }

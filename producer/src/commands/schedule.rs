@@ -27,17 +27,45 @@ enum What {
     Health,
 }
 
-fn job(inv: &Invocation<'_>, what: What, target: &Target) -> anyhow::Result<OperationJob> {
+fn job(
+    inv: &Invocation<'_>,
+    what: What,
+    target: &Target,
+    ask: &CleanupAsk,
+) -> anyhow::Result<OperationJob> {
     match what {
-        What::Cleanup => plan::cleanup(inv.settings, target, &CleanupAsk::default()),
+        What::Cleanup => plan::cleanup(inv.settings, target, ask),
         What::Full => plan::full(inv.settings, target, false),
         What::Health => plan::health(inv.settings, target),
     }
 }
 
-/// Runs the scheduler until SIGTERM or SIGINT.
-pub async fn run(inv: &Invocation<'_>, cleanup_only: bool) -> anyhow::Result<Exit> {
+/// Runs the scheduler until SIGTERM or SIGINT: every schedule, or with `cleanup_only` (the
+/// `cleanup --daemon` form) only cleanups of that kind. `--target` keeps it to one target,
+/// otherwise it schedules every configured one.
+pub async fn run(inv: &Invocation<'_>, cleanup_only: Option<&CleanupAsk>) -> anyhow::Result<Exit> {
     let s = inv.settings;
+    if inv.global.local || inv.global.no_wait {
+        return Err(CliError::usage(
+            "the scheduler only enqueues jobs for the fleet's workers: --local and --no-wait do not apply",
+        ));
+    }
+    if cleanup_only.is_some_and(|ask| ask.dry_run) {
+        return Err(CliError::usage(
+            "--dry-run does not apply to a schedule: run `cleanup --dry-run` once instead",
+        ));
+    }
+    let targets: Vec<&Target> = match &inv.global.target {
+        Some(_) => inv.targets()?,
+        None => s.targets.values().collect(),
+    };
+    let target_names = targets
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let ask = cleanup_only.cloned().unwrap_or_default();
+    let cleanup_only = cleanup_only.is_some();
     let parse = |expr: &str| Cadence::parse(expr).map_err(CliError::usage);
     let mut plans = vec![(What::Cleanup, "cleanup", parse(&s.cleanup_schedule())?)];
     if !cleanup_only {
@@ -61,23 +89,22 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: bool) -> anyhow::Result<Exi
     let mut term = signal(SignalKind::terminate())?;
     let who = format!("scheduler@{}-{}", hostname(), std::process::id());
     let names: Vec<&str> = plans.iter().map(|p| p.1).collect();
-    tracing::info!(schedules = ?names, targets = %s.target_names(), "scheduler started");
+    tracing::info!(schedules = ?names, targets = %target_names, "scheduler started");
     inv.out.info(format!(
-        "scheduler started: {} on targets {}",
+        "scheduler started: {} on targets {target_names}",
         names.join(", "),
-        s.target_names()
     ));
     loop {
         let now = Utc::now();
         let mut all = Vec::new();
         for (what, name, cadence) in &plans {
-            for target in s.targets.values() {
+            for target in &targets {
                 let sched = Schedule {
                     name: format!("{name}:{}", target.name),
                     cadence: cadence.clone(),
                 };
                 all.push(sched.clone());
-                let op = job(inv, *what, target)?;
+                let op = job(inv, *what, target, &ask)?;
                 let q = queue.clone();
                 let by = who.clone();
                 let tname = target.name.clone();
