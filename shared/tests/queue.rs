@@ -417,6 +417,42 @@ async fn retryable_failures_back_off_then_succeed_or_dead_letter() {
     t.cleanup().await;
 }
 
+/// A job that failed for good and was requeued from the dead letters (`jobs requeue`) runs
+/// again: its stored failure does not make the delivery look like a duplicate of a finished
+/// job. Fails if the requeued job is skipped — it would then never run, and its dead letter
+/// is gone.
+#[tokio::test]
+async fn a_requeued_dead_letter_runs_again() {
+    let t = Ns::new().await;
+    let max = sessionfleet::queue::max_attempts(JobKind::Noop);
+    let mut env = JobEnvelope::new(
+        JobKind::Noop,
+        "diag",
+        serde_json::json!({ "fail_attempts": max }),
+        "test",
+    );
+    env.attempt = max;
+    assert_eq!(
+        process_delivery(&t.deps, QueueClass::Diag, "dead", &env.to_bytes())
+            .await
+            .unwrap(),
+        Settled::DeadLettered
+    );
+    t.queue.requeue_dead(&env.job_id.to_string()).await.unwrap();
+    assert!(t.queue.dead_letters(10).await.unwrap().is_empty());
+    let mut again = env.clone();
+    again.attempt = 1;
+    again.dedupe_key = None;
+    assert_eq!(
+        process_delivery(&t.deps, QueueClass::Diag, "again", &again.to_bytes())
+            .await
+            .unwrap(),
+        Settled::Retrying(2),
+        "the requeued job ran (and failed its first attempt, as its parameters say)"
+    );
+    t.cleanup().await;
+}
+
 #[tokio::test]
 async fn results_are_addressable_by_job_and_run_with_retention_and_redelivery_is_skipped() {
     let t = Ns::new().await;

@@ -678,7 +678,11 @@ async fn cleanup_daemon_schedules_what_its_flags_say_and_refuses_the_rest() {
             "{args:?}: a clear error: {err}"
         );
     }
-    assert_eq!(cleanup_jobs_enqueued(&cli).await, 0, "refused: nothing enqueued");
+    assert_eq!(
+        cleanup_jobs_enqueued(&cli).await,
+        0,
+        "refused: nothing enqueued"
+    );
 
     let daemon = Scheduler::start_with(
         &cli,
@@ -701,7 +705,10 @@ async fn cleanup_daemon_schedules_what_its_flags_say_and_refuses_the_rest() {
     for p in &payloads {
         let p = p.replace(['\\', ' '], "");
         assert!(p.contains(r#""target":"b""#), "only target b: {p}");
-        assert!(p.contains(r#""batch_size":7"#), "the daemon's batch size: {p}");
+        assert!(
+            p.contains(r#""batch_size":7"#),
+            "the daemon's batch size: {p}"
+        );
     }
 }
 

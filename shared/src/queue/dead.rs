@@ -152,7 +152,9 @@ impl Queue {
     }
 
     /// Puts a dead job back on its queue with a fresh attempt budget and no dedupe key, then
-    /// removes the dead letter. Undecodable payloads cannot be requeued.
+    /// removes the dead letter. Undecodable payloads cannot be requeued. The job's stored
+    /// failure goes first: a delivery whose job has a result is skipped as a duplicate, and
+    /// the requeued job would never run. (The run's history keeps the failure.)
     pub async fn requeue_dead(&self, id: &str) -> Result<Enqueued, QueueError> {
         let d = self
             .dead_letter(id)
@@ -166,6 +168,7 @@ impl Queue {
         })?;
         env.attempt = 1;
         env.dedupe_key = None;
+        self.forget_result(env.job_id).await?;
         let done = self.enqueue(&env).await?;
         self.purge_dead(Some(id)).await?;
         Ok(done)

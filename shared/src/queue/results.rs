@@ -142,6 +142,17 @@ impl Queue {
             .map_err(|e| self.err(e))
     }
 
+    /// Removes the stored result of one job, so that it can run again (a requeued dead
+    /// letter); its run keeps listing it, and takes the new result when there is one.
+    pub async fn forget_result(&self, job_id: Uuid) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        redis::cmd("DEL")
+            .arg(self.keys.result(&job_id))
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
     /// The result of one job, if it finished and is still retained.
     pub async fn result(&self, job_id: Uuid) -> Result<Option<JobResult>, QueueError> {
         let mut c = self.conn.clone();

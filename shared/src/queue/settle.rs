@@ -149,8 +149,10 @@ pub async fn process_delivery(
                 } else {
                     error.clone()
                 };
-                queue.record_result(&result(ResultOutcome::Failed, serde_json::Value::Null, Some(reason.clone()), 0)).await?;
+                // Dead letter first: a redelivery after a crash between the two finds no result
+                // and fails again, where the other order would skip it and lose the dead letter.
                 queue.add_dead_letter(&DeadLetter::failed(&env, task_id, reason.clone(), &deps.worker_name)).await?;
+                queue.record_result(&result(ResultOutcome::Failed, serde_json::Value::Null, Some(reason.clone()), 0)).await?;
                 tracing::error!(%reason, "job failed; dead-lettered");
                 Settled::DeadLettered
             }
