@@ -954,16 +954,59 @@ fn scalar(v: &toml::Value) -> Result<String, String> {
 
 /// Accepts five-field (minute first) or six/seven-field (seconds first) cron expressions and
 /// returns the seconds-first form the scheduler uses; `None` if it is not a cron expression.
+///
+/// Five fields are read as Unix cron reads them: day of week 0 or 7 is Sunday, 1 Monday. The
+/// cron crate counts 1 = Sunday to 7 = Saturday, so a five-field day of week is translated
+/// ([`unix_days_of_week`]); six or seven fields are the crate's own syntax, unchanged.
 pub fn normalize_cron(expr: &str) -> Option<String> {
     let expr = expr.trim();
-    let fields = expr.split_whitespace().count();
-    let six = if fields == 5 {
-        format!("0 {expr}")
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let six = if let [minute, hour, day, month, weekday] = fields[..] {
+        let weekday = unix_days_of_week(weekday)?;
+        format!("0 {minute} {hour} {day} {month} {weekday}")
     } else {
         expr.to_string()
     };
     use std::str::FromStr;
     cron::Schedule::from_str(&six).ok().map(|_| six)
+}
+
+/// A Unix cron day-of-week field (0-7, 0 and 7 Sunday; lists, ranges, steps, names) in the
+/// cron crate's numbering (1 = Sunday), as an explicit list where it holds numbers. Names
+/// (`MON-FRI`) mean the same to both and pass through. `None` for a number out of range or
+/// a backwards range.
+fn unix_days_of_week(field: &str) -> Option<String> {
+    if field == "*" || field == "?" {
+        return Some(field.to_string());
+    }
+    let mut days: Vec<String> = Vec::new();
+    for item in field.split(',') {
+        if item.chars().any(|c| c.is_ascii_alphabetic()) {
+            days.push(item.to_string());
+            continue;
+        }
+        let (range, step) = match item.split_once('/') {
+            Some((range, step)) => (range, step.parse::<usize>().ok().filter(|s| *s > 0)?),
+            None => (item, 1),
+        };
+        let (first, last): (u32, u32) = match range.split_once('-') {
+            _ if range == "*" => (0, 6),
+            Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+            // "n/step": from n to the end of the week.
+            None if item.contains('/') => (range.parse().ok()?, 6),
+            None => (range.parse().ok()?, range.parse().ok()?),
+        };
+        if first > last || last > 7 {
+            return None;
+        }
+        for day in (first..=last).step_by(step) {
+            let crate_day = (day % 7 + 1).to_string();
+            if !days.contains(&crate_day) {
+                days.push(crate_day);
+            }
+        }
+    }
+    Some(days.join(","))
 }
 
 /// How `config show` names a setting left to the engine's default.

@@ -284,6 +284,41 @@ mod tests {
         );
     }
 
+    /// Five fields are Unix cron: day of week 0 or 7 is Sunday, 1 Monday. (The cron crate
+    /// counts 1 = Sunday; untranslated, "Monday 02:00" ran on Sunday and 0 was refused.)
+    #[test]
+    fn five_field_days_of_week_count_as_unix_cron_does() {
+        // 2026-11-28 is a Saturday.
+        let from = at("2026-11-28T00:00:00Z");
+        for (expr, next) in [
+            ("0 2 * * 1", "2026-11-30T02:00:00Z"),
+            ("0 2 * * 0", "2026-11-29T02:00:00Z"),
+            ("0 2 * * 7", "2026-11-29T02:00:00Z"),
+            ("0 2 * * 1-5", "2026-11-30T02:00:00Z"),
+            ("0 2 * * 5-7", "2026-11-28T02:00:00Z"),
+            ("0 2 * * 2,4", "2026-12-01T02:00:00Z"),
+            ("0 2 * * */3", "2026-11-28T02:00:00Z"), // Sun, Wed, Sat
+            ("0 2 * * MON", "2026-11-30T02:00:00Z"),
+            ("0 2 * * MON-FRI", "2026-11-30T02:00:00Z"),
+        ] {
+            let c = Cadence::parse(expr).unwrap_or_else(|e| panic!("{expr}: {e}"));
+            let from = if expr.ends_with("5-7") {
+                at("2026-11-27T03:00:00Z")
+            } else {
+                from
+            };
+            assert_eq!(c.next_tick(from), Some(at(next)), "{expr}");
+        }
+        // Saturday 02:00 is not in Monday to Friday; the week's ticks are five.
+        let weekdays = Cadence::parse("0 2 * * 1-5").unwrap();
+        assert_eq!(
+            weekdays.ticks_between(at("2026-11-29T00:00:00Z"), at("2026-12-06T00:00:00Z"), 100),
+            5
+        );
+        assert!(Cadence::parse("0 2 * * 8").is_err());
+        assert!(Cadence::parse("0 2 * * 3-1").is_err());
+    }
+
     #[test]
     fn bad_cadences_are_refused() {
         assert!(Cadence::parse("every 0s").is_err());
