@@ -79,7 +79,12 @@ pub enum ConfigError {
         /// The accepted keys of that section.
         known: String,
     },
-    /// `--target` names a target that is not configured.
+    /// No `--target`, and neither a `default_target` nor a single target to fall back on.
+    #[error(
+        "no target given and no default target: pass --target NAME or set default_target (SESSIONFLEET_DEFAULT_TARGET) to one of: {0}"
+    )]
+    NoDefaultTarget(String),
+    /// `--target` names no configured target.
     #[error("unknown target '{0}' (configured: {1})")]
     UnknownTarget(String, String),
 }
@@ -305,6 +310,31 @@ impl Target {
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
     }
+
+    /// Which database the URL names, whoever connects and however: engine, host, port and
+    /// database name (a SQLite file's path). Two targets with one identity would be two
+    /// leases on one database. `None` where it cannot be told (an in-memory SQLite database,
+    /// a URL that does not parse).
+    pub fn database_identity(&self) -> Option<String> {
+        let engine = crate::store::Engine::from_url(&self.url).ok()?;
+        if engine == crate::store::Engine::Sqlite {
+            let rest = self.url.split_once(':')?.1;
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            let path = path.split('?').next().unwrap_or_default();
+            return (!path.is_empty() && !path.contains(":memory:"))
+                .then(|| format!("{engine}:{path}"));
+        }
+        let url = url::Url::parse(&self.url).ok()?;
+        let port = url.port().unwrap_or(match engine {
+            crate::store::Engine::Postgres => 5432,
+            _ => 3306,
+        });
+        Some(format!(
+            "{engine}://{}:{port}/{}",
+            url.host_str()?.to_ascii_lowercase(),
+            url.path().trim_matches('/')
+        ))
+    }
 }
 
 /// Cron schedules of the scheduler (six fields, seconds first; five-field expressions get a
@@ -478,27 +508,60 @@ impl Settings {
             settings.targets = file.targets()?;
             settings.schedules = file.schedules()?;
         }
-        // The 'default' target follows DATABASE_URL's precedence unless the file defines it
-        // and nothing higher than the file (flag, env) says otherwise.
-        let file_defines_default = settings.targets.contains_key("default");
-        if !file_defines_default || matches!(database_url.source, Source::Flag | Source::Env) {
-            settings.targets.insert(
-                "default".into(),
-                Target {
-                    name: "default".into(),
-                    url: database_url.value,
-                    source: database_url.source,
-                    cleanup_batch_size: None,
-                    max_age: None,
-                    cleanup_target_batch_ms: None,
-                    cleanup_rest_ratio: None,
-                    cleanup_parallel_reads: None,
-                },
-            );
+        // The 'default' target is DATABASE_URL's: always when it is given (flag, env; over
+        // a file's own 'default'), and with its built-in value only when the file names no
+        // targets — a phantom local SQLite file beside configured targets would be scheduled
+        // and fail on every tick.
+        let explicit = matches!(database_url.source, Source::Flag | Source::Env);
+        if explicit || settings.targets.is_empty() {
+            let default = Target {
+                name: "default".into(),
+                url: database_url.value,
+                source: database_url.source,
+                cleanup_batch_size: None,
+                max_age: None,
+                cleanup_target_batch_ms: None,
+                cleanup_rest_ratio: None,
+                cleanup_parallel_reads: None,
+            };
+            // DATABASE_URL naming a database the file already names (as the deploy examples
+            // do, with the password in the environment) adds no second target: a second
+            // name would be a second lease on the same database.
+            let same = default.database_identity().and_then(|id| {
+                settings
+                    .targets
+                    .values()
+                    .find(|t| t.name != "default" && t.database_identity().as_ref() == Some(&id))
+                    .map(|t| t.name.clone())
+            });
+            match same {
+                Some(name) => {
+                    if settings.default_target.source == Source::Default {
+                        settings.default_target.value = name;
+                    }
+                }
+                None => {
+                    settings.targets.insert("default".into(), default);
+                }
+            }
         }
-        if !settings
-            .targets
-            .contains_key(&settings.default_target.value)
+        check_one_target_per_database(&settings.targets)?;
+        // Left unset beside a file's targets, the default is the only target there is, or
+        // none: commands then name theirs (`--target`), and the scheduler takes them all.
+        let unset = settings.default_target.source == Source::Default;
+        if unset
+            && !settings
+                .targets
+                .contains_key(&settings.default_target.value)
+            && settings.targets.len() == 1
+            && let Some(only) = settings.targets.keys().next()
+        {
+            settings.default_target.value = only.clone();
+        }
+        if !unset
+            && !settings
+                .targets
+                .contains_key(&settings.default_target.value)
         {
             return Err(ConfigError::Invalid {
                 name: "SESSIONFLEET_DEFAULT_TARGET".into(),
@@ -520,10 +583,15 @@ impl Settings {
 
     /// The target called `name`, or the default target when `None`.
     pub fn target(&self, name: Option<&str>) -> Result<&Target, ConfigError> {
+        let given = name.is_some();
         let name = name.unwrap_or(&self.default_target.value);
-        self.targets
-            .get(name)
-            .ok_or_else(|| ConfigError::UnknownTarget(name.to_string(), self.target_names()))
+        self.targets.get(name).ok_or_else(|| {
+            if given {
+                ConfigError::UnknownTarget(name.to_string(), self.target_names())
+            } else {
+                ConfigError::NoDefaultTarget(self.target_names())
+            }
+        })
     }
 
     /// Effective batch size for a target.
@@ -950,6 +1018,29 @@ fn scalar(v: &toml::Value) -> Result<String, String> {
             other.type_str()
         )),
     }
+}
+
+/// Refuses two targets that name one database: each target has its own lease and fence, so
+/// two names would let two maintenance processes work on it at once.
+fn check_one_target_per_database(targets: &BTreeMap<String, Target>) -> Result<(), ConfigError> {
+    let mut seen: BTreeMap<String, &Target> = BTreeMap::new();
+    for t in targets.values() {
+        let Some(id) = t.database_identity() else {
+            continue;
+        };
+        if let Some(first) = seen.insert(id, t) {
+            return Err(ConfigError::Invalid {
+                name: format!("targets.{}.url", t.name),
+                value: t.redacted_url(),
+                origin: t.source.clone(),
+                form: format!(
+                    "a database no other target names (target '{}' names it too; one database needs one target, or two leases let two processes maintain it at once)",
+                    first.name
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Accepts five-field (minute first) or six/seven-field (seconds first) cron expressions and

@@ -90,13 +90,71 @@ fn targets_come_from_the_file_with_overrides() {
     assert_eq!(s.max_age_for(us).as_secs(), 3600);
     assert_eq!(s.batch_size_for(us), 100);
     assert!(
-        s.targets.contains_key("default"),
-        "DATABASE_URL's target stays available"
+        !s.targets.contains_key("default"),
+        "no phantom built-in target beside the file's: {}",
+        s.target_names()
+    );
+    let with_env = Settings::resolve(
+        &Overrides::default(),
+        &env_of(&[("DATABASE_URL", "postgres://app@db-asia/app")]),
+        Some(file.path()),
+    )
+    .unwrap();
+    assert!(
+        with_env.targets.contains_key("default"),
+        "DATABASE_URL's own database stays available as 'default'"
     );
     let err = s.target(Some("asia")).unwrap_err().to_string();
     assert!(
         err.contains("unknown target 'asia'") && err.contains("eu"),
         "{err}"
+    );
+}
+
+/// One database, one target: the lease and the fence are per target, so a database named by
+/// two targets could be maintained by two processes at once. DATABASE_URL naming a database
+/// the file names (the deploy examples: the password in the environment, the rest in the
+/// file) is that target, not a second one; two file targets naming one database are refused.
+#[test]
+fn one_database_is_one_target() {
+    let file = file_with(
+        "[targets.app]\nurl = \"postgres://sessionfleet@DB.internal/app\"\n\
+         [targets.legacy]\nurl = \"sqlite:///var/lib/legacy.db\"\n",
+    );
+    let env = [(
+        "DATABASE_URL",
+        "postgresql://sessionfleet:s3cr3t@db.internal:5432/app?sslmode=require",
+    )];
+    let s = Settings::resolve(&Overrides::default(), &env_of(&env), Some(file.path())).unwrap();
+    assert_eq!(s.target_names(), "app, legacy");
+    assert_eq!(
+        s.target(None).unwrap().name,
+        "app",
+        "DATABASE_URL's database"
+    );
+
+    let twice = file_with(
+        "[targets.a]\nurl = \"mysql://u:pw1@db:3306/app\"\n\
+         [targets.b]\nurl = \"mysql://v:pw2@db/app\"\n",
+    );
+    let err = Settings::resolve(&Overrides::default(), &env_of(&[]), Some(twice.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("targets.b.url") && err.contains("target 'a'"),
+        "{err}"
+    );
+    assert!(!err.contains("pw1") && !err.contains("pw2"), "{err}");
+
+    let apart = file_with(
+        "[targets.a]\nurl = \"mysql://u@db/app\"\n[targets.b]\nurl = \"mysql://u@db/other\"\n\
+         [targets.c]\nurl = \"mysql://u@db:3307/app\"\n",
+    );
+    let apart = Settings::resolve(&Overrides::default(), &env_of(&[]), Some(apart.path())).unwrap();
+    let err = apart.target(None).unwrap_err().to_string();
+    assert!(
+        err.contains("--target") && err.contains("a, b, c"),
+        "no default among three: {err}"
     );
 }
 
