@@ -144,11 +144,18 @@ impl OperationJob {
             }
             OperationJob::Maintenance(p) => {
                 let r = maintenance::run(&ctx, p).await?;
+                // An index build a cancellation cut short is continued, not called done.
+                let cut_short =
+                    matches!(&r, maintenance::MaintenanceReport::Indexes(i) if i.cut_short());
                 Ok(Executed {
                     report: to_json(&r),
                     rows: 0,
-                    outcome: Outcome::Completed,
-                    next: None,
+                    outcome: if cut_short {
+                        Outcome::Cancelled
+                    } else {
+                        Outcome::Completed
+                    },
+                    next: cut_short.then(|| OperationJob::Maintenance(p.clone())),
                 })
             }
             OperationJob::FullMaintenance(p) => {

@@ -890,3 +890,60 @@ per_engine!(stats_report_size_counts_and_pool:
     stats_report_size_counts_and_pool_sqlite => Engine::Sqlite,
     stats_report_size_counts_and_pool_postgres => Engine::Postgres,
     stats_report_size_counts_and_pool_mariadb => Engine::MySql);
+
+/// Index builds a cancellation (a shutdown, a lost lease) stopped before are left for a
+/// continuation, not reported done: the standalone job continues, full maintenance resumes
+/// at its index stage, and the continuation builds them. Fails if a cut-short build counts
+/// as finished (the job then ended with the indexes missing and exit 0).
+#[tokio::test]
+async fn index_builds_cut_short_by_a_cancellation_are_continued() {
+    for engine in [Engine::Sqlite, Engine::Postgres] {
+        let tdb = seeded(engine, SchemaVersion::V1).await;
+        let db = &tdb.db;
+        let before = catalog_index_names(db, "user_sessions").await;
+        let (cancelled, _) = ctx_with_fence(db).await;
+        cancelled.cancel.cancel();
+
+        let r = maintenance::create_indexes(&cancelled, false)
+            .await
+            .unwrap();
+        assert!(r.cut_short(), "{engine}: {r:?}");
+        assert!(
+            r.indexes_created.is_empty() && r.errors.is_empty(),
+            "{engine}: {r:?}"
+        );
+
+        let job = sessionfleet::dispatch::OperationJob::Maintenance(MaintenanceParams {
+            action: MaintenanceAction::CreateIndexes,
+            dry_run: false,
+        });
+        let standalone = job.execute(cancelled.clone()).await.unwrap();
+        assert_eq!(standalone.outcome, Outcome::Cancelled, "{engine}");
+        assert!(
+            standalone.next.is_some(),
+            "{engine}: a continuation follows"
+        );
+
+        let part = full::run(
+            &cancelled,
+            &FullParams {
+                stage: Stage::Indexes,
+                ..FullParams::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(part.outcome, Outcome::Cancelled, "{engine}");
+        assert_eq!(part.next.expect("a continuation").stage, Stage::Indexes);
+        assert_eq!(catalog_index_names(db, "user_sessions").await, before);
+
+        let (resumed, _) = ctx_with_fence(db).await;
+        let r = maintenance::create_indexes(&resumed, false).await.unwrap();
+        assert!(
+            !r.cut_short() && !r.indexes_created.is_empty(),
+            "{engine}: {r:?}"
+        );
+        assert!(catalog_index_names(db, "user_sessions").await.len() > before.len());
+        tdb.drop_db().await;
+    }
+}

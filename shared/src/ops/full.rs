@@ -193,6 +193,20 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
 
     if stage == Stage::Indexes {
         match maintenance::create_indexes(ctx, p.dry_run).await {
+            // Cancelled part-way: the continuation builds the rest before going on.
+            Ok(r) if r.cut_short() => {
+                report.indexes = Some(r);
+                let next = FullParams {
+                    stage,
+                    partial: Some(report.clone()),
+                    ..p.clone()
+                };
+                return Ok(FullRun {
+                    report,
+                    next: Some(next),
+                    outcome: Outcome::Cancelled,
+                });
+            }
             Ok(r) => report.indexes = Some(r),
             Err(e) if e.is_fenced_out() => return Ok(fenced_out(p, stage, report, &e)),
             Err(e) => report.errors.push(format!("create indexes: {e}")),

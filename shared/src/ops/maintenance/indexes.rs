@@ -60,6 +60,16 @@ pub struct IndexReport {
     pub invalid_indexes: Vec<String>,
     /// `Error creating index <name>: …` per failure.
     pub errors: Vec<String>,
+    /// Indexes a cancellation (shutdown, lost lease) left unbuilt: a continuation builds them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_for_later: Vec<String>,
+}
+
+impl IndexReport {
+    /// Whether a cancellation stopped the step before every index was built.
+    pub fn cut_short(&self) -> bool {
+        !self.left_for_later.is_empty()
+    }
 }
 
 impl IndexReport {
@@ -76,6 +86,11 @@ impl IndexReport {
             &self.invalid_indexes,
         );
         push_section(&mut out, "Errors:", &self.errors);
+        push_section(
+            &mut out,
+            "Left for a continuation (cancelled):",
+            &self.left_for_later,
+        );
         out
     }
 }
@@ -284,6 +299,7 @@ pub async fn create_indexes(ctx: &OpContext, dry_run: bool) -> Result<IndexRepor
         indexes_created: Vec::new(),
         indexes_skipped: Vec::new(),
         invalid_indexes: Vec::new(),
+        left_for_later: Vec::new(),
         errors: Vec::new(),
     };
     let mut work = Vec::new();
@@ -318,11 +334,9 @@ pub async fn create_indexes(ctx: &OpContext, dry_run: bool) -> Result<IndexRepor
     let fence = ctx.fence()?;
     match db.engine() {
         Engine::Sqlite => {
-            for (spec, _) in &work {
+            for (i, (spec, _)) in work.iter().enumerate() {
                 if ctx.cancel.is_cancelled() {
-                    report
-                        .errors
-                        .push(format!("cancelled before creating index {}", spec.name));
+                    leave_for_later(&mut report, &work[i..]);
                     break;
                 }
                 let mut tx = fence.begin(db).await?;
@@ -348,6 +362,13 @@ pub async fn create_indexes(ctx: &OpContext, dry_run: bool) -> Result<IndexRepor
         }
     }
     Ok(report)
+}
+
+/// Records the builds a cancellation stopped before.
+fn leave_for_later(report: &mut IndexReport, rest: &[(IndexSpec, bool)]) {
+    report
+        .left_for_later
+        .extend(rest.iter().map(|(spec, _)| spec.name.clone()));
 }
 
 /// SQLite: a plain build inside the fenced transaction (SQLite has no online build; the write
@@ -378,11 +399,9 @@ async fn build_online(
     report: &mut IndexReport,
 ) -> Result<(), OpError> {
     let engine = ctx.db.engine();
-    for (spec, rebuild) in work {
+    for (i, (spec, rebuild)) in work.iter().enumerate() {
         if ctx.cancel.is_cancelled() {
-            report
-                .errors
-                .push(format!("cancelled before creating index {}", spec.name));
+            leave_for_later(report, &work[i..]);
             break;
         }
         let columns = spec.columns.join(", ");
