@@ -947,3 +947,45 @@ async fn index_builds_cut_short_by_a_cancellation_are_continued() {
         tdb.drop_db().await;
     }
 }
+
+/// A concurrent index build waits for every transaction older than it (a long report, a
+/// pg_dump) instead of failing after the maintenance lock timeout: such waits block no
+/// application query. Fails if the build gives up after `LOCK_TIMEOUT` — it would then be
+/// dropped and never built while any long transaction runs at the scheduled hour.
+#[tokio::test]
+async fn postgres_index_builds_outwait_a_long_transaction() {
+    let tdb = seeded(Engine::Postgres, SchemaVersion::V1).await;
+    let db = tdb.db.clone();
+    let old = Db::connect(&tdb.url, &sessionfleet::store::ConnectOptions::default())
+        .await
+        .unwrap();
+    // An application transaction that has written and not yet committed.
+    let mut long = old.begin_write().await.unwrap();
+    sessionfleet::on_tx!(&mut long, c => {
+        sqlx::raw_sql("SET LOCAL idle_in_transaction_session_timeout = 0; \
+                       UPDATE user_sessions SET updated_at = updated_at \
+                       WHERE id = (SELECT MIN(id) FROM user_sessions)")
+            .execute(&mut *c).await.map(|_| ()).unwrap()
+    });
+    let (ctx, _) = ctx_with_fence(&db).await;
+    let build = tokio::spawn(async move { maintenance::create_indexes(&ctx, false).await });
+    let waiting = "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND wait_event_type = 'Lock' AND query LIKE 'CREATE INDEX CONCURRENTLY%'";
+    let started = std::time::Instant::now();
+    while db.scalar_i64(waiting).await.unwrap() == 0 {
+        assert!(
+            !build.is_finished(),
+            "the build never waited for the old transaction"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Past the lock timeout that maintenance statements otherwise run under.
+    tokio::time::sleep(maintenance::LOCK_TIMEOUT + std::time::Duration::from_secs(1)).await;
+    long.rollback().await.unwrap();
+    old.close().await;
+    let report = build.await.unwrap().unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(!report.indexes_created.is_empty(), "{report:?}");
+    tdb.drop_db().await;
+}

@@ -11,7 +11,8 @@ use super::OpError;
 
 /// How long any maintenance statement may wait for a lock the application holds (PostgreSQL
 /// `lock_timeout`, MySQL `lock_wait_timeout` and `innodb_lock_wait_timeout`). Short, because
-/// while DDL waits for a lock, the application's queries queue behind it.
+/// while DDL waits for a lock, the application's queries queue behind it. (PostgreSQL's
+/// concurrent index builds are the exception: their waits hold up no query, see `indexes`.)
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// PostgreSQL `statement_timeout` of catalog and count queries (analyze, statistics, orphans).
 pub const READ_STATEMENT_TIMEOUT: Duration = Duration::from_secs(300);

@@ -364,6 +364,10 @@ pub async fn create_indexes(ctx: &OpContext, dry_run: bool) -> Result<IndexRepor
     Ok(report)
 }
 
+/// PostgreSQL `lock_timeout` of concurrent index builds and drops: none (0); the
+/// maintenance statement timeout bounds them.
+const CONCURRENT_BUILD_LOCK_TIMEOUT_MS: u64 = 0;
+
 /// Records the builds a cancellation stopped before.
 fn leave_for_later(report: &mut IndexReport, rest: &[(IndexSpec, bool)]) {
     report
@@ -399,6 +403,16 @@ async fn build_online(
     report: &mut IndexReport,
 ) -> Result<(), OpError> {
     let engine = ctx.db.engine();
+    if engine == Engine::Postgres {
+        // A concurrent build or drop waits for every transaction older than it, which
+        // `lock_timeout` would cut after a few seconds (one long report or pg_dump, and the
+        // index is never built). Its waits block no application query (its table lock
+        // conflicts with no reads or writes), so only the statement timeout bounds them.
+        conn.run(&format!(
+            "SET lock_timeout = {CONCURRENT_BUILD_LOCK_TIMEOUT_MS}"
+        ))
+        .await?;
+    }
     for (i, (spec, rebuild)) in work.iter().enumerate() {
         if ctx.cancel.is_cancelled() {
             leave_for_later(report, &work[i..]);
