@@ -989,3 +989,64 @@ async fn postgres_index_builds_outwait_a_long_transaction() {
     assert!(!report.indexes_created.is_empty(), "{report:?}");
     tdb.drop_db().await;
 }
+
+/// A B-tree check that cannot run (its index locked past the lock timeout, a statement
+/// timeout) says so and leaves the storage check unavailable; it is no evidence of
+/// corruption, and "backup and restore" would be the wrong advice. Fails if the timeout is
+/// reported as corruption.
+#[tokio::test]
+async fn a_postgres_index_check_that_times_out_is_not_corruption() {
+    let tdb = seeded(Engine::Postgres, SchemaVersion::V2).await;
+    let locker = Db::connect(&tdb.url, &sessionfleet::store::ConnectOptions::default())
+        .await
+        .unwrap();
+    let mut tx = locker.begin_write().await.unwrap();
+    // REINDEX holds the index exclusively until the transaction ends; reads go on.
+    sessionfleet::on_tx!(&mut tx, c => {
+        sqlx::raw_sql("SET LOCAL idle_in_transaction_session_timeout = 0; \
+                       REINDEX INDEX platform_connections_pkey")
+            .execute(&mut *c).await.map(|_| ()).unwrap()
+    });
+    let db = tdb.db.clone();
+    let check = tokio::spawn(async move { maintenance::integrity_check(&db, false).await });
+    // The index's check waits for the lock, then gives up at the lock timeout; the lock goes
+    // then, before the foreign-key check (whose plan reads that index too) gives up as well.
+    let waiting = "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND wait_event_type = 'Lock' AND query LIKE '%bt_index_check%'";
+    let started = std::time::Instant::now();
+    while tdb.db.scalar_i64(waiting).await.unwrap() == 0 {
+        assert!(!check.is_finished(), "the index check never waited");
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    while tdb.db.scalar_i64(waiting).await.unwrap() > 0 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tx.rollback().await.unwrap();
+    locker.close().await;
+    let report = check.await.unwrap().unwrap();
+    assert_eq!(
+        report.integrity_check,
+        CheckStatus::Unavailable,
+        "{:?}",
+        report.issues_found
+    );
+    assert!(
+        report
+            .issues_found
+            .iter()
+            .any(|i| i.contains("platform_connections_pkey could not be checked")),
+        "{:?}",
+        report.issues_found
+    );
+    assert!(
+        !report
+            .recommendations
+            .iter()
+            .any(|r| r.contains("corruption")),
+        "{:?}",
+        report.recommendations
+    );
+    tdb.drop_db().await;
+}

@@ -260,6 +260,7 @@ async fn postgres_storage_check(
     };
     let c = &mut **t;
     let mut checked = 0;
+    let mut unchecked = 0;
     for table in session_tables(schema) {
         let indexes: Vec<String> = sqlx::query_scalar(
             "SELECT ic.relname::text FROM pg_index i \
@@ -291,12 +292,27 @@ async fn postgres_storage_check(
                     sqlx::query("ROLLBACK TO SAVEPOINT amcheck")
                         .execute(&mut *c)
                         .await?;
-                    report.corrupt(format!("index {index}: {e}"));
+                    if is_corruption(&e) {
+                        report.corrupt(format!("index {index}: {e}"));
+                    } else {
+                        // A lock or statement timeout, a cancellation: nothing is known.
+                        unchecked += 1;
+                        report
+                            .issues_found
+                            .push(format!("index {index} could not be checked: {e}"));
+                    }
                 }
             }
         }
     }
     tx.commit().await?;
+    if unchecked > 0 && report.integrity_check != CheckStatus::Failed {
+        report.integrity_check = CheckStatus::Unavailable;
+        report.checks_run.push(format!(
+            "bt_index_check(heapallindexed => {full}) on {checked} B-tree indexes; {unchecked} could not be checked"
+        ));
+        return Ok(());
+    }
     report.checks_run.push(format!(
         "bt_index_check(heapallindexed => {full}) on {checked} B-tree indexes"
     ));
@@ -304,6 +320,15 @@ async fn postgres_storage_check(
         report.integrity_check = CheckStatus::Passed;
     }
     Ok(())
+}
+
+/// Whether amcheck's error says the index or its table is corrupt (SQLSTATE class XX:
+/// `index_corrupted`, `data_corrupted`, internal errors), as opposed to the check not
+/// getting to run (a lock or statement timeout, a cancellation, a lost connection).
+fn is_corruption(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code.starts_with("XX"))
 }
 
 /// MySQL / MariaDB: `CHECK TABLE` reports its findings as rows; an `error` row or a final
