@@ -605,6 +605,43 @@ async fn janitor_removes_finished_tasks_and_dead_workers_and_hands_back_their_jo
     t.cleanup().await;
 }
 
+/// A job whose handler panicked ends in apalis' dead set with no result of ours; the janitor
+/// makes it a dead letter and records it failed, so a CLI waiting for the run learns of it
+/// instead of waiting out its timeout. Fails if no result is recorded.
+#[tokio::test]
+async fn a_job_the_queue_gave_up_on_is_dead_lettered_and_recorded_failed() {
+    let t = Ns::new().await;
+    let q = QueueClass::Diag;
+    let k = t.queue.keys().clone();
+    let env = JobEnvelope::noop("t");
+    let task = t.queue.enqueue(&env).await.unwrap();
+    // What apalis leaves when a handler panics: the task in its dead set, with a reason.
+    let _: () = redis::pipe()
+        .lrem(k.active(q), 0, &task.task_id)
+        .sadd(k.apalis_dead(q), &task.task_id)
+        .hset(
+            format!("{}:{}", k.meta_prefix(q), task.task_id),
+            "result",
+            "job panicked: boom",
+        )
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    let r = t.queue.janitor_pass("test").await.unwrap();
+    assert_eq!(r.apalis_dead, 1);
+    let letter = t.queue.dead_letter(&env.job_id.to_string()).await.unwrap();
+    assert!(letter.is_some_and(|d| d.reason.contains("job panicked: boom")));
+    let result = t.queue.result(env.job_id).await.unwrap().expect("a result");
+    assert_eq!(result.outcome, ResultOutcome::Failed);
+    assert!(
+        result
+            .error
+            .is_some_and(|e| e.contains("job panicked: boom"))
+    );
+    assert_eq!(t.queue.run_results(env.run_id).await.unwrap().len(), 1);
+    t.cleanup().await;
+}
+
 /// Writes the keys of namespace `ns` that never expire — a lease-token counter, a scheduler
 /// tick — and a member of apalis' registry, as a fleet leaves them.
 async fn plant_unexpiring_keys(c: &mut (impl redis::aio::ConnectionLike + Send), ns: &str) {

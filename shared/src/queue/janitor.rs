@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{DeadLetter, HEARTBEAT_INTERVAL, MISSED_HEARTBEATS, Queue, QueueError, unix_secs};
+use super::{
+    DeadLetter, HEARTBEAT_INTERVAL, JobResult, MISSED_HEARTBEATS, Queue, QueueError, unix_secs,
+};
 use crate::jobs::{JobEnvelope, QueueClass};
 use crate::scan::{SCAN_COUNT, glob_escape};
 
@@ -131,11 +133,20 @@ impl Queue {
                 "the queue gave up on it: {}",
                 reason.unwrap_or_else(|| "no reason recorded".into())
             );
-            let letter = match JobEnvelope::decode(&payload) {
-                Ok(env) => DeadLetter::failed(&env, id, reason, worker),
-                Err(_) => DeadLetter::undecodable(q, id, &payload, reason, worker),
-            };
-            self.add_dead_letter(&letter).await?;
+            match JobEnvelope::decode(&payload) {
+                Ok(env) => {
+                    self.add_dead_letter(&DeadLetter::failed(&env, id, reason.clone(), worker))
+                        .await?;
+                    // The handler never recorded an outcome (it panicked): a CLI waiting for
+                    // the run would otherwise wait out its whole timeout.
+                    self.record_result(&JobResult::failed_unrecorded(&env, reason, worker))
+                        .await?;
+                }
+                Err(_) => {
+                    self.add_dead_letter(&DeadLetter::undecodable(q, id, &payload, reason, worker))
+                        .await?;
+                }
+            }
         }
         if !ids.is_empty() {
             self.delete_tasks(q, &ids).await?;

@@ -93,6 +93,34 @@ pub struct RunSummary {
     pub rows_affected: u64,
 }
 
+impl JobResult {
+    /// The result of a job whose handler ended without recording one (a panic the queue
+    /// caught): failed, with `reason`, timed at the moment it was found.
+    pub fn failed_unrecorded(
+        env: &crate::jobs::JobEnvelope,
+        reason: String,
+        worker: &str,
+    ) -> JobResult {
+        let now = Utc::now();
+        JobResult {
+            job_id: env.job_id,
+            run_id: env.run_id,
+            part: env.part,
+            kind: env.kind,
+            target: env.target.clone(),
+            outcome: ResultOutcome::Failed,
+            report: serde_json::Value::Null,
+            error: Some(reason),
+            attempts: env.attempt,
+            worker: worker.to_string(),
+            started_at: now,
+            finished_at: now,
+            duration_ms: 0,
+            rows_affected: 0,
+        }
+    }
+}
+
 impl From<&JobResult> for RunSummary {
     fn from(r: &JobResult) -> Self {
         RunSummary {
