@@ -642,6 +642,45 @@ async fn a_job_the_queue_gave_up_on_is_dead_lettered_and_recorded_failed() {
     t.cleanup().await;
 }
 
+/// A delayed job comes due no earlier than its delay, whatever the moment within the second
+/// it is enqueued: the jitter of busy-lease delays and retries survives the scheduled set's
+/// whole-second scores. Fails if a delay is truncated to whole seconds.
+#[tokio::test]
+async fn a_delay_is_never_cut_short_by_whole_second_scores() {
+    let t = Ns::new().await;
+    for delay_ms in [1_001, 1_500, 1_999, 2_500] {
+        let before_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let enq = t
+            .queue
+            .enqueue_with(
+                &JobEnvelope::noop("t"),
+                EnqueueOptions {
+                    delay: Some(Duration::from_millis(delay_ms)),
+                },
+            )
+            .await
+            .unwrap();
+        let due: u64 = redis::cmd("ZSCORE")
+            .arg(t.queue.keys().scheduled(QueueClass::Diag))
+            .arg(&enq.task_id)
+            .query_async(&mut t.conn())
+            .await
+            .unwrap();
+        assert!(
+            due * 1000 >= before_ms + delay_ms,
+            "due at {due} s, enqueued at {before_ms} ms with a {delay_ms} ms delay"
+        );
+        assert!(
+            due * 1000 < before_ms + delay_ms + 2_000,
+            "and not much later"
+        );
+    }
+    t.cleanup().await;
+}
+
 /// Writes the keys of namespace `ns` that never expire — a lease-token counter, a scheduler
 /// tick — and a member of apalis' registry, as a fleet leaves them.
 async fn plant_unexpiring_keys(c: &mut (impl redis::aio::ConnectionLike + Send), ns: &str) {

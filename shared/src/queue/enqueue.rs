@@ -13,7 +13,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{ENQUEUE_CHUNK, MAX_DUE_PER_SECOND, PROMOTE_CHUNK, Queue, QueueError, unix_secs};
+use super::{
+    ENQUEUE_CHUNK, MAX_DUE_PER_SECOND, PROMOTE_CHUNK, Queue, QueueError, unix_millis, unix_secs,
+};
 use crate::jobs::{JobEnvelope, QueueClass};
 
 /// Options of one enqueue.
@@ -98,6 +100,18 @@ return #ids
     )
 });
 
+/// The second (the scheduled set's unit) at which a job delayed by `delay` comes due: the
+/// first whole second at or after now + `delay`, so a delay is never cut short (truncated to
+/// whole seconds, a jittered 1.9 s retry came due at the next second boundary, at times 1 ms
+/// later). `None` for no delay.
+fn due_second(delay: Duration) -> Option<u64> {
+    if delay.is_zero() {
+        return None;
+    }
+    let due_ms = unix_millis().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+    Some(due_ms.div_ceil(1000))
+}
+
 impl Queue {
     /// Enqueues one job.
     pub async fn enqueue(&self, env: &JobEnvelope) -> Result<Enqueued, QueueError> {
@@ -110,10 +124,7 @@ impl Queue {
         env: &JobEnvelope,
         opts: EnqueueOptions,
     ) -> Result<Enqueued, QueueError> {
-        let run_at = opts
-            .delay
-            .filter(|d| !d.is_zero())
-            .map_or(0, |d| unix_secs() + d.as_secs().max(1));
+        let run_at = opts.delay.and_then(due_second).unwrap_or(0);
         let mut out = self.push_chunk(env.queue(), &[(env, run_at)]).await?;
         out.pop()
             .ok_or_else(|| QueueError::Redis("enqueue script returned nothing".into()))
@@ -128,10 +139,7 @@ impl Queue {
         jobs: Vec<JobEnvelope>,
         opts: EnqueueOptions,
     ) -> Result<Vec<Enqueued>, QueueError> {
-        let base = opts
-            .delay
-            .filter(|d| !d.is_zero())
-            .map(|d| unix_secs() + d.as_secs().max(1));
+        let base = opts.delay.and_then(due_second);
         let mut results = Vec::with_capacity(jobs.len());
         for q in QueueClass::ALL {
             let of_queue: Vec<(usize, &JobEnvelope)> = jobs
