@@ -709,6 +709,55 @@ async fn cleanup_daemon_schedules_what_its_flags_say_and_refuses_the_rest() {
     }
 }
 
+/// The scheduler re-reads the alert thresholds file on every pass; a bad edit while it runs
+/// keeps the last good thresholds, with a warning, instead of stopping the process (and
+/// with it every schedule, on every replica). Fails if the scheduler exits or its health
+/// ticks stop after the edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_thresholds_edit_does_not_stop_the_scheduler() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cli = Cli::new(&format!("sqlite://{}/s.db", dir.path().display()));
+    let config = dir.path().join("sched.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[targets.default]\nurl = \"{}\"\n[schedule]\ncleanup = \"0 0 2 1 1 *\"\n\
+             full_maintenance = \"0 0 2 1 1 *\"\nhealth_report = \"*/2 * * * * *\"\n",
+            cli.db_url
+        ),
+    )
+    .unwrap();
+    let thresholds = dir.path().join("thresholds.json");
+    std::fs::write(&thresholds, "{}").unwrap();
+    cli.extra
+        .push(("SESSIONFLEET_CONFIG".into(), config.display().to_string()));
+    cli.extra.push((
+        "SESSION_ALERT_THRESHOLDS_FILE".into(),
+        thresholds.display().to_string(),
+    ));
+    let scheduler = Scheduler::start(&cli);
+    let started = Instant::now();
+    while scheduler.fired().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no health tick"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(&thresholds, r#"{"concurrent_sessions": "x"}"#).unwrap();
+    let edited = scheduler.fired().len();
+    while scheduler.fired().len() < edited + 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "health ticks stopped after the bad edit: {:?}",
+            scheduler.lines.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Still running: it stops on SIGTERM with status 0.
+    scheduler.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_scheduler_replicas_enqueue_each_tick_exactly_once() {
     let dir = tempfile::tempdir().unwrap();

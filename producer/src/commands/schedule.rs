@@ -3,6 +3,7 @@
 //! target. Any number of replicas may run: each tick is enqueued exactly once (tick-derived
 //! dedupe keys) and a tick missed during downtime is caught up once.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -85,6 +86,15 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: Option<&CleanupAsk>) -> any
     let queue = Queue::connect(s)
         .await
         .map_err(|e| CliError::fail(Exit::FleetUnreachable, e.to_string()))?;
+    // Each job is planned afresh on every pass (the thresholds file is re-read), but checked
+    // once here: a bad configuration stops the start, and a later bad edit keeps the last
+    // good plan (with a warning) instead of stopping every schedule.
+    let mut last_good: HashMap<(usize, String), OperationJob> = HashMap::new();
+    for (i, (what, _, _)) in plans.iter().enumerate() {
+        for target in &targets {
+            last_good.insert((i, target.name.clone()), job(inv, *what, target, &ask)?);
+        }
+    }
     let mut conn = queue.connection();
     let mut term = signal(SignalKind::terminate())?;
     let who = format!("scheduler@{}-{}", hostname(), std::process::id());
@@ -97,14 +107,27 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: Option<&CleanupAsk>) -> any
     loop {
         let now = Utc::now();
         let mut all = Vec::new();
-        for (what, name, cadence) in &plans {
+        for (i, (what, name, cadence)) in plans.iter().enumerate() {
             for target in &targets {
                 let sched = Schedule {
                     name: format!("{name}:{}", target.name),
                     cadence: cadence.clone(),
                 };
                 all.push(sched.clone());
-                let op = job(inv, *what, target, &ask)?;
+                let key = (i, target.name.clone());
+                let op = match job(inv, *what, target, &ask) {
+                    Ok(op) => {
+                        last_good.insert(key, op.clone());
+                        op
+                    }
+                    Err(e) => {
+                        tracing::warn!(schedule = %sched.name, error = %e, "configuration no longer valid; keeping the last good plan");
+                        match last_good.get(&key) {
+                            Some(op) => op.clone(),
+                            None => continue,
+                        }
+                    }
+                };
                 let q = queue.clone();
                 let by = who.clone();
                 let tname = target.name.clone();
