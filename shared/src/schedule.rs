@@ -52,9 +52,10 @@ impl Cadence {
             }
             Cadence::Cron(expr) => {
                 let schedule = cron::Schedule::from_str(expr).ok()?;
-                // Look back far enough for daily and weekly schedules.
-                let from = now - chrono::Duration::days(8);
-                schedule.after(&from).take_while(|t| *t <= now).last()
+                // Walking back from the next whole second finds the tick however long ago it
+                // was (a monthly or yearly schedule); the walk back is strictly before.
+                let next_second = Utc.timestamp_opt(now.timestamp() + 1, 0).single()?;
+                schedule.after(&next_second).next_back()
             }
         }
     }
@@ -264,6 +265,31 @@ mod tests {
         assert_eq!(
             c.next_tick(at("2026-11-28T02:00:00Z")),
             Some(at("2026-11-29T02:00:00Z"))
+        );
+    }
+
+    /// However rare the schedule, its latest tick is found: a monthly one started mid-month
+    /// records the 1st (so the next 1st fires), rather than finding none and then taking the
+    /// next 1st for its first start and swallowing it.
+    #[test]
+    fn rare_schedules_find_their_latest_tick() {
+        let monthly = Cadence::parse("0 3 1 * *").unwrap();
+        assert_eq!(
+            monthly.latest_tick(at("2026-11-20T12:00:00Z")),
+            Some(at("2026-11-01T03:00:00Z"))
+        );
+        assert_eq!(
+            monthly.latest_tick(at("2026-12-01T03:00:00.250Z")),
+            Some(at("2026-12-01T03:00:00Z"))
+        );
+        assert_eq!(
+            monthly.latest_tick(at("2026-12-01T02:59:59.999Z")),
+            Some(at("2026-11-01T03:00:00Z"))
+        );
+        let yearly = Cadence::parse("0 0 2 1 1 *").unwrap();
+        assert_eq!(
+            yearly.latest_tick(at("2026-11-28T00:00:00Z")),
+            Some(at("2026-01-01T02:00:00Z"))
         );
     }
 
