@@ -77,6 +77,22 @@ impl Codec<RawJob> for RawCodec {
     }
 }
 
+/// One job counted in [`FleetState::running_jobs`] for as long as it lives.
+struct RunningJob(Arc<FleetState>);
+
+impl RunningJob {
+    fn start(state: &Arc<FleetState>) -> RunningJob {
+        state.running_jobs.fetch_add(1, Ordering::Relaxed);
+        RunningJob(Arc::clone(state))
+    }
+}
+
+impl Drop for RunningJob {
+    fn drop(&mut self) {
+        self.0.running_jobs.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What the handler of one queue needs.
 struct QueueHandler {
     deps: RunnerDeps,
@@ -91,7 +107,8 @@ async fn handle(
 ) -> Result<(), BoxDynError> {
     let h = Arc::clone(&h);
     let task_id = task_id.to_string();
-    h.state.running_jobs.fetch_add(1, Ordering::Relaxed);
+    // Counted down when this future ends or is dropped (apalis drops it on a Redis error).
+    let _running = RunningJob::start(&h.state);
     // Run the job on its own task: it uses both cores, and if this apalis worker dies on a
     // Redis error the job still finishes and records its result (the redelivery then sees
     // the result and is skipped) instead of being dropped half-way.
@@ -101,7 +118,6 @@ async fn handle(
             async move { process_delivery(&job_h.deps, job_h.queue, &task_id, &job.0).await },
         )
         .await;
-    h.state.running_jobs.fetch_sub(1, Ordering::Relaxed);
     match joined {
         Ok(Ok(_settled)) => Ok(()),
         // Could not record the outcome (Redis trouble): let apalis reschedule the delivery.

@@ -89,7 +89,10 @@ pub async fn process_delivery(
         let clock = Instant::now();
         let outcome = runner::execute(&env, deps).await;
         let elapsed = clock.elapsed();
-        metrics::histogram!("sessionfleet_job_duration_seconds", "kind" => env.kind.as_str()).record(elapsed.as_secs_f64());
+        // A deferral did no work (a busy lease): timing it would swamp the real durations.
+        if !matches!(outcome, JobOutcome::Deferred { .. }) {
+            metrics::histogram!("sessionfleet_job_duration_seconds", "kind" => env.kind.as_str()).record(elapsed.as_secs_f64());
+        }
         let result = |outcome: ResultOutcome, report: serde_json::Value, error: Option<String>, rows: u64| JobResult {
             job_id: env.job_id,
             run_id: env.run_id,
