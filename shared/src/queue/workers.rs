@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Queue, QueueError, unix_millis};
+use super::{Queue, QueueError};
 use crate::jobs::QueueClass;
 
 /// How often a worker process refreshes its record.
@@ -46,14 +46,27 @@ pub struct WorkerInfo {
 }
 
 impl Queue {
+    /// Redis' own clock, in milliseconds since the epoch: worker heartbeats are stamped and
+    /// judged by it, so hosts whose clocks disagree (a CLI 3 s ahead of the workers, with a
+    /// 2 s [`LIVE_WINDOW`]) still agree on who is alive.
+    async fn redis_millis(&self) -> Result<u64, QueueError> {
+        let mut c = self.conn.clone();
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
     /// Writes (or refreshes) a worker's record.
     pub async fn heartbeat_worker(&self, info: &WorkerInfo) -> Result<(), QueueError> {
         let json = serde_json::to_string(info).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+        let now = self.redis_millis().await?;
         let mut c = self.conn.clone();
         redis::pipe()
             .hset(self.keys.workers(), &info.name, json)
             .ignore()
-            .zadd(self.keys.workers_seen(), &info.name, unix_millis())
+            .zadd(self.keys.workers_seen(), &info.name, now)
             .ignore()
             .query_async::<()>(&mut c)
             .await
@@ -78,7 +91,10 @@ impl Queue {
         &self,
         queue: Option<QueueClass>,
     ) -> Result<Vec<WorkerInfo>, QueueError> {
-        let since = unix_millis().saturating_sub(LIVE_WINDOW.as_millis() as u64);
+        let since = self
+            .redis_millis()
+            .await?
+            .saturating_sub(LIVE_WINDOW.as_millis() as u64);
         let mut c = self.conn.clone();
         let names: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(self.keys.workers_seen())
@@ -109,7 +125,10 @@ impl Queue {
 
     /// Deletes registry records not refreshed for [`STALE_RECORD`]; returns how many.
     pub(crate) async fn drop_stale_worker_records(&self) -> Result<u64, QueueError> {
-        let before = unix_millis().saturating_sub(STALE_RECORD.as_millis() as u64);
+        let before = self
+            .redis_millis()
+            .await?
+            .saturating_sub(STALE_RECORD.as_millis() as u64);
         let mut c = self.conn.clone();
         let names: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(self.keys.workers_seen())
