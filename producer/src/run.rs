@@ -306,16 +306,21 @@ async fn run_locally(
                         break;
                     }
                     match delay {
-                        // Fenced out: another holder works on the database now.
+                        // Fenced out (another holder works on the database now) or stopped by
+                        // an error: the next part waits a little.
                         Some(delay) => {
+                            let why = match reports.last().and_then(|r| r["outcome"].as_str()) {
+                                Some("fenced_out") => "another holder took the database over",
+                                _ => "an error stopped it",
+                            };
                             if Instant::now() + delay >= deadline {
                                 error = Some(format!(
-                                    "part {part} stopped after {rows_affected} rows: another holder took the database over; timed out waiting for it"
+                                    "part {part} stopped after {rows_affected} rows: {why}; timed out before continuing"
                                 ));
                                 break;
                             }
                             inv.out.info(format!(
-                                "{}: part {part} stopped after {rows_affected} rows: another holder took the database over; continuing in {:.1}s",
+                                "{}: part {part} stopped after {rows_affected} rows: {why}; continuing in {:.1}s",
                                 env.target,
                                 delay.as_secs_f64()
                             ));

@@ -310,7 +310,11 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
                     report: done.report,
                     rows_affected: done.rows,
                     next: env.continuation(next.params(), oe.holder),
-                    delay: (done.outcome == Outcome::FencedOut).then(|| lease_cfg.busy_delay()),
+                    delay: match done.outcome {
+                        Outcome::FencedOut => Some(lease_cfg.busy_delay()),
+                        Outcome::Interrupted => Some(crate::queue::retry_delay(2)),
+                        _ => None,
+                    },
                 },
                 None => JobOutcome::Done {
                     report: done.report,

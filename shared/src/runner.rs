@@ -53,7 +53,8 @@ pub enum JobOutcome {
         next: JobEnvelope,
         /// How long to wait before `next` may start: set when a newer lease holder fenced
         /// this part out, so the continuation does not take the database back from it at
-        /// once where no Redis lease makes it wait (a `--local` run without Redis).
+        /// once where no Redis lease makes it wait (a `--local` run without Redis), and when
+        /// an error stopped it, as a retry would wait.
         delay: Option<Duration>,
     },
     /// Not run now (e.g. the target's lease is busy); run again after `delay` without

@@ -1460,6 +1460,61 @@ async fn cleanup_runs_while_reports_hold_every_read_connection() {
     tdb.drop_db().await;
 }
 
+/// An error that outlasts the batch retries after some batches have committed ends the part
+/// with those batches counted (outcome `interrupted`, the error in the report) instead of
+/// failing it: a retry of the whole part would report none of them. The continuation then
+/// finishes the run, and the parts together purge exactly the oracle's rows.
+#[tokio::test]
+async fn a_part_stopped_by_an_error_keeps_the_counts_of_its_committed_batches() {
+    let version = SchemaVersion::V2;
+    let tdb = seeded(Engine::Sqlite, version).await;
+    let db = tdb.db.clone();
+    let before = snapshot(&db, version).await;
+    let purge = oracle(&db, version, None, true).await;
+    let c = ctx(&db).await;
+    let slow = one_row_batches();
+    let run = tokio::spawn(async move { cleanup::run(&c, &slow).await });
+    until_a_batch_committed(&db, before.len()).await;
+    // Gone from under the run: its next batch fails, and so do its retries.
+    db.execute("ALTER TABLE user_sessions RENAME TO user_sessions_away")
+        .await
+        .expect("rename");
+    let first = run
+        .await
+        .expect("task")
+        .expect("a part with committed batches reports");
+    db.execute("ALTER TABLE user_sessions_away RENAME TO user_sessions")
+        .await
+        .expect("rename back");
+    assert_eq!(first.outcome, Outcome::Interrupted, "{first:?}");
+    let deleted = before.len() - snapshot(&db, version).await.len();
+    assert!(deleted > 0 && (deleted as u64) < purge.len() as u64);
+    assert_eq!(
+        first.total_cleaned(),
+        deleted as u64,
+        "every committed batch counted"
+    );
+    assert!(
+        first.errors.iter().any(|e| e.contains("stopped after")),
+        "{:?}",
+        first.errors
+    );
+    let resumed = CleanupParams {
+        as_of: Some(first.as_of),
+        ..params()
+    };
+    let second = cleanup::run(&ctx(&db).await, &resumed)
+        .await
+        .expect("continuation");
+    assert_eq!(second.outcome, Outcome::Completed);
+    assert_eq!(
+        first.total_cleaned() + second.total_cleaned(),
+        purge.len() as u64
+    );
+    assert_exactly_purged(&before, &snapshot(&db, version).await, &purge, "sqlite");
+    tdb.drop_db().await;
+}
+
 /// A part fenced out midway becomes a continuation, not a retry of the same part: its deletes
 /// are recorded with the part, and the next part waits a while before it takes the database
 /// back (with no Redis lease to make it wait, it would fence the newer holder out at once).

@@ -50,6 +50,10 @@ pub enum Outcome {
     /// committed and counted; nothing was written after the refusal. A continuation
     /// follows once the newer holder is done.
     FencedOut,
+    /// An error stopped it after some of its work had committed (counted here); a
+    /// continuation takes over after a pause, where a retry of the whole part would lose
+    /// this part's counts. An error before any work committed fails the part instead.
+    Interrupted,
 }
 
 impl Outcome {
@@ -60,6 +64,7 @@ impl Outcome {
             Outcome::BudgetSpent => "budget_spent",
             Outcome::Cancelled => "cancelled",
             Outcome::FencedOut => "fenced_out",
+            Outcome::Interrupted => "interrupted",
         }
     }
 }

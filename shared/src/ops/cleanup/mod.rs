@@ -325,6 +325,18 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                 report.remaining = None;
                 Ok(())
             }
+            // Batches committed before the error: keep their counts (and the statistics
+            // refresh they call for) with this part; the continuation goes on from there.
+            Err(e) if report.batches > 0 && !matches!(e, OpError::Invalid(_)) => {
+                tracing::warn!(error = %e, deleted = report.rules.total(), "stopped by an error after some batches; a continuation takes over");
+                report.errors.push(format!(
+                    "stopped after {} batches by an error; a continuation takes over: {e}",
+                    report.batches
+                ));
+                report.outcome = Outcome::Interrupted;
+                report.remaining = None;
+                Ok(())
+            }
             purged => purged,
         }
     };
