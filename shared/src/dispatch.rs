@@ -118,6 +118,26 @@ impl OperationJob {
         self
     }
 
+    /// Adds the recommended indexes `db` lacks to a health report that carries no database
+    /// findings, so its missing-index warnings fire outside full maintenance too (one
+    /// catalog read). A failed read leaves the findings absent, as before.
+    async fn with_db_findings(mut self, db: &Db) -> OperationJob {
+        if let OperationJob::Analytics(AnalyticsParams::HealthReport(h)) = &mut self
+            && h.findings.is_none()
+        {
+            match maintenance::missing_recommended_indexes(db).await {
+                Ok(missing) => {
+                    h.findings = Some(analytics::DbFindings {
+                        missing_indexes: missing,
+                        ..Default::default()
+                    })
+                }
+                Err(e) => tracing::debug!(error = %e, "recommended indexes not read"),
+            }
+        }
+        self
+    }
+
     /// Runs the operation with `ctx`.
     pub async fn execute(&self, ctx: OpContext) -> Result<Executed, OpError> {
         match self {
@@ -248,7 +268,7 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
         (Some(q), true) => fleet_facts(q, &env.target).await,
         _ => None,
     };
-    let job = job.with_fleet_facts(facts);
+    let job = job.with_fleet_facts(facts).with_db_findings(&db).await;
     let holder = HolderInfo::new(oe.holder, env.job_id.to_string());
     let lease_cfg = LeaseConfig::from_ttl(Duration::from_millis(oe.settings.lease_ttl_ms.value));
 

@@ -1059,3 +1059,72 @@ async fn queries_of_concurrent_reports_waiting_longer_than_the_pool_timeout_wait
     locker.close().await.ok();
     tdb.drop_db().await;
 }
+
+/// A scheduled or requested health report (not only full maintenance's) warns about the
+/// recommended indexes the database lacks, and stops once they exist. Fails if the report
+/// runs without that finding.
+#[tokio::test]
+async fn a_health_report_job_warns_of_missing_recommended_indexes() {
+    use sessionfleet::config::{Overrides, Settings};
+    use sessionfleet::dispatch::{self, OperationEnv, OperationJob};
+    use sessionfleet::jobs::{JobEnvelope, JobKind};
+    use sessionfleet::ops::analytics::AnalyticsParams;
+    use sessionfleet::ops::maintenance;
+    use sessionfleet::runner::JobOutcome;
+
+    let tdb = seeded(Engine::Sqlite, SchemaVersion::V2, 500).await;
+    let url = tdb.url.clone();
+    let env_of = move |k: &str| (k == "DATABASE_URL").then(|| url.clone());
+    let settings = Settings::resolve(&Overrides::default(), &env_of, None).unwrap();
+    let shutdown = CancellationToken::new();
+    let oe = OperationEnv {
+        settings: &settings,
+        redis: None,
+        queue: None,
+        holder: "test",
+        shutdown: &shutdown,
+    };
+    let job = OperationJob::Analytics(AnalyticsParams::HealthReport(params()));
+    let env = JobEnvelope::new(JobKind::Analytics, "default", job.params(), "test");
+    let missing_alerts = |outcome: JobOutcome| -> Vec<String> {
+        let JobOutcome::Done { report, .. } = outcome else {
+            panic!("the report ran: {outcome:?}")
+        };
+        report["alerts"]
+            .as_array()
+            .expect("alerts")
+            .iter()
+            .filter(|a| a["name"] == "missing_index")
+            .map(|a| a["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+
+    let missing = maintenance::missing_recommended_indexes(&tdb.db)
+        .await
+        .unwrap();
+    assert!(
+        !missing.is_empty(),
+        "the demo data lacks some recommended indexes"
+    );
+    let alerts = missing_alerts(dispatch::run_operation(&env, &oe).await);
+    assert_eq!(alerts.len(), missing.len(), "{alerts:?}");
+    for name in &missing {
+        assert!(
+            alerts.iter().any(|a| a.contains(name.as_str())),
+            "{name}: {alerts:?}"
+        );
+    }
+
+    let ctx = OpContext {
+        db: tdb.db.clone(),
+        fence: Some(
+            sessionfleet::fence::issue_token(&tdb.db, "target:default", "test")
+                .await
+                .unwrap(),
+        ),
+        cancel: CancellationToken::new(),
+    };
+    maintenance::create_indexes(&ctx, false).await.unwrap();
+    assert!(missing_alerts(dispatch::run_operation(&env, &oe).await).is_empty());
+    tdb.drop_db().await;
+}
