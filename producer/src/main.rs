@@ -50,9 +50,10 @@ fn overrides(g: &cli::GlobalArgs) -> Overrides {
 
 async fn run(cli: Cli) -> anyhow::Result<Exit> {
     let g = cli.global.clone();
-    init_logs(g.verbose);
     let out = Output { json: g.json };
+    // Configuration errors are printed by `main`, one line, without logs.
     let settings = Settings::load(&overrides(&g), g.config.as_deref())?;
+    sessionfleet::telemetry::init(settings.log_format.value, g.verbose);
     match cli.command {
         Command::Config(c) => match c.action {
             ConfigAction::Show => commands::config::show(&settings, &out)?,
@@ -88,12 +89,4 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
         }
     }
     Ok(Exit::Success)
-}
-
-fn init_logs(verbose: bool) {
-    let format = match std::env::var("SESSIONFLEET_LOG_FORMAT").as_deref() {
-        Ok("json") => sessionfleet::config::LogFormat::Json,
-        _ => sessionfleet::config::LogFormat::Text,
-    };
-    sessionfleet::telemetry::init(format, verbose);
 }

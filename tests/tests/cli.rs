@@ -262,6 +262,29 @@ async fn an_interrupted_local_cleanup_shows_what_it_deleted() {
     t.drop_db().await;
 }
 
+/// `log_format = "json"` in the configuration file makes the CLI's logs JSON, as it does the
+/// worker's (only the environment variable used to). Fails if the logs stay text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_s_log_format_applies_to_the_cli() {
+    let t = seeded(Engine::Sqlite, 300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("json.toml");
+    std::fs::write(&config, "log_format = \"json\"\n").unwrap();
+    let mut cli = Cli::new(&t.url);
+    cli.extra
+        .push(("SESSIONFLEET_CONFIG".into(), config.display().to_string()));
+    let out = cli.run(&["-v", "cleanup", "--local", "--once"]);
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let logs: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["level"].is_string())
+        .collect();
+    assert!(!logs.is_empty(), "no JSON log line: {stderr}");
+    t.drop_db().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_targets_fans_out_one_job_per_database() {
     let dbs = [
