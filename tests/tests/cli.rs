@@ -530,6 +530,28 @@ async fn usage_errors_help_and_exit_codes() {
     assert!(err.contains("--max-age must be at most"), "{err}");
     let out = cli.run(&["cleanup", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
+    // --export writes one waited-for report: not several targets', nor one never waited for.
+    for args in [
+        &[
+            "--all-targets",
+            "analytics",
+            "--health-report",
+            "--export",
+            "r.json",
+        ][..],
+        &[
+            "--no-wait",
+            "analytics",
+            "--health-report",
+            "--export",
+            "r.json",
+        ][..],
+    ] {
+        let out = cli.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("--export"), "{args:?}: {err}");
+    }
     let out = cli.run(&["analytics", "--trends", "0", "--local"]);
     assert_eq!(
         out.status.code(),

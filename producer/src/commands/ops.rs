@@ -62,7 +62,7 @@ pub async fn cleanup_stats(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
         let stats = cleanup::stats(&db, &params).await?;
         db.close().await;
         if !inv.out.json {
-            if inv.targets()?.len() > 1 {
+            if inv.global.all_targets {
                 println!("## target {}", target.name);
             }
             print!("{}", stats.render_text());
@@ -91,6 +91,17 @@ pub async fn analytics(inv: &Invocation<'_>, a: &AnalyticsArgs) -> anyhow::Resul
     }
     if let Some(path) = &a.export {
         check_export_path(path)?;
+        // One file holds one report, and only a report waited for can be written.
+        if inv.global.all_targets {
+            return Err(CliError::usage(
+                "--export writes one target's report: name it with --target instead of --all-targets",
+            ));
+        }
+        if inv.global.no_wait {
+            return Err(CliError::usage(
+                "--export needs the finished report: drop --no-wait",
+            ));
+        }
     }
     let runs = run::run(inv, |t| plan::health(inv.settings, t)).await?;
     let Some(runs) = runs else {
