@@ -105,7 +105,7 @@ pub enum Command {
 
 /// `sessionfleet cleanup`
 #[derive(Debug, Args, Clone)]
-#[command(group(ArgGroup::new("mode").args(["once", "daemon", "force", "stats"])))]
+#[command(group(ArgGroup::new("mode").args(["once", "daemon", "stats"])))]
 pub struct CleanupArgs {
     /// Run one cleanup cycle
     #[arg(long)]
@@ -113,8 +113,8 @@ pub struct CleanupArgs {
     /// Keep running: a cleanup every SESSION_CLEANUP_INTERVAL seconds (the scheduler's cleanup-only form)
     #[arg(long, conflicts_with = "dry_run")]
     pub daemon: bool,
-    /// Cleanup that also purges every session idle longer than --max-age hours
-    #[arg(long)]
+    /// Cleanup that also purges every session idle longer than --max-age hours (once, or with --daemon every interval)
+    #[arg(long, conflicts_with = "stats")]
     pub force: bool,
     /// With --force: idle hours after which any session is purged (at least 1)
     #[arg(long, value_name = "HOURS", requires = "force")]

@@ -513,6 +513,7 @@ impl Settings {
         // targets — a phantom local SQLite file beside configured targets would be scheduled
         // and fail on every tick.
         let explicit = matches!(database_url.source, Source::Flag | Source::Env);
+        let from_flag = matches!(database_url.source, Source::Flag);
         if explicit || settings.targets.is_empty() {
             let default = Target {
                 name: "default".into(),
@@ -525,24 +526,32 @@ impl Settings {
                 cleanup_parallel_reads: None,
             };
             // DATABASE_URL naming a database the file already names (as the deploy examples
-            // do, with the password in the environment) adds no second target: a second
-            // name would be a second lease on the same database.
+            // do, with the password in the environment) is that target, connected to with
+            // DATABASE_URL (its credentials, its options); the file's per-target settings
+            // stay. A second name would be a second lease on the same database.
             let same = default.database_identity().and_then(|id| {
                 settings
                     .targets
-                    .values()
+                    .values_mut()
                     .find(|t| t.name != "default" && t.database_identity().as_ref() == Some(&id))
-                    .map(|t| t.name.clone())
             });
-            match same {
-                Some(name) => {
-                    if settings.default_target.source == Source::Default {
-                        settings.default_target.value = name;
-                    }
+            let chosen = match same {
+                Some(target) => {
+                    target.url = default.url;
+                    target.source = default.source.clone();
+                    target.name.clone()
                 }
                 None => {
                     settings.targets.insert("default".into(), default);
+                    "default".to_string()
                 }
+            };
+            // DATABASE_URL picks the database a command works on unless a default target
+            // was chosen as explicitly (a command-line flag beats the file's choice).
+            let flag_beats_choice =
+                from_flag && !matches!(settings.default_target.source, Source::Flag);
+            if settings.default_target.source == Source::Default || flag_beats_choice {
+                settings.default_target.value = chosen;
             }
         }
         check_one_target_per_database(&settings.targets)?;

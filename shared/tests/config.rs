@@ -127,11 +127,33 @@ fn one_database_is_one_target() {
     )];
     let s = Settings::resolve(&Overrides::default(), &env_of(&env), Some(file.path())).unwrap();
     assert_eq!(s.target_names(), "app, legacy");
+    let app = s.target(None).unwrap();
+    assert_eq!(app.name, "app", "DATABASE_URL's database");
     assert_eq!(
-        s.target(None).unwrap().name,
-        "app",
-        "DATABASE_URL's database"
+        app.url, env[0].1,
+        "connected to with DATABASE_URL: its password and options"
     );
+
+    // On the command line, DATABASE_URL picks the database over the file's default_target.
+    let chosen = file_with(
+        "default_target = \"app\"\n[targets.app]\nurl = \"postgres://sessionfleet@db.internal/app\"\n\
+         [targets.legacy]\nurl = \"sqlite:///var/lib/legacy.db\"\n",
+    );
+    let mut flag = Overrides::default();
+    flag.set(
+        "DATABASE_URL",
+        Some("sqlite:///var/lib/legacy.db".to_string()),
+    );
+    let s = Settings::resolve(&flag, &env_of(&[]), Some(chosen.path())).unwrap();
+    assert_eq!(s.target(None).unwrap().name, "legacy");
+    let mut other = Overrides::default();
+    other.set(
+        "DATABASE_URL",
+        Some("sqlite:///tmp/elsewhere.db".to_string()),
+    );
+    let s = Settings::resolve(&other, &env_of(&[]), Some(chosen.path())).unwrap();
+    assert_eq!(s.target(None).unwrap().name, "default");
+    assert_eq!(s.target(None).unwrap().url, "sqlite:///tmp/elsewhere.db");
 
     let twice = file_with(
         "[targets.a]\nurl = \"mysql://u:pw1@db:3306/app\"\n\

@@ -728,7 +728,17 @@ async fn cleanup_daemon_schedules_what_its_flags_say_and_refuses_the_rest() {
 
     let daemon = Scheduler::start_with(
         &cli,
-        &["cleanup", "--daemon", "--target", "b", "--batch-size", "7"],
+        &[
+            "cleanup",
+            "--daemon",
+            "--target",
+            "b",
+            "--batch-size",
+            "7",
+            "--force",
+            "--max-age",
+            "5",
+        ],
     );
     let started = Instant::now();
     while daemon.fired().is_empty() {
@@ -750,6 +760,10 @@ async fn cleanup_daemon_schedules_what_its_flags_say_and_refuses_the_rest() {
         assert!(
             p.contains(r#""batch_size":7"#),
             "the daemon's batch size: {p}"
+        );
+        assert!(
+            p.contains(r#""force":true"#) && p.contains(r#""force_max_age_hours":5"#),
+            "the daemon's forced cleanup: {p}"
         );
     }
 }
