@@ -765,15 +765,26 @@ impl Settings {
                 Source::Default
             },
         ));
+        // Only the file sets these; one equal to the default is shown as the default.
+        let source = |value: &str, default: &str| {
+            if value == default {
+                Source::Default
+            } else {
+                Source::File
+            }
+        };
         rows.push((
             "schedule.full_maintenance".into(),
             self.schedules.full_maintenance.clone(),
-            Source::Default,
+            source(
+                &self.schedules.full_maintenance,
+                DEFAULT_FULL_MAINTENANCE_CRON,
+            ),
         ));
         rows.push((
             "schedule.health_report".into(),
             self.schedules.health_report.clone(),
-            Source::Default,
+            source(&self.schedules.health_report, DEFAULT_HEALTH_REPORT_CRON),
         ));
         rows
     }

@@ -349,6 +349,16 @@ fn schedules_accept_five_and_six_field_cron() {
     let s = Settings::resolve(&Overrides::default(), &env_of(&[]), Some(f.path())).unwrap();
     assert_eq!(s.schedules.cleanup.as_deref(), Some("0 */15 * * * *"));
     assert_eq!(s.schedules.full_maintenance, "0 30 3 * * *");
+    // `config show` says where each came from.
+    let source_of = |key: &str| {
+        s.rows()
+            .into_iter()
+            .find(|(k, _, _)| k == key)
+            .map(|(_, _, source)| source)
+            .unwrap()
+    };
+    assert_eq!(source_of("schedule.full_maintenance"), Source::File);
+    assert_eq!(source_of("schedule.health_report"), Source::Default);
     let bad = file_with("[schedule]\nhealth_report = \"every hour\"\n");
     let msg = refusal(&Overrides::default(), &[], Some(bad.path()));
     assert!(

@@ -77,7 +77,11 @@ fn kubernetes_manifests_match_the_code() {
             for c in spec["containers"].as_sequence().unwrap() {
                 for e in c["env"].as_sequence().into_iter().flatten() {
                     let name = e["name"].as_str().unwrap();
-                    assert!(known_env(name), "{file}: unknown env {name}");
+                    // REDIS_PASSWORD is the KEDA scaler's, read from the worker container.
+                    assert!(
+                        known_env(name) || name == "REDIS_PASSWORD",
+                        "{file}: unknown env {name}"
+                    );
                     if let Some(key) = e["valueFrom"]["secretKeyRef"]["key"].as_str() {
                         assert!(
                             secret_keys.contains(&key),
@@ -126,6 +130,21 @@ fn kubernetes_manifests_match_the_code() {
         scaled["spec"]["scaleTargetRef"]["name"],
         "sessionfleet-worker"
     );
+    // The scaler reads the queues with the fleet's Redis password, from the worker's env.
+    let worker = std::fs::read_to_string(workspace_root().join("deploy/k8s/worker.yaml")).unwrap();
+    for t in scaled["spec"]["triggers"].as_sequence().unwrap() {
+        let password = t["metadata"]["passwordFromEnv"]
+            .as_str()
+            .expect("passwordFromEnv");
+        assert!(
+            secret_keys.contains(&password),
+            "{password} not in the secret"
+        );
+        assert!(
+            worker.contains(&format!("name: {password}")),
+            "{password} not in the worker's env"
+        );
+    }
     let lists: Vec<&str> = scaled["spec"]["triggers"]
         .as_sequence()
         .unwrap()

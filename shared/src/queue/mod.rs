@@ -1,6 +1,6 @@
-//! The job queue: apalis-redis set up so that its reproduced 1.0.0 defects cannot hurt us
-//! (see `reference/apalis-1.0-notes.md`), plus what apalis lacks — results and run history,
-//! our dead letters, our retry policy, a live-worker registry and a janitor.
+//! The job queue: apalis-redis set up so that its reproduced 1.0.0 defects (listed in
+//! ARCHITECTURE.md) cannot hurt us, plus what apalis lacks — results and run history, our
+//! dead letters, our retry policy, a live-worker registry and a janitor.
 //!
 //! Architecture invariant: the queue knows no SQL; it carries [`JobEnvelope`]s. apalis stays
 //! behind this module: the worker binary gets its apalis `Config` from [`Queue::apalis_config`]
