@@ -508,11 +508,16 @@ impl Settings {
             settings.targets = file.targets()?;
             settings.schedules = file.schedules()?;
         }
-        // The 'default' target is DATABASE_URL's: always when it is given (flag, env; over
-        // a file's own 'default'), and with its built-in value only when the file names no
-        // targets — a phantom local SQLite file beside configured targets would be scheduled
-        // and fail on every tick.
-        let explicit = matches!(database_url.source, Source::Flag | Source::Env);
+        // The 'default' target is DATABASE_URL's: always when it is given (flag, env, the
+        // file's `database_url`; over a file's own [targets.default] from a flag or the
+        // environment), and with its built-in value only when the file names no targets — a
+        // phantom local SQLite file beside configured targets would be scheduled and fail on
+        // every tick.
+        let explicit = match database_url.source {
+            Source::Flag | Source::Env => true,
+            Source::File => !settings.targets.contains_key("default"),
+            _ => false,
+        };
         let from_flag = matches!(database_url.source, Source::Flag);
         if explicit || settings.targets.is_empty() {
             let default = Target {

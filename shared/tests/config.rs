@@ -172,6 +172,14 @@ fn one_database_is_one_target() {
         "[targets.a]\nurl = \"mysql://u@db/app\"\n[targets.b]\nurl = \"mysql://u@db/other\"\n\
          [targets.c]\nurl = \"mysql://u@db:3307/app\"\n",
     );
+    // The file's own database_url is the 'default' target beside its other targets.
+    let with_key = file_with(
+        "database_url = \"postgres://app@db/app\"\n[targets.legacy]\nurl = \"sqlite:///l.db\"\n",
+    );
+    let s = Settings::resolve(&Overrides::default(), &env_of(&[]), Some(with_key.path())).unwrap();
+    assert_eq!(s.target_names(), "default, legacy");
+    assert_eq!(s.target(None).unwrap().name, "default");
+
     let apart = Settings::resolve(&Overrides::default(), &env_of(&[]), Some(apart.path())).unwrap();
     let err = apart.target(None).unwrap_err().to_string();
     assert!(
