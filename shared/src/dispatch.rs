@@ -180,7 +180,8 @@ impl OperationJob {
             }
             OperationJob::FullMaintenance(p) => {
                 let r = full::run(&ctx, p).await?;
-                let rows = r.report.rows_deleted();
+                // This part's rows: the report's figure is the run's so far.
+                let rows = r.rows;
                 Ok(Executed {
                     report: to_json(&r.report),
                     rows,

@@ -800,10 +800,22 @@ async fn stale_fence_refuses_to_change_anything(engine: Engine) {
     }
     // Full maintenance fenced out at its index stage keeps what earlier parts did and hands
     // the stage to a continuation, without calling the refusal an error of the run.
+    let mut earlier_cleanup = CleanupReport::new(Utc::now().naive_utc(), false);
+    earlier_cleanup.expired_sessions_cleaned = 10;
     let earlier = FullReport {
-        cleanup: Some(CleanupReport::new(Utc::now().naive_utc(), false)),
+        cleanup: Some(earlier_cleanup),
         ..FullReport::default()
     };
+    // The rows a part reports are its own, not the run's so far (earlier parts counted theirs).
+    let executed = sessionfleet::dispatch::OperationJob::FullMaintenance(Box::new(FullParams {
+        stage: Stage::Indexes,
+        partial: Some(earlier.clone()),
+        ..FullParams::default()
+    }))
+    .execute(stale_ctx.clone())
+    .await
+    .expect("a fenced-out part reports");
+    assert_eq!(executed.rows, 0);
     let fenced = full::run(
         &stale_ctx,
         &FullParams {

@@ -149,6 +149,8 @@ pub struct FullRun {
     pub next: Option<FullParams>,
     /// Why this part stopped.
     pub outcome: Outcome,
+    /// Rows this part deleted (the report's figures are the run's so far).
+    pub rows: u64,
 }
 
 /// Runs full maintenance from `p.stage` on.
@@ -160,6 +162,7 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
         ..FullReport::default()
     });
     let mut stage = p.stage;
+    let mut part_rows = 0;
 
     if stage == Stage::Cleanup {
         let mut cp = p.cleanup.clone();
@@ -169,6 +172,9 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
             cp.as_of = Some(first.as_of);
         }
         let part = cleanup::run(ctx, &cp).await?;
+        if !part.dry_run {
+            part_rows = part.total_cleaned();
+        }
         let outcome = part.outcome;
         let continued = p.cleanup.continuation(&part);
         match &mut report.cleanup {
@@ -178,7 +184,7 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
         if outcome != Outcome::Completed {
             let next = FullParams {
                 stage: Stage::Cleanup,
-                partial: Some(report.clone()),
+                partial: Some(carried(&report)),
                 cleanup: continued,
                 ..p.clone()
             };
@@ -186,6 +192,7 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
                 report,
                 next: Some(next),
                 outcome,
+                rows: part_rows,
             });
         }
         stage = Stage::Indexes;
@@ -198,17 +205,20 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
                 report.indexes = Some(r);
                 let next = FullParams {
                     stage,
-                    partial: Some(report.clone()),
+                    partial: Some(carried(&report)),
                     ..p.clone()
                 };
                 return Ok(FullRun {
                     report,
                     next: Some(next),
                     outcome: Outcome::Cancelled,
+                    rows: part_rows,
                 });
             }
             Ok(r) => report.indexes = Some(r),
-            Err(e) if e.is_fenced_out() => return Ok(fenced_out(p, stage, report, &e)),
+            Err(e) if e.is_fenced_out() => {
+                return Ok(fenced_out(p, stage, report, part_rows, &e));
+            }
             Err(e) => report.errors.push(format!("create indexes: {e}")),
         }
         stage = Stage::Optimize;
@@ -216,13 +226,14 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
     if ctx.cancel.is_cancelled() {
         let next = FullParams {
             stage,
-            partial: Some(report.clone()),
+            partial: Some(carried(&report)),
             ..p.clone()
         };
         return Ok(FullRun {
             report,
             next: Some(next),
             outcome: Outcome::Cancelled,
+            rows: part_rows,
         });
     }
 
@@ -232,7 +243,9 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
         } else {
             match maintenance::optimize(ctx, p.vacuum).await {
                 Ok(r) => report.optimization = Some(r),
-                Err(e) if e.is_fenced_out() => return Ok(fenced_out(p, stage, report, &e)),
+                Err(e) if e.is_fenced_out() => {
+                    return Ok(fenced_out(p, stage, report, part_rows, &e));
+                }
                 Err(e) => report.errors.push(format!("optimize: {e}")),
             }
         }
@@ -256,23 +269,39 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
         report,
         next: None,
         outcome: Outcome::Completed,
+        rows: part_rows,
     })
+}
+
+/// The report as the continuation's parameters carry it. The cleanup's outcome there says
+/// only that the part stopped early (`cancelled`): workers of the previous release, still
+/// running during a rolling upgrade, know no other early outcome and would refuse the
+/// continuation's parameters. The part's own result keeps the precise outcome.
+fn carried(report: &FullReport) -> FullReport {
+    let mut carried = report.clone();
+    if let Some(c) = &mut carried.cleanup
+        && matches!(c.outcome, Outcome::FencedOut | Outcome::Interrupted)
+    {
+        c.outcome = Outcome::Cancelled;
+    }
+    carried
 }
 
 /// A part that a newer lease holder fenced out at `stage`: what it did so far stays in the
 /// report carried to the continuation, which starts again at `stage` (a step refused by the
 /// fence wrote nothing). Not an error of the run: the continuation finishes the stage.
-fn fenced_out(p: &FullParams, stage: Stage, report: FullReport, e: &OpError) -> FullRun {
+fn fenced_out(p: &FullParams, stage: Stage, report: FullReport, rows: u64, e: &OpError) -> FullRun {
     tracing::warn!(error = %e, ?stage, "fenced out: a newer lease holder took over; this part stops here");
     let next = FullParams {
         stage,
-        partial: Some(report.clone()),
+        partial: Some(carried(&report)),
         ..p.clone()
     };
     FullRun {
         report,
         next: Some(next),
         outcome: Outcome::FencedOut,
+        rows,
     }
 }
 
@@ -363,4 +392,29 @@ pub fn summarize(r: &FullReport) -> Summary {
         "completed_with_errors".into()
     };
     s
+}
+
+#[cfg(test)]
+mod carried_tests {
+    use super::*;
+
+    /// The continuation's parameters name no outcome an older worker cannot read.
+    #[test]
+    fn continuations_carry_only_outcomes_older_workers_know() {
+        for outcome in [Outcome::FencedOut, Outcome::Interrupted] {
+            let mut cleanup = CleanupReport::new(Utc::now().naive_utc(), false);
+            cleanup.outcome = outcome;
+            let report = FullReport {
+                cleanup: Some(cleanup),
+                ..FullReport::default()
+            };
+            let json = serde_json::to_string(&carried(&report)).unwrap();
+            assert!(json.contains(r#""outcome":"cancelled""#), "{json}");
+            assert_eq!(
+                report.cleanup.unwrap().outcome,
+                outcome,
+                "the part keeps its own"
+            );
+        }
+    }
 }
