@@ -1078,6 +1078,11 @@ pub fn normalize_cron(expr: &str) -> Option<String> {
     let expr = expr.trim();
     let fields: Vec<&str> = expr.split_whitespace().collect();
     let six = if let [minute, hour, day, month, weekday] = fields[..] {
+        // crontab runs when either day field matches if both are restricted; the cron crate
+        // needs both. Such an expression would silently run on fewer days: refused.
+        if !matches!(day, "*" | "?") && !matches!(weekday, "*" | "?") {
+            return None;
+        }
         let weekday = unix_days_of_week(weekday)?;
         format!("0 {minute} {hour} {day} {month} {weekday}")
     } else {
@@ -1087,20 +1092,22 @@ pub fn normalize_cron(expr: &str) -> Option<String> {
     cron::Schedule::from_str(&six).ok().map(|_| six)
 }
 
-/// A Unix cron day-of-week field (0-7, 0 and 7 Sunday; lists, ranges, steps, names) in the
-/// cron crate's numbering (1 = Sunday), as an explicit list where it holds numbers. Names
-/// (`MON-FRI`) mean the same to both and pass through. `None` for a number out of range or
-/// a backwards range.
+/// A Unix cron day-of-week field (0-7, 0 and 7 Sunday; names; lists, ranges, steps) in the
+/// cron crate's numbering (1 = Sunday), as an explicit list. `None` for a day out of range,
+/// an unknown name or a backwards range.
 fn unix_days_of_week(field: &str) -> Option<String> {
     if field == "*" || field == "?" {
         return Some(field.to_string());
     }
+    const NAMES: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
+    // Names become crontab's numbers first, so "1-FRI" reads as one range.
+    let numbered = field.to_ascii_uppercase();
+    let numbered = NAMES
+        .iter()
+        .enumerate()
+        .fold(numbered, |f, (n, name)| f.replace(name, &n.to_string()));
     let mut days: Vec<String> = Vec::new();
-    for item in field.split(',') {
-        if item.chars().any(|c| c.is_ascii_alphabetic()) {
-            days.push(item.to_string());
-            continue;
-        }
+    for item in numbered.split(',') {
         let (range, step) = match item.split_once('/') {
             Some((range, step)) => (range, step.parse::<usize>().ok().filter(|s| *s > 0)?),
             None => (item, 1),
@@ -1108,8 +1115,8 @@ fn unix_days_of_week(field: &str) -> Option<String> {
         let (first, last): (u32, u32) = match range.split_once('-') {
             _ if range == "*" => (0, 6),
             Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
-            // "n/step": from n to the end of the week.
-            None if item.contains('/') => (range.parse().ok()?, 6),
+            // "n/step": from n to the end of the week (7, Sunday again).
+            None if item.contains('/') => (range.parse().ok()?, 7),
             None => (range.parse().ok()?, range.parse().ok()?),
         };
         if first > last || last > 7 {

@@ -37,8 +37,14 @@ impl Cadence {
             }
             return Ok(Cadence::Every(secs));
         }
-        let normalized = crate::config::normalize_cron(s)
-            .ok_or_else(|| format!("'{s}': not a cron expression"))?;
+        let normalized = crate::config::normalize_cron(s).ok_or_else(|| {
+            match s.split_whitespace().collect::<Vec<_>>()[..] {
+                [_, _, day, _, weekday] if !matches!(day, "*" | "?") && !matches!(weekday, "*" | "?") => {
+                    format!("'{s}': day of month and day of week both set (crontab runs on either, which this scheduler cannot express): keep one of them")
+                }
+                _ => format!("'{s}': not a cron expression"),
+            }
+        })?;
         Ok(Cadence::Cron(normalized))
     }
 
@@ -343,6 +349,20 @@ mod tests {
         );
         assert!(Cadence::parse("0 2 * * 8").is_err());
         assert!(Cadence::parse("0 2 * * 3-1").is_err());
+        // Names and numbers mix as in crontab; "n/step" runs to the week's end (7 = Sunday).
+        let mon_to_fri = Cadence::parse("0 2 * * 1-FRI").unwrap();
+        assert_eq!(
+            mon_to_fri.ticks_between(at("2026-11-29T00:00:00Z"), at("2026-12-06T00:00:00Z"), 100),
+            5
+        );
+        let fri_sun = Cadence::parse("0 2 * * 5/2").unwrap();
+        assert_eq!(
+            fri_sun.next_tick(at("2026-11-28T00:00:00Z")),
+            Some(at("2026-11-29T02:00:00Z"))
+        );
+        // Day of month and day of week both restricted: crontab takes either, the crate both.
+        assert!(Cadence::parse("0 3 1 * 1").is_err());
+        assert!(Cadence::parse("0 3 1 * *").is_ok());
     }
 
     #[test]
