@@ -765,6 +765,11 @@ async fn cleanup_daemon_schedules_what_its_flags_say_and_refuses_the_rest() {
             p.contains(r#""force":true"#) && p.contains(r#""force_max_age_hours":5"#),
             "the daemon's forced cleanup: {p}"
         );
+        // Its own ticks: a plain scheduler's cleanup ticks do not stand in for them.
+        assert!(
+            p.contains(r#""dedupe_key":"schedule:cleanup+force+max_age=5+batch_size=7:b:"#),
+            "{p}"
+        );
     }
 }
 

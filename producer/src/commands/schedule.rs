@@ -41,6 +41,28 @@ fn job(
     }
 }
 
+/// The schedule name of a cleanup: `cleanup` for the default one, and one naming its
+/// parameters otherwise (`cleanup+force+max_age=24`), so a `cleanup --daemon --force` beside
+/// the scheduler keeps its own tick record and dedupe keys instead of sharing the plain
+/// cleanup's (whichever enqueued a tick first decided which cleanup ran).
+fn cleanup_schedule_name(ask: &CleanupAsk) -> String {
+    let mut name = String::from("cleanup");
+    if ask.force {
+        name.push_str("+force");
+    }
+    let numbers = [
+        ("max_age", ask.max_age_hours.map(u64::from)),
+        ("batch_size", ask.batch_size.map(u64::from)),
+        ("budget", ask.budget_secs),
+    ];
+    for (key, value) in numbers {
+        if let Some(v) = value {
+            name.push_str(&format!("+{key}={v}"));
+        }
+    }
+    name
+}
+
 /// Runs the scheduler until SIGTERM or SIGINT: every schedule, or with `cleanup_only` (the
 /// `cleanup --daemon` form) only cleanups of that kind. `--target` keeps it to one target,
 /// otherwise it schedules every configured one.
@@ -68,17 +90,21 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: Option<&CleanupAsk>) -> any
     let ask = cleanup_only.cloned().unwrap_or_default();
     let cleanup_only = cleanup_only.is_some();
     let parse = |expr: &str| Cadence::parse(expr).map_err(CliError::usage);
-    let mut plans = vec![(What::Cleanup, "cleanup", parse(&s.cleanup_schedule())?)];
+    let mut plans = vec![(
+        What::Cleanup,
+        cleanup_schedule_name(&ask),
+        parse(&s.cleanup_schedule())?,
+    )];
     if !cleanup_only {
         plans.push((
             What::Full,
-            "full_maintenance",
+            "full_maintenance".to_string(),
             parse(&s.schedules.full_maintenance)?,
         ));
         if s.monitoring_enabled.value {
             plans.push((
                 What::Health,
-                "health_report",
+                "health_report".to_string(),
                 parse(&s.schedules.health_report)?,
             ));
         }
@@ -98,7 +124,7 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: Option<&CleanupAsk>) -> any
     let mut conn = queue.connection();
     let mut term = signal(SignalKind::terminate())?;
     let who = format!("scheduler@{}-{}", hostname(), std::process::id());
-    let names: Vec<&str> = plans.iter().map(|p| p.1).collect();
+    let names: Vec<&str> = plans.iter().map(|p| p.1.as_str()).collect();
     tracing::info!(schedules = ?names, targets = %target_names, "scheduler started");
     inv.out.info(format!(
         "scheduler started: {} on targets {target_names}",
