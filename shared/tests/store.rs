@@ -564,15 +564,19 @@ async fn a_cancelled_statement_ends_early_and_leaves_its_connection_usable() {
             // interrupted SLEEP either with an error or with SLEEP's result 1.
             let ended_early = match &mut conn {
                 ReadConnection::Postgres(c) => {
-                    let slept = sqlx::query_scalar::<_, i32>("SELECT 1 FROM pg_sleep(60)")
-                        .fetch_one(&mut **c)
-                        .await;
+                    let slept = sqlx::query_scalar::<_, i32>(
+                        "/* sessionfleet:cancellable */ SELECT 1 FROM pg_sleep(60)",
+                    )
+                    .fetch_one(&mut **c)
+                    .await;
                     matches!(slept, Err(e) if sqlstate(&e).as_deref() == Some(QUERY_CANCELED))
                 }
                 ReadConnection::MySql(c) => {
-                    let slept = sqlx::query_scalar::<_, i64>("SELECT CAST(SLEEP(60) AS SIGNED)")
-                        .fetch_one(&mut **c)
-                        .await;
+                    let slept = sqlx::query_scalar::<_, i64>(
+                        "/* sessionfleet:cancellable */ SELECT CAST(SLEEP(60) AS SIGNED)",
+                    )
+                    .fetch_one(&mut **c)
+                    .await;
                     match slept {
                         Ok(interrupted) => interrupted == 1,
                         Err(e) => sqlstate(&e).as_deref() == Some(QUERY_INTERRUPTED),
@@ -641,14 +645,18 @@ async fn a_statement_given_up_on_a_cancellable_connection_ends_on_the_server() {
         let mut conn = t.db.cancellable_connection().await.unwrap();
         let sleeper = tokio::spawn(async move {
             conn.run(async |c| match c {
-                ReadConnection::Postgres(c) => sqlx::query("SELECT pg_sleep(60)")
-                    .execute(&mut **c)
-                    .await
-                    .map(|_| ()),
-                ReadConnection::MySql(c) => sqlx::query("SELECT SLEEP(60)")
-                    .execute(&mut **c)
-                    .await
-                    .map(|_| ()),
+                ReadConnection::Postgres(c) => {
+                    sqlx::query("/* sessionfleet:cancellable */ SELECT pg_sleep(60)")
+                        .execute(&mut **c)
+                        .await
+                        .map(|_| ())
+                }
+                ReadConnection::MySql(c) => {
+                    sqlx::query("/* sessionfleet:cancellable */ SELECT SLEEP(60)")
+                        .execute(&mut **c)
+                        .await
+                        .map(|_| ())
+                }
                 ReadConnection::Sqlite(_) => unreachable!("only server engines here"),
             })
             .await
@@ -667,6 +675,52 @@ async fn a_statement_given_up_on_a_cancellable_connection_ends_on_the_server() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        t.drop_db().await;
+    }
+}
+
+/// A cancellation reaches only statements marked `CANCELLABLE`: behind a pooler the session
+/// id may by then name another client's session, whose statement must run on. Fails if an
+/// unmarked statement is cancelled.
+#[tokio::test]
+async fn only_marked_statements_are_cancelled() {
+    use sessionfleet::store::ReadConnection;
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let t = TestDb::new(engine).await;
+        let mut conn = t.db.read_connection().await.unwrap();
+        let session = conn.server_session().await.unwrap().unwrap();
+        let sleeper = tokio::spawn(async move {
+            match &mut conn {
+                ReadConnection::Postgres(c) => sqlx::query("SELECT pg_sleep(2)")
+                    .execute(&mut **c)
+                    .await
+                    .map(|_| ()),
+                // SLEEP returns 1 when interrupted, 0 when it ran its course.
+                ReadConnection::MySql(c) => {
+                    sqlx::query_scalar::<_, i64>("SELECT CAST(SLEEP(2) AS SIGNED)")
+                        .fetch_one(&mut **c)
+                        .await
+                        .map(|interrupted| assert_eq!(interrupted, 0, "interrupted"))
+                }
+                ReadConnection::Sqlite(_) => unreachable!(),
+            }
+        });
+        let running = match engine {
+            Engine::Postgres => {
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND state = 'active' AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()"
+            }
+            _ => {
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() \
+                 AND INFO LIKE '%SLEEP(2)%' AND ID <> CONNECTION_ID()"
+            }
+        };
+        while t.db.scalar_i64(running).await.unwrap() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        t.db.cancel_statement(session).await.unwrap();
+        // Unmarked, it runs to its end: no cancellation error.
+        sleeper.await.unwrap().unwrap();
         t.drop_db().await;
     }
 }

@@ -17,7 +17,8 @@ impl Db {
     /// - SQLite: always `None`; it keeps no live figure, and its count is cheap.
     ///
     /// On PostgreSQL the read waits behind an exclusive lock on the table, so it runs on a
-    /// [`Db::cancellable_connection`]: a run that stops waiting for it ends it on the server.
+    /// [`Db::cancellable_connection`], marked [`super::CANCELLABLE`]: a run that stops
+    /// waiting for it ends it on the server.
     pub async fn estimated_rows(&self, table: &str) -> Result<Option<u64>, sqlx::Error> {
         if matches!(self.pool(), Pool::Sqlite(_)) {
             return Ok(None);
@@ -28,7 +29,7 @@ impl Db {
                 ReadConnection::Sqlite(_) => None,
                 ReadConnection::Postgres(c) => {
                     let row: Option<(f64, i64, i64)> = sqlx::query_as(
-                        "SELECT c.reltuples::float8, c.relpages::int8, \
+                        "/* sessionfleet:cancellable */ SELECT c.reltuples::float8, c.relpages::int8, \
                          (pg_relation_size(c.oid) / current_setting('block_size')::int8)::int8 \
                          FROM pg_class c WHERE c.oid = to_regclass($1)",
                     )
@@ -41,7 +42,7 @@ impl Db {
                 }
                 ReadConnection::MySql(c) => {
                     let rows: Option<Option<i64>> = sqlx::query_scalar(
-                        "SELECT CAST(TABLE_ROWS AS SIGNED) FROM information_schema.TABLES \
+                        "/* sessionfleet:cancellable */ SELECT CAST(TABLE_ROWS AS SIGNED) FROM information_schema.TABLES \
                          WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
                     )
                     .bind(table)

@@ -19,7 +19,7 @@ mod transient;
 mod writer;
 
 pub use connect::{ConnectOptions, Db, DbInfo, DbTx, Engine, Pool, dialect_sql};
-pub use read_conn::{CancellableConnection, ReadConnection, ServerSession};
+pub use read_conn::{CANCELLABLE, CancellableConnection, ReadConnection, ServerSession};
 pub use schema::{Schema, SchemaVersion, SessionProfile};
 pub use scoped::ScopedConnection;
 pub use sql::{mysql_row_errors, placeholders, sqlite_datetime};

@@ -23,21 +23,39 @@ pub enum ReadConnection {
 }
 
 impl Db {
-    /// Asks the server to cancel the statement `session` is running, if any; the session
-    /// itself stays connected. Allowed for sessions of the same database user.
+    /// Asks the server to cancel the statement `session` is running, if it is one of ours
+    /// (its text carries [`CANCELLABLE`]); the session itself stays connected. Allowed for
+    /// sessions of the same database user. The marker matters behind a pooler or proxy
+    /// (pgbouncer in transaction mode, ProxySQL, MaxScale), where the session id read on one
+    /// statement may name another client's session by the time of the cancel.
     pub async fn cancel_statement(&self, session: ServerSession) -> Result<(), sqlx::Error> {
+        let marked = format!("%{CANCELLABLE}%");
         match (self.pool(), session.engine) {
             (Pool::Postgres(p), Engine::Postgres) => {
-                sqlx::query("SELECT pg_cancel_backend(CAST($1 AS INTEGER))")
-                    .bind(session.id)
-                    .execute(p)
-                    .await?;
+                sqlx::query(
+                    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+                     WHERE pid = CAST($1 AS INTEGER) AND query LIKE $2",
+                )
+                .bind(session.id)
+                .bind(&marked)
+                .execute(p)
+                .await?;
             }
             (Pool::MySql(p), Engine::MySql) => {
-                // An id the server gave, formatted as a number: nothing to escape.
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("KILL QUERY {}", session.id)))
-                    .execute(p)
-                    .await?;
+                let ours: Option<i64> = sqlx::query_scalar(
+                    "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST \
+                     WHERE ID = ? AND INFO LIKE ?",
+                )
+                .bind(session.id)
+                .bind(&marked)
+                .fetch_optional(p)
+                .await?;
+                if let Some(id) = ours {
+                    // An id the server gave, formatted as a number: nothing to escape.
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("KILL QUERY {id}")))
+                        .execute(p)
+                        .await?;
+                }
             }
             _ => {}
         }
@@ -54,6 +72,10 @@ impl Db {
         })
     }
 }
+
+/// The comment every statement [`Db::cancel_statement`] may cancel starts with: it cancels
+/// nothing else.
+pub const CANCELLABLE: &str = "/* sessionfleet:cancellable */";
 
 /// A server session to cancel statements of: PostgreSQL's backend pid, MySQL's connection id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -482,11 +482,13 @@ async fn count_in(
         Some(p) => (format!(" WHERE {}", p.sql), p.binds.as_slice()),
         None => (String::new(), &[][..]),
     };
+    // Marked: a count given up is cancelled on the server (`Db::cancel_statement`).
+    let mark = crate::store::CANCELLABLE;
     let sql = tx.sql(match limit {
-        Some(n) => {
-            format!("SELECT COUNT(*) FROM (SELECT 1 AS one FROM {t}{where_sql} LIMIT {n}) AS found")
-        }
-        None => format!("SELECT COUNT(*) FROM {t}{where_sql}"),
+        Some(n) => format!(
+            "{mark} SELECT COUNT(*) FROM (SELECT 1 AS one FROM {t}{where_sql} LIMIT {n}) AS found"
+        ),
+        None => format!("{mark} SELECT COUNT(*) FROM {t}{where_sql}"),
     });
     if background {
         tx.without_parallel_workers().await?;
