@@ -1062,3 +1062,47 @@ async fn a_postgres_index_check_that_times_out_is_not_corruption() {
     );
     tdb.drop_db().await;
 }
+
+/// Indexes an earlier part of a full maintenance built stay "created" in the run's report
+/// when a continuation resumes at the index stage (where they now exist). Fails if the
+/// continuation's report replaces the earlier part's.
+#[tokio::test]
+async fn full_maintenance_keeps_indexes_an_earlier_part_built() {
+    let tdb = seeded(Engine::Sqlite, SchemaVersion::V1).await;
+    let (ctx, _) = ctx_with_fence(&tdb.db).await;
+    let built = maintenance::create_indexes(&ctx, false).await.unwrap();
+    assert!(!built.indexes_created.is_empty());
+    let earlier = FullReport {
+        indexes: Some(built.clone()),
+        ..FullReport::default()
+    };
+    let run = full::run(
+        &ctx,
+        &FullParams {
+            stage: Stage::Indexes,
+            partial: Some(earlier),
+            ..FullParams::default()
+        },
+    )
+    .await
+    .unwrap();
+    let indexes = run.report.indexes.expect("index report");
+    assert_eq!(indexes.indexes_created, built.indexes_created);
+    for name in &built.indexes_created {
+        assert!(
+            !indexes
+                .indexes_skipped
+                .iter()
+                .any(|s| s.starts_with(name.as_str())),
+            "{name} is not 'already exists': {:?}",
+            indexes.indexes_skipped
+        );
+    }
+    let created = format!("Created {} database indexes", built.indexes_created.len());
+    assert!(
+        run.report.summary.actions_taken.contains(&created),
+        "{:?}",
+        run.report.summary.actions_taken
+    );
+    tdb.drop_db().await;
+}

@@ -199,7 +199,25 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
     }
 
     if stage == Stage::Indexes {
-        match maintenance::create_indexes(ctx, p.dry_run).await {
+        // An earlier part's builds: they show as "already exists" now, and stay "created".
+        let earlier = report.indexes.take();
+        let with_earlier = |mut r: IndexReport| {
+            if let Some(e) = &earlier {
+                r.indexes_skipped.retain(|s| {
+                    !e.indexes_created
+                        .iter()
+                        .any(|c| s.starts_with(&format!("{c} ")))
+                });
+                let mut created = e.indexes_created.clone();
+                created.append(&mut r.indexes_created);
+                r.indexes_created = created;
+            }
+            r
+        };
+        match maintenance::create_indexes(ctx, p.dry_run)
+            .await
+            .map(with_earlier)
+        {
             // Cancelled part-way: the continuation builds the rest before going on.
             Ok(r) if r.cut_short() => {
                 report.indexes = Some(r);
@@ -217,9 +235,13 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
             }
             Ok(r) => report.indexes = Some(r),
             Err(e) if e.is_fenced_out() => {
+                report.indexes = earlier;
                 return Ok(fenced_out(p, stage, report, part_rows, &e));
             }
-            Err(e) => report.errors.push(format!("create indexes: {e}")),
+            Err(e) => {
+                report.indexes = earlier;
+                report.errors.push(format!("create indexes: {e}"));
+            }
         }
         stage = Stage::Optimize;
     }
