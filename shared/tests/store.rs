@@ -620,18 +620,22 @@ async fn a_cancelled_statement_ends_early_and_leaves_its_connection_usable() {
 
 /// The server sessions of this database (other than the asker's) running a minute's sleep.
 async fn minute_sleeps(db: &sessionfleet::store::Db) -> i64 {
-    db.scalar_i64(match db.engine() {
-        Engine::Postgres => {
+    sleeps(db, 60).await
+}
+
+/// The server sessions of this database (other than the asker's) sleeping `secs` seconds.
+async fn sleeps(db: &sessionfleet::store::Db, secs: u32) -> i64 {
+    let sql = match db.engine() {
+        Engine::Postgres => format!(
             "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND state = 'active' AND query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()"
-        }
-        _ => {
+             AND state = 'active' AND query LIKE '%pg_sleep({secs})%' AND pid <> pg_backend_pid()"
+        ),
+        _ => format!(
             "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() \
-             AND INFO LIKE '%SLEEP(60)%' AND ID <> CONNECTION_ID()"
-        }
-    })
-    .await
-    .unwrap()
+             AND INFO LIKE '%SLEEP({secs})%' AND ID <> CONNECTION_ID()"
+        ),
+    };
+    db.scalar_i64(&sql).await.unwrap()
 }
 
 /// A statement on a `CancellableConnection` whose future is dropped part-way ends on the
@@ -705,17 +709,7 @@ async fn only_marked_statements_are_cancelled() {
                 ReadConnection::Sqlite(_) => unreachable!(),
             }
         });
-        let running = match engine {
-            Engine::Postgres => {
-                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND state = 'active' AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()"
-            }
-            _ => {
-                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() \
-                 AND INFO LIKE '%SLEEP(2)%' AND ID <> CONNECTION_ID()"
-            }
-        };
-        while t.db.scalar_i64(running).await.unwrap() == 0 {
+        while sleeps(&t.db, 2).await == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         t.db.cancel_statement(session).await.unwrap();

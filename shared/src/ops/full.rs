@@ -182,18 +182,17 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
             None => report.cleanup = Some(part),
         }
         if outcome != Outcome::Completed {
-            let next = FullParams {
-                stage: Stage::Cleanup,
-                partial: Some(carried(&report)),
+            let rest = FullParams {
                 cleanup: continued,
                 ..p.clone()
             };
-            return Ok(FullRun {
+            return Ok(continue_at(
+                &rest,
+                Stage::Cleanup,
                 report,
-                next: Some(next),
                 outcome,
-                rows: part_rows,
-            });
+                part_rows,
+            ));
         }
         stage = Stage::Indexes;
     }
@@ -221,17 +220,7 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
             // Cancelled part-way: the continuation builds the rest before going on.
             Ok(r) if r.cut_short() => {
                 report.indexes = Some(r);
-                let next = FullParams {
-                    stage,
-                    partial: Some(carried(&report)),
-                    ..p.clone()
-                };
-                return Ok(FullRun {
-                    report,
-                    next: Some(next),
-                    outcome: Outcome::Cancelled,
-                    rows: part_rows,
-                });
+                return Ok(continue_at(p, stage, report, Outcome::Cancelled, part_rows));
             }
             Ok(r) => report.indexes = Some(r),
             Err(e) if e.is_fenced_out() => {
@@ -246,17 +235,7 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
         stage = Stage::Optimize;
     }
     if ctx.cancel.is_cancelled() {
-        let next = FullParams {
-            stage,
-            partial: Some(carried(&report)),
-            ..p.clone()
-        };
-        return Ok(FullRun {
-            report,
-            next: Some(next),
-            outcome: Outcome::Cancelled,
-            rows: part_rows,
-        });
+        return Ok(continue_at(p, stage, report, Outcome::Cancelled, part_rows));
     }
 
     if stage == Stage::Optimize {
@@ -314,6 +293,17 @@ fn carried(report: &FullReport) -> FullReport {
 /// fence wrote nothing). Not an error of the run: the continuation finishes the stage.
 fn fenced_out(p: &FullParams, stage: Stage, report: FullReport, rows: u64, e: &OpError) -> FullRun {
     tracing::warn!(error = %e, ?stage, "fenced out: a newer lease holder took over; this part stops here");
+    continue_at(p, stage, report, Outcome::FencedOut, rows)
+}
+
+/// A part that stops early: the continuation resumes at `stage` with `report` so far.
+fn continue_at(
+    p: &FullParams,
+    stage: Stage,
+    report: FullReport,
+    outcome: Outcome,
+    rows: u64,
+) -> FullRun {
     let next = FullParams {
         stage,
         partial: Some(carried(&report)),
@@ -322,7 +312,7 @@ fn fenced_out(p: &FullParams, stage: Stage, report: FullReport, rows: u64, e: &O
     FullRun {
         report,
         next: Some(next),
-        outcome: Outcome::FencedOut,
+        outcome,
         rows,
     }
 }
