@@ -751,6 +751,19 @@ async fn until_a_batch_committed(db: &Db, seeded: usize) {
     }
 }
 
+/// Starts a run of one-row batches on `db` (holding `seeded` rows) and returns once its
+/// first batch has committed, with the run still going.
+async fn a_slow_run_under_way(
+    db: &Db,
+    seeded: usize,
+) -> tokio::task::JoinHandle<Result<cleanup::CleanupReport, sessionfleet::ops::OpError>> {
+    let c = ctx(db).await;
+    let run = tokio::spawn(async move { cleanup::run(&c, &one_row_batches()).await });
+    until_a_batch_committed(db, seeded).await;
+    assert!(!run.is_finished(), "the run ended after its first batch");
+    run
+}
+
 /// Connections dropped under a run (a failover, a proxy restart) cost retries, not the run:
 /// a batch is tried again on a fresh connection, so are the counts and reads beside the
 /// batches, and the run purges exactly what an uninterrupted one does, with its retries in
@@ -1046,11 +1059,7 @@ async fn a_failed_missing_platform_count_leaves_the_purge_standing() {
     let db = tdb.db.clone();
     let before = snapshot(&db, version).await;
     let purge = oracle(&db, version, None, true).await;
-    let c = ctx(&db).await;
-    let slow = one_row_batches();
-    let run = tokio::spawn(async move { cleanup::run(&c, &slow).await });
-    until_a_batch_committed(&tdb.db, before.len()).await;
-    assert!(!run.is_finished(), "the run ended before its table went");
+    let run = a_slow_run_under_way(&db, before.len()).await;
     // Sessions still reference it: drop it past the foreign key, on one connection.
     let drop_platforms = "SET foreign_key_checks = 0; DROP TABLE platform_connections; \
                           SET foreign_key_checks = 1";
@@ -1168,10 +1177,7 @@ async fn a_run_fenced_out_midway_reports_what_it_deleted_and_stops() {
         let db = tdb.db.clone();
         let seeded_rows = snapshot(&db, version).await.len();
         let to_purge = oracle(&db, version, None, true).await.len();
-        let c = ctx(&db).await;
-        let slow = one_row_batches();
-        let run = tokio::spawn(async move { cleanup::run(&c, &slow).await });
-        until_a_batch_committed(&db, seeded_rows).await;
+        let run = a_slow_run_under_way(&db, seeded_rows).await;
         // Waits for a batch in flight: no write with the old token can follow.
         fence::issue_token(&db, "target:test", "newer-holder")
             .await
@@ -1471,10 +1477,7 @@ async fn a_part_stopped_by_an_error_keeps_the_counts_of_its_committed_batches() 
     let db = tdb.db.clone();
     let before = snapshot(&db, version).await;
     let purge = oracle(&db, version, None, true).await;
-    let c = ctx(&db).await;
-    let slow = one_row_batches();
-    let run = tokio::spawn(async move { cleanup::run(&c, &slow).await });
-    until_a_batch_committed(&db, before.len()).await;
+    let run = a_slow_run_under_way(&db, before.len()).await;
     // Gone from under the run: its next batch fails, and so do its retries.
     db.execute("ALTER TABLE user_sessions RENAME TO user_sessions_away")
         .await
