@@ -307,20 +307,17 @@ async fn run_locally(
                     }
                     match delay {
                         // Fenced out (another holder works on the database now) or stopped by
-                        // an error: the next part waits a little.
+                        // an error: the next part waits a little. The part's report says which.
                         Some(delay) => {
-                            let why = match reports.last().and_then(|r| r["outcome"].as_str()) {
-                                Some("fenced_out") => "another holder took the database over",
-                                _ => "an error stopped it",
-                            };
+                            let why = "stopped early by a newer lease holder or an error";
                             if Instant::now() + delay >= deadline {
                                 error = Some(format!(
-                                    "part {part} stopped after {rows_affected} rows: {why}; timed out before continuing"
+                                    "part {part} {why} after {rows_affected} rows; timed out before continuing"
                                 ));
                                 break;
                             }
                             inv.out.info(format!(
-                                "{}: part {part} stopped after {rows_affected} rows: {why}; continuing in {:.1}s",
+                                "{}: part {part} {why} after {rows_affected} rows; continuing in {:.1}s",
                                 env.target,
                                 delay.as_secs_f64()
                             ));

@@ -47,7 +47,8 @@ pub fn redact_text(text: &str, url: &str) -> String {
     }
 }
 
-/// Where the password of a URL that does not parse is: after the first `:` of what follows
+/// Where a password is in a URL read as plain text — one that does not parse, or parses with
+/// its password taken for a port, path or fragment: after the first `:` of what follows
 /// `://`, up to the last `@`. `None` without a scheme, an `@` or a `:` before it.
 fn raw_password_span(url: &str) -> Option<std::ops::Range<usize>> {
     let start = url.find("://")? + "://".len();

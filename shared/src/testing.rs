@@ -26,6 +26,15 @@ pub fn redis_url() -> String {
     std::env::var("SESSIONFLEET_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// Settings with every value at its default but `DATABASE_URL`: one `default` target on
+/// `url`, as the CLI and worker resolve it with nothing else configured.
+pub fn settings_for_database(url: &str) -> crate::config::Settings {
+    let url = url.to_string();
+    let env_of = move |k: &str| (k == "DATABASE_URL").then(|| url.clone());
+    crate::config::Settings::resolve(&crate::config::Overrides::default(), &env_of, None)
+        .expect("settings for a test database")
+}
+
 /// A Redis namespace no other test uses. Pair it with a [`RedisKeysGuard`], or the keys that
 /// carry no expiry (lease-token counters, the scheduler's last ticks) stay in Redis.
 pub fn unique_namespace() -> String {

@@ -1065,7 +1065,6 @@ async fn queries_of_concurrent_reports_waiting_longer_than_the_pool_timeout_wait
 /// runs without that finding.
 #[tokio::test]
 async fn a_health_report_job_warns_of_missing_recommended_indexes() {
-    use sessionfleet::config::{Overrides, Settings};
     use sessionfleet::dispatch::{self, OperationEnv, OperationJob};
     use sessionfleet::jobs::{JobEnvelope, JobKind};
     use sessionfleet::ops::analytics::AnalyticsParams;
@@ -1073,9 +1072,7 @@ async fn a_health_report_job_warns_of_missing_recommended_indexes() {
     use sessionfleet::runner::JobOutcome;
 
     let tdb = seeded(Engine::Sqlite, SchemaVersion::V2, 500).await;
-    let url = tdb.url.clone();
-    let env_of = move |k: &str| (k == "DATABASE_URL").then(|| url.clone());
-    let settings = Settings::resolve(&Overrides::default(), &env_of, None).unwrap();
+    let settings = sessionfleet::testing::settings_for_database(&tdb.url);
     let shutdown = CancellationToken::new();
     let oe = OperationEnv {
         settings: &settings,

@@ -4,7 +4,7 @@
 //! scheduled run, where the planner's figure costs one catalog read.
 
 use super::connect::{Db, Pool};
-use super::read_conn::ReadConnection;
+use super::read_conn::{CANCELLABLE, ReadConnection};
 
 impl Db {
     /// The engine's own estimate of the rows in `table`, or `None` when it keeps none worth
@@ -28,11 +28,12 @@ impl Db {
             Ok(match conn {
                 ReadConnection::Sqlite(_) => None,
                 ReadConnection::Postgres(c) => {
-                    let row: Option<(f64, i64, i64)> = sqlx::query_as(
-                        "/* sessionfleet:cancellable */ SELECT c.reltuples::float8, c.relpages::int8, \
+                    // A constant statement behind the marker: nothing from outside.
+                    let row: Option<(f64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "{CANCELLABLE} SELECT c.reltuples::float8, c.relpages::int8, \
                          (pg_relation_size(c.oid) / current_setting('block_size')::int8)::int8 \
-                         FROM pg_class c WHERE c.oid = to_regclass($1)",
-                    )
+                         FROM pg_class c WHERE c.oid = to_regclass($1)"
+                    )))
                     .bind(table)
                     .fetch_optional(&mut **c)
                     .await?;
@@ -41,10 +42,10 @@ impl Db {
                     })
                 }
                 ReadConnection::MySql(c) => {
-                    let rows: Option<Option<i64>> = sqlx::query_scalar(
-                        "/* sessionfleet:cancellable */ SELECT CAST(TABLE_ROWS AS SIGNED) FROM information_schema.TABLES \
-                         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
-                    )
+                    let rows: Option<Option<i64>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                        "{CANCELLABLE} SELECT CAST(TABLE_ROWS AS SIGNED) FROM information_schema.TABLES \
+                         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?"
+                    )))
                     .bind(table)
                     .fetch_optional(&mut **c)
                     .await?;
