@@ -108,4 +108,15 @@ impl OpError {
             _ => false,
         }
     }
+
+    /// True when a delete was refused because another row still references the deleted one
+    /// ([`crate::store::is_foreign_key_violation`]).
+    pub fn is_foreign_key_violation(&self) -> bool {
+        match self {
+            OpError::Sql(e)
+            | OpError::Fence(FenceError::Sql(e))
+            | OpError::Store(StoreError::Sql(e)) => crate::store::is_foreign_key_violation(e),
+            _ => false,
+        }
+    }
 }

@@ -12,6 +12,7 @@ mod connect;
 mod estimate;
 pub mod nodelay;
 mod read_conn;
+pub mod references;
 pub mod schema;
 mod scoped;
 mod sql;
@@ -23,7 +24,7 @@ pub use read_conn::{CANCELLABLE, CancellableConnection, ReadConnection, ServerSe
 pub use schema::{Schema, SchemaVersion, SessionProfile};
 pub use scoped::ScopedConnection;
 pub use sql::{mysql_row_errors, placeholders, sqlite_datetime};
-pub use transient::is_transient;
+pub use transient::{is_foreign_key_violation, is_transient};
 pub use writer::{BatchWriter, Checkpoint};
 
 /// Errors raised while reaching or inspecting a database.

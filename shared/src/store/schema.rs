@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 use sqlx::Row;
 
+use super::references::Reference;
 use super::{Db, Engine, StoreError};
 
 /// A required table or column is absent.
@@ -220,6 +221,9 @@ pub struct Schema {
     pub users: Option<UsersTable>,
     /// Platform table, if present.
     pub platforms: Option<PlatformsTable>,
+    /// Foreign keys whose delete rule keeps a referenced session in place
+    /// ([`references`](super::references)); the cleanup leaves those sessions alone.
+    pub references: Vec<Reference>,
     /// Profile name.
     pub profile: String,
     /// Notes for people: features this schema cannot support, partial v2 columns.
@@ -383,11 +387,26 @@ pub async fn detect_with(db: &Db, profile: &SessionProfile) -> Result<Schema, St
             None
         }
     };
+    let mut references = super::references::restricting(db, &sessions.table).await?;
+    if db.engine() == Engine::MySql {
+        // MySQL refuses a DELETE whose condition reads the table it deletes from (error 1093),
+        // so a rule probing the session table's own key would fail every batch.
+        references.retain(|r| {
+            if r.from_sessions_table {
+                notes.push(format!(
+                    "foreign key {} runs from the session table to itself, which MySQL cannot probe inside the DELETE: a session it still references stops the batch that meets it",
+                    r.describe()
+                ));
+            }
+            !r.from_sessions_table
+        });
+    }
     Ok(Schema {
         version,
         sessions,
         users,
         platforms,
+        references,
         profile: profile.name.clone(),
         notes,
     })

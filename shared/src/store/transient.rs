@@ -21,6 +21,23 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
+/// True when a delete was refused because a row of another table still references the row
+/// (PostgreSQL 23503, MySQL/MariaDB 1451 and 1217). The cleanup leaves referenced sessions out
+/// of its rules (`store::references`), so this means a reference committed between the
+/// batch's snapshot and the database's own check: the batch, tried again, re-checks the rule
+/// and leaves that session alone. SQLite is not listed: the cleanup's connections leave its
+/// foreign keys off.
+pub fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|pg| pg.code() == "23503")
+                || super::mysql_error_number(e).is_some_and(|n| matches!(n, 1451 | 1217))
+        }
+        _ => false,
+    }
+}
+
 /// PostgreSQL SQLSTATEs: connection exceptions (class 08), the server shutting down or
 /// starting (57P01–57P03), serialization failures and deadlocks (40001, 40P01), a lock not
 /// available at once (55P03) and too many connections (53300).

@@ -343,12 +343,15 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     // A part cut short leaves the count to the part that completes the run (see `missing`).
     match worked {
         // Report-only: a failed count leaves the figure out, not the purge beside it.
-        Ok(()) if report.outcome == Outcome::Completed => match missing_platform.finish().await {
-            Ok(n) => report.missing_platform_sessions = Some(n),
-            Err(e) => report.errors.push(format!(
-                "counting sessions whose platform is missing failed: {e}"
-            )),
-        },
+        Ok(()) if report.outcome == Outcome::Completed => {
+            match missing_platform.finish().await {
+                Ok(n) => report.missing_platform_sessions = Some(n),
+                Err(e) => report.errors.push(format!(
+                    "counting sessions whose platform is missing failed: {e}"
+                )),
+            }
+            count_kept_by_references(db, &schema, &cutoffs, &mut report).await;
+        }
         worked => {
             missing_platform.cancel().await;
             worked?;
@@ -805,6 +808,10 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
         missing_platform_sessions: MissingPlatformCount::start(db, &schema, &all_rules, false)
             .finish()
             .await?,
+        referenced_sessions_kept: match rules::kept_by_references(&schema, &cutoffs) {
+            Some(kept) => Some(counted(Some(&kept)).await?),
+            None => None,
+        },
         cleanup_interval: params.interval_secs,
         batch_size: params.batch_size,
         max_session_age: params.max_age_secs,
@@ -978,6 +985,53 @@ fn stop_reason(
         Some(b) if batches > 0 && started.elapsed() >= b => Some(Outcome::BudgetSpent),
         _ => None,
     }
+}
+
+/// Counts the sessions a rule matches but a restricting foreign key keeps (see
+/// `store::references`), into the report with a note naming the keys. After the purge, they
+/// are what is left of the rules' rows, so the count is short except for the orphan rule's
+/// join. Report-only: a failed count leaves the figure out.
+async fn count_kept_by_references(
+    db: &Db,
+    schema: &Schema,
+    cutoffs: &Cutoffs,
+    report: &mut CleanupReport,
+) {
+    let Some(kept) = rules::kept_by_references(schema, cutoffs) else {
+        return;
+    };
+    match read_with_retries("referenced-session count", || {
+        count(db, schema, Some(&kept))
+    })
+    .await
+    {
+        Ok(n) => {
+            report.referenced_sessions_kept = Some(n);
+            if n > 0 {
+                tracing::warn!(
+                    sessions = n,
+                    "sessions due for cleanup are kept: other rows still reference them"
+                );
+                report.notes.push(referenced_note(schema, n));
+            }
+        }
+        Err(e) => report
+            .errors
+            .push(format!("counting sessions kept by references failed: {e}")),
+    }
+}
+
+/// Why `n` sessions a rule matches were left in place.
+fn referenced_note(schema: &Schema, n: u64) -> String {
+    let keys = schema
+        .references
+        .iter()
+        .map(|r| r.describe())
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "{n} session(s) due for cleanup were kept: rows in {keys} still reference them and the key's ON DELETE rule forbids deleting them; they go once those rows do"
+    )
 }
 
 /// Rows each rule would delete in a sequential run: matching it and none of the rules before.

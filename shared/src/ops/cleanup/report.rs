@@ -99,6 +99,12 @@ pub struct CleanupReport {
     /// short by its budget or a cancellation, which does not wait for the count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missing_platform_sessions: Option<u64>,
+    /// Sessions a rule matches that were kept because rows of another table still reference
+    /// them through a foreign key whose `ON DELETE` rule forbids the delete (`RESTRICT`, `NO
+    /// ACTION`). Present only for schemas with such a key, from the part that completes the
+    /// run (dry run: would be kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referenced_sessions_kept: Option<u64>,
     /// Rules that could not apply to this schema, and similar remarks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -125,6 +131,7 @@ impl CleanupReport {
             as_of,
             dry_run,
             missing_platform_sessions: None,
+            referenced_sessions_kept: None,
             notes: Vec::new(),
         }
     }
@@ -146,8 +153,8 @@ impl CleanupReport {
     }
 
     /// Folds a later part of the same run into this one: counts and durations add up, the
-    /// outcome and `remaining` are the later part's (the latest view), so is the
-    /// missing-platform count when the later part has one; `timestamp` and `as_of` stay the
+    /// outcome and `remaining` are the later part's (the latest view), so are the
+    /// missing-platform and referenced-session counts when the later part has them; `timestamp` and `as_of` stay the
     /// first part's.
     pub fn merge(&mut self, later: &CleanupReport) {
         self.rules.merge(&later.rules);
@@ -166,6 +173,9 @@ impl CleanupReport {
         self.missing_platform_sessions = later
             .missing_platform_sessions
             .or(self.missing_platform_sessions);
+        self.referenced_sessions_kept = later
+            .referenced_sessions_kept
+            .or(self.referenced_sessions_kept);
         self.forced_cleanup = self.forced_cleanup.or(later.forced_cleanup);
         self.custom_max_age_hours = self.custom_max_age_hours.or(later.custom_max_age_hours);
         self.dry_run = self.dry_run && later.dry_run;
@@ -221,6 +231,9 @@ impl CleanupReport {
         if let Some(n) = self.missing_platform_sessions {
             line("missing_platform_sessions", n.to_string());
         }
+        if let Some(n) = self.referenced_sessions_kept {
+            line("referenced_sessions_kept", n.to_string());
+        }
         for note in &self.notes {
             line("note", note.clone());
         }
@@ -254,6 +267,10 @@ pub struct CleanupStats {
     pub orphaned_sessions: u64,
     /// Sessions pointing at a missing platform that a cleanup would keep.
     pub missing_platform_sessions: u64,
+    /// Sessions a rule matches that a cleanup would keep because other rows still reference
+    /// them (see [`CleanupReport::referenced_sessions_kept`]); absent without such a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referenced_sessions_kept: Option<u64>,
     /// Effective seconds between scheduled cleanups.
     pub cleanup_interval: u64,
     /// Effective starting batch size.
@@ -297,6 +314,9 @@ impl CleanupStats {
             "missing_platform_sessions",
             self.missing_platform_sessions.to_string(),
         );
+        if let Some(n) = self.referenced_sessions_kept {
+            line("referenced_sessions_kept", n.to_string());
+        }
         line("cleanup_interval", self.cleanup_interval.to_string());
         line("batch_size", self.batch_size.to_string());
         line("max_session_age", self.max_session_age.to_string());

@@ -1,6 +1,7 @@
 //! Another attempt at a batch, a count or read beside the batches, or the statistics refresh
 //! after a transient database error (a lost connection, a server restarting, a lost lock race:
-//! `store::is_transient`).
+//! `store::is_transient`); for a batch also after a reference to one of its sessions appeared
+//! while it ran (`store::is_foreign_key_violation`).
 //!
 //! A batch is idempotent — its transaction either committed or rolled back, and the DELETE
 //! re-checks the rule — so it can be tried again from the same cursor with the same
@@ -37,18 +38,21 @@ pub struct BatchRetry {
 }
 
 impl BatchRetry {
-    /// After a failed attempt: true when `e` is transient and the batch has retries left, once
-    /// the backoff has passed (or the run was cancelled meanwhile: the caller's next check
-    /// stops it). False: the error ends the run.
+    /// After a failed attempt: true when `e` is transient, or a reference to one of the
+    /// batch's sessions committed after the batch read its rule (the retry's re-check leaves
+    /// that session out), and the batch has retries left, once the backoff has passed (or the
+    /// run was cancelled meanwhile: the caller's next check stops it). False: the error ends
+    /// the run.
     pub async fn wait_to_retry(&mut self, e: &OpError, cancel: &CancellationToken) -> bool {
-        if !e.is_transient() || self.failures >= BATCH_RETRIES {
+        let retryable = e.is_transient() || e.is_foreign_key_violation();
+        if !retryable || self.failures >= BATCH_RETRIES {
             return false;
         }
         self.failures += 1;
         self.retried += 1;
         self.last = Some(e.to_string());
         let delay = retry_delay(self.failures);
-        tracing::warn!(error = %e, attempt = self.failures, delay_ms = delay.as_millis() as u64, "cleanup batch failed with a transient database error; trying it again");
+        tracing::warn!(error = %e, attempt = self.failures, delay_ms = delay.as_millis() as u64, "cleanup batch failed with a transient database error, or a session it took was referenced meanwhile; trying it again");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = cancel.cancelled() => {}
@@ -65,7 +69,7 @@ impl BatchRetry {
     pub fn note(&self, rule: super::RuleKind) -> Option<String> {
         let last = self.last.as_ref()?;
         Some(format!(
-            "rule {rule:?}: {} batch attempt(s) failed with a transient database error and were retried (last: {last})",
+            "rule {rule:?}: {} batch attempt(s) failed with a transient database error or a new reference to a session and were retried (last: {last})",
             self.retried
         ))
     }

@@ -119,8 +119,49 @@ impl Cutoffs {
 }
 
 /// The rules a database's schema supports, in run order, plus notes about rules it cannot
-/// support.
+/// support. A session another row still points at through a restricting foreign key
+/// (`Schema::references`) matches none of them: deleting it would fail the whole batch, on
+/// every run.
 pub fn build(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<String>) {
+    let (mut rules, notes) = as_written(schema, cutoffs);
+    let t = &schema.sessions.table;
+    for rule in &mut rules {
+        for reference in &schema.references {
+            // Plain `AND NOT EXISTS`, which every engine plans as an anti-join or a probe.
+            rule.predicate.sql = format!(
+                "({}) AND NOT {}",
+                rule.predicate.sql,
+                reference.exists_for(t)
+            );
+        }
+    }
+    (rules, notes)
+}
+
+/// Sessions a rule matches that [`build`]'s rules leave in place because another row still
+/// references them; `None` when the schema has no restricting foreign key. Reported, so people
+/// can see what keeps them.
+pub fn kept_by_references(schema: &Schema, cutoffs: &Cutoffs) -> Option<Predicate> {
+    if schema.references.is_empty() {
+        return None;
+    }
+    let (rules, _) = as_written(schema, cutoffs);
+    let any = Predicate::any_of(&rules.iter().map(|r| &r.predicate).collect::<Vec<_>>())?;
+    let t = &schema.sessions.table;
+    let referenced = schema
+        .references
+        .iter()
+        .map(|r| r.exists_for(t))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    Some(Predicate::new(
+        format!("({}) AND ({referenced})", any.sql),
+        any.binds,
+    ))
+}
+
+/// The rules as the definitions state them, before referenced sessions are set aside.
+fn as_written(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<String>) {
     let s = &schema.sessions;
     let t = &s.table;
     let activity = format!("{t}.{}", schema.activity_column());
