@@ -972,8 +972,17 @@ async fn a_slow_run_under_way(
     db: &Db,
     seeded: usize,
 ) -> tokio::task::JoinHandle<Result<cleanup::CleanupReport, sessionfleet::ops::OpError>> {
+    a_slow_part_under_way(db, seeded, one_row_batches()).await
+}
+
+/// [`a_slow_run_under_way`] with `params` (one-row batches or others as slow).
+async fn a_slow_part_under_way(
+    db: &Db,
+    seeded: usize,
+    params: CleanupParams,
+) -> tokio::task::JoinHandle<Result<cleanup::CleanupReport, sessionfleet::ops::OpError>> {
     let c = ctx(db).await;
-    let run = tokio::spawn(async move { cleanup::run(&c, &one_row_batches()).await });
+    let run = tokio::spawn(async move { cleanup::run(&c, &params).await });
     until_a_batch_committed(db, seeded).await;
     assert!(!run.is_finished(), "the run ended after its first batch");
     run
@@ -1811,6 +1820,52 @@ async fn a_part_stopped_by_an_error_keeps_the_counts_of_its_committed_batches() 
         purge.len() as u64
     );
     assert_exactly_purged(&before, &snapshot(&db, version).await, &purge, "sqlite");
+    tdb.drop_db().await;
+}
+
+/// Parts stopped by an error are continued only so many times in a row: the continuation of
+/// an interrupted part counts it, a part that ends otherwise resets the count, and at
+/// `MAX_INTERRUPTED_PARTS` the next error after committed batches fails the part (naming
+/// what it deleted), so the job's retries and dead letter take over instead of a continuation
+/// after every few batches until the rows run out. Fails if that part is still continued.
+#[tokio::test]
+async fn an_error_that_stops_part_after_part_ends_the_continuations() {
+    let version = SchemaVersion::V2;
+    let tdb = seeded(Engine::Sqlite, version).await;
+    let db = tdb.db.clone();
+    let seeded_rows = snapshot(&db, version).await.len();
+    let last_allowed = CleanupParams {
+        interrupted_parts: cleanup::MAX_INTERRUPTED_PARTS,
+        ..one_row_batches()
+    };
+    let run = a_slow_part_under_way(&db, seeded_rows, last_allowed.clone()).await;
+    db.execute("ALTER TABLE user_sessions RENAME TO user_sessions_away")
+        .await
+        .expect("rename");
+    let ended = run.await.expect("task");
+    db.execute("ALTER TABLE user_sessions_away RENAME TO user_sessions")
+        .await
+        .expect("rename back");
+    let deleted = (seeded_rows - snapshot(&db, version).await.len()) as u64;
+    match ended {
+        Err(OpError::Interrupted {
+            parts,
+            deleted: counted,
+            ..
+        }) => {
+            assert_eq!(parts, cleanup::MAX_INTERRUPTED_PARTS + 1);
+            assert_eq!(counted, deleted, "the error names what the part deleted");
+        }
+        other => panic!("the part was not failed: {other:?}"),
+    }
+
+    let mut part = CleanupReport::new(t0(), false);
+    part.outcome = Outcome::Interrupted;
+    let once = params().continuation(&part);
+    assert_eq!(once.interrupted_parts, 1);
+    assert_eq!(once.continuation(&part).interrupted_parts, 2);
+    part.outcome = Outcome::BudgetSpent;
+    assert_eq!(once.continuation(&part).interrupted_parts, 0);
     tdb.drop_db().await;
 }
 

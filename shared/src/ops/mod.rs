@@ -90,6 +90,22 @@ pub enum OpError {
     /// A mutating step ran without a fencing token.
     #[error("this step changes the database and must run under a lease (no fencing token given)")]
     NoFence,
+    /// An error stopped a cleanup part after some batches, and the parts before it ended the
+    /// same way (`cleanup::MAX_INTERRUPTED_PARTS`): the error recurs, so the run stops being
+    /// continued and the job's retries take over. The batches before it stay committed.
+    #[error(
+        "stopped by an error after {batches} batches ({deleted} sessions deleted), {parts} parts in a row: {error}"
+    )]
+    Interrupted {
+        /// Parts in a row an error stopped, this one included.
+        parts: u32,
+        /// Sessions this part deleted before the error.
+        deleted: u64,
+        /// Batches this part committed.
+        batches: u64,
+        /// The error.
+        error: Box<OpError>,
+    },
 }
 
 impl OpError {

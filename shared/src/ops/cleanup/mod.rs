@@ -88,6 +88,12 @@ pub const DENSE_RULE_SHARE: f64 = 0.2;
 /// Consecutive batches that find candidates but delete none before a rule is given up
 /// (rows changing under us faster than we can purge them; a safety net against looping).
 const MAX_FRUITLESS_BATCHES: u32 = 3;
+/// Parts of one run in a row that an error may stop after some batches
+/// ([`Outcome::Interrupted`]) and hand to a continuation. The next such error fails its part,
+/// so the job's retries and then the dead-letter queue take over: an error that recurs after
+/// every few batches (a trigger refusing some deletes, a server restarting in a loop) no
+/// longer keeps a run going until the rows run out.
+pub const MAX_INTERRUPTED_PARTS: u32 = 5;
 
 /// Parameters of [`run`] and [`stats`]. Travels through Redis as part of a job payload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,10 +154,15 @@ pub struct CleanupParams {
     /// payload when 0.
     #[serde(skip_serializing_if = "is_zero")]
     pub carried_deletes: u64,
+    /// Parts in a row, just before this one, that an error stopped after some batches; set
+    /// by [`CleanupParams::continuation`], 0 otherwise. See [`MAX_INTERRUPTED_PARTS`]. Left
+    /// out of the payload when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub interrupted_parts: u32,
 }
 
-fn is_zero(n: &u64) -> bool {
-    *n == 0
+fn is_zero<N: Default + PartialEq>(n: &N) -> bool {
+    *n == N::default()
 }
 
 impl Default for CleanupParams {
@@ -170,6 +181,7 @@ impl Default for CleanupParams {
             as_of: None,
             interval_secs: DEFAULT_INTERVAL_SECS,
             carried_deletes: 0,
+            interrupted_parts: 0,
         }
     }
 }
@@ -262,16 +274,23 @@ impl CleanupParams {
     }
 
     /// The parameters of the part that continues a run `part` cut short: the same reference
-    /// time, and the deletes no statistics refresh has seen yet (see `carried_deletes`).
+    /// time, the deletes no statistics refresh has seen yet (see `carried_deletes`), and how
+    /// many parts in a row an error has stopped (`interrupted_parts`).
     pub fn continuation(&self, part: &CleanupReport) -> CleanupParams {
         let carried_deletes = if part.database_optimizations > 0 {
             0
         } else {
             self.carried_deletes.saturating_add(part.total_cleaned())
         };
+        let interrupted_parts = if part.outcome == Outcome::Interrupted {
+            self.interrupted_parts.saturating_add(1)
+        } else {
+            0
+        };
         CleanupParams {
             as_of: Some(part.as_of),
             carried_deletes,
+            interrupted_parts,
             ..self.clone()
         }
     }
@@ -326,8 +345,13 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                 Ok(())
             }
             // Batches committed before the error: keep their counts (and the statistics
-            // refresh they call for) with this part; the continuation goes on from there.
-            Err(e) if report.batches > 0 && !matches!(e, OpError::Invalid(_)) => {
+            // refresh they call for) with this part; the continuation goes on from there —
+            // up to MAX_INTERRUPTED_PARTS parts in a row.
+            Err(e)
+                if report.batches > 0
+                    && !matches!(e, OpError::Invalid(_))
+                    && params.interrupted_parts < MAX_INTERRUPTED_PARTS =>
+            {
                 tracing::warn!(error = %e, deleted = report.rules.total(), "stopped by an error after some batches; a continuation takes over");
                 report.errors.push(format!(
                     "stopped after {} batches by an error; a continuation takes over: {e}",
@@ -336,6 +360,14 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                 report.outcome = Outcome::Interrupted;
                 report.remaining = None;
                 Ok(())
+            }
+            Err(e) if report.batches > 0 && !matches!(e, OpError::Invalid(_)) => {
+                Err(OpError::Interrupted {
+                    parts: params.interrupted_parts + 1,
+                    deleted: report.rules.total(),
+                    batches: report.batches,
+                    error: Box::new(e),
+                })
             }
             purged => purged,
         }
