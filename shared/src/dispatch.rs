@@ -118,6 +118,34 @@ impl OperationJob {
         self
     }
 
+    /// Whether the job ends in a health report (a health report, or full maintenance).
+    fn makes_health_report(&self) -> bool {
+        matches!(
+            self,
+            OperationJob::Analytics(AnalyticsParams::HealthReport(_))
+                | OperationJob::FullMaintenance(_)
+        )
+    }
+
+    /// Adds what the target's latest integrity check found wrong with its storage
+    /// ([`last_integrity_failures`]) to a health report's database findings, so a corrupt
+    /// database raises the report's critical integrity alert until a check passes again.
+    fn with_integrity_failures(mut self, failures: Option<Vec<String>>) -> OperationJob {
+        let Some(failures) = failures.filter(|f| !f.is_empty()) else {
+            return self;
+        };
+        let health = match &mut self {
+            OperationJob::Analytics(AnalyticsParams::HealthReport(h)) => h,
+            OperationJob::FullMaintenance(p) => &mut p.health,
+            _ => return self,
+        };
+        let findings = health.findings.get_or_insert_with(Default::default);
+        if findings.integrity_failures.is_empty() {
+            findings.integrity_failures = failures;
+        }
+        self
+    }
+
     /// Adds the recommended indexes `db` lacks to a health report that carries no database
     /// findings, so its missing-index warnings fire outside full maintenance too (one
     /// catalog read). A failed read leaves the findings absent, as before.
@@ -269,7 +297,15 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
         (Some(q), true) => fleet_facts(q, &env.target).await,
         _ => None,
     };
-    let job = job.with_fleet_facts(facts).with_db_findings(&db).await;
+    let integrity = match (oe.queue, job.makes_health_report()) {
+        (Some(q), true) => last_integrity_failures(q, &env.target).await,
+        _ => None,
+    };
+    let job = job
+        .with_fleet_facts(facts)
+        .with_db_findings(&db)
+        .await
+        .with_integrity_failures(integrity);
     let holder = HolderInfo::new(oe.holder, env.job_id.to_string());
     let lease_cfg = LeaseConfig::from_ttl(Duration::from_millis(oe.settings.lease_ttl_ms.value));
 
@@ -382,6 +418,38 @@ pub async fn shared_db(url: &str, role: PoolRole) -> Result<Db, String> {
         .await
         .cloned()
         .map_err(|e| e.to_string())
+}
+
+/// Most maintenance results [`last_integrity_failures`] reads looking for an integrity check.
+const INTEGRITY_LOOKUP_RESULTS: usize = 50;
+
+/// What the latest integrity check the fleet ran on `target` found wrong with its storage,
+/// each line stamped with the check's time: empty when it passed, `None` when no check is in
+/// the target's recent history (or its result has expired). Read-only work takes no lease,
+/// so the check is a job like any other and its report lives in the queue's results.
+pub async fn last_integrity_failures(queue: &Queue, target: &str) -> Option<Vec<String>> {
+    let runs = queue.recent_runs(target, FLEET_FACTS_RUNS).await.ok()?;
+    let maintenance = runs
+        .iter()
+        .filter(|r| r.kind == JobKind::Maintenance && r.outcome == ResultOutcome::Succeeded)
+        .take(INTEGRITY_LOOKUP_RESULTS);
+    for run in maintenance {
+        let Ok(Some(result)) = queue.result(run.job_id).await else {
+            continue;
+        };
+        if let Ok(maintenance::MaintenanceReport::Integrity(r)) =
+            serde_json::from_value(result.report)
+        {
+            let when = r.timestamp.format("%Y-%m-%d %H:%M UTC");
+            return Some(
+                r.storage_failures()
+                    .into_iter()
+                    .map(|f| format!("{f} (check of {when})"))
+                    .collect(),
+            );
+        }
+    }
+    None
 }
 
 /// Summarises the target's recent runs for the health report and trends.

@@ -1125,3 +1125,121 @@ async fn a_health_report_job_warns_of_missing_recommended_indexes() {
     assert!(missing_alerts(dispatch::run_operation(&env, &oe).await).is_empty());
     tdb.drop_db().await;
 }
+
+/// A health report the fleet runs carries what the target's latest integrity check found wrong
+/// with its storage, as the report's critical integrity alert, and stops once a newer check
+/// passes. Fails if the worker leaves the queue's integrity results out of health reports.
+#[tokio::test]
+async fn a_failed_integrity_check_in_the_fleet_s_history_raises_the_health_alert() {
+    use sessionfleet::config::{Overrides, Settings};
+    use sessionfleet::dispatch::{self, OperationEnv, OperationJob};
+    use sessionfleet::jobs::{JobEnvelope, JobKind};
+    use sessionfleet::ops::maintenance::{CheckStatus, IntegrityReport, MaintenanceReport};
+    use sessionfleet::queue::{JobResult, Queue, ResultOutcome};
+    use sessionfleet::runner::JobOutcome;
+    use sessionfleet::testing::{RedisKeysGuard, redis_url, unique_namespace};
+
+    let tdb = TestDb::new(Engine::Sqlite).await;
+    seed_demo(
+        &tdb.db,
+        &SeedParams {
+            sessions: 50,
+            users: 5,
+            seed: 3,
+            schema: SchemaVersion::V2,
+            now: now(),
+            reset: false,
+        },
+    )
+    .await
+    .expect("seed");
+    let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
+    let (db_url, redis) = (tdb.url.clone(), redis_url());
+    let env_of = move |k: &str| match k {
+        "DATABASE_URL" => Some(db_url.clone()),
+        "REDIS_URL" => Some(redis.clone()),
+        "SESSIONFLEET_NAMESPACE" => Some(ns.clone()),
+        _ => None,
+    };
+    let settings = Settings::resolve(&Overrides::default(), &env_of, None).expect("settings");
+    let queue = Queue::connect(&settings).await.expect("queue");
+
+    let record_check = async |status: CheckStatus, issues: Vec<String>| {
+        let report = MaintenanceReport::Integrity(IntegrityReport {
+            timestamp: chrono::Utc::now().naive_utc(),
+            integrity_check: status,
+            foreign_key_check: CheckStatus::Failed,
+            checks_run: vec!["PRAGMA integrity_check".into()],
+            issues_found: issues,
+            recommendations: Vec::new(),
+        });
+        let at = chrono::Utc::now();
+        queue
+            .record_result(&JobResult {
+                job_id: uuid::Uuid::new_v4(),
+                run_id: uuid::Uuid::new_v4(),
+                part: 0,
+                kind: JobKind::Maintenance,
+                target: "default".into(),
+                outcome: ResultOutcome::Succeeded,
+                report: serde_json::to_value(&report).expect("encode"),
+                error: None,
+                attempts: 1,
+                worker: "w".into(),
+                started_at: at,
+                finished_at: at,
+                duration_ms: 1,
+                rows_affected: 0,
+            })
+            .await
+            .expect("record");
+    };
+    let integrity_alerts = async || {
+        let job = OperationJob::Analytics(AnalyticsParams::HealthReport(params()));
+        let env = JobEnvelope::new(JobKind::Analytics, "default", job.params(), "test");
+        let shutdown = CancellationToken::new();
+        let oe = OperationEnv {
+            settings: &settings,
+            redis: None,
+            queue: Some(&queue),
+            holder: "test",
+            shutdown: &shutdown,
+        };
+        let JobOutcome::Done { report, .. } = dispatch::run_operation(&env, &oe).await else {
+            panic!("the health report did not finish");
+        };
+        let alerts: Vec<String> = report["alerts"]
+            .as_array()
+            .expect("alerts")
+            .iter()
+            .filter(|a| a["name"] == "integrity_failure")
+            .map(|a| a["message"].as_str().unwrap_or_default().to_string())
+            .collect();
+        (alerts, report["health_status"]["overall_health"].clone())
+    };
+
+    record_check(
+        CheckStatus::Failed,
+        vec![
+            "Integrity check failed: row 7 missing from index ix_user_sessions_expires_at".into(),
+            "Foreign key violation: 3 sessions in user_sessions reference missing users".into(),
+        ],
+    )
+    .await;
+    let (alerts, status) = integrity_alerts().await;
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert!(
+        alerts[0].contains("row 7 missing from index") && alerts[0].contains("check of"),
+        "{alerts:?}"
+    );
+    assert_eq!(status, "critical");
+
+    record_check(CheckStatus::Passed, Vec::new()).await;
+    let (alerts, _) = integrity_alerts().await;
+    assert!(
+        alerts.is_empty(),
+        "a newer passing check clears it: {alerts:?}"
+    );
+    tdb.drop_db().await;
+}

@@ -19,6 +19,9 @@ use crate::store::{ConnectOptions, Db, DbTx, Engine, Schema, mysql_row_errors, s
 /// At most this many problems of one kind are listed one by one; the rest are summed up.
 pub const MAX_LISTED_ISSUES: usize = 20;
 
+/// How an issue line of the storage check starts (the original's wording).
+const CORRUPTION_PREFIX: &str = "Integrity check failed: ";
+
 /// Outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -85,8 +88,27 @@ impl IntegrityReport {
     /// Storage check failed; `why` becomes an issue line.
     fn corrupt(&mut self, why: impl std::fmt::Display) {
         self.integrity_check = CheckStatus::Failed;
-        self.issues_found
-            .push(format!("Integrity check failed: {why}"));
+        self.issues_found.push(format!("{CORRUPTION_PREFIX}{why}"));
+    }
+
+    /// What the storage check found wrong, one line each; empty unless it failed. Foreign-key
+    /// findings are left out: sessions of a missing user are the cleanup's orphans, not
+    /// corruption.
+    pub fn storage_failures(&self) -> Vec<String> {
+        if self.integrity_check != CheckStatus::Failed {
+            return Vec::new();
+        }
+        let found: Vec<String> = self
+            .issues_found
+            .iter()
+            .filter_map(|i| i.strip_prefix(CORRUPTION_PREFIX))
+            .map(str::to_string)
+            .collect();
+        if found.is_empty() {
+            vec!["the storage check failed".into()]
+        } else {
+            found
+        }
     }
 
     fn recommend(&mut self) {
@@ -186,10 +208,9 @@ async fn sqlite_checks(db: &Db, full: bool, report: &mut IntegrityReport) {
         }
         Ok(rows) => {
             report.integrity_check = CheckStatus::Failed;
-            report.issues_found.extend(
-                rows.into_iter()
-                    .map(|r| format!("Integrity check failed: {r}")),
-            );
+            report
+                .issues_found
+                .extend(rows.into_iter().map(|r| format!("{CORRUPTION_PREFIX}{r}")));
         }
         Err(e) => report.corrupt(e),
     }
@@ -365,7 +386,7 @@ async fn mysql_storage_check(
             failed = true;
             report
                 .issues_found
-                .push(format!("Integrity check failed: {table}: {e}"));
+                .push(format!("{CORRUPTION_PREFIX}{table}: {e}"));
         }
         let status = text
             .iter()
@@ -376,7 +397,7 @@ async fn mysql_storage_check(
             failed = true;
             report
                 .issues_found
-                .push(format!("Integrity check failed: {table}: {status}"));
+                .push(format!("{CORRUPTION_PREFIX}{table}: {status}"));
         }
     }
     tx.commit().await?;
