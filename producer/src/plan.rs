@@ -81,8 +81,8 @@ pub fn health(settings: &Settings, target: &Target) -> anyhow::Result<OperationJ
     )))
 }
 
-/// A trends job.
-pub fn trends(days: u32) -> anyhow::Result<OperationJob> {
+/// A trends job on `target`, whose v1 sessions expire after its `SESSION_MAX_AGE`.
+pub fn trends(settings: &Settings, target: &Target, days: u32) -> anyhow::Result<OperationJob> {
     if !(1..=366).contains(&days) {
         return Err(CliError::usage(format!(
             "--trends {days}: the number of days must be from 1 to 366"
@@ -90,6 +90,7 @@ pub fn trends(days: u32) -> anyhow::Result<OperationJob> {
     }
     Ok(OperationJob::Analytics(AnalyticsParams::Trends {
         days,
+        max_age_secs: settings.max_age_for(target).as_secs(),
         fleet: None,
     }))
 }
@@ -117,4 +118,30 @@ pub fn full(settings: &Settings, target: &Target, dry_run: bool) -> anyhow::Resu
         ..FullParams::default()
     };
     Ok(OperationJob::FullMaintenance(Box::new(p)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sessionfleet::config::Overrides;
+
+    /// A trends job counts v1 expiries with the target's `SESSION_MAX_AGE`, as the health
+    /// report and the cleanup do, not the 48 h default.
+    #[test]
+    fn trends_take_the_target_s_max_age() {
+        let env = |k: &str| match k {
+            "DATABASE_URL" => Some("sqlite:///tmp/plan-test.db".to_string()),
+            "SESSION_MAX_AGE" => Some("86400".to_string()),
+            _ => None,
+        };
+        let settings = Settings::resolve(&Overrides::default(), &env, None).expect("settings");
+        let target = settings.target(None).expect("target");
+        match trends(&settings, target, 7).expect("job") {
+            OperationJob::Analytics(AnalyticsParams::Trends { max_age_secs, .. }) => {
+                assert_eq!(max_age_secs, 86_400)
+            }
+            other => panic!("not a trends job: {other:?}"),
+        }
+        assert!(trends(&settings, target, 0).is_err());
+    }
 }

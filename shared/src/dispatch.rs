@@ -420,6 +420,10 @@ pub async fn shared_db(url: &str, role: PoolRole) -> Result<Db, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Shortest period a failure rate is taken over, seconds: a burst of runs within seconds
+/// would otherwise read as thousands a minute.
+const MIN_RATE_WINDOW_SECS: i64 = 60;
+
 /// Most maintenance results [`last_integrity_failures`] reads looking for an integrity check.
 const INTEGRITY_LOOKUP_RESULTS: usize = 50;
 
@@ -458,7 +462,18 @@ pub async fn fleet_facts(queue: &Queue, target: &str) -> Option<FleetFacts> {
     if runs.is_empty() {
         return None;
     }
-    let since = Utc::now() - chrono::Duration::from_std(FLEET_FACTS_WINDOW).ok()?;
+    let now = Utc::now();
+    let window_start = now - chrono::Duration::from_std(FLEET_FACTS_WINDOW).ok()?;
+    // The history keeps the last FLEET_FACTS_RUNS runs: when it is full, older runs are gone,
+    // and the runs read cover only the time since the oldest of them. Rates over the whole
+    // window would then be understated (at most 200 failures a day, 0.14 a minute).
+    let full = runs.len() >= FLEET_FACTS_RUNS;
+    let oldest = runs.iter().map(|r| r.finished_at).min().unwrap_or(now);
+    let since = if full {
+        window_start.max(oldest)
+    } else {
+        window_start
+    };
     let recent: Vec<_> = runs.iter().filter(|r| r.finished_at >= since).collect();
     let failed = recent
         .iter()
@@ -471,13 +486,20 @@ pub async fn fleet_facts(queue: &Queue, target: &str) -> Option<FleetFacts> {
     {
         *by_day.entry(r.finished_at.date_naive()).or_default() += r.rows_affected;
     }
+    // A full history starts part-way through its oldest day.
+    let cleanup_recorded_from = if full {
+        oldest.date_naive().succ_opt()
+    } else {
+        Some(oldest.date_naive())
+    };
     Some(FleetFacts {
         jobs: (!recent.is_empty()).then(|| JobCounts {
-            window_secs: FLEET_FACTS_WINDOW.as_secs(),
+            window_secs: (now - since).num_seconds().max(MIN_RATE_WINDOW_SECS) as u64,
             total: recent.len() as u64,
             succeeded: recent.len() as u64 - failed,
             failed,
         }),
         cleanup_deleted_by_day: Some(by_day),
+        cleanup_recorded_from,
     })
 }

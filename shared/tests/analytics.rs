@@ -680,6 +680,7 @@ async fn critical_is_never_downgraded_by_a_later_warning() {
                 failed: 30,
             }),
             cleanup_deleted_by_day: None,
+            cleanup_recorded_from: None,
         }),
         ..params()
     };
@@ -789,7 +790,8 @@ async fn trends_count_per_utc_day_and_refuse_bad_periods() {
         cleanup.insert(n.date() - Duration::days(1), 42);
         let fleet = FleetFacts {
             jobs: None,
-            cleanup_deleted_by_day: Some(cleanup),
+            cleanup_deleted_by_day: Some(cleanup.clone()),
+            cleanup_recorded_from: None,
         };
         let t = analytics::trends_at(db, 7, Some(&fleet), n, HealthParams::DEFAULT_MAX_AGE_SECS)
             .await
@@ -827,6 +829,26 @@ async fn trends_count_per_utc_day_and_refuse_bad_periods() {
         assert_eq!(t.days[5].cleanup_deleted, Some(42));
         assert_eq!(t.days[0].cleanup_deleted, Some(0));
         assert_eq!(t.total_cleanup_deleted, Some(42));
+        // A bounded history: the days before it are unknown, not zero.
+        let partial = FleetFacts {
+            cleanup_recorded_from: Some(n.date() - Duration::days(3)),
+            ..fleet.clone()
+        };
+        let known =
+            analytics::trends_at(db, 7, Some(&partial), n, HealthParams::DEFAULT_MAX_AGE_SECS)
+                .await
+                .expect("trends");
+        let column: Vec<Option<u64>> = known.days.iter().map(|d| d.cleanup_deleted).collect();
+        assert_eq!(
+            column,
+            [None, None, None, Some(0), Some(0), Some(42), Some(0)]
+        );
+        assert_eq!(known.total_cleanup_deleted, Some(42));
+        assert!(
+            known.notes.iter().any(|n| n.contains("known from")),
+            "{:?}",
+            known.notes
+        );
         assert!(t.total_sessions_created > 0);
         assert!((t.average_daily_sessions - t.total_sessions_created as f64 / 7.0).abs() < 1e-9);
 
@@ -848,7 +870,9 @@ async fn trends_count_per_utc_day_and_refuse_bad_periods() {
         );
 
         for bad in [0, 367] {
-            let e = analytics::trends(db, bad, None).await.expect_err("refused");
+            let e = analytics::trends(db, bad, HealthParams::DEFAULT_MAX_AGE_SECS, None)
+                .await
+                .expect_err("refused");
             assert!(
                 matches!(e, OpError::Invalid(ref m) if m.contains("1 to 366")),
                 "{e}"
@@ -867,6 +891,7 @@ async fn export_follows_the_extension_and_html_is_self_contained() {
     let fleet = FleetFacts {
         jobs: None,
         cleanup_deleted_by_day: Some(cleanup),
+        cleanup_recorded_from: None,
     };
     let r = analytics::health_report(&tdb.db, &params())
         .await

@@ -560,6 +560,47 @@ async fn target_history_is_bounded_and_newest_first() {
     t.cleanup().await;
 }
 
+/// A full history (the last FLEET_FACTS_RUNS runs) covers only the time since its oldest run:
+/// the failure rate is taken over that span, not over the whole day, and the cleanup column
+/// is known from the first whole day it covers. Fails if 200 failures in a few seconds read as
+/// 200 a day (0.14 a minute, under every threshold).
+#[tokio::test]
+async fn fleet_facts_measure_rates_over_the_span_the_history_covers() {
+    use sessionfleet::dispatch::{FLEET_FACTS_RUNS, fleet_facts};
+    let t = Ns::new().await;
+    let now = chrono::Utc::now();
+    for i in 0..FLEET_FACTS_RUNS {
+        let r = JobResult {
+            job_id: uuid::Uuid::new_v4(),
+            run_id: uuid::Uuid::new_v4(),
+            part: 0,
+            kind: JobKind::Cleanup,
+            target: "db1".into(),
+            outcome: ResultOutcome::Failed,
+            report: serde_json::Value::Null,
+            error: Some("boom".into()),
+            attempts: 1,
+            worker: "w".into(),
+            started_at: now,
+            finished_at: now - chrono::Duration::milliseconds((FLEET_FACTS_RUNS - i) as i64),
+            duration_ms: 1,
+            rows_affected: 0,
+        };
+        t.queue.record_result(&r).await.unwrap();
+    }
+    let facts = fleet_facts(&t.queue, "db1").await.expect("facts");
+    let jobs = facts.jobs.expect("job counts");
+    assert_eq!(jobs.failed, FLEET_FACTS_RUNS as u64);
+    assert!(
+        jobs.window_secs <= 120,
+        "the rate's window is the span the history covers: {} s",
+        jobs.window_secs
+    );
+    let oldest = (now - chrono::Duration::milliseconds(FLEET_FACTS_RUNS as i64)).date_naive();
+    assert_eq!(facts.cleanup_recorded_from, oldest.succ_opt());
+    t.cleanup().await;
+}
+
 #[tokio::test]
 async fn janitor_removes_finished_tasks_and_dead_workers_and_hands_back_their_jobs() {
     let t = Ns::new().await;

@@ -82,8 +82,7 @@ pub async fn cleanup_stats(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
 /// `sessionfleet analytics`.
 pub async fn analytics(inv: &Invocation<'_>, a: &AnalyticsArgs) -> anyhow::Result<Exit> {
     if let Some(days) = a.trends {
-        let job = plan::trends(days)?;
-        let runs = run::run(inv, |_| Ok(job.clone())).await?;
+        let runs = run::run(inv, |t| plan::trends(inv.settings, t, days)).await?;
         return finish(inv, runs).await;
     }
     if !a.health_report {
@@ -124,7 +123,8 @@ pub async fn analytics(inv: &Invocation<'_>, a: &AnalyticsArgs) -> anyhow::Resul
         // The HTML report charts the last 30 days; trends are a cheap read done here.
         let target = inv.settings.target(Some(&first.target))?;
         let db = Db::connect(&target.url, &ConnectOptions::default()).await?;
-        let trends = analytics::trends(&db, 30, None).await.ok();
+        let max_age = inv.settings.max_age_for(target).as_secs();
+        let trends = analytics::trends(&db, 30, max_age, None).await.ok();
         db.close().await;
         analytics::export(&report, trends.as_ref(), path)?;
         if inv.out.json {

@@ -48,6 +48,10 @@ pub struct FleetFacts {
     /// Sessions deleted by cleanup per UTC day, if recorded.
     #[serde(default)]
     pub cleanup_deleted_by_day: Option<BTreeMap<NaiveDate, u64>>,
+    /// The first day `cleanup_deleted_by_day` covers whole: the fleet keeps a bounded history,
+    /// and days before it are unknown, not zero. `None`: every day is covered.
+    #[serde(default)]
+    pub cleanup_recorded_from: Option<NaiveDate>,
 }
 
 /// Recent job outcomes.
@@ -202,10 +206,18 @@ pub enum AnalyticsParams {
     Trends {
         /// Days, 1–366.
         days: u32,
+        /// Seconds after its last update a v1 session expires (`SESSION_MAX_AGE` of the
+        /// target). Absent from an older producer's payload: the 48 h default.
+        #[serde(default = "default_max_age_secs")]
+        max_age_secs: u64,
         /// Fleet facts (cleanup deletions per day), if any.
         #[serde(default)]
         fleet: Option<FleetFacts>,
     },
+}
+
+fn default_max_age_secs() -> u64 {
+    HealthParams::DEFAULT_MAX_AGE_SECS
 }
 
 /// What an analytics job produced.
@@ -236,8 +248,12 @@ pub async fn run(ctx: &OpContext, p: &AnalyticsParams) -> Result<AnalyticsReport
         AnalyticsParams::HealthReport(hp) => {
             Ok(AnalyticsReport::Health(health_report(&ctx.db, hp).await?))
         }
-        AnalyticsParams::Trends { days, fleet } => Ok(AnalyticsReport::Trends(
-            trends(&ctx.db, *days, fleet.as_ref()).await?,
+        AnalyticsParams::Trends {
+            days,
+            max_age_secs,
+            fleet,
+        } => Ok(AnalyticsReport::Trends(
+            trends(&ctx.db, *days, *max_age_secs, fleet.as_ref()).await?,
         )),
     }
 }

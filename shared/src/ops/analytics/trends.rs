@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 
 use chrono::{Duration, NaiveDateTime, Utc};
 
+use super::FleetFacts;
 use super::probe::{Arg, Kind, Probe, day_of, plus_seconds};
 use super::report::{TrendDay, TrendsReport};
-use super::{FleetFacts, HealthParams};
 use crate::ops::OpError;
 use crate::store::Db;
 use crate::store::schema;
@@ -20,20 +20,14 @@ use crate::store::schema;
 pub const MAX_TREND_DAYS: u32 = 366;
 
 /// Trends for the last `days` UTC days (1–366), ending now. v1 schemas count a session as
-/// expiring `SESSION_MAX_AGE` (default 48 h) after its last update.
+/// expiring `max_age_secs` (the target's `SESSION_MAX_AGE`) after its last update.
 pub async fn trends(
     db: &Db,
     days: u32,
+    max_age_secs: u64,
     fleet: Option<&FleetFacts>,
 ) -> Result<TrendsReport, OpError> {
-    trends_at(
-        db,
-        days,
-        fleet,
-        Utc::now().naive_utc(),
-        HealthParams::DEFAULT_MAX_AGE_SECS,
-    )
-    .await
+    trends_at(db, days, fleet, Utc::now().naive_utc(), max_age_secs).await
 }
 
 /// [`trends()`] with an explicit "now" and v1 max age (seconds).
@@ -104,8 +98,13 @@ pub async fn trends_at(
     let expired_by_day = per_day(&mut probe, "trend_expired", sql, &args).await?;
 
     let cleanup = fleet.and_then(|f| f.cleanup_deleted_by_day.as_ref());
+    let recorded_from = fleet.and_then(|f| f.cleanup_recorded_from);
     if cleanup.is_none() {
         notes.push("the fleet recorded no cleanup deletions: that column is omitted".into());
+    } else if let Some(from) = recorded_from.filter(|d| *d > first_day) {
+        notes.push(format!(
+            "cleanup deletions are known from {from} on: the fleet keeps each database's last runs only"
+        ));
     }
     let rows: Vec<TrendDay> = (0..i64::from(days))
         .map(|i| {
@@ -114,7 +113,9 @@ pub async fn trends_at(
             TrendDay {
                 created: created_by_day.get(&key).copied().unwrap_or(0),
                 expired: expired_by_day.get(&key).copied().unwrap_or(0),
-                cleanup_deleted: cleanup.map(|c| c.get(&day).copied().unwrap_or(0)),
+                cleanup_deleted: cleanup
+                    .filter(|_| recorded_from.is_none_or(|from| day >= from))
+                    .map(|c| c.get(&day).copied().unwrap_or(0)),
                 date: key,
             }
         })
