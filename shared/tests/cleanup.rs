@@ -605,8 +605,8 @@ async fn sessions_still_referenced_are_kept_counted_and_go_with_their_references
 }
 
 /// A key from the session table to itself (a parent session) keeps an expired parent while a
-/// live child points at it, on PostgreSQL and SQLite. MySQL cannot read the table a DELETE
-/// deletes from, so there the key is named in the schema's notes instead of probed.
+/// live child points at it, on PostgreSQL, SQLite and MariaDB. MySQL cannot read the table a
+/// DELETE deletes from, so there the key is named in the schema's notes instead of probed.
 #[tokio::test]
 async fn a_session_referenced_by_another_session_is_kept_where_the_engine_can_probe_it() {
     for engine in ENGINES {
@@ -626,7 +626,15 @@ async fn a_session_referenced_by_another_session_is_kept_where_the_engine_can_pr
         let schema = sessionfleet::store::schema::detect(db)
             .await
             .expect("schema");
-        if engine == Engine::MySql {
+        let mysql_proper = engine == Engine::MySql
+            && !db
+                .describe()
+                .await
+                .expect("describe")
+                .version
+                .to_ascii_lowercase()
+                .contains("mariadb");
+        if mysql_proper {
             assert!(schema.references.is_empty(), "{what}");
             assert!(
                 schema
@@ -665,6 +673,147 @@ async fn a_session_referenced_by_another_session_is_kept_where_the_engine_can_pr
         assert_eq!(report.referenced_sessions_kept, Some(1), "{what}");
         tdb.drop_db().await;
     }
+}
+
+/// A key on a table the cleanup's database user may not read is named in the schema's notes
+/// and left out of the rules: PostgreSQL checks a key as the referencing table's owner, so
+/// such a user could always delete, and a probe it may not run would fail every batch. Fails
+/// if the unreadable table's key is probed ("permission denied" on every run).
+#[tokio::test]
+async fn a_key_on_a_table_the_cleanup_may_not_read_is_noted_not_probed() {
+    let tdb = seeded(Engine::Postgres, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    add_referencing_tables(db).await;
+    let role = format!(
+        "sf_cleaner_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    for stmt in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT ALL ON SCHEMA public TO {role}"),
+        format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}"),
+        format!("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+        format!("REVOKE ALL ON session_audit FROM {role}"),
+    ] {
+        db.execute(&stmt).await.expect("role setup");
+    }
+    // The same server and database, as the new role (trust authentication here).
+    let (scheme, rest) = tdb.url.split_once("://").expect("a URL");
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let url = format!("{scheme}://{role}@{host}");
+    let cleaner = Db::connect(&url, &sessionfleet::store::ConnectOptions::default())
+        .await
+        .expect("connect as the cleanup role");
+    let schema = sessionfleet::store::schema::detect(&cleaner)
+        .await
+        .expect("schema");
+    let probed: Vec<&str> = schema.references.iter().map(|r| r.table.as_str()).collect();
+    assert!(
+        probed.iter().any(|t| t.contains("session_orders"))
+            && !probed.iter().any(|t| t.contains("session_audit")),
+        "{probed:?}"
+    );
+    assert!(
+        schema
+            .notes
+            .iter()
+            .any(|n| n.contains("session_audit") && n.contains("cannot read")),
+        "{:?}",
+        schema.notes
+    );
+    let purge = oracle(db, SchemaVersion::V2, None, true).await;
+    let before = snapshot(db, SchemaVersion::V2).await;
+    let report = cleanup::run(&ctx(&cleaner).await, &params())
+        .await
+        .expect("the run as the cleanup role");
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    assert_exactly_purged(
+        &before,
+        &snapshot(db, SchemaVersion::V2).await,
+        &purge,
+        "postgres",
+    );
+    cleaner.close().await;
+    for stmt in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
+        db.execute(&stmt).await.expect("role teardown");
+    }
+    tdb.drop_db().await;
+}
+
+/// A CASCADE key into a table whose own restricting key points at the cascaded rows makes the
+/// database refuse a delete the rules cannot foresee. The batch is tried again once (a
+/// reference committed meanwhile would be gone from the candidates then), and the second
+/// refusal ends the part with the database's error, which names the key, and the earlier
+/// batches counted. Fails if such a refusal is retried like a lost connection (five times).
+#[tokio::test]
+async fn a_refusal_the_rules_cannot_foresee_is_retried_once_then_named() {
+    let tdb = seeded(Engine::Postgres, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    add_referencing_tables(db).await;
+    db.execute(
+        "CREATE TABLE note_items (id INTEGER NOT NULL PRIMARY KEY, note_id INTEGER NOT NULL, \
+         CONSTRAINT fk_note_items_note FOREIGN KEY (note_id) REFERENCES session_notes (id))",
+    )
+    .await
+    .expect("create");
+    let purge = oracle(db, SchemaVersion::V2, None, true).await;
+    let last = *purge.iter().next_back().expect("a session to purge");
+    insert_references(db, "session_notes", &[last]).await;
+    db.execute("INSERT INTO note_items (id, note_id) VALUES (1, 1)")
+        .await
+        .expect("insert");
+    let report = cleanup::run(&ctx(db).await, &params())
+        .await
+        .expect("earlier batches committed: the part reports");
+    assert_eq!(report.outcome, Outcome::Interrupted, "{report:?}");
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.contains("fk_note_items_note")),
+        "{:?}",
+        report.errors
+    );
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains(": 1 batch attempt(s)")),
+        "retried once: {:?}",
+        report.notes
+    );
+    tdb.drop_db().await;
+}
+
+/// On MariaDB a unique key may share its name with a foreign key of the same table; the
+/// catalog join then returns a row without a referenced column. The key is still found, with
+/// its columns. Fails if that row costs the key.
+#[tokio::test]
+async fn a_foreign_key_named_like_a_unique_key_is_still_read_on_mariadb() {
+    let tdb = seeded(Engine::MySql, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    db.execute(
+        "CREATE TABLE session_tags (id INTEGER NOT NULL PRIMARY KEY, sid INTEGER NOT NULL, \
+         UNIQUE KEY fk_tag (sid), \
+         CONSTRAINT fk_tag FOREIGN KEY (sid) REFERENCES user_sessions (id))",
+    )
+    .await
+    .expect("create");
+    let schema = sessionfleet::store::schema::detect(db)
+        .await
+        .expect("schema");
+    assert_eq!(
+        schema.references.len(),
+        1,
+        "{:?} {:?}",
+        schema.references,
+        schema.notes
+    );
+    assert_eq!(
+        schema.references[0].columns,
+        vec![("`sid`".to_string(), "`id`".to_string())]
+    );
+    tdb.drop_db().await;
 }
 
 #[tokio::test]

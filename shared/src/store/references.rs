@@ -54,9 +54,23 @@ impl Reference {
     }
 }
 
+/// What [`restricting`] found: the keys the cleanup can honour, and notes on those it cannot.
+#[derive(Debug, Default)]
+pub struct Restricting {
+    /// Keys the rules probe.
+    pub references: Vec<Reference>,
+    /// One line per key left out, and why: a session it still references stops the batch
+    /// that meets it.
+    pub notes: Vec<String>,
+}
+
 /// The foreign keys referencing `sessions_table` whose delete rule is `RESTRICT` or `NO
-/// ACTION`, one entry per constraint, in a stable order.
-pub async fn restricting(db: &Db, sessions_table: &str) -> Result<Vec<Reference>, StoreError> {
+/// ACTION`, one entry per constraint, in a stable order. A key the rules cannot probe is
+/// left out with a note: one whose table this connection may not read (PostgreSQL checks a
+/// key as the table's owner, so a cleanup role needs no privilege there to delete, but a
+/// probe does), and on MySQL (not MariaDB, which allows it since 10.3.1) a key from the
+/// session table to itself, since MySQL refuses a DELETE whose condition reads its own table.
+pub async fn restricting(db: &Db, sessions_table: &str) -> Result<Restricting, StoreError> {
     // Each row: constraint, referencing table (quoted on PostgreSQL), referencing column,
     // referenced column (both unquoted), 1 when the key is the session table's own, in key
     // order within a constraint.
@@ -93,6 +107,7 @@ pub async fn restricting(db: &Db, sessions_table: &str) -> Result<Vec<Reference>
                ON k.CONSTRAINT_SCHEMA = r.CONSTRAINT_SCHEMA \
               AND k.CONSTRAINT_NAME = r.CONSTRAINT_NAME AND k.TABLE_NAME = r.TABLE_NAME \
              WHERE r.CONSTRAINT_SCHEMA = DATABASE() AND r.UNIQUE_CONSTRAINT_SCHEMA = DATABASE() \
+               AND k.TABLE_SCHEMA = DATABASE() AND k.REFERENCED_TABLE_NAME IS NOT NULL \
                AND r.REFERENCED_TABLE_NAME = ? AND r.DELETE_RULE IN ('RESTRICT', 'NO ACTION') \
              ORDER BY k.TABLE_NAME, k.CONSTRAINT_NAME, k.ORDINAL_POSITION"
         }
@@ -128,8 +143,41 @@ pub async fn restricting(db: &Db, sessions_table: &str) -> Result<Vec<Reference>
     if engine == Engine::Sqlite {
         fill_implicit_primary_key(db, sessions_table, &mut refs).await?;
     }
-    refs.retain(|r| r.columns.iter().all(|(_, to)| !to.is_empty()));
-    Ok(refs)
+    let mysql_proper = engine == Engine::MySql
+        && refs.iter().any(|r| r.from_sessions_table)
+        && !db
+            .describe()
+            .await?
+            .version
+            .to_ascii_lowercase()
+            .contains("mariadb");
+    let mut found = Restricting::default();
+    for r in refs {
+        let unusable = if r.columns.iter().any(|(_, to)| to.is_empty()) {
+            Some("its columns on the session table could not be resolved".to_string())
+        } else if mysql_proper && r.from_sessions_table {
+            Some("it runs from the session table to itself, which MySQL cannot read inside the DELETE".into())
+        } else {
+            readable(db, &r.table).await.err()
+        };
+        match unusable {
+            Some(why) => found.notes.push(format!(
+                "foreign key {} forbids deleting the sessions it references, but {why}: a session it still references stops the batch that meets it",
+                r.describe()
+            )),
+            None => found.references.push(r),
+        }
+    }
+    Ok(found)
+}
+
+/// Whether this connection may read `table` (quoted): `Err` with the reason if not.
+async fn readable(db: &Db, table: &str) -> Result<(), String> {
+    let probe = format!("SELECT 1 FROM {table} WHERE 1 = 0");
+    db.execute(&probe)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("this connection cannot read {table} ({e})"))
 }
 
 /// SQLite leaves the parent column out of `REFERENCES sessions` (no column list): the key is

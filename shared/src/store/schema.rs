@@ -387,20 +387,9 @@ pub async fn detect_with(db: &Db, profile: &SessionProfile) -> Result<Schema, St
             None
         }
     };
-    let mut references = super::references::restricting(db, &sessions.table).await?;
-    if db.engine() == Engine::MySql {
-        // MySQL refuses a DELETE whose condition reads the table it deletes from (error 1093),
-        // so a rule probing the session table's own key would fail every batch.
-        references.retain(|r| {
-            if r.from_sessions_table {
-                notes.push(format!(
-                    "foreign key {} runs from the session table to itself, which MySQL cannot probe inside the DELETE: a session it still references stops the batch that meets it",
-                    r.describe()
-                ));
-            }
-            !r.from_sessions_table
-        });
-    }
+    let restricting = super::references::restricting(db, &sessions.table).await?;
+    notes.extend(restricting.notes);
+    let references = restricting.references;
     Ok(Schema {
         version,
         sessions,

@@ -324,7 +324,7 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
         report.forced_cleanup = Some(true);
         report.custom_max_age_hours = params.force_max_age_hours;
     }
-    let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
+    let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.as_written).collect();
     // Independent of the purge (it counts rows no rule touches), so it runs alongside it,
     // except on InnoDB, where it waits for the purge to end (see `missing`), and without
     // parallel reads.
@@ -382,7 +382,7 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                     "counting sessions whose platform is missing failed: {e}"
                 )),
             }
-            count_kept_by_references(db, &schema, &cutoffs, &mut report).await;
+            count_kept_by_references(ctx, &schema, &cutoffs, &mut report).await;
         }
         worked => {
             missing_platform.cancel().await;
@@ -406,7 +406,7 @@ async fn purge(
     report: &mut CleanupReport,
 ) -> Result<(), OpError> {
     let db = &ctx.db;
-    let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
+    let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.as_written).collect();
     let fence = ctx.fence()?;
     // Reads before the first batch (the table's size, a rule's count) can take long on a
     // large table, or wait behind a table lock: a shutdown or a lost lease ends the run at
@@ -702,6 +702,8 @@ async fn purge_rule(
                 Err(e) => {
                     let e = OpError::from(e);
                     if source.is_stream() || !retry.wait_to_retry(&e, &ctx.cancel).await {
+                        // The retries so far go with an interrupted part's report.
+                        report.notes.extend(retry.note(rule.kind));
                         return Err(e);
                     }
                     continue;
@@ -715,6 +717,7 @@ async fn purge_rule(
             Ok(done) => done,
             Err(e) => {
                 if !retry.wait_to_retry(&e, &ctx.cancel).await {
+                    report.notes.extend(retry.note(rule.kind));
                     return Err(e);
                 }
                 pending = Some(found);
@@ -823,7 +826,7 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
         read_with_retries("statistics count", || count(db, &schema, pred)).await
     };
     let by_rule = count_per_rule(db, &schema, &rules).await?;
-    let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
+    let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.as_written).collect();
     let mut all_notes = schema.notes.clone();
     all_notes.extend(notes);
     Ok(CleanupStats {
@@ -872,7 +875,7 @@ fn count_index_walked(
     in_background: bool,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> Vec<Option<PendingCount>> {
-    let all: Vec<&Predicate> = rules.iter().map(|r| &r.predicate).collect();
+    let all: Vec<&Predicate> = rules.iter().map(|r| &r.as_written).collect();
     let mut counts: Vec<(usize, PendingCount)> = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
         if matches!(rule.walk, rules::Walk::Column(_)) {
@@ -1022,9 +1025,10 @@ fn stop_reason(
 /// Counts the sessions a rule matches but a restricting foreign key keeps (see
 /// `store::references`), into the report with a note naming the keys. After the purge, they
 /// are what is left of the rules' rows, so the count is short except for the orphan rule's
-/// join. Report-only: a failed count leaves the figure out.
+/// join. Report-only: a failed count leaves the figure out, and so does a cancellation (a
+/// stopping worker does not wait for it; the count is stopped on the server).
 async fn count_kept_by_references(
-    db: &Db,
+    ctx: &OpContext,
     schema: &Schema,
     cutoffs: &Cutoffs,
     report: &mut CleanupReport,
@@ -1032,12 +1036,15 @@ async fn count_kept_by_references(
     let Some(kept) = rules::kept_by_references(schema, cutoffs) else {
         return;
     };
-    match read_with_retries("referenced-session count", || {
+    let db = &ctx.db;
+    let counting = read_with_retries("referenced-session count", || {
         count(db, schema, Some(&kept))
-    })
-    .await
-    {
-        Ok(n) => {
+    });
+    match unless_cancelled(ctx, counting).await {
+        None => report.notes.push(
+            "the count of sessions kept by references was cut short by a cancellation".into(),
+        ),
+        Some(Ok(n)) => {
             report.referenced_sessions_kept = Some(n);
             if n > 0 {
                 tracing::warn!(
@@ -1047,7 +1054,7 @@ async fn count_kept_by_references(
                 report.notes.push(referenced_note(schema, n));
             }
         }
-        Err(e) => report
+        Some(Err(e)) => report
             .errors
             .push(format!("counting sessions kept by references failed: {e}")),
     }
@@ -1074,7 +1081,7 @@ async fn count_per_rule(
 ) -> Result<RuleCounts, OpError> {
     let mut counts = RuleCounts::default();
     for (i, rule) in rules.iter().enumerate() {
-        let earlier: Vec<&Predicate> = rules[..i].iter().map(|r| &r.predicate).collect();
+        let earlier: Vec<&Predicate> = rules[..i].iter().map(|r| &r.as_written).collect();
         let exclusive = rule.predicate.and_none_of(&earlier);
         let n = read_with_retries("rule count", || count(db, schema, Some(&exclusive))).await?;
         counts.add(rule.kind, n);

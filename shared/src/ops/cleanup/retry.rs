@@ -35,19 +35,24 @@ pub struct BatchRetry {
     retried: u64,
     /// The last transient error, for the report.
     last: Option<String>,
+    /// The current batch was already tried again after a foreign-key refusal.
+    reference_retried: bool,
 }
 
 impl BatchRetry {
-    /// After a failed attempt: true when `e` is transient, or a reference to one of the
-    /// batch's sessions committed after the batch read its rule (the retry's re-check leaves
-    /// that session out), and the batch has retries left, once the backoff has passed (or the
-    /// run was cancelled meanwhile: the caller's next check stops it). False: the error ends
-    /// the run.
+    /// After a failed attempt: true when `e` is transient, or the batch's first foreign-key
+    /// refusal (a reference to one of its sessions committed after the batch read its rule:
+    /// the retry's re-check leaves that session out), and the batch has retries left, once the
+    /// backoff has passed (or the run was cancelled meanwhile: the caller's next check stops
+    /// it). False: the error ends the run. A second refusal is no race but a key the rules
+    /// cannot see (a cascade into a restricting key, a key the catalog read left out), and
+    /// retrying it again would only delay the error that names it.
     pub async fn wait_to_retry(&mut self, e: &OpError, cancel: &CancellationToken) -> bool {
-        let retryable = e.is_transient() || e.is_foreign_key_violation();
-        if !retryable || self.failures >= BATCH_RETRIES {
+        let reference_race = e.is_foreign_key_violation() && !self.reference_retried;
+        if !(e.is_transient() || reference_race) || self.failures >= BATCH_RETRIES {
             return false;
         }
+        self.reference_retried |= reference_race;
         self.failures += 1;
         self.retried += 1;
         self.last = Some(e.to_string());
@@ -63,6 +68,7 @@ impl BatchRetry {
     /// The batch went through: the next one starts with all its retries.
     pub fn succeeded(&mut self) {
         self.failures = 0;
+        self.reference_retried = false;
     }
 
     /// A line for the report when any attempt was retried.

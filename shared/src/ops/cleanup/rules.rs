@@ -89,10 +89,26 @@ pub enum Walk {
 pub struct Rule {
     /// Which count it feeds.
     pub kind: RuleKind,
-    /// Which rows it purges.
+    /// Which rows it purges: `as_written`, less the sessions a restricting foreign key keeps.
     pub predicate: Predicate,
+    /// The rule as the definitions state it. What later rules and the report-only counts
+    /// leave out as "an earlier rule's": without the reference probes, which inside their
+    /// `NOT COALESCE(…)` no engine turns into a join (a probe per row, on every count), and
+    /// which each rule's own `predicate` already applies.
+    pub as_written: Predicate,
     /// How batches find them.
     pub walk: Walk,
+}
+
+impl Rule {
+    fn new(kind: RuleKind, predicate: Predicate, walk: Walk) -> Rule {
+        Rule {
+            kind,
+            as_written: predicate.clone(),
+            predicate,
+            walk,
+        }
+    }
 }
 
 /// The cutoffs of one run, all derived from `as_of`.
@@ -123,7 +139,7 @@ impl Cutoffs {
 /// (`Schema::references`) matches none of them: deleting it would fail the whole batch, on
 /// every run.
 pub fn build(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<String>) {
-    let (mut rules, notes) = as_written(schema, cutoffs);
+    let (mut rules, notes) = rules_as_written(schema, cutoffs);
     let t = &schema.sessions.table;
     for rule in &mut rules {
         for reference in &schema.references {
@@ -145,8 +161,8 @@ pub fn kept_by_references(schema: &Schema, cutoffs: &Cutoffs) -> Option<Predicat
     if schema.references.is_empty() {
         return None;
     }
-    let (rules, _) = as_written(schema, cutoffs);
-    let any = Predicate::any_of(&rules.iter().map(|r| &r.predicate).collect::<Vec<_>>())?;
+    let (rules, _) = rules_as_written(schema, cutoffs);
+    let any = Predicate::any_of(&rules.iter().map(|r| &r.as_written).collect::<Vec<_>>())?;
     let t = &schema.sessions.table;
     let referenced = schema
         .references
@@ -161,7 +177,7 @@ pub fn kept_by_references(schema: &Schema, cutoffs: &Cutoffs) -> Option<Predicat
 }
 
 /// The rules as the definitions state them, before referenced sessions are set aside.
-fn as_written(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<String>) {
+fn rules_as_written(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<String>) {
     let s = &schema.sessions;
     let t = &s.table;
     let activity = format!("{t}.{}", schema.activity_column());
@@ -169,42 +185,42 @@ fn as_written(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<String>) {
     let mut notes = Vec::new();
 
     match &s.expires_at {
-        Some(expires) => rules.push(Rule {
-            kind: RuleKind::Expired,
-            predicate: Predicate::new(format!("{t}.{expires} < ?"), vec![cutoffs.as_of]),
-            walk: Walk::Column(format!("{t}.{expires}")),
-        }),
+        Some(expires) => rules.push(Rule::new(
+            RuleKind::Expired,
+            Predicate::new(format!("{t}.{expires} < ?"), vec![cutoffs.as_of]),
+            Walk::Column(format!("{t}.{expires}")),
+        )),
         None => {
             // v1: the original's `_is_session_expired` — no activity recorded, or older than
             // the max age (strictly). Split in two so each half walks an index.
-            rules.push(Rule {
-                kind: RuleKind::Expired,
-                predicate: Predicate::new(format!("{activity} < ?"), vec![cutoffs.max_age]),
-                walk: Walk::Column(activity.clone()),
-            });
-            rules.push(Rule {
-                kind: RuleKind::Expired,
-                predicate: Predicate::new(format!("{activity} IS NULL"), vec![]),
-                walk: Walk::PrimaryKey,
-            });
+            rules.push(Rule::new(
+                RuleKind::Expired,
+                Predicate::new(format!("{activity} < ?"), vec![cutoffs.max_age]),
+                Walk::Column(activity.clone()),
+            ));
+            rules.push(Rule::new(
+                RuleKind::Expired,
+                Predicate::new(format!("{activity} IS NULL"), vec![]),
+                Walk::PrimaryKey,
+            ));
         }
     }
     if let Some(active) = &s.is_active {
-        rules.push(Rule {
-            kind: RuleKind::InactiveStale,
-            predicate: Predicate::new(
+        rules.push(Rule::new(
+            RuleKind::InactiveStale,
+            Predicate::new(
                 format!("{t}.{active} = FALSE AND {activity} < ?"),
                 vec![cutoffs.max_age],
             ),
-            walk: Walk::Column(activity.clone()),
-        });
+            Walk::Column(activity.clone()),
+        ));
     }
     if let Some(idle) = cutoffs.idle {
-        rules.push(Rule {
-            kind: RuleKind::Idle,
-            predicate: Predicate::new(format!("{activity} < ?"), vec![idle]),
-            walk: Walk::Column(activity.clone()),
-        });
+        rules.push(Rule::new(
+            RuleKind::Idle,
+            Predicate::new(format!("{activity} < ?"), vec![idle]),
+            Walk::Column(activity.clone()),
+        ));
     }
     match &schema.users {
         Some(users) => {
@@ -228,11 +244,11 @@ fn as_written(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<String>) {
                     missing
                 }
             };
-            rules.push(Rule {
-                kind: RuleKind::Orphaned,
-                predicate: Predicate::new(sql, vec![]),
-                walk: Walk::PrimaryKey,
-            });
+            rules.push(Rule::new(
+                RuleKind::Orphaned,
+                Predicate::new(sql, vec![]),
+                Walk::PrimaryKey,
+            ));
         }
         None => notes.push("users table not found: the orphaned-session rule was skipped".into()),
     }
