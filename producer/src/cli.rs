@@ -212,11 +212,11 @@ pub struct MaintenanceArgs {
     /// With --analytics: the health report
     #[arg(long)]
     pub health: bool,
-    /// With --analytics: trends over DAYS days
-    #[arg(long, value_name = "DAYS")]
+    /// With --analytics (not with --health): trends over DAYS days
+    #[arg(long, value_name = "DAYS", conflicts_with = "health")]
     pub trends: Option<u32>,
     /// With --analytics --health: export to FILE (.json or .html)
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", requires = "health")]
     pub export: Option<PathBuf>,
     /// With --database: analyze tables
     #[arg(long)]

@@ -546,12 +546,20 @@ async fn usage_errors_help_and_exit_codes() {
             "--export",
             "r.json",
         ][..],
+        // The legacy form: an export needs the health report it writes (it was dropped).
+        &["maintenance", "--analytics", "--export", "r.json"][..],
     ] {
         let out = cli.run(args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains("--export"), "{args:?}: {err}");
     }
+    // Trends are a report of their own, not an addition to the health report (they were
+    // dropped silently).
+    let out = cli.run(&["maintenance", "--analytics", "--health", "--trends", "3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--trends"), "{err}");
     let out = cli.run(&["analytics", "--trends", "0", "--local"]);
     assert_eq!(
         out.status.code(),
