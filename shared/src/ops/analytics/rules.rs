@@ -220,19 +220,14 @@ pub(crate) fn assemble(db: &Db, p: &HealthParams, f: Figures) -> HealthReport {
     // Security.
     let score = security.security_score;
     if score < SECURITY_SCORE_LINE {
-        let sev = if score < SECURITY_SCORE_CRITICAL {
-            Severity::Critical
+        // The alert names the line it crossed: the critical one when it is critical.
+        let (sev, line) = if score < SECURITY_SCORE_CRITICAL {
+            (Severity::Critical, SECURITY_SCORE_CRITICAL)
         } else {
-            Severity::Warning
+            (Severity::Warning, SECURITY_SCORE_LINE)
         };
-        let msg = format!("Security score {score} is below {SECURITY_SCORE_LINE}");
-        v.alert(
-            "security_score",
-            sev,
-            score as f64,
-            SECURITY_SCORE_LINE as f64,
-            msg.clone(),
-        );
+        let msg = format!("Security score {score} is below {line}");
+        v.alert("security_score", sev, score as f64, line as f64, msg.clone());
         v.fire(level(sev), msg, Some(format!(
             "Review session security - suspicious activity detected (security score {score} < {SECURITY_SCORE_LINE}: {})",
             security.score_deductions.join("; ")
@@ -353,7 +348,7 @@ pub(crate) fn assemble(db: &Db, p: &HealthParams, f: Figures) -> HealthReport {
                 summary: f.schema.summary(),
                 unsupported,
                 notes: vec![format!(
-                    "windows end at {} UTC; rates use created_at; rapid updates are sessions created and used within {} s, used {} s or less after creation but not untouched",
+                    "windows end at {} UTC; rates use created_at; rapid updates are sessions created and used within {} s, used less than {} s after creation but not untouched",
                     ts.format("%Y-%m-%d %H:%M:%S"),
                     RECENT_WINDOW_SECS,
                     super::health::RAPID_UPDATE_SECS
