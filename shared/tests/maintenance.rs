@@ -365,6 +365,41 @@ per_engine!(index_with_equivalent_columns_counts_as_present:
     index_with_equivalent_columns_counts_as_present_postgres => Engine::Postgres,
     index_with_equivalent_columns_counts_as_present_mariadb => Engine::MySql);
 
+/// A partial index on a recommended index's columns serves only queries whose condition
+/// implies its own, so the full index is still built (PostgreSQL and SQLite; MySQL has no
+/// partial indexes). Fails if the partial index counts as present.
+async fn a_partial_index_does_not_count_as_present(engine: Engine) {
+    let tdb = seeded(engine, SchemaVersion::V1).await;
+    let db = &tdb.db;
+    db.execute("CREATE INDEX sessions_created_by_known_users ON user_sessions (created_at) WHERE user_id > 0")
+        .await
+        .unwrap();
+    let present = maintenance::table_indexes(db, "user_sessions")
+        .await
+        .unwrap();
+    let partial: Vec<&str> = present
+        .iter()
+        .filter(|ix| ix.partial)
+        .map(|ix| ix.name.as_str())
+        .collect();
+    assert_eq!(partial, ["sessions_created_by_known_users"]);
+    let (ctx, _) = ctx_with_fence(db).await;
+    let report = maintenance::create_indexes(&ctx, false).await.unwrap();
+    assert!(
+        report
+            .indexes_created
+            .contains(&"ix_user_sessions_created_at".to_string()),
+        "{:?} / skipped {:?}",
+        report.indexes_created,
+        report.indexes_skipped
+    );
+    tdb.drop_db().await;
+}
+
+per_engine!(a_partial_index_does_not_count_as_present:
+    a_partial_index_does_not_count_as_present_sqlite => Engine::Sqlite,
+    a_partial_index_does_not_count_as_present_postgres => Engine::Postgres);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_postgres_concurrent_build_is_rebuilt() {
     let tdb = seeded(Engine::Postgres, SchemaVersion::V2).await;

@@ -544,7 +544,9 @@ async fn leading_index_columns(db: &Db, table: &str) -> Result<Vec<String>, OpEr
     Ok(crate::ops::maintenance::table_indexes(db, table)
         .await?
         .into_iter()
-        .filter(|ix| ix.valid)
+        // A partial index cannot answer the windows' plain ranges: counting "through" it
+        // would read the whole table once per window.
+        .filter(|ix| ix.valid && !ix.partial)
         .filter_map(|ix| ix.columns.into_iter().next())
         .collect())
 }

@@ -227,7 +227,13 @@ pub(crate) fn assemble(db: &Db, p: &HealthParams, f: Figures) -> HealthReport {
             (Severity::Warning, SECURITY_SCORE_LINE)
         };
         let msg = format!("Security score {score} is below {line}");
-        v.alert("security_score", sev, score as f64, line as f64, msg.clone());
+        v.alert(
+            "security_score",
+            sev,
+            score as f64,
+            line as f64,
+            msg.clone(),
+        );
         v.fire(level(sev), msg, Some(format!(
             "Review session security - suspicious activity detected (security score {score} < {SECURITY_SCORE_LINE}: {})",
             security.score_deductions.join("; ")

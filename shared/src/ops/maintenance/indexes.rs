@@ -42,6 +42,10 @@ pub struct IndexInfo {
     /// False for a PostgreSQL index left INVALID by an interrupted concurrent build; such an
     /// index is maintained on writes but never used by queries.
     pub valid: bool,
+    /// A partial index (`WHERE …`, PostgreSQL and SQLite): it serves only queries whose
+    /// condition implies its own, so it does not stand in for a full index on its columns.
+    #[serde(default)]
+    pub partial: bool,
 }
 
 /// Result of [`create_indexes`], with the original's field names.
@@ -197,16 +201,18 @@ pub(super) fn missing_from(schema: &Schema, present: &[IndexInfo]) -> Vec<IndexS
 
 /// The indexes of `table` with their columns in order, uniqueness and validity.
 pub async fn table_indexes(db: &Db, table: &str) -> Result<Vec<IndexInfo>, OpError> {
-    // One row per (index, column), ordered by index then column position.
+    // One row per (index, column), ordered by index then column position: name, unique,
+    // column, valid, partial.
     let sql = match db.engine() {
         Engine::Sqlite => {
-            "SELECT il.name, il.\"unique\", COALESCE(ii.name, '<expression>'), 1 \
+            "SELECT il.name, il.\"unique\", COALESCE(ii.name, '<expression>'), 1, il.partial \
              FROM pragma_index_list(?) AS il JOIN pragma_index_info(il.name) AS ii \
              ORDER BY il.name, ii.seqno"
         }
         Engine::Postgres => {
             "SELECT ic.relname::text, (CASE WHEN i.indisunique THEN 1 ELSE 0 END)::int8, \
-                    COALESCE(a.attname::text, '<expression>'), (CASE WHEN i.indisvalid THEN 1 ELSE 0 END)::int8 \
+                    COALESCE(a.attname::text, '<expression>'), (CASE WHEN i.indisvalid THEN 1 ELSE 0 END)::int8, \
+                    (CASE WHEN i.indpred IS NULL THEN 0 ELSE 1 END)::int8 \
              FROM pg_index i \
              JOIN pg_class ic ON ic.oid = i.indexrelid \
              JOIN pg_class t ON t.oid = i.indrelid \
@@ -218,20 +224,20 @@ pub async fn table_indexes(db: &Db, table: &str) -> Result<Vec<IndexInfo>, OpErr
         }
         Engine::MySql => {
             "SELECT index_name, CASE WHEN non_unique = 0 THEN 1 ELSE 0 END, \
-                    COALESCE(column_name, '<expression>'), 1 \
+                    COALESCE(column_name, '<expression>'), 1, 0 \
              FROM information_schema.statistics \
              WHERE table_schema = DATABASE() AND table_name = ? \
              ORDER BY index_name, seq_in_index"
         }
     };
-    let rows: Vec<(String, i64, String, i64)> = crate::on_pool!(db, p => {
+    let rows: Vec<(String, i64, String, i64, i64)> = crate::on_pool!(db, p => {
         sqlx::query(db.sql(sql)).bind(table).fetch_all(p).await?
             .iter()
-            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?, r.try_get::<String, _>(2)?, r.try_get::<i64, _>(3)?)))
+            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?, r.try_get::<String, _>(2)?, r.try_get::<i64, _>(3)?, r.try_get::<i64, _>(4)?)))
             .collect::<Result<Vec<_>, sqlx::Error>>()?
     });
     let mut by_name: BTreeMap<String, IndexInfo> = BTreeMap::new();
-    for (name, unique, column, valid) in rows {
+    for (name, unique, column, valid, partial) in rows {
         by_name
             .entry(name.clone())
             .or_insert_with(|| IndexInfo {
@@ -239,6 +245,7 @@ pub async fn table_indexes(db: &Db, table: &str) -> Result<Vec<IndexInfo>, OpErr
                 columns: Vec::new(),
                 unique: unique != 0,
                 valid: valid != 0,
+                partial: partial != 0,
             })
             .columns
             .push(column);
@@ -257,8 +264,9 @@ enum Plan {
     Rebuild,
 }
 
-/// Present by name, or by an index under another name whose leading columns are the spec's
-/// (a `(user_id, platform)` index serves `user_id` lookups as well as a `(user_id)` one).
+/// Present by name, or by a full index under another name whose leading columns are the
+/// spec's (a `(user_id, platform)` index serves `user_id` lookups as well as a `(user_id)`
+/// one; a partial index serves only some).
 fn plan(spec: &IndexSpec, present: &[IndexInfo]) -> Plan {
     if let Some(ix) = present
         .iter()
@@ -272,6 +280,7 @@ fn plan(spec: &IndexSpec, present: &[IndexInfo]) -> Plan {
     }
     let covers = |ix: &&IndexInfo| {
         ix.valid
+            && !ix.partial
             && ix.columns.len() >= spec.columns.len()
             && spec
                 .columns
@@ -500,6 +509,7 @@ mod tests {
             columns: cols.iter().map(|c| c.to_string()).collect(),
             unique: false,
             valid,
+            partial: false,
         }
     }
 
@@ -521,6 +531,21 @@ mod tests {
         );
         assert_eq!(
             plan(&spec("ix_x", &["active_platform_id"]), &present),
+            Plan::Create
+        );
+    }
+
+    #[test]
+    fn a_partial_index_does_not_stand_in_for_a_full_one() {
+        let present = [IndexInfo {
+            partial: true,
+            ..ix("active_expiry", &["expires_at"], true)
+        }];
+        assert_eq!(
+            plan(
+                &spec("ix_user_sessions_expires_at", &["expires_at"]),
+                &present
+            ),
             Plan::Create
         );
     }
