@@ -24,7 +24,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let scratch = scratch_database(args.engine).await?;
-    let db = Db::connect(&scratch.url, &ConnectOptions::default()).await?;
+    let db = Db::connect(&scratch.url, &ConnectOptions::creating_sqlite_file()).await?;
     let params = SeedParams {
         reset: true,
         ..SeedParams::new(

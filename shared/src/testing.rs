@@ -147,7 +147,7 @@ impl TestDb {
                 (replace_db(&mysql_admin_url(), &name), None)
             }
         };
-        let db = Db::connect(&url, &ConnectOptions::default())
+        let db = Db::connect(&url, &ConnectOptions::creating_sqlite_file())
             .await
             .expect("connect test database");
         TestDb {

@@ -67,6 +67,31 @@ async fn unknown_scheme_and_unreachable_server_are_clear_errors() {
     );
 }
 
+/// A SQLite URL naming a file that does not exist is an error that names the file, at once
+/// and without creating it: a wrong path, or a volume not mounted yet, must not become a new
+/// empty database. Seeding asks for the file to be created. Fails if connecting creates it.
+#[tokio::test]
+async fn a_missing_sqlite_file_is_named_not_created() {
+    use sessionfleet::store::{ConnectOptions, Db};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("app.db");
+    let url = format!("sqlite://{}", path.display());
+    let e = Db::connect(&url, &ConnectOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::BadUrl { .. }), "{e}");
+    assert!(
+        e.to_string().contains("does not exist") && e.to_string().contains("app.db"),
+        "{e}"
+    );
+    assert!(!path.exists(), "connecting created the file");
+    let db = Db::connect(&url, &ConnectOptions::creating_sqlite_file())
+        .await
+        .expect("created for seeding");
+    assert!(path.exists());
+    db.close().await;
+}
+
 #[tokio::test]
 async fn detects_v1_v2_and_missing_tables_on_every_engine() {
     for engine in ENGINES {

@@ -101,7 +101,7 @@ fn describe(label: &str, mut samples: Vec<Duration>, errors: u64) -> String {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let scratch = scratch_database(args.engine).await?;
-    let db = Db::connect(&scratch.url, &ConnectOptions::default()).await?;
+    let db = Db::connect(&scratch.url, &ConnectOptions::creating_sqlite_file()).await?;
     let t0 = Instant::now();
     seed_demo(
         &db,

@@ -45,7 +45,7 @@ pub async fn run(
         args.sessions,
         file.display()
     ));
-    let db = Db::connect(&url, &ConnectOptions::default()).await?;
+    let db = Db::connect(&url, &ConnectOptions::creating_sqlite_file()).await?;
     let seeded = seed_demo(
         &db,
         &SeedParams {

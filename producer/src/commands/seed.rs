@@ -34,7 +34,7 @@ pub async fn run(
         None => chrono::Utc::now().naive_utc(),
     };
     let target = settings.target(target)?;
-    let db = Db::connect(&target.url, &ConnectOptions::default()).await?;
+    let db = Db::connect(&target.url, &ConnectOptions::creating_sqlite_file()).await?;
     let params = SeedParams {
         sessions: args.sessions,
         users: args

@@ -72,6 +72,11 @@ pub struct ConnectOptions {
     pub max_backoff: Duration,
     /// SQLite's busy timeout: how long a statement waits for another writer's lock.
     pub sqlite_busy_timeout: Duration,
+    /// Create a SQLite database file that does not exist yet (seeding a demo, tests). Off by
+    /// default: a wrong path, or a volume not mounted yet, is an error rather than a new
+    /// empty database that every later step calls "table not found", or that a status
+    /// probe leaves behind.
+    pub create_sqlite_file: bool,
 }
 
 impl ConnectOptions {
@@ -81,6 +86,14 @@ impl ConnectOptions {
     pub const DEFAULT_ATTEMPTS: u32 = 5;
     /// Default SQLite busy timeout, the same order as common application settings.
     pub const DEFAULT_SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// The defaults, creating a SQLite database file that does not exist yet (seeding).
+    pub fn creating_sqlite_file() -> ConnectOptions {
+        ConnectOptions {
+            create_sqlite_file: true,
+            ..ConnectOptions::default()
+        }
+    }
 }
 
 impl Default for ConnectOptions {
@@ -91,6 +104,7 @@ impl Default for ConnectOptions {
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
             sqlite_busy_timeout: Self::DEFAULT_SQLITE_BUSY_TIMEOUT,
+            create_sqlite_file: false,
         }
     }
 }
@@ -227,12 +241,18 @@ impl Db {
         let attempts = opts.attempts.max(1);
         let mut delay = opts.initial_backoff;
         let mut last_error = String::new();
+        if engine == Engine::Sqlite && !opts.create_sqlite_file {
+            sqlite_file_exists(url).map_err(|reason| StoreError::BadUrl {
+                url: redacted_url.clone(),
+                reason,
+            })?;
+        }
         for attempt in 1..=attempts {
             let result = match engine {
                 Engine::Sqlite => {
                     let o = SqliteConnectOptions::from_str(url)
                         .map_err(bad_url)?
-                        .create_if_missing(true)
+                        .create_if_missing(opts.create_sqlite_file)
                         .journal_mode(SqliteJournalMode::Wal)
                         // In WAL mode NORMAL is corruption-safe and spares an fsync per commit;
                         // a power cut may forget the last batches, which the next run redoes.
@@ -472,6 +492,23 @@ fn mysql_url(url: &str) -> String {
 }
 
 /// Errors that retrying cannot fix: bad credentials, unknown database, bad configuration.
+/// `Err` with a reason when the SQLite URL names a file that does not exist (an in-memory
+/// database always does).
+fn sqlite_file_exists(url: &str) -> Result<(), String> {
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        return Ok(());
+    }
+    let o = SqliteConnectOptions::from_str(url).map_err(|e| e.to_string())?;
+    let path = o.get_filename();
+    if path.exists() {
+        return Ok(());
+    }
+    Err(format!(
+        "SQLite database file {} does not exist; sessionfleet does not create application databases (check the path, or run 'sessionfleet seed-demo' to create a demo database)",
+        path.display()
+    ))
+}
+
 fn is_permanent(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Configuration(_) => true,

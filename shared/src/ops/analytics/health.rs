@@ -560,7 +560,7 @@ mod tests {
     async fn a_pool_is_full_while_its_connections_are_held_and_not_just_after() {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}", dir.path().join("pool.db").display());
-        let db = Db::connect(&url, &ConnectOptions::default())
+        let db = Db::connect(&url, &ConnectOptions::creating_sqlite_file())
             .await
             .expect("connect");
         let Pool::Sqlite(pool) = db.pool() else {
