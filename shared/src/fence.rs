@@ -150,6 +150,14 @@ pub async fn issue_token_after(
     let token = current.max(floor) + 1;
     write_row(&mut tx, name, token, holder).await?;
     tx.commit().await?;
+    // MySQL's named lock belongs to the session, not the transaction: let it go now that the
+    // token is stored (closing the connection would release it too, a moment later).
+    if let crate::store::ScopedConnection::MySql(c) = &mut conn {
+        let _ = sqlx::query("SELECT RELEASE_LOCK(?)")
+            .bind(mysql_lock_name(name))
+            .execute(&mut **c)
+            .await;
+    }
     Ok(Fence {
         name: name.to_string(),
         token,
@@ -266,7 +274,10 @@ pub fn advisory_key(name: &str) -> i64 {
 }
 
 /// MySQL lock names are limited to 64 characters.
-fn mysql_lock_name(name: &str) -> String {
+/// The MySQL/MariaDB named lock (`GET_LOCK`) guarding the fence row `name`: held by a
+/// [`SessionLock`] for its whole life and by [`issue_token`] until its new token is committed.
+/// `SELECT IS_USED_LOCK(…)` on it names the holding connection.
+pub fn mysql_lock_name(name: &str) -> String {
     format!("sessionfleet:{:016x}", advisory_key(name))
 }
 
@@ -295,8 +306,10 @@ async fn set_lock_timeout(tx: &mut DbTx<'_>) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Takes, for the span of the transaction, the session lock that [`SessionLock`] holders keep:
-/// a token is never issued while someone runs non-transactional maintenance.
+/// Takes the session lock that [`SessionLock`] holders keep, until the transaction ends
+/// (PostgreSQL's transaction-level advisory lock) or the caller releases it after the commit
+/// (MySQL's named lock belongs to the connection): a token is never issued while someone
+/// runs non-transactional maintenance, nor a SessionLock taken while a token is issued.
 async fn try_session_lock_xact(tx: &mut DbTx<'_>, name: &str) -> Result<bool, sqlx::Error> {
     let key = advisory_key(name);
     Ok(match tx {
@@ -319,15 +332,11 @@ async fn try_session_lock_xact(tx: &mut DbTx<'_>, name: &str) -> Result<bool, sq
                 .bind(LOCK_WAIT.as_secs() as i64)
                 .fetch_one(&mut **t)
                 .await?;
-            if got == Some(1) {
-                sqlx::query("SELECT RELEASE_LOCK(?)")
-                    .bind(&name)
-                    .execute(&mut **t)
-                    .await?;
-                true
-            } else {
-                false
-            }
+            // Kept until the new token is committed (released by the caller, or by the
+            // connection's close): released here, a SessionLock could be taken and its
+            // check pass on the old token between this and the commit, and its statement
+            // then run beside the new holder's batches.
+            got == Some(1)
         }
         DbTx::Sqlite(_) => true,
     })

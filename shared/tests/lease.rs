@@ -610,6 +610,71 @@ async fn tokens_stay_above_the_redis_counter_when_the_fence_table_goes_back() {
     tdb.drop_db().await;
 }
 
+/// On MySQL/MariaDB, issuing a token holds the named lock that non-transactional maintenance
+/// (`SessionLock`) takes until the new token is committed: released earlier, an old holder
+/// could take the lock and pass its fence check on the old token in between, then run an
+/// `OPTIMIZE TABLE` beside the new holder's batches. The issuer is held at the fence row by
+/// another transaction, and the lock must be taken all that time. Fails if it is released
+/// before the row.
+#[tokio::test]
+async fn a_token_being_issued_keeps_maintenance_out_until_it_is_committed() {
+    let tdb = TestDb::new(Engine::MySql).await;
+    let db = tdb.db.clone();
+    let name = "target:issuing";
+    fence::issue_token(&db, name, "first")
+        .await
+        .expect("first token");
+    let lock_name = fence::mysql_lock_name(name);
+    let used = async |db: &Db| -> bool {
+        db.scalar_i64(&format!(
+            "SELECT COUNT(*) FROM (SELECT IS_USED_LOCK('{lock_name}') AS holder) l WHERE holder IS NOT NULL"
+        ))
+        .await
+        .expect("is_used_lock")
+            > 0
+    };
+    let blocker = Db::connect(&tdb.url, &ConnectOptions::default())
+        .await
+        .expect("blocker");
+    let mut row = blocker.begin_write().await.expect("begin");
+    let hold = row.sql(format!(
+        "SELECT token FROM {} WHERE name = ? FOR UPDATE",
+        fence::FENCE_TABLE
+    ));
+    sessionfleet::on_tx!(&mut row, c => sqlx::query(hold).bind(name).execute(&mut *c).await.map(|_| ()).expect("hold the row"));
+
+    let issuing = {
+        let db = db.clone();
+        tokio::spawn(async move { fence::issue_token(&db, name, "second").await })
+    };
+    // Until the issuer waits for the row (its statement running for a while).
+    let started = std::time::Instant::now();
+    while db
+        .scalar_i64(&format!(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+             WHERE DB = DATABASE() AND INFO LIKE '%{}%' AND INFO NOT LIKE '%PROCESSLIST%' AND TIME_MS > 300",
+            fence::FENCE_TABLE
+        ))
+        .await
+        .expect("processlist")
+        == 0
+    {
+        assert!(!issuing.is_finished(), "the issuer did not wait for the row");
+        assert!(started.elapsed() < Duration::from_secs(30), "no issuer waiting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        used(&db).await,
+        "the maintenance lock is free while a token is being issued"
+    );
+    row.commit().await.expect("let the issuer go");
+    let second = issuing.await.expect("task").expect("second token");
+    assert_eq!(second.token, 2);
+    assert!(!used(&db).await, "released once the token is stored");
+    blocker.close().await;
+    tdb.drop_db().await;
+}
+
 /// 3 contenders × 10 jobs on one target, each job three fenced writes through `with_lease`:
 /// every job runs alone (no job is fenced out), every accepted token is in the audit log, and
 /// the holders' write intervals follow one another.
