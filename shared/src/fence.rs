@@ -35,6 +35,10 @@ pub const FENCE_TABLE: &str = "sessionfleet_fence";
 pub const FENCE_LOG_TABLE: &str = "sessionfleet_fence_log";
 /// How long issuing a token or taking a session lock may wait for a busy holder.
 pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// How long the server lets a [`SessionLock`]'s session sit idle between statements before
+/// ending it, and the lock with it: MySQL's limit on all our connections
+/// (`store::MYSQL_IDLE_CONNECTION_TIMEOUT`), on PostgreSQL too.
+pub const SESSION_LOCK_IDLE_LIMIT: Duration = Duration::from_secs(60);
 
 /// Why a fenced write did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -411,10 +415,15 @@ async fn log_write(tx: &mut DbTx<'_>, fence: &Fence) -> Result<(), sqlx::Error> 
 }
 
 /// One pinned connection holding the engine's session lock for a lease, for statements that
-/// cannot run inside a transaction. [`SessionLock::release`] unlocks and returns the
-/// connection to the pool. Dropped without `release` (an error, a cancelled task), the
-/// connection is closed instead, so the server ends the session and its lock with it: a
-/// pooled connection never carries a forgotten session lock to its next user.
+/// cannot run inside a transaction. [`SessionLock::release`] unlocks; either way the
+/// connection is closed when the lock is dropped, never pooled, so the server ends the
+/// session and any lock with it: a pooled connection never carries a forgotten session lock
+/// (or this lock's session settings) to its next user, even if the lock request's reply was
+/// still in flight when its task was cancelled. A holder that freezes (SIGSTOP, a paused
+/// VM) between statements leaves the session idle, where the server ends it after
+/// [`SESSION_LOCK_IDLE_LIMIT`] (PostgreSQL 14+ `idle_session_timeout`; MySQL's
+/// `wait_timeout` on every connection of ours): its lock does not stall the target's writers
+/// for as long as the process stays frozen.
 pub struct SessionLock {
     conn: LockedConn,
     fence: Fence,
@@ -450,6 +459,21 @@ impl SessionLock {
             Pool::Sqlite(p) => LockedConn::Sqlite(p.acquire().await?),
             Pool::Postgres(p) => {
                 let mut c = p.acquire().await?;
+                c.close_on_drop();
+                let limit = format!(
+                    "SET idle_session_timeout = {}",
+                    SESSION_LOCK_IDLE_LIMIT.as_millis()
+                );
+                match sqlx::query(sqlx::AssertSqlSafe(limit))
+                    .execute(&mut *c)
+                    .await
+                {
+                    Ok(_) => {}
+                    // Before PostgreSQL 14: no such setting; TCP keepalives still end a
+                    // session whose host is gone.
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42704") => {}
+                    Err(e) => return Err(e.into()),
+                }
                 let deadline = tokio::time::Instant::now() + LOCK_WAIT;
                 loop {
                     let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
@@ -468,6 +492,7 @@ impl SessionLock {
             }
             Pool::MySql(p) => {
                 let mut c = p.acquire().await?;
+                c.close_on_drop();
                 let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
                     .bind(mysql_lock_name(&fence.name))
                     .bind(LOCK_WAIT.as_secs() as i64)
@@ -567,6 +592,32 @@ impl SessionLock {
         }
         self.released = true;
         Ok(())
+    }
+
+    /// A server setting as this lock's session sees it (PostgreSQL `current_setting`, MySQL
+    /// `@@session.`), for diagnostics and checks; `None` on SQLite.
+    pub async fn setting(&mut self, name: &str) -> Result<Option<String>, sqlx::Error> {
+        Ok(match &mut self.conn {
+            LockedConn::Sqlite(_) => None,
+            LockedConn::Postgres(c) => Some(
+                sqlx::query_scalar("SELECT current_setting($1)")
+                    .bind(name)
+                    .fetch_one(&mut **c)
+                    .await?,
+            ),
+            LockedConn::MySql(c) => {
+                if !name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+                {
+                    return Err(sqlx::Error::Protocol(format!("not a setting name: {name}")));
+                }
+                let sql = format!("SELECT CAST(@@session.{name} AS CHAR)");
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                    .fetch_one(&mut **c)
+                    .await?
+            }
+        })
     }
 
     fn engine(&self) -> Engine {

@@ -955,3 +955,48 @@ async fn a_session_lock_dropped_without_release_is_freed_by_the_server() {
         t.drop_db().await;
     }
 }
+
+/// A session lock's session ends by itself once it sits idle for `SESSION_LOCK_IDLE_LIMIT`
+/// (a holder frozen between two maintenance statements must not keep the target's writers
+/// out for as long as it stays frozen), and its settings never reach the pool: its
+/// connection is closed even after a clean release. Fails if the PostgreSQL session has no
+/// idle limit, or if a pooled connection carries it afterwards.
+#[tokio::test]
+async fn a_session_lock_s_session_has_an_idle_limit_that_stays_with_it() {
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let t = TestDb::new(engine).await;
+        let name = lease::fence_name(TARGET);
+        let first = fence::issue_token(&t.db, &name, "first").await.unwrap();
+        let mut lock = fence::SessionLock::acquire(&t.db, &first).await.unwrap();
+        // 60 s, as each engine spells it.
+        assert_eq!(fence::SESSION_LOCK_IDLE_LIMIT.as_secs(), 60);
+        let (setting, expected) = match engine {
+            Engine::Postgres => ("idle_session_timeout", "1min"),
+            _ => ("wait_timeout", "60"),
+        };
+        let seen = lock.setting(setting).await.unwrap();
+        assert_eq!(seen.as_deref(), Some(expected), "{engine}");
+        lock.release().await.unwrap();
+        if engine == Engine::Postgres {
+            let held: Vec<_> = {
+                let sessionfleet::store::Pool::Postgres(p) = t.db.pool() else {
+                    unreachable!()
+                };
+                let mut held = Vec::new();
+                for _ in 0..ConnectOptions::DEFAULT_MAX_CONNECTIONS {
+                    held.push(p.acquire().await.unwrap());
+                }
+                held
+            };
+            for mut c in held {
+                let v: String =
+                    sqlx::query_scalar("SELECT current_setting('idle_session_timeout')")
+                        .fetch_one(&mut *c)
+                        .await
+                        .unwrap();
+                assert_eq!(v, "0", "a pooled connection has no idle limit");
+            }
+        }
+        t.drop_db().await;
+    }
+}
