@@ -462,6 +462,35 @@ async fn interrupted_postgres_concurrent_build_is_rebuilt() {
 // ---------------------------------------------------------------------------------------
 // Optimize
 
+/// A cancelled optimize (its lease lost, the worker shutting down) runs no further
+/// statement: each `VACUUM` or `OPTIMIZE TABLE` may take long, and the lease is gone. The
+/// report names what was not run. Fails if the statements run anyway.
+async fn a_cancelled_optimize_runs_no_further_statement(engine: Engine) {
+    let tdb = seeded(engine, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    let (ctx, _) = ctx_with_fence(db).await;
+    ctx.cancel.cancel();
+    let report = maintenance::optimize(&ctx, true).await.expect("optimize");
+    assert!(
+        report.operations_performed.is_empty(),
+        "{:?}",
+        report.operations_performed
+    );
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.starts_with("cancelled") && n.contains("user_sessions")),
+        "{:?}",
+        report.notes
+    );
+    tdb.drop_db().await;
+}
+
+per_engine!(a_cancelled_optimize_runs_no_further_statement:
+    a_cancelled_optimize_runs_no_further_statement_postgres => Engine::Postgres,
+    a_cancelled_optimize_runs_no_further_statement_mariadb => Engine::MySql);
+
 async fn optimize_runs_the_promised_statements(engine: Engine) {
     let tdb = seeded(engine, SchemaVersion::V2).await;
     let db = &tdb.db;

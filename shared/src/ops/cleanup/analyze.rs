@@ -53,7 +53,10 @@ async fn refresh_once(db: &Db, fence: &Fence, table: &str) -> Result<u64, OpErro
         // Both run inside a transaction, so the fence check and the statement are one unit.
         // The fence is advanced after the ANALYZE, not before: its row lock is then held for
         // an instant, not for the whole ANALYZE while the run's last batches wait on it. A
-        // fenced-out holder still commits nothing.
+        // fenced-out holder's transaction rolls back, which on SQLite undoes the statistics
+        // too; PostgreSQL keeps the row estimates (`pg_class.reltuples`) and the last-analyze
+        // time an ANALYZE writes in place even then. Those are planner statistics, which any
+        // later ANALYZE replaces; no row of the application's is touched.
         Engine::Sqlite | Engine::Postgres => {
             // SQLite's `analysis_limit` stays on its connection: this one is closed after.
             let mut conn = db.scoped_connection().await?;

@@ -114,7 +114,7 @@ pub async fn optimize(ctx: &OpContext, vacuum: bool) -> Result<OptimizeReport, O
                     ));
                 }
                 statements.push("VACUUM");
-                let result = run_fenced(&mut conn, &statements, &mut report).await;
+                let result = run_fenced(&mut conn, &statements, &ctx.cancel, &mut report).await;
                 conn.close().await;
                 result?;
             }
@@ -133,7 +133,7 @@ pub async fn optimize(ctx: &OpContext, vacuum: bool) -> Result<OptimizeReport, O
                 .collect();
             let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
             let mut conn = FencedConn::open(db, fence, MAINTENANCE_STATEMENT_TIMEOUT).await?;
-            let result = run_fenced(&mut conn, &statements, &mut report).await;
+            let result = run_fenced(&mut conn, &statements, &ctx.cancel, &mut report).await;
             conn.close().await;
             result?;
         }
@@ -150,12 +150,22 @@ async fn run_in_tx(tx: &mut DbTx<'_>, stmt: &str) -> Result<(), sqlx::Error> {
 
 /// Runs statements on the fenced connection. MySQL's table-maintenance statements report
 /// failures as result rows (`Msg_type` = `error`), so their rows are read, not discarded.
+/// A cancellation (a lost lease, a shutdown) stops it before the next statement: each may
+/// take long (a `VACUUM` or `OPTIMIZE TABLE` of a large table), and the lease is gone.
 async fn run_fenced(
     conn: &mut FencedConn,
     statements: &[&str],
+    cancel: &crate::CancellationToken,
     report: &mut OptimizeReport,
 ) -> Result<(), OpError> {
-    for stmt in statements {
+    for (i, stmt) in statements.iter().enumerate() {
+        if cancel.is_cancelled() {
+            report.notes.push(format!(
+                "cancelled (lease lost or shutting down) before: {}",
+                statements[i..].join("; ")
+            ));
+            break;
+        }
         let t0 = Instant::now();
         let outcome = if conn.engine() == Engine::MySql {
             conn.rows(stmt)
