@@ -520,26 +520,39 @@ async fn results_are_addressable_by_job_and_run_with_retention_and_redelivery_is
     t.cleanup().await;
 }
 
+/// The result of a cleanup job on `target` that ended `outcome` at `at`.
+fn cleanup_result(
+    target: &str,
+    outcome: ResultOutcome,
+    at: chrono::DateTime<chrono::Utc>,
+) -> JobResult {
+    JobResult {
+        job_id: uuid::Uuid::new_v4(),
+        run_id: uuid::Uuid::new_v4(),
+        part: 0,
+        kind: JobKind::Cleanup,
+        target: target.into(),
+        outcome,
+        report: serde_json::json!({}),
+        error: None,
+        attempts: 1,
+        worker: "w".into(),
+        started_at: at,
+        finished_at: at,
+        duration_ms: 1,
+        rows_affected: 0,
+    }
+}
+
 #[tokio::test]
 async fn target_history_is_bounded_and_newest_first() {
     let t = Ns::new().await;
     let now = chrono::Utc::now();
     for i in 0..(HISTORY_LEN + 30) {
         let r = JobResult {
-            job_id: uuid::Uuid::new_v4(),
-            run_id: uuid::Uuid::new_v4(),
-            part: 0,
-            kind: JobKind::Cleanup,
-            target: "db1".into(),
-            outcome: ResultOutcome::Succeeded,
-            report: serde_json::json!({}),
-            error: None,
-            attempts: 1,
-            worker: "w".into(),
-            started_at: now,
-            finished_at: now,
             duration_ms: i as u64,
             rows_affected: i as u64,
+            ..cleanup_result("db1", ResultOutcome::Succeeded, now)
         };
         t.queue.record_result(&r).await.unwrap();
     }
@@ -570,21 +583,10 @@ async fn fleet_facts_measure_rates_over_the_span_the_history_covers() {
     let t = Ns::new().await;
     let now = chrono::Utc::now();
     for i in 0..FLEET_FACTS_RUNS {
+        let at = now - chrono::Duration::milliseconds((FLEET_FACTS_RUNS - i) as i64);
         let r = JobResult {
-            job_id: uuid::Uuid::new_v4(),
-            run_id: uuid::Uuid::new_v4(),
-            part: 0,
-            kind: JobKind::Cleanup,
-            target: "db1".into(),
-            outcome: ResultOutcome::Failed,
-            report: serde_json::Value::Null,
             error: Some("boom".into()),
-            attempts: 1,
-            worker: "w".into(),
-            started_at: now,
-            finished_at: now - chrono::Duration::milliseconds((FLEET_FACTS_RUNS - i) as i64),
-            duration_ms: 1,
-            rows_affected: 0,
+            ..cleanup_result("db1", ResultOutcome::Failed, at)
         };
         t.queue.record_result(&r).await.unwrap();
     }

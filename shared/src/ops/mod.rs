@@ -117,22 +117,24 @@ impl OpError {
     /// True when a statement failed in a way a fresh attempt may not repeat: a lost
     /// connection, a server restarting, a lost lock race ([`crate::store::is_transient`]).
     pub fn is_transient(&self) -> bool {
-        match self {
-            OpError::Sql(e)
-            | OpError::Fence(FenceError::Sql(e))
-            | OpError::Store(StoreError::Sql(e)) => crate::store::is_transient(e),
-            _ => false,
-        }
+        self.statement_error()
+            .is_some_and(crate::store::is_transient)
     }
 
     /// True when a delete was refused because another row still references the deleted one
     /// ([`crate::store::is_foreign_key_violation`]).
     pub fn is_foreign_key_violation(&self) -> bool {
+        self.statement_error()
+            .is_some_and(crate::store::is_foreign_key_violation)
+    }
+
+    /// The database's error, when a statement failed.
+    fn statement_error(&self) -> Option<&sqlx::Error> {
         match self {
             OpError::Sql(e)
             | OpError::Fence(FenceError::Sql(e))
-            | OpError::Store(StoreError::Sql(e)) => crate::store::is_foreign_key_violation(e),
-            _ => false,
+            | OpError::Store(StoreError::Sql(e)) => Some(e),
+            _ => None,
         }
     }
 }
