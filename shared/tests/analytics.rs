@@ -1268,3 +1268,42 @@ async fn a_failed_integrity_check_in_the_fleet_s_history_raises_the_health_alert
     );
     tdb.drop_db().await;
 }
+
+/// A security score under the critical line raises a critical alert that names that line (50),
+/// not the warning line (80). Fails if the alert records the warning line.
+#[tokio::test]
+async fn a_critical_security_score_alert_names_the_critical_line() {
+    let tdb = fixture(Engine::Sqlite).await;
+    let db = &tdb.db;
+    let n = now();
+    let s = |x: i64| n - Duration::seconds(x);
+    // Two more rapid updates (3 in all: −30) and nine more old active sessions (10: −20),
+    // with the session without a platform (−1): at most 49.
+    let mut rows = vec![
+        ("rapid-2".to_string(), s(100), s(96)),
+        ("rapid-3".to_string(), s(90), s(85)),
+    ];
+    rows.extend((0..9).map(|i| (format!("old-{i}"), s(8 * 86_400), s(600))));
+    for (key, created, activity) in rows {
+        on_pool!(db, p => sqlx::query(db.sql("INSERT INTO user_sessions (session_id, user_id, active_platform_id, created_at, updated_at, last_activity, expires_at, is_active, user_agent, ip_address) VALUES (?, 1, 1, ?, ?, ?, ?, TRUE, 'ua', '192.0.2.1')"))
+            .bind(key).bind(created).bind(activity).bind(activity).bind(n + Duration::hours(24))
+            .execute(p).await.map(|_| ()).expect("session"));
+    }
+    let r = analytics::health_report(db, &params())
+        .await
+        .expect("report");
+    assert!(
+        r.security_analysis.security_score < 50,
+        "{:?}",
+        r.security_analysis.score_deductions
+    );
+    let alert = r
+        .alerts
+        .iter()
+        .find(|a| a.name == "security_score")
+        .expect("a security-score alert");
+    assert_eq!(alert.severity, Severity::Critical);
+    assert_eq!(alert.threshold, 50.0);
+    assert!(alert.message.ends_with("below 50"), "{}", alert.message);
+    tdb.drop_db().await;
+}
