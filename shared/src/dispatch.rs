@@ -25,7 +25,7 @@ use crate::ops::cleanup::{self, CleanupParams};
 use crate::ops::full::{self, FullParams};
 use crate::ops::maintenance::{self, MaintenanceAction, MaintenanceParams};
 use crate::ops::{OpContext, OpError, Outcome};
-use crate::queue::{Queue, ResultOutcome};
+use crate::queue::{Queue, ResultOutcome, RunSummary};
 use crate::runner::JobOutcome;
 use crate::store::{ConnectOptions, Db};
 
@@ -287,18 +287,23 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
             };
         }
     };
-    let facts = match (
+    // What the fleet knows of this target: its history, read once for analytics and full
+    // maintenance.
+    let history = match (
         oe.queue,
         matches!(
             job,
             OperationJob::Analytics(_) | OperationJob::FullMaintenance(_)
         ),
     ) {
-        (Some(q), true) => fleet_facts(q, &env.target).await,
+        (Some(q), true) => q.recent_runs(&env.target, FLEET_FACTS_RUNS).await.ok(),
         _ => None,
     };
-    let integrity = match (oe.queue, job.makes_health_report()) {
-        (Some(q), true) => last_integrity_failures(q, &env.target).await,
+    let facts = history.as_deref().and_then(fleet_facts);
+    let integrity = match (oe.queue, history.as_deref()) {
+        (Some(q), Some(runs)) if job.makes_health_report() => {
+            last_integrity_failures(q, runs).await
+        }
         _ => None,
     };
     let job = job
@@ -427,12 +432,11 @@ const MIN_RATE_WINDOW_SECS: i64 = 60;
 /// Most maintenance results [`last_integrity_failures`] reads looking for an integrity check.
 const INTEGRITY_LOOKUP_RESULTS: usize = 50;
 
-/// What the latest integrity check the fleet ran on `target` found wrong with its storage,
-/// each line stamped with the check's time: empty when it passed, `None` when no check is in
-/// the target's recent history (or its result has expired). Read-only work takes no lease,
+/// What the latest integrity check among a target's recent `runs` (newest first) found wrong
+/// with its storage, each line stamped with the check's time: empty when it passed, `None`
+/// when no check is among them (or its result has expired). Read-only work takes no lease,
 /// so the check is a job like any other and its report lives in the queue's results.
-pub async fn last_integrity_failures(queue: &Queue, target: &str) -> Option<Vec<String>> {
-    let runs = queue.recent_runs(target, FLEET_FACTS_RUNS).await.ok()?;
+pub async fn last_integrity_failures(queue: &Queue, runs: &[RunSummary]) -> Option<Vec<String>> {
     let maintenance = runs
         .iter()
         .filter(|r| r.kind == JobKind::Maintenance && r.outcome == ResultOutcome::Succeeded)
@@ -456,9 +460,9 @@ pub async fn last_integrity_failures(queue: &Queue, target: &str) -> Option<Vec<
     None
 }
 
-/// Summarises the target's recent runs for the health report and trends.
-pub async fn fleet_facts(queue: &Queue, target: &str) -> Option<FleetFacts> {
-    let runs = queue.recent_runs(target, FLEET_FACTS_RUNS).await.ok()?;
+/// Summarises a target's recent runs (its history, at most [`FLEET_FACTS_RUNS`]) for the
+/// health report and trends.
+pub fn fleet_facts(runs: &[RunSummary]) -> Option<FleetFacts> {
     if runs.is_empty() {
         return None;
     }

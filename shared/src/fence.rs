@@ -432,13 +432,12 @@ pub struct SessionLock {
 
 impl Drop for SessionLock {
     fn drop(&mut self) {
-        if self.released {
-            return;
-        }
-        match &mut self.conn {
-            LockedConn::Sqlite(c) => c.close_on_drop(),
-            LockedConn::Postgres(c) => c.close_on_drop(),
-            LockedConn::MySql(c) => c.close_on_drop(),
+        // Server connections close on drop from the start (see `acquire`); SQLite's, which
+        // holds no session lock, goes back to the pool unless dropped part-way.
+        if let LockedConn::Sqlite(c) = &mut self.conn
+            && !self.released
+        {
+            c.close_on_drop();
         }
     }
 }
@@ -469,8 +468,8 @@ impl SessionLock {
                     .await
                 {
                     Ok(_) => {}
-                    // Before PostgreSQL 14: no such setting; TCP keepalives still end a
-                    // session whose host is gone.
+                    // Before PostgreSQL 14: no such setting; the session then lasts until
+                    // the server's TCP keepalive finds its host gone.
                     Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42704") => {}
                     Err(e) => return Err(e.into()),
                 }

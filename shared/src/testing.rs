@@ -26,6 +26,33 @@ pub fn redis_url() -> String {
     std::env::var("SESSIONFLEET_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// The recorded result of a `kind` job on `target` that ended `outcome` at `at` with
+/// `report`, for tests that fill a queue's results and history.
+pub fn job_result(
+    kind: crate::jobs::JobKind,
+    target: &str,
+    outcome: crate::queue::ResultOutcome,
+    report: serde_json::Value,
+    at: chrono::DateTime<chrono::Utc>,
+) -> crate::queue::JobResult {
+    crate::queue::JobResult {
+        job_id: uuid::Uuid::new_v4(),
+        run_id: uuid::Uuid::new_v4(),
+        part: 0,
+        kind,
+        target: target.into(),
+        outcome,
+        report,
+        error: None,
+        attempts: 1,
+        worker: "w".into(),
+        started_at: at,
+        finished_at: at,
+        duration_ms: 1,
+        rows_affected: 0,
+    }
+}
+
 /// Settings with every value at its default but `DATABASE_URL`: one `default` target on
 /// `url`, as the CLI and worker resolve it with nothing else configured.
 pub fn settings_for_database(url: &str) -> crate::config::Settings {

@@ -1160,7 +1160,7 @@ async fn a_failed_integrity_check_in_the_fleet_s_history_raises_the_health_alert
     use sessionfleet::dispatch::{self, OperationEnv, OperationJob};
     use sessionfleet::jobs::{JobEnvelope, JobKind};
     use sessionfleet::ops::maintenance::{CheckStatus, IntegrityReport, MaintenanceReport};
-    use sessionfleet::queue::{JobResult, Queue, ResultOutcome};
+    use sessionfleet::queue::{Queue, ResultOutcome};
     use sessionfleet::runner::JobOutcome;
     use sessionfleet::testing::{RedisKeysGuard, redis_url, unique_namespace};
 
@@ -1201,22 +1201,13 @@ async fn a_failed_integrity_check_in_the_fleet_s_history_raises_the_health_alert
         });
         let at = chrono::Utc::now();
         queue
-            .record_result(&JobResult {
-                job_id: uuid::Uuid::new_v4(),
-                run_id: uuid::Uuid::new_v4(),
-                part: 0,
-                kind: JobKind::Maintenance,
-                target: "default".into(),
-                outcome: ResultOutcome::Succeeded,
-                report: serde_json::to_value(&report).expect("encode"),
-                error: None,
-                attempts: 1,
-                worker: "w".into(),
-                started_at: at,
-                finished_at: at,
-                duration_ms: 1,
-                rows_affected: 0,
-            })
+            .record_result(&sessionfleet::testing::job_result(
+                JobKind::Maintenance,
+                "default",
+                ResultOutcome::Succeeded,
+                serde_json::to_value(&report).expect("encode"),
+                at,
+            ))
             .await
             .expect("record");
     };

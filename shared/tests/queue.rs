@@ -526,22 +526,7 @@ fn cleanup_result(
     outcome: ResultOutcome,
     at: chrono::DateTime<chrono::Utc>,
 ) -> JobResult {
-    JobResult {
-        job_id: uuid::Uuid::new_v4(),
-        run_id: uuid::Uuid::new_v4(),
-        part: 0,
-        kind: JobKind::Cleanup,
-        target: target.into(),
-        outcome,
-        report: serde_json::json!({}),
-        error: None,
-        attempts: 1,
-        worker: "w".into(),
-        started_at: at,
-        finished_at: at,
-        duration_ms: 1,
-        rows_affected: 0,
-    }
+    sessionfleet::testing::job_result(JobKind::Cleanup, target, outcome, serde_json::json!({}), at)
 }
 
 #[tokio::test]
@@ -590,7 +575,8 @@ async fn fleet_facts_measure_rates_over_the_span_the_history_covers() {
         };
         t.queue.record_result(&r).await.unwrap();
     }
-    let facts = fleet_facts(&t.queue, "db1").await.expect("facts");
+    let history = t.queue.recent_runs("db1", FLEET_FACTS_RUNS).await.unwrap();
+    let facts = fleet_facts(&history).expect("facts");
     let jobs = facts.jobs.expect("job counts");
     assert_eq!(jobs.failed, FLEET_FACTS_RUNS as u64);
     assert!(

@@ -120,12 +120,24 @@ pub async fn analytics(inv: &Invocation<'_>, a: &AnalyticsArgs) -> anyhow::Resul
                     ));
                 }
             };
-        // The HTML report charts the last 30 days; trends are a cheap read done here.
+        // The HTML report charts the last 30 days; trends are a cheap read done here. This
+        // host may not reach the database the worker read (a SQLite file on the worker's
+        // host): the report is then exported without them, and the log says why.
         let target = inv.settings.target(Some(&first.target))?;
-        let db = Db::connect(&target.url, &ConnectOptions::default()).await?;
         let max_age = inv.settings.max_age_for(target).as_secs();
-        let trends = analytics::trends(&db, 30, max_age, None).await.ok();
-        db.close().await;
+        let trends = match Db::connect(&target.url, &ConnectOptions::default()).await {
+            Ok(db) => {
+                let trends = analytics::trends(&db, 30, max_age, None).await;
+                db.close().await;
+                trends.map_err(anyhow::Error::from)
+            }
+            Err(e) => Err(e.into()),
+        };
+        let trends = trends
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "trends not read: the export goes without them"),
+            )
+            .ok();
         analytics::export(&report, trends.as_ref(), path)?;
         if inv.out.json {
             inv.out

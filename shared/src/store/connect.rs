@@ -241,12 +241,6 @@ impl Db {
         let attempts = opts.attempts.max(1);
         let mut delay = opts.initial_backoff;
         let mut last_error = String::new();
-        if engine == Engine::Sqlite && !opts.create_sqlite_file {
-            sqlite_file_exists(url).map_err(|reason| StoreError::BadUrl {
-                url: redacted_url.clone(),
-                reason,
-            })?;
-        }
         for attempt in 1..=attempts {
             let result = match engine {
                 Engine::Sqlite => {
@@ -260,6 +254,12 @@ impl Db {
                         .busy_timeout(opts.sqlite_busy_timeout)
                         .foreign_keys(false)
                         .log_slow_statements(SLOW_STATEMENT_LEVEL, SLOW_STATEMENT_AFTER);
+                    if let Some(reason) = missing_sqlite_file(url, &o, opts) {
+                        return Err(StoreError::BadUrl {
+                            url: redacted_url.clone(),
+                            reason,
+                        });
+                    }
                     SqlitePoolOptions::new()
                         .max_connections(opts.max_connections)
                         .acquire_timeout(Duration::from_secs(30))
@@ -491,24 +491,28 @@ fn mysql_url(url: &str) -> String {
     }
 }
 
-/// Errors that retrying cannot fix: bad credentials, unknown database, bad configuration.
-/// `Err` with a reason when the SQLite URL names a file that does not exist (an in-memory
-/// database always does).
-fn sqlite_file_exists(url: &str) -> Result<(), String> {
-    if url.contains(":memory:") || url.contains("mode=memory") {
-        return Ok(());
-    }
-    let o = SqliteConnectOptions::from_str(url).map_err(|e| e.to_string())?;
+/// Why connecting to the SQLite file `o` names must stop at once: it does not exist and
+/// `opts` does not ask for it to be created (an in-memory database always exists).
+fn missing_sqlite_file(
+    url: &str,
+    o: &SqliteConnectOptions,
+    opts: &ConnectOptions,
+) -> Option<String> {
     let path = o.get_filename();
-    if path.exists() {
-        return Ok(());
+    if opts.create_sqlite_file
+        || url.contains(":memory:")
+        || url.contains("mode=memory")
+        || path.exists()
+    {
+        return None;
     }
-    Err(format!(
+    Some(format!(
         "SQLite database file {} does not exist; sessionfleet does not create application databases (check the path, or run 'sessionfleet seed-demo' to create a demo database)",
         path.display()
     ))
 }
 
+/// Errors that retrying cannot fix: bad credentials, unknown database, bad configuration.
 fn is_permanent(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Configuration(_) => true,

@@ -126,17 +126,21 @@ pub async fn restricting(db: &Db, sessions_table: &str) -> Result<Restricting, S
             Engine::Postgres => table,
             _ => quote(engine, &table),
         };
-        let from_sessions_table = own == 1;
-        let pair = (quote(engine, &from), to.map(|c| quote(engine, &c)));
+        // An empty session-table column: not named (SQLite's implicit primary key), filled in
+        // below or the key left out.
+        let column = (
+            quote(engine, &from),
+            to.map(|c| quote(engine, &c)).unwrap_or_default(),
+        );
         match refs.last_mut() {
             Some(last) if last.constraint == constraint && last.table == table => {
-                last.columns.push((pair.0, pair.1.unwrap_or_default()));
+                last.columns.push(column);
             }
             _ => refs.push(Reference {
                 constraint,
                 table,
-                columns: vec![(pair.0, pair.1.unwrap_or_default())],
-                from_sessions_table,
+                columns: vec![column],
+                from_sessions_table: own == 1,
             }),
         }
     }

@@ -346,28 +346,26 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
             }
             // Batches committed before the error: keep their counts (and the statistics
             // refresh they call for) with this part; the continuation goes on from there —
-            // up to MAX_INTERRUPTED_PARTS parts in a row.
-            Err(e)
-                if report.batches > 0
-                    && !matches!(e, OpError::Invalid(_))
-                    && params.interrupted_parts < MAX_INTERRUPTED_PARTS =>
-            {
-                tracing::warn!(error = %e, deleted = report.rules.total(), "stopped by an error after some batches; a continuation takes over");
-                report.errors.push(format!(
-                    "stopped after {} batches by an error; a continuation takes over: {e}",
-                    report.batches
-                ));
-                report.outcome = Outcome::Interrupted;
-                report.remaining = None;
-                Ok(())
-            }
+            // up to MAX_INTERRUPTED_PARTS parts in a row, then the error fails the part.
             Err(e) if report.batches > 0 && !matches!(e, OpError::Invalid(_)) => {
-                Err(OpError::Interrupted {
-                    parts: params.interrupted_parts + 1,
-                    deleted: report.rules.total(),
-                    batches: report.batches,
-                    error: Box::new(e),
-                })
+                if params.interrupted_parts >= MAX_INTERRUPTED_PARTS {
+                    // Not a return: the count beside the purge is cancelled below.
+                    Err(OpError::Interrupted {
+                        parts: params.interrupted_parts + 1,
+                        deleted: report.rules.total(),
+                        batches: report.batches,
+                        error: Box::new(e),
+                    })
+                } else {
+                    tracing::warn!(error = %e, deleted = report.rules.total(), "stopped by an error after some batches; a continuation takes over");
+                    report.errors.push(format!(
+                        "stopped after {} batches by an error; a continuation takes over: {e}",
+                        report.batches
+                    ));
+                    report.outcome = Outcome::Interrupted;
+                    report.remaining = None;
+                    Ok(())
+                }
             }
             purged => purged,
         }
@@ -382,7 +380,7 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                     "counting sessions whose platform is missing failed: {e}"
                 )),
             }
-            count_kept_by_references(ctx, &schema, &cutoffs, &mut report).await;
+            count_kept_by_references(ctx, &schema, &rules, &mut report).await;
         }
         worked => {
             missing_platform.cancel().await;
@@ -843,7 +841,7 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
         missing_platform_sessions: MissingPlatformCount::start(db, &schema, &all_rules, false)
             .finish()
             .await?,
-        referenced_sessions_kept: match rules::kept_by_references(&schema, &cutoffs) {
+        referenced_sessions_kept: match rules::kept_by_references(&schema, &rules) {
             Some(kept) => Some(counted(Some(&kept)).await?),
             None => None,
         },
@@ -1030,10 +1028,10 @@ fn stop_reason(
 async fn count_kept_by_references(
     ctx: &OpContext,
     schema: &Schema,
-    cutoffs: &Cutoffs,
+    rules: &[rules::Rule],
     report: &mut CleanupReport,
 ) {
-    let Some(kept) = rules::kept_by_references(schema, cutoffs) else {
+    let Some(kept) = rules::kept_by_references(schema, rules) else {
         return;
     };
     let db = &ctx.db;

@@ -154,14 +154,13 @@ pub fn build(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<String>) {
     (rules, notes)
 }
 
-/// Sessions a rule matches that [`build`]'s rules leave in place because another row still
-/// references them; `None` when the schema has no restricting foreign key. Reported, so people
-/// can see what keeps them.
-pub fn kept_by_references(schema: &Schema, cutoffs: &Cutoffs) -> Option<Predicate> {
+/// Sessions one of `rules` (from [`build`]) matches as written but leaves in place because
+/// another row still references them; `None` when the schema has no restricting foreign key.
+/// Reported, so people can see what keeps them.
+pub fn kept_by_references(schema: &Schema, rules: &[Rule]) -> Option<Predicate> {
     if schema.references.is_empty() {
         return None;
     }
-    let (rules, _) = rules_as_written(schema, cutoffs);
     let any = Predicate::any_of(&rules.iter().map(|r| &r.as_written).collect::<Vec<_>>())?;
     let t = &schema.sessions.table;
     let referenced = schema
