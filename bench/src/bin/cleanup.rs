@@ -47,6 +47,11 @@ struct Args {
     /// to one statement at a time.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     parallel_reads: bool,
+    /// Where the application loop runs: `own` — a runtime and threads of its own, as an
+    /// application is another process; `shared` — this process's runtime workers, which the
+    /// cleanup's client work also needs (the harness's only mode before 2026-12-04 evening).
+    #[arg(long, default_value = "own", value_parser = ["own", "shared"])]
+    app_runtime: String,
     /// Which sides to run, comma-separated: `ours`, `plain` (the document's runs use both),
     /// and two controls that delete nothing, for what the application's latency does without
     /// a cleanup: `none` (its window is `--control-secs` of nothing: the measurement's own
@@ -170,6 +175,7 @@ async fn parent(args: &Args) -> Result<()> {
                     .flat_map(|r| ["--rest-ratio".to_string(), r.to_string()]),
             )
             .args(["--parallel-reads", &args.parallel_reads.to_string()])
+            .args(["--app-runtime", &args.app_runtime])
             .args(["--as-of", &now.format("%Y-%m-%dT%H:%M:%S").to_string()])
             .args(args.until_purged.then_some("--until-purged"))
             .args(trace_dir(args, run)?.iter().flat_map(|d| {
@@ -193,12 +199,12 @@ async fn parent(args: &Args) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&results)?);
     println!();
     println!(
-        "| side (run) | rows deleted | seconds | rows/s | longest tx ms | batches | peak RSS MiB | app p50 idle/during ms | app p99 idle/during ms | app max idle/during ms | app errors | engine I/O during | busy cores |"
+        "| side (run) | rows deleted | seconds | rows/s | longest tx ms | batches | peak RSS MiB | app p50 idle/during ms | app p99 idle/during ms | app max idle/during ms | app errors | engine I/O during | busy cores: machine / this process |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for v in &results {
         println!(
-            "| {} ({}) | {} | {:.2} | {:.0} | {:.1} | {} | {:.1} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} | {} | {} | {:.2} |",
+            "| {} ({}) | {} | {:.2} | {:.0} | {:.1} | {} | {:.1} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} / {:.1} | {} | {} | {:.2} / {:.2} |",
             v["side"].as_str().unwrap_or("?"),
             v["run"],
             v["deleted"],
@@ -216,6 +222,7 @@ async fn parent(args: &Args) -> Result<()> {
             v["app_errors"],
             io_text(&v["engine_io"]),
             v["machine_busy_cores"].as_f64().unwrap_or(0.0),
+            v["process_busy_cores"].as_f64().unwrap_or(0.0),
         );
     }
     print_rate_ratios(&results, args.repeat);
@@ -393,45 +400,101 @@ const APP_WARM_UP: Duration = Duration::from_secs(1);
 /// up as latency instead of silently lowering the rate.
 struct AppLoop {
     stop: CancellationToken,
-    handle: tokio::task::JoinHandle<(Vec<(Instant, f64)>, u64)>,
+    done: tokio::sync::oneshot::Receiver<Result<AppLatencies>>,
 }
 
-fn start_app(db: Db, live: Vec<i64>, rate: u32) -> AppLoop {
+/// Every operation's scheduled start and latency (ms), and the count of failed operations.
+type AppLatencies = (Vec<(Instant, f64)>, u64);
+
+/// Worker threads of the application's own runtime (`--app-runtime own`): a small web
+/// application's.
+const APP_RUNTIME_THREADS: usize = 2;
+
+/// Starts the application loop with its own pool of `url`. With `own_runtime` it runs on a
+/// runtime and threads of its own, as an application is a process of its own: it then meets
+/// the cleanup only in the database and in the machine's CPU scheduler. Otherwise it shares
+/// this process's runtime workers with the cleanup, and each of its operations also waits for
+/// a worker the cleanup's own client work may hold.
+fn start_app(url: String, live: Vec<i64>, rate: u32, own_runtime: bool) -> Result<AppLoop> {
     let stop = CancellationToken::new();
-    let s = stop.clone();
-    let handle = tokio::spawn(async move {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Result<f64, String>)>();
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        while !s.is_cancelled() {
-            let at = tick.tick().await.into_std();
-            let id = live[rand::rng().random_range(0..live.len())];
-            let (db, tx) = (db.clone(), tx.clone());
-            tokio::spawn(async move {
-                let r = app_op(&db, id)
-                    .await
-                    .map(|_| at.elapsed().as_secs_f64() * 1000.0)
-                    .map_err(|e| e.to_string());
-                let _ = tx.send((at, r));
-            });
-        }
-        drop(tx);
-        let mut lat = Vec::new();
-        let mut errors = 0;
-        while let Some((at, r)) = rx.recv().await {
-            match r {
-                Ok(ms) => lat.push((at, ms)),
-                Err(e) => {
-                    if errors < 3 {
-                        eprintln!("app error: {e}");
-                    }
-                    errors += 1
+    let (tx, done) = tokio::sync::oneshot::channel();
+    let work = run_app(url, live, rate, stop.clone());
+    if own_runtime {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(APP_RUNTIME_THREADS)
+            .thread_name("app")
+            .enable_all()
+            .build()
+            .context("building the application's runtime")?;
+        std::thread::Builder::new()
+            .name("app-main".into())
+            .spawn(move || {
+                let _ = tx.send(runtime.block_on(work));
+            })
+            .context("starting the application's thread")?;
+    } else {
+        tokio::spawn(async move {
+            let _ = tx.send(work.await);
+        });
+    }
+    Ok(AppLoop { stop, done })
+}
+
+impl AppLoop {
+    /// Stops scheduling operations and returns every finished one's latency.
+    async fn finish(self) -> Result<AppLatencies> {
+        self.stop.cancel();
+        self.done
+            .await
+            .context("the application loop ended early")?
+    }
+}
+
+async fn run_app(
+    url: String,
+    live: Vec<i64>,
+    rate: u32,
+    stop: CancellationToken,
+) -> Result<AppLatencies> {
+    let db = Db::connect(
+        &url,
+        &ConnectOptions {
+            max_connections: 8,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Result<f64, String>)>();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    while !stop.is_cancelled() {
+        let at = tick.tick().await.into_std();
+        let id = live[rand::rng().random_range(0..live.len())];
+        let (db, tx) = (db.clone(), tx.clone());
+        tokio::spawn(async move {
+            let r = app_op(&db, id)
+                .await
+                .map(|_| at.elapsed().as_secs_f64() * 1000.0)
+                .map_err(|e| e.to_string());
+            let _ = tx.send((at, r));
+        });
+    }
+    drop(tx);
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    while let Some((at, r)) = rx.recv().await {
+        match r {
+            Ok(ms) => lat.push((at, ms)),
+            Err(e) => {
+                if errors < 3 {
+                    eprintln!("app error: {e}");
                 }
+                errors += 1
             }
         }
-        (lat, errors)
-    });
-    AppLoop { stop, handle }
+    }
+    db.close().await;
+    Ok((lat, errors))
 }
 
 async fn app_op(db: &Db, id: i64) -> Result<(), sqlx::Error> {
@@ -739,6 +802,30 @@ fn busy_cores_since(before: (u64, u64)) -> Result<f64> {
     })
 }
 
+/// This process's CPU time so far (user and system, every thread), in clock ticks, from
+/// `/proc/self/stat`.
+fn process_cpu_ticks() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    // The command name in parentheses may hold spaces: count fields after its closing one.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("/proc/self/stat has no command name")?
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let tick = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .context("/proc/self/stat: no CPU times")
+    };
+    Ok(tick(11)? + tick(12)?)
+}
+
+/// Clock ticks per second of `/proc`'s CPU times (`USER_HZ`): 100 on Linux.
+const USER_HZ: f64 = 100.0;
+
 fn summary(mut v: Vec<f64>) -> serde_json::Value {
     if v.is_empty() {
         return json!({"n": 0});
@@ -772,14 +859,6 @@ async fn child(args: &Args, side: &str) -> Result<()> {
         "%Y-%m-%dT%H:%M:%S",
     )?;
     let db = Db::connect(&url, &ConnectOptions::default()).await?;
-    let app_db = Db::connect(
-        &url,
-        &ConnectOptions {
-            max_connections: 8,
-            ..Default::default()
-        },
-    )
-    .await?;
     let live: Vec<i64> = {
         let sql = db.sql(match db.engine() {
             Engine::Postgres => "SELECT CAST(id AS BIGINT) FROM user_sessions WHERE expires_at > ? AND is_active = TRUE LIMIT 5000",
@@ -789,7 +868,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
         sessionfleet::on_pool!(db, p => sqlx::query_scalar::<_, i64>(sql).bind(as_of).fetch_all(p).await?)
     };
     let total_before = db.scalar_i64("SELECT COUNT(*) FROM user_sessions").await?;
-    let app = start_app(app_db, live, args.app_rate);
+    let app = start_app(url.clone(), live, args.app_rate, args.app_runtime == "own")?;
     // The first operations open the application's connections (~100 ms each on PostgreSQL
     // here): they would set the idle window's p99, so they are left out of both windows.
     tokio::time::sleep(APP_WARM_UP).await;
@@ -803,6 +882,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     };
     let redo = RedoSampler::start(&db).await;
     let cpu_before = machine_cpu_ticks()?;
+    let own_cpu_before = process_cpu_ticks()?;
     let cleanup_start = Instant::now();
     // The wall clock of the start, to line the app trace up with the debug log's timestamps.
     eprintln!(
@@ -866,6 +946,13 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     };
     let cleanup_end = Instant::now();
     let busy_cores = busy_cores_since(cpu_before)?;
+    // This process alone: the cleanup's client work (or the plain side's wait) plus the
+    // application loop's, the latter the same on every side.
+    let own_cores = (process_cpu_ticks()? - own_cpu_before) as f64
+        / USER_HZ
+        / (cleanup_end - cleanup_start)
+            .as_secs_f64()
+            .max(f64::EPSILON);
     let mut io = io_delta(&io_before, &engine_io(&db).await?);
     if let Some(redo) = redo {
         redo.finish(&mut io).await?;
@@ -881,8 +968,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
     };
     // Let in-flight operations scheduled during the cleanup finish.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    app.stop.cancel();
-    let (lat, app_errors) = app.handle.await?;
+    let (lat, app_errors) = app.finish().await?;
     let idle: Vec<f64> = lat
         .iter()
         .filter(|(at, _)| *at >= idle_start && *at < cleanup_start)
@@ -927,6 +1013,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
         "app_errors": app_errors,
         "engine_io": io,
         "machine_busy_cores": busy_cores,
+        "process_busy_cores": own_cores,
         "until_purged": purge,
     });
     println!("{out}");
