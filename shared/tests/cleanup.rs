@@ -480,6 +480,15 @@ async fn insert_references(db: &Db, table: &str, ids: &[i64]) {
     }
 }
 
+/// Every session's id.
+async fn session_ids(db: &Db) -> BTreeSet<i64> {
+    let sql = db.sql(format!(
+        "SELECT {} FROM user_sessions",
+        big(db.engine(), "id")
+    ));
+    sessionfleet::on_pool!(db, p => sqlx::query_scalar::<_, i64>(sql).fetch_all(p).await.expect("session ids").into_iter().collect())
+}
+
 async fn ids_in(db: &Db, table: &str) -> BTreeSet<i64> {
     let sql = db.sql(format!(
         "SELECT {} FROM {table}",
@@ -549,6 +558,26 @@ async fn sessions_still_referenced_are_kept_counted_and_go_with_their_references
                 "{what}: stats"
             );
 
+            // A part cut by its budget counts what a continuation can delete: not the
+            // sessions the references keep.
+            let part = cleanup::run(
+                &ctx(db).await,
+                &CleanupParams {
+                    batch_size: 1,
+                    max_batch_size: 1,
+                    budget_secs: Some(0),
+                    ..params()
+                },
+            )
+            .await
+            .expect("a budgeted part");
+            assert_eq!(part.outcome, Outcome::BudgetSpent, "{what}");
+            assert_eq!(
+                part.remaining,
+                Some(first.len() as u64 - part.total_cleaned()),
+                "{what}: remaining"
+            );
+
             let report = cleanup::run(&ctx(db).await, &params()).await.expect("run");
             assert_eq!(
                 report.outcome,
@@ -558,7 +587,11 @@ async fn sessions_still_referenced_are_kept_counted_and_go_with_their_references
             );
             assert!(report.errors.is_empty(), "{what}: {:?}", report.errors);
             assert_exactly_purged(&before, &snapshot(db, version).await, &first, &what);
-            assert_eq!(report.total_cleaned(), first.len() as u64, "{what}");
+            assert_eq!(
+                report.total_cleaned() + part.total_cleaned(),
+                first.len() as u64,
+                "{what}"
+            );
             assert_eq!(
                 report.referenced_sessions_kept,
                 Some(kept.len() as u64),
@@ -1538,6 +1571,95 @@ async fn a_reference_committed_under_a_waiting_batch_keeps_its_session() {
     }
 }
 
+/// The application refreshes an expired session while a batch that selected it waits for the
+/// application's lock on it: once the refresh commits, the session is live, and the batch's
+/// delete, which re-checks its rule on the row it locks, must leave it. Fails if a batch
+/// deletes the ids it selected without its rule — the one way a cleanup could delete a live
+/// session.
+#[tokio::test]
+async fn a_session_refreshed_under_a_waiting_batch_is_not_deleted() {
+    let version = SchemaVersion::V2;
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let tdb = seeded(engine, version).await;
+        let db = tdb.db.clone();
+        let before = snapshot(&db, version).await;
+        let purge = oracle(&db, version, None, true).await;
+        // Expired, and by that rule alone: its user exists and is active.
+        let pick = db.sql(format!(
+            "SELECT {} FROM user_sessions WHERE expires_at < ? AND is_active = TRUE \
+             AND user_id IN (SELECT id FROM users WHERE is_active = TRUE) ORDER BY id",
+            big(engine, "id")
+        ));
+        let refreshed: i64 = sessionfleet::on_pool!(&db, p => sqlx::query_scalar(pick)
+            .bind(t0())
+            .fetch_all(p)
+            .await
+            .expect("expired sessions"))
+        .into_iter()
+        .find(|id| purge.contains(id))
+        .expect("an expired session of an active user");
+        let app = Db::connect(&tdb.url, &sessionfleet::store::ConnectOptions::default())
+            .await
+            .expect("application connection");
+        let mut tx = app.begin_write().await.expect("begin");
+        let refresh = tx.sql(
+            "UPDATE user_sessions SET expires_at = ?, last_activity = ? WHERE id = ?".to_string(),
+        );
+        sessionfleet::on_tx!(&mut tx, c => sqlx::query(refresh)
+            .bind(t0() + ChronoDuration::days(1))
+            .bind(t0())
+            .bind(refreshed)
+            .execute(&mut *c)
+            .await
+            .map(|_| ())
+            .expect("refresh the session"));
+        let c = ctx(&db).await;
+        let run = tokio::spawn(async move { cleanup::run(&c, &params()).await });
+        let started = std::time::Instant::now();
+        while row_lock_waiters(&db).await == 0 {
+            assert!(
+                !run.is_finished(),
+                "{engine}: the run ended without meeting the lock"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{engine}: no batch waited for the refreshed session"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tx.commit().await.expect("commit the refresh");
+        let report = run.await.expect("task").expect("run");
+        assert_eq!(
+            report.outcome,
+            Outcome::Completed,
+            "{engine}: {:?}",
+            report.errors
+        );
+        let after = snapshot(&db, version).await;
+        assert!(
+            after.contains_key(&refreshed),
+            "{engine}: the refreshed, live session was deleted"
+        );
+        let expected: BTreeSet<i64> = before
+            .keys()
+            .filter(|id| !purge.contains(id) || **id == refreshed)
+            .copied()
+            .collect();
+        assert_eq!(
+            after.keys().copied().collect::<BTreeSet<_>>(),
+            expected,
+            "{engine}: exactly the other expired sessions went"
+        );
+        assert_eq!(
+            report.total_cleaned(),
+            purge.len() as u64 - 1,
+            "{engine}: the kept session is not counted"
+        );
+        app.close().await;
+        tdb.drop_db().await;
+    }
+}
+
 /// An application transaction holding a lock on an expired session does not hold a batch for
 /// as long as it lasts: the batch gives up after `BATCH_LOCK_TIMEOUT`, rolls back and is tried
 /// again, and the row goes once the lock is released. (MySQL's own wait is 50 s by default.)
@@ -1690,6 +1812,26 @@ async fn max_age_zero_and_missing_fence_are_refused() {
         future.validate().is_err(),
         "a future as_of would purge live sessions"
     );
+    // A payload's as_of near chrono's lowest date made the cutoffs overflow: a panic.
+    let ancient = CleanupParams {
+        as_of: Some(chrono::NaiveDateTime::MIN),
+        ..params()
+    };
+    assert!(matches!(
+        cleanup::run(
+            &read_only(&tdb.db),
+            &CleanupParams {
+                dry_run: true,
+                ..ancient.clone()
+            }
+        )
+        .await,
+        Err(OpError::Invalid(_))
+    ));
+    assert!(matches!(
+        cleanup::stats(&tdb.db, &ancient).await,
+        Err(OpError::Invalid(_))
+    ));
     tdb.drop_db().await;
 }
 
@@ -1760,6 +1902,188 @@ async fn stats_agree_with_a_dry_run() {
             )),
             "{text}"
         );
+        tdb.drop_db().await;
+    }
+}
+
+/// One matching row with an outlying id (an explicit insert, a bumped sequence) does not make
+/// a key-range batch larger than its size: the range ends at the id of the table's N-th next
+/// row. Fails with a stride computed from the span's average density, which turned this
+/// table's first batch into its whole purge.
+#[tokio::test]
+async fn an_outlying_id_does_not_make_a_key_range_batch_larger() {
+    for engine in ENGINES {
+        let version = SchemaVersion::V2;
+        let tdb = seeded(engine, version).await;
+        let db = &tdb.db;
+        let expired = *oracle(db, version, None, true)
+            .await
+            .iter()
+            .next()
+            .expect("an expired session");
+        let copy = format!(
+            "INSERT INTO user_sessions (id, session_id, user_id, active_platform_id, created_at, \
+             updated_at, last_activity, expires_at, is_active) SELECT 2000000000, 'outlier', \
+             user_id, active_platform_id, created_at, updated_at, last_activity, expires_at, \
+             is_active FROM user_sessions WHERE id = {expired}"
+        );
+        db.execute(&copy).await.expect("the outlying row");
+        let purge = oracle(db, version, None, true).await;
+        assert!(purge.contains(&2_000_000_000));
+        let one_batch = CleanupParams {
+            batch_size: 5,
+            budget_secs: Some(0),
+            ..params()
+        };
+        let first = cleanup::run(&ctx(db).await, &one_batch)
+            .await
+            .expect("first part");
+        assert_eq!(first.batches, 1, "{engine}");
+        assert!(
+            first.total_cleaned() <= 5,
+            "{engine}: a batch of 5 deleted {} of {}",
+            first.total_cleaned(),
+            purge.len()
+        );
+        tdb.drop_db().await;
+    }
+}
+
+/// A SQLite session table whose expiry is stored as a number (Unix seconds here) is refused
+/// with an error naming the column, and nothing is deleted: every number sorts below the text
+/// cutoff, so every session, live ones included, would have matched the expired rule.
+#[tokio::test]
+async fn a_sqlite_time_column_holding_numbers_is_refused_before_anything_is_deleted() {
+    let version = SchemaVersion::V2;
+    let tdb = seeded(Engine::Sqlite, version).await;
+    let db = &tdb.db;
+    let live = db
+        .scalar_i64(&format!(
+            "SELECT MIN(id) FROM user_sessions WHERE expires_at > '{}'",
+            t0()
+        ))
+        .await
+        .expect("a live session");
+    let tomorrow = (t0() + ChronoDuration::days(1)).and_utc().timestamp();
+    db.execute(&format!(
+        "UPDATE user_sessions SET expires_at = {tomorrow} WHERE id = {live}"
+    ))
+    .await
+    .expect("store a number");
+    let before = snapshot(db, version).await;
+    for dry_run in [true, false] {
+        let p = CleanupParams {
+            dry_run,
+            ..params()
+        };
+        let c = if dry_run {
+            read_only(db)
+        } else {
+            ctx(db).await
+        };
+        match cleanup::run(&c, &p).await {
+            Err(OpError::Invalid(msg)) => assert!(
+                msg.contains("user_sessions.expires_at") && msg.contains("integer"),
+                "{msg}"
+            ),
+            other => panic!("dry run {dry_run}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(snapshot(db, version).await, before, "nothing deleted");
+    tdb.drop_db().await;
+}
+
+/// Time columns of the zoned types (PostgreSQL `timestamptz`, MySQL `TIMESTAMP`) are walked
+/// and purged like plain ones. Fails if the index walk decodes the column as it is: sqlx
+/// refuses those types as `NaiveDateTime`, and every run failed before its first batch.
+#[tokio::test]
+async fn zoned_time_columns_are_walked_and_purged_exactly() {
+    let version = SchemaVersion::V2;
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let tdb = seeded(engine, version).await;
+        let db = &tdb.db;
+        db.execute(match engine {
+            Engine::Postgres => {
+                "ALTER TABLE user_sessions \
+                 ALTER COLUMN expires_at TYPE timestamptz USING expires_at AT TIME ZONE 'UTC', \
+                 ALTER COLUMN last_activity TYPE timestamptz USING last_activity AT TIME ZONE 'UTC'"
+            }
+            _ => {
+                "ALTER TABLE user_sessions MODIFY expires_at TIMESTAMP(6) NULL, \
+                 MODIFY last_activity TIMESTAMP(6) NULL"
+            }
+        })
+        .await
+        .expect("zoned columns");
+        let before = session_ids(db).await;
+        let purge = oracle(db, version, None, true).await;
+        let report = cleanup::run(&ctx(db).await, &params())
+            .await
+            .expect("a run over zoned columns");
+        assert_eq!(report.outcome, Outcome::Completed, "{engine}");
+        assert!(
+            report.rules.inactive_stale > 0,
+            "{engine}: the inactive rule walked its index"
+        );
+        assert_eq!(
+            session_ids(db).await,
+            before.difference(&purge).copied().collect::<BTreeSet<_>>(),
+            "{engine}: exactly the oracle's rows went"
+        );
+        tdb.drop_db().await;
+    }
+}
+
+/// Activity recorded two hours after now is the mark of an application writing local time
+/// ahead of UTC: the cleanup, its dry run and its statistics refuse the table, naming the
+/// column, and delete nothing. Activity a few minutes ahead (two servers' clocks) is accepted.
+/// Fails if the cleanup judges such a table by its own clock.
+#[tokio::test]
+async fn activity_recorded_hours_ahead_of_now_is_refused() {
+    let version = SchemaVersion::V2;
+    for engine in ENGINES {
+        let tdb = seeded(engine, version).await;
+        let db = &tdb.db;
+        let one = db
+            .scalar_i64(&format!(
+                "SELECT {} FROM user_sessions",
+                big(engine, "MIN(id)")
+            ))
+            .await
+            .expect("a session");
+        let set_activity = async |at: NaiveDateTime| {
+            let sql = db.sql("UPDATE user_sessions SET last_activity = ? WHERE id = ?".to_string());
+            sessionfleet::on_pool!(db, p => sqlx::query(sql).bind(at).bind(one).execute(p).await.map(|_| ()).expect("update"));
+        };
+        let now = chrono::Utc::now().naive_utc();
+        set_activity(now + ChronoDuration::hours(2)).await;
+        let before = snapshot(db, version).await;
+        let dry = CleanupParams {
+            dry_run: true,
+            ..params()
+        };
+        for result in [
+            cleanup::run(&ctx(db).await, &params()).await.map(|_| ()),
+            cleanup::run(&read_only(db), &dry).await.map(|_| ()),
+            cleanup::stats(db, &params()).await.map(|_| ()),
+        ] {
+            match result {
+                Err(OpError::Invalid(msg)) => assert!(
+                    msg.contains("user_sessions.last_activity") && msg.contains("ahead of UTC"),
+                    "{engine}: {msg}"
+                ),
+                other => panic!("{engine}: expected a refusal, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            snapshot(db, version).await,
+            before,
+            "{engine}: nothing deleted"
+        );
+        set_activity(now + ChronoDuration::minutes(5)).await;
+        cleanup::run(&read_only(db), &dry)
+            .await
+            .expect("a few minutes ahead is clock drift, not a time zone");
         tdb.drop_db().await;
     }
 }

@@ -71,18 +71,14 @@ impl Candidates {
 pub struct IdSpan {
     first: i64,
     last: i64,
-    /// Rows per id (ids have gaps where rows were deleted), to turn a batch size into a stride.
-    density: f64,
 }
 
 impl IdSpan {
-    /// Reads the lowest and highest id matching `pred` in a table of `table_rows` rows; `None`
-    /// when nothing matches.
+    /// Reads the lowest and highest id matching `pred`; `None` when nothing matches.
     pub async fn read(
         db: &Db,
         schema: &Schema,
         pred: &Predicate,
-        table_rows: u64,
     ) -> Result<Option<IdSpan>, sqlx::Error> {
         let t = &schema.sessions.table;
         // Cast the aggregate, not the column, so the engine reads both ends off the key.
@@ -101,32 +97,47 @@ impl IdSpan {
             q.fetch_one(p).await?
         });
         Ok(match (first, last) {
-            (Some(first), Some(last)) => {
-                let ids = (last - first + 1).max(1) as f64;
-                Some(IdSpan {
-                    first,
-                    last,
-                    density: (table_rows as f64 / ids).clamp(1e-6, 1.0),
-                })
-            }
+            (Some(first), Some(last)) => Some(IdSpan { first, last }),
             _ => None,
         })
     }
 
-    /// The range of about `rows` rows after `cursor`.
-    pub fn next(&self, cursor: Cursor, rows: u32) -> Candidates {
+    /// The range of the next `rows` rows of the table after `cursor`, found along the primary
+    /// key, so no range holds more than `rows` rows whatever the ids look like: a stride
+    /// computed from the span's average density once turned one outlying id (an explicit
+    /// insert, a bumped sequence) or a stale row estimate into a batch of the whole purge.
+    pub async fn next(
+        &self,
+        db: &Db,
+        schema: &Schema,
+        cursor: Cursor,
+        rows: u32,
+    ) -> Result<Candidates, sqlx::Error> {
         let after = match cursor {
             Cursor::Id(v) => v,
             _ => self.first - 1,
         };
-        let stride = (f64::from(rows.max(1)) / self.density).ceil() as i64;
-        let upto = after.saturating_add(stride).min(self.last);
-        Candidates {
+        let t = &schema.sessions.table;
+        let id = format!("{t}.{}", schema.sessions.id);
+        let sql = db.sql(format!(
+            "SELECT {} FROM {t} WHERE {id} > ? AND {id} <= ? ORDER BY {id} LIMIT 1 OFFSET ?",
+            id_as_i64(db.engine(), &id)
+        ));
+        let rows = rows.max(1);
+        let end: Option<i64> = crate::on_pool!(db, p => sqlx::query_scalar(sql)
+            .bind(after)
+            .bind(self.last)
+            .bind(i64::from(rows) - 1)
+            .fetch_optional(p)
+            .await?);
+        // Fewer than `rows` rows are left: the range runs to the span's end.
+        let upto = end.unwrap_or(self.last);
+        Ok(Candidates {
             batch: Batch::Range { after, upto },
             rows,
             next: Cursor::Id(upto),
             last: upto >= self.last,
-        }
+        })
     }
 }
 
@@ -141,19 +152,18 @@ pub enum Source {
 }
 
 impl Source {
-    /// Opens the source of `rule` in a table of `table_rows` rows, using `prefetched` for a
+    /// Opens the source of `rule`, using `prefetched` for a
     /// stream opened earlier; `None` when a range walk finds nothing to walk.
     pub async fn open(
         db: &Db,
         schema: &Schema,
         rule: &Rule,
-        table_rows: u64,
         prefetched: Option<IdStream>,
     ) -> Result<Option<Source>, sqlx::Error> {
         Ok(match &rule.walk {
             Walk::Column(col) => Some(Source::Index(col.clone())),
             Walk::PrimaryKeyRange => super::retry::read_with_retries("key span", || {
-                IdSpan::read(db, schema, &rule.predicate, table_rows)
+                IdSpan::read(db, schema, &rule.predicate)
             })
             .await?
             .map(Source::Range),
@@ -181,7 +191,7 @@ impl Source {
     ) -> Result<Candidates, sqlx::Error> {
         match self {
             Source::Index(col) => select_along_index(db, schema, pred, col, cursor, limit).await,
-            Source::Range(span) => Ok(span.next(cursor, limit)),
+            Source::Range(span) => span.next(db, schema, cursor, limit).await,
             Source::Stream(ids) => {
                 let ids = ids.next_batch(limit).await?;
                 let next = ids.last().map(|v| Cursor::Id(*v)).unwrap_or(cursor);
@@ -215,8 +225,16 @@ async fn select_along_index(
     };
     // The limit is a parameter, not text: the size changes nearly every batch, and a new text
     // is a new prepared statement on the server and in the connection's cache.
+    // Read back as the engine's plain date-time, which decodes as `NaiveDateTime` whatever the
+    // column's type: a PostgreSQL `timestamptz` or MySQL `TIMESTAMP` column (in the session's
+    // UTC) would fail to decode on every batch.
+    let col_value = match db.engine() {
+        Engine::Postgres => format!("CAST({col} AS TIMESTAMP)"),
+        Engine::MySql => format!("CAST({col} AS DATETIME(6))"),
+        Engine::Sqlite => col.to_string(),
+    };
     let sql = db.sql(format!(
-        "SELECT {id_expr}, {col} FROM {t} WHERE ({}){bound_sql} ORDER BY {col} LIMIT ?",
+        "SELECT {id_expr}, {col_value} FROM {t} WHERE ({}){bound_sql} ORDER BY {col} LIMIT ?",
         pred.sql
     ));
     let rows: Vec<(i64, NaiveDateTime)> = crate::on_pool!(db, p => {

@@ -21,11 +21,13 @@
 
 mod analyze;
 mod batch;
+mod clock;
 mod missing;
 mod report;
 mod retry;
 pub mod rules;
 mod stream;
+mod times;
 mod wal;
 
 use std::time::{Duration, Instant};
@@ -246,6 +248,12 @@ impl CleanupParams {
                 "as_of {t} is in the future; it would purge live sessions"
             ));
         }
+        // Far enough from chrono's lowest date for every cutoff: `as_of` less ten years.
+        if let Some(t) = self.as_of
+            && t.and_utc().timestamp() < 0
+        {
+            return bad(format!("as_of {t} is before 1970"));
+        }
         Ok(())
     }
 
@@ -262,10 +270,9 @@ impl CleanupParams {
             .unwrap_or_else(|| default_rest_ratio(engine))
     }
 
-    /// The reference time: `as_of`, but never later than now (see [`CLOCK_SKEW_ALLOWANCE`]);
-    /// without it, now. Truncated to microseconds (what every engine stores).
-    fn reference_time(&self) -> NaiveDateTime {
-        let now = Utc::now().naive_utc();
+    /// The reference time: `as_of`, but never later than `now` (see [`CLOCK_SKEW_ALLOWANCE`]);
+    /// without it, `now`. Truncated to microseconds (what every engine stores).
+    fn reference_time(&self, now: NaiveDateTime) -> NaiveDateTime {
         let now = now
             - chrono::Duration::nanoseconds(i64::from(
                 now.and_utc().timestamp_subsec_nanos() % 1000,
@@ -295,13 +302,14 @@ impl CleanupParams {
         }
     }
 
-    fn cutoffs(&self) -> Cutoffs {
+    /// The cutoffs at `now` (see [`reference_now`]).
+    fn cutoffs(&self, now: NaiveDateTime) -> Cutoffs {
         let idle = if self.force {
             self.force_max_age_hours
         } else {
             None
         };
-        Cutoffs::new(self.reference_time(), self.max_age_secs, idle)
+        Cutoffs::new(self.reference_time(now), self.max_age_secs, idle)
     }
 }
 
@@ -315,10 +323,12 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     let started = Instant::now();
     let db = &ctx.db;
     let schema = detect_schema(db).await?;
-    let cutoffs = params.cutoffs();
+    let (now, clock_note) = reference_now(db, &schema).await?;
+    let cutoffs = params.cutoffs(now);
     let (rules, notes) = rules::build(&schema, &cutoffs);
     let mut report = CleanupReport::new(cutoffs.as_of, params.dry_run);
     report.notes = schema.notes.clone();
+    report.notes.extend(clock_note);
     report.notes.extend(notes);
     if params.force {
         report.forced_cleanup = Some(true);
@@ -464,7 +474,7 @@ async fn purge(
         let Some(rule) = &plan_walk(rule, matching, table_rows) else {
             continue;
         };
-        let Some(source) = Source::open(db, schema, rule, table_rows, prefetched).await? else {
+        let Some(source) = Source::open(db, schema, rule, prefetched).await? else {
             continue;
         };
         if let Some(stop) = purge_rule(ctx, params, schema, rule, source, started, report).await? {
@@ -487,7 +497,8 @@ async fn purge(
     if report.outcome == Outcome::Cancelled {
         report.remaining = None;
     } else if report.outcome == Outcome::BudgetSpent
-        && let Some(any) = Predicate::any_of(&all_rules)
+        // The rules as run: sessions still referenced are left to no continuation.
+        && let Some(any) = Predicate::any_of(&rules.iter().map(|r| &r.predicate).collect::<Vec<_>>())
     {
         // Informative: the continuation follows the budget stop either way.
         match read_with_retries("remaining count", || count(db, schema, Some(&any))).await {
@@ -516,8 +527,8 @@ async fn purge(
     Ok(())
 }
 
-/// The session table's rows, and whether that is the engine's estimate: the walk, the stride
-/// of key ranges and the statistics refresh only need its order of magnitude, and counting
+/// The session table's rows, and whether that is the engine's estimate: the walk and the
+/// statistics refresh only need its order of magnitude, and counting
 /// exactly reads the whole table on every run. Counted when the engine has no estimate (or
 /// it cannot be read).
 async fn table_size(db: &Db, schema: &Schema) -> Result<(u64, bool), OpError> {
@@ -547,7 +558,22 @@ async fn unless_cancelled<T>(ctx: &OpContext, work: impl Future<Output = T>) -> 
 async fn detect_schema(db: &Db) -> Result<Schema, OpError> {
     let transient =
         |e: &StoreError| matches!(e, StoreError::Sql(e) if crate::store::is_transient(e));
-    Ok(retry::with_retries("schema detection", transient, || schema::detect(db)).await?)
+    let schema = retry::with_retries("schema detection", transient, || schema::detect(db)).await?;
+    times::check_sqlite_time_columns(db, &schema).await?;
+    Ok(schema)
+}
+
+/// "Now" for a run's cutoffs: the earlier of this worker's clock and the database server's,
+/// with a note when they differ; refused when the table's activity runs ahead of it (see
+/// [`clock`]).
+async fn reference_now(
+    db: &Db,
+    schema: &Schema,
+) -> Result<(NaiveDateTime, Option<String>), OpError> {
+    let (now, note) =
+        clock::reference_now(db, Utc::now().naive_utc(), CLOCK_SKEW_ALLOWANCE).await?;
+    clock::check_activity_not_ahead(db, schema, now).await?;
+    Ok((now, note))
 }
 
 /// [`wal::cut_back`], logged; a failure is noted in `report`, only a fenced-out error is
@@ -812,7 +838,8 @@ async fn refresh_statistics_after(
 pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpError> {
     params.validate()?;
     let schema = detect_schema(db).await?;
-    let cutoffs = params.cutoffs();
+    let (now, clock_note) = reference_now(db, &schema).await?;
+    let cutoffs = params.cutoffs(now);
     let as_of = cutoffs.as_of;
     let (rules, notes) = rules::build(&schema, &cutoffs);
     let activity = format!("{}.{}", schema.sessions.table, schema.activity_column());
@@ -826,6 +853,7 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
     let by_rule = count_per_rule(db, &schema, &rules).await?;
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.as_written).collect();
     let mut all_notes = schema.notes.clone();
+    all_notes.extend(clock_note);
     all_notes.extend(notes);
     Ok(CleanupStats {
         timestamp: Utc::now(),
@@ -1193,7 +1221,7 @@ mod tests {
             ..CleanupParams::default()
         };
         assert!(longest.validate().is_ok());
-        let c = longest.cutoffs();
+        let c = longest.cutoffs(Utc::now().naive_utc());
         assert!(c.max_age < c.as_of && c.idle.is_some_and(|i| i < c.as_of));
     }
 
@@ -1211,7 +1239,7 @@ mod tests {
             ahead.validate().is_ok(),
             "a few seconds of skew is no error"
         );
-        assert!(ahead.cutoffs().as_of <= Utc::now().naive_utc());
+        assert!(ahead.cutoffs(Utc::now().naive_utc()).as_of <= Utc::now().naive_utc());
         let far = CleanupParams {
             as_of: Some(now + CLOCK_SKEW_ALLOWANCE + chrono::TimeDelta::seconds(5)),
             ..CleanupParams::default()
@@ -1223,6 +1251,10 @@ mod tests {
             as_of: Some(past),
             ..CleanupParams::default()
         };
-        assert_eq!(earlier.cutoffs().as_of, past, "a past as_of is kept");
+        assert_eq!(
+            earlier.cutoffs(Utc::now().naive_utc()).as_of,
+            past,
+            "a past as_of is kept"
+        );
     }
 }

@@ -77,8 +77,8 @@ pub enum Walk {
     /// batch deletes the next ids it delivered (see `stream`). For rules with few, scattered
     /// rows, found by a join (orphans) or a NULL (v1 sessions without activity).
     PrimaryKey,
-    /// Walk the primary key upwards in strides: each batch deletes the rows of the next K ids
-    /// that match the rule, K sized to the batch size. For dense rules: the DELETE reads one
+    /// Walk the primary key upwards in strides: each batch deletes the rows among the table's
+    /// next N rows (found along the key: at most N whatever the ids) that match the rule. For dense rules: the DELETE reads one
     /// stretch of the key in order, as a bulk DELETE does, instead of probing the key once
     /// per id (several times the cost per row), and no read ahead of it is needed.
     PrimaryKeyRange,
