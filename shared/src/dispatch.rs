@@ -100,6 +100,39 @@ impl OperationJob {
         }
     }
 
+    /// Adds to analytics and full maintenance what the fleet knows of `target` beyond its
+    /// database: its recent outcomes and recorded deletions (its history in `queue`, read
+    /// once), the storage failures of its latest integrity check, and, for a health report,
+    /// the recommended indexes `db` lacks. Without a queue only the last is added.
+    pub async fn with_fleet_knowledge(
+        self,
+        db: &Db,
+        queue: Option<&Queue>,
+        target: &str,
+    ) -> OperationJob {
+        let history = match (
+            queue,
+            matches!(
+                self,
+                OperationJob::Analytics(_) | OperationJob::FullMaintenance(_)
+            ),
+        ) {
+            (Some(q), true) => q.recent_runs(target, FLEET_FACTS_RUNS).await.ok(),
+            _ => None,
+        };
+        let facts = history.as_deref().and_then(fleet_facts);
+        let integrity = match (queue, history.as_deref()) {
+            (Some(q), Some(runs)) if self.makes_health_report() => {
+                last_integrity_failures(q, runs).await
+            }
+            _ => None,
+        };
+        self.with_fleet_facts(facts)
+            .with_db_findings(db)
+            .await
+            .with_integrity_failures(integrity)
+    }
+
     /// Adds what only the fleet knows (recent outcomes, recorded deletions) to analytics.
     fn with_fleet_facts(mut self, facts: Option<FleetFacts>) -> OperationJob {
         let Some(facts) = facts else { return self };
@@ -287,30 +320,7 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
             };
         }
     };
-    // What the fleet knows of this target: its history, read once for analytics and full
-    // maintenance.
-    let history = match (
-        oe.queue,
-        matches!(
-            job,
-            OperationJob::Analytics(_) | OperationJob::FullMaintenance(_)
-        ),
-    ) {
-        (Some(q), true) => q.recent_runs(&env.target, FLEET_FACTS_RUNS).await.ok(),
-        _ => None,
-    };
-    let facts = history.as_deref().and_then(fleet_facts);
-    let integrity = match (oe.queue, history.as_deref()) {
-        (Some(q), Some(runs)) if job.makes_health_report() => {
-            last_integrity_failures(q, runs).await
-        }
-        _ => None,
-    };
-    let job = job
-        .with_fleet_facts(facts)
-        .with_db_findings(&db)
-        .await
-        .with_integrity_failures(integrity);
+    let job = job.with_fleet_knowledge(&db, oe.queue, &env.target).await;
     let holder = HolderInfo::new(oe.holder, env.job_id.to_string());
     let lease_cfg = LeaseConfig::from_ttl(Duration::from_millis(oe.settings.lease_ttl_ms.value));
 

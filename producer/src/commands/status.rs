@@ -3,7 +3,10 @@
 //! gives a clear partial answer, not an error dump.
 
 use serde_json::{Value, json};
+use sessionfleet::config::Target;
+use sessionfleet::dispatch::OperationJob;
 use sessionfleet::lease;
+use sessionfleet::ops::analytics::AnalyticsParams;
 use sessionfleet::ops::{analytics, cleanup, maintenance};
 use sessionfleet::queue::Queue;
 use sessionfleet::store::{ConnectOptions, Db};
@@ -20,7 +23,8 @@ fn section<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Value 
 }
 
 /// Prints the status. Targets, the parts of each target and the fleet are gathered
-/// concurrently: the answer takes as long as the slowest part, not the sum of all.
+/// concurrently once Redis answered or gave up: the answer takes as long as the slowest
+/// part, not the sum of all.
 pub async fn run(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
     let targets = inv.targets()?;
     let mut prepared = Vec::with_capacity(targets.len());
@@ -29,12 +33,13 @@ pub async fn run(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
         let hparams = plan::health_params(inv.settings, target)?;
         prepared.push((target, cparams, hparams));
     }
-    let per_target = futures::future::join_all(
-        prepared
-            .iter()
-            .map(|(target, cparams, hparams)| target_status(&target.url, cparams, hparams)),
-    );
-    let (entries, fleet) = tokio::join!(per_target, fleet_status(inv));
+    // The health reports need the fleet's history as the workers' do: the same alerts.
+    let queue = Queue::connect_with_patience(inv.settings, REDIS_PATIENCE).await;
+    let per_target =
+        futures::future::join_all(prepared.iter().map(|(target, cparams, hparams)| {
+            target_status(target, queue.as_ref().ok(), cparams, hparams)
+        }));
+    let (entries, fleet) = tokio::join!(per_target, fleet_status(inv, &queue));
     let mut doc_targets = serde_json::Map::new();
     let mut critical = false;
     for ((target, _, _), (entry, is_critical)) in prepared.iter().zip(entries) {
@@ -55,9 +60,12 @@ pub async fn run(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
 }
 
 /// One target's cleanup statistics, health and database statistics, and whether its health
-/// is critical. A database that cannot be reached becomes an `error` entry.
+/// is critical. A database that cannot be reached becomes an `error` entry. The health
+/// report gets what a worker's gets from the fleet (its failure rate, its latest integrity
+/// check, the recommended indexes the database lacks), so both raise the same alerts.
 async fn target_status(
-    url: &str,
+    target: &Target,
+    queue: Option<&Queue>,
     cparams: &cleanup::CleanupParams,
     hparams: &analytics::HealthParams,
 ) -> (Value, bool) {
@@ -65,9 +73,16 @@ async fn target_status(
         attempts: 1,
         ..ConnectOptions::default()
     };
-    let db = match Db::connect(url, &quick).await {
+    let db = match Db::connect(&target.url, &quick).await {
         Ok(db) => db,
         Err(e) => return (json!({ "error": e.to_string() }), false),
+    };
+    let job = OperationJob::Analytics(AnalyticsParams::HealthReport(hparams.clone()))
+        .with_fleet_knowledge(&db, queue, &target.name)
+        .await;
+    let hparams = match &job {
+        OperationJob::Analytics(AnalyticsParams::HealthReport(h)) => h,
+        _ => hparams,
     };
     let (stats, health, dbstats) = tokio::join!(
         cleanup::stats(&db, cparams),
@@ -85,8 +100,11 @@ async fn target_status(
     (entry, critical)
 }
 
-async fn fleet_status(inv: &Invocation<'_>) -> Value {
-    let queue = match Queue::connect_with_patience(inv.settings, REDIS_PATIENCE).await {
+async fn fleet_status<E: std::fmt::Display>(
+    inv: &Invocation<'_>,
+    queue: &Result<Queue, E>,
+) -> Value {
+    let queue = match queue {
         Ok(q) => q,
         Err(e) => return json!({ "error": e.to_string() }),
     };
