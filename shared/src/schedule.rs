@@ -106,6 +106,10 @@ pub struct Schedule {
     pub name: String,
     /// When it fires.
     pub cadence: Cadence,
+    /// Whether the first pass that finds no record fires the latest tick at once (a cleanup
+    /// daemon cleans when it starts, as the original's did) instead of only recording it
+    /// (full maintenance waits for its hour rather than starting at install time).
+    pub fire_on_first_sight: bool,
 }
 
 /// The dedupe key of one tick: identical on every replica.
@@ -132,8 +136,8 @@ pub const MISSED_TICKS_COUNT_CAP: u64 = 10_000;
 /// What one scheduler pass decided for one schedule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum TickDecision {
-    /// First sight of this schedule: the record was set to the latest tick, nothing fired
-    /// (installing a scheduler does not fire past ticks).
+    /// First sight of a schedule that does not fire on it: the record was set to the latest
+    /// tick, nothing fired (installing a scheduler does not start its maintenance at once).
     Initialized(i64),
     /// The tick was enqueued (or found already enqueued by another replica) and recorded.
     Fired(i64),
@@ -174,6 +178,17 @@ where
     let key = last_tick_key(namespace, &schedule.name);
     let last: Option<i64> = redis::cmd("GET").arg(&key).query_async(redis).await?;
     match last {
+        None if schedule.fire_on_first_sight => {
+            enqueue(tick, tick_dedupe_key(&schedule.name, tick))
+                .await
+                .map_err(|e| ScheduleError::Enqueue(e.to_string()))?;
+            let _: i64 = redis::Script::new(ADVANCE_SCRIPT)
+                .key(&key)
+                .arg(tick.timestamp())
+                .invoke_async(redis)
+                .await?;
+            Ok(TickDecision::Fired(tick.timestamp()))
+        }
         None => {
             let _: i64 = redis::Script::new(ADVANCE_SCRIPT)
                 .key(&key)

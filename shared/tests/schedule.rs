@@ -45,6 +45,7 @@ async fn first_pass_initialises_then_each_tick_fires_once() {
     let s = Schedule {
         name: "cleanup".into(),
         cadence: Cadence::parse("every 60s").unwrap(),
+        fire_on_first_sight: false,
     };
     let fired: Fired = Arc::default();
     assert_eq!(
@@ -74,6 +75,57 @@ async fn first_pass_initialises_then_each_tick_fires_once() {
     );
 }
 
+/// A schedule that fires on first sight (a cleanup daemon) enqueues the latest tick on its
+/// first pass, once across replicas, and then keeps to its cadence. Fails if a cleanup daemon
+/// waits up to a whole interval before its first cleanup, as it did.
+#[tokio::test]
+async fn a_cleanup_schedule_fires_on_its_first_pass_then_keeps_its_cadence() {
+    let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
+    let s = Schedule {
+        name: "cleanup".into(),
+        cadence: Cadence::parse("every 3600s").unwrap(),
+        fire_on_first_sight: true,
+    };
+    let fired: Fired = Arc::default();
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        let (ns, s, fired) = (ns.clone(), s.clone(), fired.clone());
+        handles.push(tokio::spawn(async move {
+            let mut conn = redis().await;
+            run_pass(&mut conn, &ns, &s, "2026-11-28T03:20:00Z", &fired).await
+        }));
+    }
+    let mut decisions = Vec::new();
+    for h in handles {
+        decisions.push(h.await.unwrap());
+    }
+    let first_tick = at("2026-11-28T03:00:00Z");
+    assert!(
+        decisions.contains(&TickDecision::Fired(first_tick.timestamp())),
+        "{decisions:?}"
+    );
+    let keys = fired.lock().unwrap().clone();
+    assert!(
+        !keys.is_empty()
+            && keys
+                .iter()
+                .all(|k| *k == tick_dedupe_key("cleanup", first_tick)),
+        "replicas that race on the first pass share one dedupe key: {keys:?}"
+    );
+    let mut conn = redis().await;
+    fired.lock().unwrap().clear();
+    assert_eq!(
+        run_pass(&mut conn, &ns, &s, "2026-11-28T03:59:00Z", &fired).await,
+        TickDecision::Idle
+    );
+    assert_eq!(
+        run_pass(&mut conn, &ns, &s, "2026-11-28T04:00:01Z", &fired).await,
+        TickDecision::Fired(at("2026-11-28T04:00:00Z").timestamp())
+    );
+    assert_eq!(fired.lock().unwrap().len(), 1);
+}
+
 #[tokio::test]
 async fn downtime_catches_up_the_latest_missed_tick_once() {
     let mut conn = redis().await;
@@ -82,6 +134,7 @@ async fn downtime_catches_up_the_latest_missed_tick_once() {
     let s = Schedule {
         name: "health_report".into(),
         cadence: Cadence::parse("0 * * * *").unwrap(),
+        fire_on_first_sight: false,
     };
     let fired: Fired = Arc::default();
     run_pass(&mut conn, &ns, &s, "2026-11-28T01:10:00Z", &fired).await;
@@ -106,6 +159,7 @@ async fn replicas_agree_on_the_record_and_the_dedupe_key() {
     let s = Schedule {
         name: "full_maintenance".into(),
         cadence: Cadence::parse("0 2 * * *").unwrap(),
+        fire_on_first_sight: false,
     };
     let fired: Fired = Arc::default();
     let mut first = redis().await;

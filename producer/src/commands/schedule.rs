@@ -138,6 +138,8 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: Option<&CleanupAsk>) -> any
                 let sched = Schedule {
                     name: format!("{name}:{}", target.name),
                     cadence: cadence.clone(),
+                    // A cleanup starts at once; maintenance and reports keep to their hour.
+                    fire_on_first_sight: matches!(what, What::Cleanup),
                 };
                 all.push(sched.clone());
                 let key = (i, target.name.clone());
