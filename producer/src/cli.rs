@@ -198,40 +198,45 @@ pub struct MaintenanceArgs {
     #[arg(long)]
     pub database: bool,
     /// With --cleanup: one cycle
-    #[arg(long)]
+    #[arg(long, requires = "cleanup")]
     pub once: bool,
     /// With --cleanup: run as a daemon
-    #[arg(long)]
+    #[arg(long, requires = "cleanup")]
     pub daemon: bool,
     /// With --cleanup: forced cleanup
-    #[arg(long)]
+    #[arg(long, requires = "cleanup")]
     pub force: bool,
     /// With --cleanup --force: idle hours
-    #[arg(long, value_name = "HOURS")]
+    #[arg(long, value_name = "HOURS", requires = "force")]
     pub max_age: Option<u32>,
     /// With --analytics: the health report
-    #[arg(long)]
+    #[arg(long, requires = "analytics")]
     pub health: bool,
     /// With --analytics (not with --health): trends over DAYS days
-    #[arg(long, value_name = "DAYS", conflicts_with = "health")]
+    #[arg(
+        long,
+        value_name = "DAYS",
+        conflicts_with = "health",
+        requires = "analytics"
+    )]
     pub trends: Option<u32>,
     /// With --analytics --health: export to FILE (.json or .html)
     #[arg(long, value_name = "FILE", requires = "health")]
     pub export: Option<PathBuf>,
     /// With --database: analyze tables
-    #[arg(long)]
+    #[arg(long, requires = "database")]
     pub analyze: bool,
     /// With --database: create recommended indexes
-    #[arg(long)]
+    #[arg(long, requires = "database")]
     pub create_indexes: bool,
     /// With --database: optimize
-    #[arg(long)]
+    #[arg(long, requires = "database")]
     pub optimize: bool,
     /// With --database --optimize: vacuum too
-    #[arg(long)]
+    #[arg(long, requires = "optimize")]
     pub vacuum: bool,
     /// With --database: integrity check
-    #[arg(long)]
+    #[arg(long, requires = "database")]
     pub integrity_check: bool,
     /// Change nothing anywhere; say what would happen
     #[arg(long)]
