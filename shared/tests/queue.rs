@@ -371,19 +371,42 @@ async fn retryable_failures_back_off_then_succeed_or_dead_letter() {
         serde_json::json!({"fail_attempts": 1}),
         "test",
     );
+    let failed_before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
     let s = process_delivery(&t.deps, QueueClass::Diag, "t1", &env.to_bytes())
         .await
         .unwrap();
     assert_eq!(s, Settled::Retrying(2));
-    assert_eq!(t.zcard(t.queue.keys().scheduled(QueueClass::Diag)).await, 1);
-    t.queue
-        .enqueue_with(&env, EnqueueOptions::default())
+    // The retry that was scheduled: the next attempt, due no sooner than its backoff allows
+    // (the first retry waits RETRY_BASE, jitter shortens it by at most half).
+    let k = t.queue.keys();
+    let scheduled: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(k.scheduled(QueueClass::Diag))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut t.conn())
         .await
-        .unwrap(); // stand-in for the due retry
-    let mut retry = env.clone();
-    retry.attempt = 2;
+        .unwrap();
+    let [(task, due)] = scheduled.as_slice() else {
+        panic!("one scheduled retry: {scheduled:?}")
+    };
+    let earliest = failed_before + sessionfleet::queue::RETRY_BASE / 2;
+    assert!(
+        *due >= earliest.as_secs_f64().floor(),
+        "due at {due} s, the failure started at {failed_before:?}"
+    );
+    let payload: Vec<u8> = redis::cmd("HGET")
+        .arg(k.data(QueueClass::Diag))
+        .arg(task)
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    let retry = JobEnvelope::decode(&payload).expect("the retry's envelope");
+    assert_eq!((retry.job_id, retry.attempt), (env.job_id, 2));
     assert_eq!(
-        process_delivery(&t.deps, QueueClass::Diag, "t2", &retry.to_bytes())
+        process_delivery(&t.deps, QueueClass::Diag, "t2", &payload)
             .await
             .unwrap(),
         Settled::Succeeded
@@ -555,6 +578,48 @@ async fn target_history_is_bounded_and_newest_first() {
         .await
         .unwrap();
     assert!(t.queue.recent_runs("diag", 10).await.unwrap().is_empty());
+    t.cleanup().await;
+}
+
+/// Runs older than the retention period (3 days here) are not reported, although every new
+/// result keeps the history list itself alive. Fails if a busy target's history reports from
+/// runs older than `SESSION_METRICS_RETENTION_DAYS` promises.
+#[tokio::test]
+async fn target_history_leaves_out_runs_older_than_the_retention() {
+    let t = Ns::new().await;
+    let now = chrono::Utc::now();
+    let old = JobResult {
+        rows_affected: 1,
+        ..cleanup_result(
+            "db1",
+            ResultOutcome::Succeeded,
+            now - chrono::Duration::days(4),
+        )
+    };
+    let kept = JobResult {
+        rows_affected: 2,
+        ..cleanup_result(
+            "db1",
+            ResultOutcome::Succeeded,
+            now - chrono::Duration::days(2),
+        )
+    };
+    let new = JobResult {
+        rows_affected: 3,
+        ..cleanup_result("db1", ResultOutcome::Succeeded, now)
+    };
+    for r in [&old, &kept, &new] {
+        t.queue.record_result(r).await.unwrap();
+    }
+    let rows: Vec<u64> = t
+        .queue
+        .recent_runs("db1", 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.rows_affected)
+        .collect();
+    assert_eq!(rows, [3, 2]);
     t.cleanup().await;
 }
 
@@ -805,4 +870,85 @@ async fn forgetting_a_namespace_removes_its_keys_and_only_its_keys() {
     assert!(deleted >= 4, "{deleted}");
     assert_eq!(left(&gone).await, (0, 0), "the namespace is gone");
     assert_eq!(left(&kept).await, before, "another namespace is untouched");
+}
+
+/// A cleanup whose target's lease another holder has is deferred: put back with a delay, its
+/// attempt unchanged, with no result and no dead letter. Fails if a busy lease is charged an
+/// attempt, which would dead-letter a job waiting behind a long maintenance.
+#[tokio::test]
+async fn a_job_whose_lease_is_held_elsewhere_is_deferred_without_using_an_attempt() {
+    use sessionfleet::lease::{self, HolderInfo, LeaseConfig};
+    use sessionfleet::ops::cleanup::CleanupParams;
+    use sessionfleet::store::Engine;
+    use sessionfleet::testing::TestDb;
+
+    let tdb = TestDb::new(Engine::Sqlite).await;
+    let ns = unique_namespace();
+    let keys = RedisKeysGuard::new(&ns);
+    let (db_url, redis) = (tdb.url.clone(), redis_url());
+    let namespace = ns.clone();
+    let env_of = move |k: &str| match k {
+        "DATABASE_URL" => Some(db_url.clone()),
+        "REDIS_URL" => Some(redis.clone()),
+        "SESSIONFLEET_NAMESPACE" => Some(namespace.clone()),
+        _ => None,
+    };
+    let settings = Settings::resolve(&Overrides::default(), &env_of, None).expect("settings");
+    let queue = Queue::connect(&settings).await.expect("connect");
+    let t = Ns {
+        deps: RunnerDeps {
+            settings: Arc::new(settings),
+            queue: queue.clone(),
+            worker_name: "test-worker".into(),
+            shutdown: CancellationToken::new(),
+        },
+        queue,
+        _keys: keys,
+    };
+    let held = lease::try_acquire(
+        &t.queue.connection(),
+        &ns,
+        "default",
+        &HolderInfo::new("another-worker", "job-0"),
+        &tdb.db,
+        &LeaseConfig::default(),
+    )
+    .await
+    .expect("lease")
+    .expect("the lease is free");
+
+    let env = JobEnvelope::new(
+        JobKind::Cleanup,
+        "default",
+        serde_json::to_value(CleanupParams::default()).unwrap(),
+        "test",
+    );
+    let settled = process_delivery(&t.deps, QueueClass::Cleanup, "t1", &env.to_bytes())
+        .await
+        .unwrap();
+    assert_eq!(settled, Settled::Deferred);
+    let k = t.queue.keys();
+    let tasks: Vec<String> = redis::cmd("ZRANGE")
+        .arg(k.scheduled(QueueClass::Cleanup))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    let [task] = tasks.as_slice() else {
+        panic!("one deferred job: {tasks:?}")
+    };
+    let payload: Vec<u8> = redis::cmd("HGET")
+        .arg(k.data(QueueClass::Cleanup))
+        .arg(task)
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    let again = JobEnvelope::decode(&payload).expect("the deferred envelope");
+    assert_eq!((again.job_id, again.attempt), (env.job_id, env.attempt));
+    assert!(t.queue.result(env.job_id).await.unwrap().is_none());
+    assert!(t.queue.dead_letters(10).await.unwrap().is_empty());
+    assert!(held.release(&t.queue.connection()).await.unwrap());
+    t.cleanup().await;
+    tdb.drop_db().await;
 }

@@ -267,7 +267,11 @@ impl Queue {
         }
     }
 
-    /// The `n` most recent runs of a target, newest first.
+    /// The `n` most recent runs of a target, newest first, within the retention period.
+    ///
+    /// Every new result renews the history list's expiry, so on a busy target its oldest
+    /// lines outlive `SESSION_METRICS_RETENTION_DAYS` until the length cap trims them: they
+    /// are left out here, so nothing reports from runs older than the retention promises.
     pub async fn recent_runs(&self, target: &str, n: usize) -> Result<Vec<RunSummary>, QueueError> {
         if n == 0 {
             return Ok(Vec::new());
@@ -280,12 +284,17 @@ impl Queue {
             .query_async(&mut c)
             .await
             .map_err(|e| self.err(e))?;
-        lines
-            .iter()
-            .map(|l| {
-                serde_json::from_str(l)
-                    .map_err(|e| QueueError::Corrupt(format!("history of {target}: {e}")))
-            })
-            .collect()
+        let oldest = chrono::Duration::from_std(self.retention)
+            .ok()
+            .and_then(|kept| chrono::Utc::now().checked_sub_signed(kept));
+        let mut runs = Vec::with_capacity(lines.len());
+        for line in &lines {
+            let run: RunSummary = serde_json::from_str(line)
+                .map_err(|e| QueueError::Corrupt(format!("history of {target}: {e}")))?;
+            if oldest.is_none_or(|oldest| run.finished_at >= oldest) {
+                runs.push(run);
+            }
+        }
+        Ok(runs)
     }
 }
