@@ -560,6 +560,23 @@ async fn usage_errors_help_and_exit_codes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--trends"), "{err}");
+    // A sub-flag without the mode it belongs to is refused, not ignored: `--vacuum` without
+    // `--optimize` printed statistics, a bare `--force` printed help.
+    for (args, named) in [
+        (&["maintenance", "--database", "--vacuum"][..], "--optimize"),
+        (&["maintenance", "--force"][..], "--cleanup"),
+        (
+            &["maintenance", "--cleanup", "--max-age", "3"][..],
+            "--force",
+        ),
+        (&["maintenance", "--analyze"][..], "--database"),
+        (&["maintenance", "--trends", "3"][..], "--analytics"),
+    ] {
+        let out = cli.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(named), "{args:?}: {err}");
+    }
     let out = cli.run(&["analytics", "--trends", "0", "--local"]);
     assert_eq!(
         out.status.code(),
@@ -632,6 +649,17 @@ impl Scheduler {
 
     fn fired(&self) -> Vec<i64> {
         self.fired_ticks().into_iter().map(|f| f.tick).collect()
+    }
+
+    /// The ticks of one schedule (`health_report`, `cleanup`…) this scheduler enqueued.
+    fn fired_of(&self, schedule: &str) -> usize {
+        let prefix = format!("{schedule}:");
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(" enqueued") && l.contains(&prefix))
+            .count()
     }
 
     /// The ticks this scheduler reported enqueuing (`<schedule> tick <secs> enqueued…`), in
@@ -809,7 +837,7 @@ async fn a_bad_thresholds_edit_does_not_stop_the_scheduler() {
     ));
     let scheduler = Scheduler::start(&cli);
     let started = Instant::now();
-    while scheduler.fired().is_empty() {
+    while scheduler.fired_of("health_report") == 0 {
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "no health tick"
@@ -817,8 +845,8 @@ async fn a_bad_thresholds_edit_does_not_stop_the_scheduler() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     std::fs::write(&thresholds, r#"{"concurrent_sessions": "x"}"#).unwrap();
-    let edited = scheduler.fired().len();
-    while scheduler.fired().len() < edited + 2 {
+    let edited = scheduler.fired_of("health_report");
+    while scheduler.fired_of("health_report") < edited + 2 {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "health ticks stopped after the bad edit: {:?}",
@@ -1083,5 +1111,75 @@ async fn status_degrades_part_by_part_when_redis_or_the_database_is_down() {
     assert!(db_error.contains("cannot connect"), "{db_error}");
     assert!(doc["fleet"]["queues"].is_array(), "{doc}");
     assert!(!doc.to_string().contains("hunter2"), "{doc}");
+    t.drop_db().await;
+}
+
+/// `maintenance --status` judges health as a worker's health report does: with the fleet's
+/// history (the latest integrity check's storage failures) and the recommended indexes the
+/// database lacks. Fails if the status reads the database alone, as it did: a corrupt
+/// database then showed "good" and exited 0 while `analytics --health-report` exited 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_raises_the_same_fleet_and_index_alerts_as_the_health_report() {
+    use sessionfleet::jobs::JobKind;
+    use sessionfleet::ops::maintenance::{self, CheckStatus, IntegrityReport, MaintenanceReport};
+    use sessionfleet::queue::ResultOutcome;
+
+    let t = seeded(Engine::Sqlite, 300).await;
+    let missing = maintenance::missing_recommended_indexes(&t.db)
+        .await
+        .unwrap();
+    assert!(
+        !missing.is_empty(),
+        "the demo data lacks recommended indexes"
+    );
+    let cli = Cli::new(&t.url);
+    let issues = |doc: &serde_json::Value| -> Vec<String> {
+        doc["targets"]["default"]["health"]["issues"]
+            .as_array()
+            .unwrap_or_else(|| panic!("health issues: {doc}"))
+            .iter()
+            .map(|i| i.as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let doc = cli.json(&["maintenance", "--status", "--json"]);
+    for name in &missing {
+        assert!(
+            issues(&doc).iter().any(|i| i.contains(name.as_str())),
+            "{name}: {doc}"
+        );
+    }
+
+    let check = MaintenanceReport::Integrity(IntegrityReport {
+        timestamp: now(),
+        integrity_check: CheckStatus::Failed,
+        foreign_key_check: CheckStatus::Passed,
+        checks_run: vec!["PRAGMA integrity_check".into()],
+        issues_found: vec!["Integrity check failed: page 12 is never used".into()],
+        recommendations: Vec::new(),
+    });
+    queue(&cli.redis, &cli.ns)
+        .await
+        .record_result(&sessionfleet::testing::job_result(
+            JobKind::Maintenance,
+            "default",
+            ResultOutcome::Succeeded,
+            serde_json::to_value(&check).unwrap(),
+            chrono::Utc::now(),
+        ))
+        .await
+        .unwrap();
+    let out = cli.run(&["maintenance", "--status", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "critical health exits 3");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        doc["targets"]["default"]["health"]["overall_health"], "critical",
+        "{doc}"
+    );
+    assert!(
+        issues(&doc)
+            .iter()
+            .any(|i| i.contains("page 12 is never used")),
+        "{doc}"
+    );
     t.drop_db().await;
 }
