@@ -159,7 +159,7 @@ pub const KEYS: &[Key] = &[
         file: "monitoring_enabled",
         default: "true",
         form: "true or false (also 1/0, yes/no, on/off)",
-        help: "whether health reports and alerts are produced",
+        help: "whether the scheduler enqueues the hourly health report",
     },
     Key {
         env: "SESSION_METRICS_RETENTION_DAYS",
