@@ -323,9 +323,9 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     let started = Instant::now();
     let db = &ctx.db;
     let schema = detect_schema(db).await?;
-    let (now, clock_note) = reference_now(db, &schema).await?;
+    let (now, clock_note) = reference_now(db).await?;
     let cutoffs = params.cutoffs(now);
-    let (rules, notes) = rules::build(&schema, &cutoffs);
+    let (rules, notes) = rules::build(&schema, &cutoffs, db.engine());
     let mut report = CleanupReport::new(cutoffs.as_of, params.dry_run);
     report.notes = schema.notes.clone();
     report.notes.extend(clock_note);
@@ -558,22 +558,17 @@ async fn unless_cancelled<T>(ctx: &OpContext, work: impl Future<Output = T>) -> 
 async fn detect_schema(db: &Db) -> Result<Schema, OpError> {
     let transient =
         |e: &StoreError| matches!(e, StoreError::Sql(e) if crate::store::is_transient(e));
-    let schema = retry::with_retries("schema detection", transient, || schema::detect(db)).await?;
-    times::check_sqlite_time_columns(db, &schema).await?;
+    let mut schema =
+        retry::with_retries("schema detection", transient, || schema::detect(db)).await?;
+    let odd_times = times::unreadable_sqlite_times(db, &schema).await?;
+    schema.notes.extend(odd_times);
     Ok(schema)
 }
 
 /// "Now" for a run's cutoffs: the earlier of this worker's clock and the database server's,
-/// with a note when they differ; refused when the table's activity runs ahead of it (see
-/// [`clock`]).
-async fn reference_now(
-    db: &Db,
-    schema: &Schema,
-) -> Result<(NaiveDateTime, Option<String>), OpError> {
-    let (now, note) =
-        clock::reference_now(db, Utc::now().naive_utc(), CLOCK_SKEW_ALLOWANCE).await?;
-    clock::check_activity_not_ahead(db, schema, now).await?;
-    Ok((now, note))
+/// with a note when they differ (see [`clock`]).
+async fn reference_now(db: &Db) -> Result<(NaiveDateTime, Option<String>), OpError> {
+    clock::reference_now(db, Utc::now().naive_utc(), CLOCK_SKEW_ALLOWANCE).await
 }
 
 /// [`wal::cut_back`], logged; a failure is noted in `report`, only a fenced-out error is
@@ -838,10 +833,10 @@ async fn refresh_statistics_after(
 pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpError> {
     params.validate()?;
     let schema = detect_schema(db).await?;
-    let (now, clock_note) = reference_now(db, &schema).await?;
+    let (now, clock_note) = reference_now(db).await?;
     let cutoffs = params.cutoffs(now);
     let as_of = cutoffs.as_of;
-    let (rules, notes) = rules::build(&schema, &cutoffs);
+    let (rules, notes) = rules::build(&schema, &cutoffs, db.engine());
     let activity = format!("{}.{}", schema.sessions.table, schema.activity_column());
     let bucket = |op: &str, hours: i64| Predicate {
         sql: format!("{activity} {op} ?"),

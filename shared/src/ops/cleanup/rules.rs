@@ -138,8 +138,8 @@ impl Cutoffs {
 /// support. A session another row still points at through a restricting foreign key
 /// (`Schema::references`) matches none of them: deleting it would fail the whole batch, on
 /// every run.
-pub fn build(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<String>) {
-    let (mut rules, notes) = rules_as_written(schema, cutoffs);
+pub fn build(schema: &Schema, cutoffs: &Cutoffs, engine: Engine) -> (Vec<Rule>, Vec<String>) {
+    let (mut rules, notes) = rules_as_written(schema, cutoffs, engine);
     let t = &schema.sessions.table;
     for rule in &mut rules {
         for reference in &schema.references {
@@ -175,8 +175,27 @@ pub fn kept_by_references(schema: &Schema, rules: &[Rule]) -> Option<Predicate> 
     ))
 }
 
+/// `col` strictly before `at`. On SQLite, where a time column holds whatever the application
+/// wrote and compares as stored, the text comparison (which the column's index answers) is
+/// re-checked as a time: `julianday` reads UTC text in any layout SQLite knows, converts a UTC
+/// offset, and is NULL for anything else (Unix seconds, unreadable text), so a session whose
+/// time the cleanup would misread never matches.
+fn earlier_than(engine: Engine, col: &str, at: NaiveDateTime) -> Predicate {
+    match engine {
+        Engine::Sqlite => Predicate::new(
+            format!("{col} < ? AND julianday({col}) < julianday(?)"),
+            vec![at, at],
+        ),
+        Engine::Postgres | Engine::MySql => Predicate::new(format!("{col} < ?"), vec![at]),
+    }
+}
+
 /// The rules as the definitions state them, before referenced sessions are set aside.
-fn rules_as_written(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<String>) {
+fn rules_as_written(
+    schema: &Schema,
+    cutoffs: &Cutoffs,
+    engine: Engine,
+) -> (Vec<Rule>, Vec<String>) {
     let s = &schema.sessions;
     let t = &s.table;
     let activity = format!("{t}.{}", schema.activity_column());
@@ -186,7 +205,7 @@ fn rules_as_written(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<Strin
     match &s.expires_at {
         Some(expires) => rules.push(Rule::new(
             RuleKind::Expired,
-            Predicate::new(format!("{t}.{expires} < ?"), vec![cutoffs.as_of]),
+            earlier_than(engine, &format!("{t}.{expires}"), cutoffs.as_of),
             Walk::Column(format!("{t}.{expires}")),
         )),
         None => {
@@ -194,7 +213,7 @@ fn rules_as_written(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<Strin
             // the max age (strictly). Split in two so each half walks an index.
             rules.push(Rule::new(
                 RuleKind::Expired,
-                Predicate::new(format!("{activity} < ?"), vec![cutoffs.max_age]),
+                earlier_than(engine, &activity, cutoffs.max_age),
                 Walk::Column(activity.clone()),
             ));
             rules.push(Rule::new(
@@ -205,11 +224,12 @@ fn rules_as_written(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<Strin
         }
     }
     if let Some(active) = &s.is_active {
+        let stale = earlier_than(engine, &activity, cutoffs.max_age);
         rules.push(Rule::new(
             RuleKind::InactiveStale,
             Predicate::new(
-                format!("{t}.{active} = FALSE AND {activity} < ?"),
-                vec![cutoffs.max_age],
+                format!("{t}.{active} = FALSE AND {}", stale.sql),
+                stale.binds,
             ),
             Walk::Column(activity.clone()),
         ));
@@ -217,7 +237,7 @@ fn rules_as_written(schema: &Schema, cutoffs: &Cutoffs) -> (Vec<Rule>, Vec<Strin
     if let Some(idle) = cutoffs.idle {
         rules.push(Rule::new(
             RuleKind::Idle,
-            Predicate::new(format!("{activity} < ?"), vec![idle]),
+            earlier_than(engine, &activity, idle),
             Walk::Column(activity.clone()),
         ));
     }
