@@ -571,6 +571,21 @@ async fn usage_errors_help_and_exit_codes() {
         ),
         (&["maintenance", "--analyze"][..], "--database"),
         (&["maintenance", "--trends", "3"][..], "--analytics"),
+        // Beside another mode, where clap's `requires` lets them through.
+        (
+            &["maintenance", "--full-maintenance", "--force"][..],
+            "--cleanup",
+        ),
+        (&["maintenance", "--status", "--once"][..], "--cleanup"),
+        (
+            &["maintenance", "--database", "--health"][..],
+            "--analytics",
+        ),
+        (
+            &["maintenance", "--cleanup", "--analyze", "--once"][..],
+            "--database",
+        ),
+        (&["maintenance", "--status", "--dry-run"][..], "--dry-run"),
     ] {
         let out = cli.run(args);
         let err = String::from_utf8_lossy(&out.stderr);

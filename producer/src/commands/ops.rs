@@ -191,8 +191,59 @@ pub async fn db(inv: &Invocation<'_>, a: &DbArgs) -> anyhow::Result<Exit> {
     finish(inv, runs).await
 }
 
+/// A sub-flag given with a mode it does not belong to. Clap's `requires` refuses one given
+/// with no mode, but lets it through beside another mode (the modes exclude each other), and
+/// the mode then ran without it: `--full-maintenance --force` was a plain full maintenance.
+fn misplaced_flag(a: &MaintenanceArgs) -> Option<String> {
+    /// A mode's flag, whether it was given, and its sub-flags, each with whether it was given.
+    type Mode<'a> = (&'a str, bool, &'a [(&'a str, bool)]);
+    let modes: [Mode; 3] = [
+        (
+            "--cleanup",
+            a.cleanup,
+            &[
+                ("--once", a.once),
+                ("--daemon", a.daemon),
+                ("--force", a.force),
+                ("--max-age", a.max_age.is_some()),
+            ],
+        ),
+        (
+            "--analytics",
+            a.analytics,
+            &[
+                ("--health", a.health),
+                ("--trends", a.trends.is_some()),
+                ("--export", a.export.is_some()),
+            ],
+        ),
+        (
+            "--database",
+            a.database,
+            &[
+                ("--analyze", a.analyze),
+                ("--create-indexes", a.create_indexes),
+                ("--optimize", a.optimize),
+                ("--vacuum", a.vacuum),
+                ("--integrity-check", a.integrity_check),
+            ],
+        ),
+    ];
+    for (mode, chosen, flags) in modes {
+        if let Some((flag, _)) = flags.iter().find(|(_, given)| *given && !chosen) {
+            return Some(format!("{flag} applies only with {mode}"));
+        }
+    }
+    (a.dry_run && (a.status || a.analytics)).then(|| {
+        "--dry-run applies only with --full-maintenance, --cleanup or --database".to_string()
+    })
+}
+
 /// `sessionfleet maintenance` (the unified CLI).
 pub async fn maintenance(inv: &Invocation<'_>, a: &MaintenanceArgs) -> anyhow::Result<Exit> {
+    if let Some(message) = misplaced_flag(a) {
+        return Err(CliError::usage(message));
+    }
     if a.full_maintenance {
         let runs = run::run(inv, |t| plan::full(inv.settings, t, a.dry_run)).await?;
         return finish(inv, runs).await;
