@@ -23,8 +23,8 @@ fn section<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Value 
 }
 
 /// Prints the status. Targets, the parts of each target and the fleet are gathered
-/// concurrently once Redis answered or gave up: the answer takes as long as the slowest
-/// part, not the sum of all.
+/// concurrently: the answer takes as long as the slowest part, not the sum of all. Redis is
+/// connected to once, by whichever part asks first; the others wait for that same attempt.
 pub async fn run(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
     let targets = inv.targets()?;
     let mut prepared = Vec::with_capacity(targets.len());
@@ -33,11 +33,10 @@ pub async fn run(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
         let hparams = plan::health_params(inv.settings, target)?;
         prepared.push((target, cparams, hparams));
     }
-    // The health reports need the fleet's history as the workers' do: the same alerts.
-    let queue = Queue::connect_with_patience(inv.settings, REDIS_PATIENCE).await;
+    let queue = RedisOnce::default();
     let per_target =
         futures::future::join_all(prepared.iter().map(|(target, cparams, hparams)| {
-            target_status(target, queue.as_ref().ok(), cparams, hparams)
+            target_status(inv, &queue, target, cparams, hparams)
         }));
     let (entries, fleet) = tokio::join!(per_target, fleet_status(inv, &queue));
     let mut doc_targets = serde_json::Map::new();
@@ -59,13 +58,31 @@ pub async fn run(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
     })
 }
 
+/// The fleet's Redis, connected to once for the whole status.
+#[derive(Default)]
+struct RedisOnce(tokio::sync::OnceCell<Result<Queue, String>>);
+
+impl RedisOnce {
+    async fn get(&self, inv: &Invocation<'_>) -> &Result<Queue, String> {
+        self.0
+            .get_or_init(|| async {
+                Queue::connect_with_patience(inv.settings, REDIS_PATIENCE)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await
+    }
+}
+
 /// One target's cleanup statistics, health and database statistics, and whether its health
 /// is critical. A database that cannot be reached becomes an `error` entry. The health
 /// report gets what a worker's gets from the fleet (its failure rate, its latest integrity
-/// check, the recommended indexes the database lacks), so both raise the same alerts.
+/// check, the recommended indexes the database lacks), so both raise the same alerts; the
+/// statistics do not wait for Redis.
 async fn target_status(
+    inv: &Invocation<'_>,
+    redis: &RedisOnce,
     target: &Target,
-    queue: Option<&Queue>,
     cparams: &cleanup::CleanupParams,
     hparams: &analytics::HealthParams,
 ) -> (Value, bool) {
@@ -77,16 +94,19 @@ async fn target_status(
         Ok(db) => db,
         Err(e) => return (json!({ "error": e.to_string() }), false),
     };
-    let job = OperationJob::Analytics(AnalyticsParams::HealthReport(hparams.clone()))
-        .with_fleet_knowledge(&db, queue, &target.name)
-        .await;
-    let hparams = match &job {
-        OperationJob::Analytics(AnalyticsParams::HealthReport(h)) => h,
-        _ => hparams,
+    let health = async {
+        let queue = redis.get(inv).await.as_ref().ok();
+        let job = OperationJob::Analytics(AnalyticsParams::HealthReport(hparams.clone()))
+            .with_fleet_knowledge(&db, queue, &target.name)
+            .await;
+        let OperationJob::Analytics(AnalyticsParams::HealthReport(enriched)) = job else {
+            unreachable!("with_fleet_knowledge keeps the job's kind")
+        };
+        analytics::health_report(&db, &enriched).await
     };
     let (stats, health, dbstats) = tokio::join!(
         cleanup::stats(&db, cparams),
-        analytics::health_report(&db, hparams),
+        health,
         maintenance::statistics(&db)
     );
     db.close().await;
@@ -100,13 +120,10 @@ async fn target_status(
     (entry, critical)
 }
 
-async fn fleet_status<E: std::fmt::Display>(
-    inv: &Invocation<'_>,
-    queue: &Result<Queue, E>,
-) -> Value {
-    let queue = match queue {
+async fn fleet_status(inv: &Invocation<'_>, redis: &RedisOnce) -> Value {
+    let queue = match redis.get(inv).await {
         Ok(q) => q,
-        Err(e) => return json!({ "error": e.to_string() }),
+        Err(e) => return json!({ "error": e }),
     };
     let names: Vec<&String> = inv.settings.targets.keys().collect();
     let redis = queue.connection();
