@@ -120,7 +120,9 @@ impl OperationJob {
             (Some(q), true) => q.recent_runs(target, FLEET_FACTS_RUNS).await.ok(),
             _ => None,
         };
-        let facts = history.as_deref().and_then(fleet_facts);
+        let facts = history
+            .as_deref()
+            .and_then(|runs| fleet_facts(runs, queue.and_then(Queue::history_kept_since)));
         let integrity = match (queue, history.as_deref()) {
             (Some(q), Some(runs)) if self.makes_health_report() => {
                 last_integrity_failures(q, runs).await
@@ -470,9 +472,12 @@ pub async fn last_integrity_failures(queue: &Queue, runs: &[RunSummary]) -> Opti
     None
 }
 
-/// Summarises a target's recent runs (its history, at most [`FLEET_FACTS_RUNS`]) for the
-/// health report and trends.
-pub fn fleet_facts(runs: &[RunSummary]) -> Option<FleetFacts> {
+/// Summarises a target's recent runs (its history, at most [`FLEET_FACTS_RUNS`], none older
+/// than `kept_since`, the retention's start) for the health report and trends.
+pub fn fleet_facts(
+    runs: &[RunSummary],
+    kept_since: Option<chrono::DateTime<Utc>>,
+) -> Option<FleetFacts> {
     if runs.is_empty() {
         return None;
     }
@@ -500,8 +505,10 @@ pub fn fleet_facts(runs: &[RunSummary]) -> Option<FleetFacts> {
     {
         *by_day.entry(r.finished_at.date_naive()).or_default() += r.rows_affected;
     }
-    // A full history starts part-way through its oldest day.
-    let cleanup_recorded_from = if full {
+    // A full history starts part-way through its oldest day, and so does one the retention
+    // cut on that day.
+    let cut_by_retention = kept_since.is_some_and(|k| k.date_naive() >= oldest.date_naive());
+    let cleanup_recorded_from = if full || cut_by_retention {
         oldest.date_naive().succ_opt()
     } else {
         Some(oldest.date_naive())

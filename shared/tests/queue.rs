@@ -641,7 +641,7 @@ async fn fleet_facts_measure_rates_over_the_span_the_history_covers() {
         t.queue.record_result(&r).await.unwrap();
     }
     let history = t.queue.recent_runs("db1", FLEET_FACTS_RUNS).await.unwrap();
-    let facts = fleet_facts(&history).expect("facts");
+    let facts = fleet_facts(&history, t.queue.history_kept_since()).expect("facts");
     let jobs = facts.jobs.expect("job counts");
     assert_eq!(jobs.failed, FLEET_FACTS_RUNS as u64);
     assert!(
@@ -951,4 +951,24 @@ async fn a_job_whose_lease_is_held_elsewhere_is_deferred_without_using_an_attemp
     assert!(held.release(&t.queue.connection()).await.unwrap());
     t.cleanup().await;
     tdb.drop_db().await;
+}
+
+/// A history the retention cut on its oldest day starts part-way through that day: trends
+/// have no cleanup figure for it rather than an undercount. Fails if that day is taken as
+/// recorded in full.
+#[test]
+fn a_history_cut_by_the_retention_leaves_its_first_day_unrecorded() {
+    use sessionfleet::dispatch::fleet_facts;
+    use sessionfleet::queue::RunSummary;
+    let day = (chrono::Utc::now() - chrono::Duration::days(3)).date_naive();
+    let at = |h: u32| day.and_hms_opt(h, 0, 0).unwrap().and_utc();
+    let run = RunSummary::from(&cleanup_result("db1", ResultOutcome::Succeeded, at(2)));
+    let facts = fleet_facts(std::slice::from_ref(&run), Some(at(1))).expect("facts");
+    assert_eq!(facts.cleanup_recorded_from, day.succ_opt());
+    let facts = fleet_facts(std::slice::from_ref(&run), None).expect("facts");
+    assert_eq!(
+        facts.cleanup_recorded_from,
+        Some(day),
+        "nothing cut: the day is whole"
+    );
 }

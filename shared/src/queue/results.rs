@@ -267,6 +267,13 @@ impl Queue {
         }
     }
 
+    /// The start of the retention period: history older than this is not reported.
+    pub fn history_kept_since(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        chrono::Duration::from_std(self.retention)
+            .ok()
+            .and_then(|kept| chrono::Utc::now().checked_sub_signed(kept))
+    }
+
     /// The `n` most recent runs of a target, newest first, within the retention period.
     ///
     /// Every new result renews the history list's expiry, so on a busy target its oldest
@@ -284,9 +291,7 @@ impl Queue {
             .query_async(&mut c)
             .await
             .map_err(|e| self.err(e))?;
-        let oldest = chrono::Duration::from_std(self.retention)
-            .ok()
-            .and_then(|kept| chrono::Utc::now().checked_sub_signed(kept));
+        let oldest = self.history_kept_since();
         let mut runs = Vec::with_capacity(lines.len());
         for line in &lines {
             let run: RunSummary = serde_json::from_str(line)
