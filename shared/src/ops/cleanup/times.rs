@@ -57,9 +57,13 @@ fn parse_utc_text(value: &str) -> Option<NaiveDateTime> {
         .strip_suffix('Z')
         .or_else(|| value.strip_suffix("+00:00"))
         .unwrap_or(value);
-    COMPARABLE_LAYOUTS
+    let t = COMPARABLE_LAYOUTS
         .iter()
-        .find_map(|layout| NaiveDateTime::parse_from_str(naive, layout).ok())
+        .find_map(|layout| NaiveDateTime::parse_from_str(naive, layout).ok())?;
+    // Zero-padded, as text order needs: the parser also takes "2025-6-1 9:00:00".
+    let padded = naive.get(..10) == Some(t.format("%Y-%m-%d").to_string().as_str())
+        && naive.get(11..19) == Some(t.format("%H:%M:%S").to_string().as_str());
+    padded.then_some(t)
 }
 
 #[cfg(test)]
@@ -84,6 +88,7 @@ mod tests {
             "2025-06-01 12:00:00+02:00",
             "01/06/2025 12:00",
             "2025-6-1 12:00:00",
+            "2025-06-01 9:00:00",
         ] {
             assert!(parse_utc_text(odd).is_none(), "{odd}");
         }
