@@ -884,7 +884,11 @@ mod tests {
                 .expect("token");
             let cutoffs =
                 super::super::rules::Cutoffs::new(chrono::Utc::now().naive_utc(), 48 * 3600, None);
-            let (rules, _) = super::super::rules::build(&schema, &cutoffs, db.engine());
+            let (rules, _) = super::super::rules::build(
+                &schema,
+                &cutoffs,
+                super::super::rules::TimeCompare::AsStored,
+            );
             let mut writer = db.batch_writer(BATCH_LOCK_TIMEOUT).await.expect("writer");
             let purge = async |writer: &mut BatchWriter, n: i64| {
                 let batch = Batch::Ids((1..=n).collect());

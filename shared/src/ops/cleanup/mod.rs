@@ -45,7 +45,7 @@ pub use wal::{SQLITE_WAL_CUT_STEP, SQLITE_WAL_FILE_TARGET};
 use batch::{Batch, Cursor, Source, count, count_in_background, count_up_to, purge_batch};
 use missing::MissingPlatformCount;
 use retry::{BatchRetry, read_with_retries};
-use rules::{Cutoffs, Predicate};
+use rules::{Cutoffs, Predicate, TimeCompare};
 use stream::IdStream;
 
 use super::{OpContext, OpError, Outcome};
@@ -322,10 +322,10 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     params.validate()?;
     let started = Instant::now();
     let db = &ctx.db;
-    let schema = detect_schema(db).await?;
+    let (schema, compare) = detect_schema(db).await?;
     let (now, clock_note) = reference_now(db).await?;
     let cutoffs = params.cutoffs(now);
-    let (rules, notes) = rules::build(&schema, &cutoffs, db.engine());
+    let (rules, notes) = rules::build(&schema, &cutoffs, compare);
     let mut report = CleanupReport::new(cutoffs.as_of, params.dry_run);
     report.notes = schema.notes.clone();
     report.notes.extend(clock_note);
@@ -555,14 +555,21 @@ async fn unless_cancelled<T>(ctx: &OpContext, work: impl Future<Output = T>) -> 
 
 /// [`schema::detect`], tried again after a transient error like the counts: the first
 /// statements of a run or a report.
-async fn detect_schema(db: &Db) -> Result<Schema, OpError> {
+/// The session table's schema, and how its times compare: re-checked as times where SQLite
+/// columns were seen holding values other than UTC text (named in the schema's notes).
+async fn detect_schema(db: &Db) -> Result<(Schema, TimeCompare), OpError> {
     let transient =
         |e: &StoreError| matches!(e, StoreError::Sql(e) if crate::store::is_transient(e));
     let mut schema =
         retry::with_retries("schema detection", transient, || schema::detect(db)).await?;
     let odd_times = times::unreadable_sqlite_times(db, &schema).await?;
+    let compare = if odd_times.is_empty() {
+        TimeCompare::AsStored
+    } else {
+        TimeCompare::JuliandayRecheck
+    };
     schema.notes.extend(odd_times);
-    Ok(schema)
+    Ok((schema, compare))
 }
 
 /// "Now" for a run's cutoffs: the earlier of this worker's clock and the database server's,
@@ -832,11 +839,11 @@ async fn refresh_statistics_after(
 /// The original `--stats`, plus what a cleanup with `params` would delete per rule.
 pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpError> {
     params.validate()?;
-    let schema = detect_schema(db).await?;
+    let (schema, compare) = detect_schema(db).await?;
     let (now, clock_note) = reference_now(db).await?;
     let cutoffs = params.cutoffs(now);
     let as_of = cutoffs.as_of;
-    let (rules, notes) = rules::build(&schema, &cutoffs, db.engine());
+    let (rules, notes) = rules::build(&schema, &cutoffs, compare);
     let activity = format!("{}.{}", schema.sessions.table, schema.activity_column());
     let bucket = |op: &str, hours: i64| Predicate {
         sql: format!("{activity} {op} ?"),

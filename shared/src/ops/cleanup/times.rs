@@ -1,8 +1,10 @@
-//! SQLite stores a time column as whatever the application wrote. The rules find candidates
-//! by comparing it with the cutoff as text (what its index answers) and delete only rows whose
-//! value `julianday` also reads as a time before the cutoff (`rules::earlier_than`), so a value
-//! it cannot read — Unix seconds, text in another layout — is never deleted. Such sessions are
-//! then never cleaned either: this module finds them so the report says why.
+//! SQLite stores a time column as whatever the application wrote, and the rules compare it
+//! with the cutoff as text (what its index answers). A number sorts before any text and a UTC
+//! offset or an unpadded layout misorders, so such a value could match while live. This module
+//! looks at each time column's two ends: where it finds such values, the run re-checks every
+//! comparison with `julianday` (`rules::TimeCompare`), which never matches a value it cannot
+//! read (Unix seconds) and reads an offset correctly, and the report names the column. Odd
+//! text between two well-formed ends is not seen, and is compared as written.
 
 use chrono::NaiveDateTime;
 
@@ -39,9 +41,9 @@ pub async fn unreadable_sqlite_times(db: &Db, schema: &Schema) -> Result<Vec<Str
             if kind != "text" || parse_utc_text(&value).is_none() {
                 notes.push(format!(
                     "{t}.{col} holds {kind} values such as {value:?}, not UTC text like \
-                     '2025-06-01 12:00:00': a session is deleted only when SQLite reads its time \
-                     as past the cutoff, so sessions with times it cannot read (Unix seconds, \
-                     other layouts) are never cleaned"
+                     '2025-06-01 12:00:00': this run deleted a session only when SQLite read its \
+                     time as past the cutoff, so sessions with times it cannot read (Unix \
+                     seconds, other layouts) are never cleaned"
                 ));
                 break;
             }
