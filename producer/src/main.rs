@@ -30,14 +30,21 @@ fn main() -> ExitCode {
             return Exit::OperationFailed.into();
         }
     };
-    match runtime.block_on(run(cli)) {
+    let code = match runtime.block_on(run(cli)) {
         Ok(code) => code.into(),
         Err(err) => {
             eprintln!("error: {}", one_line(&err));
             classify(&err).into()
         }
-    }
+    };
+    // Not a plain drop, which waits for every task: a background task that never yields
+    // (sqlx's pool reaper once spun so, sqlx#3645) would hold the exit forever.
+    runtime.shutdown_timeout(RUNTIME_EXIT_GRACE);
+    code
 }
+
+/// How long the runtime's leftover background tasks get at exit; the command's work is done.
+const RUNTIME_EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Maps global flags onto the configuration layer they override.
 fn overrides(g: &cli::GlobalArgs) -> Overrides {

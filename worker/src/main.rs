@@ -107,15 +107,23 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(fleet::run(settings, queues)) {
+    let code = match runtime.block_on(fleet::run(settings, queues)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("sessionfleet-worker: {e:#}");
             ExitCode::from(1)
         }
-    }
+    };
+    // The fleet has shut down gracefully by now; what is left are background tasks. A plain
+    // drop waits for every one, and one that never yields (sqlx's pool reaper once spun so,
+    // sqlx#3645) would keep a stopped worker's process alive forever.
+    runtime.shutdown_timeout(RUNTIME_EXIT_GRACE);
+    code
 }
+
+/// How long leftover background tasks get once the fleet has stopped.
+const RUNTIME_EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Threads of the async runtime: one core fewer than the machine has, at least one. The queue
 /// workers are polled on the main thread (`block_on`) and the jobs run on the runtime's
