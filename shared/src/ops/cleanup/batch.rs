@@ -180,6 +180,18 @@ impl Source {
         matches!(self, Source::Stream(_))
     }
 
+    /// A line for the report when a streamed read broke and was reopened: the batches' own
+    /// retries are reported the same way.
+    pub fn reopen_note(&self, rule: RuleKind) -> Option<String> {
+        let Source::Stream(ids) = self else {
+            return None;
+        };
+        let (times, last) = ids.breaks()?;
+        Some(format!(
+            "rule {rule:?}: its streamed read broke {times} time(s) and was reopened after the last id it delivered (last: {last})"
+        ))
+    }
+
     /// The next batch of about `limit` rows after `cursor`.
     pub async fn next(
         &mut self,

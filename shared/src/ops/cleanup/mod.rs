@@ -783,6 +783,7 @@ async fn purge_rule(
         }
     };
     report.notes.extend(retry.note(rule.kind));
+    report.notes.extend(source.reopen_note(rule.kind));
     tracing::debug!(
         rule = ?rule.kind,
         walk = ?rule.walk,

@@ -59,6 +59,8 @@ pub struct IdStream {
     ids: mpsc::Receiver<Result<i64, sqlx::Error>>,
     last: Option<i64>,
     reopened: u32,
+    /// Why the read last broke, for the report.
+    last_break: Option<String>,
 }
 
 impl IdStream {
@@ -81,7 +83,14 @@ impl IdStream {
             reader,
             last: None,
             reopened: 0,
+            last_break: None,
         }
+    }
+
+    /// How often the read broke and was reopened, and the last error; `None` when it never
+    /// broke.
+    pub fn breaks(&self) -> Option<(u32, &str)> {
+        self.last_break.as_deref().map(|e| (self.reopened, e))
     }
 
     /// The next up to `limit` ids; fewer only at the end of the read.
@@ -95,6 +104,7 @@ impl IdStream {
                 }
                 Some(Err(e)) if self.reopened < REOPEN_ATTEMPTS => {
                     self.reopened += 1;
+                    self.last_break = Some(e.to_string());
                     tracing::warn!(error = %e, after_id = ?self.last, "cleanup read broke; reopening it after the last id it delivered");
                     self.ids = self.reader.clone().start(self.last);
                 }
