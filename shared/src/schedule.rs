@@ -177,27 +177,11 @@ where
     };
     let key = last_tick_key(namespace, &schedule.name);
     let last: Option<i64> = redis::cmd("GET").arg(&key).query_async(redis).await?;
-    match last {
-        None if schedule.fire_on_first_sight => {
-            enqueue(tick, tick_dedupe_key(&schedule.name, tick))
-                .await
-                .map_err(|e| ScheduleError::Enqueue(e.to_string()))?;
-            let _: i64 = redis::Script::new(ADVANCE_SCRIPT)
-                .key(&key)
-                .arg(tick.timestamp())
-                .invoke_async(redis)
-                .await?;
-            Ok(TickDecision::Fired(tick.timestamp()))
-        }
-        None => {
-            let _: i64 = redis::Script::new(ADVANCE_SCRIPT)
-                .key(&key)
-                .arg(tick.timestamp())
-                .invoke_async(redis)
-                .await?;
-            Ok(TickDecision::Initialized(tick.timestamp()))
-        }
-        Some(last) if last >= tick.timestamp() => Ok(TickDecision::Idle),
+    // What this pass does: whether it fires the tick, and how it reports it.
+    let decision = match last {
+        None if schedule.fire_on_first_sight => TickDecision::Fired(tick.timestamp()),
+        None => TickDecision::Initialized(tick.timestamp()),
+        Some(last) if last >= tick.timestamp() => return Ok(TickDecision::Idle),
         Some(last) => {
             let missed = Utc
                 .timestamp_opt(last, 0)
@@ -208,23 +192,26 @@ where
                         .ticks_between(last, tick, MISSED_TICKS_COUNT_CAP)
                 })
                 .unwrap_or(0);
-            enqueue(tick, tick_dedupe_key(&schedule.name, tick))
-                .await
-                .map_err(|e| ScheduleError::Enqueue(e.to_string()))?;
-            let _: i64 = redis::Script::new(ADVANCE_SCRIPT)
-                .key(&key)
-                .arg(tick.timestamp())
-                .invoke_async(redis)
-                .await?;
-            Ok(match missed {
+            match missed {
                 0 => TickDecision::Fired(tick.timestamp()),
                 missed => TickDecision::CaughtUp {
                     tick: tick.timestamp(),
                     missed,
                 },
-            })
+            }
         }
+    };
+    if !matches!(decision, TickDecision::Initialized(_)) {
+        enqueue(tick, tick_dedupe_key(&schedule.name, tick))
+            .await
+            .map_err(|e| ScheduleError::Enqueue(e.to_string()))?;
     }
+    let _: i64 = redis::Script::new(ADVANCE_SCRIPT)
+        .key(&key)
+        .arg(tick.timestamp())
+        .invoke_async(redis)
+        .await?;
+    Ok(decision)
 }
 
 /// How long to sleep before the next pass: until the soonest next tick, at most `max`.

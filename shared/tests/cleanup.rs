@@ -1512,6 +1512,41 @@ async fn row_lock_waiters(db: &Db) -> i64 {
     .expect("row lock waiters")
 }
 
+/// Runs a cleanup while the application's transaction `tx` holds a lock on a session the run
+/// will take; commits `tx` once a batch waits for that lock, and returns the completed run's
+/// report.
+async fn run_until_a_batch_waits_then_commit(
+    db: &Db,
+    tx: sessionfleet::store::DbTx<'_>,
+) -> CleanupReport {
+    let engine = db.engine();
+    let c = ctx(db).await;
+    let run = tokio::spawn(async move { cleanup::run(&c, &params()).await });
+    let started = std::time::Instant::now();
+    while row_lock_waiters(db).await == 0 {
+        assert!(
+            !run.is_finished(),
+            "{engine}: the run ended without meeting the lock"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{engine}: no batch waited for the application's lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tx.commit()
+        .await
+        .expect("commit the application's transaction");
+    let report = run.await.expect("task").expect("run");
+    assert_eq!(
+        report.outcome,
+        Outcome::Completed,
+        "{engine}: {:?}",
+        report.errors
+    );
+    report
+}
+
 /// The application inserts a row referencing an expired session while a batch that took that
 /// session waits for the insert's lock on it: the batch's snapshot did not see the reference,
 /// so the database refuses the delete once the insert commits. The batch is tried again, its
@@ -1540,28 +1575,7 @@ async fn a_reference_committed_under_a_waiting_batch_keeps_its_session() {
             .await
             .map(|_| ())
             .expect("reference the session"));
-        let c = ctx(&db).await;
-        let run = tokio::spawn(async move { cleanup::run(&c, &params()).await });
-        let started = std::time::Instant::now();
-        while row_lock_waiters(&db).await == 0 {
-            assert!(
-                !run.is_finished(),
-                "{engine}: the run ended without meeting the lock"
-            );
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{engine}: no batch waited for the referenced session"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        tx.commit().await.expect("commit the reference");
-        let report = run.await.expect("task").expect("run");
-        assert_eq!(
-            report.outcome,
-            Outcome::Completed,
-            "{engine}: {:?}",
-            report.errors
-        );
+        let report = run_until_a_batch_waits_then_commit(&db, tx).await;
         purge.remove(&referenced);
         assert_exactly_purged(
             &before,
@@ -1617,28 +1631,7 @@ async fn a_session_refreshed_under_a_waiting_batch_is_not_deleted() {
             .await
             .map(|_| ())
             .expect("refresh the session"));
-        let c = ctx(&db).await;
-        let run = tokio::spawn(async move { cleanup::run(&c, &params()).await });
-        let started = std::time::Instant::now();
-        while row_lock_waiters(&db).await == 0 {
-            assert!(
-                !run.is_finished(),
-                "{engine}: the run ended without meeting the lock"
-            );
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{engine}: no batch waited for the refreshed session"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        tx.commit().await.expect("commit the refresh");
-        let report = run.await.expect("task").expect("run");
-        assert_eq!(
-            report.outcome,
-            Outcome::Completed,
-            "{engine}: {:?}",
-            report.errors
-        );
+        let report = run_until_a_batch_waits_then_commit(&db, tx).await;
         let after = snapshot(&db, version).await;
         assert!(
             after.contains_key(&refreshed),
