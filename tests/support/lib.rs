@@ -59,6 +59,31 @@ pub fn binaries() -> &'static Path {
     })
 }
 
+/// A command running one of the project's binaries (`sessionfleet`, `sessionfleet-worker`)
+/// with [`without_shell_settings`].
+pub fn binary(name: &str) -> Command {
+    let mut cmd = Command::new(binaries().join(name));
+    without_shell_settings(&mut cmd);
+    cmd
+}
+
+/// Leaves out of `cmd`'s environment the settings of the shell that ran the tests: every
+/// variable the binaries read (`SESSION_*`, `SESSIONFLEET_*`, `DATABASE_URL`, `REDIS_*`,
+/// `RUST_LOG`), so each test sees the defaults it was written against plus what it sets.
+pub fn without_shell_settings(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("SESSION_")
+            || k.starts_with("SESSIONFLEET_")
+            || k.starts_with("REDIS_")
+            || k == "DATABASE_URL"
+            || k == "RUST_LOG"
+        {
+            cmd.env_remove(&k);
+        }
+    }
+}
+
 /// Sessions a cleanup must delete now under the v2 rules and the default max age (48 h),
 /// counted by SQL written independently of the tool.
 pub async fn doomed_v2(db: &sessionfleet::store::Db) -> i64 {
@@ -167,11 +192,11 @@ pub struct Worker {
 impl Worker {
     /// Starts a worker.
     pub fn start(spec: &WorkerSpec) -> Worker {
-        let bin = binaries().join("sessionfleet-worker");
         let metrics_port = free_port();
         let log = log_dir().join(format!("{}-{}.log", spec.namespace, spec.label));
         let out = File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
+        let bin = binaries().join("sessionfleet-worker");
         let mut cmd = if spec.pid_namespace {
             let mut c = Command::new("unshare");
             // When the test stops `unshare`, the worker inside gets SIGTERM.
@@ -180,6 +205,7 @@ impl Worker {
         } else {
             Command::new(&bin)
         };
+        without_shell_settings(&mut cmd);
         let dir = std::env::temp_dir();
         cmd.args([
             "--queues",

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use sessionfleet::seed::{SeedParams, seed_demo};
 use sessionfleet::store::{Engine, SchemaVersion};
-use sessionfleet::testing::{RedisKeysGuard, TestDb, redis_url, unique_namespace};
-use sessionfleet_e2e::{Worker, WorkerSpec, binaries, free_port, queue};
+use sessionfleet::testing::{ClosedPort, RedisKeysGuard, TestDb, redis_url, unique_namespace};
+use sessionfleet_e2e::{Worker, WorkerSpec, binary, queue};
 
 /// One invocation of `sessionfleet` with its own namespace and database.
 struct Cli {
@@ -35,12 +35,11 @@ impl Cli {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(binaries().join("sessionfleet"));
+        let mut c = binary("sessionfleet");
         c.args(args)
             .env("DATABASE_URL", &self.db_url)
             .env("REDIS_URL", &self.redis)
             .env("SESSIONFLEET_NAMESPACE", &self.ns)
-            .env_remove("SESSIONFLEET_CONFIG")
             .envs(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .current_dir(std::env::temp_dir())
             .stdin(Stdio::null());
@@ -167,7 +166,8 @@ async fn local_mode_runs_without_workers_and_without_redis() {
     let t2 = seeded(Engine::Sqlite, 2000).await;
     let doomed2 = doomed(&t2).await;
     let mut down = Cli::new(&t2.url);
-    down.redis = format!("redis://127.0.0.1:{}", free_port());
+    let redis_down = ClosedPort::new();
+    down.redis = format!("redis://127.0.0.1:{}", redis_down.port());
     let out = down.run(&["cleanup", "--once", "--json"]);
     assert!(
         out.status.success(),
@@ -1098,7 +1098,8 @@ async fn jobs_and_lease_commands_show_and_repair_what_the_fleet_holds() {
 async fn status_degrades_part_by_part_when_redis_or_the_database_is_down() {
     let t = seeded(Engine::Sqlite, 500).await;
     let mut cli = Cli::new(&t.url);
-    cli.redis = format!("redis://:hunter2@127.0.0.1:{}", free_port());
+    let redis_down = ClosedPort::new();
+    cli.redis = format!("redis://:hunter2@127.0.0.1:{}", redis_down.port());
     let doc = cli.json(&["maintenance", "--status", "--json"]);
     assert_eq!(
         doc["targets"]["default"]["cleanup"]["total_sessions"].as_i64(),
@@ -1114,9 +1115,10 @@ async fn status_degrades_part_by_part_when_redis_or_the_database_is_down() {
     assert!(stdout.contains("Total Sessions: 500"), "{stdout}");
 
     // Database down (a PostgreSQL port nobody listens on), Redis up.
+    let database_down = ClosedPort::new();
     let mut cli = Cli::new(&format!(
         "postgres://app:hunter2@127.0.0.1:{}/app",
-        free_port()
+        database_down.port()
     ));
     cli.redis = redis_url();
     let doc = cli.json(&["maintenance", "--status", "--json"]);

@@ -7,7 +7,7 @@ use std::process::Command;
 use sessionfleet::config::KEYS;
 use sessionfleet::jobs::QueueClass;
 use sessionfleet::queue::Keys;
-use sessionfleet_e2e::{binaries, workspace_root};
+use sessionfleet_e2e::{binary, workspace_root};
 
 fn deploy(path: &str) -> PathBuf {
     workspace_root().join("deploy").join(path)
@@ -27,7 +27,7 @@ fn known_env(name: &str) -> bool {
 fn accepts(bin: &str, args: &[&str]) -> bool {
     let mut all: Vec<&str> = args.to_vec();
     all.push("--help");
-    Command::new(binaries().join(bin))
+    binary(bin)
         .args(&all)
         .output()
         .map(|o| o.status.success())
@@ -282,7 +282,7 @@ fn container_files_build_the_binaries_the_workspace_has() {
 
 #[test]
 fn example_configuration_is_accepted() {
-    let out = Command::new(binaries().join("sessionfleet"))
+    let out = binary("sessionfleet")
         .args([
             "--config",
             deploy("sessionfleet.toml.example").to_str().unwrap(),
@@ -290,7 +290,6 @@ fn example_configuration_is_accepted() {
             "show",
             "--json",
         ])
-        .env_remove("DATABASE_URL")
         .output()
         .unwrap();
     assert!(

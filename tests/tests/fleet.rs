@@ -419,13 +419,11 @@ async fn tls_redis_with_a_password_and_a_private_ca_carries_the_fleet() {
     let w = Worker::start(&spec);
 
     let cli = |args: &[&str], with_ca: bool| {
-        let mut c = std::process::Command::new(binaries().join("sessionfleet"));
+        let mut c = binary("sessionfleet");
         c.args(args)
             .env("DATABASE_URL", &t.url)
             .env("REDIS_URL", &url)
-            .env("SESSIONFLEET_NAMESPACE", &ns)
-            .env_remove("SESSIONFLEET_CONFIG")
-            .env_remove("REDIS_CA_CERT");
+            .env("SESSIONFLEET_NAMESPACE", &ns);
         if with_ca {
             c.env("REDIS_CA_CERT", &ca);
         }
