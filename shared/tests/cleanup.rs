@@ -1222,6 +1222,93 @@ async fn a_run_whose_connections_are_killed_retries_and_completes() {
     }
 }
 
+/// On SQLite each batch holds the write lock for its own statement only: an application
+/// writer waiting with an ordinary busy timeout (5 s) never fails with "database is locked",
+/// and it gets in between batches, not only after the whole purge. Each of the application's
+/// writes logs how many sessions it saw; a purge that held the lock throughout (one
+/// statement, or one transaction) would leave only the first and last counts in that log.
+#[tokio::test]
+async fn sqlite_application_writers_get_in_between_batches_and_never_fail() {
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+    use std::str::FromStr;
+    let version = SchemaVersion::V2;
+    let tdb = seeded(Engine::Sqlite, version).await;
+    let db = tdb.db.clone();
+    let before = snapshot(&db, version).await;
+    let purge = oracle(&db, version, None, true).await;
+    db.execute("CREATE TABLE app_log (seen INTEGER NOT NULL)")
+        .await
+        .expect("log table");
+    let app = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            SqliteConnectOptions::from_str(&tdb.url)
+                .expect("url")
+                .busy_timeout(Duration::from_secs(5)),
+        )
+        .await
+        .expect("application connection");
+    let live = *before
+        .keys()
+        .find(|id| !purge.contains(id))
+        .expect("a live session");
+    let stop = CancellationToken::new();
+    let writer = tokio::spawn({
+        let (app, stop) = (app.clone(), stop.clone());
+        async move {
+            let mut failures = Vec::new();
+            while !stop.is_cancelled() {
+                let write = async {
+                    let mut tx = app.begin_with("BEGIN IMMEDIATE").await?;
+                    sqlx::query(
+                        "UPDATE user_sessions SET last_activity = last_activity WHERE id = ?",
+                    )
+                    .bind(live)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query("INSERT INTO app_log (seen) SELECT COUNT(*) FROM user_sessions")
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await
+                };
+                if let Err(e) = write.await {
+                    failures.push(e.to_string());
+                }
+                tokio::task::yield_now().await;
+            }
+            failures
+        }
+    });
+    let c = ctx(&db).await;
+    let report = cleanup::run(&c, &one_row_batches()).await.expect("run");
+    stop.cancel();
+    let failures = writer.await.expect("writer");
+    assert!(
+        failures.is_empty(),
+        "application writes failed: {failures:?}"
+    );
+    assert_eq!(report.outcome, Outcome::Completed);
+    let after = snapshot(&db, version).await;
+    assert_exactly_purged(
+        &before,
+        &after,
+        &purge,
+        "sqlite beside an application writer",
+    );
+    let seen: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT seen FROM app_log")
+        .fetch_all(&app)
+        .await
+        .expect("log");
+    let (first, last) = (before.len() as i64, after.len() as i64);
+    let between = seen.iter().filter(|&&n| n < first && n > last).count();
+    assert!(
+        between >= 2,
+        "the application wrote only before or after the purge ({first} to {last}); it saw {seen:?}"
+    );
+    app.close().await;
+    tdb.drop_db().await;
+}
+
 /// Holds a lock on the sessions table that every read waits behind — PostgreSQL `ACCESS
 /// EXCLUSIVE`, MySQL `LOCK TABLES … WRITE` — on a pool of one connection, so the lock's
 /// statements all run on one session. [`release_table`] lets the readers in.
