@@ -1511,6 +1511,7 @@ async fn a_dry_run_and_stats_outlast_connections_killed_under_them() {
             .await
             .expect("the dry run survives its killed connections");
         assert_eq!(killed.rules, quiet.rules, "{engine}: dry-run counts");
+        assert_retries_noted(&quiet.notes, &killed.notes, &format!("{engine} dry run"));
 
         let db = tdb.db.clone();
         let killed =
@@ -1535,8 +1536,23 @@ async fn a_dry_run_and_stats_outlast_connections_killed_under_them() {
             ),
             "{engine}: statistics"
         );
+        assert_retries_noted(
+            &quiet_stats.notes,
+            &killed.notes,
+            &format!("{engine} statistics"),
+        );
         tdb.drop_db().await;
     }
+}
+
+/// A report whose reads were tried again says so; the same report without kills does not.
+fn assert_retries_noted(quiet: &[String], killed: &[String], what: &str) {
+    let retried = |notes: &[String]| notes.iter().any(|n| n.contains("were retried"));
+    assert!(!retried(quiet), "{what}: no retry without kills: {quiet:?}");
+    assert!(
+        retried(killed),
+        "{what}: the retried reads are noted: {killed:?}"
+    );
 }
 
 /// The missing-platform count is reported, never acted on: when it fails after a completed

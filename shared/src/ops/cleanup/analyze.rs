@@ -40,9 +40,15 @@ pub async fn engine_refreshes_statistics(db: &Db) -> bool {
 
 /// Runs the engine's statistics refresh on `table` under the fence, again after a transient
 /// error (a dropped connection at the end of a long purge would otherwise leave the planner
-/// with the statistics of the table before it). Returns statements run.
-pub async fn refresh_statistics(db: &Db, fence: &Fence, table: &str) -> Result<u64, OpError> {
-    super::retry::with_retries("statistics refresh", OpError::is_transient, || {
+/// with the statistics of the table before it); a retry goes into `retried`. Returns
+/// statements run.
+pub async fn refresh_statistics(
+    db: &Db,
+    fence: &Fence,
+    table: &str,
+    retried: &super::retry::RetriedReads,
+) -> Result<u64, OpError> {
+    super::retry::with_retries("statistics refresh", OpError::is_transient, retried, || {
         refresh_once(db, fence, table)
     })
     .await
@@ -130,7 +136,9 @@ mod tests {
             .await
             .expect("token");
         assert_eq!(
-            refresh_statistics(db, &fence, "t").await.expect("refresh"),
+            refresh_statistics(db, &fence, "t", &Default::default())
+                .await
+                .expect("refresh"),
             1
         );
         let limit = db
@@ -150,7 +158,7 @@ mod tests {
         let fence = crate::fence::issue_token(&tdb.db, "target:test", "test")
             .await
             .expect("token");
-        let err = refresh_statistics(&tdb.db, &fence, "no_such_table")
+        let err = refresh_statistics(&tdb.db, &fence, "no_such_table", &Default::default())
             .await
             .expect_err("a failed ANALYZE is not a refresh");
         assert!(

@@ -159,10 +159,11 @@ impl Source {
         schema: &Schema,
         rule: &Rule,
         prefetched: Option<IdStream>,
+        retried: &super::retry::RetriedReads,
     ) -> Result<Option<Source>, sqlx::Error> {
         Ok(match &rule.walk {
             Walk::Column(col) => Some(Source::Index(col.clone())),
-            Walk::PrimaryKeyRange => super::retry::read_with_retries("key span", || {
+            Walk::PrimaryKeyRange => super::retry::read_with_retries("key span", retried, || {
                 IdSpan::read(db, schema, &rule.predicate)
             })
             .await?

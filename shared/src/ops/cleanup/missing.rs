@@ -16,7 +16,7 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
 use super::batch::count_in_background_on;
-use super::retry::read_with_retries;
+use super::retry::{RetriedReads, read_with_retries};
 use super::rules::{self, Predicate};
 use crate::store::{Db, Engine, Schema, ServerSession};
 
@@ -39,6 +39,7 @@ struct Shared {
 pub struct MissingPlatformCount {
     db: Db,
     work: Work,
+    retried: RetriedReads,
 }
 
 enum Work {
@@ -64,14 +65,16 @@ impl MissingPlatformCount {
         schema: &Schema,
         rules: &[&Predicate],
         beside: bool,
+        retried: &RetriedReads,
     ) -> MissingPlatformCount {
         let rules: Vec<Predicate> = rules.iter().map(|p| (*p).clone()).collect();
         let work = if beside && counts_beside_the_purge(db.engine()) {
             let shared = Arc::new(Mutex::new(Shared::default()));
             let (db, schema) = (db.clone(), schema.clone());
             let counter = shared.clone();
+            let retried = retried.clone();
             let handle = tokio::spawn(async move {
-                read_with_retries("missing-platform count", || {
+                read_with_retries("missing-platform count", &retried, || {
                     count(db.clone(), schema.clone(), rules.clone(), counter.clone())
                 })
                 .await
@@ -86,6 +89,7 @@ impl MissingPlatformCount {
         MissingPlatformCount {
             db: db.clone(),
             work,
+            retried: retried.clone(),
         }
     }
 
@@ -94,7 +98,7 @@ impl MissingPlatformCount {
         let handle = match self.work {
             Work::Beside { handle, .. } => handle,
             Work::After { schema, rules } => {
-                return read_with_retries("missing-platform count", || {
+                return read_with_retries("missing-platform count", &self.retried, || {
                     count(
                         self.db.clone(),
                         (*schema).clone(),

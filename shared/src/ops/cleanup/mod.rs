@@ -44,7 +44,7 @@ pub use wal::{SQLITE_WAL_CUT_STEP, SQLITE_WAL_FILE_TARGET};
 
 use batch::{Batch, Cursor, Source, count, count_in_background, count_up_to, purge_batch};
 use missing::MissingPlatformCount;
-use retry::{BatchRetry, read_with_retries};
+use retry::{BatchRetry, RetriedReads, read_with_retries};
 use rules::{Cutoffs, Predicate, TimeCompare};
 use stream::IdStream;
 
@@ -322,7 +322,8 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     params.validate()?;
     let started = Instant::now();
     let db = &ctx.db;
-    let (schema, compare) = detect_schema(db).await?;
+    let retried = RetriedReads::default();
+    let (schema, compare) = detect_schema(db, &retried).await?;
     let (now, clock_note) = reference_now(db).await?;
     let cutoffs = params.cutoffs(now);
     let (rules, notes) = rules::build(&schema, &cutoffs, compare);
@@ -339,13 +340,13 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     // except on InnoDB, where it waits for the purge to end (see `missing`), and without
     // parallel reads.
     let missing_platform =
-        MissingPlatformCount::start(db, &schema, &all_rules, params.parallel_reads);
+        MissingPlatformCount::start(db, &schema, &all_rules, params.parallel_reads, &retried);
     let worked = if params.dry_run {
-        count_per_rule(db, &schema, &rules)
+        count_per_rule(db, &schema, &rules, &retried)
             .await
             .map(|counts| report.rules = counts)
     } else {
-        match purge(ctx, params, &schema, &rules, started, &mut report).await {
+        match purge(ctx, params, &schema, &rules, started, &mut report, &retried).await {
             Err(e) if e.is_fenced_out() => {
                 tracing::warn!(error = %e, deleted = report.rules.total(), "fenced out: a newer lease holder took over; this part stops here");
                 // A note, not an error: the continuation finishes the run.
@@ -390,13 +391,14 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                     "counting sessions whose platform is missing failed: {e}"
                 )),
             }
-            count_kept_by_references(ctx, &schema, &rules, &mut report).await;
+            count_kept_by_references(ctx, &schema, &rules, &mut report, &retried).await;
         }
         worked => {
             missing_platform.cancel().await;
             worked?;
         }
     }
+    report.notes.extend(retried.note());
     report.duration_seconds = started.elapsed().as_secs_f64();
     report.settle();
     Ok(report)
@@ -412,6 +414,7 @@ async fn purge(
     rules: &[rules::Rule],
     started: Instant,
     report: &mut CleanupReport,
+    retried: &RetriedReads,
 ) -> Result<(), OpError> {
     let db = &ctx.db;
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.as_written).collect();
@@ -419,7 +422,7 @@ async fn purge(
     // Reads before the first batch (the table's size, a rule's count) can take long on a
     // large table, or wait behind a table lock: a shutdown or a lost lease ends the run at
     // once instead of after them.
-    let Some(size) = unless_cancelled(ctx, table_size(db, schema)).await else {
+    let Some(size) = unless_cancelled(ctx, table_size(db, schema, retried)).await else {
         report.outcome = Outcome::Cancelled;
         return Ok(());
     };
@@ -434,6 +437,7 @@ async fn purge(
         table_rows,
         params.parallel_reads,
         &mut counting,
+        retried,
     );
     tracing::debug!(
         table_rows,
@@ -474,7 +478,7 @@ async fn purge(
         let Some(rule) = &plan_walk(rule, matching, table_rows) else {
             continue;
         };
-        let Some(source) = Source::open(db, schema, rule, prefetched).await? else {
+        let Some(source) = Source::open(db, schema, rule, prefetched, retried).await? else {
             continue;
         };
         if let Some(stop) = purge_rule(ctx, params, schema, rule, source, started, report).await? {
@@ -489,6 +493,7 @@ async fn purge(
                 table_rows,
                 params.carried_deletes,
                 report,
+                retried,
             )
             .await;
         }
@@ -501,7 +506,8 @@ async fn purge(
         && let Some(any) = Predicate::any_of(&rules.iter().map(|r| &r.predicate).collect::<Vec<_>>())
     {
         // Informative: the continuation follows the budget stop either way.
-        match read_with_retries("remaining count", || count(db, schema, Some(&any))).await {
+        match read_with_retries("remaining count", retried, || count(db, schema, Some(&any))).await
+        {
             Ok(n) => report.remaining = Some(n),
             Err(e) => report.errors.push(format!(
                 "counting the rows left for the continuation failed: {e}"
@@ -518,6 +524,7 @@ async fn purge(
             carried,
             early_refresh,
             report,
+            retried,
         )
         .await?;
         cut_back_wal(db, fence, report).await?;
@@ -531,7 +538,11 @@ async fn purge(
 /// statistics refresh only need its order of magnitude, and counting
 /// exactly reads the whole table on every run. Counted when the engine has no estimate (or
 /// it cannot be read).
-async fn table_size(db: &Db, schema: &Schema) -> Result<(u64, bool), OpError> {
+async fn table_size(
+    db: &Db,
+    schema: &Schema,
+    retried: &RetriedReads,
+) -> Result<(u64, bool), OpError> {
     match db.estimated_rows(&schema.sessions.table).await {
         Ok(Some(rows)) => return Ok((rows, true)),
         Ok(None) => {}
@@ -540,7 +551,7 @@ async fn table_size(db: &Db, schema: &Schema) -> Result<(u64, bool), OpError> {
         }
     }
     Ok((
-        read_with_retries("table size", || count(db, schema, None)).await?,
+        read_with_retries("table size", retried, || count(db, schema, None)).await?,
         false,
     ))
 }
@@ -557,11 +568,13 @@ async fn unless_cancelled<T>(ctx: &OpContext, work: impl Future<Output = T>) -> 
 /// statements of a run or a report.
 /// The session table's schema, and how its times compare: re-checked as times where SQLite
 /// columns were seen holding values other than UTC text (named in the schema's notes).
-async fn detect_schema(db: &Db) -> Result<(Schema, TimeCompare), OpError> {
+async fn detect_schema(db: &Db, retried: &RetriedReads) -> Result<(Schema, TimeCompare), OpError> {
     let transient =
         |e: &StoreError| matches!(e, StoreError::Sql(e) if crate::store::is_transient(e));
-    let mut schema =
-        retry::with_retries("schema detection", transient, || schema::detect(db)).await?;
+    let mut schema = retry::with_retries("schema detection", transient, retried, || {
+        schema::detect(db)
+    })
+    .await?;
     let odd_times = times::unreadable_sqlite_times(db, &schema).await?;
     let compare = if odd_times.is_empty() {
         TimeCompare::AsStored
@@ -625,6 +638,7 @@ impl EarlyRefresh {
         table_rows: u64,
         carried: u64,
         report: &CleanupReport,
+        retried: &RetriedReads,
     ) -> Option<EarlyRefresh> {
         let deleted = report.rules.total();
         let unseen = carried.saturating_add(deleted);
@@ -634,6 +648,7 @@ impl EarlyRefresh {
             return None;
         }
         let (db, fence, table) = (db.clone(), fence.clone(), schema.sessions.table.clone());
+        let retried = retried.clone();
         tracing::debug!(
             deleted,
             "statistics refresh started alongside the remaining rules"
@@ -642,7 +657,7 @@ impl EarlyRefresh {
             deleted_before: deleted,
             handle: tokio::spawn(async move {
                 let t = Instant::now();
-                let result = analyze::refresh_statistics(&db, &fence, &table).await;
+                let result = analyze::refresh_statistics(&db, &fence, &table, &retried).await;
                 tracing::debug!(
                     ms = t.elapsed().as_secs_f64() * 1000.0,
                     "statistics refreshed"
@@ -807,6 +822,7 @@ async fn refresh_statistics_after(
     carried: u64,
     early: Option<EarlyRefresh>,
     report: &mut CleanupReport,
+    retried: &RetriedReads,
 ) -> Result<(), OpError> {
     let deleted = report.rules.total();
     let left = table_rows.saturating_sub(deleted);
@@ -829,7 +845,7 @@ async fn refresh_statistics_after(
         return Ok(());
     }
     let t = Instant::now();
-    let result = analyze::refresh_statistics(db, fence, &schema.sessions.table).await;
+    let result = analyze::refresh_statistics(db, fence, &schema.sessions.table, retried).await;
     tracing::debug!(
         ms = t.elapsed().as_secs_f64() * 1000.0,
         "statistics refreshed"
@@ -840,7 +856,8 @@ async fn refresh_statistics_after(
 /// The original `--stats`, plus what a cleanup with `params` would delete per rule.
 pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpError> {
     params.validate()?;
-    let (schema, compare) = detect_schema(db).await?;
+    let retried = RetriedReads::default();
+    let (schema, compare) = detect_schema(db, &retried).await?;
     let (now, clock_note) = reference_now(db).await?;
     let cutoffs = params.cutoffs(now);
     let as_of = cutoffs.as_of;
@@ -851,31 +868,39 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
         binds: vec![as_of - chrono::Duration::hours(hours)],
     };
     let counted = async |pred: Option<&Predicate>| {
-        read_with_retries("statistics count", || count(db, &schema, pred)).await
+        read_with_retries("statistics count", &retried, || count(db, &schema, pred)).await
     };
-    let by_rule = count_per_rule(db, &schema, &rules).await?;
+    let by_rule = count_per_rule(db, &schema, &rules, &retried).await?;
     let all_rules: Vec<&Predicate> = rules.iter().map(|r| &r.as_written).collect();
+    let total_sessions = counted(None).await?;
+    let recent_sessions_24h = counted(Some(&bucket(">=", 24))).await?;
+    let old_sessions_48h = counted(Some(&bucket("<", 48))).await?;
+    let very_old_sessions_week = counted(Some(&bucket("<", 7 * 24))).await?;
+    let missing_platform_sessions =
+        MissingPlatformCount::start(db, &schema, &all_rules, false, &retried)
+            .finish()
+            .await?;
+    let referenced_sessions_kept = match rules::kept_by_references(&schema, &rules) {
+        Some(kept) => Some(counted(Some(&kept)).await?),
+        None => None,
+    };
     let mut all_notes = schema.notes.clone();
     all_notes.extend(clock_note);
     all_notes.extend(notes);
+    all_notes.extend(retried.note());
     Ok(CleanupStats {
         timestamp: Utc::now(),
         as_of,
         schema: schema.version.to_string(),
-        total_sessions: counted(None).await?,
-        recent_sessions_24h: counted(Some(&bucket(">=", 24))).await?,
-        old_sessions_48h: counted(Some(&bucket("<", 48))).await?,
-        very_old_sessions_week: counted(Some(&bucket("<", 7 * 24))).await?,
+        total_sessions,
+        recent_sessions_24h,
+        old_sessions_48h,
+        very_old_sessions_week,
         rules: by_rule,
         expired_sessions: by_rule.expired_total(),
         orphaned_sessions: by_rule.orphaned,
-        missing_platform_sessions: MissingPlatformCount::start(db, &schema, &all_rules, false)
-            .finish()
-            .await?,
-        referenced_sessions_kept: match rules::kept_by_references(&schema, &rules) {
-            Some(kept) => Some(counted(Some(&kept)).await?),
-            None => None,
-        },
+        missing_platform_sessions,
+        referenced_sessions_kept,
         cleanup_interval: params.interval_secs,
         batch_size: params.batch_size,
         max_session_age: params.max_age_secs,
@@ -903,18 +928,19 @@ fn count_index_walked(
     table_rows: u64,
     in_background: bool,
     tasks: &mut tokio::task::JoinSet<()>,
+    retried: &RetriedReads,
 ) -> Vec<Option<PendingCount>> {
     let all: Vec<&Predicate> = rules.iter().map(|r| &r.as_written).collect();
     let mut counts: Vec<(usize, PendingCount)> = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
         if matches!(rule.walk, rules::Walk::Column(_)) {
-            let (db, schema) = (db.clone(), schema.clone());
+            let (db, schema, retried) = (db.clone(), schema.clone(), retried.clone());
             let pred = rule.predicate.and_none_of(&all[..i]);
             let first = counts.is_empty();
             counts.push((
                 i,
                 Box::pin(async move {
-                    read_with_retries("rule count", || async {
+                    read_with_retries("rule count", &retried, || async {
                         if first {
                             count_up_to(&db, &schema, &pred, dense_rows(table_rows)).await
                         } else {
@@ -1061,12 +1087,13 @@ async fn count_kept_by_references(
     schema: &Schema,
     rules: &[rules::Rule],
     report: &mut CleanupReport,
+    retried: &RetriedReads,
 ) {
     let Some(kept) = rules::kept_by_references(schema, rules) else {
         return;
     };
     let db = &ctx.db;
-    let counting = read_with_retries("referenced-session count", || {
+    let counting = read_with_retries("referenced-session count", retried, || {
         count(db, schema, Some(&kept))
     });
     match unless_cancelled(ctx, counting).await {
@@ -1107,12 +1134,16 @@ async fn count_per_rule(
     db: &Db,
     schema: &Schema,
     rules: &[rules::Rule],
+    retried: &RetriedReads,
 ) -> Result<RuleCounts, OpError> {
     let mut counts = RuleCounts::default();
     for (i, rule) in rules.iter().enumerate() {
         let earlier: Vec<&Predicate> = rules[..i].iter().map(|r| &r.as_written).collect();
         let exclusive = rule.predicate.and_none_of(&earlier);
-        let n = read_with_retries("rule count", || count(db, schema, Some(&exclusive))).await?;
+        let n = read_with_retries("rule count", retried, || {
+            count(db, schema, Some(&exclusive))
+        })
+        .await?;
         counts.add(rule.kind, n);
     }
     Ok(counts)

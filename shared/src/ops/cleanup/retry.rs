@@ -8,6 +8,7 @@
 //! candidates, on a fresh pooled connection. Without this, one dropped connection threw away
 //! a long run, and its committed batches went uncounted (a failed part reports nothing).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::CancellationToken;
@@ -81,24 +82,70 @@ impl BatchRetry {
     }
 }
 
+/// The reads and other steps beside the batches (counts, the key span, the schema, the
+/// statistics refresh) that a run or a report tried again after a transient error, for its
+/// notes: a dropped connection under them costs a retry, and the report says so as it does
+/// for a retried batch. Cloned into the tasks that read beside the batches; the clones share
+/// one record.
+#[derive(Clone, Default)]
+pub struct RetriedReads(Arc<Mutex<RetriedLog>>);
+
+#[derive(Default)]
+struct RetriedLog {
+    /// Retries per step, in the order the steps were first retried.
+    steps: Vec<(&'static str, u64)>,
+    last: Option<String>,
+}
+
+impl RetriedReads {
+    fn record(&self, what: &'static str, e: &dyn std::fmt::Display) {
+        let mut log = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match log.steps.iter_mut().find(|(w, _)| *w == what) {
+            Some((_, n)) => *n += 1,
+            None => log.steps.push((what, 1)),
+        }
+        log.last = Some(e.to_string());
+    }
+
+    /// A line for the report when any step was tried again.
+    pub fn note(&self) -> Option<String> {
+        let log = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let last = log.last.as_ref()?;
+        let steps = log
+            .steps
+            .iter()
+            .map(|(what, n)| format!("{what} ({n})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Some(format!(
+            "reads beside the batches failed with a transient database error and were retried: {steps} (last: {last})"
+        ))
+    }
+}
+
 /// Runs the read `attempt` makes, again after a transient error (at most [`BATCH_RETRIES`]
 /// times in a row, with the batches' backoff): the counts and reads beside the batches, so a
 /// dropped connection does not fail a run whose batches survive it. `what` names the read in
-/// the log.
-pub async fn read_with_retries<T, F, Fut>(what: &str, attempt: F) -> Result<T, sqlx::Error>
+/// the log and in `retried`.
+pub async fn read_with_retries<T, F, Fut>(
+    what: &'static str,
+    retried: &RetriedReads,
+    attempt: F,
+) -> Result<T, sqlx::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
 {
-    with_retries(what, crate::store::is_transient, attempt).await
+    with_retries(what, crate::store::is_transient, retried, attempt).await
 }
 
 /// Runs `attempt`, again while it fails with an error `transient` accepts, at most
 /// [`BATCH_RETRIES`] times in a row with the batches' backoff. `what` names the work in the
-/// log.
+/// log and in `retried`.
 pub async fn with_retries<T, E, F, Fut>(
-    what: &str,
+    what: &'static str,
     transient: impl Fn(&E) -> bool,
+    retried: &RetriedReads,
     mut attempt: F,
 ) -> Result<T, E>
 where
@@ -111,6 +158,7 @@ where
         match attempt().await {
             Err(e) if transient(&e) && failures < BATCH_RETRIES => {
                 failures += 1;
+                retried.record(what, &e);
                 let delay = retry_delay(failures);
                 tracing::warn!(error = %e, work = what, attempt = failures, delay_ms = delay.as_millis() as u64, "cleanup step failed with a transient database error; trying it again");
                 tokio::time::sleep(delay).await;
@@ -131,7 +179,7 @@ mod tests {
     /// Fails with `first` for the first `fails` attempts, then succeeds; counts the attempts.
     async fn flaky(fails: u32, first: fn() -> sqlx::Error) -> (Result<u32, sqlx::Error>, u32) {
         let tries = std::cell::Cell::new(0);
-        let result = read_with_retries("test", || {
+        let result = read_with_retries("test", &RetriedReads::default(), || {
             tries.set(tries.get() + 1);
             let n = tries.get();
             async move { if n <= fails { Err(first()) } else { Ok(n) } }
@@ -155,5 +203,31 @@ mod tests {
         let (failed, tries) = flaky(1, || sqlx::Error::RowNotFound).await;
         assert!(matches!(failed, Err(sqlx::Error::RowNotFound)));
         assert_eq!(tries, 1, "a permanent error is not retried");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retried_reads_are_noted_per_step_and_a_clean_run_has_no_note() {
+        let retried = RetriedReads::default();
+        let fails_once = |n: u32| {
+            let tries = std::cell::Cell::new(0);
+            move || {
+                tries.set(tries.get() + 1);
+                let t = tries.get();
+                async move { if t <= n { Err(reset()) } else { Ok(t) } }
+            }
+        };
+        read_with_retries("rule count", &retried, fails_once(0))
+            .await
+            .unwrap();
+        assert_eq!(retried.note(), None, "nothing was retried");
+        read_with_retries("key span", &retried, fails_once(2))
+            .await
+            .unwrap();
+        read_with_retries("rule count", &retried.clone(), fails_once(1))
+            .await
+            .unwrap();
+        let note = retried.note().expect("a note");
+        assert!(note.contains("key span (2), rule count (1)"), "{note}");
+        assert!(note.contains("connection reset"), "{note}");
     }
 }
