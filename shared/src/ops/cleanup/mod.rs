@@ -517,8 +517,7 @@ async fn purge(
     if report.outcome != Outcome::Cancelled {
         let carried = params.carried_deletes;
         refresh_statistics_after(
-            db,
-            fence,
+            ctx,
             schema,
             table_rows,
             carried,
@@ -815,8 +814,7 @@ async fn purge_rule(
 /// started early ([`EarlyRefresh`]), it is repeated only if the rules after its start removed
 /// a large share of what was left.
 async fn refresh_statistics_after(
-    db: &Db,
-    fence: &crate::fence::Fence,
+    ctx: &OpContext,
     schema: &Schema,
     table_rows: u64,
     carried: u64,
@@ -824,6 +822,7 @@ async fn refresh_statistics_after(
     report: &mut CleanupReport,
     retried: &RetriedReads,
 ) -> Result<(), OpError> {
+    let (db, fence) = (&ctx.db, ctx.fence()?);
     let deleted = report.rules.total();
     let left = table_rows.saturating_sub(deleted);
     let unseen = match early {
