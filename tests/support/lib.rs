@@ -185,7 +185,7 @@ pub struct Worker {
     pid_namespace: bool,
     /// Port of `/metrics`, `/healthz`, `/readyz`.
     pub metrics_port: u16,
-    /// Its log file.
+    /// Its log file (`target/e2e-logs`), removed with the worker unless the test fails.
     pub log: PathBuf,
 }
 
@@ -286,9 +286,14 @@ impl Worker {
 }
 
 impl Drop for Worker {
+    /// Stops the worker; its log stays only when the test is failing, for inspection (each
+    /// test's namespace names a new file, so kept logs would pile up run after run).
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
