@@ -118,7 +118,7 @@ impl RetriedReads {
             .collect::<Vec<_>>()
             .join(", ");
         Some(format!(
-            "reads beside the batches failed with a transient database error and were retried: {steps} (last: {last})"
+            "reads and other steps beside the batches failed with a transient database error and were retried: {steps} (last: {last})"
         ))
     }
 }
@@ -208,7 +208,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retried_reads_are_noted_per_step_and_a_clean_run_has_no_note() {
         let retried = RetriedReads::default();
-        let fails_once = |n: u32| {
+        let failing_first = |n: u32| {
             let tries = std::cell::Cell::new(0);
             move || {
                 tries.set(tries.get() + 1);
@@ -216,14 +216,14 @@ mod tests {
                 async move { if t <= n { Err(reset()) } else { Ok(t) } }
             }
         };
-        read_with_retries("rule count", &retried, fails_once(0))
+        read_with_retries("rule count", &retried, failing_first(0))
             .await
             .unwrap();
         assert_eq!(retried.note(), None, "nothing was retried");
-        read_with_retries("key span", &retried, fails_once(2))
+        read_with_retries("key span", &retried, failing_first(2))
             .await
             .unwrap();
-        read_with_retries("rule count", &retried.clone(), fails_once(1))
+        read_with_retries("rule count", &retried.clone(), failing_first(1))
             .await
             .unwrap();
         let note = retried.note().expect("a note");
