@@ -624,7 +624,11 @@ async fn cut_back_wal(
 struct EarlyRefresh {
     /// Rows deleted when it started: what it cannot have seen is deleted after that.
     deleted_before: u64,
-    handle: tokio::task::JoinHandle<Result<u64, OpError>>,
+    /// The refresh's task, alone in its set so that it ends with the run: a run that stops
+    /// without waiting for it (an error, a fenced-out batch) must not leave an `ANALYZE`
+    /// running on the database after the part has ended and its lease has gone to another
+    /// holder. Its deletes then stay unseen by any refresh and are carried to the next part.
+    task: tokio::task::JoinSet<Result<u64, OpError>>,
 }
 
 impl EarlyRefresh {
@@ -652,31 +656,35 @@ impl EarlyRefresh {
             deleted,
             "statistics refresh started alongside the remaining rules"
         );
+        let mut task = tokio::task::JoinSet::new();
+        task.spawn(async move {
+            let t = Instant::now();
+            let result = analyze::refresh_statistics(&db, &fence, &table, &retried).await;
+            tracing::debug!(
+                ms = t.elapsed().as_secs_f64() * 1000.0,
+                "statistics refreshed"
+            );
+            result
+        });
         Some(EarlyRefresh {
             deleted_before: deleted,
-            handle: tokio::spawn(async move {
-                let t = Instant::now();
-                let result = analyze::refresh_statistics(&db, &fence, &table, &retried).await;
-                tracing::debug!(
-                    ms = t.elapsed().as_secs_f64() * 1000.0,
-                    "statistics refreshed"
-                );
-                result
-            }),
+            task,
         })
     }
 
     /// Waits for the refresh and records it in `report`; only a fenced-out error is returned.
-    async fn finish(self, report: &mut CleanupReport) -> Result<(), OpError> {
-        let result = match self.handle.await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => {
+    async fn finish(mut self, report: &mut CleanupReport) -> Result<(), OpError> {
+        let result = match self.task.join_next().await {
+            Some(Ok(result)) => result,
+            Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled by the runtime's shutdown (the set holds its one task until here).
+            Some(Err(e)) => {
                 report
                     .errors
                     .push(format!("refreshing planner statistics did not finish: {e}"));
                 return Ok(());
             }
+            None => unreachable!("the refresh's set holds its task until it is joined"),
         };
         record_refresh(result, report)
     }
