@@ -324,7 +324,7 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     let db = &ctx.db;
     let retried = RetriedReads::default();
     let (schema, compare) = detect_schema(db, &retried).await?;
-    let (now, clock_note) = reference_now(db).await?;
+    let (now, clock_note) = reference_now(db, &retried).await?;
     let cutoffs = params.cutoffs(now);
     let (rules, notes) = rules::build(&schema, &cutoffs, compare);
     let mut report = CleanupReport::new(cutoffs.as_of, params.dry_run);
@@ -574,7 +574,11 @@ async fn detect_schema(db: &Db, retried: &RetriedReads) -> Result<(Schema, TimeC
         schema::detect(db)
     })
     .await?;
-    let odd_times = times::unreadable_sqlite_times(db, &schema).await?;
+    let odd_times =
+        retry::with_retries("time column probe", OpError::is_transient, retried, || {
+            times::unreadable_sqlite_times(db, &schema)
+        })
+        .await?;
     let compare = if odd_times.is_empty() {
         TimeCompare::AsStored
     } else {
@@ -585,9 +589,16 @@ async fn detect_schema(db: &Db, retried: &RetriedReads) -> Result<(Schema, TimeC
 }
 
 /// "Now" for a run's cutoffs: the earlier of this worker's clock and the database server's,
-/// with a note when they differ (see [`clock`]).
-async fn reference_now(db: &Db) -> Result<(NaiveDateTime, Option<String>), OpError> {
-    clock::reference_now(db, Utc::now().naive_utc(), CLOCK_SKEW_ALLOWANCE).await
+/// with a note when they differ (see [`clock`]); the server's clock is read again after a
+/// transient error.
+async fn reference_now(
+    db: &Db,
+    retried: &RetriedReads,
+) -> Result<(NaiveDateTime, Option<String>), OpError> {
+    retry::with_retries("clock read", OpError::is_transient, retried, || {
+        clock::reference_now(db, Utc::now().naive_utc(), CLOCK_SKEW_ALLOWANCE)
+    })
+    .await
 }
 
 /// [`wal::cut_back`], logged; a failure is noted in `report`, only a fenced-out error is
@@ -734,9 +745,11 @@ async fn purge_rule(
     let mut pending = None;
     let rule_started = Instant::now();
     let deleted_before = report.rules.total();
+    // Every exit of the loop, an error's too, leaves its retries and reopens in the notes: an
+    // interrupted part's report goes out with them.
     let stop = loop {
         if let Some(stop) = stop_reason(ctx, budget, started, report.batches) {
-            break Some(stop);
+            break Ok(Some(stop));
         }
         let limit = sizer.size();
         let found = match pending.take() {
@@ -750,23 +763,20 @@ async fn purge_rule(
                 Err(e) => {
                     let e = OpError::from(e);
                     if source.is_stream() || !retry.wait_to_retry(&e, &ctx.cancel).await {
-                        // The retries so far go with an interrupted part's report.
-                        report.notes.extend(retry.note(rule.kind));
-                        return Err(e);
+                        break Err(e);
                     }
                     continue;
                 }
             },
         };
         if found.rows == 0 {
-            break None;
+            break Ok(None);
         }
         let done = match purge_batch(&mut writer, fence, schema, rule, &found.batch).await {
             Ok(done) => done,
             Err(e) => {
                 if !retry.wait_to_retry(&e, &ctx.cancel).await {
-                    report.notes.extend(retry.note(rule.kind));
-                    return Err(e);
+                    break Err(e);
                 }
                 pending = Some(found);
                 continue;
@@ -779,7 +789,10 @@ async fn purge_rule(
             .longest_batch_ms
             .max(done.took.as_secs_f64() * 1000.0);
         sizer.observe(found.rows, done.took);
-        let checkpoint = writer.checkpoint().await?;
+        let checkpoint = match writer.checkpoint().await {
+            Ok(checkpoint) => checkpoint,
+            Err(e) => break Err(e.into()),
+        };
         tracing::debug!(rule = ?rule.kind, rows = found.rows, deleted = done.deleted, ms = done.took.as_secs_f64() * 1000.0, commit_ms = done.committing.as_secs_f64() * 1000.0, checkpoint_ms = checkpoint.took.as_secs_f64() * 1000.0, wal_frames = checkpoint.wal_frames, frames_left = checkpoint.left, "batch committed");
         // A cancellation ends the rest at once: with a large ratio it can last seconds.
         let rest = rest_after(db.engine(), rest_ratio, done.took, checkpoint.took);
@@ -798,10 +811,10 @@ async fn purge_rule(
                 "rule {:?}: {MAX_FRUITLESS_BATCHES} batches in a row found candidates that no longer matched; left for the next run",
                 rule.kind
             ));
-            break None;
+            break Ok(None);
         }
         if found.last {
-            break None;
+            break Ok(None);
         }
     };
     report.notes.extend(retry.note(rule.kind));
@@ -813,7 +826,7 @@ async fn purge_rule(
         secs = rule_started.elapsed().as_secs_f64(),
         "rule done"
     );
-    Ok(stop)
+    stop
 }
 
 /// After a purge that removed a large share of the table, fresh planner statistics: ours,
@@ -865,7 +878,7 @@ pub async fn stats(db: &Db, params: &CleanupParams) -> Result<CleanupStats, OpEr
     params.validate()?;
     let retried = RetriedReads::default();
     let (schema, compare) = detect_schema(db, &retried).await?;
-    let (now, clock_note) = reference_now(db).await?;
+    let (now, clock_note) = reference_now(db, &retried).await?;
     let cutoffs = params.cutoffs(now);
     let as_of = cutoffs.as_of;
     let (rules, notes) = rules::build(&schema, &cutoffs, compare);
