@@ -1201,7 +1201,7 @@ async fn a_run_whose_connections_are_killed_retries_and_completes() {
             .await
             .expect("task")
             .expect("the run survives its killed connections");
-        assert_eq!(killed, 3, "{engine}: the run ended before three kills");
+        assert!(killed >= 3, "{engine}: the run ended after {killed} kills");
         assert_eq!(report.outcome, Outcome::Completed, "{engine}");
         assert_exactly_purged(
             &before,
@@ -1361,14 +1361,17 @@ async fn lock_waiters(db: &Db) -> i64 {
     .expect("lock waiters")
 }
 
-/// Ends the server sessions of this database that wait for a table or row lock; how many.
+/// Ends the server sessions of this database that wait for a table or row lock; how many
+/// were ended (a session that ended meanwhile is not counted).
 async fn kill_lock_waiters(killer: &Db) -> usize {
     match killer.engine() {
+        // The call in the select list runs only for the rows the inner query keeps.
         Engine::Postgres => killer
             .scalar_i64(
-                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock' \
-                 AND pid <> pg_backend_pid()",
+                "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) AS ended \
+                 FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()) waiters \
+                 WHERE ended",
             )
             .await
             .expect("terminate") as usize,
@@ -1381,10 +1384,18 @@ async fn kill_lock_waiters(killer: &Db) -> usize {
                         WHERE trx_state = 'LOCK WAIT'))";
             let ids: Vec<i64> = sessionfleet::on_pool!(killer, p => sqlx::query_scalar(sql)
                 .fetch_all(p).await.expect("processlist"));
+            let mut ended = 0;
             for id in &ids {
-                let _ = killer.execute(&format!("KILL CONNECTION {id}")).await;
+                // It may have ended meanwhile.
+                if killer
+                    .execute(&format!("KILL CONNECTION {id}"))
+                    .await
+                    .is_ok()
+                {
+                    ended += 1;
+                }
             }
-            ids.len()
+            ended
         }
         Engine::Sqlite => unreachable!("SQLite has no server sessions to end"),
     }

@@ -67,15 +67,18 @@ pub fn binary(name: &str) -> Command {
     cmd
 }
 
-/// Leaves out of `cmd`'s environment the settings of the shell that ran the tests: every
-/// variable the binaries read (`SESSION_*`, `SESSIONFLEET_*`, `DATABASE_URL`, `REDIS_*`,
-/// `RUST_LOG`), so each test sees the defaults it was written against plus what it sets.
+/// Leaves out of `cmd`'s environment the settings of the shell that ran the tests that change
+/// what the binaries do: ours (`SESSION_*`, `SESSIONFLEET_*`, `DATABASE_URL`, `REDIS_*`,
+/// `RUST_LOG`) and libpq's (`PG*`, which sqlx's PostgreSQL driver reads beside a URL: an
+/// `sslmode`, a `statement_timeout` in `PGOPTIONS`), so each test sees the defaults it was
+/// written against plus what it sets. (`HOSTNAME` names the fleet's members and is kept.)
 pub fn without_shell_settings(cmd: &mut Command) {
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
         if k.starts_with("SESSION_")
             || k.starts_with("SESSIONFLEET_")
             || k.starts_with("REDIS_")
+            || k.starts_with("PG")
             || k == "DATABASE_URL"
             || k == "RUST_LOG"
         {
@@ -286,8 +289,10 @@ impl Worker {
 }
 
 impl Drop for Worker {
-    /// Stops the worker; its log stays only when the test is failing, for inspection (each
-    /// test's namespace names a new file, so kept logs would pile up run after run).
+    /// Stops the worker; its log stays only when the test is failing at that moment, for
+    /// inspection (each test's namespace names a new file, so kept logs would pile up run after
+    /// run). A test that checks something after dropping its workers should read their logs
+    /// first.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
