@@ -1200,3 +1200,63 @@ async fn status_raises_the_same_fleet_and_index_alerts_as_the_health_report() {
     );
     t.drop_db().await;
 }
+
+/// `SESSION_ALERT_THRESHOLDS_FILE` reaches the health report: a line set below the table's
+/// active sessions raises that alert, which the spec's default (1,000) does not at this size,
+/// and keys the file leaves out keep their defaults. A file with a mistake is refused in one
+/// line that names it, as a usage error, before any report runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alert_thresholds_file_reaches_the_health_report() {
+    let t = seeded(Engine::Sqlite, 500).await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, body: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        path.display().to_string()
+    };
+    let alert = |doc: &serde_json::Value, name: &str| {
+        doc["alerts"]
+            .as_array()
+            .expect("alerts")
+            .iter()
+            .find(|a| a["name"] == name)
+            .cloned()
+    };
+    let report = ["--local", "analytics", "--health-report", "--json"];
+    let plain = Cli::new(&t.url).json(&report);
+    let active = plain["statistics"]["session_counts"]["active_sessions"]
+        .as_f64()
+        .expect("active sessions");
+    assert!(active > 1.0 && active < 1000.0, "{plain}");
+    assert!(alert(&plain, "concurrent_sessions").is_none(), "{plain}");
+
+    let mut tuned = Cli::new(&t.url);
+    tuned.extra.push((
+        "SESSION_ALERT_THRESHOLDS_FILE".into(),
+        write("low.json", r#"{"concurrent_sessions": 1}"#),
+    ));
+    let doc = tuned.json(&report);
+    let raised = alert(&doc, "concurrent_sessions").expect("the lowered line raises its alert");
+    assert_eq!(raised["threshold"], 1.0, "{raised}");
+    assert_eq!(raised["value"].as_f64(), Some(active), "{raised}");
+    assert_eq!(
+        alert(&doc, "suspicious_activity_rate").is_some(),
+        alert(&plain, "suspicious_activity_rate").is_some(),
+        "a key the file leaves out keeps its default"
+    );
+
+    tuned.extra = vec![(
+        "SESSION_ALERT_THRESHOLDS_FILE".into(),
+        write("typo.json", r#"{"concurent_sessions": 5}"#),
+    )];
+    let out = tuned.run(&report);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("typo.json") && err.contains("concurent_sessions"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(out.stdout.is_empty(), "no report after a refused file");
+    t.drop_db().await;
+}
