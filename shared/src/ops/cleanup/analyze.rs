@@ -149,6 +149,45 @@ mod tests {
         tdb.drop_db().await;
     }
 
+    /// A holder whose token a newer one has replaced gets a fenced-out error from the
+    /// refresh, on every engine; on SQLite its transaction rolls back, so the statistics it
+    /// gathered are not kept (`sqlite_stat1` stays as it was). Fails if the fence is not
+    /// checked, or if SQLite's `ANALYZE` commits without it.
+    #[tokio::test]
+    async fn a_stale_token_s_refresh_is_fenced_out_and_sqlite_keeps_nothing_of_it() {
+        for engine in crate::testing::ENGINES {
+            let tdb = TestDb::new(engine).await;
+            let db = &tdb.db;
+            db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER)")
+                .await
+                .expect("table");
+            db.execute("CREATE INDEX t_v ON t (v)")
+                .await
+                .expect("index");
+            db.execute("INSERT INTO t (id, v) VALUES (1, 1), (2, 2), (3, 3)")
+                .await
+                .expect("rows");
+            let stale = crate::fence::issue_token(db, "target:test", "old holder")
+                .await
+                .expect("token");
+            crate::fence::issue_token(db, "target:test", "new holder")
+                .await
+                .expect("newer token");
+            let err = refresh_statistics(db, &stale, "t", &Default::default())
+                .await
+                .expect_err("a stale token refreshes nothing");
+            assert!(err.is_fenced_out(), "{engine}: {err}");
+            if engine == Engine::Sqlite {
+                let stat1 = db
+                    .scalar_i64("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sqlite_stat1'")
+                    .await
+                    .expect("catalog");
+                assert_eq!(stat1, 0, "the fenced-out ANALYZE was rolled back");
+            }
+            tdb.drop_db().await;
+        }
+    }
+
     /// MySQL's `ANALYZE TABLE` reports a failure as a result row, not as an error: a refresh
     /// of a table it cannot analyse is an error, not a statement counted as run. Fails if the
     /// rows are not read.
