@@ -889,6 +889,48 @@ async fn concurrent_fence_access_queues_instead_of_failing() {
     }
 }
 
+/// A holder running statements that cannot sit in a transaction (an online index build,
+/// `VACUUM`, MySQL's `ANALYZE TABLE`) holds the database's session lock for the fence. A new
+/// token is not issued meanwhile: the request ends `Busy` (its job is deferred, not failed).
+/// Once the lock is let go, the next request gets a newer token, and the old holder's next
+/// checked statement is fenced out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lock_holder_defers_the_next_token_and_is_fenced_out_after() {
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let t = TestDb::new(engine).await;
+        let name = lease::fence_name(TARGET);
+        let holder = fence::issue_token(&t.db, &name, "holder").await.unwrap();
+        let mut lock = fence::SessionLock::acquire(&t.db, &holder)
+            .await
+            .expect("session lock");
+        lock.execute_checked("SELECT 1")
+            .await
+            .expect("the holder's statement");
+
+        let request = fence::issue_token(&t.db, &name, "next").await;
+        assert!(
+            matches!(request, Err(FenceError::Busy(_))),
+            "{engine}: {request:?}"
+        );
+        lock.release().await.expect("release");
+
+        let newer = fence::issue_token(&t.db, &name, "next")
+            .await
+            .expect("a token once the lock is free");
+        assert!(newer.token > holder.token, "{engine}");
+        let mut again = fence::SessionLock::acquire(&t.db, &holder)
+            .await
+            .expect("the lock itself is free");
+        let stale = again.execute_checked("SELECT 1").await;
+        assert!(
+            matches!(stale, Err(FenceError::FencedOut { .. })),
+            "{engine}: {stale:?}"
+        );
+        again.release().await.expect("release");
+        t.drop_db().await;
+    }
+}
+
 /// A holder frozen *inside* a fenced transaction (a SIGSTOP between two statements of a
 /// batch) keeps the fence row locked. The next holder's token request gives up after the lock
 /// wait with `Busy` (so its job is deferred, not failed); once the server ends the stalled
