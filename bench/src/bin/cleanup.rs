@@ -52,6 +52,12 @@ struct Args {
     /// cleanup's client work also needs (the harness's only mode before 2026-12-04 evening).
     #[arg(long, default_value = "own", value_parser = ["own", "shared"])]
     app_runtime: String,
+    /// PostgreSQL: whether the application's commits wait for their WAL to reach the disk
+    /// (its `synchronous_commit`; `on` is the server's default and the document's runs). A
+    /// diagnostic: each such commit also writes out the WAL our batches left unflushed, and
+    /// `off` shows how much of the application's latency that is.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    app_sync_commit: bool,
     /// Which sides to run, comma-separated: `ours`, `plain` (the document's runs use both),
     /// and two controls that delete nothing, for what the application's latency does without
     /// a cleanup: `none` (its window is `--control-secs` of nothing: the measurement's own
@@ -176,6 +182,7 @@ async fn parent(args: &Args) -> Result<()> {
             )
             .args(["--parallel-reads", &args.parallel_reads.to_string()])
             .args(["--app-runtime", &args.app_runtime])
+            .args(["--app-sync-commit", &args.app_sync_commit.to_string()])
             .args(["--as-of", &now.format("%Y-%m-%dT%H:%M:%S").to_string()])
             .args(args.until_purged.then_some("--until-purged"))
             .args(trace_dir(args, run)?.iter().flat_map(|d| {
@@ -464,6 +471,12 @@ async fn run_app(
         },
     )
     .await?;
+    if db.engine() == Engine::Postgres {
+        let setting: String = sessionfleet::on_pool!(db, p => {
+            sqlx::query_scalar("SHOW synchronous_commit").fetch_one(p).await?
+        });
+        eprintln!("application: synchronous_commit = {setting}");
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Result<f64, String>)>();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -868,7 +881,15 @@ async fn child(args: &Args, side: &str) -> Result<()> {
         sessionfleet::on_pool!(db, p => sqlx::query_scalar::<_, i64>(sql).bind(as_of).fetch_all(p).await?)
     };
     let total_before = db.scalar_i64("SELECT COUNT(*) FROM user_sessions").await?;
-    let app = start_app(url.clone(), live, args.app_rate, args.app_runtime == "own")?;
+    let app_url = if args.app_sync_commit || db.engine() != Engine::Postgres {
+        url.clone()
+    } else {
+        let mut u = url::Url::parse(&url)?;
+        u.query_pairs_mut()
+            .append_pair("options", "-c synchronous_commit=off");
+        u.to_string()
+    };
+    let app = start_app(app_url, live, args.app_rate, args.app_runtime == "own")?;
     // The first operations open the application's connections (~100 ms each on PostgreSQL
     // here): they would set the idle window's p99, so they are left out of both windows.
     tokio::time::sleep(APP_WARM_UP).await;
