@@ -1091,32 +1091,35 @@ async fn small_budgeted_parts_refresh_statistics_once_their_purge_together_is_la
 }
 
 /// Holds a lock on every row of the sessions table (`SELECT … FOR UPDATE` in a transaction
-/// on a connection of its own) until [`release_rows`]: the run's reads go on, and each of its
-/// batches waits for a row lock at its DELETE, a statement in flight that a kill surely
+/// on a connection of its own) until [`release_table`]: the run's reads go on, and each of
+/// its batches waits for a row lock at its DELETE, a statement in flight that a kill surely
 /// breaks.
-async fn lock_every_session(url: &str) -> (Db, sessionfleet::store::DbTx<'static>) {
+async fn lock_every_session(url: &str) -> (Db, Option<sessionfleet::store::DbTx<'static>>) {
+    let locker = one_connection(url).await;
+    let tx = hold_open(&locker, "SELECT id FROM user_sessions FOR UPDATE").await;
+    (locker, Some(tx))
+}
+
+/// A pool of one connection, so a lock's statements all run on one session.
+async fn one_connection(url: &str) -> Db {
     let opts = sessionfleet::store::ConnectOptions {
         max_connections: 1,
         ..Default::default()
     };
-    let locker = Db::connect(url, &opts).await.expect("locker connection");
-    let mut tx = locker.begin_write().await.expect("begin");
-    let sql = match locker.engine() {
-        // Held for as long as the test says, past our sessions' idle-in-transaction limit.
-        Engine::Postgres => {
-            "SET LOCAL idle_in_transaction_session_timeout = 0; \
-             SELECT id FROM user_sessions FOR UPDATE"
-        }
-        _ => "SELECT id FROM user_sessions FOR UPDATE",
-    };
-    sessionfleet::on_tx!(&mut tx, c => sqlx::raw_sql(sql)
-        .execute(&mut *c).await.map(|_| ()).expect("lock every session"));
-    (locker, tx)
+    Db::connect(url, &opts).await.expect("locker connection")
 }
 
-async fn release_rows((locker, tx): (Db, sessionfleet::store::DbTx<'static>)) {
-    tx.rollback().await.expect("unlock");
-    locker.close().await;
+/// Runs `sql` in a write transaction on `locker` and leaves it open, with the locks it took,
+/// for as long as the test says (on PostgreSQL past our sessions' idle-in-transaction limit).
+async fn hold_open(locker: &Db, sql: &str) -> sessionfleet::store::DbTx<'static> {
+    let mut tx = locker.begin_write().await.expect("begin");
+    let sql = match locker.engine() {
+        Engine::Postgres => format!("SET LOCAL idle_in_transaction_session_timeout = 0; {sql}"),
+        _ => sql.to_string(),
+    };
+    sessionfleet::on_tx!(&mut tx, c => sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *c).await.map(|_| ()).expect("lock"));
+    tx
 }
 
 /// One-row batches with rests: a run of a few hundred short transactions, long enough to
@@ -1196,7 +1199,7 @@ async fn a_run_whose_connections_are_killed_retries_and_completes() {
             // InnoDB refreshes its transaction table for readers at most every 100 ms.
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
-        release_rows(rows).await;
+        release_table(rows).await;
         let report = run
             .await
             .expect("task")
@@ -1313,11 +1316,7 @@ async fn sqlite_application_writers_get_in_between_batches_and_never_fail() {
 /// EXCLUSIVE`, MySQL `LOCK TABLES … WRITE` — on a pool of one connection, so the lock's
 /// statements all run on one session. [`release_table`] lets the readers in.
 async fn lock_table(url: &str, engine: Engine) -> (Db, Option<sessionfleet::store::DbTx<'static>>) {
-    let opts = sessionfleet::store::ConnectOptions {
-        max_connections: 1,
-        ..Default::default()
-    };
-    let locker = Db::connect(url, &opts).await.expect("locker connection");
+    let locker = one_connection(url).await;
     if engine == Engine::MySql {
         locker
             .execute("LOCK TABLES user_sessions WRITE")
@@ -1325,12 +1324,7 @@ async fn lock_table(url: &str, engine: Engine) -> (Db, Option<sessionfleet::stor
             .expect("lock");
         return (locker, None);
     }
-    let mut tx = locker.begin_write().await.expect("begin");
-    // Held for as long as the test says, past our sessions' idle-in-transaction limit.
-    sessionfleet::on_tx!(&mut tx, c => sqlx::raw_sql(
-        "SET LOCAL idle_in_transaction_session_timeout = 0; \
-         LOCK TABLE user_sessions IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *c).await.map(|_| ()).expect("lock"));
+    let tx = hold_open(&locker, "LOCK TABLE user_sessions IN ACCESS EXCLUSIVE MODE").await;
     (locker, Some(tx))
 }
 
