@@ -116,7 +116,8 @@ pub async fn ensure_tables(db: &Db) -> Result<(), sqlx::Error> {
 /// its owner. Any holder of an older token is fenced out from its next write on.
 ///
 /// Waits at most [`LOCK_WAIT`] for a holder that is inside a fenced transaction or holds the
-/// session lock, then fails with [`FenceError::Busy`].
+/// session lock, then fails with [`FenceError::Busy`]; so does a request the server ends as a
+/// deadlock's victim.
 pub async fn issue_token(db: &Db, name: &str, holder: &str) -> Result<Fence, FenceError> {
     issue_token_after(db, name, holder, 0).await
 }
@@ -133,7 +134,7 @@ pub async fn issue_token_after(
 ) -> Result<Fence, FenceError> {
     ensure_tables(db).await?;
     let busy = |e: sqlx::Error| {
-        if is_lock_wait_expired(&e) {
+        if is_lock_contention(&e) {
             FenceError::Busy(name.to_string())
         } else {
             FenceError::Sql(e)
@@ -143,8 +144,8 @@ pub async fn issue_token_after(
     // afterwards, not returned to the pool, where it would bound every later batch instead.
     let mut conn = db.scoped_connection().await.map_err(busy)?;
     let mut tx = conn.begin_write().await.map_err(busy)?;
-    set_lock_timeout(&mut tx).await?;
-    if !try_session_lock_xact(&mut tx, name).await? {
+    set_lock_timeout(&mut tx).await.map_err(busy)?;
+    if !try_session_lock_xact(&mut tx, name).await.map_err(busy)? {
         tx.rollback().await?;
         return Err(FenceError::Busy(name.to_string()));
     }
@@ -152,8 +153,10 @@ pub async fn issue_token_after(
     // server ends its stalled session (store::STALLED_TRANSACTION_TIMEOUT).
     let (current, _) = lock_row(&mut tx, name).await.map_err(busy)?;
     let token = current.max(floor) + 1;
-    write_row(&mut tx, name, token, holder).await?;
-    tx.commit().await?;
+    write_row(&mut tx, name, token, holder)
+        .await
+        .map_err(busy)?;
+    tx.commit().await.map_err(busy)?;
     // MySQL's named lock belongs to the session, not the transaction: let it go now that the
     // token is stored (closing the connection would release it too, a moment later).
     if let crate::store::ScopedConnection::MySql(c) = &mut conn {
@@ -169,14 +172,18 @@ pub async fn issue_token_after(
     })
 }
 
-/// True when a statement gave up waiting for a lock another session holds: PostgreSQL
-/// `lock_not_available`, MySQL/MariaDB 1205, SQLite `SQLITE_BUSY`.
-fn is_lock_wait_expired(e: &sqlx::Error) -> bool {
-    if crate::store::mysql_error_number(e) == Some(1205) {
+/// True when a statement lost to another session over a lock: it gave up waiting
+/// (PostgreSQL `lock_not_available`, MySQL/MariaDB 1205, SQLite `SQLITE_BUSY`) or was chosen
+/// as a deadlock's victim (PostgreSQL `40P01`, MySQL/MariaDB 1213). Either way the server
+/// rolled the statement back and a later request succeeds: the job is deferred, not failed.
+fn is_lock_contention(e: &sqlx::Error) -> bool {
+    if matches!(crate::store::mysql_error_number(e), Some(1205 | 1213)) {
         return true;
     }
     match e {
-        sqlx::Error::Database(d) => matches!(d.code().as_deref(), Some("55P03" | "5" | "517")),
+        sqlx::Error::Database(d) => {
+            matches!(d.code().as_deref(), Some("55P03" | "40P01" | "5" | "517"))
+        }
         _ => false,
     }
 }
@@ -624,6 +631,58 @@ impl SessionLock {
             LockedConn::Sqlite(_) => Engine::Sqlite,
             LockedConn::Postgres(_) => Engine::Postgres,
             LockedConn::MySql(_) => Engine::MySql,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestDb;
+
+    async fn lock_row_of(tx: &mut DbTx<'_>, id: i64) -> Result<(), sqlx::Error> {
+        let select = tx.sql("SELECT id FROM t WHERE id = ? FOR UPDATE");
+        crate::on_tx!(tx, c => {
+            sqlx::query(select).bind(id).fetch_one(&mut *c).await?;
+            Ok(())
+        })
+    }
+
+    /// Two transactions that lock two rows in opposite orders deadlock; the server ends one
+    /// of them. That loser is contention (a token request that meets it is deferred as
+    /// `Busy`), not an SQL failure that would cost its job an attempt. Fails if the
+    /// deadlock codes (`40P01`, 1213) are not classified.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deadlock_victim_counts_as_lock_contention() {
+        for engine in [Engine::Postgres, Engine::MySql] {
+            let tdb = TestDb::new(engine).await;
+            let db = &tdb.db;
+            db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+                .await
+                .expect("table");
+            db.execute("INSERT INTO t (id) VALUES (1), (2)")
+                .await
+                .expect("rows");
+            let mut first = db.begin_write().await.expect("first transaction");
+            let mut second = db.begin_write().await.expect("second transaction");
+            lock_row_of(&mut first, 1).await.expect("row 1");
+            lock_row_of(&mut second, 2).await.expect("row 2");
+            // The first now waits for row 2; the second's request for row 1 closes the cycle.
+            let waiter = tokio::spawn(async move {
+                let outcome = lock_row_of(&mut first, 2).await;
+                let _ = first.rollback().await;
+                outcome
+            });
+            let closer = lock_row_of(&mut second, 1).await;
+            let _ = second.rollback().await;
+            let waited = waiter.await.expect("waiter task");
+            let errors: Vec<sqlx::Error> = [closer, waited]
+                .into_iter()
+                .filter_map(Result::err)
+                .collect();
+            assert_eq!(errors.len(), 1, "{engine}: one victim: {errors:?}");
+            assert!(is_lock_contention(&errors[0]), "{engine}: {:?}", errors[0]);
+            tdb.drop_db().await;
         }
     }
 }
