@@ -5,7 +5,10 @@
 //! Admin URLs can be pointed elsewhere with `SESSIONFLEET_TEST_PG_URL`,
 //! `SESSIONFLEET_TEST_MYSQL_URL` and `SESSIONFLEET_TEST_REDIS_URL`.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use crate::store::{ConnectOptions, Db, Engine};
 
@@ -120,6 +123,34 @@ impl Drop for RedisKeysGuard {
             eprintln!("leaving Redis keys of {}: {e}", self.namespace);
         }
     }
+}
+
+/// Lowest port handed out: above the well-known services' ports.
+const FIRST_TEST_PORT: u16 = 10_000;
+
+/// A free TCP port on loopback, for a server a test starts (a worker's metrics, a private
+/// `redis-server`), which binds it a moment later.
+///
+/// Not port 0's pick: that comes from the ephemeral range, which every outgoing connection
+/// of the parallel suite also draws from, so one could take the port before the server binds
+/// it. These come from below that range, and never twice in one test binary (cargo runs the
+/// test binaries one after another).
+pub fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_start.saturating_sub(FIRST_TEST_PORT).max(1);
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let port = FIRST_TEST_PORT + (uuid::Uuid::new_v4().as_u128() % u128::from(span)) as u16;
+        if !handed_out.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST_TEST_PORT}..{ephemeral_start}");
 }
 
 /// A loopback TCP port bound for as long as the value lives and never listened on: a
@@ -265,17 +296,24 @@ impl TestDb {
             Engine::Postgres => pg_admin_url(),
             Engine::MySql => mysql_admin_url(),
         };
-        if let Ok(admin) = Db::connect(&admin_url, &ConnectOptions::default()).await {
-            let force = if self.engine == Engine::Postgres {
-                " WITH (FORCE)"
-            } else {
-                ""
-            };
-            let _ = admin
-                .execute(&format!("DROP DATABASE IF EXISTS {}{force}", self.name))
-                .await;
-            admin.close().await;
+        // A database left behind is a leak every later run adds to: a DROP that keeps failing
+        // fails the test rather than pass in silence.
+        let admin = Db::connect(&admin_url, &ConnectOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("connect to drop test database {}: {e}", self.name));
+        let force = if self.engine == Engine::Postgres {
+            " WITH (FORCE)"
+        } else {
+            ""
+        };
+        let drop = format!("DROP DATABASE IF EXISTS {}{force}", self.name);
+        let mut attempt = 1;
+        while let Err(e) = admin.execute(&drop).await {
+            assert!(attempt < 3, "{drop}: {e}");
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        admin.close().await;
     }
 }
 

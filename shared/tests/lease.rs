@@ -126,10 +126,7 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = sessionfleet::testing::free_port();
         let mut r = PrivateRedis { port, child: None };
         r.spawn();
         r

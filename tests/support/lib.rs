@@ -2,7 +2,6 @@
 //! processes and private Redis servers, and cleans them up when dropped.
 
 use std::fs::File;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, OnceLock};
@@ -12,6 +11,7 @@ use sessionfleet::CancellationToken;
 use sessionfleet::config::{Overrides, Settings};
 use sessionfleet::queue::Queue;
 use sessionfleet::runner::RunnerDeps;
+use sessionfleet::testing::free_port;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -103,14 +103,6 @@ pub async fn doomed_v2(db: &sessionfleet::store::Db) -> i64 {
     ))
     .await
     .expect("count doomed sessions")
-}
-
-/// A free TCP port on loopback.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn log_dir() -> PathBuf {

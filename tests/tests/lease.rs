@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sessionfleet::dispatch::OperationJob;
 use sessionfleet::fence;
-use sessionfleet::jobs::JobEnvelope;
+use sessionfleet::jobs::{JobEnvelope, QueueClass};
 use sessionfleet::lease;
 use sessionfleet::ops::cleanup::CleanupParams;
 use sessionfleet::ops::maintenance::{MaintenanceAction, MaintenanceParams};
@@ -187,8 +187,20 @@ async fn a_holder_paused_past_its_ttl_is_fenced_out_when_it_wakes() {
     let log_before = fence::write_log(&t.db, &lease::fence_name("default"))
         .await
         .unwrap();
+    assert!(
+        !part_ended(&a, first.job_id),
+        "frozen, it settled nothing: {}",
+        a.log_text()
+    );
     a.signal("CONT");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Awake, it finds its lease lost or its token fenced out; either way its part ends, and
+    // with it every use of the stale token (a later part gets a token of its own).
+    eventually(
+        Duration::from_secs(60),
+        "the stale holder's part to end",
+        || async { part_ended(&a, first.job_id).then_some(()) },
+    )
+    .await;
     let log_after = fence::write_log(&t.db, &lease::fence_name("default"))
         .await
         .unwrap();
@@ -223,6 +235,23 @@ fn metric(body: &str, name: &str, label: &str) -> f64 {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// What a worker logs, inside the job's span, when it settles a part: any outcome.
+const PART_SETTLED: [&str; 5] = [
+    "job succeeded",
+    "part done; continuation enqueued",
+    "deferred",
+    "failed; will retry",
+    "job failed; dead-lettered",
+];
+
+/// True once `w`'s log shows it settled a part of job `id`.
+fn part_ended(w: &Worker, id: uuid::Uuid) -> bool {
+    let id = id.to_string();
+    w.log_text()
+        .lines()
+        .any(|l| l.contains(&id) && PART_SETTLED.iter().any(|m| l.contains(m)))
 }
 
 /// Waits until someone holds the `default` target's lease in namespace `ns`.
@@ -356,6 +385,13 @@ async fn different_databases_are_worked_on_in_parallel_by_different_workers() {
         })
         .collect();
     let q = queue(&redis_url(), &ns).await;
+    // Both polling before the jobs arrive: a worker still starting could leave both jobs to
+    // the other, one after the other, which would say nothing about the lease.
+    eventually(Duration::from_secs(60), "two live workers", || async {
+        let live = q.live_workers(Some(QueueClass::Cleanup)).await.ok()?;
+        (live.len() >= 2).then_some(())
+    })
+    .await;
     let job = OperationJob::Cleanup(slow_cleanup());
     let envs: Vec<JobEnvelope> = ["a", "b"]
         .iter()
