@@ -286,6 +286,12 @@ impl Drop for Worker {
     /// run). A test that checks something after dropping its workers should read their logs
     /// first.
     fn drop(&mut self) {
+        if self.pid_namespace {
+            // Killing `unshare` would only SIGTERM the worker inside, which then shuts down at
+            // its own pace and could write to Redis after the test's key guard has run. Killed
+            // itself, it is gone once `unshare`, which waits for it, has exited.
+            self.signal("KILL");
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         if !std::thread::panicking() {
