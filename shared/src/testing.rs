@@ -192,6 +192,80 @@ impl Default for ClosedPort {
     }
 }
 
+/// A lock a test holds on a database from a connection of its own (a pool of one, so the
+/// lock's statements all run on one server session), until [`HeldLock::release`].
+pub struct HeldLock {
+    locker: Db,
+    /// The open transaction holding the locks; none for MySQL's `LOCK TABLES`.
+    tx: Option<crate::store::DbTx<'static>>,
+}
+
+impl HeldLock {
+    /// Every row of the sessions table, `SELECT … FOR UPDATE`: reads go on, and each cleanup
+    /// batch waits for a row lock at its DELETE (a statement in flight that a kill surely
+    /// breaks, or that ends at the batch's lock timeout).
+    pub async fn every_session(url: &str) -> HeldLock {
+        let locker = Self::one_connection(url).await;
+        let tx = Self::hold_open(&locker, "SELECT id FROM user_sessions FOR UPDATE").await;
+        HeldLock {
+            locker,
+            tx: Some(tx),
+        }
+    }
+
+    /// The sessions table itself, a lock every read waits behind: PostgreSQL `ACCESS
+    /// EXCLUSIVE`, MySQL `LOCK TABLES … WRITE`.
+    pub async fn sessions_table(url: &str) -> HeldLock {
+        let locker = Self::one_connection(url).await;
+        if locker.engine() == Engine::MySql {
+            locker
+                .execute("LOCK TABLES user_sessions WRITE")
+                .await
+                .expect("lock");
+            return HeldLock { locker, tx: None };
+        }
+        let tx =
+            Self::hold_open(&locker, "LOCK TABLE user_sessions IN ACCESS EXCLUSIVE MODE").await;
+        HeldLock {
+            locker,
+            tx: Some(tx),
+        }
+    }
+
+    /// Lets go of the lock and closes its connection.
+    pub async fn release(self) {
+        match self.tx {
+            Some(tx) => tx.rollback().await.expect("unlock"),
+            None => {
+                self.locker.execute("UNLOCK TABLES").await.expect("unlock");
+            }
+        }
+        self.locker.close().await;
+    }
+
+    async fn one_connection(url: &str) -> Db {
+        let opts = ConnectOptions {
+            max_connections: 1,
+            ..Default::default()
+        };
+        Db::connect(url, &opts).await.expect("locker connection")
+    }
+
+    /// Runs `sql` in a write transaction on `locker` and leaves it open, with the locks it
+    /// took, for as long as the test says (on PostgreSQL past our sessions'
+    /// idle-in-transaction limit).
+    async fn hold_open(locker: &Db, sql: &str) -> crate::store::DbTx<'static> {
+        let mut tx = locker.begin_write().await.expect("begin");
+        let sql = match locker.engine() {
+            Engine::Postgres => format!("SET LOCAL idle_in_transaction_session_timeout = 0; {sql}"),
+            _ => sql.to_string(),
+        };
+        crate::on_tx!(&mut tx, c => sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *c).await.map(|_| ()).expect("lock"));
+        tx
+    }
+}
+
 /// The three engines, for tests that run on each.
 pub const ENGINES: [Engine; 3] = [Engine::Sqlite, Engine::Postgres, Engine::MySql];
 

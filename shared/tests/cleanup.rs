@@ -13,7 +13,7 @@ use sessionfleet::ops::cleanup::{self, CleanupParams, CleanupReport};
 use sessionfleet::ops::{OpContext, OpError, Outcome};
 use sessionfleet::seed::{SeedParams, seed_demo};
 use sessionfleet::store::{Db, Engine, SchemaVersion, dialect_sql};
-use sessionfleet::testing::{ENGINES, TestDb};
+use sessionfleet::testing::{ENGINES, HeldLock, TestDb};
 use sqlx::Row;
 
 const VERSIONS: [SchemaVersion; 2] = [SchemaVersion::V1, SchemaVersion::V2];
@@ -269,8 +269,8 @@ async fn snapshot(db: &Db, version: SchemaVersion) -> BTreeMap<i64, String> {
     sessionfleet::on_pool!(db, p => {
         sqlx::query(sql).fetch_all(p).await.expect("snapshot").iter().map(|r| {
             let mut s = format!(
-                "{}|{}|{:?}|{}",
-                r.get::<String, _>(1), r.get::<i64, _>(2), r.get::<Option<i64>, _>(3), r.get::<NaiveDateTime, _>(4)
+                "{}|{:?}|{:?}|{}",
+                r.get::<String, _>(1), r.get::<Option<i64>, _>(2), r.get::<Option<i64>, _>(3), r.get::<NaiveDateTime, _>(4)
             );
             if version == SchemaVersion::V2 {
                 s.push_str(&format!("|{}|{}|{}", r.get::<NaiveDateTime, _>(5), r.get::<NaiveDateTime, _>(6), r.get::<bool, _>(7)));
@@ -1090,38 +1090,6 @@ async fn small_budgeted_parts_refresh_statistics_once_their_purge_together_is_la
     }
 }
 
-/// Holds a lock on every row of the sessions table (`SELECT … FOR UPDATE` in a transaction
-/// on a connection of its own) until [`release_table`]: the run's reads go on, and each of
-/// its batches waits for a row lock at its DELETE, a statement in flight that a kill surely
-/// breaks.
-async fn lock_every_session(url: &str) -> (Db, Option<sessionfleet::store::DbTx<'static>>) {
-    let locker = one_connection(url).await;
-    let tx = hold_open(&locker, "SELECT id FROM user_sessions FOR UPDATE").await;
-    (locker, Some(tx))
-}
-
-/// A pool of one connection, so a lock's statements all run on one session.
-async fn one_connection(url: &str) -> Db {
-    let opts = sessionfleet::store::ConnectOptions {
-        max_connections: 1,
-        ..Default::default()
-    };
-    Db::connect(url, &opts).await.expect("locker connection")
-}
-
-/// Runs `sql` in a write transaction on `locker` and leaves it open, with the locks it took,
-/// for as long as the test says (on PostgreSQL past our sessions' idle-in-transaction limit).
-async fn hold_open(locker: &Db, sql: &str) -> sessionfleet::store::DbTx<'static> {
-    let mut tx = locker.begin_write().await.expect("begin");
-    let sql = match locker.engine() {
-        Engine::Postgres => format!("SET LOCAL idle_in_transaction_session_timeout = 0; {sql}"),
-        _ => sql.to_string(),
-    };
-    sessionfleet::on_tx!(&mut tx, c => sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(&mut *c).await.map(|_| ()).expect("lock"));
-    tx
-}
-
 /// One-row batches with rests: a run of a few hundred short transactions, long enough to
 /// act on while it runs.
 fn one_row_batches() -> CleanupParams {
@@ -1187,7 +1155,7 @@ async fn a_run_whose_connections_are_killed_retries_and_completes() {
             .await
             .expect("killer connection");
         let run = a_slow_run_under_way(&db, before.len()).await;
-        let rows = lock_every_session(&tdb.url).await;
+        let rows = HeldLock::every_session(&tdb.url).await;
         let started = std::time::Instant::now();
         let mut killed = 0;
         while killed < 3 && !run.is_finished() {
@@ -1199,7 +1167,7 @@ async fn a_run_whose_connections_are_killed_retries_and_completes() {
             // InnoDB refreshes its transaction table for readers at most every 100 ms.
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
-        release_table(rows).await;
+        rows.release().await;
         let report = run
             .await
             .expect("task")
@@ -1312,32 +1280,6 @@ async fn sqlite_application_writers_get_in_between_batches_and_never_fail() {
     tdb.drop_db().await;
 }
 
-/// Holds a lock on the sessions table that every read waits behind — PostgreSQL `ACCESS
-/// EXCLUSIVE`, MySQL `LOCK TABLES … WRITE` — on a pool of one connection, so the lock's
-/// statements all run on one session. [`release_table`] lets the readers in.
-async fn lock_table(url: &str, engine: Engine) -> (Db, Option<sessionfleet::store::DbTx<'static>>) {
-    let locker = one_connection(url).await;
-    if engine == Engine::MySql {
-        locker
-            .execute("LOCK TABLES user_sessions WRITE")
-            .await
-            .expect("lock");
-        return (locker, None);
-    }
-    let tx = hold_open(&locker, "LOCK TABLE user_sessions IN ACCESS EXCLUSIVE MODE").await;
-    (locker, Some(tx))
-}
-
-async fn release_table((locker, tx): (Db, Option<sessionfleet::store::DbTx<'static>>)) {
-    match tx {
-        Some(tx) => tx.rollback().await.expect("unlock"),
-        None => {
-            locker.execute("UNLOCK TABLES").await.expect("unlock");
-        }
-    }
-    locker.close().await;
-}
-
 /// The server sessions of this database that wait for a table lock.
 async fn lock_waiters(db: &Db) -> i64 {
     db.scalar_i64(match db.engine() {
@@ -1404,7 +1346,7 @@ async fn with_connections_killed_twice<T: Send + 'static>(
     let killer = Db::connect(&tdb.url, &sessionfleet::store::ConnectOptions::default())
         .await
         .expect("killer connection");
-    let lock = lock_table(&tdb.url, tdb.engine()).await;
+    let lock = HeldLock::sessions_table(&tdb.url).await;
     let run = tokio::spawn(work);
     let started = std::time::Instant::now();
     let mut killed = 0;
@@ -1424,7 +1366,7 @@ async fn with_connections_killed_twice<T: Send + 'static>(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    release_table(lock).await;
+    lock.release().await;
     killer.close().await;
     run.await.expect("task")
 }
@@ -1446,7 +1388,7 @@ async fn a_run_cancelled_while_it_counts_stops_without_waiting_for_the_count() {
             .expect("watcher connection");
         let c = ctx(&tdb.db).await;
         let cancel = c.cancel.clone();
-        let lock = lock_table(&tdb.url, engine).await;
+        let lock = HeldLock::sessions_table(&tdb.url).await;
         let run = tokio::spawn(async move { cleanup::run(&c, &params()).await });
         let started = std::time::Instant::now();
         while lock_waiters(&watcher).await == 0 {
@@ -1477,7 +1419,7 @@ async fn a_run_cancelled_while_it_counts_stops_without_waiting_for_the_count() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        release_table(lock).await;
+        lock.release().await;
         assert_eq!(report.outcome, Outcome::Cancelled, "{engine}");
         assert_eq!(report.total_cleaned(), 0, "{engine}");
         assert_eq!(
@@ -1955,6 +1897,99 @@ async fn without_users_table_the_orphan_rule_is_skipped_with_a_note() {
         "no users table",
     );
     tdb.drop_db().await;
+}
+
+/// Makes `user_sessions.user_id` nullable, as in an application with guest sessions. SQLite
+/// cannot drop a NOT NULL: the table is rebuilt under its own DDL minus that constraint.
+async fn allow_sessions_without_a_user(db: &Db) {
+    match db.engine() {
+        Engine::Postgres => {
+            db.execute("ALTER TABLE user_sessions ALTER COLUMN user_id DROP NOT NULL")
+                .await
+                .expect("nullable user_id");
+        }
+        Engine::MySql => {
+            db.execute("ALTER TABLE user_sessions MODIFY user_id INTEGER NULL")
+                .await
+                .expect("nullable user_id");
+        }
+        Engine::Sqlite => {
+            let ddl: Vec<String> = sessionfleet::on_pool!(db, p => sqlx::query_scalar(
+                "SELECT sql FROM sqlite_master WHERE tbl_name = 'user_sessions' AND sql IS NOT NULL ORDER BY type DESC"
+            ).fetch_all(p).await.expect("ddl"));
+            let (table, indexes) = ddl.split_first().expect("the table's DDL");
+            assert!(table.contains("user_id INTEGER NOT NULL"), "{table}");
+            let mut rebuild = vec![
+                "ALTER TABLE user_sessions RENAME TO user_sessions_old".to_string(),
+                table.replace("user_id INTEGER NOT NULL", "user_id INTEGER"),
+                "INSERT INTO user_sessions SELECT * FROM user_sessions_old".to_string(),
+                "DROP TABLE user_sessions_old".to_string(),
+            ];
+            rebuild.extend(indexes.iter().cloned());
+            // One transaction on one connection: another pooled connection could still plan
+            // against the schema it read before the rebuild.
+            let mut tx = db.begin_write().await.expect("begin");
+            sessionfleet::on_tx!(&mut tx, c => {
+                for sql in &rebuild {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                        .execute(&mut *c)
+                        .await
+                        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                }
+            });
+            tx.commit().await.expect("commit");
+        }
+    }
+}
+
+/// A session without a user (a nullable `user_id`, as for an application's guest sessions)
+/// is not orphaned: it never had a user to lose. The expiry rules still remove it once it has
+/// expired. Fails if the orphan rule's anti-join is left to match a NULL user id.
+#[tokio::test]
+async fn a_session_without_a_user_is_not_orphaned() {
+    for engine in ENGINES {
+        let tdb = seeded(engine, SchemaVersion::V2).await;
+        let db = &tdb.db;
+        allow_sessions_without_a_user(db).await;
+        let hour = ChronoDuration::hours(1);
+        let insert = "INSERT INTO user_sessions (session_id, user_id, created_at, updated_at, last_activity, expires_at, is_active) \
+             VALUES (?, NULL, ?, ?, ?, ?, TRUE)";
+        for (label, expires) in [("guest-live", t0() + hour), ("guest-expired", t0() - hour)] {
+            sessionfleet::on_pool!(db, p => {
+                sqlx::query(db.sql(insert))
+                    .bind(label).bind(t0() - hour).bind(t0() - hour).bind(t0() - hour).bind(expires)
+                    .execute(p).await.expect("guest session");
+            });
+        }
+        let before = snapshot(db, SchemaVersion::V2).await;
+        let purge = oracle(db, SchemaVersion::V2, None, true).await;
+        let dry = cleanup::run(
+            &read_only(db),
+            &CleanupParams {
+                dry_run: true,
+                ..params()
+            },
+        )
+        .await
+        .expect("dry run");
+        assert_eq!(dry.total_cleaned(), purge.len() as u64, "{engine}: dry run");
+        cleanup::run(&ctx(db).await, &params()).await.expect("run");
+        assert_exactly_purged(
+            &before,
+            &snapshot(db, SchemaVersion::V2).await,
+            &purge,
+            &format!("{engine}: guest sessions"),
+        );
+        let guests: BTreeSet<String> = sessionfleet::on_pool!(db, p => sqlx::query_scalar(
+            "SELECT session_id FROM user_sessions WHERE user_id IS NULL"
+        ).fetch_all(p).await.expect("guests").into_iter().collect());
+        assert_eq!(
+            guests,
+            BTreeSet::from(["guest-live".to_string()]),
+            "{engine}"
+        );
+        tdb.drop_db().await;
+    }
 }
 
 #[tokio::test]

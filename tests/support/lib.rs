@@ -98,7 +98,7 @@ pub async fn doomed_v2(db: &sessionfleet::store::Db) -> i64 {
     db.scalar_i64(&format!(
         "SELECT COUNT(*) FROM user_sessions s WHERE s.expires_at < '{stamp}' \
          OR (s.is_active = FALSE AND s.last_activity < '{cutoff}') \
-         OR NOT EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id) \
+         OR (s.user_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id)) \
          OR EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id AND u.is_active = FALSE)"
     ))
     .await

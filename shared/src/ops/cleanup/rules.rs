@@ -253,8 +253,12 @@ fn rules_as_written(
     match &schema.users {
         Some(users) => {
             let u = &users.table;
+            // A session without a user (an application's guest sessions, where the column is
+            // nullable) never had one to lose: only the expiry rules remove it. Left to the
+            // anti-join alone, a NULL id would match no user row and count as orphaned.
+            let has_user = format!("{t}.{} IS NOT NULL", s.user_id);
             let missing = format!(
-                "NOT EXISTS (SELECT 1 FROM {u} u WHERE u.{} = {t}.{})",
+                "{has_user} AND NOT EXISTS (SELECT 1 FROM {u} u WHERE u.{} = {t}.{})",
                 users.id, s.user_id
             );
             let sql = match &users.is_active {
@@ -262,7 +266,7 @@ fn rules_as_written(
                 // (not "missing OR deactivated") so every engine plans it as an anti-join that
                 // probes the users key, instead of evaluating two subqueries per row.
                 Some(flag) => format!(
-                    "NOT EXISTS (SELECT 1 FROM {u} u WHERE u.{} = {t}.{} AND (u.{flag} IS NULL OR u.{flag} <> FALSE))",
+                    "{has_user} AND NOT EXISTS (SELECT 1 FROM {u} u WHERE u.{} = {t}.{} AND (u.{flag} IS NULL OR u.{flag} <> FALSE))",
                     users.id, s.user_id
                 ),
                 None => {
