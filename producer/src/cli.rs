@@ -70,7 +70,7 @@ pub struct GlobalArgs {
     /// Run the operation in this process (under the same lease and fence), without workers
     #[arg(long, global = true)]
     pub local: bool,
-    /// Give up waiting after this many seconds (exit code 4)
+    /// Give up after this many seconds (exit code 4); with --local, the operation stops at its next batch boundary
     #[arg(long, global = true, value_name = "SECS", default_value_t = 3600)]
     pub timeout: u64,
     /// Redis key namespace, to run several fleets on one Redis [env: SESSIONFLEET_NAMESPACE]

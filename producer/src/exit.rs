@@ -7,7 +7,7 @@ use std::process::ExitCode;
 pub enum Exit {
     /// Everything asked for was done.
     Success = 0,
-    /// The operation ran and failed (or was fenced out).
+    /// The operation ran and failed.
     OperationFailed = 1,
     /// Bad flags or configuration.
     Usage = 2,

@@ -11,8 +11,8 @@ use crate::exit::Exit;
 use crate::output::Output;
 use crate::run::Finished;
 
-/// Prints the runs and returns the exit code: 1 if any failed, 3 if a health report is
-/// critical, else 0.
+/// Prints the runs and returns the exit code: 4 if any was cut short by `--timeout`, 1 if
+/// any failed, 3 if a health report is critical, else 0.
 pub fn finished(runs: &[Finished], out: &Output) -> Exit {
     if out.json {
         if runs.len() == 1 && runs[0].error.is_none() {
@@ -40,14 +40,17 @@ pub fn finished(runs: &[Finished], out: &Output) -> Exit {
     }
     for r in runs {
         if let Some(e) = &r.error {
+            let verb = if r.timed_out { "stopped" } else { "failed" };
             eprintln!(
-                "error: {} on target {} failed: {e}",
+                "error: {} on target {} {verb}: {e}",
                 r.kind.as_str(),
                 r.target
             );
         }
     }
-    if runs.iter().any(|r| r.error.is_some()) {
+    if runs.iter().any(|r| r.timed_out) {
+        Exit::Timeout
+    } else if runs.iter().any(|r| r.error.is_some()) {
         Exit::OperationFailed
     } else if runs.iter().any(|r| critical(r.kind, &r.report)) {
         Exit::HealthCritical

@@ -39,6 +39,8 @@ pub struct Finished {
     pub report: serde_json::Value,
     /// The error of a failed run.
     pub error: Option<String>,
+    /// The run was cut short by `--timeout` (then `error` says where it stood): exit code 4.
+    pub timed_out: bool,
     /// Where it ran: `fleet` or `local`.
     pub ran: &'static str,
 }
@@ -140,9 +142,12 @@ pub async fn run(
         }
         return Ok(None);
     }
+    // One deadline for the whole invocation: a run that times out is reported with its job
+    // id (it keeps running), and so is every run after it, rather than lost with an error.
+    let deadline = Instant::now() + inv.timeout();
     let mut finished = Vec::new();
     for env in &envs {
-        finished.push(wait_for_run(&queue, env, inv).await?);
+        finished.push(wait_for_run(&queue, env, inv, deadline).await?);
     }
     Ok(Some(finished))
 }
@@ -185,8 +190,8 @@ async fn wait_for_run(
     queue: &Queue,
     env: &JobEnvelope,
     inv: &Invocation<'_>,
+    deadline: Instant,
 ) -> anyhow::Result<Finished> {
-    let deadline = Instant::now() + inv.timeout();
     let progress = Progress::new(&inv.out, env);
     loop {
         let mut parts = queue.run_results(env.run_id).await?;
@@ -206,18 +211,25 @@ async fn wait_for_run(
                 } else {
                     None
                 },
+                timed_out: false,
                 ran: "fleet",
             });
         }
         if Instant::now() >= deadline {
             progress.finish();
-            return Err(CliError::fail(
-                Exit::Timeout,
-                format!(
+            return Ok(Finished {
+                target: env.target.clone(),
+                kind: env.kind,
+                run_id: env.run_id.to_string(),
+                parts: parts.len() as u32,
+                report: merge_parts(env.kind, &parts),
+                error: Some(format!(
                     "timed out after {}s waiting for job {} (run {}); it keeps running — see `sessionfleet jobs show {}`",
                     inv.global.timeout, env.job_id, env.run_id, env.job_id
-                ),
-            ));
+                )),
+                timed_out: true,
+                ran: "fleet",
+            });
         }
         tokio::time::sleep(RESULT_POLL).await;
     }
@@ -256,7 +268,9 @@ fn merge_reports(kind: JobKind, reports: &[&serde_json::Value]) -> serde_json::V
 }
 
 /// Runs the jobs in this process, one after the other, continuing and waiting out a busy
-/// lease until done or `--timeout`.
+/// lease until done, Ctrl-C or `--timeout`. Both stop the operation at its next safe point
+/// (a cleanup: the next batch boundary) with what it did so far committed and reported; the
+/// runs not started by then are reported as such.
 async fn run_locally(
     inv: &Invocation<'_>,
     envs: Vec<JobEnvelope>,
@@ -269,6 +283,16 @@ async fn run_locally(
             ctrl_c.cancel();
         }
     });
+    let deadline = Instant::now() + inv.timeout();
+    let timed_out = CancellationToken::new();
+    let timer = tokio::spawn({
+        let (shutdown, timed_out) = (shutdown.clone(), timed_out.clone());
+        async move {
+            tokio::time::sleep_until(deadline.into()).await;
+            timed_out.cancel();
+            shutdown.cancel();
+        }
+    });
     let holder = format!("{}-local-{}", inv.who(), std::process::id());
     let oe = OperationEnv {
         settings: inv.settings,
@@ -277,9 +301,30 @@ async fn run_locally(
         holder: &holder,
         shutdown: &shutdown,
     };
-    let deadline = Instant::now() + inv.timeout();
+    let secs = inv.global.timeout;
+    // Why the operation stopped early, once it has: Ctrl-C or the deadline.
+    let stopped = || {
+        if timed_out.is_cancelled() {
+            format!("timed out after {secs}s")
+        } else {
+            "interrupted".to_string()
+        }
+    };
     let mut finished = Vec::new();
     for first in envs {
+        if shutdown.is_cancelled() {
+            finished.push(Finished {
+                target: first.target.clone(),
+                kind: first.kind,
+                run_id: first.run_id.to_string(),
+                parts: 0,
+                report: serde_json::Value::Null,
+                error: Some(format!("not started: {}", stopped())),
+                timed_out: timed_out.is_cancelled(),
+                ran: "local",
+            });
+            continue;
+        }
         let mut env = first.clone();
         let mut reports = Vec::new();
         let mut error = None;
@@ -299,10 +344,11 @@ async fn run_locally(
                     let part = env.part + 1;
                     if shutdown.is_cancelled() {
                         inv.out.info(format!(
-                            "{}: part {part} stopped after {rows_affected} rows: interrupted",
-                            env.target
+                            "{}: part {part} stopped after {rows_affected} rows: {}",
+                            env.target,
+                            stopped()
                         ));
-                        error = Some("interrupted; run the command again to finish".to_string());
+                        error = Some(format!("{}; run the command again to finish", stopped()));
                         break;
                     }
                     match delay {
@@ -311,8 +357,10 @@ async fn run_locally(
                         Some(delay) => {
                             let why = "stopped early by a newer lease holder or an error";
                             if Instant::now() + delay >= deadline {
+                                timed_out.cancel();
+                                shutdown.cancel();
                                 error = Some(format!(
-                                    "part {part} {why} after {rows_affected} rows; timed out before continuing"
+                                    "part {part} {why} after {rows_affected} rows; timed out after {secs}s before continuing; run the command again to finish"
                                 ));
                                 break;
                             }
@@ -321,7 +369,11 @@ async fn run_locally(
                                 env.target,
                                 delay.as_secs_f64()
                             ));
-                            tokio::time::sleep(delay).await;
+                            if !pause(delay, &shutdown).await {
+                                error =
+                                    Some(format!("{}; run the command again to finish", stopped()));
+                                break;
+                            }
                         }
                         None => inv.out.info(format!(
                             "{}: part {part} done ({rows_affected} rows), continuing",
@@ -331,15 +383,20 @@ async fn run_locally(
                     env = next;
                 }
                 JobOutcome::Deferred { delay, reason } => {
-                    if Instant::now() + delay >= deadline {
-                        return Err(CliError::fail(
-                            Exit::Timeout,
-                            format!("timed out: {reason}"),
-                        ));
+                    if shutdown.is_cancelled() || Instant::now() + delay >= deadline {
+                        if !shutdown.is_cancelled() {
+                            timed_out.cancel();
+                            shutdown.cancel();
+                        }
+                        error = Some(format!("{}: {reason}", stopped()));
+                        break;
                     }
                     inv.out
                         .info(format!("{reason}; retrying in {:.1}s", delay.as_secs_f64()));
-                    tokio::time::sleep(delay).await;
+                    if !pause(delay, &shutdown).await {
+                        error = Some(format!("{}: {reason}", stopped()));
+                        break;
+                    }
                 }
                 JobOutcome::Failed { error: e, .. } => {
                     error = Some(e);
@@ -354,11 +411,21 @@ async fn run_locally(
             run_id: first.run_id.to_string(),
             parts: reports.len() as u32,
             report: merge_reports(first.kind, &refs),
+            timed_out: error.is_some() && timed_out.is_cancelled(),
             error,
             ran: "local",
         });
     }
+    timer.abort();
     Ok(finished)
+}
+
+/// Sleeps for `delay`; false when `shutdown` comes first.
+async fn pause(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = shutdown.cancelled() => false,
+    }
 }
 
 /// A spinner on a terminal; plain lines otherwise; nothing with `--json`.

@@ -262,6 +262,80 @@ async fn an_interrupted_local_cleanup_shows_what_it_deleted() {
     t.drop_db().await;
 }
 
+/// `--timeout` bounds a `--local` run itself, not only waits: a cleanup that would take
+/// minutes stops at its next batch boundary once the time is up, exits 4 and reports what it
+/// deleted. Fails if the run goes on to the end (exit 0) or ends as a failure (exit 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_cleanup_stops_at_its_timeout_and_exits_4() {
+    let t = seeded(Engine::Sqlite, 2000).await;
+    let before = total(&t).await;
+    let mut cli = Cli::new(&t.url);
+    // One-row batches, each followed by a rest 100 times as long: over a thousand rows to
+    // delete take minutes, far beyond the three seconds allowed.
+    cli.extra = [
+        ("SESSION_CLEANUP_BATCH_SIZE", "1"),
+        ("SESSION_CLEANUP_TARGET_BATCH_MS", "1"),
+        ("SESSION_CLEANUP_REST_RATIO", "100"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec();
+    let out = cli.run(&["--local", "--timeout", "3", "cleanup", "--once"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(4), "{stdout}\n{stderr}");
+    assert!(doomed(&t).await > 0, "stopped before the end");
+    let deleted = before - total(&t).await;
+    let field = |name: &str| -> i64 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in: {stdout}"))
+            .parse()
+            .expect("a number")
+    };
+    assert_eq!(
+        field("expired_sessions_cleaned") + field("orphaned_sessions_cleaned"),
+        deleted,
+        "the report counts what was deleted: {stdout}"
+    );
+    for expected in ["outcome: cancelled", "Error: timed out after 3s"] {
+        assert!(stdout.contains(expected), "{expected:?} in: {stdout}");
+    }
+    assert!(stderr.contains("timed out after 3s"), "{stderr}");
+    t.drop_db().await;
+}
+
+/// A wait for the fleet that runs out is exit 4 and names the job, which goes on in the
+/// worker; with `--json` the document says `timed_out` for that run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_the_fleet_that_times_out_exits_4_and_names_the_job() {
+    let t = seeded(Engine::Sqlite, 2000).await;
+    let mut cli = Cli::new(&t.url);
+    cli.extra = [
+        ("SESSION_CLEANUP_BATCH_SIZE", "1"),
+        ("SESSION_CLEANUP_TARGET_BATCH_MS", "1"),
+        ("SESSION_CLEANUP_REST_RATIO", "100"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec();
+    let _w = cli.worker("timeout");
+    let out = cli.run(&["--timeout", "3", "cleanup", "--once", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    let run = &doc[0];
+    assert_eq!(run["timed_out"], true, "{doc}");
+    let error = run["error"].as_str().expect("an error");
+    assert!(
+        error.contains("timed out after 3s waiting for job") && error.contains("keeps running"),
+        "{error}"
+    );
+    assert!(stderr.contains("stopped: timed out"), "{stderr}");
+    t.drop_db().await;
+}
+
 /// `log_format = "json"` in the configuration file makes the CLI's logs JSON, as it does the
 /// worker's (only the environment variable used to). Fails if the logs stay text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
