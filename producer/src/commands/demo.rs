@@ -203,16 +203,17 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// `sessionfleet-worker` beside this binary; built with cargo first when the demo runs
-/// under `cargo run` and it is not there yet.
+/// `sessionfleet-worker` beside this binary. Under `cargo run` it is built (or brought up to
+/// date: a no-op when it is) first, so the demo never runs a worker older than the CLI's own
+/// source; installed, the one beside it is used.
 fn worker_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     let bin = dir.join("sessionfleet-worker");
-    if bin.exists() {
-        return Ok(bin);
-    }
     let Ok(cargo) = std::env::var("CARGO") else {
+        if bin.exists() {
+            return Ok(bin);
+        }
         return Err(CliError::fail(
             Exit::OperationFailed,
             format!(
@@ -221,9 +222,14 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
             ),
         ));
     };
-    eprintln!("    building sessionfleet-worker…");
+    eprintln!("    building sessionfleet-worker (if it is not up to date)…");
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "-p", "sessionfleet-worker"]);
+    // The workspace of the running CLI, wherever `cargo run --manifest-path …` was typed.
+    if let Ok(package) = std::env::var("CARGO_MANIFEST_DIR") {
+        cmd.arg("--manifest-path")
+            .arg(Path::new(&package).join("Cargo.toml"));
+    }
     // `cargo run` gives this process its package's CARGO_* variables; passed on, they would
     // make the nested build see another environment and rebuild dependencies.
     for (key, _) in std::env::vars_os() {
