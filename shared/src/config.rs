@@ -104,7 +104,8 @@ pub struct Key {
     pub help: &'static str,
 }
 
-/// Default SQLite database: a file in the working directory, created on first use.
+/// Default SQLite database: a file in the working directory (opened, not created: only seeding
+/// creates a missing file, so a mistyped path is an error, not an empty database).
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://sessionfleet.db";
 /// Default Redis.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";

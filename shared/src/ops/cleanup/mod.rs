@@ -1058,7 +1058,7 @@ fn rest_after(engine: Engine, ratio: f64, held: Duration, already: Duration) -> 
 /// - **MySQL/MariaDB: 1.0.** Lock waiters queue fairly, but under back-to-back deletes single
 ///   batches and COMMITs stall on a server whose buffer pool and redo log the table outgrows
 ///   (MariaDB's defaults, 128 MiB and 96 MiB). There, at 1,000,000 sessions, the longest
-///   transaction was over 100 ms in 6 of 8 runs without rests and in 4 of 14 with, at
+///   transaction was over 100 ms in 6 of 8 runs without rests and in 4 of 18 with, at
 ///   0.86–1.56× the plain `DELETE`'s rate instead of 1.52–1.93×. With 2 GiB and 1 GiB it was
 ///   55–86 ms without rests, and a rest of 1 only halved the rate: set 0 for a server sized
 ///   for its data. With only one of the two enlarged, rests were never worse for the longest
