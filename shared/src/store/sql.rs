@@ -7,27 +7,31 @@ use chrono::NaiveDateTime;
 /// Rewrites `?` placeholders into PostgreSQL's `$1, $2, …` when `numbered` is set.
 ///
 /// Lets one SQL text serve all three engines where only the placeholder style differs.
-/// Question marks inside single-quoted literals are left alone.
+/// Question marks inside single-quoted literals and double-quoted identifiers are left alone;
+/// a quote of the other kind inside either does not end it (a referencing table named
+/// `"o'brien"`, read from the catalog, once turned every later `?` into a literal `?`).
 pub fn placeholders(sql: &str, numbered: bool) -> Cow<'_, str> {
     if !numbered || !sql.contains('?') {
         return Cow::Borrowed(sql);
     }
     let mut out = String::with_capacity(sql.len() + 8);
     let mut n = 0;
-    let mut in_literal = false;
+    // The quote character of the literal or identifier being read, if any. A doubled quote
+    // (the escape in both) closes and reopens it, which comes to the same.
+    let mut quoted: Option<char> = None;
     for ch in sql.chars() {
-        match ch {
-            '\'' => {
-                in_literal = !in_literal;
-                out.push(ch);
-            }
-            '?' if !in_literal => {
+        match (quoted, ch) {
+            (None, '\'' | '"') => quoted = Some(ch),
+            (Some(q), _) if ch == q => quoted = None,
+            (None, '?') => {
                 n += 1;
                 out.push('$');
                 out.push_str(&n.to_string());
+                continue;
             }
-            _ => out.push(ch),
+            _ => {}
         }
+        out.push(ch);
     }
     Cow::Owned(out)
 }
@@ -60,6 +64,21 @@ pub fn mysql_row_errors(rows: &[Vec<Option<String>>]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leaves_quoted_identifiers_alone_whatever_they_hold() {
+        assert_eq!(
+            placeholders(
+                r#"SELECT 1 FROM "o'brien" r WHERE r."who?" = ? AND id > ?"#,
+                true
+            ),
+            r#"SELECT 1 FROM "o'brien" r WHERE r."who?" = $1 AND id > $2"#
+        );
+        assert_eq!(
+            placeholders(r#"x = 'it''s "?"' AND "a""b" = ?"#, true),
+            r#"x = 'it''s "?"' AND "a""b" = $1"#
+        );
+    }
 
     #[test]
     fn numbers_placeholders_for_postgres_only() {
