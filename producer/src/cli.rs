@@ -267,9 +267,10 @@ pub enum JobsAction {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
-    /// Show any job's state and result, or a dead letter's payload and reason
+    /// Show a job's result; a run's finished parts and the progress of the part running now;
+    /// or a dead letter's payload and reason
     Show {
-        /// Job id (or dead-letter id)
+        /// Job id, run id, or dead-letter id
         id: String,
     },
     /// Put a dead letter back on its queue

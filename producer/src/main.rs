@@ -6,6 +6,7 @@ mod commands;
 mod exit;
 mod output;
 mod plan;
+mod progress;
 mod render;
 mod run;
 

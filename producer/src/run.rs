@@ -1,14 +1,13 @@
 //! Running an operation the way the user asked: enqueue and wait (default), enqueue only
 //! (`--no-wait`), or in this process (`--local`, and automatically when Redis is down).
 
-use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use sessionfleet::CancellationToken;
 use sessionfleet::config::{Settings, Target};
 use sessionfleet::dispatch::{self, OperationEnv, OperationJob};
 use sessionfleet::jobs::{JobEnvelope, JobKind};
+use sessionfleet::ops::Progress;
 use sessionfleet::ops::cleanup::CleanupReport;
 use sessionfleet::queue::{EnqueueOptions, JobResult, Queue, ResultOutcome};
 use sessionfleet::runner::JobOutcome;
@@ -16,6 +15,7 @@ use sessionfleet::runner::JobOutcome;
 use crate::cli::GlobalArgs;
 use crate::exit::{CliError, Exit};
 use crate::output::Output;
+use crate::progress::{Running, Spinner};
 
 /// How long a waiting command looks for a live worker before saying there is none.
 pub const WORKER_PROBE: Duration = Duration::from_secs(2);
@@ -192,11 +192,21 @@ async fn wait_for_run(
     inv: &Invocation<'_>,
     deadline: Instant,
 ) -> anyhow::Result<Finished> {
-    let progress = Progress::new(&inv.out, env);
+    let progress = Spinner::new(&inv.out, env);
     loop {
         let mut parts = queue.run_results(env.run_id).await?;
         parts.sort_by_key(|r| r.part);
-        progress.update(&parts);
+        // Shown, never relied on: a failed read leaves the display as it was.
+        let live = queue.progress(env.run_id).await.ok().flatten();
+        progress.update(
+            parts.len(),
+            parts.iter().map(|p| p.rows_affected).sum(),
+            live.as_ref().map(|l| Running {
+                part: l.part,
+                worker: &l.worker,
+                done: l.done,
+            }),
+        );
         if let Some(last) = parts.iter().find(|r| r.outcome != ResultOutcome::Continued) {
             progress.finish();
             let error = last.error.clone();
@@ -224,8 +234,8 @@ async fn wait_for_run(
                 parts: parts.len() as u32,
                 report: merge_parts(env.kind, &parts),
                 error: Some(format!(
-                    "timed out after {}s waiting for job {} (run {}); it keeps running — see `sessionfleet jobs show {}`",
-                    inv.global.timeout, env.job_id, env.run_id, env.job_id
+                    "timed out after {}s waiting for job {} (run {}); it keeps running — `sessionfleet jobs show {}` shows where it stands",
+                    inv.global.timeout, env.job_id, env.run_id, env.run_id
                 )),
                 timed_out: true,
                 ran: "fleet",
@@ -294,12 +304,13 @@ async fn run_locally(
         }
     });
     let holder = format!("{}-local-{}", inv.who(), std::process::id());
-    let oe = OperationEnv {
+    let mut oe = OperationEnv {
         settings: inv.settings,
         redis: queue.as_ref().map(Queue::connection),
         queue: queue.as_ref(),
         holder: &holder,
         shutdown: &shutdown,
+        progress: None,
     };
     let secs = inv.global.timeout;
     // Why the operation stopped early, once it has: Ctrl-C or the deadline.
@@ -328,8 +339,18 @@ async fn run_locally(
         let mut env = first.clone();
         let mut reports = Vec::new();
         let mut error = None;
+        let spinner = Spinner::new(&inv.out, &first);
+        let mut rows_done = 0;
         loop {
-            match dispatch::run_operation(&env, &oe).await {
+            let progress = Progress::default();
+            oe.progress = Some(progress.clone());
+            let outcome =
+                run_showing_progress(&env, &oe, &progress, &spinner, reports.len(), rows_done)
+                    .await;
+            if let JobOutcome::Continue { rows_affected, .. } = &outcome {
+                rows_done += rows_affected;
+            }
+            match outcome {
                 JobOutcome::Done { report, .. } => {
                     reports.push(report);
                     break;
@@ -404,6 +425,7 @@ async fn run_locally(
                 }
             }
         }
+        spinner.finish();
         let refs: Vec<&serde_json::Value> = reports.iter().collect();
         finished.push(Finished {
             target: first.target.clone(),
@@ -420,61 +442,34 @@ async fn run_locally(
     Ok(finished)
 }
 
+/// Runs one part in this process, showing what it has committed as it goes.
+async fn run_showing_progress(
+    env: &JobEnvelope,
+    oe: &OperationEnv<'_>,
+    progress: &Progress,
+    spinner: &Spinner,
+    parts_done: usize,
+    rows_done: u64,
+) -> JobOutcome {
+    let mut updates = progress.subscribe();
+    let run = dispatch::run_operation(env, oe);
+    tokio::pin!(run);
+    loop {
+        tokio::select! {
+            outcome = &mut run => return outcome,
+            // `oe` keeps a sender, so this only ends with a new snapshot.
+            Ok(()) = updates.changed() => {
+                let done = *updates.borrow_and_update();
+                spinner.update(parts_done, rows_done, Some(Running { part: env.part, worker: oe.holder, done }));
+            }
+        }
+    }
+}
+
 /// Sleeps for `delay`; false when `shutdown` comes first.
 async fn pause(delay: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
         () = tokio::time::sleep(delay) => true,
         () = shutdown.cancelled() => false,
-    }
-}
-
-/// A spinner on a terminal; plain lines otherwise; nothing with `--json`.
-struct Progress {
-    bar: Option<ProgressBar>,
-    plain: bool,
-    label: String,
-    seen: std::cell::Cell<usize>,
-}
-
-impl Progress {
-    fn new(out: &Output, env: &JobEnvelope) -> Progress {
-        let label = format!("{} on {}", env.kind.as_str(), env.target);
-        let tty = std::io::stderr().is_terminal();
-        let bar = (tty && !out.json).then(|| {
-            let b = ProgressBar::new_spinner();
-            b.set_style(
-                ProgressStyle::with_template("{spinner} {elapsed} {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            );
-            b.enable_steady_tick(Duration::from_millis(120));
-            b.set_message(format!("{label}: waiting for a worker"));
-            b
-        });
-        Progress {
-            bar,
-            plain: !tty && !out.json,
-            label,
-            seen: std::cell::Cell::new(0),
-        }
-    }
-
-    fn update(&self, parts: &[JobResult]) {
-        if parts.len() == self.seen.get() {
-            return;
-        }
-        self.seen.set(parts.len());
-        let rows: u64 = parts.iter().map(|p| p.rows_affected).sum();
-        let msg = format!("{}: {} part(s) done, {rows} rows", self.label, parts.len());
-        if let Some(b) = &self.bar {
-            b.set_message(msg);
-        } else if self.plain {
-            eprintln!("{msg}");
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
     }
 }

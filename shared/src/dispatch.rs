@@ -24,8 +24,9 @@ use crate::ops::analytics::{self, AnalyticsParams, FleetFacts, JobCounts};
 use crate::ops::cleanup::{self, CleanupParams};
 use crate::ops::full::{self, FullParams};
 use crate::ops::maintenance::{self, MaintenanceAction, MaintenanceParams};
-use crate::ops::{OpContext, OpError, Outcome};
-use crate::queue::{Queue, ResultOutcome, RunSummary};
+use crate::ops::{OpContext, OpError, Outcome, Progress};
+use crate::queue::progress::Publishing;
+use crate::queue::{LiveProgress, Queue, ResultOutcome, RunSummary};
 use crate::runner::JobOutcome;
 use crate::store::{ConnectOptions, Db};
 
@@ -286,6 +287,10 @@ pub struct OperationEnv<'a> {
     pub holder: &'a str,
     /// Fires on shutdown: the operation stops at its next boundary.
     pub shutdown: &'a CancellationToken,
+    /// Where the operation reports its progress, for a caller that shows it (the CLI's
+    /// `--local` mode); `None` gives it one of its own. Either way, with a queue, the running
+    /// part's progress is also published in Redis ([`crate::queue::progress`]).
+    pub progress: Option<Progress>,
 }
 
 /// Runs the operation `env` names and says what should happen next.
@@ -331,8 +336,9 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
             db: db.clone(),
             fence: None,
             cancel: oe.shutdown.child_token(),
+            progress: Default::default(),
         };
-        Ok((job.execute(ctx).await, None))
+        Ok((execute_reporting(&job, ctx, env, oe).await, None))
     } else if let Some(redis) = &oe.redis {
         lease::with_lease(
             redis,
@@ -342,13 +348,13 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
             &db,
             &lease_cfg,
             oe.shutdown,
-            |ctx| job.execute(ctx),
+            |ctx| execute_reporting(&job, ctx, env, oe),
         )
         .await
         .map(|run| (run.value, run.lost))
     } else {
         lease::with_db_fence_only(&db, &env.target, &holder, oe.shutdown, |ctx| {
-            job.execute(ctx)
+            execute_reporting(&job, ctx, env, oe)
         })
         .await
         .map(|run| (run.value, run.lost))
@@ -397,6 +403,30 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
             }
         }
     }
+}
+
+/// Runs `job` in `ctx` (its lease, if any, already held), reporting to the caller's progress
+/// and, with a queue, publishing it under the run for the CLI and `jobs show`.
+async fn execute_reporting(
+    job: &OperationJob,
+    ctx: OpContext,
+    env: &JobEnvelope,
+    oe: &OperationEnv<'_>,
+) -> Result<Executed, OpError> {
+    let progress = oe.progress.clone().unwrap_or_default();
+    let publishing = oe.queue.map(|q| {
+        Publishing::start(
+            q,
+            env.run_id,
+            LiveProgress::starting(env, oe.holder),
+            progress.subscribe(),
+        )
+    });
+    let executed = job.execute(ctx.with_progress(progress)).await;
+    if let Some(p) = publishing {
+        p.finish().await;
+    }
+    executed
 }
 
 /// Which of a target's two pools a job draws its connections from.

@@ -98,6 +98,7 @@ pub async fn run_operation(env: &JobEnvelope, deps: &RunnerDeps) -> JobOutcome {
         queue: Some(&deps.queue),
         holder: &deps.worker_name,
         shutdown: &deps.shutdown,
+        progress: None,
     };
     crate::dispatch::run_operation(env, &oe).await
 }

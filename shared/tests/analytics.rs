@@ -956,6 +956,7 @@ async fn run_takes_params_that_travel_through_json() {
         db: tdb.db.clone(),
         fence: None,
         cancel: CancellationToken::new(),
+        progress: Default::default(),
     };
     let p: AnalyticsParams = serde_json::from_str(
         &serde_json::to_string(&AnalyticsParams::HealthReport(params())).expect("ser"),
@@ -1105,6 +1106,7 @@ async fn a_health_report_job_warns_of_missing_recommended_indexes() {
         queue: None,
         holder: "test",
         shutdown: &shutdown,
+        progress: None,
     };
     let job = OperationJob::Analytics(AnalyticsParams::HealthReport(params()));
     let env = JobEnvelope::new(JobKind::Analytics, "default", job.params(), "test");
@@ -1145,6 +1147,7 @@ async fn a_health_report_job_warns_of_missing_recommended_indexes() {
                 .unwrap(),
         ),
         cancel: CancellationToken::new(),
+        progress: Default::default(),
     };
     maintenance::create_indexes(&ctx, false).await.unwrap();
     assert!(missing_alerts(dispatch::run_operation(&env, &oe).await).is_empty());
@@ -1221,6 +1224,7 @@ async fn a_failed_integrity_check_in_the_fleet_s_history_raises_the_health_alert
             queue: Some(&queue),
             holder: "test",
             shutdown: &shutdown,
+            progress: None,
         };
         let JobOutcome::Done { report, .. } = dispatch::run_operation(&env, &oe).await else {
             panic!("the health report did not finish");

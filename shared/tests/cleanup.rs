@@ -306,6 +306,7 @@ async fn ctx(db: &Db) -> OpContext {
         db: db.clone(),
         fence: Some(fence),
         cancel: CancellationToken::new(),
+        progress: Default::default(),
     }
 }
 
@@ -314,6 +315,7 @@ fn read_only(db: &Db) -> OpContext {
         db: db.clone(),
         fence: None,
         cancel: CancellationToken::new(),
+        progress: Default::default(),
     }
 }
 
@@ -1763,6 +1765,7 @@ async fn stale_fence_token_changes_nothing() {
             db: db.clone(),
             fence: Some(old),
             cancel: CancellationToken::new(),
+            progress: Default::default(),
         };
         let report = cleanup::run(&c, &params())
             .await
@@ -1987,6 +1990,45 @@ async fn a_session_without_a_user_is_not_orphaned() {
             guests,
             BTreeSet::from(["guest-live".to_string()]),
             "{engine}"
+        );
+        tdb.drop_db().await;
+    }
+}
+
+/// A run reports each committed batch to its context's progress: the snapshots a watcher
+/// sees only grow, and the last one is the report's rows and batches. Fails if the purge
+/// reports nothing, or reports before its commit counts are in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_reports_its_committed_batches_as_progress() {
+    for engine in ENGINES {
+        let tdb = seeded(engine, SchemaVersion::V2).await;
+        let db = &tdb.db;
+        let progress = sessionfleet::ops::Progress::default();
+        let mut updates = progress.subscribe();
+        let watcher = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while updates.changed().await.is_ok() {
+                seen.push(*updates.borrow_and_update());
+            }
+            seen
+        });
+        let ctx = ctx(db).await.with_progress(progress.clone());
+        let report = cleanup::run(&ctx, &params()).await.expect("run");
+        drop(ctx);
+        let last = progress.latest();
+        drop(progress);
+        let seen = watcher.await.expect("watcher");
+        assert!(report.batches > 1, "{engine}: several batches");
+        assert_eq!(
+            (last.rows, last.batches),
+            (report.total_cleaned(), report.batches),
+            "{engine}"
+        );
+        assert!(!seen.is_empty(), "{engine}: a watcher saw progress");
+        assert!(
+            seen.windows(2)
+                .all(|w| w[0].rows <= w[1].rows && w[0].batches < w[1].batches),
+            "{engine}: {seen:?}"
         );
         tdb.drop_db().await;
     }
@@ -2334,6 +2376,7 @@ async fn cleanup_runs_while_reports_hold_every_read_connection() {
         queue: None,
         holder: "test",
         shutdown: &shutdown,
+        progress: None,
     };
     match dispatch::run_operation(&env, &oe).await {
         JobOutcome::Done { rows_affected, .. } => {
@@ -2469,6 +2512,7 @@ async fn a_fenced_out_part_is_continued_later_with_its_deletes_recorded() {
         queue: None,
         holder: "test",
         shutdown: &shutdown,
+        progress: None,
     };
     let take_over = async {
         until_a_batch_committed(&tdb.db, seeded_rows).await;
@@ -2516,6 +2560,7 @@ async fn postgres_batch_settings_do_not_outlive_their_batch() {
                 .expect("token"),
         ),
         cancel: CancellationToken::new(),
+        progress: Default::default(),
     };
     let r = cleanup::run(&c, &params()).await.expect("cleanup");
     assert!(

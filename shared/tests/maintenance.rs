@@ -48,6 +48,7 @@ async fn ctx_with_fence(db: &Db) -> (OpContext, Fence) {
         db: db.clone(),
         fence: Some(fence.clone()),
         cancel: CancellationToken::new(),
+        progress: Default::default(),
     };
     (ctx, fence)
 }
@@ -249,6 +250,7 @@ async fn create_indexes_is_idempotent_and_dry_run_creates_nothing(engine: Engine
         db: db.clone(),
         fence: None,
         cancel: CancellationToken::new(),
+        progress: Default::default(),
     };
     let dry = maintenance::create_indexes(&no_fence, true)
         .await
@@ -928,6 +930,7 @@ async fn stats_report_size_counts_and_pool(engine: Engine) {
         db: db.clone(),
         fence: None,
         cancel: CancellationToken::new(),
+        progress: Default::default(),
     };
     let params = MaintenanceParams {
         action: MaintenanceAction::Stats,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use sessionfleet::seed::{SeedParams, seed_demo};
 use sessionfleet::store::{Engine, SchemaVersion};
 use sessionfleet::testing::{ClosedPort, RedisKeysGuard, TestDb, redis_url, unique_namespace};
-use sessionfleet_e2e::{Worker, WorkerSpec, binary, queue};
+use sessionfleet_e2e::{Worker, WorkerSpec, binary, eventually, queue};
 
 /// One invocation of `sessionfleet` with its own namespace and database.
 struct Cli {
@@ -304,6 +304,10 @@ async fn a_local_cleanup_stops_at_its_timeout_and_exits_4() {
         assert!(stdout.contains(expected), "{expected:?} in: {stdout}");
     }
     assert!(stderr.contains("timed out after 3s"), "{stderr}");
+    assert!(
+        stderr.contains("cleanup on default: part 1 running on "),
+        "progress shown: {stderr}"
+    );
     t.drop_db().await;
 }
 
@@ -333,6 +337,70 @@ async fn a_wait_for_the_fleet_that_times_out_exits_4_and_names_the_job() {
         "{error}"
     );
     assert!(stderr.contains("stopped: timed out"), "{stderr}");
+    t.drop_db().await;
+}
+
+/// While a part runs, what it has committed so far is published in Redis with who runs it,
+/// and the waiting CLI shows it; the published rows grow as batches commit. Fails if parts
+/// publish nothing, or the CLI still says "waiting for a worker" once one runs the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_part_s_progress_is_published_and_shown() {
+    let t = seeded(Engine::Sqlite, 2000).await;
+    let mut cli = Cli::new(&t.url);
+    cli.extra = [
+        ("SESSION_CLEANUP_BATCH_SIZE", "1"),
+        ("SESSION_CLEANUP_TARGET_BATCH_MS", "1"),
+        ("SESSION_CLEANUP_REST_RATIO", "100"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec();
+    let _w = cli.worker("progress");
+    let out = cli.run(&["--timeout", "4", "cleanup", "--once"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("cleanup on default: part 1 running on "),
+        "{stderr}"
+    );
+    let run_id: uuid::Uuid = stderr
+        .split("(run ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no run id in: {stderr}"));
+    // The job goes on in the worker: its published rows keep growing.
+    let q = queue(&cli.redis, &cli.ns).await;
+    let first = eventually(Duration::from_secs(60), "published progress", || async {
+        q.progress(run_id)
+            .await
+            .ok()
+            .flatten()
+            .filter(|p| p.done.rows > 0)
+    })
+    .await;
+    assert_eq!(first.part, 0);
+    // `jobs show` with the run id the timeout named says the same.
+    let show = cli.run(&["jobs", "show", &run_id.to_string()]);
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(show.status.success(), "{shown}");
+    assert!(
+        shown.contains(&format!("part 1: running on {}", first.worker))
+            && shown.contains("rows in"),
+        "{shown}"
+    );
+    let live = q.live_workers(None).await.expect("live workers");
+    assert!(
+        live.iter().any(|w| w.name == first.worker),
+        "published by the worker that runs it: {first:?} {live:?}"
+    );
+    eventually(Duration::from_secs(60), "more rows committed", || async {
+        q.progress(run_id)
+            .await
+            .ok()
+            .flatten()
+            .filter(|p| p.done.rows > first.done.rows && p.done.batches > first.done.batches)
+    })
+    .await;
     t.drop_db().await;
 }
 

@@ -917,6 +917,7 @@ async fn child(args: &Args, side: &str) -> Result<()> {
                 db: db.clone(),
                 fence: Some(fence),
                 cancel: CancellationToken::new(),
+                progress: Default::default(),
             };
             let params = CleanupParams {
                 as_of: Some(as_of),

@@ -147,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
         db: db.clone(),
         fence: Some(fence),
         cancel: CancellationToken::new(),
+        progress: Default::default(),
     };
 
     let t = Instant::now();

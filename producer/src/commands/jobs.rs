@@ -6,6 +6,7 @@ use sessionfleet::store::{ConnectOptions, Db};
 
 use crate::cli::JobsAction;
 use crate::exit::{CliError, Exit};
+use crate::output::Output;
 use crate::run::{Invocation, REDIS_PATIENCE};
 
 async fn queue(inv: &Invocation<'_>) -> anyhow::Result<Queue> {
@@ -67,6 +68,11 @@ pub async fn run(inv: &Invocation<'_>, action: &JobsAction) -> anyhow::Result<Ex
                     return Ok(Exit::Success);
                 }
             }
+            if let Ok(run_id) = id.parse::<uuid::Uuid>()
+                && show_run(&q, run_id, out).await?
+            {
+                return Ok(Exit::Success);
+            }
             match q.dead_letter(id).await? {
                 Some(d) => {
                     if out.json {
@@ -85,7 +91,7 @@ pub async fn run(inv: &Invocation<'_>, action: &JobsAction) -> anyhow::Result<Ex
                     return Err(CliError::fail(
                         Exit::OperationFailed,
                         format!(
-                            "no job result or dead letter with id {id} (results are kept SESSION_METRICS_RETENTION_DAYS days)"
+                            "no job result, run or dead letter with id {id} (results are kept SESSION_METRICS_RETENTION_DAYS days; a job still queued or running has none yet: its run id shows its progress)"
                         ),
                     ));
                 }
@@ -181,4 +187,49 @@ pub async fn lease(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
         }
     }
     Ok(Exit::Success)
+}
+
+/// Shows run `run_id` if Redis knows it: its finished parts and the part running now with
+/// what it has committed so far (parts counted from 1, as the waiting CLI shows them). False
+/// when it knows neither.
+async fn show_run(q: &Queue, run_id: uuid::Uuid, out: &Output) -> anyhow::Result<bool> {
+    let mut parts = q.run_results(run_id).await?;
+    parts.sort_by_key(|r| r.part);
+    let running = q.progress(run_id).await?;
+    if parts.is_empty() && running.is_none() {
+        return Ok(false);
+    }
+    if out.json {
+        out.print_json(&serde_json::json!({
+            "run_id": run_id,
+            "parts": parts,
+            "running": running,
+        }));
+        return Ok(true);
+    }
+    println!("run {run_id}");
+    for r in &parts {
+        println!(
+            "  part {}: {} on {} by {}, {} rows (job {})",
+            r.part + 1,
+            r.outcome.as_str(),
+            r.target,
+            r.worker,
+            r.rows_affected,
+            r.job_id
+        );
+    }
+    match &running {
+        Some(p) => println!(
+            "  part {}: running on {} since {}: {} rows in {} batches so far (job {})",
+            p.part + 1,
+            p.worker,
+            p.started_at,
+            p.done.rows,
+            p.done.batches,
+            p.job_id
+        ),
+        None => println!("  no part running now"),
+    }
+    Ok(true)
 }

@@ -68,6 +68,7 @@ where
         db: db.clone(),
         fence: Some(lease.fence().clone()),
         cancel,
+        progress: Default::default(),
     };
     let token = lease.fence().token;
     let value = f(ctx).await;
@@ -120,6 +121,7 @@ where
         db: db.clone(),
         fence: Some(fence),
         cancel: shutdown.child_token(),
+        progress: Default::default(),
     };
     let value = f(ctx).await;
     Ok(LeaseRun {

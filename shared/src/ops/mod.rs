@@ -14,6 +14,9 @@ pub mod analytics;
 pub mod cleanup;
 pub mod full;
 pub mod maintenance;
+pub mod progress;
+
+pub use progress::Progress;
 
 /// What every operation receives besides its own parameters.
 #[derive(Clone)]
@@ -26,9 +29,17 @@ pub struct OpContext {
     /// Cancelled when the lease is lost, the worker shuts down, or the caller gives up.
     /// Operations stop at their next batch boundary, keeping what they committed.
     pub cancel: CancellationToken,
+    /// Where the operation reports what it has committed so far (a default one goes
+    /// nowhere).
+    pub progress: Progress,
 }
 
 impl OpContext {
+    /// The same context, reporting to `progress`.
+    pub fn with_progress(self, progress: Progress) -> OpContext {
+        OpContext { progress, ..self }
+    }
+
     /// The fence, or [`OpError::NoFence`] for a step that would write.
     pub fn fence(&self) -> Result<&Fence, OpError> {
         self.fence.as_ref().ok_or(OpError::NoFence)

@@ -109,6 +109,10 @@ impl Keys {
     pub fn run(&self, run_id: &uuid::Uuid) -> String {
         self.ours(&format!("run:{run_id}"))
     }
+    /// The running part of a run: its live progress (JSON string, short TTL).
+    pub fn progress(&self, run_id: &uuid::Uuid) -> String {
+        self.ours(&format!("progress:{run_id}"))
+    }
     /// Recent runs of a target (LIST, newest first, bounded).
     pub fn history(&self, target: &str) -> String {
         self.ours(&format!("history:{target}"))

@@ -39,6 +39,7 @@ pub mod enqueue;
 mod forget;
 pub mod janitor;
 pub mod keys;
+pub mod progress;
 pub mod results;
 pub mod settle;
 pub mod workers;
@@ -46,6 +47,7 @@ pub mod workers;
 pub use dead::DeadLetter;
 pub use enqueue::{EnqueueOptions, Enqueued};
 pub use keys::Keys;
+pub use progress::LiveProgress;
 pub use results::{JobResult, ResultOutcome, RunSummary};
 pub use workers::WorkerInfo;
 

@@ -48,6 +48,7 @@ use retry::{BatchRetry, RetriedReads, read_with_retries};
 use rules::{Cutoffs, Predicate, TimeCompare};
 use stream::IdStream;
 
+use super::progress::Snapshot;
 use super::{OpContext, OpError, Outcome};
 use crate::store::{Db, Engine, Schema, StoreError, schema};
 
@@ -789,6 +790,10 @@ async fn purge_rule(
             .longest_batch_ms
             .max(done.took.as_secs_f64() * 1000.0);
         sizer.observe(found.rows, done.took);
+        ctx.progress.report(Snapshot {
+            rows: report.rules.total(),
+            batches: report.batches,
+        });
         let checkpoint = match writer.checkpoint().await {
             Ok(checkpoint) => checkpoint,
             Err(e) => break Err(e.into()),

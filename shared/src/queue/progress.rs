@@ -1,0 +1,143 @@
+//! A running part's live progress in Redis, so the CLI waiting for a run (or `jobs show`)
+//! can say where it stands before the part ends: one short-lived JSON string per run,
+//! written at most every [`PUBLISH_INTERVAL`] and removed when the part ends.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use super::{Queue, QueueError};
+use crate::jobs::JobEnvelope;
+use crate::ops::progress::Snapshot;
+
+/// How often a running part's progress is written at most.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a written progress lives without a refresh: a part whose worker died leaves
+/// nothing behind for long.
+pub const PROGRESS_TTL: Duration = Duration::from_secs(60);
+
+/// The part of a run that is running now, and what it has committed so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveProgress {
+    /// The running part's job id.
+    pub job_id: Uuid,
+    /// Its part number (0 for the first).
+    pub part: u32,
+    /// Who runs it (worker name, or the CLI in `--local` mode).
+    pub worker: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When this was written.
+    pub updated_at: DateTime<Utc>,
+    /// What it has committed so far.
+    #[serde(flatten)]
+    pub done: Snapshot,
+}
+
+impl LiveProgress {
+    /// A part of `env` that `worker` starts now.
+    pub fn starting(env: &JobEnvelope, worker: &str) -> LiveProgress {
+        let now = Utc::now();
+        LiveProgress {
+            job_id: env.job_id,
+            part: env.part,
+            worker: worker.to_string(),
+            started_at: now,
+            updated_at: now,
+            done: Snapshot::default(),
+        }
+    }
+}
+
+impl Queue {
+    /// Writes `live` as the progress of run `run_id`.
+    pub async fn set_progress(&self, run_id: Uuid, live: &LiveProgress) -> Result<(), QueueError> {
+        let json = serde_json::to_string(live)
+            .map_err(|e| QueueError::Corrupt(format!("progress of run {run_id}: {e}")))?;
+        let mut c = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.keys.progress(&run_id))
+            .arg(json)
+            .arg("EX")
+            .arg(PROGRESS_TTL.as_secs())
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// The progress of run `run_id`'s running part, if one is running.
+    pub async fn progress(&self, run_id: Uuid) -> Result<Option<LiveProgress>, QueueError> {
+        let mut c = self.conn.clone();
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.keys.progress(&run_id))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        raw.map(|s| {
+            serde_json::from_str(&s)
+                .map_err(|e| QueueError::Corrupt(format!("progress of run {run_id}: {e}")))
+        })
+        .transpose()
+    }
+
+    async fn clear_progress(&self, run_id: Uuid) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        redis::cmd("DEL")
+            .arg(self.keys.progress(&run_id))
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(|e| self.err(e))
+    }
+}
+
+/// Publishing one part's progress while it runs.
+pub struct Publishing {
+    task: JoinHandle<()>,
+    queue: Queue,
+    run_id: Uuid,
+}
+
+impl Publishing {
+    /// Writes `live` now and then each new snapshot from `updates`, at most every
+    /// [`PUBLISH_INTERVAL`]. A failed write is logged and the next one tried: progress is
+    /// for people watching, never a reason to stop the work.
+    pub fn start(
+        queue: &Queue,
+        run_id: Uuid,
+        mut live: LiveProgress,
+        mut updates: watch::Receiver<Snapshot>,
+    ) -> Publishing {
+        let q = queue.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                live.done = *updates.borrow_and_update();
+                live.updated_at = Utc::now();
+                if let Err(e) = q.set_progress(run_id, &live).await {
+                    tracing::debug!(error = %e, "could not publish progress");
+                }
+                tokio::time::sleep(PUBLISH_INTERVAL).await;
+                if updates.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Publishing {
+            task,
+            queue: queue.clone(),
+            run_id,
+        }
+    }
+
+    /// Stops publishing and removes the progress: the part's result takes over.
+    pub async fn finish(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        if let Err(e) = self.queue.clear_progress(self.run_id).await {
+            tracing::debug!(error = %e, "could not remove the progress; it expires");
+        }
+    }
+}
