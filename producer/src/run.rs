@@ -207,39 +207,31 @@ async fn wait_for_run(
                 done: l.done,
             }),
         );
+        let finished = |error: Option<String>, timed_out: bool| Finished {
+            target: env.target.clone(),
+            kind: env.kind,
+            run_id: env.run_id.to_string(),
+            parts: parts.len() as u32,
+            report: merge_parts(env.kind, &parts),
+            error,
+            timed_out,
+            ran: "fleet",
+        };
         if let Some(last) = parts.iter().find(|r| r.outcome != ResultOutcome::Continued) {
             progress.finish();
-            let error = last.error.clone();
-            return Ok(Finished {
-                target: env.target.clone(),
-                kind: env.kind,
-                run_id: env.run_id.to_string(),
-                parts: parts.len() as u32,
-                report: merge_parts(env.kind, &parts),
-                error: if last.outcome == ResultOutcome::Failed {
-                    error.or(Some("failed".into()))
-                } else {
-                    None
-                },
-                timed_out: false,
-                ran: "fleet",
-            });
+            let error = (last.outcome == ResultOutcome::Failed)
+                .then(|| last.error.clone().unwrap_or_else(|| "failed".into()));
+            return Ok(finished(error, false));
         }
         if Instant::now() >= deadline {
             progress.finish();
-            return Ok(Finished {
-                target: env.target.clone(),
-                kind: env.kind,
-                run_id: env.run_id.to_string(),
-                parts: parts.len() as u32,
-                report: merge_parts(env.kind, &parts),
-                error: Some(format!(
+            return Ok(finished(
+                Some(format!(
                     "timed out after {}s waiting for job {} (run {}); it keeps running — `sessionfleet jobs show {}` shows where it stands",
                     inv.global.timeout, env.job_id, env.run_id, env.run_id
                 )),
-                timed_out: true,
-                ran: "fleet",
-            });
+                true,
+            ));
         }
         tokio::time::sleep(RESULT_POLL).await;
     }

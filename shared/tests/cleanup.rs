@@ -310,6 +310,19 @@ async fn ctx(db: &Db) -> OpContext {
     }
 }
 
+/// A dry run with the tests' parameters.
+async fn dry_run(db: &Db) -> CleanupReport {
+    cleanup::run(
+        &read_only(db),
+        &CleanupParams {
+            dry_run: true,
+            ..params()
+        },
+    )
+    .await
+    .expect("dry run")
+}
+
 fn read_only(db: &Db) -> OpContext {
     OpContext {
         db: db.clone(),
@@ -361,15 +374,7 @@ async fn deletes_exactly_the_oracle_set_and_dry_run_predicts_it() {
                 "{what}: demo data has plenty to purge"
             );
 
-            let dry = cleanup::run(
-                &read_only(db),
-                &CleanupParams {
-                    dry_run: true,
-                    ..params()
-                },
-            )
-            .await
-            .expect("dry run");
+            let dry = dry_run(db).await;
             assert!(dry.dry_run);
             assert_eq!(
                 snapshot(db, version).await,
@@ -534,15 +539,7 @@ async fn sessions_still_referenced_are_kept_counted_and_go_with_their_references
                 .collect();
             let before = snapshot(db, version).await;
 
-            let dry = cleanup::run(
-                &read_only(db),
-                &CleanupParams {
-                    dry_run: true,
-                    ..params()
-                },
-            )
-            .await
-            .expect("dry run");
+            let dry = dry_run(db).await;
             assert_eq!(
                 dry.total_cleaned(),
                 first.len() as u64,
@@ -1966,15 +1963,7 @@ async fn a_session_without_a_user_is_not_orphaned() {
         }
         let before = snapshot(db, SchemaVersion::V2).await;
         let purge = oracle(db, SchemaVersion::V2, None, true).await;
-        let dry = cleanup::run(
-            &read_only(db),
-            &CleanupParams {
-                dry_run: true,
-                ..params()
-            },
-        )
-        .await
-        .expect("dry run");
+        let dry = dry_run(db).await;
         assert_eq!(dry.total_cleaned(), purge.len() as u64, "{engine}: dry run");
         cleanup::run(&ctx(db).await, &params()).await.expect("run");
         assert_exactly_purged(
@@ -2162,15 +2151,7 @@ async fn sqlite_sessions_whose_times_are_not_utc_text_are_not_deleted_on_a_misre
         .collect();
     let before = session_ids(db).await;
 
-    let dry = cleanup::run(
-        &read_only(db),
-        &CleanupParams {
-            dry_run: true,
-            ..params()
-        },
-    )
-    .await
-    .expect("dry run");
+    let dry = dry_run(db).await;
     assert_eq!(dry.total_cleaned(), purge.len() as u64, "dry-run count");
     let report = cleanup::run(&ctx(db).await, &params()).await.expect("run");
     assert_eq!(report.total_cleaned(), purge.len() as u64);

@@ -74,6 +74,31 @@ impl Cli {
     }
 }
 
+/// One-row batches, each followed by a rest 100 times as long: a cleanup of a couple of
+/// thousand demo sessions then lasts minutes, long enough to act on while it runs.
+fn slow_cleanup() -> Vec<(String, String)> {
+    [
+        ("SESSION_CLEANUP_BATCH_SIZE", "1"),
+        ("SESSION_CLEANUP_TARGET_BATCH_MS", "1"),
+        ("SESSION_CLEANUP_REST_RATIO", "100"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec()
+}
+
+/// Expired plus orphaned sessions in a text cleanup report.
+fn reported_deletions(stdout: &str) -> i64 {
+    let field = |name: &str| -> i64 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in: {stdout}"))
+            .parse()
+            .expect("a number")
+    };
+    field("expired_sessions_cleaned") + field("orphaned_sessions_cleaned")
+}
+
 fn now() -> chrono::NaiveDateTime {
     chrono::Utc::now().naive_utc()
 }
@@ -199,13 +224,7 @@ async fn an_interrupted_local_cleanup_shows_what_it_deleted() {
     let before = total(&t).await;
     let mut cli = Cli::new(&t.url);
     // Tiny batches with long rests: the run lasts long enough to be interrupted mid-way.
-    cli.extra = [
-        ("SESSION_CLEANUP_BATCH_SIZE", "1"),
-        ("SESSION_CLEANUP_TARGET_BATCH_MS", "1"),
-        ("SESSION_CLEANUP_REST_RATIO", "100"),
-    ]
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .to_vec();
+    cli.extra = slow_cleanup();
     let child = cli
         .command(&["--local", "cleanup", "--once"])
         .stdout(Stdio::piped())
@@ -235,16 +254,8 @@ async fn an_interrupted_local_cleanup_shows_what_it_deleted() {
         deleted > 0 && doomed(&t).await > 0,
         "interrupted mid-way: {deleted} deleted"
     );
-    let field = |name: &str| -> i64 {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .unwrap_or_else(|| panic!("no {name} in: {stdout}"))
-            .parse()
-            .expect("a number")
-    };
     assert_eq!(
-        field("expired_sessions_cleaned") + field("orphaned_sessions_cleaned"),
+        reported_deletions(&stdout),
         deleted,
         "the report counts what was deleted: {stdout}"
     );
@@ -272,13 +283,7 @@ async fn a_local_cleanup_stops_at_its_timeout_and_exits_4() {
     let mut cli = Cli::new(&t.url);
     // One-row batches, each followed by a rest 100 times as long: over a thousand rows to
     // delete take minutes, far beyond the three seconds allowed.
-    cli.extra = [
-        ("SESSION_CLEANUP_BATCH_SIZE", "1"),
-        ("SESSION_CLEANUP_TARGET_BATCH_MS", "1"),
-        ("SESSION_CLEANUP_REST_RATIO", "100"),
-    ]
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .to_vec();
+    cli.extra = slow_cleanup();
     let out = cli.run(&["--local", "--timeout", "3", "cleanup", "--once"]);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
@@ -287,16 +292,8 @@ async fn a_local_cleanup_stops_at_its_timeout_and_exits_4() {
     assert_eq!(out.status.code(), Some(4), "{stdout}\n{stderr}");
     assert!(doomed(&t).await > 0, "stopped before the end");
     let deleted = before - total(&t).await;
-    let field = |name: &str| -> i64 {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .unwrap_or_else(|| panic!("no {name} in: {stdout}"))
-            .parse()
-            .expect("a number")
-    };
     assert_eq!(
-        field("expired_sessions_cleaned") + field("orphaned_sessions_cleaned"),
+        reported_deletions(&stdout),
         deleted,
         "the report counts what was deleted: {stdout}"
     );
@@ -317,13 +314,7 @@ async fn a_local_cleanup_stops_at_its_timeout_and_exits_4() {
 async fn a_wait_for_the_fleet_that_times_out_exits_4_and_names_the_job() {
     let t = seeded(Engine::Sqlite, 2000).await;
     let mut cli = Cli::new(&t.url);
-    cli.extra = [
-        ("SESSION_CLEANUP_BATCH_SIZE", "1"),
-        ("SESSION_CLEANUP_TARGET_BATCH_MS", "1"),
-        ("SESSION_CLEANUP_REST_RATIO", "100"),
-    ]
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .to_vec();
+    cli.extra = slow_cleanup();
     let _w = cli.worker("timeout");
     let out = cli.run(&["--timeout", "3", "cleanup", "--once", "--json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -347,13 +338,7 @@ async fn a_wait_for_the_fleet_that_times_out_exits_4_and_names_the_job() {
 async fn a_running_part_s_progress_is_published_and_shown() {
     let t = seeded(Engine::Sqlite, 2000).await;
     let mut cli = Cli::new(&t.url);
-    cli.extra = [
-        ("SESSION_CLEANUP_BATCH_SIZE", "1"),
-        ("SESSION_CLEANUP_TARGET_BATCH_MS", "1"),
-        ("SESSION_CLEANUP_REST_RATIO", "100"),
-    ]
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .to_vec();
+    cli.extra = slow_cleanup();
     let _w = cli.worker("progress");
     let out = cli.run(&["--timeout", "4", "cleanup", "--once"]);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -137,18 +137,9 @@ impl Queue {
 
     /// One dead letter.
     pub async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, QueueError> {
-        let mut c = self.conn.clone();
-        let raw: Option<String> = redis::cmd("HGET")
-            .arg(self.keys.dead_items())
-            .arg(id)
-            .query_async(&mut c)
-            .await
-            .map_err(|e| self.err(e))?;
-        raw.map(|s| {
-            serde_json::from_str(&s)
-                .map_err(|e| QueueError::Corrupt(format!("dead letter {id}: {e}")))
-        })
-        .transpose()
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(self.keys.dead_items()).arg(id);
+        self.read_json(&cmd, || format!("dead letter {id}")).await
     }
 
     /// Puts a dead job back on its queue with a fresh attempt budget and no dedupe key, then

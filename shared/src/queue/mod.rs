@@ -276,6 +276,21 @@ impl Queue {
         QueueError::redis(e, &self.url)
     }
 
+    /// The JSON document `cmd` reads (a GET, an HGET), decoded; `what` names it in the
+    /// error when it does not decode.
+    pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        cmd: &redis::Cmd,
+        what: impl FnOnce() -> String,
+    ) -> Result<Option<T>, QueueError> {
+        let mut c = self.conn.clone();
+        let raw: Option<String> = cmd.query_async(&mut c).await.map_err(|e| self.err(e))?;
+        raw.map(|s| {
+            serde_json::from_str(&s).map_err(|e| QueueError::Corrupt(format!("{}: {e}", what())))
+        })
+        .transpose()
+    }
+
     /// The apalis configuration of queue `q`: explicit hash-tagged name, orphan timeout of
     /// [`HEARTBEAT_INTERVAL`] × [`MISSED_HEARTBEATS`], idempotency TTL set, results persisted
     /// (false would make another worker re-run finished jobs), no lock step (its per-task

@@ -71,17 +71,10 @@ impl Queue {
 
     /// The progress of run `run_id`'s running part, if one is running.
     pub async fn progress(&self, run_id: Uuid) -> Result<Option<LiveProgress>, QueueError> {
-        let mut c = self.conn.clone();
-        let raw: Option<String> = redis::cmd("GET")
-            .arg(self.keys.progress(&run_id))
-            .query_async(&mut c)
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.keys.progress(&run_id));
+        self.read_json(&cmd, || format!("progress of run {run_id}"))
             .await
-            .map_err(|e| self.err(e))?;
-        raw.map(|s| {
-            serde_json::from_str(&s)
-                .map_err(|e| QueueError::Corrupt(format!("progress of run {run_id}: {e}")))
-        })
-        .transpose()
     }
 
     async fn clear_progress(&self, run_id: Uuid) -> Result<(), QueueError> {

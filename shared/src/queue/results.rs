@@ -183,17 +183,9 @@ impl Queue {
 
     /// The result of one job, if it finished and is still retained.
     pub async fn result(&self, job_id: Uuid) -> Result<Option<JobResult>, QueueError> {
-        let mut c = self.conn.clone();
-        let raw: Option<String> = redis::cmd("GET")
-            .arg(self.keys.result(&job_id))
-            .query_async(&mut c)
-            .await
-            .map_err(|e| self.err(e))?;
-        raw.map(|s| {
-            serde_json::from_str(&s)
-                .map_err(|e| QueueError::Corrupt(format!("result {job_id}: {e}")))
-        })
-        .transpose()
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.keys.result(&job_id));
+        self.read_json(&cmd, || format!("result {job_id}")).await
     }
 
     /// The results of a run's parts, in completion order.
