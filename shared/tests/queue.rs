@@ -972,3 +972,76 @@ fn a_history_cut_by_the_retention_leaves_its_first_day_unrecorded() {
         "nothing cut: the day is whole"
     );
 }
+
+/// A part's progress is published while it runs, refreshed on each new snapshot, and removed
+/// when it finishes — unless another part of the run (a takeover) has written its own since,
+/// which stays. Fails if finishing deletes whatever is there.
+#[tokio::test]
+async fn a_part_s_progress_goes_with_it_but_not_a_takeover_s() {
+    use sessionfleet::ops::Progress;
+    use sessionfleet::ops::progress::Snapshot;
+    use sessionfleet::queue::LiveProgress;
+    use sessionfleet::queue::progress::Publishing;
+
+    let t = Ns::new().await;
+    let env = JobEnvelope::sleep(60, None, "test");
+    let progress = Progress::default();
+    let publishing = Publishing::start(
+        &t.queue,
+        env.run_id,
+        LiveProgress::starting(&env, "worker-a"),
+        progress.subscribe(),
+    );
+    progress.report(Snapshot {
+        rows: 7,
+        batches: 2,
+    });
+    let seen = async {
+        loop {
+            if let Some(p) = t.queue.progress(env.run_id).await.unwrap()
+                && p.done.rows == 7
+            {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let seen = tokio::time::timeout(Duration::from_secs(30), seen)
+        .await
+        .expect("the new snapshot published");
+    assert_eq!(
+        (seen.job_id, seen.worker.as_str()),
+        (env.job_id, "worker-a")
+    );
+    publishing.finish().await;
+    assert_eq!(t.queue.progress(env.run_id).await.unwrap(), None);
+
+    // A takeover's progress outlives the finish of the part it replaced.
+    let publishing = Publishing::start(
+        &t.queue,
+        env.run_id,
+        LiveProgress::starting(&env, "worker-a"),
+        progress.subscribe(),
+    );
+    let mut other = env.clone();
+    other.job_id = uuid::Uuid::new_v4();
+    let takeover = LiveProgress::starting(&other, "worker-b");
+    // The first write of the publisher lands before the takeover's.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while t.queue.progress(env.run_id).await.unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("first write");
+    t.queue.set_progress(env.run_id, &takeover).await.unwrap();
+    publishing.finish().await;
+    assert_eq!(
+        t.queue
+            .progress(env.run_id)
+            .await
+            .unwrap()
+            .map(|p| p.job_id),
+        Some(other.job_id)
+    );
+}

@@ -19,6 +19,20 @@ pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a written progress lives without a refresh: a part whose worker died leaves
 /// nothing behind for long.
 pub const PROGRESS_TTL: Duration = Duration::from_secs(60);
+/// How often a running part's progress is written again when nothing changed (a long
+/// statement, an operation that reports no batches), so it outlives no part and no part
+/// outlives it.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(20);
+
+/// Deletes the progress only while it is still the given part's: a part of the same run
+/// that another worker took over meanwhile keeps its own.
+const DELETE_IF_OWN: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v and cjson.decode(v).job_id == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
 
 /// The part of a run that is running now, and what it has committed so far.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,12 +91,15 @@ impl Queue {
             .await
     }
 
-    async fn clear_progress(&self, run_id: Uuid) -> Result<(), QueueError> {
+    /// Removes run `run_id`'s progress if it is still that of job `job_id`.
+    async fn clear_progress(&self, run_id: Uuid, job_id: Uuid) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        redis::cmd("DEL")
-            .arg(self.keys.progress(&run_id))
-            .query_async::<()>(&mut c)
+        redis::Script::new(DELETE_IF_OWN)
+            .key(self.keys.progress(&run_id))
+            .arg(job_id.to_string())
+            .invoke_async::<i64>(&mut c)
             .await
+            .map(|_| ())
             .map_err(|e| self.err(e))
     }
 }
@@ -92,12 +109,14 @@ pub struct Publishing {
     task: JoinHandle<()>,
     queue: Queue,
     run_id: Uuid,
+    job_id: Uuid,
 }
 
 impl Publishing {
-    /// Writes `live` now and then each new snapshot from `updates`, at most every
-    /// [`PUBLISH_INTERVAL`]. A failed write is logged and the next one tried: progress is
-    /// for people watching, never a reason to stop the work.
+    /// Writes `live` now, then each new snapshot from `updates` (at most every
+    /// [`PUBLISH_INTERVAL`]), and again every [`REFRESH_INTERVAL`] when nothing changed. A
+    /// failed write is logged and the next one tried: progress is for people watching, never
+    /// a reason to stop the work.
     pub fn start(
         queue: &Queue,
         run_id: Uuid,
@@ -105,6 +124,7 @@ impl Publishing {
         mut updates: watch::Receiver<Snapshot>,
     ) -> Publishing {
         let q = queue.clone();
+        let job_id = live.job_id;
         let task = tokio::spawn(async move {
             loop {
                 live.done = *updates.borrow_and_update();
@@ -113,7 +133,8 @@ impl Publishing {
                     tracing::debug!(error = %e, "could not publish progress");
                 }
                 tokio::time::sleep(PUBLISH_INTERVAL).await;
-                if updates.changed().await.is_err() {
+                let wait = REFRESH_INTERVAL.saturating_sub(PUBLISH_INTERVAL);
+                if let Ok(Err(_)) = tokio::time::timeout(wait, updates.changed()).await {
                     return;
                 }
             }
@@ -122,14 +143,16 @@ impl Publishing {
             task,
             queue: queue.clone(),
             run_id,
+            job_id,
         }
     }
 
-    /// Stops publishing and removes the progress: the part's result takes over.
+    /// Stops publishing and removes the progress (unless another part of the run has taken
+    /// it over): the part's result takes over.
     pub async fn finish(self) {
         self.task.abort();
         let _ = self.task.await;
-        if let Err(e) = self.queue.clear_progress(self.run_id).await {
+        if let Err(e) = self.queue.clear_progress(self.run_id, self.job_id).await {
             tracing::debug!(error = %e, "could not remove the progress; it expires");
         }
     }
