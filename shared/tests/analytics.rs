@@ -13,7 +13,7 @@ use sessionfleet::ops::analytics::{
 use sessionfleet::ops::{OpContext, OpError};
 use sessionfleet::seed::{SeedParams, seed_demo};
 use sessionfleet::store::{Db, Engine, SchemaVersion, schema};
-use sessionfleet::testing::{ENGINES, TestDb};
+use sessionfleet::testing::{ENGINES, TestDb, allow_sessions_without_a_user};
 use sessionfleet::{CancellationToken, on_pool};
 
 fn now() -> NaiveDateTime {
@@ -581,6 +581,46 @@ async fn users_over_the_address_and_agent_lines_are_found_and_no_one_else() {
             listed(s.users_with_many_user_agents.as_ref()),
             (1, vec![(2, 7)]),
             "{engine}: agents"
+        );
+        tdb.drop_db().await;
+    }
+}
+
+/// Sessions without a user (a nullable `user_id`: guest sessions) count as sessions, never
+/// as a user: not in the unique or active users, not among the users over the session
+/// limit, though there are more of them than the limit. Fails if they are grouped as a user.
+#[tokio::test]
+async fn guest_sessions_count_as_sessions_not_as_a_user() {
+    for engine in ENGINES {
+        let tdb = fixture(engine).await;
+        let db = &tdb.db;
+        allow_sessions_without_a_user(db).await;
+        let n = now();
+        for i in 0..6 {
+            on_pool!(db, p => sqlx::query(db.sql("INSERT INTO user_sessions (session_id, user_id, created_at, updated_at, last_activity, expires_at, is_active) VALUES (?, NULL, ?, ?, ?, ?, TRUE)"))
+                .bind(format!("guest-{i}")).bind(n - Duration::hours(1)).bind(n - Duration::hours(1))
+                .bind(n - Duration::hours(1)).bind(n + Duration::hours(1))
+                .execute(p).await.map(|_| ()).expect("guest session"));
+        }
+        let r = analytics::health_report(
+            db,
+            &HealthParams {
+                concurrent_session_limit: 3,
+                ..params()
+            },
+        )
+        .await
+        .expect("report");
+        let counts = &r.statistics.session_counts;
+        assert_eq!(counts.total_sessions, 11, "{engine}");
+        assert_eq!(counts.unique_users, 1, "{engine}");
+        assert_eq!(r.detailed_analytics.active_users, 1, "{engine}");
+        let over = &r.security_analysis.users_over_session_limit;
+        assert_eq!(over.count, 1, "{engine}: user 1's four active sessions");
+        assert!(
+            over.examples.iter().all(|u| u.user_id == 1),
+            "{engine}: {:?}",
+            over.examples
         );
         tdb.drop_db().await;
     }

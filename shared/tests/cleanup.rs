@@ -13,7 +13,7 @@ use sessionfleet::ops::cleanup::{self, CleanupParams, CleanupReport};
 use sessionfleet::ops::{OpContext, OpError, Outcome};
 use sessionfleet::seed::{SeedParams, seed_demo};
 use sessionfleet::store::{Db, Engine, SchemaVersion, dialect_sql};
-use sessionfleet::testing::{ENGINES, HeldLock, TestDb};
+use sessionfleet::testing::{ENGINES, HeldLock, TestDb, allow_sessions_without_a_user};
 use sqlx::Row;
 
 const VERSIONS: [SchemaVersion; 2] = [SchemaVersion::V1, SchemaVersion::V2];
@@ -1897,49 +1897,6 @@ async fn without_users_table_the_orphan_rule_is_skipped_with_a_note() {
         "no users table",
     );
     tdb.drop_db().await;
-}
-
-/// Makes `user_sessions.user_id` nullable, as in an application with guest sessions. SQLite
-/// cannot drop a NOT NULL: the table is rebuilt under its own DDL minus that constraint.
-async fn allow_sessions_without_a_user(db: &Db) {
-    match db.engine() {
-        Engine::Postgres => {
-            db.execute("ALTER TABLE user_sessions ALTER COLUMN user_id DROP NOT NULL")
-                .await
-                .expect("nullable user_id");
-        }
-        Engine::MySql => {
-            db.execute("ALTER TABLE user_sessions MODIFY user_id INTEGER NULL")
-                .await
-                .expect("nullable user_id");
-        }
-        Engine::Sqlite => {
-            let ddl: Vec<String> = sessionfleet::on_pool!(db, p => sqlx::query_scalar(
-                "SELECT sql FROM sqlite_master WHERE tbl_name = 'user_sessions' AND sql IS NOT NULL ORDER BY type DESC"
-            ).fetch_all(p).await.expect("ddl"));
-            let (table, indexes) = ddl.split_first().expect("the table's DDL");
-            assert!(table.contains("user_id INTEGER NOT NULL"), "{table}");
-            let mut rebuild = vec![
-                "ALTER TABLE user_sessions RENAME TO user_sessions_old".to_string(),
-                table.replace("user_id INTEGER NOT NULL", "user_id INTEGER"),
-                "INSERT INTO user_sessions SELECT * FROM user_sessions_old".to_string(),
-                "DROP TABLE user_sessions_old".to_string(),
-            ];
-            rebuild.extend(indexes.iter().cloned());
-            // One transaction on one connection: another pooled connection could still plan
-            // against the schema it read before the rebuild.
-            let mut tx = db.begin_write().await.expect("begin");
-            sessionfleet::on_tx!(&mut tx, c => {
-                for sql in &rebuild {
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
-                        .execute(&mut *c)
-                        .await
-                        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-                }
-            });
-            tx.commit().await.expect("commit");
-        }
-    }
 }
 
 /// A session without a user (a nullable `user_id`, as for an application's guest sessions)

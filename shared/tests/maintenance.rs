@@ -16,7 +16,7 @@ use sessionfleet::ops::maintenance::{
 use sessionfleet::ops::{OpContext, Outcome};
 use sessionfleet::seed::{SeedParams, seed_demo};
 use sessionfleet::store::{Db, Engine, SchemaVersion};
-use sessionfleet::testing::TestDb;
+use sessionfleet::testing::{TestDb, allow_sessions_without_a_user};
 use sqlx::Row;
 
 const SESSIONS: u64 = 400;
@@ -690,6 +690,42 @@ per_engine!(integrity_passes_on_a_healthy_database:
     integrity_passes_on_a_healthy_database_sqlite => Engine::Sqlite,
     integrity_passes_on_a_healthy_database_postgres => Engine::Postgres,
     integrity_passes_on_a_healthy_database_mariadb => Engine::MySql);
+
+/// A session without a user (a nullable `user_id`: guest sessions) references nothing, as
+/// SQL's own foreign keys see it: no violation. Fails if the orphan query counts NULLs.
+async fn integrity_counts_no_violation_for_a_session_without_a_user(engine: Engine) {
+    let tdb = seeded(engine, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    // The SQLite demo data carries orphans on purpose; remove them first.
+    db.execute(
+        "DELETE FROM user_sessions WHERE user_id NOT IN (SELECT id FROM users) \
+         OR (active_platform_id IS NOT NULL AND active_platform_id NOT IN (SELECT id FROM platform_connections))",
+    )
+    .await
+    .unwrap();
+    allow_sessions_without_a_user(db).await;
+    db.execute(
+        "INSERT INTO user_sessions (session_id, user_id, created_at, updated_at, last_activity, expires_at, is_active) \
+         VALUES ('guest', NULL, '2030-01-01 00:00:00', '2030-01-01 00:00:00', '2030-01-01 00:00:00', '2030-01-02 00:00:00', TRUE)",
+    )
+    .await
+    .expect("guest session");
+    let report = maintenance::integrity_check(db, false)
+        .await
+        .expect("integrity");
+    assert_eq!(
+        report.foreign_key_check,
+        CheckStatus::Passed,
+        "{engine}: {:?}",
+        report.issues_found
+    );
+    tdb.drop_db().await;
+}
+
+per_engine!(integrity_counts_no_violation_for_a_session_without_a_user:
+    integrity_counts_no_violation_for_a_session_without_a_user_sqlite => Engine::Sqlite,
+    integrity_counts_no_violation_for_a_session_without_a_user_postgres => Engine::Postgres,
+    integrity_counts_no_violation_for_a_session_without_a_user_mariadb => Engine::MySql);
 
 async fn integrity_fails_on_orphaned_sessions(engine: Engine) {
     let tdb = seeded(engine, SchemaVersion::V2).await;

@@ -22,7 +22,7 @@ use chrono::{Duration, NaiveDateTime};
 
 use super::HealthParams;
 use super::probe::{
-    Arg, Kind, Probe, QueryTiming, count_if, float_type, int_type, seconds_between,
+    Arg, Cell, Kind, Probe, QueryTiming, count_if, float_type, int_type, seconds_between,
 };
 use super::report::UserCount;
 use crate::ops::OpError;
@@ -251,11 +251,14 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
     // 2. per_user: the window sums see every group; LIMIT only trims the listed rows.
     let it = int_type(e);
     let limit = params.concurrent_session_limit;
+    // Sessions without a user (a nullable user_id: guest sessions) form one group: counted
+    // in the session totals, never as a user.
     let sql = format!(
-        "SELECT user_id, a, COUNT(*) OVER (), \
-         CAST(SUM(CASE WHEN n > 1 THEN 1 ELSE 0 END) OVER () AS {it}), \
-         CAST(SUM(CASE WHEN a > 0 THEN 1 ELSE 0 END) OVER () AS {it}), \
-         CAST(SUM(CASE WHEN a > {limit} THEN 1 ELSE 0 END) OVER () AS {it}), \
+        "SELECT user_id, a, \
+         CAST(SUM(CASE WHEN user_id IS NOT NULL THEN 1 ELSE 0 END) OVER () AS {it}), \
+         CAST(SUM(CASE WHEN user_id IS NOT NULL AND n > 1 THEN 1 ELSE 0 END) OVER () AS {it}), \
+         CAST(SUM(CASE WHEN user_id IS NOT NULL AND a > 0 THEN 1 ELSE 0 END) OVER () AS {it}), \
+         CAST(SUM(CASE WHEN user_id IS NOT NULL AND a > {limit} THEN 1 ELSE 0 END) OVER () AS {it}), \
          CAST(SUM(n) OVER () AS {it}), CAST(SUM(a) OVER () AS {it}) \
          FROM (SELECT {uid} AS user_id, COUNT(*) AS n, {a} AS a FROM {t} GROUP BY {uid}) x \
          ORDER BY a DESC, user_id LIMIT {n}",
@@ -415,7 +418,7 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
     let total_of = |i: usize| first.map_or(0, |r| r[i].count());
     let users_over_limit_examples = users
         .iter()
-        .filter(|r| r[1].count() > limit)
+        .filter(|r| !matches!(r[0], Cell::Null) && r[1].count() > limit)
         .map(|r| UserCount {
             user_id: r[0].int(),
             value: r[1].count(),

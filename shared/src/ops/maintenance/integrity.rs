@@ -422,7 +422,10 @@ async fn orphan_checks(
     if let Some(u) = &schema.users {
         checks.push((
             format!(
-                "SELECT COUNT(*) FROM {st} s LEFT JOIN {ut} u ON s.{uid} = u.{id} WHERE u.{id} IS NULL",
+                // A NULL user id (guest sessions, where the column allows it) references
+                // nothing, as SQL's own foreign keys see it.
+                "SELECT COUNT(*) FROM {st} s LEFT JOIN {ut} u ON s.{uid} = u.{id} \
+                 WHERE s.{uid} IS NOT NULL AND u.{id} IS NULL",
                 st = s.table,
                 ut = u.table,
                 uid = s.user_id,
