@@ -104,6 +104,14 @@ impl Spinner {
         self.last.replace(msg);
     }
 
+    /// Prints `msg` as [`Output::info`] does, above the spinner rather than through it.
+    pub fn info(&self, out: &Output, msg: impl AsRef<str>) {
+        match &self.bar {
+            Some(b) => b.suspend(|| out.info(msg)),
+            None => out.info(msg),
+        }
+    }
+
     /// Clears the spinner.
     pub fn finish(&self) {
         if let Some(b) = &self.bar {

@@ -11,8 +11,8 @@ use crate::exit::Exit;
 use crate::output::Output;
 use crate::run::Finished;
 
-/// Prints the runs and returns the exit code: 4 if any was cut short by `--timeout`, 1 if
-/// any failed, 3 if a health report is critical, else 0.
+/// Prints the runs and returns the exit code: 1 if any failed, else 4 if any was cut short by
+/// `--timeout`, else 3 if a health report is critical, else 0.
 pub fn finished(runs: &[Finished], out: &Output) -> Exit {
     if out.json {
         if runs.len() == 1 && runs[0].error.is_none() {
@@ -48,10 +48,12 @@ pub fn finished(runs: &[Finished], out: &Output) -> Exit {
             );
         }
     }
-    if runs.iter().any(|r| r.timed_out) {
-        Exit::Timeout
-    } else if runs.iter().any(|r| r.error.is_some()) {
+    // A failure outranks a timeout: a script must not read "try again later" for a run that
+    // failed beside one that ran out of time.
+    if runs.iter().any(|r| r.error.is_some() && !r.timed_out) {
         Exit::OperationFailed
+    } else if runs.iter().any(|r| r.timed_out) {
+        Exit::Timeout
     } else if runs.iter().any(|r| critical(r.kind, &r.report)) {
         Exit::HealthCritical
     } else {

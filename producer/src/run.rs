@@ -21,6 +21,8 @@ use crate::progress::{Running, Spinner};
 pub const WORKER_PROBE: Duration = Duration::from_secs(2);
 /// How long the CLI tries to reach Redis before falling back to local mode.
 pub const REDIS_PATIENCE: Duration = Duration::from_secs(2);
+/// The longest `--timeout` honoured (a year); larger values mean the same.
+const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Poll interval while waiting for results.
 const RESULT_POLL: Duration = Duration::from_millis(100);
 
@@ -68,8 +70,9 @@ impl Invocation<'_> {
         format!("cli@{}", hostname())
     }
 
+    /// `--timeout`, capped at [`MAX_TIMEOUT`] so that a deadline can always be computed.
     fn timeout(&self) -> Duration {
-        Duration::from_secs(self.global.timeout)
+        Duration::from_secs(self.global.timeout).min(MAX_TIMEOUT)
     }
 }
 
@@ -290,9 +293,14 @@ async fn run_locally(
     let timer = tokio::spawn({
         let (shutdown, timed_out) = (shutdown.clone(), timed_out.clone());
         async move {
-            tokio::time::sleep_until(deadline.into()).await;
-            timed_out.cancel();
-            shutdown.cancel();
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    timed_out.cancel();
+                    shutdown.cancel();
+                }
+                // Ctrl-C came first: what follows is its stop, not a timeout.
+                () = shutdown.cancelled() => {}
+            }
         }
     });
     let holder = format!("{}-local-{}", inv.who(), std::process::id());
@@ -356,11 +364,14 @@ async fn run_locally(
                     reports.push(report);
                     let part = env.part + 1;
                     if shutdown.is_cancelled() {
-                        inv.out.info(format!(
-                            "{}: part {part} stopped after {rows_affected} rows: {}",
-                            env.target,
-                            stopped()
-                        ));
+                        spinner.info(
+                            &inv.out,
+                            format!(
+                                "{}: part {part} stopped after {rows_affected} rows: {}",
+                                env.target,
+                                stopped()
+                            ),
+                        );
                         error = Some(format!("{}; run the command again to finish", stopped()));
                         break;
                     }
@@ -377,7 +388,7 @@ async fn run_locally(
                                 ));
                                 break;
                             }
-                            inv.out.info(format!(
+                            spinner.info(&inv.out, format!(
                                 "{}: part {part} {why} after {rows_affected} rows; continuing in {:.1}s",
                                 env.target,
                                 delay.as_secs_f64()
@@ -388,10 +399,13 @@ async fn run_locally(
                                 break;
                             }
                         }
-                        None => inv.out.info(format!(
-                            "{}: part {part} done ({rows_affected} rows), continuing",
-                            env.target
-                        )),
+                        None => spinner.info(
+                            &inv.out,
+                            format!(
+                                "{}: part {part} done ({rows_affected} rows), continuing",
+                                env.target
+                            ),
+                        ),
                     }
                     env = next;
                 }
@@ -404,8 +418,10 @@ async fn run_locally(
                         error = Some(format!("{}: {reason}", stopped()));
                         break;
                     }
-                    inv.out
-                        .info(format!("{reason}; retrying in {:.1}s", delay.as_secs_f64()));
+                    spinner.info(
+                        &inv.out,
+                        format!("{reason}; retrying in {:.1}s", delay.as_secs_f64()),
+                    );
                     if !pause(delay, &shutdown).await {
                         error = Some(format!("{}: {reason}", stopped()));
                         break;

@@ -133,24 +133,41 @@ const FIRST_TEST_PORT: u16 = 10_000;
 ///
 /// Not port 0's pick: that comes from the ephemeral range, which every outgoing connection
 /// of the parallel suite also draws from, so one could take the port before the server binds
-/// it. These come from below that range, and never twice in one test binary (cargo runs the
-/// test binaries one after another).
+/// it. These come from outside that range (below it, or above it where the range starts
+/// low), and never twice in one test binary (cargo runs the test binaries one after another).
 pub fn free_port() -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    let span = ephemeral_start.saturating_sub(FIRST_TEST_PORT).max(1);
+    let (ephemeral_start, ephemeral_end) =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| {
+                let mut bounds = r.split_whitespace().map(|n| n.parse::<u16>().ok());
+                Some((bounds.next()??, bounds.next()??))
+            })
+            .unwrap_or((32_768, 60_999));
+    let below = (FIRST_TEST_PORT, ephemeral_start.max(FIRST_TEST_PORT));
+    let above = (
+        ephemeral_end.saturating_add(1).max(FIRST_TEST_PORT),
+        u16::MAX,
+    );
+    let (low, high) = if below.1 - below.0 >= above.1 - above.0 {
+        below
+    } else {
+        above
+    };
+    assert!(
+        high - low >= 100,
+        "no room for test ports outside the ephemeral range {ephemeral_start}-{ephemeral_end}"
+    );
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..1000 {
-        let port = FIRST_TEST_PORT + (uuid::Uuid::new_v4().as_u128() % u128::from(span)) as u16;
+        let port = low + (uuid::Uuid::new_v4().as_u128() % u128::from(high - low)) as u16;
         if !handed_out.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             handed_out.insert(port);
             return port;
         }
     }
-    panic!("no free port in {FIRST_TEST_PORT}..{ephemeral_start}");
+    panic!("no free port in {low}..{high}");
 }
 
 /// A loopback TCP port bound for as long as the value lives and never listened on: a

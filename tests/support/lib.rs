@@ -291,6 +291,7 @@ impl Drop for Worker {
             // its own pace and could write to Redis after the test's key guard has run. Killed
             // itself, it is gone once `unshare`, which waits for it, has exited.
             self.signal("KILL");
+            let _ = self.wait_exit(Duration::from_secs(10));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

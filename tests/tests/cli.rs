@@ -66,6 +66,20 @@ impl Cli {
         })
     }
 
+    /// Waits until a worker of this namespace polls the cleanup queue: a waiting command
+    /// gives up after two seconds without one.
+    async fn wait_for_a_worker(&self) {
+        let q = queue(&self.redis, &self.ns).await;
+        eventually(Duration::from_secs(60), "a live worker", || async {
+            let live = q
+                .live_workers(Some(sessionfleet::jobs::QueueClass::Cleanup))
+                .await
+                .ok()?;
+            (!live.is_empty()).then_some(())
+        })
+        .await;
+    }
+
     fn worker(&self, label: &str) -> Worker {
         let mut spec = WorkerSpec::new(&self.redis, &self.ns, label);
         spec.env.push(("DATABASE_URL".into(), self.db_url.clone()));
@@ -274,7 +288,8 @@ async fn an_interrupted_local_cleanup_shows_what_it_deleted() {
 }
 
 /// `--timeout` bounds a `--local` run itself, not only waits: a cleanup that would take
-/// minutes stops at its next batch boundary once the time is up, exits 4 and reports what it
+/// minutes stops at its next batch boundary once the time is up (8 s: room for a first batch
+/// to commit and show as progress on a slow machine), exits 4 and reports what it
 /// deleted. Fails if the run goes on to the end (exit 0) or ends as a failure (exit 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_cleanup_stops_at_its_timeout_and_exits_4() {
@@ -284,7 +299,7 @@ async fn a_local_cleanup_stops_at_its_timeout_and_exits_4() {
     // One-row batches, each followed by a rest 100 times as long: over a thousand rows to
     // delete take minutes, far beyond the three seconds allowed.
     cli.extra = slow_cleanup();
-    let out = cli.run(&["--local", "--timeout", "3", "cleanup", "--once"]);
+    let out = cli.run(&["--local", "--timeout", "8", "cleanup", "--once"]);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -297,10 +312,10 @@ async fn a_local_cleanup_stops_at_its_timeout_and_exits_4() {
         deleted,
         "the report counts what was deleted: {stdout}"
     );
-    for expected in ["outcome: cancelled", "Error: timed out after 3s"] {
+    for expected in ["outcome: cancelled", "Error: timed out after 8s"] {
         assert!(stdout.contains(expected), "{expected:?} in: {stdout}");
     }
-    assert!(stderr.contains("timed out after 3s"), "{stderr}");
+    assert!(stderr.contains("timed out after 8s"), "{stderr}");
     assert!(
         stderr.contains("cleanup on default: part 1 running on "),
         "progress shown: {stderr}"
@@ -316,6 +331,7 @@ async fn a_wait_for_the_fleet_that_times_out_exits_4_and_names_the_job() {
     let mut cli = Cli::new(&t.url);
     cli.extra = slow_cleanup();
     let _w = cli.worker("timeout");
+    cli.wait_for_a_worker().await;
     let out = cli.run(&["--timeout", "3", "cleanup", "--once", "--json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
@@ -340,7 +356,8 @@ async fn a_running_part_s_progress_is_published_and_shown() {
     let mut cli = Cli::new(&t.url);
     cli.extra = slow_cleanup();
     let _w = cli.worker("progress");
-    let out = cli.run(&["--timeout", "4", "cleanup", "--once"]);
+    cli.wait_for_a_worker().await;
+    let out = cli.run(&["--timeout", "6", "cleanup", "--once"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(

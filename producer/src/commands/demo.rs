@@ -210,7 +210,12 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     let bin = dir.join("sessionfleet-worker");
-    let Ok(cargo) = std::env::var("CARGO") else {
+    // `cargo run` of this package names it; CARGO alone could be another project's cargo
+    // (an installed binary started from its tests or scripts).
+    let under_our_cargo_run =
+        std::env::var("CARGO_PKG_NAME").is_ok_and(|name| name == env!("CARGO_PKG_NAME"));
+    let cargo = std::env::var("CARGO").ok().filter(|_| under_our_cargo_run);
+    let Some(cargo) = cargo else {
         if bin.exists() {
             return Ok(bin);
         }
@@ -243,6 +248,10 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
     }
     let status = cmd.status().context("running cargo build")?;
     if !status.success() || !bin.exists() {
+        if bin.exists() {
+            eprintln!("    could not bring sessionfleet-worker up to date; using the one there");
+            return Ok(bin);
+        }
         return Err(CliError::fail(
             Exit::OperationFailed,
             "could not build sessionfleet-worker",
