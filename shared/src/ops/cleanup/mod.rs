@@ -506,13 +506,18 @@ async fn purge(
         // The rules as run: sessions still referenced are left to no continuation.
         && let Some(any) = Predicate::any_of(&rules.iter().map(|r| &r.predicate).collect::<Vec<_>>())
     {
-        // Informative: the continuation follows the budget stop either way.
-        match read_with_retries("remaining count", retried, || count(db, schema, Some(&any))).await
-        {
-            Ok(n) => report.remaining = Some(n),
-            Err(e) => report.errors.push(format!(
+        // Informative: the continuation follows the budget stop either way, so a cancellation
+        // (a shutdown, a lost lease) meanwhile drops it rather than wait seconds for it.
+        let remaining =
+            read_with_retries("remaining count", retried, || count(db, schema, Some(&any)));
+        match unless_cancelled(ctx, remaining).await {
+            Some(Ok(n)) => report.remaining = Some(n),
+            Some(Err(e)) => report.errors.push(format!(
                 "counting the rows left for the continuation failed: {e}"
             )),
+            None => report.notes.push(
+                "the rows left for the continuation were not counted: the run was cancelled".into(),
+            ),
         }
     }
     if report.outcome != Outcome::Cancelled {

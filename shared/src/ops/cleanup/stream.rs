@@ -57,6 +57,9 @@ impl Default for ReadTuning {
 pub struct IdStream {
     reader: Reader,
     ids: mpsc::Receiver<Result<i64, sqlx::Error>>,
+    /// The read's task: aborted with the stream, so a read still computing (an anti-join
+    /// that finds its first row late) does not go on to read more after the run has ended.
+    read: tokio::task::AbortHandle,
     last: Option<i64>,
     reopened: u32,
     /// Why the read last broke, for the report.
@@ -65,7 +68,8 @@ pub struct IdStream {
 
 impl IdStream {
     /// Starts the read on a connection of its own (the pool always has more than one; the
-    /// batches use another). Dropping the stream stops the read.
+    /// batches use another). Dropping the stream stops the read's task at once (its
+    /// connection goes back to the pool once the statement in flight has ended).
     pub fn open(db: &Db, schema: &Schema, pred: &Predicate) -> IdStream {
         IdStream::open_tuned(db, schema, pred, ReadTuning::default())
     }
@@ -78,8 +82,10 @@ impl IdStream {
             pred: pred.clone(),
             tuning,
         };
+        let (ids, read) = reader.clone().start(None);
         IdStream {
-            ids: reader.clone().start(None),
+            ids,
+            read,
             reader,
             last: None,
             reopened: 0,
@@ -106,13 +112,19 @@ impl IdStream {
                     self.reopened += 1;
                     self.last_break = Some(e.to_string());
                     tracing::warn!(error = %e, after_id = ?self.last, "cleanup read broke; reopening it after the last id it delivered");
-                    self.ids = self.reader.clone().start(self.last);
+                    (self.ids, self.read) = self.reader.clone().start(self.last);
                 }
                 Some(Err(e)) => return Err(e),
                 None => break,
             }
         }
         Ok(batch)
+    }
+}
+
+impl Drop for IdStream {
+    fn drop(&mut self) {
+        self.read.abort();
     }
 }
 
@@ -139,9 +151,15 @@ enum Ended {
 
 impl Reader {
     /// Spawns the read of the ids after `after` (all, when `None`).
-    fn start(self, after: Option<i64>) -> mpsc::Receiver<Result<i64, sqlx::Error>> {
+    fn start(
+        self,
+        after: Option<i64>,
+    ) -> (
+        mpsc::Receiver<Result<i64, sqlx::Error>>,
+        tokio::task::AbortHandle,
+    ) {
         let (tx, rx) = mpsc::channel(self.tuning.buffered);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let read = match self.db.engine() {
                 Engine::Sqlite => self.in_chunks(after, &tx).await,
                 _ => self.in_one_pass(after, &tx).await,
@@ -150,7 +168,7 @@ impl Reader {
                 let _ = tx.send(Err(e)).await;
             }
         });
-        rx
+        (rx, task.abort_handle())
     }
 
     fn sql(&self, after: Option<i64>, limit: Option<usize>) -> String {
