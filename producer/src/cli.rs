@@ -270,7 +270,7 @@ pub enum JobsAction {
     /// Show a job's result; a run's finished parts and the progress of the part running now;
     /// or a dead letter's payload and reason
     Show {
-        /// Job id, run id, or dead-letter id
+        /// Job id (a job running now shows its run), run id, or dead-letter id
         id: String,
     },
     /// Put a dead letter back on its queue

@@ -381,15 +381,22 @@ async fn a_running_part_s_progress_is_published_and_shown() {
     })
     .await;
     assert_eq!(first.part, 0);
-    // `jobs show` with the run id the timeout named says the same.
-    let show = cli.run(&["jobs", "show", &run_id.to_string()]);
-    let shown = String::from_utf8_lossy(&show.stdout);
-    assert!(show.status.success(), "{shown}");
-    assert!(
-        shown.contains(&format!("part 1: running on {}", first.worker))
-            && shown.contains("rows in"),
-        "{shown}"
-    );
+    // `jobs show` with the run id the timeout named, or the running job's id, says the same.
+    let job_id = stderr
+        .split("waiting for job ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("no job id in: {stderr}"));
+    for id in [run_id.to_string(), job_id.to_string()] {
+        let show = cli.run(&["jobs", "show", &id]);
+        let shown = String::from_utf8_lossy(&show.stdout);
+        assert!(show.status.success(), "{id}: {shown}");
+        assert!(
+            shown.contains(&format!("part 1: running on {}", first.worker))
+                && shown.contains("rows in"),
+            "{id}: {shown}"
+        );
+    }
     let live = q.live_workers(None).await.expect("live workers");
     assert!(
         live.iter().any(|w| w.name == first.worker),

@@ -68,10 +68,12 @@ pub async fn run(inv: &Invocation<'_>, action: &JobsAction) -> anyhow::Result<Ex
                     return Ok(Exit::Success);
                 }
             }
-            if let Ok(run_id) = id.parse::<uuid::Uuid>()
-                && show_run(&q, run_id, out).await?
-            {
-                return Ok(Exit::Success);
+            // A run id, or a job running now (its run shows what it has done so far).
+            if let Ok(uuid) = id.parse::<uuid::Uuid>() {
+                let run_id = q.running_job_run(uuid).await?.unwrap_or(uuid);
+                if show_run(&q, run_id, out).await? {
+                    return Ok(Exit::Success);
+                }
             }
             match q.dead_letter(id).await? {
                 Some(d) => {
@@ -91,7 +93,7 @@ pub async fn run(inv: &Invocation<'_>, action: &JobsAction) -> anyhow::Result<Ex
                     return Err(CliError::fail(
                         Exit::OperationFailed,
                         format!(
-                            "no job result, run or dead letter with id {id} (results are kept SESSION_METRICS_RETENTION_DAYS days; a job still queued or running has none yet: its run id shows its progress)"
+                            "no job result, running job, run or dead letter with id {id} (results are kept SESSION_METRICS_RETENTION_DAYS days; a job still queued has none yet)"
                         ),
                     ));
                 }

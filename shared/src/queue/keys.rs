@@ -113,6 +113,11 @@ impl Keys {
     pub fn progress(&self, run_id: &uuid::Uuid) -> String {
         self.ours(&format!("progress:{run_id}"))
     }
+    /// The run a running job belongs to, while its progress is published (string, short
+    /// TTL): `jobs show JOB_ID` finds a running job's progress through it.
+    pub fn progress_run(&self, job_id: &uuid::Uuid) -> String {
+        self.ours(&format!("progress-run:{job_id}"))
+    }
     /// Recent runs of a target (LIST, newest first, bounded).
     pub fn history(&self, target: &str) -> String {
         self.ours(&format!("history:{target}"))

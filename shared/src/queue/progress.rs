@@ -24,9 +24,10 @@ pub const PROGRESS_TTL: Duration = Duration::from_secs(60);
 /// outlives it.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(20);
 
-/// Deletes the progress only while it is still the given part's: a part of the same run
-/// that another worker took over meanwhile keeps its own.
+/// Deletes the job's run pointer, and the run's progress only while it is still the given
+/// part's: a part of the same run that another worker took over meanwhile keeps its own.
 const DELETE_IF_OWN: &str = r"
+redis.call('DEL', KEYS[2])
 local v = redis.call('GET', KEYS[1])
 if v and cjson.decode(v).job_id == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -73,14 +74,34 @@ impl Queue {
         let json = serde_json::to_string(live)
             .map_err(|e| QueueError::Corrupt(format!("progress of run {run_id}: {e}")))?;
         let mut c = self.conn.clone();
-        redis::cmd("SET")
+        let ttl = PROGRESS_TTL.as_secs();
+        redis::pipe()
+            .cmd("SET")
             .arg(self.keys.progress(&run_id))
             .arg(json)
             .arg("EX")
-            .arg(PROGRESS_TTL.as_secs())
+            .arg(ttl)
+            .ignore()
+            .cmd("SET")
+            .arg(self.keys.progress_run(&live.job_id))
+            .arg(run_id.to_string())
+            .arg("EX")
+            .arg(ttl)
+            .ignore()
             .query_async::<()>(&mut c)
             .await
             .map_err(|e| self.err(e))
+    }
+
+    /// The run job `job_id` belongs to, while it runs and publishes its progress.
+    pub async fn running_job_run(&self, job_id: Uuid) -> Result<Option<Uuid>, QueueError> {
+        let mut c = self.conn.clone();
+        let run: Option<String> = redis::cmd("GET")
+            .arg(self.keys.progress_run(&job_id))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(run.and_then(|r| r.parse().ok()))
     }
 
     /// The progress of run `run_id`'s running part, if one is running.
@@ -96,6 +117,7 @@ impl Queue {
         let mut c = self.conn.clone();
         redis::Script::new(DELETE_IF_OWN)
             .key(self.keys.progress(&run_id))
+            .key(self.keys.progress_run(&job_id))
             .arg(job_id.to_string())
             .invoke_async::<i64>(&mut c)
             .await
