@@ -1013,8 +1013,14 @@ async fn a_part_s_progress_goes_with_it_but_not_a_takeover_s() {
         (seen.job_id, seen.worker.as_str()),
         (env.job_id, "worker-a")
     );
+    assert_eq!(
+        t.queue.running_job_run(env.job_id).await.unwrap(),
+        Some(env.run_id),
+        "a running job leads to its run"
+    );
     publishing.finish().await;
     assert_eq!(t.queue.progress(env.run_id).await.unwrap(), None);
+    assert_eq!(t.queue.running_job_run(env.job_id).await.unwrap(), None);
 
     // A takeover's progress outlives the finish of the part it replaced.
     let publishing = Publishing::start(
