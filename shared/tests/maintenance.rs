@@ -97,6 +97,17 @@ async fn drop_session_foreign_keys(db: &Db) {
     }
 }
 
+/// Deletes the sessions of missing users and platforms: the SQLite demo data carries them on
+/// purpose, and a healthy database has none.
+async fn remove_demo_orphans(db: &Db) {
+    db.execute(
+        "DELETE FROM user_sessions WHERE user_id NOT IN (SELECT id FROM users) \
+         OR (active_platform_id IS NOT NULL AND active_platform_id NOT IN (SELECT id FROM platform_connections))",
+    )
+    .await
+    .unwrap();
+}
+
 macro_rules! per_engine {
     ($check:ident: $($name:ident => $engine:expr),+) => {
         $(
@@ -647,13 +658,7 @@ async fn integrity_passes_on_a_healthy_database(engine: Engine) {
     let tdb = seeded(engine, SchemaVersion::V2).await;
     let db = &tdb.db;
     if engine == Engine::Sqlite {
-        // The SQLite demo data carries orphans on purpose; remove them for a healthy database.
-        db.execute(
-            "DELETE FROM user_sessions WHERE user_id NOT IN (SELECT id FROM users) \
-             OR (active_platform_id IS NOT NULL AND active_platform_id NOT IN (SELECT id FROM platform_connections))",
-        )
-        .await
-        .unwrap();
+        remove_demo_orphans(db).await;
     }
     for full in [false, true] {
         let report = maintenance::integrity_check(db, full)
@@ -696,13 +701,7 @@ per_engine!(integrity_passes_on_a_healthy_database:
 async fn integrity_counts_no_violation_for_a_session_without_a_user(engine: Engine) {
     let tdb = seeded(engine, SchemaVersion::V2).await;
     let db = &tdb.db;
-    // The SQLite demo data carries orphans on purpose; remove them first.
-    db.execute(
-        "DELETE FROM user_sessions WHERE user_id NOT IN (SELECT id FROM users) \
-         OR (active_platform_id IS NOT NULL AND active_platform_id NOT IN (SELECT id FROM platform_connections))",
-    )
-    .await
-    .unwrap();
+    remove_demo_orphans(db).await;
     allow_sessions_without_a_user(db).await;
     db.execute(
         "INSERT INTO user_sessions (session_id, user_id, created_at, updated_at, last_activity, expires_at, is_active) \
