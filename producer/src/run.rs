@@ -134,7 +134,7 @@ pub async fn run(
         let ids: Vec<_> = envs
             .iter()
             .zip(&enqueued)
-            .map(|(e, q)| serde_json::json!({"job_id": e.job_id, "run_id": e.run_id, "target": e.target, "kind": e.kind, "queue": class.name(), "enqueued": format!("{q:?}")}))
+            .map(|(e, q)| serde_json::json!({"job_id": e.job_id, "run_id": e.run_id, "target": e.target, "kind": e.kind, "queue": class.name(), "task_id": q.task_id, "accepted": q.accepted}))
             .collect();
         if inv.out.json {
             inv.out.print_json(&ids);

@@ -11,6 +11,7 @@ use sessionfleet::queue::results::HISTORY_LEN;
 use sessionfleet::queue::settle::{Settled, process_delivery};
 use sessionfleet::queue::{
     EnqueueOptions, JobResult, Keys, MAX_DUE_PER_SECOND, Queue, QueueError, ResultOutcome,
+    WaitState,
 };
 use sessionfleet::runner::RunnerDeps;
 use sessionfleet::testing::{RedisKeysGuard, redis_url, unique_namespace};
@@ -1050,4 +1051,100 @@ async fn a_part_s_progress_goes_with_it_but_not_a_takeover_s() {
             .map(|p| p.job_id),
         Some(other.job_id)
     );
+}
+
+/// A job without a result says where it waits: its place in the ready list, the time a
+/// delayed retry comes due (under the same job id, as a new task), the worker that took it;
+/// nothing once its result is stored, nor for an id never enqueued. Fails without the
+/// enqueue script's pointer, or with it left behind by the result.
+#[tokio::test]
+async fn a_job_without_a_result_says_where_it_waits() {
+    let t = Ns::new().await;
+    let q = QueueClass::Diag;
+    let k = t.queue.keys().clone();
+    let first = JobEnvelope::noop("t");
+    let second = JobEnvelope::new(
+        JobKind::Noop,
+        "diag",
+        serde_json::json!({"fail_attempts": 1}),
+        "test",
+    );
+    t.queue.enqueue(&first).await.unwrap();
+    let second_task = t.queue.enqueue(&second).await.unwrap().task_id;
+    let waiting = |job| {
+        let queue = t.queue.clone();
+        async move { queue.waiting_job(job).await.unwrap() }
+    };
+    let w = waiting(first.job_id).await.expect("first job waits");
+    assert_eq!(
+        w.state,
+        WaitState::Ready {
+            position: 1,
+            ready: 2
+        }
+    );
+    assert_eq!((w.run_id, w.queue, w.attempt), (first.run_id, q, 1));
+    let w = waiting(second.job_id).await.expect("second job waits");
+    assert_eq!(
+        w.state,
+        WaitState::Ready {
+            position: 2,
+            ready: 2
+        }
+    );
+    assert_eq!(w.task_id, second_task);
+    let json = serde_json::to_value(&w).unwrap();
+    assert_eq!(
+        (json["state"].as_str(), json["position"].as_u64()),
+        (Some("ready"), Some(2))
+    );
+    assert!(
+        waiting(uuid::Uuid::new_v4()).await.is_none(),
+        "never enqueued"
+    );
+
+    // A registered worker takes both (apalis' own fetch): they are claimed, by it.
+    let _: () = redis::cmd("ZADD")
+        .arg(k.apalis_workers(q))
+        .arg(1)
+        .arg("probe")
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    let cfg = t.queue.apalis_config(q);
+    let fetched =
+        apalis_redis::queries::fetch_next(&mut t.conn(), &WorkerContext::new("probe"), &cfg)
+            .await
+            .expect("fetch");
+    assert_eq!(fetched.len(), 2);
+    assert_eq!(
+        waiting(first.job_id).await.expect("claimed").state,
+        WaitState::Claimed {
+            worker: Some("probe".into())
+        }
+    );
+
+    // The first finishes: its result replaces where it waited.
+    let s = process_delivery(&t.deps, q, "t-first", &first.to_bytes())
+        .await
+        .unwrap();
+    assert_eq!(s, Settled::Succeeded);
+    assert!(waiting(first.job_id).await.is_none(), "finished");
+    // The second fails once: its retry waits, delayed, as attempt 2 under the same job id.
+    let before = chrono::Utc::now();
+    let s = process_delivery(&t.deps, q, &second_task, &second.to_bytes())
+        .await
+        .unwrap();
+    assert_eq!(s, Settled::Retrying(2));
+    let w = waiting(second.job_id).await.expect("the retry waits");
+    assert_eq!(w.attempt, 2);
+    assert_ne!(w.task_id, second_task, "a retry travels as a new task");
+    let WaitState::Delayed { due_at } = w.state else {
+        panic!("delayed retry: {w:?}")
+    };
+    assert!(
+        due_at >= chrono::SubsecRound::trunc_subsecs(before, 0),
+        "due at {due_at}, failed at {before}"
+    );
+    t.cleanup().await;
 }

@@ -413,6 +413,44 @@ async fn a_running_part_s_progress_is_published_and_shown() {
     t.drop_db().await;
 }
 
+/// A job enqueued with `--no-wait` before any worker runs: `jobs show` says where it waits,
+/// in text and JSON, and once a worker has run it, its result. Fails if a queued job is
+/// reported unknown, or the enqueue's JSON lacks its task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_shows_where_it_waits_then_its_result() {
+    let t = seeded(Engine::Sqlite, 300).await;
+    let cli = Cli::new(&t.url);
+    let enqueued = cli.json(&["--no-wait", "--json", "cleanup", "--once"]);
+    let [job] = enqueued.as_array().expect("one job per target").as_slice() else {
+        panic!("one target: {enqueued}")
+    };
+    assert_eq!(job["accepted"], true, "{job}");
+    let task = job["task_id"].as_str().expect("task id");
+    let job_id = job["job_id"].as_str().expect("job id").to_string();
+    let out = cli.run(&["jobs", "show", &job_id]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("waiting in the 'cleanup' queue: ready, 1 of 1 in line"),
+        "{shown}"
+    );
+    let waiting = cli.json(&["jobs", "show", &job_id, "--json"]);
+    assert_eq!(waiting["state"], "ready", "{waiting}");
+    assert_eq!(waiting["run_id"], job["run_id"], "{waiting}");
+    assert_eq!(waiting["task_id"].as_str(), Some(task), "{waiting}");
+
+    let _w = cli.worker("queued");
+    let q = queue(&cli.redis, &cli.ns).await;
+    let id: uuid::Uuid = job_id.parse().unwrap();
+    eventually(Duration::from_secs(120), "the job's result", || async {
+        q.result(id).await.ok().flatten()
+    })
+    .await;
+    let done = cli.json(&["jobs", "show", &job_id, "--json"]);
+    assert_eq!(done["outcome"], "succeeded", "{done}");
+    t.drop_db().await;
+}
+
 /// `log_format = "json"` in the configuration file makes the CLI's logs JSON, as it does the
 /// worker's (only the environment variable used to). Fails if the logs stay text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

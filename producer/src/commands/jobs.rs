@@ -1,7 +1,7 @@
 //! `sessionfleet jobs …` and `sessionfleet lease`.
 
 use sessionfleet::lease;
-use sessionfleet::queue::Queue;
+use sessionfleet::queue::{Queue, WaitState, WaitingJob};
 use sessionfleet::store::{ConnectOptions, Db};
 
 use crate::cli::JobsAction;
@@ -51,7 +51,7 @@ pub async fn run(inv: &Invocation<'_>, action: &JobsAction) -> anyhow::Result<Ex
                             "job {} (run {}, part {}): {} on {} by {}",
                             r.job_id,
                             r.run_id,
-                            r.part,
+                            r.part + 1,
                             r.outcome.as_str(),
                             r.target,
                             r.worker
@@ -68,10 +68,15 @@ pub async fn run(inv: &Invocation<'_>, action: &JobsAction) -> anyhow::Result<Ex
                     return Ok(Exit::Success);
                 }
             }
-            // A run id, or a job running now (its run shows what it has done so far).
+            // A run id, or a job running now (its run shows what it has done so far), or one
+            // still waiting in its queue.
             if let Ok(uuid) = id.parse::<uuid::Uuid>() {
                 let run_id = q.running_job_run(uuid).await?.unwrap_or(uuid);
                 if show_run(&q, run_id, out).await? {
+                    return Ok(Exit::Success);
+                }
+                if let Some(w) = q.waiting_job(uuid).await? {
+                    show_waiting(&w, out);
                     return Ok(Exit::Success);
                 }
             }
@@ -93,7 +98,7 @@ pub async fn run(inv: &Invocation<'_>, action: &JobsAction) -> anyhow::Result<Ex
                     return Err(CliError::fail(
                         Exit::OperationFailed,
                         format!(
-                            "no job result, running job, run or dead letter with id {id} (results are kept SESSION_METRICS_RETENTION_DAYS days; a job still queued has none yet)"
+                            "no job result, running job, run or dead letter with id {id} (results are kept SESSION_METRICS_RETENTION_DAYS days)"
                         ),
                     ));
                 }
@@ -102,9 +107,14 @@ pub async fn run(inv: &Invocation<'_>, action: &JobsAction) -> anyhow::Result<Ex
         JobsAction::Requeue { id } => {
             let e = q.requeue_dead(id).await?;
             if out.json {
-                out.print_json(&serde_json::json!({"requeued": id, "result": format!("{e:?}")}));
+                out.print_json(&serde_json::json!({"requeued": id, "enqueued": e}));
             } else {
-                println!("requeued {id}");
+                println!(
+                    "requeued {id}: job {} waits in the '{}' queue (`sessionfleet jobs show {}`)",
+                    e.job_id,
+                    e.queue.name(),
+                    e.job_id
+                );
             }
         }
         JobsAction::Purge { id, all } => {
@@ -189,6 +199,36 @@ pub async fn lease(inv: &Invocation<'_>) -> anyhow::Result<Exit> {
         }
     }
     Ok(Exit::Success)
+}
+
+/// Shows where a job without a result waits (parts counted from 1, as everywhere in text).
+fn show_waiting(w: &WaitingJob, out: &Output) {
+    if out.json {
+        out.print_json(w);
+        return;
+    }
+    let retry = if w.attempt > 1 {
+        format!(", attempt {}", w.attempt)
+    } else {
+        String::new()
+    };
+    let state = match &w.state {
+        WaitState::Ready { position, ready } => {
+            format!("ready, {position} of {ready} in line")
+        }
+        WaitState::Delayed { due_at } => format!("delayed until {due_at}"),
+        WaitState::Claimed { worker: Some(w) } => format!("taken by {w}, not started yet"),
+        WaitState::Claimed { worker: None } => "taken by a worker, not started yet".to_string(),
+    };
+    println!(
+        "job {} (run {}, part {}): {} on {}, waiting in the '{}' queue: {state}{retry}",
+        w.job_id,
+        w.run_id,
+        w.part + 1,
+        w.kind.as_str(),
+        w.target,
+        w.queue.name()
+    );
 }
 
 /// Shows run `run_id` if Redis knows it: its finished parts and the part running now with

@@ -42,6 +42,7 @@ pub mod keys;
 pub mod progress;
 pub mod results;
 pub mod settle;
+pub mod waiting;
 pub mod workers;
 
 pub use dead::DeadLetter;
@@ -49,6 +50,7 @@ pub use enqueue::{EnqueueOptions, Enqueued};
 pub use keys::Keys;
 pub use progress::LiveProgress;
 pub use results::{JobResult, ResultOutcome, RunSummary};
+pub use waiting::{WaitState, WaitingJob};
 pub use workers::WorkerInfo;
 
 /// How long one Redis reply may take before the call fails (redis-rs' 500 ms default turns a
