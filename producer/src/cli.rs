@@ -41,7 +41,7 @@ pub struct GlobalArgs {
     /// TOML configuration file (targets, schedules, defaults) [env: SESSIONFLEET_CONFIG]
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Database of the default target [env: DATABASE_URL] [default: sqlite://sessionfleet.db]
+    /// Database of the default target; for jobs, only with --local (a worker uses its own configuration's) [env: DATABASE_URL] [default: sqlite://sessionfleet.db]
     #[arg(long, global = true, value_name = "URL")]
     pub database_url: Option<String>,
     /// Redis holding the queues, leases and results [env: REDIS_URL] [default: redis://127.0.0.1:6379]

@@ -84,12 +84,25 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// Refuses `--database-url` where a worker would run the job. A job carries its target's
+/// name, and the worker connects to the database its own configuration names for it: the
+/// flag would be ignored, and the command would work on another database than the one named.
+pub fn refuse_database_url_for_workers(global: &GlobalArgs) -> anyhow::Result<()> {
+    if global.database_url.is_some() && !global.local {
+        return Err(CliError::usage(
+            "--database-url applies only with --local: a worker runs the job on the database its own configuration names for the target; add --local to work on this URL here, or configure it on the workers and pick it with --target",
+        ));
+    }
+    Ok(())
+}
+
 /// Builds one job per target with `build` and runs them as the flags say. Returns `None`
 /// for `--no-wait` (ids already printed).
 pub async fn run(
     inv: &Invocation<'_>,
     build: impl Fn(&Target) -> anyhow::Result<OperationJob>,
 ) -> anyhow::Result<Option<Vec<Finished>>> {
+    refuse_database_url_for_workers(inv.global)?;
     let mut envs = Vec::new();
     for target in inv.targets()? {
         let job = build(target)?;

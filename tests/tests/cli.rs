@@ -413,6 +413,64 @@ async fn a_running_part_s_progress_is_published_and_shown() {
     t.drop_db().await;
 }
 
+/// `--database-url` names the database for `--local` runs: a job command given it for the
+/// fleet refuses it in one line and enqueues nothing, since the worker would run the job on
+/// the database its own configuration names (here the other one). Fails if the flag is
+/// silently ignored and the worker's database is cleaned instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_url_flag_is_not_sent_to_a_worker_that_would_ignore_it() {
+    let workers_db = seeded(Engine::Sqlite, 300).await;
+    let named = seeded(Engine::Sqlite, 300).await;
+    let cli = Cli::new(&workers_db.url);
+    let _w = cli.worker("dburl");
+    cli.wait_for_a_worker().await;
+    let before = (doomed(&workers_db).await, doomed(&named).await);
+    assert!(before.0 > 0 && before.1 > 0, "{before:?}");
+    for args in [
+        &["--database-url", &named.url, "cleanup", "--once"][..],
+        &[
+            "--database-url",
+            &named.url,
+            "--no-wait",
+            "cleanup",
+            "--once",
+        ][..],
+        &["--database-url", &named.url, "schedule"][..],
+    ] {
+        let out = cli.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("--database-url applies only with --local") && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+    let q = queue(&cli.redis, &cli.ns).await;
+    let depths = q.queue_depths().await.unwrap();
+    assert!(
+        depths
+            .iter()
+            .all(|d| d.ready + d.running + d.scheduled == 0),
+        "nothing enqueued: {depths:?}"
+    );
+    assert_eq!(
+        doomed(&workers_db).await,
+        before.0,
+        "the worker's database untouched"
+    );
+    // With --local the flag's database is the one cleaned.
+    let out = cli.run(&["--database-url", &named.url, "--local", "cleanup", "--once"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(doomed(&named).await, 0);
+    assert_eq!(doomed(&workers_db).await, before.0);
+    workers_db.drop_db().await;
+    named.drop_db().await;
+}
+
 /// A job enqueued with `--no-wait` before any worker runs: `jobs show` says where it waits,
 /// in text and JSON, and once a worker has run it, its result. Fails if a queued job is
 /// reported unknown, or the enqueue's JSON lacks its task.

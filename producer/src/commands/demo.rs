@@ -104,7 +104,9 @@ pub async fn run(
     ));
 
     out.info("3/4 enqueueing full maintenance and waiting for the worker");
+    // The demo's own worker was started on this URL: the job runs where the flag says.
     let global = GlobalArgs {
+        database_url: None,
         target: None,
         all_targets: false,
         no_wait: false,

@@ -73,6 +73,7 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: Option<&CleanupAsk>) -> any
             "the scheduler only enqueues jobs for the fleet's workers: --local and --no-wait do not apply",
         ));
     }
+    crate::run::refuse_database_url_for_workers(inv.global)?;
     if cleanup_only.is_some_and(|ask| ask.dry_run) {
         return Err(CliError::usage(
             "--dry-run does not apply to a schedule: run `cleanup --dry-run` once instead",
