@@ -117,7 +117,7 @@ pub const KEYS: &[Key] = &[
         env: "DATABASE_URL",
         file: "database_url",
         default: DEFAULT_DATABASE_URL,
-        form: "a URL starting with sqlite:, postgres:, postgresql:, mysql: or mariadb:",
+        form: "a URL starting with sqlite:, postgres:, postgresql:, mysql: or mariadb: that its driver reads (a port from 1 to 65535, options it knows)",
         help: "database of the 'default' target",
     },
     Key {
@@ -1170,8 +1170,8 @@ fn parse_bool(s: &str) -> Result<bool, ()> {
 }
 
 fn parse_db_url(s: &str) -> Result<String, ()> {
-    crate::store::Engine::from_url(s)
-        .map(|_| s.to_string())
+    crate::store::check_url(s)
+        .map(|()| s.to_string())
         .map_err(|_| ())
 }
 

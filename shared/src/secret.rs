@@ -49,9 +49,11 @@ pub fn redact_text(text: &str, url: &str) -> String {
 
 /// Where a password is in a URL read as plain text — one that does not parse, or parses with
 /// its password taken for a port, path or fragment: after the first `:` of what follows
-/// `://`, up to the last `@`. `None` without a scheme, an `@` or a `:` before it.
+/// `://`, up to the last `@`. A mistyped URL without `://` (`postgres//u:pw@h`,
+/// `postgres:/u:pw@h`, `u:pw@h`) is read from its start, so the span may take in a scheme's
+/// rest too. `None` without an `@`, or a `:` before it.
 fn raw_password_span(url: &str) -> Option<std::ops::Range<usize>> {
-    let start = url.find("://")? + "://".len();
+    let start = url.find("://").map_or(0, |i| i + "://".len());
     let at = start + url[start..].rfind('@')?;
     let colon = start + url[start..at].find(':')?;
     (colon + 1 < at).then_some(colon + 1..at)
@@ -97,6 +99,22 @@ mod tests {
             assert!(r.contains(":***@"), "{r}");
             let t = redact_text(&format!("invalid URL {url}"), url);
             assert!(!t.contains(password), "{t}");
+        }
+    }
+
+    #[test]
+    fn hides_a_password_in_a_url_missing_its_slashes_or_scheme() {
+        for url in [
+            "postgres//app:hunter2@db/app",
+            "postgres:/app:hunter2@db/app",
+            "app:hunter2@db/app",
+            "redis:/:hunter2@cache:6379",
+        ] {
+            let r = redact_url(url);
+            assert!(!r.contains("hunter2"), "{r}");
+            assert!(r.contains("***@"), "{r}");
+            let t = redact_text(&format!("invalid URL {url}: no scheme"), url);
+            assert!(!t.contains("hunter2"), "{t}");
         }
     }
 

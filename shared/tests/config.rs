@@ -393,4 +393,67 @@ fn passwords_never_appear_in_output_or_errors() {
         None,
     );
     assert!(!msg.contains("hunter2"), "{msg}");
+    // Mistyped URLs, missing their slashes or their scheme, keep their password too.
+    for url in [
+        "postgres//app:hunter2@db/app",
+        "app:hunter2@db/app",
+        "redis:/:hunter2@cache:6379",
+    ] {
+        let msg = refusal(&Overrides::default(), &[("DATABASE_URL", url)], None);
+        assert!(
+            !msg.contains("hunter2") && msg.contains("DATABASE_URL"),
+            "{msg}"
+        );
+    }
+    let msg = refusal(
+        &Overrides::default(),
+        &[("REDIS_URL", "redis:/:hunter2@cache:6379")],
+        None,
+    );
+    assert!(
+        !msg.contains("hunter2") && msg.contains("REDIS_URL"),
+        "{msg}"
+    );
+    // One that passes the scheme check shows no password either.
+    let s = Settings::resolve(
+        &Overrides::default(),
+        &env_of(&[("DATABASE_URL", "postgres:/app:hunter2@db/app")]),
+        None,
+    );
+    let shown = match s {
+        Ok(s) => format!("{:?}", s.rows()),
+        Err(e) => e.to_string(),
+    };
+    assert!(!shown.contains("hunter2"), "{shown}");
+}
+
+/// A database URL its driver cannot read is refused when the configuration loads, naming the
+/// variable, not on every job later (exit 1, retried). Fails if only the scheme is checked.
+#[test]
+fn a_database_url_the_driver_cannot_read_is_refused_at_load() {
+    for url in [
+        "postgres://db:99999/app",
+        "mysql://db:0x10/app",
+        "mariadb://root@db:70000/test",
+        "postgres://db/app?sslmode=sometimes",
+    ] {
+        let msg = refusal(&Overrides::default(), &[("DATABASE_URL", url)], None);
+        assert!(
+            msg.contains("DATABASE_URL") && msg.lines().count() == 1,
+            "{url}: {msg}"
+        );
+    }
+    for url in [
+        "postgres://app:pw@db:5432/app?sslmode=require",
+        "mariadb://root@127.0.0.1:3306/test",
+        "sqlite://sessionfleet.db",
+        "sqlite::memory:",
+    ] {
+        Settings::resolve(
+            &Overrides::default(),
+            &env_of(&[("DATABASE_URL", url)]),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
 }

@@ -484,6 +484,22 @@ pub fn dialect_sql(
 }
 
 /// sqlx speaks the MySQL protocol for MariaDB too; accept `mariadb:` as an alias.
+/// Checks that `url` is a database URL its engine's driver reads (a port in range, options it
+/// knows), without connecting: configuration refuses a malformed URL at load, with exit code
+/// 2, instead of every job failing on it later.
+pub fn check_url(url: &str) -> Result<(), StoreError> {
+    let bad_url = |e: sqlx::Error| StoreError::BadUrl {
+        url: redact_url(url),
+        reason: redact_text(&e.to_string(), url),
+    };
+    match Engine::from_url(url)? {
+        Engine::Sqlite => SqliteConnectOptions::from_str(url).map(drop),
+        Engine::Postgres => PgConnectOptions::from_str(url).map(drop),
+        Engine::MySql => MySqlConnectOptions::from_str(&mysql_url(url)).map(drop),
+    }
+    .map_err(bad_url)
+}
+
 fn mysql_url(url: &str) -> String {
     match url.strip_prefix("mariadb:") {
         Some(rest) => format!("mysql:{rest}"),

@@ -19,7 +19,7 @@ mod sql;
 mod transient;
 mod writer;
 
-pub use connect::{ConnectOptions, Db, DbInfo, DbTx, Engine, Pool, dialect_sql};
+pub use connect::{ConnectOptions, Db, DbInfo, DbTx, Engine, Pool, check_url, dialect_sql};
 pub use read_conn::{CANCELLABLE, CancellableConnection, ReadConnection, ServerSession};
 pub use schema::{Schema, SchemaVersion, SessionProfile};
 pub use scoped::ScopedConnection;
