@@ -855,7 +855,7 @@ impl FileLayer {
             text.parse()
                 .map_err(|e: toml::de::Error| ConfigError::BadFile {
                     path: shown.clone(),
-                    reason: e.message().to_string(),
+                    reason: toml_error(&text, &e),
                 })?;
         let mut layer = FileLayer {
             path: shown.clone(),
@@ -1017,11 +1017,11 @@ impl FileLayer {
                 path: self.path.clone(),
                 reason: format!("schedule.{key}: {e}"),
             })?;
-            let expr = normalize_cron(&raw).ok_or_else(|| ConfigError::Invalid {
+            let expr = parse_cron(&raw).map_err(|form| ConfigError::Invalid {
                 name: format!("schedule.{key}"),
                 value: raw.clone(),
                 origin: Source::File,
-                form: "a cron expression ('0 2 * * *' or with seconds '0 0 2 * * *')".into(),
+                form,
             })?;
             match key.as_str() {
                 "cleanup" => s.cleanup = Some(expr),
@@ -1067,6 +1067,31 @@ fn check_one_target_per_database(targets: &BTreeMap<String, Target>) -> Result<(
         }
     }
     Ok(())
+}
+
+/// A cron expression in the seconds-first form the scheduler uses ([`normalize_cron`]), or
+/// what it should have been, to follow "expected": crontab's day of month *and* day of week
+/// (crontab fires on either, the cron crate only on both), or a date that never comes (30
+/// February), which would leave a scheduler running without ever firing.
+pub fn parse_cron(expr: &str) -> Result<String, String> {
+    let Some(six) = normalize_cron(expr) else {
+        return Err(match expr.split_whitespace().collect::<Vec<_>>()[..] {
+            [_, _, day, _, weekday]
+                if !matches!(day, "*" | "?") && !matches!(weekday, "*" | "?") =>
+            {
+                "a day of month or a day of week, not both (crontab fires on either, which this scheduler cannot express): keep one of them".into()
+            }
+            _ => "a cron expression ('0 2 * * *' or with seconds '0 0 2 * * *')".into(),
+        });
+    };
+    use std::str::FromStr;
+    let fires = cron::Schedule::from_str(&six)
+        .map(|s| s.upcoming(chrono::Utc).next().is_some())
+        .unwrap_or(false);
+    if !fires {
+        return Err("a cron expression that fires: this one names no date to come".into());
+    }
+    Ok(six)
 }
 
 /// Accepts five-field (minute first) or six/seven-field (seconds first) cron expressions and
@@ -1167,6 +1192,19 @@ fn parse_bool(s: &str) -> Result<bool, ()> {
         "false" | "0" | "no" | "off" => Ok(false),
         _ => Err(()),
     }
+}
+
+/// A TOML error as one line: where (line and column) and what, never the line's text, which
+/// may hold a password (toml's own `Display` quotes it).
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim_end();
+    let Some(span) = e.span() else {
+        return what.to_string();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("line {line}, column {column}: {what}")
 }
 
 fn parse_db_url(s: &str) -> Result<String, ()> {

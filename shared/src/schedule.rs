@@ -37,14 +37,8 @@ impl Cadence {
             }
             return Ok(Cadence::Every(secs));
         }
-        let normalized = crate::config::normalize_cron(s).ok_or_else(|| {
-            match s.split_whitespace().collect::<Vec<_>>()[..] {
-                [_, _, day, _, weekday] if !matches!(day, "*" | "?") && !matches!(weekday, "*" | "?") => {
-                    format!("'{s}': day of month and day of week both set (crontab runs on either, which this scheduler cannot express): keep one of them")
-                }
-                _ => format!("'{s}': not a cron expression"),
-            }
-        })?;
+        let normalized = crate::config::parse_cron(s)
+            .map_err(|expected| format!("'{s}': expected {expected}"))?;
         Ok(Cadence::Cron(normalized))
     }
 

@@ -332,6 +332,17 @@ fn unreadable_and_malformed_files_are_refused() {
         Settings::resolve(&Overrides::default(), &env_of(&[]), Some(broken.path())),
         Err(ConfigError::BadFile { .. })
     ));
+    // A syntax error says where, in one line, without quoting the line (it may hold a
+    // password).
+    let duplicate =
+        file_with("redis_url = \"redis://:s3cret@cache:6379\"\nmax_age = 5\nmax_age = 6\n");
+    let msg = refusal(&Overrides::default(), &[], Some(duplicate.path()));
+    assert!(msg.contains("line 3, column 1"), "{msg}");
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+    let unquoted = file_with("max_age = 5\ndatabase_url = postgres://app:s3cret@db/app\n");
+    let msg = refusal(&Overrides::default(), &[], Some(unquoted.path()));
+    assert!(msg.contains("line 2, column "), "{msg}");
+    assert!(!msg.contains("s3cret") && msg.lines().count() == 1, "{msg}");
 }
 
 #[test]
@@ -373,6 +384,19 @@ fn schedules_accept_five_and_six_field_cron() {
         msg.contains("schedule.health_report") && msg.contains("cron expression"),
         "{msg}"
     );
+    // Crontab's day of month and day of week together is explained, not called malformed; a
+    // date that never comes is refused rather than left to a scheduler that never fires.
+    for (expr, says) in [
+        ("0 3 1 * 1", "not both"),
+        ("0 2 30 2 *", "names no date to come"),
+    ] {
+        let bad = file_with(&format!("[schedule]\nfull_maintenance = \"{expr}\"\n"));
+        let msg = refusal(&Overrides::default(), &[], Some(bad.path()));
+        assert!(
+            msg.contains("schedule.full_maintenance") && msg.contains(says),
+            "{expr}: {msg}"
+        );
+    }
 }
 
 #[test]
