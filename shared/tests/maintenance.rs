@@ -233,6 +233,79 @@ per_engine!(analyze_figures_equal_the_catalog:
     analyze_figures_equal_the_catalog_postgres => Engine::Postgres,
     analyze_figures_equal_the_catalog_mariadb => Engine::MySql);
 
+/// The earliest creation and latest update of the sessions, and whether the engine's own
+/// statistics record an analyze, read from time columns of the layouts applications use:
+/// PostgreSQL `timestamptz`, MySQL `TIMESTAMP`, SQLite Unix seconds beside text. Fails if
+/// analyze decodes the columns as plain date-times (it then failed with "mismatched types",
+/// and so did `db --stats` and `maintenance --status`), if SQLite's ends are taken by storage
+/// order (a number sorts before any text) instead of by time, or if MySQL's last analyze is
+/// lost to its `timestamp` type.
+async fn analyze_reads_zoned_and_numeric_time_columns(engine: Engine) {
+    use chrono::{NaiveDateTime, TimeDelta, Timelike};
+    let tdb = seeded(engine, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    // Whole seconds, as every layout below can hold them.
+    let first = NaiveDateTime::parse_from_str("2020-01-02 03:04:05", "%Y-%m-%d %H:%M:%S").unwrap();
+    let last = Utc::now().naive_utc().with_nanosecond(0).unwrap() + TimeDelta::days(1);
+    // Through a derived table: MySQL cannot read the table an UPDATE writes.
+    let oldest_id = "(SELECT MIN(id) FROM (SELECT id FROM user_sessions) a)";
+    let newest_id = "(SELECT MAX(id) FROM (SELECT id FROM user_sessions) b)";
+    let set = |col: &str, id: &str, at: NaiveDateTime| {
+        let value = match engine {
+            // Unix seconds: a number, which SQLite sorts before every text value.
+            Engine::Sqlite => at.and_utc().timestamp().to_string(),
+            _ => format!("'{}'", at.format("%Y-%m-%d %H:%M:%S")),
+        };
+        format!("UPDATE user_sessions SET {col} = {value} WHERE id = {id}")
+    };
+    db.execute(&set("created_at", oldest_id, first))
+        .await
+        .unwrap();
+    db.execute(&set("updated_at", newest_id, last))
+        .await
+        .unwrap();
+    let _ = match engine {
+        Engine::Postgres => db
+            .execute(
+                "ALTER TABLE user_sessions \
+                 ALTER COLUMN created_at TYPE timestamptz USING created_at AT TIME ZONE 'UTC', \
+                 ALTER COLUMN updated_at TYPE timestamptz USING updated_at AT TIME ZONE 'UTC'",
+            )
+            .await
+            .unwrap(),
+        Engine::MySql => {
+            db.execute(
+                "ALTER TABLE user_sessions MODIFY created_at TIMESTAMP(6) NULL, \
+                 MODIFY updated_at TIMESTAMP(6) NULL",
+            )
+            .await
+            .unwrap();
+            db.execute("ANALYZE TABLE user_sessions").await.unwrap()
+        }
+        // A few more rows in Unix seconds, none at either end.
+        Engine::Sqlite => db
+            .execute(
+                "UPDATE user_sessions SET created_at = CAST(strftime('%s', created_at) AS INTEGER) \
+                 WHERE id % 3 = 0 AND typeof(created_at) = 'text'",
+            )
+            .await
+            .unwrap(),
+    };
+    let report = maintenance::analyze(db).await.expect("analyze");
+    let s = &report.tables["user_sessions"];
+    assert_eq!(s.oldest_record, Some(first), "{engine}");
+    assert_eq!(s.newest_record, Some(last), "{engine}");
+    if engine == Engine::MySql {
+        assert!(s.last_analyze.is_some(), "{engine}: {s:?}");
+    }
+    tdb.drop_db().await;
+}
+
+per_engine!(analyze_reads_zoned_and_numeric_time_columns:
+    analyze_reads_zoned_and_numeric_time_columns_sqlite => Engine::Sqlite,
+    analyze_reads_zoned_and_numeric_time_columns_postgres => Engine::Postgres,
+    analyze_reads_zoned_and_numeric_time_columns_mariadb => Engine::MySql);
+
 // ---------------------------------------------------------------------------------------
 // Recommended indexes
 

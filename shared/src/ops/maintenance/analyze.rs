@@ -174,14 +174,14 @@ async fn count_rows(
     let engine = tx.engine();
     let sql = tx.sql(format!(
         "SELECT COUNT(*), COUNT(DISTINCT {}), MIN({}), MAX({}) FROM {table}",
-        s.user_id, s.created_at, s.updated_at
+        s.user_id,
+        plain_time(engine, &s.created_at),
+        plain_time(engine, &s.updated_at)
     ));
     let (row_count, unique_users, oldest, newest) = crate::on_tx!(tx, c => {
         let r = sqlx::query(sql).fetch_one(&mut *c).await?;
         let count: i64 = r.try_get(0)?;
         let users: i64 = r.try_get(1)?;
-        // SQLite keeps datetimes as text in whatever format the application wrote (the
-        // original crashed on them); parse them here instead of trusting a declared type.
         let (oldest, newest) = if engine == Engine::Sqlite {
             (parse_sqlite_time(r.try_get::<Option<String>, _>(2)?), parse_sqlite_time(r.try_get::<Option<String>, _>(3)?))
         } else {
@@ -196,6 +196,21 @@ async fn count_rows(
         newest_record: newest,
         ..TableStats::default()
     })
+}
+
+/// `column` as a value every layout of a time column reads back the same way, for MIN / MAX.
+/// PostgreSQL `timestamptz` and MySQL `TIMESTAMP` do not decode as a plain date-time: cast to
+/// one, in the session's time zone, which is UTC on our connections. SQLite keeps whatever the
+/// application wrote (the original crashed on it), and sorts numbers before any text: each
+/// value is turned into UTC text first (Unix seconds or a Julian day by magnitude, an offset
+/// converted, milliseconds kept), so the ends are the earliest and latest times, and a value
+/// SQLite cannot read as a time is left out.
+fn plain_time(engine: Engine, column: &str) -> String {
+    match engine {
+        Engine::Postgres => format!("CAST({column} AS TIMESTAMP)"),
+        Engine::MySql => format!("CAST({column} AS DATETIME(6))"),
+        Engine::Sqlite => format!("strftime('%Y-%m-%d %H:%M:%f', {column}, 'auto')"),
+    }
 }
 
 /// Reads a SQLite text datetime in the formats applications write.
@@ -317,14 +332,23 @@ async fn measure_size(
             stats.size_source =
                 "information_schema.tables data_length + index_length (InnoDB pages)".into();
             // Persistent statistics record when ANALYZE TABLE (or the automatic recalculation)
-            // last ran; reading mysql.* may be denied, which only loses this one figure.
+            // last ran, as a `timestamp`: cast to a plain date-time (UTC on our sessions).
+            // Reading mysql.* may be denied, which only loses this one figure; any other
+            // error is ours and fails the analysis rather than hide the figure for good.
             let analyzed = sqlx::query_scalar::<_, Option<NaiveDateTime>>(
-                "SELECT MAX(last_update) FROM mysql.innodb_table_stats WHERE database_name = DATABASE() AND table_name = ?",
+                "SELECT CAST(MAX(last_update) AS DATETIME) FROM mysql.innodb_table_stats WHERE database_name = DATABASE() AND table_name = ?",
             )
             .bind(table)
             .fetch_one(&mut *c)
             .await;
-            stats.last_analyze = analyzed.ok().flatten();
+            stats.last_analyze = match analyzed {
+                Ok(at) => at,
+                Err(sqlx::Error::Database(e)) => {
+                    tracing::debug!(error = %e, "mysql.innodb_table_stats not read");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
         }
     }
     Ok(())
