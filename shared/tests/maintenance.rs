@@ -769,6 +769,29 @@ per_engine!(integrity_passes_on_a_healthy_database:
     integrity_passes_on_a_healthy_database_postgres => Engine::Postgres,
     integrity_passes_on_a_healthy_database_mariadb => Engine::MySql);
 
+/// An index whose name needs quotes (mixed case, as some migration tools write them) is
+/// checked like any other. Fails if its catalog name is passed to amcheck as bare text: the
+/// cast to `regclass` folds it to lower case, finds no such index, and the storage check
+/// ends `unavailable` on a healthy database.
+#[tokio::test]
+async fn postgres_integrity_checks_an_index_whose_name_needs_quotes() {
+    let tdb = seeded(Engine::Postgres, SchemaVersion::V2).await;
+    let db = &tdb.db;
+    db.execute(r#"CREATE INDEX "Ix_Sessions_Created" ON user_sessions (created_at)"#)
+        .await
+        .unwrap();
+    let report = maintenance::integrity_check(db, false)
+        .await
+        .expect("integrity");
+    assert_eq!(
+        report.integrity_check,
+        CheckStatus::Passed,
+        "{:?}",
+        report.issues_found
+    );
+    tdb.drop_db().await;
+}
+
 /// A session without a user (a nullable `user_id`: guest sessions) references nothing, as
 /// SQL's own foreign keys see it: no violation. Fails if the orphan query counts NULLs.
 async fn integrity_counts_no_violation_for_a_session_without_a_user(engine: Engine) {

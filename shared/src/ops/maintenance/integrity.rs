@@ -283,8 +283,10 @@ async fn postgres_storage_check(
     let mut checked = 0;
     let mut unchecked = 0;
     for table in session_tables(schema) {
+        // `regclass` as text: the name quoted where it needs quotes ("Ix_Sessions"), which
+        // the cast back below reads as written; a bare relname would be folded to lower case.
         let indexes: Vec<String> = sqlx::query_scalar(
-            "SELECT ic.relname::text FROM pg_index i \
+            "SELECT i.indexrelid::regclass::text FROM pg_index i \
              JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam \
              JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace \
              WHERE t.relname = $1 AND n.nspname = current_schema() AND am.amname = 'btree' AND i.indisvalid \
