@@ -675,6 +675,47 @@ per_engine!(optimize_runs_the_promised_statements:
     optimize_runs_the_promised_statements_postgres => Engine::Postgres,
     optimize_runs_the_promised_statements_mariadb => Engine::MySql);
 
+/// SQLite's statistics refresh samples each index (`analysis_limit`) instead of reading the
+/// whole table: it runs in a write transaction, and a full `ANALYZE` of a large table held
+/// the write lock ~1 s per million rows, past an application writer's busy timeout. The limit
+/// is set on a connection of its own, never on one the pool hands out again. Fails if the
+/// refresh reads every row: `sqlite_stat1` then holds what a full `ANALYZE` finds.
+#[tokio::test]
+async fn sqlite_optimize_samples_its_statistics() {
+    let tdb = seeded(Engine::Sqlite, SchemaVersion::V1).await;
+    let db = &tdb.db;
+    db.execute(
+        "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 20000) \
+         INSERT INTO user_sessions (session_id, user_id, created_at, updated_at) \
+         SELECT 'bulk-' || x, (SELECT MIN(id) FROM users) + x % 20, \
+                datetime('now', '-' || (x % 1000) || ' minutes'), datetime('now') FROM n",
+    )
+    .await
+    .unwrap();
+    let stat1 = || async {
+        let rows: Vec<(String, String)> = sessionfleet::on_pool!(db, p => sqlx::query_as(
+            "SELECT idx, stat FROM sqlite_stat1 WHERE tbl = 'user_sessions' ORDER BY idx")
+            .fetch_all(p).await.unwrap());
+        rows
+    };
+    let (ctx, _) = ctx_with_fence(db).await;
+    let report = maintenance::optimize(&ctx, false).await.expect("optimize");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let sampled = stat1().await;
+    assert!(!sampled.is_empty());
+    for mut conn in tdb.every_sqlite_connection().await {
+        let limit: i64 = sqlx::query_scalar("PRAGMA analysis_limit")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(limit, 0, "a pooled connection kept the analysis limit");
+    }
+    // A full ANALYZE on a pooled connection (no limit), for comparison.
+    db.execute("ANALYZE user_sessions").await.unwrap();
+    assert_ne!(sampled, stat1().await, "optimize read every row");
+    tdb.drop_db().await;
+}
+
 #[tokio::test]
 async fn sqlite_incremental_vacuum_runs_when_auto_vacuum_is_incremental() {
     use sqlx::ConnectOptions as _;

@@ -3,7 +3,7 @@
 //!
 //! | step | SQLite | PostgreSQL | MySQL / MariaDB |
 //! |---|---|---|---|
-//! | statistics | `ANALYZE t` + `PRAGMA optimize` | `ANALYZE t` | `ANALYZE TABLE t` |
+//! | statistics | `ANALYZE t` + `PRAGMA optimize`, sampled (`analysis_limit`) | `ANALYZE t` | `ANALYZE TABLE t` |
 //! | vacuum | `VACUUM` (+ `PRAGMA incremental_vacuum` if `auto_vacuum` = INCREMENTAL) | `VACUUM (ANALYZE) t` | `OPTIMIZE TABLE t` |
 
 use std::time::Instant;
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::guard::{self, FencedConn, MAINTENANCE_STATEMENT_TIMEOUT, millis};
 use super::{OpContext, OpError, push_section, session_tables};
+use crate::ops::cleanup::SQLITE_ANALYSIS_LIMIT;
 use crate::store::{DbTx, Engine, mysql_row_errors, schema};
 
 /// SQLite `PRAGMA auto_vacuum` value of INCREMENTAL mode.
@@ -85,21 +86,10 @@ pub async fn optimize(ctx: &OpContext, vacuum: bool) -> Result<OptimizeReport, O
     };
     match db.engine() {
         Engine::Sqlite => {
-            // ANALYZE and PRAGMA optimize are transactional: one fenced write transaction.
-            let mut tx = fence.begin(db).await?;
             let mut statements: Vec<String> =
                 tables.iter().map(|t| format!("ANALYZE {t}")).collect();
             statements.push("PRAGMA optimize".into());
-            for stmt in &statements {
-                let t0 = Instant::now();
-                match run_in_tx(&mut tx, stmt).await {
-                    Ok(()) => report.record(stmt, t0),
-                    Err(e) => report
-                        .errors
-                        .push(format!("Error during optimization: {stmt}: {e}")),
-                }
-            }
-            tx.commit().await?;
+            sqlite_statistics(db, fence, &statements, &mut report).await?;
             if vacuum {
                 // VACUUM cannot run in a transaction: a pinned connection checks the fence first.
                 let auto_vacuum = db.scalar_i64("PRAGMA auto_vacuum").await?;
@@ -140,6 +130,46 @@ pub async fn optimize(ctx: &OpContext, vacuum: bool) -> Result<OptimizeReport, O
     }
     report.duration_seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// SQLite: `ANALYZE` and `PRAGMA optimize` are transactional, so they run in one fenced
+/// write transaction — holding the write lock, which the application's writers wait for
+/// only as long as their busy timeout. `analysis_limit` makes each index's figures come from
+/// a sample of [`SQLITE_ANALYSIS_LIMIT`] rows (as the cleanup's refresh does): a full
+/// `ANALYZE` held the lock ~1 s per million sessions. The pragma belongs to the connection,
+/// so this runs on a [`ScopedConnection`](crate::store::ScopedConnection), closed afterwards.
+async fn sqlite_statistics(
+    db: &crate::store::Db,
+    fence: &crate::fence::Fence,
+    statements: &[String],
+    report: &mut OptimizeReport,
+) -> Result<(), OpError> {
+    let mut conn = db.scoped_connection().await?;
+    let mut tx = conn.begin_write().await?;
+    let limited = run_in_tx(
+        &mut tx,
+        &format!("PRAGMA analysis_limit = {SQLITE_ANALYSIS_LIMIT}"),
+    )
+    .await;
+    if let Err(e) = limited {
+        let _ = tx.rollback().await;
+        return Err(e.into());
+    }
+    if let Err(e) = fence.advance(&mut tx).await {
+        let _ = tx.rollback().await;
+        return Err(e.into());
+    }
+    for stmt in statements {
+        let t0 = Instant::now();
+        match run_in_tx(&mut tx, stmt).await {
+            Ok(()) => report.record(stmt, t0),
+            Err(e) => report
+                .errors
+                .push(format!("Error during optimization: {stmt}: {e}")),
+        }
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 async fn run_in_tx(tx: &mut DbTx<'_>, stmt: &str) -> Result<(), sqlx::Error> {
