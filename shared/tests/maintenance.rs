@@ -716,6 +716,46 @@ async fn sqlite_optimize_samples_its_statistics() {
     tdb.drop_db().await;
 }
 
+/// A SQLite `VACUUM` in WAL mode writes the whole compacted database into the WAL, and
+/// SQLite keeps the WAL file at that length: without a cut-back the database file shrank
+/// while the WAL grew by as much, and the space never went back to the file system. Fails if
+/// the WAL file is left longer than the cleanup's target for it after the vacuum.
+#[tokio::test]
+async fn sqlite_vacuum_returns_the_space_to_the_file_system() {
+    let tdb = seeded(Engine::Sqlite, SchemaVersion::V1).await;
+    let db = &tdb.db;
+    // 48 MiB beside the sessions, half of it deleted: 24 MiB of free pages to give back.
+    db.execute("CREATE TABLE filler (b BLOB)").await.unwrap();
+    db.execute(
+        "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 12288) \
+         INSERT INTO filler SELECT randomblob(4000) FROM n",
+    )
+    .await
+    .unwrap();
+    db.execute("DELETE FROM filler WHERE rowid % 2 = 0")
+        .await
+        .unwrap();
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)").await.unwrap();
+    let path = tdb.url.trim_start_matches("sqlite://").to_string();
+    let bytes = |file: &str| std::fs::metadata(file).map_or(0, |m| m.len());
+    let wal = format!("{path}-wal");
+    let before = bytes(&path) + bytes(&wal);
+    assert!(before > 48 << 20, "{before} bytes");
+
+    let (ctx, _) = ctx_with_fence(db).await;
+    let report = maintenance::optimize(&ctx, true).await.expect("vacuum");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(
+        bytes(&wal) <= sessionfleet::ops::cleanup::SQLITE_WAL_FILE_TARGET,
+        "WAL file left at {} bytes: {:?}",
+        bytes(&wal),
+        report.notes
+    );
+    let after = bytes(&path) + bytes(&wal);
+    assert!(after < before, "{after} bytes after, {before} before");
+    tdb.drop_db().await;
+}
+
 #[tokio::test]
 async fn sqlite_incremental_vacuum_runs_when_auto_vacuum_is_incremental() {
     use sqlx::ConnectOptions as _;

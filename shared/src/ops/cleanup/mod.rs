@@ -41,6 +41,8 @@ pub use report::{CleanupReport, CleanupStats, RuleCounts};
 pub use retry::{BATCH_RETRIES, BATCH_RETRY_BASE, BATCH_RETRY_MAX};
 pub use rules::RuleKind;
 pub use wal::{SQLITE_WAL_CUT_STEP, SQLITE_WAL_FILE_TARGET};
+// Also after maintenance's VACUUM, which leaves the WAL file as long as the database.
+pub(crate) use wal::cut_back;
 
 use batch::{Batch, Cursor, Source, count, count_in_background, count_up_to, purge_batch};
 use missing::MissingPlatformCount;

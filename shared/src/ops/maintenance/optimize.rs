@@ -4,7 +4,7 @@
 //! | step | SQLite | PostgreSQL | MySQL / MariaDB |
 //! |---|---|---|---|
 //! | statistics | `ANALYZE t` + `PRAGMA optimize`, sampled (`analysis_limit`) | `ANALYZE t` | `ANALYZE TABLE t` |
-//! | vacuum | `VACUUM` (+ `PRAGMA incremental_vacuum` if `auto_vacuum` = INCREMENTAL) | `VACUUM (ANALYZE) t` | `OPTIMIZE TABLE t` |
+//! | vacuum | `VACUUM` (+ `PRAGMA incremental_vacuum` if `auto_vacuum` = INCREMENTAL), then the WAL file cut back | `VACUUM (ANALYZE) t` | `OPTIMIZE TABLE t` |
 
 use std::time::Instant;
 
@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::guard::{self, FencedConn, MAINTENANCE_STATEMENT_TIMEOUT, millis};
 use super::{OpContext, OpError, push_section, session_tables};
-use crate::ops::cleanup::SQLITE_ANALYSIS_LIMIT;
+use crate::ops::cleanup::{self, SQLITE_ANALYSIS_LIMIT};
 use crate::store::{DbTx, Engine, mysql_row_errors, schema};
 
 /// SQLite `PRAGMA auto_vacuum` value of INCREMENTAL mode.
@@ -59,6 +59,13 @@ impl OptimizeReport {
         push_section(&mut out, "Notes:", &self.notes);
         push_section(&mut out, "Errors:", &self.errors);
         out
+    }
+
+    /// Whether `statement` ran without an error.
+    fn ran(&self, statement: &str) -> bool {
+        self.operations_performed
+            .iter()
+            .any(|o| o.statement == statement)
     }
 
     fn record(&mut self, statement: &str, started: Instant) {
@@ -107,6 +114,9 @@ pub async fn optimize(ctx: &OpContext, vacuum: bool) -> Result<OptimizeReport, O
                 let result = run_fenced(&mut conn, &statements, &ctx.cancel, &mut report).await;
                 conn.close().await;
                 result?;
+                if report.ran("VACUUM") {
+                    cut_back_wal(db, fence, &mut report).await?;
+                }
             }
         }
         Engine::Postgres | Engine::MySql => {
@@ -169,6 +179,30 @@ async fn sqlite_statistics(
         }
     }
     tx.commit().await?;
+    Ok(())
+}
+
+/// SQLite in WAL mode: `VACUUM` writes the whole compacted database into the WAL, and SQLite
+/// keeps the WAL file at its longest, so the file system got back nothing (the database file
+/// shrank by what the WAL grew). Cut it back as the cleanup does after a purge: fenced writes
+/// that each cut a slice, never waiting for the application's readers. A failure leaves the
+/// space for the next cleanup and is reported; a newer lease holder stops the step.
+async fn cut_back_wal(
+    db: &crate::store::Db,
+    fence: &crate::fence::Fence,
+    report: &mut OptimizeReport,
+) -> Result<(), OpError> {
+    match cleanup::cut_back(db, fence).await {
+        Ok(Some(cut)) => report.notes.push(format!(
+            "WAL file cut back from {} to {} bytes after VACUUM",
+            cut.before, cut.after
+        )),
+        Ok(None) => {}
+        Err(e) if e.is_fenced_out() => return Err(e),
+        Err(e) => report.errors.push(format!(
+            "Error during optimization: cutting the WAL file back after VACUUM: {e}"
+        )),
+    }
     Ok(())
 }
 
