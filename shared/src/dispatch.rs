@@ -228,9 +228,9 @@ impl OperationJob {
             }
             OperationJob::Maintenance(p) => {
                 let r = maintenance::run(&ctx, p).await?;
-                // An index build a cancellation cut short is continued, not called done.
-                let cut_short =
-                    matches!(&r, maintenance::MaintenanceReport::Indexes(i) if i.cut_short());
+                // An index build or optimize a cancellation cut short is continued, not
+                // called done.
+                let cut_short = r.cut_short();
                 Ok(Executed {
                     report: to_json(&r),
                     rows: 0,

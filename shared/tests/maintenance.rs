@@ -550,7 +550,9 @@ async fn interrupted_postgres_concurrent_build_is_rebuilt() {
 
 /// A cancelled optimize (its lease lost, the worker shutting down) runs no further
 /// statement: each `VACUUM` or `OPTIMIZE TABLE` may take long, and the lease is gone. The
-/// report names what was not run. Fails if the statements run anyway.
+/// report names what was not run, and the job is continued rather than called done, like a
+/// cut-short index build. Fails if the statements run anyway, or if the job ends completed
+/// (it was then recorded succeeded with its statistics never refreshed).
 async fn a_cancelled_optimize_runs_no_further_statement(engine: Engine) {
     let tdb = seeded(engine, SchemaVersion::V2).await;
     let db = &tdb.db;
@@ -562,6 +564,7 @@ async fn a_cancelled_optimize_runs_no_further_statement(engine: Engine) {
         "{:?}",
         report.operations_performed
     );
+    assert!(report.cut_short(), "{report:?}");
     assert!(
         report
             .notes
@@ -570,12 +573,108 @@ async fn a_cancelled_optimize_runs_no_further_statement(engine: Engine) {
         "{:?}",
         report.notes
     );
+    let job = sessionfleet::dispatch::OperationJob::Maintenance(MaintenanceParams {
+        action: MaintenanceAction::Optimize { vacuum: true },
+        dry_run: false,
+    });
+    let executed = job.execute(ctx.clone()).await.expect("a report");
+    assert_eq!(executed.outcome, Outcome::Cancelled, "{engine}");
+    assert!(executed.next.is_some(), "{engine}: a continuation follows");
+    if engine == Engine::Sqlite {
+        // No ANALYZE happened: SQLite would have created sqlite_stat1.
+        assert_eq!(
+            db.scalar_i64("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sqlite_stat1'")
+                .await
+                .unwrap(),
+            0
+        );
+    }
     tdb.drop_db().await;
 }
 
 per_engine!(a_cancelled_optimize_runs_no_further_statement:
+    a_cancelled_optimize_runs_no_further_statement_sqlite => Engine::Sqlite,
     a_cancelled_optimize_runs_no_further_statement_postgres => Engine::Postgres,
     a_cancelled_optimize_runs_no_further_statement_mariadb => Engine::MySql);
+
+/// Holds PostgreSQL's `SHARE UPDATE EXCLUSIVE` lock on the sessions table from a connection
+/// of its own: `ANALYZE` and `VACUUM` of the table wait for it, reads and writes do not.
+async fn hold_analyze_lock(url: &str) -> (Db, sessionfleet::store::DbTx<'static>) {
+    let locker = Db::connect(
+        url,
+        &sessionfleet::store::ConnectOptions {
+            max_connections: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut tx = locker.begin_write().await.unwrap();
+    sessionfleet::on_tx!(&mut tx, c => {
+        sqlx::raw_sql("SET LOCAL idle_in_transaction_session_timeout = 0; \
+                       LOCK TABLE user_sessions IN SHARE UPDATE EXCLUSIVE MODE")
+            .execute(&mut *c).await.map(|_| ()).unwrap()
+    });
+    (locker, tx)
+}
+
+/// Waits (bounded) until a statement starting with `prefix` waits for a lock.
+async fn wait_for_lock_wait(db: &Db, prefix: &str) {
+    let waiting = format!(
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND wait_event_type = 'Lock' AND query LIKE '{prefix}%'"
+    );
+    let started = std::time::Instant::now();
+    while db.scalar_i64(&waiting).await.unwrap() == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{prefix} never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Full maintenance cancelled while its optimize stage runs a statement (the lease lost, a
+/// shutdown) hands the stage to a continuation, as its index stage does. Fails if the part
+/// ends completed with the rest of the statements never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_maintenance_cut_short_in_its_optimize_stage_is_continued() {
+    let tdb = seeded(Engine::Postgres, SchemaVersion::V1).await;
+    let db = tdb.db.clone();
+    let (locker, lock) = hold_analyze_lock(&tdb.url).await;
+    let (ctx, _) = ctx_with_fence(&db).await;
+    let cancel = ctx.cancel.clone();
+    let part = tokio::spawn(async move {
+        full::run(
+            &ctx,
+            &FullParams {
+                stage: Stage::Optimize,
+                ..FullParams::default()
+            },
+        )
+        .await
+    });
+    wait_for_lock_wait(&db, "ANALYZE").await;
+    cancel.cancel();
+    lock.rollback().await.unwrap();
+    locker.close().await;
+    let part = part.await.unwrap().expect("a report");
+    assert_eq!(part.outcome, Outcome::Cancelled, "{:?}", part.report);
+    assert_eq!(part.next.expect("a continuation").stage, Stage::Optimize);
+    let optimization = part
+        .report
+        .optimization
+        .expect("the part's optimize report");
+    assert!(
+        optimization
+            .notes
+            .iter()
+            .any(|n| n.starts_with("cancelled") && n.contains("ANALYZE users")),
+        "{:?}",
+        optimization.notes
+    );
+    tdb.drop_db().await;
+}
 
 async fn optimize_runs_the_promised_statements(engine: Engine) {
     let tdb = seeded(engine, SchemaVersion::V2).await;

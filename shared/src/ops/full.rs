@@ -144,8 +144,8 @@ impl FullReport {
 pub struct FullRun {
     /// The report so far (complete when `next` is `None`).
     pub report: FullReport,
-    /// Parameters of the continuation, when the cleanup stage spent its budget or was
-    /// cancelled.
+    /// Parameters of the continuation, when the cleanup stage spent its budget, or a stage
+    /// was cancelled or fenced out.
     pub next: Option<FullParams>,
     /// Why this part stopped.
     pub outcome: Outcome,
@@ -243,6 +243,11 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
             report.planned_optimizations = planned_optimizations(ctx.db.engine(), p.vacuum);
         } else {
             match maintenance::optimize(ctx, p.vacuum).await {
+                // Cancelled part-way: the continuation runs the step again before going on.
+                Ok(r) if r.cut_short() => {
+                    report.optimization = Some(r);
+                    return Ok(continue_at(p, stage, report, Outcome::Cancelled, part_rows));
+                }
                 Ok(r) => report.optimization = Some(r),
                 Err(e) if e.is_fenced_out() => {
                     return Ok(fenced_out(p, stage, report, part_rows, &e));

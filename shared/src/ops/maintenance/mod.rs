@@ -102,6 +102,16 @@ pub enum MaintenanceReport {
 }
 
 impl MaintenanceReport {
+    /// Whether a cancellation (shutdown, lost lease) stopped an index build or optimize
+    /// before its end: the job is continued, not called done.
+    pub fn cut_short(&self) -> bool {
+        match self {
+            MaintenanceReport::Indexes(r) => r.cut_short(),
+            MaintenanceReport::Optimization(r) => r.cut_short(),
+            _ => false,
+        }
+    }
+
     /// The report in the original script's text layout.
     pub fn render_text(&self) -> String {
         match self {

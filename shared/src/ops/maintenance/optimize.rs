@@ -41,6 +41,10 @@ pub struct OptimizeReport {
     pub notes: Vec<String>,
     /// `Error during optimization: …` per failed statement.
     pub errors: Vec<String>,
+    /// Statements a cancellation (shutdown, lost lease) stopped the step before: a
+    /// continuation runs the step again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_for_later: Vec<String>,
 }
 
 impl OptimizeReport {
@@ -58,7 +62,27 @@ impl OptimizeReport {
         push_section(&mut out, "Operations:", &ops);
         push_section(&mut out, "Notes:", &self.notes);
         push_section(&mut out, "Errors:", &self.errors);
+        push_section(
+            &mut out,
+            "Left for a continuation (cancelled):",
+            &self.left_for_later,
+        );
         out
+    }
+
+    /// Whether a cancellation stopped the step before every statement ran.
+    pub fn cut_short(&self) -> bool {
+        !self.left_for_later.is_empty()
+    }
+
+    /// Records the statements a cancellation stopped the step before.
+    fn leave_for_later(&mut self, rest: &[&str]) {
+        self.notes.push(format!(
+            "cancelled (lease lost or shutting down) before: {}",
+            rest.join("; ")
+        ));
+        self.left_for_later
+            .extend(rest.iter().map(|s| s.to_string()));
     }
 
     /// Whether `statement` ran without an error.
@@ -90,14 +114,21 @@ pub async fn optimize(ctx: &OpContext, vacuum: bool) -> Result<OptimizeReport, O
         duration_seconds: 0.0,
         notes: Vec::new(),
         errors: Vec::new(),
+        left_for_later: Vec::new(),
     };
     match db.engine() {
         Engine::Sqlite => {
             let mut statements: Vec<String> =
                 tables.iter().map(|t| format!("ANALYZE {t}")).collect();
             statements.push("PRAGMA optimize".into());
-            sqlite_statistics(db, fence, &statements, &mut report).await?;
-            if vacuum {
+            if ctx.cancel.is_cancelled() {
+                let mut rest: Vec<&str> = statements.iter().map(String::as_str).collect();
+                rest.extend(vacuum.then_some("VACUUM"));
+                report.leave_for_later(&rest);
+            } else {
+                sqlite_statistics(db, fence, &statements, &mut report).await?;
+            }
+            if vacuum && !report.cut_short() {
                 // VACUUM cannot run in a transaction: a pinned connection checks the fence first.
                 let auto_vacuum = db.scalar_i64("PRAGMA auto_vacuum").await?;
                 let mut conn = FencedConn::open(db, fence, MAINTENANCE_STATEMENT_TIMEOUT).await?;
@@ -224,10 +255,7 @@ async fn run_fenced(
 ) -> Result<(), OpError> {
     for (i, stmt) in statements.iter().enumerate() {
         if cancel.is_cancelled() {
-            report.notes.push(format!(
-                "cancelled (lease lost or shutting down) before: {}",
-                statements[i..].join("; ")
-            ));
+            report.leave_for_later(&statements[i..]);
             break;
         }
         let t0 = Instant::now();
