@@ -855,6 +855,127 @@ async fn sqlite_vacuum_returns_the_space_to_the_file_system() {
     tdb.drop_db().await;
 }
 
+/// An optimize statement that fails (here `ANALYZE` of the sessions table, held past the
+/// lock timeout by another session's lock) fails the standalone job, which the fleet then
+/// retries and the CLI exits 1 for, with an error naming the statement; full maintenance,
+/// which goes on past a failed stage, ends `completed_with_errors` and lists the error.
+/// Fails if either reads as a success: the job was recorded succeeded and exited 0, and the
+/// summary said `completed` without a word of the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optimize_errors_fail_the_step_and_mark_full_maintenance() {
+    let tdb = seeded(Engine::Postgres, SchemaVersion::V1).await;
+    let db = &tdb.db;
+    let (locker, lock) = hold_analyze_lock(&tdb.url).await;
+    let (ctx, _) = ctx_with_fence(db).await;
+
+    let job = sessionfleet::dispatch::OperationJob::Maintenance(MaintenanceParams {
+        action: MaintenanceAction::Optimize { vacuum: false },
+        dry_run: false,
+    });
+    let err = job
+        .execute(ctx.clone())
+        .await
+        .expect_err("a failed statement fails the step");
+    let message = err.to_string();
+    assert!(
+        message.contains("ANALYZE user_sessions") && message.contains("lock timeout"),
+        "{message}"
+    );
+    assert!(message.contains("ANALYZE users"), "what ran: {message}");
+
+    let run = full::run(
+        &ctx,
+        &FullParams {
+            stage: Stage::Optimize,
+            ..FullParams::default()
+        },
+    )
+    .await
+    .expect("full maintenance goes on past a failed statement");
+    lock.rollback().await.unwrap();
+    locker.close().await;
+    let report = run.report;
+    assert_eq!(report.summary.status, "completed_with_errors");
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.starts_with("optimize: ") && e.contains("ANALYZE user_sessions")),
+        "{:?}",
+        report.errors
+    );
+    assert!(
+        report.render_text().contains("ANALYZE user_sessions"),
+        "{}",
+        report.render_text()
+    );
+    tdb.drop_db().await;
+}
+
+/// Index builds that fail (here a table already holds a recommended index's name) fail the
+/// standalone job and make full maintenance `completed_with_errors`, never "No maintenance
+/// actions required". Fails if they read as a success.
+#[tokio::test]
+async fn index_build_errors_fail_the_step_and_mark_full_maintenance() {
+    let tdb = seeded(Engine::Sqlite, SchemaVersion::V1).await;
+    let db = &tdb.db;
+    let missing = maintenance::missing_recommended_indexes(db).await.unwrap();
+    assert!(!missing.is_empty());
+    for name in &missing {
+        db.execute(&format!("CREATE TABLE {name} (a INTEGER)"))
+            .await
+            .unwrap();
+    }
+    let (ctx, _) = ctx_with_fence(db).await;
+    let job = sessionfleet::dispatch::OperationJob::Maintenance(MaintenanceParams {
+        action: MaintenanceAction::CreateIndexes,
+        dry_run: false,
+    });
+    let err = job
+        .execute(ctx.clone())
+        .await
+        .expect_err("failed builds fail the step");
+    assert!(err.to_string().contains(missing[0].as_str()), "{err}");
+
+    let run = full::run(
+        &ctx,
+        &FullParams {
+            stage: Stage::Indexes,
+            ..FullParams::default()
+        },
+    )
+    .await
+    .unwrap();
+    let report = run.report;
+    assert_eq!(report.summary.status, "completed_with_errors");
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.starts_with("create indexes: ") && e.contains(missing[0].as_str())),
+        "{:?}",
+        report.errors
+    );
+
+    // Every statement of a stage failed and nothing else happened: still no "nothing to do".
+    let mut failed = report.optimization.clone().expect("optimize ran");
+    failed.operations_performed.clear();
+    failed.errors = vec!["Error during optimization: ANALYZE user_sessions: locked".into()];
+    let only_errors = FullReport {
+        optimization: Some(failed),
+        ..FullReport::default()
+    };
+    let summary = full::summarize(&only_errors);
+    assert_eq!(summary.status, "completed_with_errors");
+    assert!(
+        !summary
+            .actions_taken
+            .contains(&"No maintenance actions required".to_string()),
+        "{summary:?}"
+    );
+    tdb.drop_db().await;
+}
+
 #[tokio::test]
 async fn sqlite_incremental_vacuum_runs_when_auto_vacuum_is_incremental() {
     use sqlx::ConnectOptions as _;

@@ -94,7 +94,9 @@ pub struct FullReport {
     pub analytics: Option<HealthReport>,
     /// The summary.
     pub summary: Summary,
-    /// Errors of individual stages (the run goes on past them).
+    /// Errors of individual stages, each prefixed with its stage: a stage that failed, or
+    /// the index builds and optimize statements that failed within one (the run goes on
+    /// past them; the summary's status is then `completed_with_errors`).
     pub errors: Vec<String>,
 }
 
@@ -222,7 +224,12 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
                 report.indexes = Some(r);
                 return Ok(continue_at(p, stage, report, Outcome::Cancelled, part_rows));
             }
-            Ok(r) => report.indexes = Some(r),
+            Ok(r) => {
+                report
+                    .errors
+                    .extend(stage_errors("create indexes", &r.errors));
+                report.indexes = Some(r);
+            }
             Err(e) if e.is_fenced_out() => {
                 report.indexes = earlier;
                 return Ok(fenced_out(p, stage, report, part_rows, &e));
@@ -248,7 +255,10 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
                     report.optimization = Some(r);
                     return Ok(continue_at(p, stage, report, Outcome::Cancelled, part_rows));
                 }
-                Ok(r) => report.optimization = Some(r),
+                Ok(r) => {
+                    report.errors.extend(stage_errors("optimize", &r.errors));
+                    report.optimization = Some(r);
+                }
                 Err(e) if e.is_fenced_out() => {
                     return Ok(fenced_out(p, stage, report, part_rows, &e));
                 }
@@ -277,6 +287,13 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
         outcome: Outcome::Completed,
         rows: part_rows,
     })
+}
+
+/// The failures a stage reported and went on past (an index build, an optimize statement),
+/// as errors of the run. Added once the stage is done: a stage cut short is run again, and
+/// its failures with it.
+fn stage_errors<'a>(stage: &'a str, errors: &'a [String]) -> impl Iterator<Item = String> + 'a {
+    errors.iter().map(move |e| format!("{stage}: {e}"))
 }
 
 /// The report as the continuation's parameters carry it. The cleanup's outcome there says
@@ -368,9 +385,6 @@ pub fn summarize(r: &FullReport) -> Summary {
                 i.indexes_created.len()
             ));
         }
-        for e in &i.errors {
-            s.issues_found.push(e.clone());
-        }
     }
     if let Some(o) = r
         .optimization
@@ -399,14 +413,21 @@ pub fn summarize(r: &FullReport) -> Summary {
         }
         s.recommendations = h.recommendations.clone();
     }
-    if s.actions_taken.is_empty() && s.issues_found.is_empty() {
+    // The stages' own failures are in `r.errors` once `run` is done with them; a report
+    // put together elsewhere may carry them only in the stage reports.
+    let failed = !r.errors.is_empty()
+        || r.indexes.as_ref().is_some_and(|i| !i.errors.is_empty())
+        || r.optimization
+            .as_ref()
+            .is_some_and(|o| !o.errors.is_empty());
+    if s.actions_taken.is_empty() && s.issues_found.is_empty() && !failed {
         s.actions_taken
             .push("No maintenance actions required".into());
     }
-    s.status = if r.errors.is_empty() {
-        "completed".into()
-    } else {
+    s.status = if failed {
         "completed_with_errors".into()
+    } else {
+        "completed".into()
     };
     s
 }

@@ -125,21 +125,60 @@ impl MaintenanceReport {
 }
 
 /// Runs the step `p` names against `ctx.db`.
+///
+/// An index build or optimize statement that failed fails the step ([`OpError::Reported`],
+/// naming each failure and what was done): the job is then retried and its exit code is 1,
+/// as for any operation that ran and failed. Both steps are idempotent — indexes built stay
+/// and count as present, statistics are refreshed again — so a retry repeats nothing harmful.
+/// A step a cancellation cut short is not failed: its continuation runs the rest.
 pub async fn run(ctx: &OpContext, p: &MaintenanceParams) -> Result<MaintenanceReport, OpError> {
     p.validate()?;
     Ok(match p.action {
         MaintenanceAction::Analyze => MaintenanceReport::Analysis(analyze(&ctx.db).await?),
         MaintenanceAction::CreateIndexes => {
-            MaintenanceReport::Indexes(create_indexes(ctx, p.dry_run).await?)
+            let r = create_indexes(ctx, p.dry_run).await?;
+            if !r.errors.is_empty() && !r.cut_short() {
+                return Err(step_failed(
+                    "create indexes",
+                    "index",
+                    &r.errors,
+                    &r.indexes_created,
+                ));
+            }
+            MaintenanceReport::Indexes(r)
         }
         MaintenanceAction::Optimize { vacuum } => {
-            MaintenanceReport::Optimization(optimize(ctx, vacuum).await?)
+            let r = optimize(ctx, vacuum).await?;
+            if !r.errors.is_empty() && !r.cut_short() {
+                let ran: Vec<String> = r
+                    .operations_performed
+                    .iter()
+                    .map(|o| o.statement.clone())
+                    .collect();
+                return Err(step_failed("optimize", "statement", &r.errors, &ran));
+            }
+            MaintenanceReport::Optimization(r)
         }
         MaintenanceAction::IntegrityCheck { full } => {
             MaintenanceReport::Integrity(integrity_check(&ctx.db, full).await?)
         }
         MaintenanceAction::Stats => MaintenanceReport::Statistics(statistics(&ctx.db).await?),
     })
+}
+
+/// The error of a step some of whose statements failed: each failure, and what was done.
+fn step_failed(step: &str, what: &str, errors: &[String], done: &[String]) -> OpError {
+    let failed = errors.len();
+    let plural = if failed == 1 { "" } else { "s" };
+    let done = if done.is_empty() {
+        "nothing done".to_string()
+    } else {
+        format!("done: {}", done.join(", "))
+    };
+    OpError::Reported(format!(
+        "{step}: {failed} {what}{plural} failed ({done}): {}",
+        errors.join("; ")
+    ))
 }
 
 /// The session-related tables a schema has: sessions, then users and platforms where present.
