@@ -377,14 +377,12 @@ pub fn summarize(r: &FullReport) -> Summary {
             ));
         }
     }
-    if let Some(i) = &r.indexes {
-        if !i.indexes_created.is_empty() {
-            let verb = if r.dry_run { "Would create" } else { "Created" };
-            s.actions_taken.push(format!(
-                "{verb} {} database indexes",
-                i.indexes_created.len()
-            ));
-        }
+    if let Some(i) = r.indexes.as_ref().filter(|i| !i.indexes_created.is_empty()) {
+        let verb = if r.dry_run { "Would create" } else { "Created" };
+        s.actions_taken.push(format!(
+            "{verb} {} database indexes",
+            i.indexes_created.len()
+        ));
     }
     if let Some(o) = r
         .optimization
