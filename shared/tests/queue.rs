@@ -1148,3 +1148,77 @@ async fn a_job_without_a_result_says_where_it_waits() {
     );
     t.cleanup().await;
 }
+
+/// One task apalis gave up on whose records the janitor cannot use costs no other task its
+/// dead letter: a meta record of the wrong type still gives a dead letter (with no reason
+/// from apalis), a task whose failure cannot be recorded goes back to apalis' dead set for
+/// the next pass, and the rest are adopted. Fails if the pass stops at the first error
+/// (the tasks it had already taken out of the set would be lost).
+#[tokio::test]
+async fn a_task_the_janitor_cannot_adopt_costs_no_other_task_its_dead_letter() {
+    let t = Ns::new().await;
+    let q = QueueClass::Diag;
+    let k = t.queue.keys().clone();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let env = JobEnvelope::noop("t");
+        let task = t.queue.enqueue(&env).await.unwrap();
+        let _: () = redis::pipe()
+            .lrem(k.active(q), 0, &task.task_id)
+            .sadd(k.apalis_dead(q), &task.task_id)
+            .hset(
+                format!("{}:{}", k.meta_prefix(q), task.task_id),
+                "result",
+                "job panicked: boom",
+            )
+            .query_async(&mut t.conn())
+            .await
+            .unwrap();
+        tasks.push((env, task.task_id));
+    }
+    let (wrong_meta, stuck) = (&tasks[0], &tasks[1]);
+    let _: () = redis::pipe()
+        .del(format!("{}:{}", k.meta_prefix(q), wrong_meta.1))
+        .set(format!("{}:{}", k.meta_prefix(q), wrong_meta.1), "x")
+        // Recording this one's failure appends to its run's list, here a string.
+        .set(k.run(&stuck.0.run_id), "x")
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+
+    let r = t
+        .queue
+        .janitor_pass("test")
+        .await
+        .expect("the pass goes on");
+    assert_eq!(r.apalis_dead, 3);
+    for (env, _) in [&tasks[0], &tasks[2], &tasks[3]] {
+        let letter = t.queue.dead_letter(&env.job_id.to_string()).await.unwrap();
+        assert!(letter.is_some(), "job {} dead-lettered", env.job_id);
+        let result = t.queue.result(env.job_id).await.unwrap().expect("a result");
+        assert_eq!(result.outcome, ResultOutcome::Failed);
+    }
+    let letter = t
+        .queue
+        .dead_letter(&wrong_meta.0.job_id.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(letter.reason.contains("unreadable"), "{}", letter.reason);
+    let kept: bool = redis::cmd("SISMEMBER")
+        .arg(k.apalis_dead(q))
+        .arg(&stuck.1)
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    assert!(
+        kept,
+        "the task whose failure could not be recorded waits for the next pass"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(k.run(&stuck.0.run_id))
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    t.cleanup().await;
+}

@@ -112,7 +112,9 @@ impl Queue {
     }
 
     /// Tasks apalis moved to its own dead set (a handler panic caught by `catch_panic`)
-    /// become our dead letters, with apalis' recorded reason.
+    /// become our dead letters, with apalis' recorded reason. One task that cannot be adopted
+    /// (a Redis error on its records) is put back for the next pass; it never costs the
+    /// others, which `SPOP` has already taken out of the set.
     async fn adopt_apalis_dead(&self, q: QueueClass, worker: &str) -> Result<u64, QueueError> {
         let mut c = self.conn.clone();
         let ids: Vec<String> = redis::cmd("SPOP")
@@ -121,37 +123,96 @@ impl Queue {
             .query_async(&mut c)
             .await
             .map_err(|e| self.err(e))?;
-        for id in &ids {
-            let (payload, reason): (Option<Vec<u8>>, Option<String>) = redis::pipe()
-                .hget(self.keys.data(q), id)
-                .hget(format!("{}:{id}", self.keys.meta_prefix(q)), "result")
-                .query_async(&mut c)
-                .await
-                .map_err(|e| self.err(e))?;
-            let payload = payload.unwrap_or_default();
-            let reason = format!(
-                "the queue gave up on it: {}",
-                reason.unwrap_or_else(|| "no reason recorded".into())
-            );
-            match JobEnvelope::decode(&payload) {
-                Ok(env) => {
-                    self.add_dead_letter(&DeadLetter::failed(&env, id, reason.clone(), worker))
-                        .await?;
-                    // The handler never recorded an outcome (it panicked): a CLI waiting for
-                    // the run would otherwise wait out its whole timeout.
-                    self.record_result(&JobResult::failed_unrecorded(&env, reason, worker))
-                        .await?;
-                }
-                Err(_) => {
-                    self.add_dead_letter(&DeadLetter::undecodable(q, id, &payload, reason, worker))
-                        .await?;
+        let mut adopted = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.adopt_one_apalis_dead(q, &id, worker).await {
+                Ok(()) => adopted.push(id),
+                Err(e) => {
+                    tracing::warn!(queue = q.name(), task_id = %id, error = %e, "cannot dead-letter a task apalis gave up on; trying again next pass");
+                    let back: Result<(), _> = redis::cmd("SADD")
+                        .arg(self.keys.apalis_dead(q))
+                        .arg(&id)
+                        .query_async(&mut c)
+                        .await;
+                    if let Err(e) = back {
+                        tracing::error!(queue = q.name(), task_id = %id, error = %self.err(e), "lost a task apalis gave up on: it could not be put back");
+                    }
                 }
             }
         }
-        if !ids.is_empty() {
-            self.delete_tasks(q, &ids).await?;
+        if !adopted.is_empty() {
+            self.delete_tasks(q, &adopted).await?;
         }
-        Ok(ids.len() as u64)
+        Ok(adopted.len() as u64)
+    }
+
+    async fn adopt_one_apalis_dead(
+        &self,
+        q: QueueClass,
+        id: &str,
+        worker: &str,
+    ) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        let payload: Option<Vec<u8>> = redis::cmd("HGET")
+            .arg(self.keys.data(q))
+            .arg(id)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        // apalis' reason only explains; a meta record we cannot read (not a hash) must not
+        // keep the task from becoming a dead letter.
+        let reason: Option<String> = match redis::cmd("HGET")
+            .arg(self.meta_key(q, id))
+            .arg("result")
+            .query_async(&mut c)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => Some(format!("its meta record is unreadable: {}", self.err(e))),
+        };
+        let reason = format!(
+            "the queue gave up on it: {}",
+            reason.unwrap_or_else(|| "no reason recorded".into())
+        );
+        self.bury(q, id, &payload.unwrap_or_default(), reason, worker)
+            .await
+    }
+
+    /// Dead-letters task `task_id` of `q` that will never run, and records a decodable job
+    /// failed: the handler never recorded an outcome, and a CLI waiting for the run would
+    /// otherwise wait out its whole timeout. A job that already has a result is finished and
+    /// this task a stray copy of it: nothing is recorded.
+    async fn bury(
+        &self,
+        q: QueueClass,
+        task_id: &str,
+        payload: &[u8],
+        reason: String,
+        worker: &str,
+    ) -> Result<(), QueueError> {
+        match JobEnvelope::decode(payload) {
+            Ok(env) => {
+                if self.has_result(env.job_id).await? {
+                    return Ok(());
+                }
+                // Dead letter first, as settle does: a crash between the two leaves no result,
+                // so the job is not taken for finished.
+                self.add_dead_letter(&DeadLetter::failed(&env, task_id, reason.clone(), worker))
+                    .await?;
+                self.record_result(&JobResult::failed_unrecorded(&env, reason, worker))
+                    .await
+            }
+            Err(_) => {
+                self.add_dead_letter(&DeadLetter::undecodable(
+                    q, task_id, payload, reason, worker,
+                ))
+                .await
+            }
+        }
+    }
+
+    fn meta_key(&self, q: QueueClass, task_id: &str) -> String {
+        format!("{}:{task_id}", self.keys.meta_prefix(q))
     }
 
     /// apalis workers whose heartbeat is older than the orphan timeout: their claimed jobs go
