@@ -1149,6 +1149,83 @@ async fn a_job_without_a_result_says_where_it_waits() {
     t.cleanup().await;
 }
 
+/// Takes the next ready task of `q` the way an apalis worker named `worker` claims it (into
+/// its inflight set) and registers that worker with a heartbeat long past, as if it died
+/// running the task.
+async fn claim_as_dead_worker(t: &Ns, q: QueueClass, worker: &str) -> (String, Vec<u8>) {
+    let (id, payload) = t.take(q).await.expect("a ready task");
+    let k = t.queue.keys();
+    let _: () = redis::pipe()
+        .sadd(k.inflight(q, worker), &id)
+        .zadd(k.apalis_workers(q), worker, 1)
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    (id, payload)
+}
+
+/// A job that kills every worker running it (OOM, SIGKILL) is handed back unchanged each
+/// time; once its workers have died the kind's limit of times, the next delivery buries it
+/// — a dead letter saying so and a failed result for a waiting CLI — instead of running it.
+/// Deliveries that end, whatever their outcome, are no deaths. Fails if hand-backs are not
+/// counted (the job would run forever).
+#[tokio::test]
+async fn a_job_whose_workers_keep_dying_is_dead_lettered_and_recorded_failed() {
+    use sessionfleet::queue::janitor::{DeliveryStart, worker_death_limit};
+    let t = Ns::new().await;
+    let q = QueueClass::Diag;
+    let env = JobEnvelope::noop("t");
+    t.queue.enqueue(&env).await.unwrap();
+    let limit = worker_death_limit(JobKind::Noop);
+    assert!(limit >= 2, "the test needs a limit of at least two");
+    for death in 0..limit {
+        let (id, payload) = claim_as_dead_worker(&t, q, &format!("killed-{death}")).await;
+        let start = t
+            .queue
+            .begin_delivery(q, &id, &payload, "test")
+            .await
+            .unwrap();
+        assert_eq!(start, DeliveryStart::Run, "delivery {} runs", death + 1);
+        // The process dies here: no end_delivery, no settle. The janitor hands the task back.
+        let r = t.queue.janitor_pass("test").await.unwrap();
+        assert_eq!((r.dead_workers, r.recovered_jobs), (1, 1));
+    }
+    let (id, payload) = claim_as_dead_worker(&t, q, "next").await;
+    let start = t
+        .queue
+        .begin_delivery(q, &id, &payload, "test")
+        .await
+        .unwrap();
+    assert_eq!(start, DeliveryStart::Buried);
+    let reason = format!("its worker died {limit} times while running it");
+    let letter = t
+        .queue
+        .dead_letter(&env.job_id.to_string())
+        .await
+        .unwrap()
+        .expect("a dead letter");
+    assert_eq!(letter.reason, reason);
+    let result = t.queue.result(env.job_id).await.unwrap().expect("a result");
+    assert_eq!(result.outcome, ResultOutcome::Failed);
+    assert_eq!(result.error.as_deref(), Some(reason.as_str()));
+
+    // Deliveries that end are no deaths, however often the task comes back (a lost ack).
+    let other = JobEnvelope::noop("t");
+    t.queue.enqueue(&other).await.unwrap();
+    let (id, payload) = t.take(q).await.unwrap();
+    for _ in 0..=limit {
+        let start = t
+            .queue
+            .begin_delivery(q, &id, &payload, "test")
+            .await
+            .unwrap();
+        assert_eq!(start, DeliveryStart::Run);
+        t.queue.end_delivery(q, &id).await.unwrap();
+    }
+    assert!(t.queue.result(other.job_id).await.unwrap().is_none());
+    t.cleanup().await;
+}
+
 /// One task apalis gave up on whose records the janitor cannot use costs no other task its
 /// dead letter: a meta record of the wrong type still gives a dead letter (with no reason
 /// from apalis), a task whose failure cannot be recorded goes back to apalis' dead set for

@@ -449,3 +449,80 @@ async fn tls_redis_with_a_password_and_a_private_ca_carries_the_fleet() {
     }
     t.drop_db().await;
 }
+
+/// Waits for a live worker on `q` whose name is not in `seen`, and adds it.
+async fn new_live_worker(queue: &Queue, q: QueueClass, seen: &mut Vec<String>) -> String {
+    let name = eventually(HANG_GUARD, "a new live worker", || async {
+        let live = queue.live_workers(Some(q)).await.ok()?;
+        live.into_iter().map(|w| w.name).find(|n| !seen.contains(n))
+    })
+    .await;
+    seen.push(name.clone());
+    name
+}
+
+/// Waits until worker process `name` reports a running job.
+async fn running_on(queue: &Queue, q: QueueClass, name: &str) {
+    eventually(HANG_GUARD, "the job running", || async {
+        let live = queue.live_workers(Some(q)).await.ok()?;
+        live.iter()
+            .any(|w| w.name == name && w.running == 1)
+            .then_some(())
+    })
+    .await;
+}
+
+/// A job that kills every worker process running it (here: kill -9 while it runs, as an
+/// OOM kill would) is handed back unchanged each time, and its envelope's attempt never
+/// rises. Once its workers have died the kind's limit of times, the next worker dead-letters
+/// it and records it failed, so a waiting CLI learns why, instead of running it again. Fails
+/// if hand-backs are not counted: the third worker runs the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_keeps_killing_its_workers_is_dead_lettered() {
+    use sessionfleet::jobs::JobKind;
+    use sessionfleet::queue::janitor::worker_death_limit;
+    let (url, ns) = (redis_url(), unique_namespace());
+    let _keys = RedisKeysGuard::new(&ns);
+    let queue = queue(&url, &ns).await;
+    let q = QueueClass::Diag;
+    let mut spec = WorkerSpec::new(&url, &ns, "poison-0");
+    spec.queues = "diag".into();
+    spec.concurrency = 1;
+    let mut seen = Vec::new();
+    let mut current = Worker::start(&spec);
+    let mut current_name = new_live_worker(&queue, q, &mut seen).await;
+
+    let env = JobEnvelope::sleep(600_000, Some(600_000), "e2e");
+    queue.enqueue(&env).await.unwrap();
+    let limit = worker_death_limit(JobKind::Sleep);
+    for death in 1..=limit {
+        running_on(&queue, q, &current_name).await;
+        // The next worker is up before this one dies, so it is the one that gets the job.
+        spec.label = format!("poison-{death}");
+        let next = Worker::start(&spec);
+        let next_name = new_live_worker(&queue, q, &mut seen).await;
+        current.kill9();
+        (current, current_name) = (next, next_name);
+    }
+
+    let r = queue
+        .wait_for_result(env.job_id, HANG_GUARD)
+        .await
+        .expect("a result");
+    let reason = format!("its worker died {limit} times while running it");
+    assert_eq!(r.outcome, ResultOutcome::Failed, "{r:?}");
+    assert_eq!(r.error.as_deref(), Some(reason.as_str()));
+    assert_eq!(r.worker, current_name, "buried by the last worker");
+    let letter = queue
+        .dead_letter(&env.job_id.to_string())
+        .await
+        .unwrap()
+        .expect("a dead letter");
+    assert_eq!(letter.reason, reason);
+    assert!(
+        current.log_text().contains("poison job; dead-lettered"),
+        "{}",
+        current.log_text()
+    );
+    drop_namespace(&queue).await;
+}

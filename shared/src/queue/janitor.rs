@@ -2,6 +2,17 @@
 //! jobs of dead workers back when no live worker on their queue would. Every worker process
 //! runs [`Queue::janitor_pass`] every [`JANITOR_INTERVAL`]; passes on several workers at once
 //! are harmless (every step is idempotent and `SPOP` hands out disjoint ids).
+//!
+//! A guard around hand-backs lives here as well:
+//! - **Poison jobs.** A job that kills its worker process (OOM, SIGKILL) never reaches
+//!   `settle`, so its envelope's `attempt` never rises, and both hand-back paths — our
+//!   janitor's `RECOVER` and apalis' own orphan re-enqueue on a peer's heartbeat, which we
+//!   cannot change — put the same task back unchanged. So the count is kept where every path
+//!   ends: the worker calls [`Queue::begin_delivery`] before running a delivery and
+//!   [`Queue::end_delivery`] after it, and a delivery that finds [`worker_death_limit`]
+//!   unfinished predecessors dead-letters the job instead of running it.
+//!   (An apalis worker that dies on a Redis error drops its handlers while their jobs run on;
+//!   a redelivery that overlaps such a job counts it as a death too.)
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -9,9 +20,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{
-    DeadLetter, HEARTBEAT_INTERVAL, JobResult, MISSED_HEARTBEATS, Queue, QueueError, unix_secs,
+    DeadLetter, HEARTBEAT_INTERVAL, JobResult, MISSED_HEARTBEATS, Queue, QueueError, max_attempts,
+    unix_secs,
 };
-use crate::jobs::{JobEnvelope, QueueClass};
+use crate::jobs::{JobEnvelope, JobKind, QueueClass};
 use crate::scan::{SCAN_COUNT, glob_escape};
 
 /// Time between janitor passes of one worker process.
@@ -20,6 +32,19 @@ pub const JANITOR_INTERVAL: Duration = Duration::from_secs(10);
 pub const SWEEP_CHUNK: usize = 1000;
 /// Steps per queue per pass (bounds one pass's work).
 pub const SWEEP_STEPS: usize = 50;
+/// Field of apalis' per-task meta hash counting deliveries of the task that began and have
+/// not ended (see [`Queue::begin_delivery`]). apalis passes unknown meta fields through as
+/// task metadata, and the janitor deletes the hash with the task.
+pub const UNFINISHED_FIELD: &str = "sf_unfinished";
+
+/// Deliveries of a job of `kind` whose worker process died while running them (OOM,
+/// SIGKILL, a shutdown that outlasted its timeout) before the next delivery dead-letters
+/// the job instead of running it. The kind's attempt budget ([`max_attempts`]): a death is
+/// charged like a failed attempt, but on a budget of its own, because it never reaches the
+/// envelope's `attempt`.
+pub fn worker_death_limit(kind: JobKind) -> u32 {
+    max_attempts(kind)
+}
 
 /// What one pass removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -40,6 +65,16 @@ pub struct JanitorReport {
     pub dead_letters_trimmed: u64,
 }
 
+/// What to do with a delivery, by [`Queue::begin_delivery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStart {
+    /// Run it (and call [`Queue::end_delivery`] when it ends).
+    Run,
+    /// Its workers died too often while running it: it is dead-lettered and recorded failed;
+    /// acknowledge it without running it.
+    Buried,
+}
+
 // Re-enqueues the inflight set of a worker (KEYS[1]) onto active (KEYS[2]) and removes the
 // worker (ARGV[1]) from the workers set (KEYS[3]) if its heartbeat is still <= ARGV[2].
 static RECOVER: LazyLock<redis::Script> = LazyLock::new(|| {
@@ -54,6 +89,29 @@ if #ids > 0 then
 end
 redis.call('zrem', KEYS[3], ARGV[1])
 return #ids
+"#,
+    )
+});
+
+// Counts a delivery's start in the task's meta hash (KEYS[1], field ARGV[1]) and returns the
+// deliveries begun before it that never ended; -1 when the hash is gone (the task was already
+// swept: a stray copy, which must not re-create the hash).
+static BEGIN_DELIVERY: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+return redis.call('hincrby', KEYS[1], ARGV[1], 1) - 1
+"#,
+    )
+});
+
+// Counts a delivery's end: decrements field ARGV[1] of KEYS[1] if it is there (never
+// re-creating a hash the janitor has already swept).
+static END_DELIVERY: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if redis.call('hexists', KEYS[1], ARGV[1]) == 0 then return 0 end
+return redis.call('hincrby', KEYS[1], ARGV[1], -1)
 "#,
     )
 });
@@ -213,6 +271,59 @@ impl Queue {
 
     fn meta_key(&self, q: QueueClass, task_id: &str) -> String {
         format!("{}:{task_id}", self.keys.meta_prefix(q))
+    }
+
+    /// Called by the worker before it runs delivery `task_id` of `q` (payload as received):
+    /// counts the delivery's start and says whether to run it. A job whose earlier
+    /// deliveries began and never ended [`worker_death_limit`] times or more — each a worker
+    /// process that died running it — is dead-lettered and recorded failed instead.
+    pub async fn begin_delivery(
+        &self,
+        q: QueueClass,
+        task_id: &str,
+        payload: &[u8],
+        worker: &str,
+    ) -> Result<DeliveryStart, QueueError> {
+        let mut c = self.conn.clone();
+        let unfinished: i64 = BEGIN_DELIVERY
+            .key(self.meta_key(q, task_id))
+            .arg(UNFINISHED_FIELD)
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        if unfinished <= 0 {
+            return Ok(DeliveryStart::Run);
+        }
+        // An undecodable payload is dead-lettered by settle without running anything.
+        let Ok(env) = JobEnvelope::decode(payload) else {
+            return Ok(DeliveryStart::Run);
+        };
+        let deaths = u32::try_from(unfinished).unwrap_or(u32::MAX);
+        tracing::warn!(queue = q.name(), task_id, job_id = %env.job_id, deaths, "redelivered after its worker died running it");
+        if deaths < worker_death_limit(env.kind) {
+            return Ok(DeliveryStart::Run);
+        }
+        // Finished after all (died after recording its result): settle skips it.
+        if self.has_result(env.job_id).await? {
+            return Ok(DeliveryStart::Run);
+        }
+        let reason = format!("its worker died {deaths} times while running it");
+        tracing::error!(queue = q.name(), task_id, job_id = %env.job_id, %reason, "poison job; dead-lettered");
+        self.bury(q, task_id, payload, reason, worker).await?;
+        Ok(DeliveryStart::Buried)
+    }
+
+    /// Called by the worker when a delivery it began ([`Self::begin_delivery`]) has ended,
+    /// whatever its outcome: the process that ran it did not die.
+    pub async fn end_delivery(&self, q: QueueClass, task_id: &str) -> Result<(), QueueError> {
+        let mut c = self.conn.clone();
+        END_DELIVERY
+            .key(self.meta_key(q, task_id))
+            .arg(UNFINISHED_FIELD)
+            .invoke_async::<i64>(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// apalis workers whose heartbeat is older than the orphan timeout: their claimed jobs go
