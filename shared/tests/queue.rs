@@ -1226,6 +1226,185 @@ async fn a_job_whose_workers_keep_dying_is_dead_lettered_and_recorded_failed() {
     t.cleanup().await;
 }
 
+/// Writes task `id` of `q` the way a broken producer or a half-swept task leaves it: the
+/// payload when given, and the meta record `meta` (`None`: no meta record at all).
+async fn plant_task(
+    t: &Ns,
+    q: QueueClass,
+    id: &str,
+    data: Option<&[u8]>,
+    meta: Option<&[(&str, &str)]>,
+) {
+    let k = t.queue.keys();
+    let mut p = redis::pipe();
+    if let Some(data) = data {
+        p.hset(k.data(q), id, data).ignore();
+    }
+    if let Some(meta) = meta {
+        p.hset_multiple(format!("{}:{id}", k.meta_prefix(q)), meta)
+            .ignore();
+    }
+    let _: () = p.query_async(&mut t.conn()).await.unwrap();
+}
+
+const GOOD_META: &[(&str, &str)] = &[
+    ("attempts", "0"),
+    ("max_attempts", "25"),
+    ("status", "Pending"),
+];
+
+/// Tasks whose records apalis' fetch cannot decode fail the whole fetch, and the apalis
+/// worker with it. Found at the head of the ready list they become dead letters before a
+/// fetch sees them; found in a failed worker's inflight set (a fetch got there first) they
+/// become dead letters instead of being handed back to fail again. Either way apalis'
+/// fetch works on what is left. Fails if the malformed tasks stay on the queue.
+#[tokio::test]
+async fn tasks_apalis_cannot_fetch_are_dead_lettered_instead_of_failing_fetches() {
+    let t = Ns::new().await;
+    let q = QueueClass::Diag;
+    let k = t.queue.keys().clone();
+    let first = t.queue.enqueue(&JobEnvelope::noop("t")).await.unwrap();
+    let no_meta = JobEnvelope::noop("t");
+    let bad_attempts = JobEnvelope::noop("t");
+    let wrong_type = JobEnvelope::noop("t");
+    let bad_status = JobEnvelope::noop("t");
+    plant_task(&t, q, "no-meta", Some(&no_meta.to_bytes()), None).await;
+    plant_task(
+        &t,
+        q,
+        "attempts-abc",
+        Some(&bad_attempts.to_bytes()),
+        Some(&[
+            ("attempts", "abc"),
+            ("max_attempts", "25"),
+            ("status", "Pending"),
+        ]),
+    )
+    .await;
+    plant_task(&t, q, "no-data", None, Some(GOOD_META)).await;
+    plant_task(&t, q, "meta-string", Some(&wrong_type.to_bytes()), None).await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}:meta-string", k.meta_prefix(q)))
+        .arg("x")
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    plant_task(
+        &t,
+        q,
+        "bad-status",
+        Some(&bad_status.to_bytes()),
+        Some(&[
+            ("attempts", "0"),
+            ("max_attempts", "25"),
+            ("status", "Sleeping"),
+        ]),
+    )
+    .await;
+    let mut p = redis::pipe();
+    for id in [
+        "no-meta",
+        "attempts-abc",
+        "no-data",
+        "meta-string",
+        "bad-status",
+    ] {
+        p.rpush(k.active(q), id).ignore();
+    }
+    let _: () = p.query_async(&mut t.conn()).await.unwrap();
+    let last = t.queue.enqueue(&JobEnvelope::noop("t")).await.unwrap();
+
+    assert_eq!(t.queue.bury_malformed_ready(q, "test").await.unwrap(), 5);
+    let ready: Vec<String> = redis::cmd("LRANGE")
+        .arg(k.active(q))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    assert_eq!(ready, [first.task_id.clone(), last.task_id.clone()]);
+    for (env, why) in [
+        (&no_meta, "no meta record"),
+        (&bad_attempts, r#"attempts "abc""#),
+        (&wrong_type, "a meta record of type string"),
+        (&bad_status, r#"status "Sleeping""#),
+    ] {
+        let letter = t
+            .queue
+            .dead_letter(&env.job_id.to_string())
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("a dead letter for the task with {why}"));
+        assert!(letter.reason.contains(why), "{}", letter.reason);
+        let result = t.queue.result(env.job_id).await.unwrap().expect("a result");
+        assert_eq!(result.outcome, ResultOutcome::Failed);
+    }
+    let undecodable = t.queue.dead_letter("task:no-data").await.unwrap();
+    assert!(undecodable.is_some_and(|d| d.reason.contains("no payload")));
+    let left: u64 = redis::cmd("EXISTS")
+        .arg(format!("{}:meta-string", k.meta_prefix(q)))
+        .arg(format!("{}:no-data", k.meta_prefix(q)))
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the damaged records go with their tasks");
+
+    let cfg = t.queue.apalis_config(q);
+    let probe = WorkerContext::new("probe");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let _: () = redis::cmd("ZADD")
+        .arg(k.apalis_workers(q))
+        .arg(now)
+        .arg("probe")
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    let fetched = apalis_redis::queries::fetch_next(&mut t.conn(), &probe, &cfg)
+        .await
+        .expect("apalis fetches what is left");
+    assert_eq!(fetched.len(), 2);
+
+    // A fetch that got there first: it fails and leaves its batch claimed.
+    let good = t.queue.enqueue(&JobEnvelope::noop("t")).await.unwrap();
+    plant_task(
+        &t,
+        q,
+        "late-no-meta",
+        Some(&JobEnvelope::noop("t").to_bytes()),
+        None,
+    )
+    .await;
+    let _: () = redis::cmd("RPUSH")
+        .arg(k.active(q))
+        .arg("late-no-meta")
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    let failed = apalis_redis::queries::fetch_next(&mut t.conn(), &probe, &cfg).await;
+    assert!(
+        failed.is_err(),
+        "apalis' fetch fails on a task with no meta (the defect)"
+    );
+    assert_eq!(
+        t.queue
+            .bury_malformed_claimed(q, "probe", "test")
+            .await
+            .unwrap(),
+        1
+    );
+    let claimed: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(k.inflight(q, "probe"))
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    assert!(claimed.contains(&good.task_id));
+    assert!(!claimed.contains(&"late-no-meta".to_string()));
+    t.cleanup().await;
+}
+
 /// One task apalis gave up on whose records the janitor cannot use costs no other task its
 /// dead letter: a meta record of the wrong type still gives a dead letter (with no reason
 /// from apalis), a task whose failure cannot be recorded goes back to apalis' dead set for

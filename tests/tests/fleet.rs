@@ -526,3 +526,72 @@ async fn a_job_that_keeps_killing_its_workers_is_dead_lettered() {
     );
     drop_namespace(&queue).await;
 }
+
+/// Ids on a ready list whose records apalis' fetch cannot decode — no meta record, a
+/// non-numeric attempt count — fail the whole fetch, and the apalis worker with it, every
+/// time they are handed back. The worker dead-letters them instead (and records their jobs
+/// failed), and the jobs around them run. Fails if the malformed ids stay on the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_apalis_cannot_fetch_are_dead_lettered_while_jobs_keep_flowing() {
+    let (url, ns) = (redis_url(), unique_namespace());
+    let _keys = RedisKeysGuard::new(&ns);
+    let queue = queue(&url, &ns).await;
+    let q = QueueClass::Diag;
+    let mut spec = WorkerSpec::new(&url, &ns, "malformed");
+    spec.queues = "diag".into();
+    let _w = Worker::start(&spec);
+    live_on(&queue, q, 1).await;
+
+    let k = queue.keys().clone();
+    let (no_meta, bad_attempts) = (JobEnvelope::noop("e2e"), JobEnvelope::noop("e2e"));
+    let mut valid = Vec::new();
+    for _ in 0..3 {
+        let env = JobEnvelope::noop("e2e");
+        valid.push(env.job_id);
+        queue.enqueue(&env).await.unwrap();
+    }
+    let mut c = queue.connection();
+    let _: () = redis::pipe()
+        .hset(k.data(q), "no-meta", no_meta.to_bytes())
+        .hset(k.data(q), "attempts-abc", bad_attempts.to_bytes())
+        .hset_multiple(
+            format!("{}:attempts-abc", k.meta_prefix(q)),
+            &[
+                ("attempts", "abc"),
+                ("max_attempts", "25"),
+                ("status", "Pending"),
+            ],
+        )
+        .rpush(k.active(q), "no-meta")
+        .rpush(k.active(q), "attempts-abc")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let env = JobEnvelope::noop("e2e");
+        valid.push(env.job_id);
+        queue.enqueue(&env).await.unwrap();
+    }
+
+    for (env, why) in [(&no_meta, "no meta record"), (&bad_attempts, "attempts")] {
+        let letter = eventually(HANG_GUARD, "a dead letter", || async {
+            queue.dead_letter(&env.job_id.to_string()).await.ok()?
+        })
+        .await;
+        assert!(letter.reason.contains(why), "{}", letter.reason);
+        let r = queue.result(env.job_id).await.unwrap().expect("a result");
+        assert_eq!(r.outcome, ResultOutcome::Failed);
+    }
+    eventually(HANG_GUARD, "the valid jobs' results", || async {
+        all_results(&queue, &valid).await.then_some(())
+    })
+    .await;
+    let after = JobEnvelope::noop("e2e");
+    queue.enqueue(&after).await.unwrap();
+    let r = queue
+        .wait_for_result(after.job_id, HANG_GUARD)
+        .await
+        .expect("the worker keeps processing jobs");
+    assert_eq!(r.outcome, ResultOutcome::Succeeded);
+    drop_namespace(&queue).await;
+}

@@ -199,6 +199,7 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
     tokio::spawn(promote_loop(
         queue.clone(),
         queues.clone(),
+        process_name.clone(),
         poll,
         background.clone(),
     ));
@@ -257,7 +258,17 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
         });
     }
     let restarts_state = state.clone();
+    let (guard_queue, guard_queues, guard_name) =
+        (queue.clone(), queues.clone(), process_name.clone());
     let monitor = monitor.should_restart(move |ctx, err| {
+        // A fetch that failed on a task apalis cannot decode left its batch in this worker's
+        // inflight set, to be handed back (and to fail again) once the name expires.
+        tokio::spawn(bury_malformed_claims(
+            guard_queue.clone(),
+            guard_queues.clone(),
+            ctx.name().to_string(),
+            guard_name.clone(),
+        ));
         if ctx.is_shutting_down() {
             return false;
         }
@@ -365,9 +376,24 @@ async fn registry_loop(
     }
 }
 
+/// Dead-letters what apalis worker `apalis_name` (failed) holds that no fetch can decode.
+async fn bury_malformed_claims(
+    queue: Queue,
+    queues: Vec<QueueClass>,
+    apalis_name: String,
+    worker: String,
+) {
+    for q in queues {
+        if let Err(e) = queue.bury_malformed_claimed(q, &apalis_name, &worker).await {
+            tracing::debug!(queue = q.name(), error = %e, "could not check a failed worker's claimed tasks");
+        }
+    }
+}
+
 async fn promote_loop(
     queue: Queue,
     queues: Vec<QueueClass>,
+    worker: String,
     every: Duration,
     stop: CancellationToken,
 ) {
@@ -381,6 +407,11 @@ async fn promote_loop(
                 Ok(n) if n > 0 => tracing::debug!(queue = q.name(), moved = n, "promoted due jobs"),
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "promoting due jobs failed"),
+            }
+            // After promotion, which may have moved one to the head: a task apalis cannot
+            // decode fails a whole fetch and the apalis worker with it.
+            if let Err(e) = queue.bury_malformed_ready(*q, &worker).await {
+                tracing::debug!(error = %e, "checking ready jobs failed");
             }
         }
     }

@@ -3,7 +3,7 @@
 //! runs [`Queue::janitor_pass`] every [`JANITOR_INTERVAL`]; passes on several workers at once
 //! are harmless (every step is idempotent and `SPOP` hands out disjoint ids).
 //!
-//! A guard around hand-backs lives here as well:
+//! Two guards around hand-backs live here as well:
 //! - **Poison jobs.** A job that kills its worker process (OOM, SIGKILL) never reaches
 //!   `settle`, so its envelope's `attempt` never rises, and both hand-back paths — our
 //!   janitor's `RECOVER` and apalis' own orphan re-enqueue on a peer's heartbeat, which we
@@ -13,6 +13,13 @@
 //!   unfinished predecessors dead-letters the job instead of running it.
 //!   (An apalis worker that dies on a Redis error drops its handlers while their jobs run on;
 //!   a redelivery that overlaps such a job counts it as a death too.)
+//! - **Malformed tasks.** An id on a ready list whose payload or meta record apalis cannot
+//!   decode fails apalis' whole fetch (the batch is already moved to the worker's inflight
+//!   set), which kills the apalis worker; 15 s later the id is handed back and the loop
+//!   starts over. [`Queue::bury_malformed_ready`] checks the head of the ready list before
+//!   fetches see it, and [`Queue::bury_malformed_claimed`] the inflight set of a worker that
+//!   died (the janitor before a hand-back, the worker process when an apalis worker fails),
+//!   so such an id costs at most one apalis restart and ends as a dead letter.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -20,8 +27,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{
-    DeadLetter, HEARTBEAT_INTERVAL, JobResult, MISSED_HEARTBEATS, Queue, QueueError, max_attempts,
-    unix_secs,
+    DIAG_FETCH_BATCH, DeadLetter, HEARTBEAT_INTERVAL, JobResult, MISSED_HEARTBEATS, Queue,
+    QueueError, max_attempts, unix_secs,
 };
 use crate::jobs::{JobEnvelope, JobKind, QueueClass};
 use crate::scan::{SCAN_COUNT, glob_escape};
@@ -32,6 +39,10 @@ pub const JANITOR_INTERVAL: Duration = Duration::from_secs(10);
 pub const SWEEP_CHUNK: usize = 1000;
 /// Steps per queue per pass (bounds one pass's work).
 pub const SWEEP_STEPS: usize = 50;
+/// Ids at the head of a ready list [`Queue::bury_malformed_ready`] checks: the next two
+/// fetches of the largest batch. A queue fetched faster than the check runs can outrun it;
+/// the id then fails one fetch and [`Queue::bury_malformed_claimed`] catches it.
+pub const READY_CHECK_DEPTH: usize = 2 * DIAG_FETCH_BATCH;
 /// Field of apalis' per-task meta hash counting deliveries of the task that began and have
 /// not ended (see [`Queue::begin_delivery`]). apalis passes unknown meta fields through as
 /// task metadata, and the janitor deletes the hash with the task.
@@ -57,12 +68,22 @@ pub struct JanitorReport {
     pub dead_workers: u64,
     /// Jobs of dead workers handed back to their queue.
     pub recovered_jobs: u64,
+    /// Tasks of dead workers that apalis could not fetch, dead-lettered instead of handed back.
+    pub malformed_tasks: u64,
     /// `workers:metadata:*` hashes of gone workers deleted.
     pub worker_metadata: u64,
     /// Stale records of our own registry deleted.
     pub registry_records: u64,
     /// Oldest dead letters dropped beyond the cap.
     pub dead_letters_trimmed: u64,
+}
+
+/// What `drop_dead_workers` did on one queue.
+#[derive(Debug, Default)]
+struct DeadWorkers {
+    workers: u64,
+    recovered: u64,
+    malformed: u64,
 }
 
 /// What to do with a delivery, by [`Queue::begin_delivery`].
@@ -116,6 +137,67 @@ return redis.call('hincrby', KEYS[1], ARGV[1], -1)
     )
 });
 
+// Why apalis-redis 1.0.0's fetch (`deserialize_with_meta`) would fail on task `id`, or nil.
+// KEYS[2] is the data hash, ARGV[1] the meta prefix. It needs a non-empty id, a payload, a
+// meta hash with `attempts` and `max_attempts` that parse as u32 and a known `status`. (It
+// also fails on meta that is not UTF-8, which this does not check.)
+const MALFORMED_FN: &str = r#"
+local statuses = {Pending = true, Queued = true, Running = true, Done = true, Failed = true, Killed = true}
+local function cut(v) return string.sub(v, 1, 40) end
+local function malformed(id)
+  if id == '' then return 'an empty task id' end
+  if redis.call('hexists', KEYS[2], id) == 0 then return 'no payload' end
+  local meta = ARGV[1] .. ':' .. id
+  local kind = redis.call('type', meta)['ok']
+  if kind == 'none' then return 'no meta record' end
+  if kind ~= 'hash' then return 'a meta record of type ' .. kind end
+  local f = redis.call('hmget', meta, 'attempts', 'max_attempts', 'status')
+  for i, name in ipairs({'attempts', 'max_attempts'}) do
+    local v = f[i]
+    if not v then return 'no ' .. name .. ' in its meta record' end
+    if not string.match(v, '^%+?%d+$') or tonumber(v) > 4294967295 then
+      return name .. ' "' .. cut(v) .. '" in its meta record'
+    end
+  end
+  if not f[3] then return 'no status in its meta record' end
+  if not statuses[f[3]] then return 'status "' .. cut(f[3]) .. '" in its meta record' end
+  return nil
+end
+local out = {}
+local function found(id, why)
+  table.insert(out, id)
+  table.insert(out, why)
+  table.insert(out, redis.call('hget', KEYS[2], id) or '')
+end
+"#;
+
+// Removes from the first ARGV[2] ids of the ready list KEYS[1] every id apalis could not
+// fetch; returns {id, reason, payload ('' if none), …}.
+static MALFORMED_READY: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r#"{MALFORMED_FN}
+for _, id in ipairs(redis.call('lrange', KEYS[1], 0, tonumber(ARGV[2]) - 1)) do
+  local why = malformed(id)
+  if why and redis.call('lrem', KEYS[1], 1, id) == 1 then found(id, why) end
+end
+return out
+"#
+    ))
+});
+
+// Removes from the inflight set KEYS[1] every id apalis could not fetch; returns as above.
+static MALFORMED_CLAIMED: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r#"{MALFORMED_FN}
+for _, id in ipairs(redis.call('smembers', KEYS[1])) do
+  local why = malformed(id)
+  if why and redis.call('srem', KEYS[1], id) == 1 then found(id, why) end
+end
+return out
+"#
+    ))
+});
+
 impl Queue {
     /// One janitor pass over every queue.
     pub async fn janitor_pass(&self, worker: &str) -> Result<JanitorReport, QueueError> {
@@ -123,9 +205,10 @@ impl Queue {
         for q in QueueClass::ALL {
             r.finished_tasks += self.sweep_finished(q).await?;
             r.apalis_dead += self.adopt_apalis_dead(q, worker).await?;
-            let (dead, recovered) = self.drop_dead_workers(q).await?;
-            r.dead_workers += dead;
-            r.recovered_jobs += recovered;
+            let dead = self.drop_dead_workers(q, worker).await?;
+            r.dead_workers += dead.workers;
+            r.recovered_jobs += dead.recovered;
+            r.malformed_tasks += dead.malformed;
             r.worker_metadata += self.drop_orphan_worker_metadata(q).await?;
         }
         r.registry_records = self.drop_stale_worker_records().await?;
@@ -326,10 +409,77 @@ impl Queue {
         Ok(())
     }
 
+    /// Dead-letters the ids among the first [`READY_CHECK_DEPTH`] of `q`'s ready list that
+    /// apalis' fetch could not decode, before a fetch claims them. `worker` is who gives up.
+    pub async fn bury_malformed_ready(
+        &self,
+        q: QueueClass,
+        worker: &str,
+    ) -> Result<u64, QueueError> {
+        let mut c = self.conn.clone();
+        let found: Vec<Vec<u8>> = MALFORMED_READY
+            .key(self.keys.active(q))
+            .key(self.keys.data(q))
+            .arg(self.keys.meta_prefix(q))
+            .arg(READY_CHECK_DEPTH)
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        self.bury_malformed(q, found, worker).await
+    }
+
+    /// Dead-letters the ids in apalis worker `apalis_worker`'s inflight set of `q` that
+    /// apalis' fetch could not decode: a fetch that failed on one left its whole batch there,
+    /// and a hand-back would fail the next fetch the same way.
+    pub async fn bury_malformed_claimed(
+        &self,
+        q: QueueClass,
+        apalis_worker: &str,
+        worker: &str,
+    ) -> Result<u64, QueueError> {
+        let mut c = self.conn.clone();
+        let found: Vec<Vec<u8>> = MALFORMED_CLAIMED
+            .key(self.keys.inflight(q, apalis_worker))
+            .key(self.keys.data(q))
+            .arg(self.keys.meta_prefix(q))
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| self.err(e))?;
+        self.bury_malformed(q, found, worker).await
+    }
+
+    /// Dead letters for the `(id, reason, payload)` triples a malformed-task script took off
+    /// the queue, then their records go.
+    async fn bury_malformed(
+        &self,
+        q: QueueClass,
+        found: Vec<Vec<u8>>,
+        worker: &str,
+    ) -> Result<u64, QueueError> {
+        let mut ids = Vec::new();
+        for t in found.chunks_exact(3) {
+            let id = String::from_utf8_lossy(&t[0]).into_owned();
+            let why = String::from_utf8_lossy(&t[1]);
+            let reason = format!("its queue record is damaged ({why}), so it cannot be fetched");
+            tracing::warn!(queue = q.name(), task_id = %id, %reason, "malformed task; dead-lettered");
+            self.bury(q, &id, &t[2], reason, worker).await?;
+            ids.push(id);
+        }
+        if !ids.is_empty() {
+            self.delete_tasks(q, &ids).await?;
+        }
+        Ok(ids.len() as u64)
+    }
+
     /// apalis workers whose heartbeat is older than the orphan timeout: their claimed jobs go
     /// back on the queue (apalis only does this while another worker of the same queue is
     /// heartbeating) and their entries are removed (apalis' shutdown removes the wrong member).
-    async fn drop_dead_workers(&self, q: QueueClass) -> Result<(u64, u64), QueueError> {
+    /// Claimed tasks apalis could not fetch are dead-lettered instead of handed back.
+    async fn drop_dead_workers(
+        &self,
+        q: QueueClass,
+        worker: &str,
+    ) -> Result<DeadWorkers, QueueError> {
         let threshold =
             unix_secs().saturating_sub((HEARTBEAT_INTERVAL * MISSED_HEARTBEATS as u32).as_secs());
         let mut c = self.conn.clone();
@@ -340,8 +490,9 @@ impl Queue {
             .query_async(&mut c)
             .await
             .map_err(|e| self.err(e))?;
-        let (mut dead, mut recovered) = (0, 0);
+        let mut out = DeadWorkers::default();
         for name in names {
+            out.malformed += self.bury_malformed_claimed(q, &name, worker).await?;
             let n: i64 = RECOVER
                 .key(self.keys.inflight(q, &name))
                 .key(self.keys.active(q))
@@ -352,8 +503,8 @@ impl Queue {
                 .await
                 .map_err(|e| self.err(e))?;
             if n >= 0 {
-                dead += 1;
-                recovered += n as u64;
+                out.workers += 1;
+                out.recovered += n as u64;
                 redis::cmd("DEL")
                     .arg(format!("{}{name}", self.keys.worker_metadata_prefix(q)))
                     .query_async::<()>(&mut c)
@@ -361,14 +512,14 @@ impl Queue {
                     .map_err(|e| self.err(e))?;
             }
         }
-        if recovered > 0 {
+        if out.recovered > 0 {
             tracing::warn!(
                 queue = q.name(),
-                recovered,
+                recovered = out.recovered,
                 "handed back jobs of dead workers"
             );
         }
-        Ok((dead, recovered))
+        Ok(out)
     }
 
     /// `workers:metadata:<name>` hashes whose worker is no longer registered.
