@@ -10,7 +10,7 @@ use sqlx::Row;
 
 use super::guard::read_tx;
 use super::indexes::{IndexInfo, missing_from, table_indexes};
-use super::{OpError, push_section, session_tables};
+use super::{OpError, push_section, session_tables, times};
 use crate::store::{Db, DbTx, Engine, Schema, schema};
 
 /// Above this many sessions, suggest a cleanup policy (the original's threshold).
@@ -171,24 +171,39 @@ async fn count_rows(
             ..TableStats::default()
         });
     }
-    let engine = tx.engine();
-    let sql = tx.sql(format!(
-        "SELECT COUNT(*), COUNT(DISTINCT {}), MIN({}), MAX({}) FROM {table}",
-        s.user_id,
-        plain_time(engine, &s.created_at),
-        plain_time(engine, &s.updated_at)
-    ));
-    let (row_count, unique_users, oldest, newest) = crate::on_tx!(tx, c => {
-        let r = sqlx::query(sql).fetch_one(&mut *c).await?;
-        let count: i64 = r.try_get(0)?;
-        let users: i64 = r.try_get(1)?;
-        let (oldest, newest) = if engine == Engine::Sqlite {
-            (parse_sqlite_time(r.try_get::<Option<String>, _>(2)?), parse_sqlite_time(r.try_get::<Option<String>, _>(3)?))
-        } else {
-            (r.try_get::<Option<NaiveDateTime>, _>(2)?, r.try_get::<Option<NaiveDateTime>, _>(3)?)
-        };
-        (count, users, oldest, newest)
-    });
+    let (row_count, unique_users, oldest, newest) = match tx {
+        DbTx::Sqlite(t) => {
+            let c = &mut **t;
+            let sql = format!(
+                "SELECT COUNT(*), COUNT(DISTINCT {}), {}, {} FROM {table}",
+                s.user_id,
+                times::sqlite_ends_sql(&s.created_at),
+                times::sqlite_ends_sql(&s.updated_at)
+            );
+            let r = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&mut *c)
+                .await?;
+            let (count, users) = (r.try_get(0)?, r.try_get(1)?);
+            let created = times::SqliteEnds::read(&r, 2)?;
+            let updated = times::SqliteEnds::read(&r, 6)?;
+            let oldest = times::sqlite_end(c, table, &s.created_at, &created, false).await?;
+            let newest = times::sqlite_end(c, table, &s.updated_at, &updated, true).await?;
+            (count, users, oldest, newest)
+        }
+        _ => {
+            let engine = tx.engine();
+            let sql = tx.sql(format!(
+                "SELECT COUNT(*), COUNT(DISTINCT {}), MIN({}), MAX({}) FROM {table}",
+                s.user_id,
+                times::server_time(engine, &s.created_at),
+                times::server_time(engine, &s.updated_at)
+            ));
+            crate::on_tx!(tx, c => {
+                let r = sqlx::query(sql).fetch_one(&mut *c).await?;
+                (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)
+            })
+        }
+    };
     Ok(TableStats {
         row_count,
         unique_users: Some(unique_users),
@@ -196,34 +211,6 @@ async fn count_rows(
         newest_record: newest,
         ..TableStats::default()
     })
-}
-
-/// `column` as a value every layout of a time column reads back the same way, for MIN / MAX.
-/// PostgreSQL `timestamptz` and MySQL `TIMESTAMP` do not decode as a plain date-time: cast to
-/// one, in the session's time zone, which is UTC on our connections. SQLite keeps whatever the
-/// application wrote (the original crashed on it), and sorts numbers before any text: each
-/// value is turned into UTC text first (Unix seconds or a Julian day by magnitude, an offset
-/// converted, milliseconds kept), so the ends are the earliest and latest times, and a value
-/// SQLite cannot read as a time is left out.
-fn plain_time(engine: Engine, column: &str) -> String {
-    match engine {
-        Engine::Postgres => format!("CAST({column} AS TIMESTAMP)"),
-        Engine::MySql => format!("CAST({column} AS DATETIME(6))"),
-        Engine::Sqlite => format!("strftime('%Y-%m-%d %H:%M:%f', {column}, 'auto')"),
-    }
-}
-
-/// Reads a SQLite text datetime in the formats applications write.
-pub(super) fn parse_sqlite_time(text: Option<String>) -> Option<NaiveDateTime> {
-    let text = text?;
-    let text = text.trim().trim_end_matches('Z');
-    [
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%d %H:%M",
-    ]
-    .iter()
-    .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
 }
 
 /// The real on-disk size and the dead / free space, from each engine's catalog.
@@ -502,22 +489,4 @@ fn autovacuum_advice(table: &str, stats: &TableStats) -> Option<String> {
             "High-churn table {table} ({churn} updates+deletes for {live} rows) - consider ALTER TABLE {table} SET (autovacuum_vacuum_scale_factor = {CHURN_VACUUM_SCALE_FACTOR}, autovacuum_analyze_scale_factor = {CHURN_ANALYZE_SCALE_FACTOR}) so autovacuum runs before a fifth of the table is dead"
         )
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sqlite_text_datetimes_parse_in_the_common_formats() {
-        for text in [
-            "2025-08-11 10:00:00.123456",
-            "2025-08-11T10:00:00",
-            "2025-08-11 10:00:00",
-            "2025-08-11T10:00:00Z",
-        ] {
-            assert!(parse_sqlite_time(Some(text.into())).is_some(), "{text}");
-        }
-        assert_eq!(parse_sqlite_time(Some("yesterday".into())), None);
-    }
 }

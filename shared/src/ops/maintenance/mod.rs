@@ -25,6 +25,7 @@ mod indexes;
 mod integrity;
 mod optimize;
 mod stats;
+mod times;
 
 pub use analyze::{TableAnalysis, TableStats, analyze};
 pub use guard::{
