@@ -496,6 +496,27 @@ impl Drop for RedisServer {
     }
 }
 
+/// A database that never answers: a loopback port whose connections the kernel accepts and
+/// nobody ever reads, so a client waits until its own timeout. Dropped, the port closes: the
+/// waiting clients get a reset and new ones are refused.
+pub struct SilentServer {
+    _listener: std::net::TcpListener,
+    /// Its port.
+    pub port: u16,
+}
+
+impl SilentServer {
+    /// Starts listening on a free loopback port.
+    pub fn start() -> SilentServer {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+        let port = listener.local_addr().expect("local address").port();
+        SilentServer {
+            _listener: listener,
+            port,
+        }
+    }
+}
+
 /// `GET path` on loopback `port`; returns (status code, body).
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

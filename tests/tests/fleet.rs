@@ -527,6 +527,112 @@ async fn a_job_that_keeps_killing_its_workers_is_dead_lettered() {
     drop_namespace(&queue).await;
 }
 
+/// A worker told to stop waits for its running jobs, and apalis heartbeats no more while it
+/// does; a drain longer than the orphan timeout must not let a peer (its apalis heartbeat
+/// re-enqueues orphans) or a janitor hand the running job to another worker. The job here
+/// waits on a database that never answers, which no shutdown interrupts, until the test
+/// lets go — after the peer has heartbeated well past the moment the draining worker's
+/// claim would have expired. Fails if the draining worker's claim is handed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_keeps_its_running_job_past_the_orphan_timeout() {
+    use sessionfleet::jobs::JobKind;
+    use sessionfleet::ops::cleanup::CleanupParams;
+    use sessionfleet::queue::{HEARTBEAT_INTERVAL, MISSED_HEARTBEATS};
+    let (url, ns) = (redis_url(), unique_namespace());
+    let _keys = RedisKeysGuard::new(&ns);
+    let queue = queue(&url, &ns).await;
+    let q = QueueClass::Cleanup;
+    let silent = SilentServer::start();
+    let mut spec = WorkerSpec::new(&url, &ns, "drainer");
+    spec.queues = "cleanup".into();
+    spec.env.push((
+        "DATABASE_URL".into(),
+        format!("postgres://sf@127.0.0.1:{}/sf", silent.port),
+    ));
+    spec.env
+        .push(("SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS".into(), "600".into()));
+    let mut seen = Vec::new();
+    let mut drainer = Worker::start(&spec);
+    let drainer_name = new_live_worker(&queue, q, &mut seen).await;
+
+    let env = JobEnvelope::new(
+        JobKind::Cleanup,
+        "default",
+        serde_json::to_value(CleanupParams::default()).unwrap(),
+        "e2e",
+    );
+    let task = queue.enqueue(&env).await.unwrap().task_id;
+    running_on(&queue, q, &drainer_name).await;
+    spec.label = "peer".into();
+    let peer = Worker::start(&spec);
+    let peer_name = new_live_worker(&queue, q, &mut seen).await;
+
+    drainer.signal("TERM");
+    eventually(HANG_GUARD, "the drainer stopping", || async {
+        let live = queue.live_workers(Some(q)).await.ok()?;
+        live.iter().all(|w| w.name != drainer_name).then_some(())
+    })
+    .await;
+    let apalis_entry = |process: String| {
+        let queue = queue.clone();
+        async move {
+            queue
+                .apalis_workers(q)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|(n, _)| n.starts_with(&format!("{process}-")))
+        }
+    };
+    let (drainer_apalis, stopped_at) = apalis_entry(drainer_name.clone()).await.unwrap();
+    // apalis may heartbeat once more as the stop lands; past that, an unrefreshed claim is
+    // taken by the first orphan check after `expired`.
+    let orphaned_after = (HEARTBEAT_INTERVAL * MISSED_HEARTBEATS as u32).as_secs();
+    let expired = stopped_at + HEARTBEAT_INTERVAL.as_secs() + orphaned_after + 1;
+    let (_, beat) = eventually(
+        HANG_GUARD,
+        "the peer's heartbeat past the orphan timeout",
+        || {
+            let e = apalis_entry(peer_name.clone());
+            async move { e.await.filter(|(_, at)| *at > expired) }
+        },
+    )
+    .await;
+    // The re-enqueue runs right after the heartbeat's stamp: wait for the next one.
+    eventually(HANG_GUARD, "another heartbeat of the peer", || {
+        let e = apalis_entry(peer_name.clone());
+        async move { e.await.filter(|(_, at)| *at > beat) }
+    })
+    .await;
+
+    let mut c = queue.connection();
+    let still_claimed: bool = redis::cmd("SISMEMBER")
+        .arg(queue.keys().inflight(q, &drainer_apalis))
+        .arg(&task)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        still_claimed,
+        "the draining worker's running job was handed back; peer log:\n{}",
+        peer.log_text()
+    );
+
+    drop(silent); // the job's database fails now; the job ends and the drain with it
+    let status = drainer.wait_exit(HANG_GUARD).expect("drainer exited");
+    assert!(status.success(), "{status:?}; log:\n{}", drainer.log_text());
+    assert!(
+        drainer.log_text().contains(&task),
+        "the drainer ran task {task}"
+    );
+    assert!(
+        !peer.log_text().contains(&task),
+        "the peer never runs task {task}:\n{}",
+        peer.log_text()
+    );
+    drop_namespace(&queue).await;
+}
+
 /// Ids on a ready list whose records apalis' fetch cannot decode — no meta record, a
 /// non-numeric attempt count — fail the whole fetch, and the apalis worker with it, every
 /// time they are handed back. The worker dead-letters them instead (and records their jobs

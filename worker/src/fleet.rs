@@ -1,6 +1,7 @@
 //! The worker process: one supervised apalis worker per configured queue, plus the loops that
 //! keep the fleet healthy (registry heartbeat, wake-ups, due-job promotion, janitor, gauges).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +39,8 @@ pub struct FleetState {
     running_jobs: AtomicU64,
     restarts: AtomicU64,
     workers: std::sync::Mutex<Vec<WorkerContext>>,
+    /// The name of each queue's current apalis worker (the latest start or restart).
+    apalis_names: std::sync::Mutex<HashMap<QueueClass, String>>,
 }
 
 impl FleetState {
@@ -52,6 +55,13 @@ impl FleetState {
             .lock()
             .map(|w| w.iter().filter(|c| c.is_running()).count())
             .unwrap_or(0)
+    }
+
+    fn apalis_names(&self) -> Vec<(QueueClass, String)> {
+        self.apalis_names
+            .lock()
+            .map(|m| m.iter().map(|(q, n)| (*q, n.clone())).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -236,7 +246,12 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
             state: state.clone(),
         });
         let (queue, wakers, name) = (queue.clone(), wakers.clone(), process_name.clone());
+        let names = state.clone();
         monitor = monitor.register(move |restarts| {
+            let apalis_name = format!("{name}-{}-r{restarts}", q.name());
+            if let Ok(mut m) = names.apalis_names.lock() {
+                m.insert(q, apalis_name.clone());
+            }
             let storage =
                 RedisStorage::<RawJob>::new(queue.connection()).with_config(queue.apalis_config(q));
             let gate = queue.clone();
@@ -250,7 +265,7 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
                 })
                 .with_codec(RawCodec)
                 .poll_with_strategy(wakers.strategy(q, poll));
-            WorkerBuilder::new(format!("{name}-{}-r{restarts}", q.name()))
+            WorkerBuilder::new(apalis_name)
                 .backend(backend)
                 .data(handler.clone())
                 .concurrency(concurrency)
@@ -373,7 +388,41 @@ async fn registry_loop(
         if let Err(e) = queue.heartbeat_worker(&info).await {
             tracing::debug!(error = %e, "registry heartbeat failed");
         }
+        if info.stopping
+            && let Err(e) = keep_claims_alive(&queue, &state.apalis_names()).await
+        {
+            tracing::warn!(error = %queue.scrub(&e.to_string()), "could not refresh the apalis heartbeats of a draining worker");
+        }
     }
+}
+
+/// Stamps this process's apalis workers as alive now, the way apalis' own heartbeat
+/// (`keep_alive.lua`: `ZADD <queue>:workers <unix seconds> <name>`) does. Once shutdown has
+/// begun with jobs in flight, apalis-core stops polling the backend (`CallAll` returns
+/// `Pending` until the handlers finish), so it heartbeats no more, while the drain may
+/// outlast the orphan timeout; without this a peer's heartbeat or a janitor would hand a
+/// job still running here to another worker. `XX`: an entry already gone stays gone.
+async fn keep_claims_alive(
+    queue: &Queue,
+    names: &[(QueueClass, String)],
+) -> Result<(), redis::RedisError> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let mut p = redis::pipe();
+    for (q, name) in names {
+        p.cmd("ZADD")
+            .arg(queue.keys().apalis_workers(*q))
+            .arg("XX")
+            .arg(now)
+            .arg(name)
+            .ignore();
+    }
+    p.query_async(&mut queue.connection()).await
 }
 
 /// Dead-letters what apalis worker `apalis_name` (failed) holds that no fetch can decode.
