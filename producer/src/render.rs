@@ -11,8 +11,9 @@ use crate::exit::Exit;
 use crate::output::Output;
 use crate::run::Finished;
 
-/// Prints the runs and returns the exit code: 1 if any failed, else 4 if any was cut short by
-/// `--timeout`, else 3 if a health report is critical, else 0.
+/// Prints the runs and returns the exit code: 1 if any failed (or a full maintenance went on
+/// past a failed stage), else 4 if any was cut short by `--timeout`, else 3 if a health report
+/// is critical, else 0.
 pub fn finished(runs: &[Finished], out: &Output) -> Exit {
     if out.json {
         if runs.len() == 1 && runs[0].error.is_none() {
@@ -39,6 +40,20 @@ pub fn finished(runs: &[Finished], out: &Output) -> Exit {
         }
     }
     for r in runs {
+        if stage_failed(r.kind, &r.report) {
+            let errors: Vec<&str> = r
+                .report
+                .pointer("/errors")
+                .and_then(|e| e.as_array())
+                .map(|e| e.iter().filter_map(|e| e.as_str()).collect())
+                .unwrap_or_default();
+            eprintln!(
+                "error: {} on target {} completed with errors: {}",
+                r.kind.as_str(),
+                r.target,
+                errors.join("; ")
+            );
+        }
         if let Some(e) = &r.error {
             let verb = if r.timed_out { "stopped" } else { "failed" };
             eprintln!(
@@ -50,7 +65,10 @@ pub fn finished(runs: &[Finished], out: &Output) -> Exit {
     }
     // A failure outranks a timeout: a script must not read "try again later" for a run that
     // failed beside one that ran out of time.
-    if runs.iter().any(|r| r.error.is_some() && !r.timed_out) {
+    if runs
+        .iter()
+        .any(|r| (r.error.is_some() && !r.timed_out) || stage_failed(r.kind, &r.report))
+    {
         Exit::OperationFailed
     } else if runs.iter().any(|r| r.timed_out) {
         Exit::Timeout
@@ -86,6 +104,15 @@ pub fn text(kind: JobKind, report: &serde_json::Value) -> String {
     s
 }
 
+/// Full maintenance that went on past a failed stage (its summary says
+/// `completed_with_errors`): the run kept its report and counts, but a script must not read
+/// success.
+fn stage_failed(kind: JobKind, report: &serde_json::Value) -> bool {
+    kind == JobKind::FullMaintenance
+        && report.pointer("/summary/status").and_then(|s| s.as_str())
+            == Some("completed_with_errors")
+}
+
 fn critical(kind: JobKind, report: &serde_json::Value) -> bool {
     let health = match kind {
         JobKind::Analytics => report.pointer("/health_status/overall_health"),
@@ -93,4 +120,38 @@ fn critical(kind: JobKind, report: &serde_json::Value) -> bool {
         _ => None,
     };
     health.and_then(|h| serde_json::from_value::<Health>(h.clone()).ok()) == Some(Health::Critical)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full_maintenance(status: &str) -> Finished {
+        Finished {
+            target: "default".into(),
+            kind: JobKind::FullMaintenance,
+            run_id: "r".into(),
+            parts: 1,
+            report: serde_json::json!({
+                "summary": {"status": status},
+                "errors": ["optimize: ANALYZE user_sessions: lock timeout"],
+            }),
+            error: None,
+            timed_out: false,
+            ran: "fleet",
+        }
+    }
+
+    #[test]
+    fn full_maintenance_past_a_failed_stage_exits_as_a_failure() {
+        let json = Output { json: true };
+        assert_eq!(
+            finished(&[full_maintenance("completed_with_errors")], &json),
+            Exit::OperationFailed
+        );
+        assert_eq!(
+            finished(&[full_maintenance("completed")], &json),
+            Exit::Success
+        );
+    }
 }
