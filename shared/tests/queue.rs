@@ -1055,8 +1055,8 @@ async fn a_part_s_progress_goes_with_it_but_not_a_takeover_s() {
 
 /// A job without a result says where it waits: its place in the ready list, the time a
 /// delayed retry comes due (under the same job id, as a new task), the worker that took it;
-/// nothing once its result is stored, nor for an id never enqueued. Fails without the
-/// enqueue script's pointer, or with it left behind by the result.
+/// nothing once its result is stored, nor for an id never enqueued. Fails if a queued job is
+/// not found, or a finished one still reads as waiting.
 #[tokio::test]
 async fn a_job_without_a_result_says_where_it_waits() {
     let t = Ns::new().await;

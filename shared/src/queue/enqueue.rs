@@ -5,8 +5,7 @@
 //! queue (notes §2.9). Our script writes the same records apalis reads (`data`, `meta:<id>`,
 //! `active` / `scheduled`, `idempotency:<key>`) but puts immediate jobs directly on `active`,
 //! sets the dedupe marker with a TTL (defect 1), and publishes one wake-up per call so idle
-//! workers pick the job up at once. It also points the job id at its task (`queued:<job>`),
-//! so `jobs show` can say where a job waits before it has a result.
+//! workers pick the job up at once.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -43,21 +42,19 @@ pub struct Enqueued {
     pub duplicate_of: Option<String>,
 }
 
-// KEYS: 1 data hash, 2 active list, 3 meta prefix, 4 scheduled zset, 5 idempotency prefix,
-//       6 queued-job pointer prefix
-// ARGV: 1 idempotency ttl (s), 2 now (unix s), 3 wake channel, 4 pointer ttl (s), 5 queue name,
-//       then per task: task_id, payload, run_at (unix s, 0 = now), dedupe key ("" = none), job id
+// KEYS: 1 data hash, 2 active list, 3 meta prefix, 4 scheduled zset, 5 idempotency prefix
+// ARGV: 1 idempotency ttl (s), 2 now (unix s), 3 wake channel,
+//       then per task: task_id, payload, run_at (unix s, 0 = now), dedupe key ("" = none)
 // Returns per task: "" when added, else the task id holding the dedupe key.
 static PUSH: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local ttl = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
-local pointer_ttl = tonumber(ARGV[4])
 local out = {}
 local immediate = 0
-for i = 6, #ARGV, 5 do
-  local id, payload, run_at, key, job = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2]), ARGV[i+3], ARGV[i+4]
+for i = 4, #ARGV, 4 do
+  local id, payload, run_at, key = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2]), ARGV[i+3]
   local holder = false
   if #key > 0 then
     local marker = KEYS[5] .. ':' .. key
@@ -70,7 +67,6 @@ for i = 6, #ARGV, 5 do
   else
     if redis.call('hsetnx', KEYS[1], id, payload) == 1 then
       redis.call('hset', KEYS[3] .. ':' .. id, 'attempts', 0, 'max_attempts', 25, 'status', 'Pending', 'idempotency_key', key)
-      redis.call('set', KEYS[6] .. ':' .. job, ARGV[5] .. ' ' .. id, 'EX', pointer_ttl)
       if run_at > now then
         redis.call('zadd', KEYS[4], run_at, id)
       else
@@ -180,20 +176,16 @@ impl Queue {
             .key(keys.meta_prefix(q))
             .key(keys.scheduled(q))
             .key(keys.idempotency_prefix(q))
-            .key(keys.queued_prefix())
             .arg(super::DEDUPE_TTL.as_secs())
             .arg(unix_secs())
-            .arg(keys.wake_channel(q))
-            .arg(self.retention.as_secs().max(1))
-            .arg(q.name());
+            .arg(keys.wake_channel(q));
         let mut task_ids = Vec::with_capacity(items.len());
         for (env, run_at) in items {
             let task_id = Uuid::new_v4().to_string();
             inv.arg(&task_id)
                 .arg(env.to_bytes())
                 .arg(*run_at)
-                .arg(env.dedupe_key.as_deref().unwrap_or(""))
-                .arg(env.job_id.to_string());
+                .arg(env.dedupe_key.as_deref().unwrap_or(""));
             task_ids.push(task_id);
         }
         let mut c = self.conn.clone();

@@ -118,16 +118,6 @@ impl Keys {
     pub fn progress_run(&self, job_id: &uuid::Uuid) -> String {
         self.ours(&format!("progress-run:{job_id}"))
     }
-    /// Prefix of the pointers from a job id to the queue and task it waits as
-    /// (`<prefix>:<job id>` → `"<queue> <task id>"`, retention TTL): set on enqueue, removed
-    /// with the job's result, so [`super::Queue::waiting_job`] finds a job that has none yet.
-    pub fn queued_prefix(&self) -> String {
-        self.ours("queued")
-    }
-    /// The pointer of job `job_id` (see [`Self::queued_prefix`]).
-    pub fn queued(&self, job_id: &uuid::Uuid) -> String {
-        format!("{}:{job_id}", self.queued_prefix())
-    }
     /// Recent runs of a target (LIST, newest first, bounded).
     pub fn history(&self, target: &str) -> String {
         self.ours(&format!("history:{target}"))

@@ -137,9 +137,8 @@ impl From<&JobResult> for RunSummary {
 }
 
 impl Queue {
-    /// Stores a result under its job id and run id (with the retention TTL), drops the job's
-    /// queued pointer and, for non-diagnostic kinds, pushes it onto the target's bounded
-    /// history. One round trip.
+    /// Stores a result under its job id and run id (with the retention TTL) and, for
+    /// non-diagnostic kinds, pushes it onto the target's bounded history. One round trip.
     pub async fn record_result(&self, r: &JobResult) -> Result<(), QueueError> {
         let ttl = self.retention.as_secs().max(1);
         let json = serde_json::to_string(r).map_err(|e| QueueError::Corrupt(e.to_string()))?;
@@ -148,7 +147,6 @@ impl Queue {
         p.rpush(self.keys.run(&r.run_id), r.job_id.to_string())
             .ignore();
         p.expire(self.keys.run(&r.run_id), ttl as i64).ignore();
-        p.del(self.keys.queued(&r.job_id)).ignore();
         if !r.kind.is_diagnostic() {
             let line = serde_json::to_string(&RunSummary::from(r))
                 .map_err(|e| QueueError::Corrupt(e.to_string()))?;

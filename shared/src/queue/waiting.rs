@@ -58,57 +58,121 @@ pub enum WaitState {
     },
 }
 
+/// Payload entries one `HSCAN` step reads.
+const SCAN_STEP: usize = 1000;
+
 impl Queue {
     /// Job `job_id` if it waits in a queue: enqueued (or put back for a retry) and without a
     /// result yet. `None` for a job never enqueued here, one that finished, or one whose task
     /// is gone (cleared by the janitor).
+    ///
+    /// Walks every queue's payloads with `HSCAN` (Redis keeps serving meanwhile): a lookup
+    /// costs in proportion to the backlog, where a pointer per job would have cost every
+    /// enqueue a write (a third of the batch enqueue rate), for an answer few ask for.
     pub async fn waiting_job(&self, job_id: Uuid) -> Result<Option<WaitingJob>, QueueError> {
-        let mut c = self.conn.clone();
-        let pointer: Option<String> = redis::cmd("GET")
-            .arg(self.keys.queued(&job_id))
-            .query_async(&mut c)
-            .await
-            .map_err(|e| self.err(e))?;
-        let Some((queue, task_id)) = pointer.as_deref().and_then(parse_pointer) else {
+        // Between its result and apalis' acknowledgement a finished job is still in flight.
+        if self.has_result(job_id).await? {
             return Ok(None);
-        };
-        let (payload, due, index, ready, workers): WhereItWaits = redis::pipe()
-            .hget(self.keys.data(queue), task_id)
+        }
+        let needle = job_id.to_string();
+        for queue in QueueClass::ALL {
+            let mut tasks = self.tasks_of(queue, job_id, needle.as_bytes()).await?;
+            // A retry or deferral is a newer task than the finished delivery before it.
+            tasks.sort_by_key(|(_, env)| std::cmp::Reverse(env.attempt));
+            for (task_id, env) in tasks {
+                if let Some(state) = self.wait_state(queue, &task_id).await? {
+                    return Ok(Some(WaitingJob {
+                        job_id: env.job_id,
+                        run_id: env.run_id,
+                        part: env.part,
+                        kind: env.kind,
+                        target: env.target,
+                        attempt: env.attempt,
+                        queue,
+                        task_id,
+                        state,
+                    }));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The tasks of `queue` whose payload is job `job_id` (`needle` is its text, a cheap
+    /// filter before decoding).
+    async fn tasks_of(
+        &self,
+        queue: QueueClass,
+        job_id: Uuid,
+        needle: &[u8],
+    ) -> Result<Vec<(String, JobEnvelope)>, QueueError> {
+        let mut c = self.conn.clone();
+        let mut cursor = "0".to_string();
+        let mut found = Vec::new();
+        loop {
+            let (next, flat): (String, Vec<Vec<u8>>) = redis::cmd("HSCAN")
+                .arg(self.keys.data(queue))
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(SCAN_STEP)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.err(e))?;
+            for pair in flat.chunks_exact(2) {
+                let (task, payload) = (&pair[0], &pair[1]);
+                if !payload.windows(needle.len()).any(|w| w == needle) {
+                    continue;
+                }
+                if let Ok(env) = JobEnvelope::decode(payload)
+                    && env.job_id == job_id
+                {
+                    found.push((String::from_utf8_lossy(task).into_owned(), env));
+                }
+            }
+            if next == "0" {
+                return Ok(found);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Where task `task_id` of `queue` stands; `None` when it is in none of the places a
+    /// waiting task is (a finished delivery awaiting the janitor).
+    async fn wait_state(
+        &self,
+        queue: QueueClass,
+        task_id: &str,
+    ) -> Result<Option<WaitState>, QueueError> {
+        let mut c = self.conn.clone();
+        let (due, index, ready, done, workers): WhereItWaits = redis::pipe()
             .zscore(self.keys.scheduled(queue), task_id)
             .cmd("LPOS")
             .arg(self.keys.active(queue))
             .arg(task_id)
             .llen(self.keys.active(queue))
+            .sismember(self.keys.done(queue), task_id)
             .zrange(self.keys.apalis_workers(queue), 0, -1)
             .query_async(&mut c)
             .await
             .map_err(|e| self.err(e))?;
-        let Some(env) = payload.and_then(|p| JobEnvelope::decode(&p).ok()) else {
-            return Ok(None);
-        };
-        let state = match (index, due) {
-            (Some(i), _) => WaitState::Ready {
+        Ok(match (index, due) {
+            (Some(i), _) => Some(WaitState::Ready {
                 position: i + 1,
                 ready,
-            },
-            (None, Some(secs)) => WaitState::Delayed {
+            }),
+            (None, Some(secs)) => Some(WaitState::Delayed {
                 due_at: DateTime::from_timestamp(secs as i64, 0).unwrap_or_default(),
+            }),
+            (None, None) => match self.holder(queue, task_id, &workers).await? {
+                Some(worker) => Some(WaitState::Claimed {
+                    worker: Some(worker),
+                }),
+                // Acknowledged: finished (or settled as a retry or deferral, a newer task).
+                None if done => None,
+                // Taken by a worker no longer registered, before the janitor hands it back.
+                None => Some(WaitState::Claimed { worker: None }),
             },
-            (None, None) => WaitState::Claimed {
-                worker: self.holder(queue, task_id, &workers).await?,
-            },
-        };
-        Ok(Some(WaitingJob {
-            job_id: env.job_id,
-            run_id: env.run_id,
-            part: env.part,
-            kind: env.kind,
-            target: env.target,
-            attempt: env.attempt,
-            queue,
-            task_id: task_id.to_string(),
-            state,
-        }))
+        })
     }
 
     /// Which of `workers` (apalis' registered workers of `queue`) holds `task_id` in flight.
@@ -134,12 +198,6 @@ impl Queue {
     }
 }
 
-/// A task's payload, delayed-set score, ready-list index, the ready list's length and the
-/// queue's registered workers, as one pipeline reads them.
-type WhereItWaits = (Option<Vec<u8>>, Option<f64>, Option<u64>, u64, Vec<String>);
-
-/// `"<queue> <task id>"`, as the enqueue script writes it.
-fn parse_pointer(value: &str) -> Option<(QueueClass, &str)> {
-    let (queue, task) = value.split_once(' ')?;
-    Some((QueueClass::parse(queue)?, task))
-}
+/// A task's delayed-set score, ready-list index, the ready list's length, whether it was
+/// acknowledged, and the queue's registered workers, as one pipeline reads them.
+type WhereItWaits = (Option<f64>, Option<u64>, u64, bool, Vec<String>);
