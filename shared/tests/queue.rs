@@ -1182,7 +1182,7 @@ async fn a_job_whose_workers_keep_dying_is_dead_lettered_and_recorded_failed() {
         let (id, payload) = claim_as_dead_worker(&t, q, &format!("killed-{death}")).await;
         let start = t
             .queue
-            .begin_delivery(q, &id, &payload, "test")
+            .begin_delivery(q, &id, &payload, &env, "test")
             .await
             .unwrap();
         assert_eq!(start, DeliveryStart::Run, "delivery {} runs", death + 1);
@@ -1193,7 +1193,7 @@ async fn a_job_whose_workers_keep_dying_is_dead_lettered_and_recorded_failed() {
     let (id, payload) = claim_as_dead_worker(&t, q, "next").await;
     let start = t
         .queue
-        .begin_delivery(q, &id, &payload, "test")
+        .begin_delivery(q, &id, &payload, &env, "test")
         .await
         .unwrap();
     assert_eq!(start, DeliveryStart::Buried);
@@ -1216,13 +1216,29 @@ async fn a_job_whose_workers_keep_dying_is_dead_lettered_and_recorded_failed() {
     for _ in 0..=limit {
         let start = t
             .queue
-            .begin_delivery(q, &id, &payload, "test")
+            .begin_delivery(q, &id, &payload, &other, "test")
             .await
             .unwrap();
         assert_eq!(start, DeliveryStart::Run);
         t.queue.end_delivery(q, &id).await.unwrap();
     }
     assert!(t.queue.result(other.job_id).await.unwrap().is_none());
+    // A delivery settle runs ends with its result, in the same round trip: no death left.
+    let s = process_delivery(&t.deps, q, &id, &payload).await.unwrap();
+    assert_eq!(s, Settled::Succeeded);
+    let unfinished: Option<i64> = redis::cmd("HGET")
+        .arg(format!("{}:{id}", t.queue.keys().meta_prefix(q)))
+        .arg(sessionfleet::queue::janitor::UNFINISHED_FIELD)
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    assert_eq!(
+        unfinished,
+        Some(0),
+        "the delivery's start and end both counted"
+    );
+    let again = process_delivery(&t.deps, q, &id, &payload).await.unwrap();
+    assert_eq!(again, Settled::Duplicate);
     t.cleanup().await;
 }
 

@@ -14,7 +14,7 @@ use chrono::Utc;
 use sessionfleet::CancellationToken;
 use sessionfleet::config::Settings;
 use sessionfleet::jobs::QueueClass;
-use sessionfleet::queue::janitor::{DeliveryStart, JANITOR_INTERVAL};
+use sessionfleet::queue::janitor::JANITOR_INTERVAL;
 use sessionfleet::queue::settle::process_delivery;
 use sessionfleet::queue::workers::REGISTRY_BEAT;
 use sessionfleet::queue::{Queue, WorkerInfo};
@@ -117,31 +117,19 @@ async fn handle(
 ) -> Result<(), BoxDynError> {
     let h = Arc::clone(&h);
     let task_id = task_id.to_string();
-    // A job whose workers keep dying while running it is buried here, not run again.
-    if h.deps
-        .queue
-        .begin_delivery(h.queue, &task_id, &job.0, &h.deps.worker_name)
-        .await?
-        == DeliveryStart::Buried
-    {
-        return Ok(());
-    }
     // Counted down when this future ends or is dropped (apalis drops it on a Redis error).
     let _running = RunningJob::start(&h.state);
     // Run the job on its own task: it uses both cores, and if this apalis worker dies on a
     // Redis error the job still finishes and records its result (the redelivery then sees
     // the result and is skipped) instead of being dropped half-way.
     let job_h = Arc::clone(&h);
-    let joined = tokio::spawn(async move {
-        let settled = process_delivery(&job_h.deps, job_h.queue, &task_id, &job.0).await;
-        // Whatever the outcome, this process lived to see the delivery end. Left uncounted
-        // (Redis trouble), it would be charged as a worker death on a redelivery.
-        if let Err(e) = job_h.deps.queue.end_delivery(job_h.queue, &task_id).await {
-            tracing::debug!(task_id, error = %e, "could not count the end of a delivery");
-        }
-        settled
-    })
-    .await;
+    // (settle counts the delivery's start and end: a job whose workers keep dying while
+    // running it is buried there, not run again.)
+    let joined =
+        tokio::spawn(
+            async move { process_delivery(&job_h.deps, job_h.queue, &task_id, &job.0).await },
+        )
+        .await;
     match joined {
         Ok(Ok(_settled)) => Ok(()),
         // Could not record the outcome (Redis trouble): let apalis reschedule the delivery.

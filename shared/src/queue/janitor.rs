@@ -8,8 +8,9 @@
 //!   `settle`, so its envelope's `attempt` never rises, and both hand-back paths — our
 //!   janitor's `RECOVER` and apalis' own orphan re-enqueue on a peer's heartbeat, which we
 //!   cannot change — put the same task back unchanged. So the count is kept where every path
-//!   ends: the worker calls [`Queue::begin_delivery`] before running a delivery and
-//!   [`Queue::end_delivery`] after it, and a delivery that finds [`worker_death_limit`]
+//!   ends: settle begins each delivery with [`Queue::begin_delivery`] (in place of its
+//!   duplicate check) and ends it with its result ([`Queue::record_delivery_result`]) or
+//!   [`Queue::end_delivery`], and a delivery that finds [`worker_death_limit`]
 //!   unfinished predecessors dead-letters the job instead of running it.
 //!   (An apalis worker that dies on a Redis error drops its handlers while their jobs run on;
 //!   a redelivery that overlaps such a job counts it as a death too.)
@@ -89,8 +90,12 @@ struct DeadWorkers {
 /// What to do with a delivery, by [`Queue::begin_delivery`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryStart {
-    /// Run it (and call [`Queue::end_delivery`] when it ends).
+    /// Run it, and end it with its result ([`Queue::record_delivery_result`]) or
+    /// [`Queue::end_delivery`].
     Run,
+    /// The job already has a result (a redelivery after a lost acknowledgement): skip it.
+    /// Nothing was counted.
+    Duplicate,
     /// Its workers died too often while running it: it is dead-lettered and recorded failed;
     /// acknowledge it without running it.
     Buried,
@@ -114,28 +119,29 @@ return #ids
     )
 });
 
-// Counts a delivery's start in the task's meta hash (KEYS[1], field ARGV[1]) and returns the
+// Begins a delivery: -2 when the job's result (KEYS[2]) exists (a duplicate: nothing counted);
+// else counts the start in the task's meta hash (KEYS[1], field ARGV[1]) and returns the
 // deliveries begun before it that never ended; -1 when the hash is gone (the task was already
-// swept: a stray copy, which must not re-create the hash).
+// swept: a stray copy, which must not re-create the hash). It replaces the duplicate check's
+// EXISTS, so counting costs no extra round trip.
 static BEGIN_DELIVERY: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
+if redis.call('exists', KEYS[2]) == 1 then return -2 end
 if redis.call('exists', KEYS[1]) == 0 then return -1 end
 return redis.call('hincrby', KEYS[1], ARGV[1], 1) - 1
 "#,
     )
 });
 
-// Counts a delivery's end: decrements field ARGV[1] of KEYS[1] if it is there (never
-// re-creating a hash the janitor has already swept).
-static END_DELIVERY: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
+/// Counts a delivery's end: decrements field ARGV[1] of KEYS[1] if it is there (never
+/// re-creating a hash the janitor has already swept). Sent as `EVAL` inside the result's
+/// pipeline ([`Queue::record_delivery_result`]), where a cached script's `EVALSHA` could
+/// fail on a server that never saw it.
+pub(crate) const END_DELIVERY: &str = r#"
 if redis.call('hexists', KEYS[1], ARGV[1]) == 0 then return 0 end
 return redis.call('hincrby', KEYS[1], ARGV[1], -1)
-"#,
-    )
-});
+"#;
 
 // Why apalis-redis 1.0.0's fetch (`deserialize_with_meta`) would fail on task `id`, or nil.
 // KEYS[2] is the data hash, ARGV[1] the meta prefix. It needs a non-empty id, a payload, a
@@ -352,35 +358,37 @@ impl Queue {
         }
     }
 
-    fn meta_key(&self, q: QueueClass, task_id: &str) -> String {
+    pub(crate) fn meta_key(&self, q: QueueClass, task_id: &str) -> String {
         format!("{}:{task_id}", self.keys.meta_prefix(q))
     }
 
-    /// Called by the worker before it runs delivery `task_id` of `q` (payload as received):
-    /// counts the delivery's start and says whether to run it. A job whose earlier
-    /// deliveries began and never ended [`worker_death_limit`] times or more — each a worker
-    /// process that died running it — is dead-lettered and recorded failed instead.
+    /// Called before running delivery `task_id` of `q` (`env`, decoded from `payload`):
+    /// skips a job that already has a result, counts the delivery's start and says whether
+    /// to run it. A job whose earlier deliveries began and never ended [`worker_death_limit`]
+    /// times or more — each a worker process that died running it — is dead-lettered and
+    /// recorded failed instead. One round trip in the usual case.
     pub async fn begin_delivery(
         &self,
         q: QueueClass,
         task_id: &str,
         payload: &[u8],
+        env: &JobEnvelope,
         worker: &str,
     ) -> Result<DeliveryStart, QueueError> {
         let mut c = self.conn.clone();
         let unfinished: i64 = BEGIN_DELIVERY
             .key(self.meta_key(q, task_id))
+            .key(self.keys.result(&env.job_id))
             .arg(UNFINISHED_FIELD)
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.err(e))?;
+        if unfinished == -2 {
+            return Ok(DeliveryStart::Duplicate);
+        }
         if unfinished <= 0 {
             return Ok(DeliveryStart::Run);
         }
-        // An undecodable payload is dead-lettered by settle without running anything.
-        let Ok(env) = JobEnvelope::decode(payload) else {
-            return Ok(DeliveryStart::Run);
-        };
         let deaths = u32::try_from(unfinished).unwrap_or(u32::MAX);
         tracing::warn!(queue = q.name(), task_id, job_id = %env.job_id, deaths, "redelivered after its worker died running it");
         if deaths < worker_death_limit(env.kind) {
@@ -396,14 +404,16 @@ impl Queue {
         Ok(DeliveryStart::Buried)
     }
 
-    /// Called by the worker when a delivery it began ([`Self::begin_delivery`]) has ended,
-    /// whatever its outcome: the process that ran it did not die.
+    /// Ends a delivery begun with [`Self::begin_delivery`] that records no result (a retry
+    /// or deferral put back as a new task): the process that ran it did not die.
     pub async fn end_delivery(&self, q: QueueClass, task_id: &str) -> Result<(), QueueError> {
         let mut c = self.conn.clone();
-        END_DELIVERY
-            .key(self.meta_key(q, task_id))
+        redis::cmd("EVAL")
+            .arg(END_DELIVERY)
+            .arg(1)
+            .arg(self.meta_key(q, task_id))
             .arg(UNFINISHED_FIELD)
-            .invoke_async::<i64>(&mut c)
+            .query_async::<i64>(&mut c)
             .await
             .map_err(|e| self.err(e))?;
         Ok(())

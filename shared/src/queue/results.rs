@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{Queue, QueueError};
-use crate::jobs::JobKind;
+use crate::jobs::{JobKind, QueueClass};
 
 /// Entries kept in a target's history list.
 pub const HISTORY_LEN: usize = 200;
@@ -140,6 +140,16 @@ impl Queue {
     /// Stores a result under its job id and run id (with the retention TTL) and, for
     /// non-diagnostic kinds, pushes it onto the target's bounded history. One round trip.
     pub async fn record_result(&self, r: &JobResult) -> Result<(), QueueError> {
+        self.record_delivery_result(r, None).await
+    }
+
+    /// [`Self::record_result`] that also ends delivery `(queue, task id)`, begun with
+    /// [`Self::begin_delivery`], in the same round trip.
+    pub async fn record_delivery_result(
+        &self,
+        r: &JobResult,
+        delivery: Option<(QueueClass, &str)>,
+    ) -> Result<(), QueueError> {
         let ttl = self.retention.as_secs().max(1);
         let json = serde_json::to_string(r).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         let mut p = redis::pipe();
@@ -154,6 +164,14 @@ impl Queue {
             p.lpush(&h, line).ignore();
             p.ltrim(&h, 0, HISTORY_LEN as isize - 1).ignore();
             p.expire(&h, ttl as i64).ignore();
+        }
+        if let Some((q, task_id)) = delivery {
+            p.cmd("EVAL")
+                .arg(super::janitor::END_DELIVERY)
+                .arg(1)
+                .arg(self.meta_key(q, task_id))
+                .arg(super::janitor::UNFINISHED_FIELD)
+                .ignore();
         }
         let mut c = self.conn.clone();
         p.query_async::<()>(&mut c).await.map_err(|e| self.err(e))

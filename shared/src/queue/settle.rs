@@ -8,6 +8,7 @@ use std::time::Instant;
 use chrono::Utc;
 use tracing::Instrument;
 
+use super::janitor::DeliveryStart;
 use super::{
     DeadLetter, EnqueueOptions, JobResult, QueueError, ResultOutcome, max_attempts, retry_delay,
 };
@@ -79,12 +80,22 @@ pub async fn process_delivery(
     );
     async move {
         // At-least-once delivery: a redelivered job whose result is already stored (the ack
-        // was lost, or the worker died after finishing) is not run twice.
-        if queue.has_result(env.job_id).await? {
-            tracing::info!("already finished; skipping redelivery");
-            metrics::counter!("sessionfleet_jobs_total", "kind" => env.kind.as_str(), "outcome" => "duplicate").increment(1);
-            return Ok(Settled::Duplicate);
+        // was lost, or the worker died after finishing) is not run twice; one whose workers
+        // keep dying while running it is buried. The start is counted until the delivery
+        // ends with its result or is put back.
+        match queue.begin_delivery(q, task_id, payload, &env, &deps.worker_name).await? {
+            DeliveryStart::Run => {}
+            DeliveryStart::Duplicate => {
+                tracing::info!("already finished; skipping redelivery");
+                metrics::counter!("sessionfleet_jobs_total", "kind" => env.kind.as_str(), "outcome" => "duplicate").increment(1);
+                return Ok(Settled::Duplicate);
+            }
+            DeliveryStart::Buried => {
+                metrics::counter!("sessionfleet_jobs_total", "kind" => env.kind.as_str(), "outcome" => "dead_lettered").increment(1);
+                return Ok(Settled::DeadLettered);
+            }
         }
+        let delivery = Some((q, task_id));
         let started_at = Utc::now();
         let clock = Instant::now();
         let outcome = runner::execute(&env, deps).await;
@@ -111,7 +122,7 @@ pub async fn process_delivery(
         };
         let settled = match outcome {
             JobOutcome::Done { report, rows_affected } => {
-                queue.record_result(&result(ResultOutcome::Succeeded, report, None, rows_affected)).await?;
+                queue.record_delivery_result(&result(ResultOutcome::Succeeded, report, None, rows_affected), delivery).await?;
                 count_rows(&env, rows_affected);
                 // Diagnostic jobs can run by the thousand per second: keep them out of info logs.
                 if env.kind.is_diagnostic() {
@@ -125,7 +136,7 @@ pub async fn process_delivery(
                 // Continuation first: if we die before recording, the redelivered part yields
                 // the same continuation (same job id and dedupe key), which is then dropped.
                 let enq = queue.enqueue_with(&next, EnqueueOptions { delay }).await?;
-                queue.record_result(&result(ResultOutcome::Continued, report, None, rows_affected)).await?;
+                queue.record_delivery_result(&result(ResultOutcome::Continued, report, None, rows_affected), delivery).await?;
                 count_rows(&env, rows_affected);
                 tracing::info!(next_job = %next.job_id, next_part = next.part, duplicate = !enq.accepted, "part done; continuation enqueued");
                 Settled::Continued
@@ -134,6 +145,7 @@ pub async fn process_delivery(
                 let mut again = env.clone();
                 again.dedupe_key = None; // the original still holds the marker
                 queue.enqueue_with(&again, EnqueueOptions { delay: Some(delay) }).await?;
+                queue.end_delivery(q, task_id).await?;
                 tracing::info!(delay_ms = delay.as_millis() as u64, %reason, "deferred");
                 Settled::Deferred
             }
@@ -143,6 +155,7 @@ pub async fn process_delivery(
                 again.dedupe_key = None;
                 let delay = retry_delay(again.attempt);
                 queue.enqueue_with(&again, EnqueueOptions { delay: Some(delay) }).await?;
+                queue.end_delivery(q, task_id).await?;
                 tracing::warn!(%error, next_attempt = again.attempt, delay_ms = delay.as_millis() as u64, "failed; will retry");
                 Settled::Retrying(again.attempt)
             }
@@ -155,7 +168,7 @@ pub async fn process_delivery(
                 // Dead letter first: a redelivery after a crash between the two finds no result
                 // and fails again, where the other order would skip it and lose the dead letter.
                 queue.add_dead_letter(&DeadLetter::failed(&env, task_id, reason.clone(), &deps.worker_name)).await?;
-                queue.record_result(&result(ResultOutcome::Failed, serde_json::Value::Null, Some(reason.clone()), 0)).await?;
+                queue.record_delivery_result(&result(ResultOutcome::Failed, serde_json::Value::Null, Some(reason.clone()), 0), delivery).await?;
                 tracing::error!(%reason, "job failed; dead-lettered");
                 Settled::DeadLettered
             }
