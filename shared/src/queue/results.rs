@@ -166,12 +166,7 @@ impl Queue {
             p.expire(&h, ttl as i64).ignore();
         }
         if let Some((q, task_id)) = delivery {
-            p.cmd("EVAL")
-                .arg(super::janitor::END_DELIVERY)
-                .arg(1)
-                .arg(self.meta_key(q, task_id))
-                .arg(super::janitor::UNFINISHED_FIELD)
-                .ignore();
+            super::janitor::end_delivery_in(&mut p, self.meta_key(q, task_id), self.retention);
         }
         let mut c = self.conn.clone();
         p.query_async::<()>(&mut c).await.map_err(|e| self.err(e))
