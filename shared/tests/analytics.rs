@@ -473,6 +473,37 @@ async fn v1_schema_is_reported_from_updated_at_and_max_age() {
     }
 }
 
+/// A SQLite session table whose activity times are partly Unix seconds: the report says
+/// that its time windows leave those out, instead of reading them as empty windows of a
+/// healthy table without a word; a table of UTC text gets no such note. Fails without the
+/// probe.
+#[tokio::test]
+async fn sqlite_times_stored_as_unix_seconds_are_named_in_the_report() {
+    let tdb = seeded(Engine::Sqlite, SchemaVersion::V2, 300).await;
+    let db = &tdb.db;
+    let said = |r: &analytics::HealthReport| {
+        r.statistics
+            .schema
+            .unsupported
+            .iter()
+            .any(|u| u.contains("last_activity holds integer values"))
+    };
+    let r = analytics::health_report(db, &params())
+        .await
+        .expect("report");
+    assert!(!said(&r), "{:?}", r.statistics.schema.unsupported);
+    db.execute(
+        "UPDATE user_sessions SET last_activity = CAST(strftime('%s', last_activity) AS INTEGER) WHERE id % 3 = 0",
+    )
+    .await
+    .expect("unix seconds");
+    let r = analytics::health_report(db, &params())
+        .await
+        .expect("report");
+    assert!(said(&r), "{:?}", r.statistics.schema.unsupported);
+    tdb.drop_db().await;
+}
+
 /// Hand-built rows with known answers.
 async fn fixture(engine: Engine) -> TestDb {
     let tdb = TestDb::new(engine).await;

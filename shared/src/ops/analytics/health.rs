@@ -129,6 +129,14 @@ pub(crate) async fn gather(db: &Db, params: &HealthParams) -> Result<Figures, Op
             "expires_at/is_active (v1 schema): active and expired are judged by updated_at and the max age".into(),
         );
     }
+    // SQLite compares the times as stored: a report over Unix seconds would count every time
+    // window 0 and call the table healthy without a word.
+    for odd in crate::ops::cleanup::times::odd_sqlite_time_columns(db, &schema).await? {
+        unsupported.push(format!(
+            "{}: the time windows, durations and activity counts include only values SQLite reads as UTC text",
+            odd.describe()
+        ));
+    }
 
     // 1. session_scan: every per-row figure in one pass.
     let dur = seconds_between(e, created, &act);

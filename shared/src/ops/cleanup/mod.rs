@@ -27,7 +27,7 @@ mod report;
 mod retry;
 pub mod rules;
 mod stream;
-mod times;
+pub(crate) mod times;
 mod wal;
 
 use std::time::{Duration, Instant};

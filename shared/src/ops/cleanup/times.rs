@@ -16,19 +16,59 @@ use crate::store::{Db, Engine, Schema};
 /// little longer, never deleted early.
 const COMPARABLE_LAYOUTS: [&str; 2] = ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"];
 
+/// A SQLite time column seen holding a value other than UTC text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OddTimeColumn {
+    /// `table.column`.
+    pub column: String,
+    /// SQLite's type of the value (`integer`, `real`, `text`, `blob`).
+    pub kind: String,
+    /// The value, as text.
+    pub example: String,
+}
+
+impl OddTimeColumn {
+    /// "`table.column` holds integer values such as "1700000000", not UTC text like …".
+    pub fn describe(&self) -> String {
+        format!(
+            "{} holds {} values such as {:?}, not UTC text like '2025-06-01 12:00:00'",
+            self.column, self.kind, self.example
+        )
+    }
+}
+
 /// One note per time column of a SQLite session table holding values other than UTC text.
-/// Reads the lowest and highest value of each (off its index where it has one): a number
-/// sorts below any text and a blob above, so a column holding any shows it at one end; odd
-/// text in between goes unnoticed here, and is still never deleted on a misreading. Other
-/// engines type their columns: nothing to look at there.
 pub async fn unreadable_sqlite_times(db: &Db, schema: &Schema) -> Result<Vec<String>, OpError> {
+    Ok(odd_sqlite_time_columns(db, schema)
+        .await?
+        .iter()
+        .map(|odd| {
+            format!(
+                "{}: this run deleted a session only when SQLite read its time as past the \
+                 cutoff, so sessions with times it cannot read (Unix seconds, other layouts) \
+                 are never cleaned",
+                odd.describe()
+            )
+        })
+        .collect())
+}
+
+/// The time columns (activity, and expiry where there is one) of a SQLite session table
+/// holding values other than UTC text. Reads the lowest and highest value of each (off its
+/// index where it has one): a number sorts below any text and a blob above, so a column
+/// holding any shows it at one end; odd text in between goes unnoticed here. Other engines
+/// type their columns: nothing to look at there.
+pub async fn odd_sqlite_time_columns(
+    db: &Db,
+    schema: &Schema,
+) -> Result<Vec<OddTimeColumn>, OpError> {
     if db.engine() != Engine::Sqlite {
         return Ok(Vec::new());
     }
     let t = &schema.sessions.table;
     let mut columns = vec![schema.activity_column().to_string()];
     columns.extend(schema.sessions.expires_at.clone());
-    let mut notes = Vec::new();
+    let mut odd = Vec::new();
     for col in columns {
         for order in ["ASC", "DESC"] {
             let sql = db.sql(format!(
@@ -39,17 +79,16 @@ pub async fn unreadable_sqlite_times(db: &Db, schema: &Schema) -> Result<Vec<Str
                 crate::on_pool!(db, p => sqlx::query_as(sql).fetch_optional(p).await?);
             let Some((kind, value)) = row else { break };
             if kind != "text" || parse_utc_text(&value).is_none() {
-                notes.push(format!(
-                    "{t}.{col} holds {kind} values such as {value:?}, not UTC text like \
-                     '2025-06-01 12:00:00': this run deleted a session only when SQLite read its \
-                     time as past the cutoff, so sessions with times it cannot read (Unix \
-                     seconds, other layouts) are never cleaned"
-                ));
+                odd.push(OddTimeColumn {
+                    column: format!("{t}.{col}"),
+                    kind,
+                    example: value,
+                });
                 break;
             }
         }
     }
-    Ok(notes)
+    Ok(odd)
 }
 
 /// `value` as a time, when it is UTC in one of [`COMPARABLE_LAYOUTS`], with at most a `Z` or
