@@ -1223,7 +1223,11 @@ async fn a_job_whose_workers_keep_dying_is_dead_lettered_and_recorded_failed() {
         t.queue.end_delivery(q, &id).await.unwrap();
     }
     assert!(t.queue.result(other.job_id).await.unwrap().is_none());
-    // A delivery settle runs ends with its result, in the same round trip: no death left.
+    // A delivery settle runs is counted when it starts and ends with its result, in the same
+    // round trips: no death left (and none counted at all without that wiring).
+    let fresh = JobEnvelope::noop("t");
+    t.queue.enqueue(&fresh).await.unwrap();
+    let (id, payload) = t.take(q).await.unwrap();
     let s = process_delivery(&t.deps, q, &id, &payload).await.unwrap();
     assert_eq!(s, Settled::Succeeded);
     let unfinished: Option<i64> = redis::cmd("HGET")
@@ -1239,6 +1243,48 @@ async fn a_job_whose_workers_keep_dying_is_dead_lettered_and_recorded_failed() {
     );
     let again = process_delivery(&t.deps, q, &id, &payload).await.unwrap();
     assert_eq!(again, Settled::Duplicate);
+    t.cleanup().await;
+}
+
+/// A malformed task that cannot be dead-lettered (here its run's record is of the wrong
+/// type) goes back on the ready list for the next check; the others found with it are still
+/// dead-lettered. Fails if one failure loses the rest of the batch.
+#[tokio::test]
+async fn a_malformed_task_that_cannot_be_buried_goes_back_and_costs_no_other_its_dead_letter() {
+    let t = Ns::new().await;
+    let q = QueueClass::Diag;
+    let k = t.queue.keys().clone();
+    let stuck = JobEnvelope::noop("t");
+    let other = JobEnvelope::noop("t");
+    plant_task(&t, q, "stuck", Some(&stuck.to_bytes()), None).await;
+    plant_task(&t, q, "other", Some(&other.to_bytes()), None).await;
+    let _: () = redis::pipe()
+        .rpush(k.active(q), "stuck")
+        .ignore()
+        .rpush(k.active(q), "other")
+        .ignore()
+        .set(k.run(&stuck.run_id), "not a list")
+        .ignore()
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    assert_eq!(t.queue.bury_malformed_ready(q, "test").await.unwrap(), 1);
+    assert!(
+        t.queue
+            .dead_letter(&other.job_id.to_string())
+            .await
+            .unwrap()
+            .is_some(),
+        "the other malformed task is dead-lettered"
+    );
+    let ready: Vec<String> = redis::cmd("LRANGE")
+        .arg(k.active(q))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    assert_eq!(ready, vec!["stuck".to_string()], "put back, not lost");
     t.cleanup().await;
 }
 

@@ -383,9 +383,9 @@ impl Queue {
         if deaths < worker_death_limit(env.kind) {
             return Ok(DeliveryStart::Run);
         }
-        // Finished after all (died after recording its result): settle skips it.
+        // Finished after all (a delivery overlapping this one recorded its result).
         if self.has_result(env.job_id).await? {
-            return Ok(DeliveryStart::Run);
+            return Ok(DeliveryStart::Duplicate);
         }
         let reason = format!("its worker died {deaths} times while running it");
         tracing::error!(queue = q.name(), task_id, job_id = %env.job_id, %reason, "poison job; dead-lettered");
@@ -454,8 +454,23 @@ impl Queue {
             let id = String::from_utf8_lossy(&t[0]).into_owned();
             let why = String::from_utf8_lossy(&t[1]);
             let reason = format!("its queue record is damaged ({why}), so it cannot be fetched");
+            // The scripts already took every id here off its list: one that cannot be buried
+            // now goes back on the ready list, to be found again, rather than be lost with
+            // the rest of the batch.
+            if let Err(e) = self.bury(q, &id, &t[2], reason.clone(), worker).await {
+                tracing::warn!(queue = q.name(), task_id = %id, error = %e, "could not dead-letter a malformed task; put back for the next check");
+                let mut c = self.conn.clone();
+                if let Err(e) = redis::cmd("RPUSH")
+                    .arg(self.keys.active(q))
+                    .arg(&id)
+                    .query_async::<()>(&mut c)
+                    .await
+                {
+                    tracing::error!(queue = q.name(), task_id = %id, error = %self.scrub(&e.to_string()), "malformed task could be neither dead-lettered nor put back");
+                }
+                continue;
+            }
             tracing::warn!(queue = q.name(), task_id = %id, %reason, "malformed task; dead-lettered");
-            self.bury(q, &id, &t[2], reason, worker).await?;
             ids.push(id);
         }
         if !ids.is_empty() {

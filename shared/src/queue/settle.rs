@@ -120,7 +120,7 @@ pub async fn process_delivery(
             duration_ms: elapsed.as_millis() as u64,
             rows_affected: rows,
         };
-        let settled = match outcome {
+        let settled = async { Ok::<Settled, QueueError>(match outcome {
             JobOutcome::Done { report, rows_affected } => {
                 queue.record_delivery_result(&result(ResultOutcome::Succeeded, report, None, rows_affected), delivery).await?;
                 count_rows(&env, rows_affected);
@@ -145,7 +145,7 @@ pub async fn process_delivery(
                 let mut again = env.clone();
                 again.dedupe_key = None; // the original still holds the marker
                 queue.enqueue_with(&again, EnqueueOptions { delay: Some(delay) }).await?;
-                queue.end_delivery(q, task_id).await?;
+                end_delivery(deps, q, task_id).await;
                 tracing::info!(delay_ms = delay.as_millis() as u64, %reason, "deferred");
                 Settled::Deferred
             }
@@ -155,7 +155,7 @@ pub async fn process_delivery(
                 again.dedupe_key = None;
                 let delay = retry_delay(again.attempt);
                 queue.enqueue_with(&again, EnqueueOptions { delay: Some(delay) }).await?;
-                queue.end_delivery(q, task_id).await?;
+                end_delivery(deps, q, task_id).await;
                 tracing::warn!(%error, next_attempt = again.attempt, delay_ms = delay.as_millis() as u64, "failed; will retry");
                 Settled::Retrying(again.attempt)
             }
@@ -172,12 +172,28 @@ pub async fn process_delivery(
                 tracing::error!(%reason, "job failed; dead-lettered");
                 Settled::DeadLettered
             }
-        };
+        }) }
+        .await;
+        // Not settled (Redis trouble): apalis puts the delivery back. This process lived, so
+        // its end is counted if it still can be; else it would read as a worker death.
+        if settled.is_err() {
+            end_delivery(deps, q, task_id).await;
+        }
+        let settled = settled?;
         metrics::counter!("sessionfleet_jobs_total", "kind" => env.kind.as_str(), "outcome" => settled.as_str()).increment(1);
         Ok(settled)
     }
     .instrument(span)
     .await
+}
+
+/// Ends a delivery that records no result (put back as a new task). Best effort: once the
+/// new task is enqueued, failing the delivery would have apalis put this one back too, and
+/// the job would run twice; a lost end only counts as one death against the job's limit.
+async fn end_delivery(deps: &RunnerDeps, q: QueueClass, task_id: &str) {
+    if let Err(e) = deps.queue.end_delivery(q, task_id).await {
+        tracing::warn!(error = %e, "could not count the end of a delivery");
+    }
 }
 
 fn count_rows(env: &JobEnvelope, rows: u64) {
