@@ -96,20 +96,11 @@ async fn wait_live(q: &Queue, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Removes the run's namespace, its members of apalis' shared registry included (deleting
+/// its keys alone left one registry entry per queue behind on every run).
 async fn drop_ns(q: &Queue) {
-    let pattern = format!(
-        "{}:{}:*",
-        sessionfleet::queue::keys::SLOT_TAG,
-        q.keys().namespace()
-    );
-    let mut c = q.connection();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(pattern)
-        .query_async(&mut c)
-        .await
-        .unwrap_or_default();
-    for chunk in keys.chunks(1000) {
-        let _: Result<(), _> = redis::cmd("UNLINK").arg(chunk).query_async(&mut c).await;
+    if let Err(e) = q.forget_namespace().await {
+        eprintln!("could not remove namespace {}: {e}", q.keys().namespace());
     }
 }
 
