@@ -1,8 +1,9 @@
 //! Keeping passwords out of output: every URL that reaches a log line, an error or a report
 //! goes through [`redact_url`] first.
 
-/// Replaces the password of a URL (`scheme://user:password@host/…`) with `***`, and any
-/// `password=` query parameter likewise. Text that is not a URL is returned unchanged.
+/// Replaces the password of a URL (`scheme://user:password@host/…`) with `***`, and the
+/// value of every `…password=` setting likewise (`?sslpassword=a&password=b` hides both).
+/// Other text is returned unchanged.
 ///
 /// A URL that does not parse — typically because its password holds an unescaped `#`, `/`
 /// or `?` — still has its password hidden: everything between the user's `:` and the last
@@ -25,26 +26,64 @@ pub fn redact_url(url: &str) -> String {
             None => url.to_string(),
         },
     };
-    if let Some(start) = out.find("password=") {
-        let value_start = start + "password=".len();
-        let end = out[value_start..]
-            .find('&')
-            .map_or(out.len(), |i| value_start + i);
-        out.replace_range(value_start..end, "***");
-    }
+    mask_secret_parameters(&mut out);
     out
+}
+
+/// Where the values of `…password=` settings are: query parameters (`password`, libpq's
+/// `sslpassword`, in any case, wherever they stand) and the `key=value` words of a
+/// connection string mistakenly given in place of a URL. A value runs to the next `&`, `#`
+/// or white space.
+fn secret_parameter_spans(url: &str) -> Vec<std::ops::Range<usize>> {
+    const KEY_END: &str = "password=";
+    let lowered = url.to_ascii_lowercase();
+    let mut spans = Vec::new();
+    let mut from = 0;
+    while let Some(i) = lowered[from..].find(KEY_END) {
+        let start = from + i + KEY_END.len();
+        let end = url[start..]
+            .find(|c: char| c == '&' || c == '#' || c.is_whitespace())
+            .map_or(url.len(), |j| start + j);
+        if end > start {
+            spans.push(start..end);
+        }
+        from = end.max(start);
+    }
+    spans
+}
+
+/// Replaces the value of every secret query parameter with `***` — each of them, whatever
+/// its place (`?sslpassword=a&password=b` hides both).
+fn mask_secret_parameters(url: &mut String) {
+    // From the end, so the earlier spans stay where they were.
+    for span in secret_parameter_spans(url).into_iter().rev() {
+        url.replace_range(span, "***");
+    }
 }
 
 /// Removes the password of `url` from arbitrary text (a driver's error message may quote it).
 pub fn redact_text(text: &str, url: &str) -> String {
-    let password = url::Url::parse(url)
+    let userinfo_password = url::Url::parse(url)
         .ok()
         .and_then(|u| u.password().map(str::to_string))
         .or_else(|| raw_password_span(url).map(|span| url[span].to_string()));
-    match password {
-        Some(pw) if !pw.is_empty() => text.replace(&pw, "***"),
-        _ => text.to_string(),
+    let parameter_secrets = secret_parameter_spans(url)
+        .into_iter()
+        .map(|value| url[value].to_string());
+    let mut secrets: Vec<String> = Vec::new();
+    for raw in userinfo_password.into_iter().chain(parameter_secrets) {
+        // A driver may quote the value as written or decoded.
+        let decoded = percent_encoding::percent_decode_str(&raw)
+            .decode_utf8_lossy()
+            .into_owned();
+        secrets.extend([raw, decoded]);
     }
+    // Longest first, so a secret containing another is hidden whole.
+    secrets.retain(|s| !s.is_empty());
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets
+        .iter()
+        .fold(text.to_string(), |text, secret| text.replace(secret, "***"))
 }
 
 /// Where a password is in a URL read as plain text — one that does not parse, or parses with
@@ -116,6 +155,36 @@ mod tests {
             let t = redact_text(&format!("invalid URL {url}: no scheme"), url);
             assert!(!t.contains("hunter2"), "{t}");
         }
+    }
+
+    #[test]
+    fn hides_every_secret_query_parameter_wherever_it_stands() {
+        let url =
+            "postgres://app@db/app?sslpassword=abc&password=hunter2&PASSWORD=x9&sslmode=require";
+        let r = redact_url(url);
+        for secret in ["abc", "hunter2", "x9"] {
+            assert!(!r.contains(&format!("={secret}")), "{r}");
+        }
+        assert!(r.contains("sslmode=require"), "{r}");
+        assert!(
+            r.ends_with("?sslpassword=***&password=***&PASSWORD=***&sslmode=require"),
+            "{r}"
+        );
+        let t = redact_text("bad key passphrase abc, then hunter2", url);
+        assert_eq!(t, "bad key passphrase ***, then ***");
+    }
+
+    #[test]
+    fn scrubs_a_percent_encoded_password_in_either_form() {
+        let url = "mysql://u:p%40ss@h/db?password=q%26r";
+        let t = redact_text("saw p@ss and p%40ss and q&r", url);
+        assert_eq!(t, "saw *** and *** and ***");
+    }
+
+    #[test]
+    fn hides_the_password_of_a_keyword_connection_string() {
+        let r = redact_url("host=db user=app password=hunter2 dbname=app");
+        assert_eq!(r, "host=db user=app password=*** dbname=app");
     }
 
     #[test]
