@@ -277,7 +277,7 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
         }
         restarts_state.restarts.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("sessionfleet_worker_restarts_total").increment(1);
-        tracing::warn!(worker = ctx.name(), restarts = ctx.restarts() + 1, error = %err, "queue worker stopped on an error; restarting under a new name");
+        tracing::warn!(worker = ctx.name(), restarts = ctx.restarts() + 1, error = %guard_queue.scrub(&err.to_string()), "queue worker stopped on an error; restarting under a new name");
         true
     });
     if let Ok(mut w) = state.workers.lock() {
