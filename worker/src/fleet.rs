@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -19,6 +20,8 @@ use sessionfleet::queue::settle::process_delivery;
 use sessionfleet::queue::workers::REGISTRY_BEAT;
 use sessionfleet::queue::{Queue, WorkerInfo};
 use sessionfleet::runner::RunnerDeps;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use crate::signals::StopSignals;
 use crate::wake::Wakers;
@@ -41,6 +44,11 @@ pub struct FleetState {
     workers: std::sync::Mutex<Vec<WorkerContext>>,
     /// The name of each queue's current apalis worker (the latest start or restart).
     apalis_names: std::sync::Mutex<HashMap<QueueClass, String>>,
+    /// Every job's task ([`spawn_job`]). apalis waits at shutdown only for the handlers it
+    /// still has; a job whose apalis worker failed under it runs on without one.
+    jobs: TaskTracker,
+    /// When the shutdown timeout ends: the first stop signal plus the timeout.
+    stop_deadline: OnceLock<Instant>,
 }
 
 impl FleetState {
@@ -87,7 +95,8 @@ impl Codec<RawJob> for RawCodec {
     }
 }
 
-/// One job counted in [`FleetState::running_jobs`] for as long as it lives.
+/// One job counted in [`FleetState::running_jobs`] for as long as it lives (it lives in the
+/// job's task, see [`spawn_job`]).
 struct RunningJob(Arc<FleetState>);
 
 impl RunningJob {
@@ -117,19 +126,16 @@ async fn handle(
 ) -> Result<(), BoxDynError> {
     let h = Arc::clone(&h);
     let task_id = task_id.to_string();
-    // Counted down when this future ends or is dropped (apalis drops it on a Redis error).
-    let _running = RunningJob::start(&h.state);
     // Run the job on its own task: it uses both cores, and if this apalis worker dies on a
     // Redis error the job still finishes and records its result (the redelivery then sees
     // the result and is skipped) instead of being dropped half-way.
     let job_h = Arc::clone(&h);
     // (settle counts the delivery's start and end: a job whose workers keep dying while
     // running it is buried there, not run again.)
-    let joined =
-        tokio::spawn(
-            async move { process_delivery(&job_h.deps, job_h.queue, &task_id, &job.0).await },
-        )
-        .await;
+    let joined = spawn_job(&h.state, async move {
+        process_delivery(&job_h.deps, job_h.queue, &task_id, &job.0).await
+    })
+    .await;
     match joined {
         Ok(Ok(_settled)) => Ok(()),
         // Could not record the outcome (Redis trouble): let apalis reschedule the delivery.
@@ -138,6 +144,39 @@ async fn handle(
         // one of our dead letters with this reason.
         Err(e) => Err(AbortError::new(format!("job panicked: {e}")).into()),
     }
+}
+
+/// Runs `job` on a task of its own, tracked in [`FleetState::jobs`] and counted in
+/// `running_jobs` until the job itself ends: apalis drops the handler awaiting it when its
+/// worker fails on a Redis error, and the job runs on regardless.
+fn spawn_job<F>(state: &Arc<FleetState>, job: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let running = RunningJob::start(state);
+    state.jobs.spawn(async move {
+        let _running = running;
+        job.await
+    })
+}
+
+/// Waits for every job of [`spawn_job`] to end, until `deadline`; after it, the number still
+/// running. Called once the queue workers have stopped, so no job starts meanwhile; those left
+/// are jobs whose apalis worker failed while they ran (they have been told to stop, through
+/// the shutdown token, with the rest).
+async fn wait_for_jobs(jobs: &TaskTracker, deadline: Instant) -> Result<(), usize> {
+    jobs.close();
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(
+        jobs = jobs.len(),
+        "waiting for jobs that lost their queue worker while running"
+    );
+    tokio::time::timeout_at(deadline, jobs.wait())
+        .await
+        .map_err(|_| jobs.len())
 }
 
 /// Runs the worker process until a stop signal.
@@ -293,6 +332,7 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
                 timeout_secs = stop_timeout.as_secs(),
                 "stopping: no new jobs; running jobs stop at their next boundary"
             );
+            let _ = state.stop_deadline.set(Instant::now() + stop_timeout);
             state.stopping.store(true, Ordering::Relaxed);
             shutdown.cancel();
             tokio::spawn(async move {
@@ -311,9 +351,24 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
         }
     };
     let outcome = monitor.run_with_signal(stop).await;
+    // The monitor has waited for the handlers apalis still had; jobs whose apalis worker failed
+    // under them may still run (and the registry keeps counting them meanwhile).
+    shutdown.cancel();
+    let deadline = state
+        .stop_deadline
+        .get()
+        .copied()
+        .unwrap_or_else(|| Instant::now() + stop_timeout);
+    let left = wait_for_jobs(&state.jobs, deadline).await;
     background.cancel();
     if let Err(e) = queue.deregister_worker(&process_name).await {
         tracing::warn!(error = %e, "could not remove the worker record; the janitor will");
+    }
+    if let Err(n) = left {
+        anyhow::bail!(
+            "{n} running job(s) did not stop within the shutdown timeout ({}s); exiting (other workers will recover them)",
+            stop_timeout.as_secs()
+        );
     }
     match outcome {
         Ok(()) => {
@@ -493,5 +548,59 @@ async fn gauges(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job whose apalis handler is dropped (its worker failed on a Redis error) stays
+    /// counted as running and is waited for at shutdown.
+    #[tokio::test]
+    async fn a_job_cut_loose_from_its_handler_stays_counted_and_is_waited_for() {
+        let state = Arc::new(FleetState::default());
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        let st = Arc::clone(&state);
+        let handler = tokio::spawn(async move {
+            spawn_job(&st, async move {
+                let _ = started_tx.send(());
+                let _ = finished.await;
+            })
+            .await
+        });
+        started.await.expect("job started");
+        handler.abort();
+        assert!(handler.await.unwrap_err().is_cancelled());
+        assert_eq!(state.running_jobs.load(Ordering::Relaxed), 1);
+        assert_eq!(state.jobs.len(), 1);
+
+        let far = Instant::now() + Duration::from_secs(3600);
+        let wait = tokio::spawn({
+            let state = Arc::clone(&state);
+            async move { wait_for_jobs(&state.jobs, far).await }
+        });
+        finish.send(()).expect("job still running");
+        assert_eq!(wait.await.unwrap(), Ok(()));
+        assert_eq!(state.running_jobs.load(Ordering::Relaxed), 0);
+    }
+
+    /// A job that outlives the shutdown deadline is reported, not waited for forever (paused
+    /// clock: the deadline passes without real waiting).
+    #[tokio::test(start_paused = true)]
+    async fn jobs_still_running_at_the_deadline_are_counted() {
+        let state = Arc::new(FleetState::default());
+        let _stuck = spawn_job(&state, std::future::pending::<()>());
+        let _done = spawn_job(&state, tokio::time::sleep(Duration::from_secs(5)));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        assert_eq!(wait_for_jobs(&state.jobs, deadline).await, Err(1));
+        assert_eq!(state.running_jobs.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn no_jobs_means_no_wait() {
+        let state = Arc::new(FleetState::default());
+        assert_eq!(wait_for_jobs(&state.jobs, Instant::now()).await, Ok(()));
     }
 }
