@@ -124,6 +124,19 @@ if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1";
 
+/// Replaces a record found in the future (see [`FUTURE_RECORD_ALLOWANCE`]) only if it still
+/// holds what this pass read, so a concurrent advance by another replica is never undone.
+const REPLACE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1";
+
+/// How far ahead of this replica's clock a last-fired record may be before it is taken for
+/// a clock fault rather than a peer's slightly faster clock. Replicas under NTP differ by
+/// milliseconds; a record a day ahead (a VM restored with a wrong clock fired "tomorrow")
+/// would otherwise silence every correct replica until that day came.
+pub const FUTURE_RECORD_ALLOWANCE: Duration = Duration::from_secs(300);
+
 /// Missed ticks are counted up to this many; counting further only costs time.
 pub const MISSED_TICKS_COUNT_CAP: u64 = 10_000;
 
@@ -143,6 +156,15 @@ pub enum TickDecision {
         /// Ticks between the last recorded one and `tick` that were skipped (capped at
         /// [`MISSED_TICKS_COUNT_CAP`]).
         missed: u64,
+    },
+    /// The record was ahead of this replica's clock by more than
+    /// [`FUTURE_RECORD_ALLOWANCE`] (a replica with a clock running fast wrote it): it was
+    /// replaced by `tick`, which was enqueued (the dedupe key keeps it to one job).
+    FutureRecordReplaced {
+        /// The tick that was enqueued (Unix seconds).
+        tick: i64,
+        /// The record found (Unix seconds).
+        recorded: i64,
     },
     /// Nothing due.
     Idle,
@@ -172,9 +194,16 @@ where
     let key = last_tick_key(namespace, &schedule.name);
     let last: Option<i64> = redis::cmd("GET").arg(&key).query_async(redis).await?;
     // What this pass does: whether it fires the tick, and how it reports it.
+    let allowance = FUTURE_RECORD_ALLOWANCE.as_secs() as i64;
     let decision = match last {
         None if schedule.fire_on_first_sight => TickDecision::Fired(tick.timestamp()),
         None => TickDecision::Initialized(tick.timestamp()),
+        Some(last) if last > now.timestamp().saturating_add(allowance) => {
+            TickDecision::FutureRecordReplaced {
+                tick: tick.timestamp(),
+                recorded: last,
+            }
+        }
         Some(last) if last >= tick.timestamp() => return Ok(TickDecision::Idle),
         Some(last) => {
             let missed = Utc
@@ -200,11 +229,23 @@ where
             .await
             .map_err(|e| ScheduleError::Enqueue(e.to_string()))?;
     }
-    let _: i64 = redis::Script::new(ADVANCE_SCRIPT)
-        .key(&key)
-        .arg(tick.timestamp())
-        .invoke_async(redis)
-        .await?;
+    let _: i64 = match decision {
+        TickDecision::FutureRecordReplaced { recorded, .. } => {
+            redis::Script::new(REPLACE_SCRIPT)
+                .key(&key)
+                .arg(recorded)
+                .arg(tick.timestamp())
+                .invoke_async(redis)
+                .await?
+        }
+        _ => {
+            redis::Script::new(ADVANCE_SCRIPT)
+                .key(&key)
+                .arg(tick.timestamp())
+                .invoke_async(redis)
+                .await?
+        }
+    };
     Ok(decision)
 }
 

@@ -184,3 +184,46 @@ async fn replicas_agree_on_the_record_and_the_dedupe_key() {
     let expected = tick_dedupe_key("full_maintenance", at("2026-11-28T02:00:00Z"));
     assert!(keys.iter().all(|k| *k == expected), "{keys:?}");
 }
+
+/// A replica whose clock ran a day fast recorded tomorrow's tick; a correct replica does not
+/// stay silent until tomorrow: it replaces the record and fires. A peer a little ahead (within
+/// the allowance) is trusted: its tick stands and nothing fires twice.
+#[tokio::test]
+async fn a_record_written_by_a_fast_clock_does_not_silence_the_others() {
+    let mut conn = redis().await;
+    let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
+    let s = Schedule {
+        name: "cleanup".into(),
+        cadence: Cadence::parse("every 60s").unwrap(),
+        fire_on_first_sight: true,
+    };
+    let fired: Fired = Arc::default();
+    // The fast replica, a day ahead.
+    run_pass(&mut conn, &ns, &s, "2026-11-29T03:00:10Z", &fired).await;
+    // A correct replica a day earlier.
+    assert_eq!(
+        run_pass(&mut conn, &ns, &s, "2026-11-28T03:00:10Z", &fired).await,
+        TickDecision::FutureRecordReplaced {
+            tick: at("2026-11-28T03:00:00Z").timestamp(),
+            recorded: at("2026-11-29T03:00:00Z").timestamp(),
+        }
+    );
+    assert_eq!(
+        fired.lock().unwrap().last().cloned(),
+        Some(tick_dedupe_key("cleanup", at("2026-11-28T03:00:00Z")))
+    );
+    // From then on the record follows the correct clock: the next tick fires as usual.
+    assert_eq!(
+        run_pass(&mut conn, &ns, &s, "2026-11-28T03:01:05Z", &fired).await,
+        TickDecision::Fired(at("2026-11-28T03:01:00Z").timestamp())
+    );
+    // A peer two seconds ahead fired 03:02 at its 03:02:00; here it is 03:01:58: idle.
+    run_pass(&mut conn, &ns, &s, "2026-11-28T03:02:00Z", &fired).await;
+    let before = fired.lock().unwrap().len();
+    assert_eq!(
+        run_pass(&mut conn, &ns, &s, "2026-11-28T03:01:58Z", &fired).await,
+        TickDecision::Idle
+    );
+    assert_eq!(fired.lock().unwrap().len(), before);
+}

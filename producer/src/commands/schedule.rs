@@ -123,7 +123,10 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: Option<&CleanupAsk>) -> any
         }
     }
     let mut conn = queue.connection();
+    // Both made once, before the loop: a signal that comes during a pass waits for the next
+    // `select!` instead of being lost with a listener made afresh each time.
     let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let who = format!("scheduler@{}-{}", hostname(), std::process::id());
     let names: Vec<&str> = plans.iter().map(|p| p.1.as_str()).collect();
     tracing::info!(schedules = ?names, targets = %target_names, "scheduler started");
@@ -180,6 +183,10 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: Option<&CleanupAsk>) -> any
                             sched.name
                         ))
                     }
+                    Ok(TickDecision::FutureRecordReplaced { tick, recorded }) => {
+                        tracing::warn!(schedule = %sched.name, tick, recorded, "the last-fired record was ahead of this clock: a replica's clock runs fast; replaced it and enqueued the current tick");
+                        inv.out.info(format!("{} tick {tick} enqueued", sched.name))
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(schedule = %sched.name, error = %e, "scheduler pass failed; retrying")
@@ -191,7 +198,7 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: Option<&CleanupAsk>) -> any
         tokio::select! {
             _ = tokio::time::sleep(nap) => {}
             _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
         }
     }
     inv.out.info("scheduler stopped");
