@@ -13,7 +13,7 @@ mod run;
 use std::process::ExitCode;
 
 use clap::Parser;
-use sessionfleet::config::{Overrides, Settings};
+use sessionfleet::config::{LogFormat, Overrides, Settings};
 
 use cli::{Cli, Command, ConfigAction};
 use exit::{Exit, classify, one_line};
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     let code = match runtime.block_on(run(cli)) {
         Ok(code) => code.into(),
         Err(err) => {
-            eprintln!("error: {}", one_line(&err));
+            output::fatal(&one_line(&err));
             classify(&err).into()
         }
     };
@@ -58,9 +58,9 @@ fn overrides(g: &cli::GlobalArgs) -> Overrides {
 
 async fn run(cli: Cli) -> anyhow::Result<Exit> {
     let g = cli.global.clone();
-    let out = Output { json: g.json };
     // Configuration errors are printed by `main`, one line, without logs.
     let settings = Settings::load(&overrides(&g), g.config.as_deref())?;
+    let out = Output::new(g.json, settings.log_format.value == LogFormat::Json);
     sessionfleet::telemetry::init(settings.log_format.value, g.verbose);
     match cli.command {
         Command::Config(c) => match c.action {

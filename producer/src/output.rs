@@ -1,16 +1,48 @@
 //! Where output goes: reports on stdout (text, or one JSON document with `--json`), progress
 //! and logs on stderr.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::Serialize;
+
+/// Whether stderr carries JSON logs, for the last error `main` prints after the command.
+static LOG_JSON: AtomicBool = AtomicBool::new(false);
 
 /// Output settings of one invocation.
 #[derive(Debug, Clone, Copy)]
 pub struct Output {
     /// One JSON document on stdout.
     pub json: bool,
+    /// Logs are JSON (`SESSIONFLEET_LOG_FORMAT=json`): notes for people go out as log events
+    /// too, so every line on stderr stays one JSON object.
+    pub log_json: bool,
 }
 
 impl Output {
+    /// The output of an invocation: `json` is `--json`, `log_json` the JSON log format.
+    pub fn new(json: bool, log_json: bool) -> Output {
+        LOG_JSON.store(log_json, Ordering::Relaxed);
+        Output { json, log_json }
+    }
+
+    /// A warning people and scripts must see whatever the output mode (stderr, one line).
+    pub fn warn(&self, msg: impl AsRef<str>) {
+        if self.log_json {
+            tracing::warn!(target: "sessionfleet", "{}", msg.as_ref());
+        } else {
+            eprintln!("warning: {}", msg.as_ref());
+        }
+    }
+
+    /// An error line (stderr, whatever the output mode).
+    pub fn error(&self, msg: impl AsRef<str>) {
+        if self.log_json {
+            tracing::error!(target: "sessionfleet", "{}", msg.as_ref());
+        } else {
+            eprintln!("error: {}", msg.as_ref());
+        }
+    }
+
     /// Prints `value` as the invocation's JSON document.
     pub fn print_json<T: Serialize + ?Sized>(&self, value: &T) {
         match serde_json::to_string_pretty(value) {
@@ -19,10 +51,22 @@ impl Output {
         }
     }
 
-    /// A progress note for people, on stderr (silent with `--json`).
+    /// A progress note for people, on stderr (silent with `--json`; a log event when logs
+    /// are JSON).
     pub fn info(&self, msg: impl AsRef<str>) {
-        if !self.json {
+        if self.json {
+            return;
+        }
+        if self.log_json {
+            tracing::info!(target: "sessionfleet", "{}", msg.as_ref());
+        } else {
             eprintln!("{}", msg.as_ref());
         }
     }
+}
+
+/// The error that ends the command, as [`Output::error`] prints it (plain before the
+/// configuration, and with it the log format, is known).
+pub fn fatal(msg: &str) {
+    Output::new(false, LOG_JSON.load(Ordering::Relaxed)).error(msg);
 }

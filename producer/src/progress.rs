@@ -29,6 +29,7 @@ pub struct Running<'a> {
 pub struct Spinner {
     bar: Option<ProgressBar>,
     plain: bool,
+    out: Output,
     label: String,
     /// The state last printed in plain mode (parts done, running part), and when.
     printed: RefCell<Option<(usize, Option<u32>)>>,
@@ -41,7 +42,8 @@ impl Spinner {
     pub fn new(out: &Output, env: &JobEnvelope) -> Spinner {
         let label = format!("{} on {}", env.kind.as_str(), env.target);
         let tty = std::io::stderr().is_terminal();
-        let bar = (tty && !out.json).then(|| {
+        // A JSON log stream gets no spinner and no plain lines of its own: only log events.
+        let bar = (tty && !out.json && !out.log_json).then(|| {
             let b = ProgressBar::new_spinner();
             b.set_style(
                 ProgressStyle::with_template("{spinner} {elapsed} {msg}")
@@ -54,6 +56,7 @@ impl Spinner {
         Spinner {
             bar,
             plain: !tty && !out.json,
+            out: *out,
             label,
             printed: RefCell::new(None),
             printed_at: Cell::new(None),
@@ -96,7 +99,7 @@ impl Spinner {
                 .get()
                 .is_none_or(|at| at.elapsed() >= PLAIN_EVERY);
             if *self.printed.borrow() != Some(state) || due {
-                eprintln!("{msg}");
+                self.out.info(&msg);
                 self.printed.replace(Some(state));
                 self.printed_at.set(Some(Instant::now()));
             }

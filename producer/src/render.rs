@@ -47,20 +47,20 @@ pub fn finished(runs: &[Finished], out: &Output) -> Exit {
                 .and_then(|e| e.as_array())
                 .map(|e| e.iter().filter_map(|e| e.as_str()).collect())
                 .unwrap_or_default();
-            eprintln!(
-                "error: {} on target {} completed with errors: {}",
+            out.error(format!(
+                "{} on target {} completed with errors: {}",
                 r.kind.as_str(),
                 r.target,
                 errors.join("; ")
-            );
+            ));
         }
         if let Some(e) = &r.error {
             let verb = if r.timed_out { "stopped" } else { "failed" };
-            eprintln!(
-                "error: {} on target {} {verb}: {e}",
+            out.error(format!(
+                "{} on target {} {verb}: {e}",
                 r.kind.as_str(),
                 r.target
-            );
+            ));
         }
     }
     // A failure outranks a timeout: a script must not read "try again later" for a run that
@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn full_maintenance_past_a_failed_stage_exits_as_a_failure() {
-        let json = Output { json: true };
+        let json = Output::new(true, false);
         assert_eq!(
             finished(&[full_maintenance("completed_with_errors")], &json),
             Exit::OperationFailed

@@ -118,7 +118,7 @@ pub async fn run(
             .await
             .ok();
         if redis.is_none() {
-            warn(
+            inv.out.warn(
                 "Redis unreachable: running locally, kept single-writer by the database fence alone",
             );
         }
@@ -130,7 +130,7 @@ pub async fn run(
             return Err(CliError::fail(Exit::FleetUnreachable, e.to_string()));
         }
         Err(e) => {
-            warn(&format!(
+            inv.out.warn(format!(
                 "{e}; running locally instead, kept single-writer by the database fence alone"
             ));
             return Ok(Some(run_locally(inv, envs, None).await?));
@@ -166,11 +166,6 @@ pub async fn run(
         finished.push(wait_for_run(&queue, env, inv, deadline).await?);
     }
     Ok(Some(finished))
-}
-
-/// A warning people and scripts must see whatever the output mode (stderr, one line).
-fn warn(msg: &str) {
-    eprintln!("warning: {msg}");
 }
 
 /// Fails with exit code 5 when no live worker consumes `class` within [`WORKER_PROBE`].

@@ -529,6 +529,30 @@ async fn the_file_s_log_format_applies_to_the_cli() {
         .filter(|v: &serde_json::Value| v["level"].is_string())
         .collect();
     assert!(!logs.is_empty(), "no JSON log line: {stderr}");
+
+    // With JSON logs, every stderr line is one JSON object: the notes for people and the
+    // warning of a fall-back to a local run (Redis down) too, not plain lines among them.
+    let redis_down = ClosedPort::new();
+    cli.redis = format!("redis://127.0.0.1:{}", redis_down.port());
+    let out = cli.run(&["cleanup", "--once"]);
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not a JSON line: {line}\n{stderr}"
+        );
+    }
+    assert!(
+        stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| v["level"] == "WARN"
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("database fence alone"))),
+        "the fall-back warning is not a JSON event: {stderr}"
+    );
     t.drop_db().await;
 }
 
