@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use sessionfleet::config::{MAX_CLEANUP_BATCH_SIZE, MAX_JOB_BUDGET_SECS};
 
 /// Keeps application session tables healthy: purges expired and orphaned sessions in short
 /// fenced batches, reports on session health, and maintains the tables — on SQLite,
@@ -105,6 +106,13 @@ pub enum Command {
 
 /// `sessionfleet cleanup`
 #[derive(Debug, Args, Clone)]
+#[command(after_help = "Examples:
+  sessionfleet cleanup --dry-run                   count, per rule, what a run would delete
+  sessionfleet cleanup --once                      one run through the fleet; waits for its report
+  sessionfleet cleanup --force --max-age 24        also purge every session idle over 24 hours
+  sessionfleet --all-targets cleanup --once        one job per configured database
+  sessionfleet --no-wait --json cleanup --once     enqueue; print the job and run ids and return
+  sessionfleet cleanup --daemon                    the scheduler's cleanup-only form")]
 #[command(group(ArgGroup::new("mode").args(["once", "daemon", "stats"])))]
 pub struct CleanupArgs {
     /// Run one cleanup cycle
@@ -116,7 +124,7 @@ pub struct CleanupArgs {
     /// Cleanup that also purges every session idle longer than --max-age hours (once, or with --daemon every interval)
     #[arg(long, conflicts_with = "stats")]
     pub force: bool,
-    /// With --force: idle hours after which any session is purged (at least 1)
+    /// With --force: idle hours after which any session is purged (1 to 87600)
     #[arg(long, value_name = "HOURS", requires = "force")]
     pub max_age: Option<u32>,
     /// Show cleanup statistics (counts only; changes nothing)
@@ -125,16 +133,22 @@ pub struct CleanupArgs {
     /// Count what would be deleted, per rule, and delete nothing
     #[arg(long)]
     pub dry_run: bool,
-    /// Rows per batch to start with [env: SESSION_CLEANUP_BATCH_SIZE] [default: 100]
-    #[arg(long, value_name = "N")]
+    /// Rows per batch to start with, 1 to 100000 [env: SESSION_CLEANUP_BATCH_SIZE] [default: 100]
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CLEANUP_BATCH_SIZE)))]
     pub batch_size: Option<u32>,
-    /// Seconds one job works before it hands over to a continuation [env: SESSIONFLEET_JOB_BUDGET_SECS] [default: 30]
-    #[arg(long, value_name = "SECS")]
+    /// Seconds one job works before it hands over to a continuation, 1 to 86400 [env: SESSIONFLEET_JOB_BUDGET_SECS] [default: 30]
+    #[arg(long, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=MAX_JOB_BUDGET_SECS))]
     pub budget: Option<u64>,
 }
 
 /// `sessionfleet analytics`
 #[derive(Debug, Args, Clone)]
+#[command(after_help = "Examples:
+  sessionfleet analytics --health-report                       exit code 3 when critical
+  sessionfleet analytics --health-report --export report.html  or .json
+  sessionfleet analytics --trends 30 --json")]
 #[command(group(ArgGroup::new("mode").args(["health_report", "trends"])))]
 pub struct AnalyticsArgs {
     /// Generate the health report
@@ -150,6 +164,11 @@ pub struct AnalyticsArgs {
 
 /// `sessionfleet db`
 #[derive(Debug, Args, Clone)]
+#[command(after_help = "Examples:
+  sessionfleet db --analyze                        sizes, bloat, indexes, recommendations
+  sessionfleet db --create-indexes --dry-run       list the indexes that would be built
+  sessionfleet db --optimize --vacuum              statistics, then reclaim space (never VACUUM FULL)
+  sessionfleet db --integrity-check --full")]
 #[command(group(ArgGroup::new("mode").args(["analyze", "create_indexes", "optimize", "integrity_check", "stats"])))]
 pub struct DbArgs {
     /// Analyze the session tables: rows, sizes, bloat, indexes, recommendations
@@ -180,6 +199,11 @@ pub struct DbArgs {
 
 /// `sessionfleet maintenance`
 #[derive(Debug, Args, Clone)]
+#[command(after_help = "Examples:
+  sessionfleet maintenance --full-maintenance      cleanup, indexes, optimize, health report
+  sessionfleet maintenance --full-maintenance --dry-run
+  sessionfleet maintenance --status --json         counts, health, database, fleet
+  sessionfleet maintenance --cleanup --dry-run")]
 #[command(group(ArgGroup::new("mode").args(["full_maintenance", "status", "cleanup", "analytics", "database"])))]
 pub struct MaintenanceArgs {
     /// Cleanup, then recommended indexes, then optimize, then a health report: one run, one summary
@@ -188,7 +212,7 @@ pub struct MaintenanceArgs {
     /// Cleanup statistics, health, database statistics and the fleet (queues, workers, leases, last runs)
     #[arg(long)]
     pub status: bool,
-    /// Cleanup operations (with --once, --daemon, --force [--max-age H]; alone: statistics)
+    /// Cleanup operations (with --once, --daemon, --force [--max-age H], --dry-run; alone: statistics)
     #[arg(long)]
     pub cleanup: bool,
     /// Analytics operations (with --health [--export F]; alone: --trends, default 7 days)
@@ -245,6 +269,11 @@ pub struct MaintenanceArgs {
 
 /// `sessionfleet schedule`
 #[derive(Debug, Args, Clone)]
+#[command(after_help = "Examples:
+  sessionfleet schedule                            every schedule, every configured target
+  sessionfleet --target app schedule --cleanup-only
+
+Any number of replicas may run: each tick is enqueued once.")]
 pub struct ScheduleArgs {
     /// Only the cleanup schedule (what `cleanup --daemon` runs)
     #[arg(long)]
@@ -253,6 +282,11 @@ pub struct ScheduleArgs {
 
 /// `sessionfleet jobs`
 #[derive(Debug, Args, Clone)]
+#[command(after_help = "Examples:
+  sessionfleet jobs dead                           dead letters, newest first
+  sessionfleet jobs show JOB_OR_RUN_ID             where a job waits, or its run's report
+  sessionfleet jobs requeue DEAD_LETTER_ID
+  sessionfleet jobs purge --all")]
 pub struct JobsArgs {
     #[command(subcommand)]
     pub action: JobsAction,

@@ -109,6 +109,10 @@ pub struct Key {
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://sessionfleet.db";
 /// Default Redis.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// The largest starting batch size (`SESSION_CLEANUP_BATCH_SIZE`, `--batch-size`).
+pub const MAX_CLEANUP_BATCH_SIZE: u32 = 100_000;
+/// The longest budget of one job, seconds (`SESSIONFLEET_JOB_BUDGET_SECS`, `--budget`): a day.
+pub const MAX_JOB_BUDGET_SECS: u64 = 86_400;
 
 /// Every setting sessionfleet reads. The README's configuration table is generated from the
 /// same facts (`sessionfleet config keys`).
@@ -460,7 +464,10 @@ impl Settings {
         let database_url = layers.get("DATABASE_URL", parse_db_url)?;
         let redis_url = layers.get("REDIS_URL", parse_redis_url)?;
         let cleanup_interval = layers.get("SESSION_CLEANUP_INTERVAL", range_u64(1, 31_536_000))?;
-        let cleanup_batch_size = layers.get("SESSION_CLEANUP_BATCH_SIZE", range_u32(1, 100_000))?;
+        let cleanup_batch_size = layers.get(
+            "SESSION_CLEANUP_BATCH_SIZE",
+            range_u32(1, MAX_CLEANUP_BATCH_SIZE),
+        )?;
         let max_age = layers.get(
             "SESSION_MAX_AGE",
             range_u64(1, crate::ops::cleanup::MAX_AGE_LIMIT_SECS),
@@ -490,7 +497,10 @@ impl Settings {
                 .get("SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS", range_u64(1, 3600))?,
             metrics_addr: layers.get("SESSIONFLEET_METRICS_ADDR", parse_listen_addr)?,
             lease_ttl_ms: layers.get("SESSIONFLEET_LEASE_TTL_MS", range_u64(300, 600_000))?,
-            job_budget_secs: layers.get("SESSIONFLEET_JOB_BUDGET_SECS", range_u64(1, 86_400))?,
+            job_budget_secs: layers.get(
+                "SESSIONFLEET_JOB_BUDGET_SECS",
+                range_u64(1, MAX_JOB_BUDGET_SECS),
+            )?,
             log_format: layers.get("SESSIONFLEET_LOG_FORMAT", parse_log_format)?,
             targets: BTreeMap::new(),
             schedules: Schedules {

@@ -758,6 +758,9 @@ async fn every_spec_invocation_has_an_equivalent() {
                 .is_some_and(|w| !w.is_empty()),
             "{status}"
         );
+        let unified_dry = cli.json(&["maintenance", "--cleanup", "--dry-run", "--json"]);
+        assert_eq!(unified_dry["dry_run"], true, "{unified_dry}");
+        assert!(unified_dry["expired_sessions_cleaned"].is_number());
         let unified = cli.json(&["maintenance", "--cleanup", "--once", "--json"]);
         assert!(unified["expired_sessions_cleaned"].is_number());
         let unified_health = cli.json(&["maintenance", "--analytics", "--health", "--json"]);
@@ -801,6 +804,18 @@ async fn usage_errors_help_and_exit_codes() {
     assert!(err.contains("--max-age must be at most"), "{err}");
     let out = cli.run(&["cleanup", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
+    // --batch-size and --budget keep to the ranges their settings accept.
+    for (flag, value) in [
+        ("--batch-size", "0"),
+        ("--batch-size", "500000"),
+        ("--budget", "0"),
+        ("--budget", "90000"),
+    ] {
+        let out = cli.run(&["cleanup", "--once", "--local", flag, value]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(flag) && err.contains("is not in 1..="), "{err}");
+    }
     // --export writes one waited-for report: not several targets', nor one never waited for.
     for args in [
         &[

@@ -257,7 +257,9 @@ pub async fn maintenance(inv: &Invocation<'_>, a: &MaintenanceArgs) -> anyhow::R
             daemon: a.daemon,
             force: a.force,
             max_age: a.max_age,
-            stats: !(a.once || a.daemon || a.force),
+            // Alone it shows statistics; with --dry-run it counts what a cleanup would
+            // delete (it used to show statistics and drop the --dry-run unsaid).
+            stats: !(a.once || a.daemon || a.force || a.dry_run),
             dry_run: a.dry_run,
             batch_size: None,
             budget: None,
