@@ -701,3 +701,53 @@ async fn tasks_apalis_cannot_fetch_are_dead_lettered_while_jobs_keep_flowing() {
     assert_eq!(r.outcome, ResultOutcome::Succeeded);
     drop_namespace(&queue).await;
 }
+
+/// `/readyz` answers ready only when every configured queue's worker runs. Cleanup's apalis
+/// worker cannot register while its worker set in Redis holds a value of the wrong type, so it
+/// fails at every start and is restarted again and again while the three other queues run: the
+/// process is unready and names that queue. Once the key is gone, the restarted worker
+/// registers and the process is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_unready_while_one_queue_worker_keeps_failing_and_names_it() {
+    let (url, ns) = (redis_url(), unique_namespace());
+    let _keys = RedisKeysGuard::new(&ns);
+    let queue = queue(&url, &ns).await;
+    let blocker = queue.keys().apalis_workers(QueueClass::Cleanup);
+    let mut c = queue.connection();
+    let _: () = redis::cmd("SET")
+        .arg(&blocker)
+        .arg("not a sorted set")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let w = Worker::start(&WorkerSpec::new(&url, &ns, "readyz-queues"));
+
+    // Once cleanup's worker has failed (not merely not registered yet) and the other three run.
+    let (code, body) = eventually(HANG_GUARD, "readyz naming only cleanup", || async {
+        let failed = w
+            .log_text()
+            .contains("queue worker stopped on an error; restarting");
+        let r = http_get(w.metrics_port, "/readyz").await?;
+        (failed && r.1 == "queue workers not running: cleanup\n").then_some(r)
+    })
+    .await;
+    assert_eq!(code, 503, "{body}");
+
+    let _: () = redis::cmd("DEL")
+        .arg(&blocker)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let (code, body) = eventually(
+        HANG_GUARD,
+        "readyz after cleanup's worker registered",
+        || async {
+            let r = http_get(w.metrics_port, "/readyz").await?;
+            (r.0 == 200).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "ready: 4 queue workers\n"));
+    drop(w);
+    drop_namespace(&queue).await;
+}

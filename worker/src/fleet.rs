@@ -1,7 +1,7 @@
 //! The worker process: one supervised apalis worker per configured queue, plus the loops that
 //! keep the fleet healthy (registry heartbeat, wake-ups, due-job promotion, janitor, gauges).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,7 +41,13 @@ pub struct FleetState {
     stopping: AtomicBool,
     running_jobs: AtomicU64,
     restarts: AtomicU64,
-    workers: std::sync::Mutex<Vec<WorkerContext>>,
+    /// The queues this process consumes, in `--queues` order.
+    queues: Vec<QueueClass>,
+    /// Each queue's apalis worker context (one per queue, kept across its restarts).
+    workers: std::sync::Mutex<Vec<(QueueClass, WorkerContext)>>,
+    /// Queues whose current apalis worker has registered with Redis; a queue leaves this set
+    /// when its worker fails and rejoins once the restarted worker has registered again.
+    registered: std::sync::Mutex<HashSet<QueueClass>>,
     /// The name of each queue's current apalis worker (the latest start or restart).
     apalis_names: std::sync::Mutex<HashMap<QueueClass, String>>,
     /// Every job's task ([`spawn_job`]). apalis waits at shutdown only for the handlers it
@@ -57,12 +63,34 @@ impl FleetState {
         self.stopping.load(Ordering::Relaxed)
     }
 
-    /// apalis workers currently running.
-    pub fn workers_running(&self) -> usize {
-        self.workers
-            .lock()
-            .map(|w| w.iter().filter(|c| c.is_running()).count())
-            .unwrap_or(0)
+    /// The queues this process consumes.
+    pub fn queues(&self) -> &[QueueClass] {
+        &self.queues
+    }
+
+    /// The configured queues whose apalis worker is not taking jobs now: not yet started, failed
+    /// and restarting (backing off, waiting for Redis, registering), or stopped.
+    pub fn queues_not_running(&self) -> Vec<QueueClass> {
+        let workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let registered = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+        self.queues
+            .iter()
+            .copied()
+            .filter(|q| {
+                let running = workers.iter().any(|(wq, ctx)| wq == q && ctx.is_running());
+                !(running && registered.contains(q))
+            })
+            .collect()
+    }
+
+    /// Marks whether `q`'s current apalis worker has registered with Redis.
+    fn set_registered(&self, q: QueueClass, yes: bool) {
+        let mut registered = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+        if yes {
+            registered.insert(q);
+        } else {
+            registered.remove(&q);
+        }
     }
 
     fn apalis_names(&self) -> Vec<(QueueClass, String)> {
@@ -201,7 +229,10 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
         worker_name: process_name.clone(),
         shutdown: shutdown.clone(),
     };
-    let state = Arc::new(FleetState::default());
+    let state = Arc::new(FleetState {
+        queues: queues.clone(),
+        ..FleetState::default()
+    });
     let concurrency = settings.worker_concurrency.value as usize;
     let poll = Duration::from_millis(settings.poll_interval_ms.value);
     let stop_timeout = Duration::from_secs(settings.shutdown_timeout_secs.value);
@@ -279,6 +310,9 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
             if let Ok(mut m) = names.apalis_names.lock() {
                 m.insert(q, apalis_name.clone());
             }
+            // A (re)start: not ready for /readyz until registered with Redis.
+            names.set_registered(q, false);
+            let registered = names.clone();
             let storage =
                 RedisStorage::<RawJob>::new(queue.connection()).with_config(queue.apalis_config(q));
             let gate = queue.clone();
@@ -289,6 +323,11 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
                         wait_before_start(&gate, restarts).await;
                         Ok(())
                     }
+                })
+                // After the backend's first ready poll: the worker is registered.
+                .after_start(move |_| {
+                    registered.set_registered(q, true);
+                    async { Ok(()) }
                 })
                 .with_codec(RawCodec)
                 .poll_with_strategy(wakers.strategy(q, poll));
@@ -319,8 +358,13 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
         tracing::warn!(worker = ctx.name(), restarts = ctx.restarts() + 1, error = %guard_queue.scrub(&err.to_string()), "queue worker stopped on an error; restarting under a new name");
         true
     });
+    // `register` keeps the order of `queues`.
     if let Ok(mut w) = state.workers.lock() {
-        *w = monitor.context().workers().clone();
+        *w = queues
+            .iter()
+            .copied()
+            .zip(monitor.context().workers().iter().cloned())
+            .collect();
     }
 
     let stop = {

@@ -52,15 +52,21 @@ async fn ready(State(app): State<App>) -> (StatusCode, String) {
     if app.state.is_stopping() {
         return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n".into());
     }
-    let running = app.state.workers_running();
-    if running == 0 {
+    // Ready only when every configured queue is consumed: a queue whose worker keeps failing
+    // would otherwise sit unserved behind a ready pod.
+    let down = app.state.queues_not_running();
+    if !down.is_empty() {
+        let names: Vec<&str> = down.iter().map(|q| q.name()).collect();
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "no queue worker running\n".into(),
+            format!("queue workers not running: {}\n", names.join(",")),
         );
     }
     match tokio::time::timeout(READY_PING_TIMEOUT, app.queue.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, format!("ready: {running} queue workers\n")),
+        Ok(Ok(())) => (
+            StatusCode::OK,
+            format!("ready: {} queue workers\n", app.state.queues().len()),
+        ),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("redis: {e}\n")),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
