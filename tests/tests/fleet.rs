@@ -73,6 +73,15 @@ async fn job_enqueued_by_another_process_is_picked_up_and_endpoints_answer() {
     let (_, metrics) = http_get(w.metrics_port, "/metrics").await.expect("metrics");
     assert!(metrics.contains("sessionfleet_jobs_total"), "{metrics}");
     assert!(metrics.contains(r#"outcome="succeeded""#), "{metrics}");
+    // A histogram (buckets), not a summary, so `histogram_quantile` can read it.
+    assert!(
+        metrics.contains(r#"sessionfleet_job_duration_seconds_bucket{kind="noop",le="0.01"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"sessionfleet_job_duration_seconds_bucket{kind="noop",le="+Inf"} 1"#),
+        "{metrics}"
+    );
     drop_namespace(&queue).await;
 }
 

@@ -34,6 +34,14 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 const RESTART_BASE: Duration = Duration::from_millis(100);
 /// Longest delay before restarting a failed apalis worker.
 const RESTART_MAX: Duration = Duration::from_secs(5);
+/// Histogram buckets of `sessionfleet_job_duration_seconds`, in seconds. Jobs last from about
+/// 10 ms (a no-op, a small cleanup part) to an hour (full maintenance of a large table), so
+/// the bounds step about ×2–3 across that span. Without buckets the exporter renders the
+/// metric as a summary, which `histogram_quantile` cannot read nor the fleet aggregate.
+const JOB_DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0, 3600.0,
+];
 
 /// Shared facts about the process, for the registry, `/readyz` and shutdown.
 #[derive(Default)]
@@ -248,6 +256,13 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
 
     if let Some(addr) = &settings.metrics_addr.value {
         let prom = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(
+                    "sessionfleet_job_duration_seconds".into(),
+                ),
+                JOB_DURATION_BUCKETS,
+            )
+            .context("cannot configure the job duration histogram")?
             .install_recorder()
             .context("cannot install the metrics recorder")?;
         crate::http::serve(addr, prom.clone(), queue.clone(), state.clone())
