@@ -37,7 +37,7 @@ pub struct Cli {
 }
 
 /// Options every command takes (before or after the command name).
-#[derive(Debug, Args, Clone)]
+#[derive(Args, Clone)]
 pub struct GlobalArgs {
     /// TOML configuration file (targets, schedules, defaults) [env: SESSIONFLEET_CONFIG]
     #[arg(long, global = true, value_name = "FILE")]
@@ -371,4 +371,51 @@ pub struct DemoArgs {
     /// Demo database file (recreated)
     #[arg(long, default_value = "sessionfleet-demo.db")]
     pub file: PathBuf,
+}
+
+/// Without the URLs' passwords: a `{:?}` of the arguments may reach a log line.
+impl std::fmt::Debug for GlobalArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |url: &Option<String>| url.as_deref().map(sessionfleet::secret::redact_url);
+        f.debug_struct("GlobalArgs")
+            .field("config", &self.config)
+            .field("database_url", &redacted(&self.database_url))
+            .field("redis_url", &redacted(&self.redis_url))
+            .field("target", &self.target)
+            .field("all_targets", &self.all_targets)
+            .field("json", &self.json)
+            .field("verbose", &self.verbose)
+            .field("no_wait", &self.no_wait)
+            .field("local", &self.local)
+            .field("timeout", &self.timeout)
+            .field("namespace", &self.namespace)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_shows_no_password() {
+        let cli = Cli::try_parse_from([
+            "sessionfleet",
+            "--database-url",
+            "postgres://app:hunter2@db/app",
+            "--redis-url",
+            "redis://:s3cret@cache:6379",
+            "lease",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("db/app") && shown.contains("cache:6379"),
+            "{shown}"
+        );
+    }
 }

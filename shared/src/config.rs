@@ -288,8 +288,8 @@ pub struct Sourced<T> {
     pub source: Source,
 }
 
-/// One database the fleet maintains.
-#[derive(Debug, Clone, Serialize)]
+/// One database the fleet maintains. `Debug` shows the URL without its password.
+#[derive(Clone, Serialize)]
 pub struct Target {
     /// Target name (`default`, or the TOML section name).
     pub name: String,
@@ -308,6 +308,21 @@ pub struct Target {
     pub cleanup_rest_ratio: Option<f64>,
     /// Per-target override of whether the cleanup's reads run beside its deletes.
     pub cleanup_parallel_reads: Option<bool>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("name", &self.name)
+            .field("url", &self.redacted_url())
+            .field("source", &self.source)
+            .field("cleanup_batch_size", &self.cleanup_batch_size)
+            .field("max_age", &self.max_age)
+            .field("cleanup_target_batch_ms", &self.cleanup_target_batch_ms)
+            .field("cleanup_rest_ratio", &self.cleanup_rest_ratio)
+            .field("cleanup_parallel_reads", &self.cleanup_parallel_reads)
+            .finish()
+    }
 }
 
 impl Target {
@@ -359,8 +374,8 @@ pub const DEFAULT_FULL_MAINTENANCE_CRON: &str = "0 0 2 * * *";
 /// Default health-report schedule: hourly.
 pub const DEFAULT_HEALTH_REPORT_CRON: &str = "0 0 * * * *";
 
-/// The effective configuration.
-#[derive(Debug, Clone, Serialize)]
+/// The effective configuration. `Debug` shows no password (see its impl).
+#[derive(Clone, Serialize)]
 pub struct Settings {
     /// Redis URL (may contain a password).
     #[serde(skip)]
@@ -433,6 +448,19 @@ const TARGET_KEYS: &[&str] = &[
     "cleanup_parallel_reads",
 ];
 const SCHEDULE_KEYS: &[&str] = &["cleanup", "full_maintenance", "health_report"];
+
+/// The serialized form, which leaves the secrets out (targets' URLs, the Redis URL), with the
+/// Redis URL added back redacted: a `{:?}` of the settings in a log line prints no password.
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rest = serde_json::to_string(self).map_err(|_| std::fmt::Error)?;
+        f.debug_struct("Settings")
+            .field("redis_url", &redact_url(&self.redis_url.value))
+            .field("targets", &self.targets)
+            .field("rest", &format_args!("{rest}"))
+            .finish()
+    }
+}
 
 impl Settings {
     /// Resolves settings from the process environment, the file named by `--config` or

@@ -411,6 +411,16 @@ fn passwords_never_appear_in_output_or_errors() {
         !shown.contains("hunter2") && !shown.contains("s3cret"),
         "{shown}"
     );
+    // A `{:?}` of the settings, or of one target, as a log line might print them.
+    let debugged = format!("{s:?} {:?}", s.target(None).unwrap());
+    assert!(
+        !debugged.contains("hunter2") && !debugged.contains("s3cret"),
+        "{debugged}"
+    );
+    assert!(
+        debugged.contains("db/app") && debugged.contains("cache:6379"),
+        "{debugged}"
+    );
     let msg = refusal(
         &Overrides::default(),
         &[("DATABASE_URL", "oracle://app:hunter2@db/app")],
