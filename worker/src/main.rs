@@ -23,7 +23,7 @@ mod signals;
 mod wake;
 
 /// Claims sessionfleet jobs from Redis and runs them.
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "sessionfleet-worker", version, about)]
 struct Args {
     /// TOML configuration file (also SESSIONFLEET_CONFIG).
@@ -60,6 +60,39 @@ struct Args {
     /// More detailed logs.
     #[arg(long, short)]
     verbose: bool,
+}
+
+/// By hand: `--redis-url` may carry a password.
+impl std::fmt::Debug for Args {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Args {
+            config,
+            queues,
+            concurrency,
+            poll_interval_ms,
+            metrics_addr,
+            shutdown_timeout_secs,
+            log_format,
+            redis_url,
+            namespace,
+            verbose,
+        } = self;
+        f.debug_struct("Args")
+            .field("config", config)
+            .field("queues", queues)
+            .field("concurrency", concurrency)
+            .field("poll_interval_ms", poll_interval_ms)
+            .field("metrics_addr", metrics_addr)
+            .field("shutdown_timeout_secs", shutdown_timeout_secs)
+            .field("log_format", log_format)
+            .field(
+                "redis_url",
+                &redis_url.as_deref().map(sessionfleet::secret::redact_url),
+            )
+            .field("namespace", namespace)
+            .field("verbose", verbose)
+            .finish()
+    }
 }
 
 impl Args {
@@ -135,4 +168,27 @@ fn runtime_threads() -> usize {
         .map(|n| n.get().saturating_sub(1))
         .unwrap_or(1)
         .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_redis_password() {
+        let args = Args::parse_from([
+            "sessionfleet-worker",
+            "--redis-url",
+            "redis://fleet:hunter2@redis.internal:6379/0",
+            "--namespace",
+            "prod",
+        ]);
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("redis://fleet:***@redis.internal:6379/0"),
+            "{shown}"
+        );
+        assert!(shown.contains("prod"), "{shown}");
+    }
 }
