@@ -56,12 +56,41 @@ fn overrides(g: &cli::GlobalArgs) -> Overrides {
     o
 }
 
+/// `--local`, `--no-wait` and `--all-targets` shape how a job runs; a command that runs no
+/// job refuses them rather than ignoring them (`seed-demo --all-targets` seeded one target).
+fn refuse_job_flags(command: &Command, g: &cli::GlobalArgs) -> anyhow::Result<()> {
+    let name = match command {
+        Command::Config(_) => "config",
+        Command::SeedDemo(_) => "seed-demo",
+        Command::Demo(_) => "demo",
+        Command::Lease => "lease",
+        Command::Jobs(_) => "jobs",
+        _ => return Ok(()),
+    };
+    let given: Vec<&str> = [
+        (g.local, "--local"),
+        (g.no_wait, "--no-wait"),
+        (g.all_targets, "--all-targets"),
+    ]
+    .into_iter()
+    .filter_map(|(set, flag)| set.then_some(flag))
+    .collect();
+    if given.is_empty() {
+        return Ok(());
+    }
+    Err(exit::CliError::usage(format!(
+        "{} does not apply to `{name}`, which runs no job",
+        given.join(" and ")
+    )))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<Exit> {
     let g = cli.global.clone();
     // Configuration errors are printed by `main`, one line, without logs.
     let settings = Settings::load(&overrides(&g), g.config.as_deref())?;
     let out = Output::new(g.json, settings.log_format.value == LogFormat::Json);
     sessionfleet::telemetry::init(settings.log_format.value, g.verbose);
+    refuse_job_flags(&cli.command, &g)?;
     match cli.command {
         Command::Config(c) => match c.action {
             ConfigAction::Show => commands::config::show(&settings, &out)?,

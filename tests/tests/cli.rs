@@ -804,6 +804,17 @@ async fn usage_errors_help_and_exit_codes() {
     assert!(err.contains("--max-age must be at most"), "{err}");
     let out = cli.run(&["cleanup", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
+    // Job flags on a command that runs no job are refused, not ignored.
+    for args in [
+        &["--all-targets", "seed-demo", "--sessions", "10"][..],
+        &["--local", "lease"][..],
+        &["--no-wait", "config", "show"][..],
+    ] {
+        let out = cli.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("does not apply"), "{args:?}: {err}");
+    }
     // --batch-size and --budget keep to the ranges their settings accept.
     for (flag, value) in [
         ("--batch-size", "0"),
@@ -814,7 +825,10 @@ async fn usage_errors_help_and_exit_codes() {
         let out = cli.run(&["cleanup", "--once", "--local", flag, value]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
-        assert!(err.contains(flag) && err.contains("is not in 1..="), "{err}");
+        assert!(
+            err.contains(flag) && err.contains("is not in 1..="),
+            "{err}"
+        );
     }
     // --export writes one waited-for report: not several targets', nor one never waited for.
     for args in [
