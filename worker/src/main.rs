@@ -1,8 +1,7 @@
 //! `sessionfleet-worker`: the fleet member. Claims jobs from the configured queues and runs
 //! them; all behaviour lives in the `sessionfleet` library, this binary wires it together.
 //!
-//! Exit codes: 0 clean stop; 1 runtime failure (Redis unreachable at start, shutdown timeout
-//! exceeded, bind failure); 2 configuration refused; 130 a second signal during shutdown.
+//! Exit codes: see [`AFTER_HELP`] (`--help` shows them).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,40 +21,57 @@ mod http;
 mod signals;
 mod wake;
 
+/// What `--help` shows after the flags: where settings come from, exit codes, examples.
+const AFTER_HELP: &str = "\
+A flag overrides its environment variable, which overrides the key of the configuration file
+(--config), which overrides the default shown.
+
+Exit codes:
+  0    stopped cleanly after SIGTERM or SIGINT (also --help, --version)
+  1    runtime failure: Redis unreachable for 30 s at start, the metrics address cannot be
+       bound, the queue workers failed, or running jobs outlived the shutdown timeout
+       (other workers take them over)
+  2    configuration refused (a flag, variable or configuration file value)
+  130  a second SIGTERM or SIGINT during shutdown: exited at once
+
+Examples:
+  sessionfleet-worker --config /etc/sessionfleet/sessionfleet.toml
+  REDIS_URL=redis://redis.internal:6379 sessionfleet-worker --queues cleanup,maintenance";
+
 /// Claims sessionfleet jobs from Redis and runs them.
 #[derive(Parser)]
-#[command(name = "sessionfleet-worker", version, about)]
+#[command(name = "sessionfleet-worker", version, about, after_help = AFTER_HELP)]
 struct Args {
-    /// TOML configuration file (also SESSIONFLEET_CONFIG).
+    /// TOML configuration file [env: SESSIONFLEET_CONFIG] [default: none]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Queues to consume, comma-separated.
+    /// Queues to consume, comma-separated (not read from the configuration file)
     #[arg(
         long,
         env = "SESSIONFLEET_QUEUES",
         default_value = "cleanup,analytics,maintenance,diag"
     )]
     queues: String,
-    /// Jobs run at once per queue (SESSIONFLEET_WORKER_CONCURRENCY).
-    #[arg(long)]
+    /// Jobs run at once per queue [env: SESSIONFLEET_WORKER_CONCURRENCY] [file: worker_concurrency] [default: 4]
+    #[arg(long, value_name = "N")]
     concurrency: Option<u32>,
-    /// How often an idle worker looks for jobs, ms (SESSIONFLEET_POLL_INTERVAL_MS).
-    #[arg(long)]
+    /// How often an idle worker looks for jobs, in milliseconds [env: SESSIONFLEET_POLL_INTERVAL_MS] [file: poll_interval_ms] [default: 200]
+    #[arg(long, value_name = "MS")]
     poll_interval_ms: Option<u64>,
-    /// Address of /metrics, /healthz, /readyz, or 'off' (SESSIONFLEET_METRICS_ADDR).
-    #[arg(long)]
+    /// Address of /metrics, /healthz and /readyz, or 'off' [env: SESSIONFLEET_METRICS_ADDR] [file: metrics_addr] [default: 127.0.0.1:9464]
+    #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
-    /// Seconds a stopping worker waits for running jobs (SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS).
-    #[arg(long)]
+    /// Seconds a stopping worker waits for running jobs [env: SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS] [file: shutdown_timeout_secs] [default: 30]
+    #[arg(long, value_name = "SECS")]
     shutdown_timeout_secs: Option<u64>,
-    /// Log format: text or json (SESSIONFLEET_LOG_FORMAT).
-    #[arg(long)]
+    /// Log format, text or json [env: SESSIONFLEET_LOG_FORMAT] [file: log_format] [default: text]
+    #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
-    /// Redis URL (REDIS_URL).
-    #[arg(long)]
+    /// Redis holding the queues, leases and results [env: REDIS_URL] [file: redis_url] [default: redis://127.0.0.1:6379]
+    #[arg(long, value_name = "URL")]
     redis_url: Option<String>,
-    /// Redis key namespace (SESSIONFLEET_NAMESPACE).
-    #[arg(long)]
+    /// Prefix of every Redis key [env: SESSIONFLEET_NAMESPACE] [file: namespace] [default: sessionfleet]
+    #[arg(long, value_name = "NAME")]
     namespace: Option<String>,
     /// More detailed logs.
     #[arg(long, short)]
@@ -173,6 +189,48 @@ fn runtime_threads() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+    use sessionfleet::config::KEYS;
+
+    /// Each setting flag's help states the variable, file key and default that the settings
+    /// really use (`config::KEYS`), and `--help` ends with the exit codes.
+    #[test]
+    fn help_shows_the_real_defaults_and_the_exit_codes() {
+        let help = Args::command()
+            .term_width(10_000)
+            .render_long_help()
+            .to_string();
+        let blocks: Vec<&str> = help.split("\n\n").collect();
+        for (flag, env) in [
+            ("--concurrency", "SESSIONFLEET_WORKER_CONCURRENCY"),
+            ("--poll-interval-ms", "SESSIONFLEET_POLL_INTERVAL_MS"),
+            ("--metrics-addr", "SESSIONFLEET_METRICS_ADDR"),
+            (
+                "--shutdown-timeout-secs",
+                "SESSIONFLEET_SHUTDOWN_TIMEOUT_SECS",
+            ),
+            ("--log-format", "SESSIONFLEET_LOG_FORMAT"),
+            ("--redis-url", "REDIS_URL"),
+            ("--namespace", "SESSIONFLEET_NAMESPACE"),
+        ] {
+            let key = KEYS.iter().find(|k| k.env == env).expect("a setting");
+            let block = blocks
+                .iter()
+                .find(|b| b.trim_start().starts_with(&format!("{flag} ")))
+                .unwrap_or_else(|| panic!("{flag} in {help}"));
+            let want = format!(
+                "[env: {}] [file: {}] [default: {}]",
+                key.env, key.file, key.default
+            );
+            assert!(block.contains(&want), "{flag}: want {want} in {block}");
+        }
+        assert!(help.contains("[default: cleanup,analytics,maintenance,diag]"));
+        assert!(help.contains("Exit codes:\n"), "{help}");
+        for line in ["  0    ", "  1    ", "  2    ", "  130  "] {
+            assert!(help.contains(line), "{line} in {help}");
+        }
+        assert!(help.contains("Examples:\n  sessionfleet-worker"), "{help}");
+    }
 
     #[test]
     fn debug_output_hides_the_redis_password() {
