@@ -2784,3 +2784,223 @@ async fn missing_platform_count_starts_after_the_purge(engine: Engine, parallel_
     assert_exactly_purged(&before, &snapshot(db, version).await, &purged, &what);
     tdb.drop_db().await;
 }
+
+/// A fresh v2 database with one active user (id 1) and its tables shaped by `alter` (run
+/// before any row goes in).
+async fn v2_shaped(engine: Engine, alter: &[&str]) -> TestDb {
+    let tdb = TestDb::new(engine).await;
+    let db = &tdb.db;
+    sessionfleet::store::schema::create(db, SchemaVersion::V2)
+        .await
+        .expect("v2 tables");
+    for sql in alter {
+        db.execute(sql).await.expect(sql);
+    }
+    let user = "INSERT INTO users (id, username, email, password_hash, role, is_active, created_at) \
+         VALUES (1, 'u1', 'u1@example.org', 'x', 'viewer', TRUE, ?)";
+    sessionfleet::on_pool!(db, p => {
+        sqlx::query(db.sql(user)).bind(t0()).execute(p).await.expect("insert user");
+    });
+    tdb
+}
+
+/// The session labels (`session_id`) left in the table.
+async fn every_label(db: &Db) -> BTreeSet<String> {
+    sessionfleet::on_pool!(db, p => sqlx::query_scalar::<_, String>("SELECT session_id FROM user_sessions")
+        .fetch_all(p).await.expect("labels").into_iter().collect())
+}
+
+/// A run, its dry run and its stats all fail with the same schema error; returns its text.
+async fn refused_everywhere(db: &Db) -> (sessionfleet::store::schema::SchemaError, String) {
+    use sessionfleet::store::StoreError;
+    let refusal = |r: Result<(), OpError>, what: &str| match r {
+        Err(OpError::Store(StoreError::Schema(e))) => e,
+        other => panic!(
+            "{}: {what}: expected a schema refusal, got {other:?}",
+            db.engine()
+        ),
+    };
+    let run = refusal(
+        cleanup::run(&ctx(db).await, &params()).await.map(drop),
+        "run",
+    );
+    let dry = refusal(
+        cleanup::run(
+            &read_only(db),
+            &CleanupParams {
+                dry_run: true,
+                ..params()
+            },
+        )
+        .await
+        .map(drop),
+        "dry run",
+    );
+    let stats = refusal(cleanup::stats(db, &params()).await.map(drop), "stats");
+    let text = run.to_string();
+    assert_eq!(dry.to_string(), text, "the dry run says the same");
+    assert_eq!(stats.to_string(), text, "the stats say the same");
+    assert!(!text.contains('\n'), "one line: {text}");
+    (run, text)
+}
+
+/// On PostgreSQL and MariaDB an `expires_at` that is not a date/time column (Unix seconds in
+/// a BIGINT, text in a VARCHAR) is refused by the cleanup, its dry run and its stats with an
+/// error naming the table, the column and its type; nothing is deleted. Fails without the
+/// catalog check: MariaDB compared the number (or the text) with the cutoff and deleted the
+/// session expiring in 2099; PostgreSQL failed with an operator error.
+#[tokio::test]
+async fn an_expiry_column_that_is_not_a_time_is_refused_and_nothing_is_deleted() {
+    let day = ChronoDuration::days(1);
+    let cases = [
+        (
+            "BIGINT",
+            (t0() + day).and_utc().timestamp().to_string(),
+            (t0() - day).and_utc().timestamp().to_string(),
+        ),
+        (
+            "VARCHAR(32)",
+            "01/01/2099 00:00".to_string(),
+            "2020-01-01 00:00:00".to_string(),
+        ),
+    ];
+    for engine in [Engine::MySql, Engine::Postgres] {
+        for (sql_type, live, expired) in &cases {
+            let alter = match engine {
+                Engine::Postgres => format!(
+                    "ALTER TABLE user_sessions ALTER COLUMN expires_at TYPE {sql_type} USING NULL"
+                ),
+                _ => format!("ALTER TABLE user_sessions MODIFY expires_at {sql_type} NOT NULL"),
+            };
+            let tdb = v2_shaped(engine, &[&alter]).await;
+            let db = &tdb.db;
+            let cast = match (engine, *sql_type) {
+                (Engine::Postgres, "BIGINT") => "CAST(? AS BIGINT)",
+                _ => "?",
+            };
+            let insert = format!(
+                "INSERT INTO user_sessions (session_id, user_id, created_at, updated_at, last_activity, expires_at, is_active) \
+                 VALUES (?, 1, ?, ?, ?, {cast}, TRUE)"
+            );
+            for (label, expires) in [("live", live), ("expired", expired)] {
+                let recent = t0() - ChronoDuration::hours(1);
+                sessionfleet::on_pool!(db, p => {
+                    sqlx::query(db.sql(insert.clone())).bind(label).bind(recent).bind(recent).bind(recent)
+                        .bind(expires.as_str()).execute(p).await.expect("insert session");
+                });
+            }
+            let (refusal, text) = refused_everywhere(db).await;
+            let data_type = match (engine, *sql_type) {
+                (_, "BIGINT") => "bigint",
+                (Engine::Postgres, _) => "character varying",
+                _ => "varchar",
+            };
+            assert!(
+                matches!(
+                    &refusal,
+                    sessionfleet::store::schema::SchemaError::TimeColumnType { table, column, data_type: t }
+                        if table == "user_sessions" && column == "expires_at" && t == data_type
+                ),
+                "{engine} {sql_type}: {refusal:?}"
+            );
+            assert!(
+                text.contains(&format!(
+                    "column 'expires_at' is {data_type}, not a date/time type"
+                )),
+                "{engine} {sql_type}: {text}"
+            );
+            assert_eq!(
+                every_label(db).await,
+                BTreeSet::from(["live".to_string(), "expired".to_string()]),
+                "{engine} {sql_type}: nothing deleted"
+            );
+            tdb.drop_db().await;
+        }
+    }
+}
+
+/// A table with `expires_at`, `last_activity` and `is_active` but no `session_fingerprint`
+/// (which no rule reads) is judged by the v2 rules: a session idle three days whose expiry
+/// is 27 days ahead stays, an expired one goes. Fails when any missing v2 column made the
+/// table v1: `updated_at` older than the max age then deleted the unexpired session.
+#[tokio::test]
+async fn a_v2_table_without_a_fingerprint_keeps_its_unexpired_idle_sessions() {
+    for engine in ENGINES {
+        let tdb = v2_shaped(
+            engine,
+            &["ALTER TABLE user_sessions DROP COLUMN session_fingerprint"],
+        )
+        .await;
+        let db = &tdb.db;
+        let insert = "INSERT INTO user_sessions (session_id, user_id, created_at, updated_at, last_activity, expires_at, is_active) \
+             VALUES (?, 1, ?, ?, ?, ?, TRUE)";
+        let idle = t0() - ChronoDuration::days(3);
+        for (label, expires) in [
+            ("idle-unexpired", t0() + ChronoDuration::days(27)),
+            ("expired", t0() - ChronoDuration::hours(1)),
+        ] {
+            sessionfleet::on_pool!(db, p => {
+                sqlx::query(db.sql(insert)).bind(label).bind(idle).bind(idle).bind(idle)
+                    .bind(expires).execute(p).await.expect("insert session");
+            });
+        }
+        let report = cleanup::run(&ctx(db).await, &params()).await.expect("run");
+        assert_eq!(report.expired_sessions_cleaned, 1, "{engine}");
+        assert_eq!(
+            every_label(db).await,
+            BTreeSet::from(["idle-unexpired".to_string()]),
+            "{engine}"
+        );
+        tdb.drop_db().await;
+    }
+}
+
+/// An expiry column without a last-activity column fits neither profile: v1 would judge
+/// `updated_at` and ignore an expiry still ahead, and v2's rules need the last activity. The
+/// cleanup refuses the table, naming what it has and lacks, and deletes nothing. Fails when
+/// such a table was judged as v1: the session idle three days but expiring in 27 was deleted.
+#[tokio::test]
+async fn an_expiry_without_a_last_activity_column_is_refused() {
+    for engine in ENGINES {
+        // SQLite drops no column an index names; the others drop the index with it.
+        let drop: &[&str] = match engine {
+            Engine::Sqlite => &[
+                "DROP INDEX ix_user_sessions_last_activity",
+                "ALTER TABLE user_sessions DROP COLUMN last_activity",
+            ],
+            _ => &["ALTER TABLE user_sessions DROP COLUMN last_activity"],
+        };
+        let tdb = v2_shaped(engine, drop).await;
+        let db = &tdb.db;
+        let insert = "INSERT INTO user_sessions (session_id, user_id, created_at, updated_at, expires_at, is_active) \
+             VALUES (?, 1, ?, ?, ?, TRUE)";
+        let idle = t0() - ChronoDuration::days(3);
+        for (label, expires) in [
+            ("idle-unexpired", t0() + ChronoDuration::days(27)),
+            ("expired", t0() - ChronoDuration::hours(1)),
+        ] {
+            sessionfleet::on_pool!(db, p => {
+                sqlx::query(db.sql(insert)).bind(label).bind(idle).bind(idle)
+                    .bind(expires).execute(p).await.expect("insert session");
+            });
+        }
+        let (refusal, text) = refused_everywhere(db).await;
+        assert!(
+            matches!(
+                refusal,
+                sessionfleet::store::schema::SchemaError::UnfitColumns { .. }
+            ),
+            "{engine}: {refusal:?}"
+        );
+        assert!(
+            text.contains("has expires_at, is_active but not last_activity"),
+            "{engine}: {text}"
+        );
+        assert_eq!(
+            every_label(db).await,
+            BTreeSet::from(["idle-unexpired".to_string(), "expired".to_string()]),
+            "{engine}: nothing deleted"
+        );
+        tdb.drop_db().await;
+    }
+}

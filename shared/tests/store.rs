@@ -786,3 +786,103 @@ async fn mysql_lock_waits_stay_off_the_pooled_connections() {
     }
     t.drop_db().await;
 }
+
+/// The version follows the columns the cleanup's rules compare, never the fingerprint: a v2
+/// table without `session_fingerprint` or `is_active` is v2; a v1 table with a stray
+/// `is_active` is v1; an expiry without a last activity (or the reverse) fits neither and
+/// carries a refusal, while the reports see v1 with a note. And a time column the rules do
+/// not compare (`created_at`) of another type is only noted. Fails when a missing
+/// fingerprint made the table v1.
+#[tokio::test]
+async fn detection_follows_the_rules_columns_and_refuses_what_fits_neither_profile() {
+    let cases: [(&str, SchemaVersion, &[&str], Option<&str>); 5] = [
+        (
+            "no fingerprint",
+            SchemaVersion::V2,
+            &["ALTER TABLE user_sessions DROP COLUMN session_fingerprint"],
+            None,
+        ),
+        (
+            "no is_active",
+            SchemaVersion::V2,
+            &[
+                "DROP INDEX ix_user_sessions_is_active",
+                "ALTER TABLE user_sessions DROP COLUMN is_active",
+            ],
+            None,
+        ),
+        (
+            "v1 with a flag",
+            SchemaVersion::V1,
+            &["ALTER TABLE user_sessions ADD COLUMN is_active BOOLEAN"],
+            None,
+        ),
+        (
+            "expiry without activity",
+            SchemaVersion::V2,
+            &[
+                "DROP INDEX ix_user_sessions_last_activity",
+                "ALTER TABLE user_sessions DROP COLUMN last_activity",
+            ],
+            Some("has expires_at, is_active but not last_activity"),
+        ),
+        (
+            "activity without expiry",
+            SchemaVersion::V1,
+            &["ALTER TABLE user_sessions ADD COLUMN last_activity DATETIME"],
+            Some("has last_activity but not expires_at"),
+        ),
+    ];
+    for (what, created, alter, refused) in cases {
+        let t = TestDb::new(Engine::Sqlite).await;
+        schema::create(&t.db, created).await.unwrap();
+        for sql in alter {
+            t.db.execute(sql).await.expect(sql);
+        }
+        let s = schema::detect(&t.db).await.unwrap();
+        match refused {
+            None => {
+                assert!(s.check_rules_apply().is_ok(), "{what}: {:?}", s.refusals);
+                assert_eq!(s.version, created, "{what}");
+                assert!(
+                    s.version == SchemaVersion::V2 || s.sessions.is_active.is_none(),
+                    "{what}: v1 reads no flag"
+                );
+            }
+            Some(text) => {
+                let e = s.check_rules_apply().expect_err(what).to_string();
+                assert!(e.contains(text), "{what}: {e}");
+                assert_eq!(s.version, SchemaVersion::V1, "{what}: reports see v1");
+                assert!(
+                    s.notes.iter().any(|n| n.contains(text)),
+                    "{what}: {:?}",
+                    s.notes
+                );
+            }
+        }
+        t.drop_db().await;
+    }
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let t = TestDb::new(engine).await;
+        schema::create(&t.db, SchemaVersion::V2).await.unwrap();
+        t.db.execute(match engine {
+            Engine::Postgres => {
+                "ALTER TABLE user_sessions ALTER COLUMN created_at DROP DEFAULT, \
+                 ALTER COLUMN created_at TYPE BIGINT USING 0"
+            }
+            _ => "ALTER TABLE user_sessions MODIFY created_at BIGINT NOT NULL",
+        })
+        .await
+        .expect("created_at as a number");
+        let s = schema::detect(&t.db).await.unwrap();
+        assert!(s.check_rules_apply().is_ok(), "{engine}: {:?}", s.refusals);
+        assert!(
+            s.notes
+                .iter()
+                .any(|n| n.contains("column 'created_at' is bigint, not a date/time type")),
+            "{engine}: {:?}",
+            s.notes
+        );
+        t.drop_db().await;
+    }
+}

@@ -5,10 +5,13 @@
 //!
 //! Two profiles exist today, both Vedfolnir's (`reference/vedfolnir-behaviour.md` §1):
 //! v1 (`user_sessions` with `updated_at` only) and v2 (adds `expires_at`, `is_active`,
-//! `last_activity`, `session_fingerprint`). [`detect`] tells which one a database has;
-//! [`create`] lays either schema out on a new database with the reference's names.
+//! `last_activity`, `session_fingerprint`). [`detect`] tells which one a database has, from
+//! the columns the cleanup's rules compare (`expires_at`, `last_activity`, `is_active`), and
+//! reads the type of each time column from the catalog; [`Schema::check_rules_apply`] says
+//! when the rules cannot judge a table. [`create`] lays either schema out on a new database
+//! with the reference's names.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 use sqlx::Row;
@@ -16,8 +19,8 @@ use sqlx::Row;
 use super::references::Reference;
 use super::{Db, Engine, StoreError};
 
-/// A required table or column is absent.
-#[derive(Debug, thiserror::Error)]
+/// A required table or column is absent, or the columns present cannot be judged safely.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SchemaError {
     /// The table does not exist in the database the URL names.
     #[error(
@@ -42,6 +45,34 @@ pub enum SchemaError {
     /// A profile names something that is not a plain SQL identifier.
     #[error("invalid identifier '{0}' in session profile (letters, digits and _ only)")]
     BadIdentifier(String),
+    /// A time column the rules compare with a cutoff is not of a date/time type (PostgreSQL
+    /// and MySQL/MariaDB; SQLite has no column types, see `ops::cleanup::times`): a number
+    /// would be compared as a number, text as text, and a live session could match.
+    #[error(
+        "table '{table}' column '{column}' is {data_type}, not a date/time type: sessionfleet compares it as a time and would misjudge it"
+    )]
+    TimeColumnType {
+        /// Table name.
+        table: String,
+        /// Column name.
+        column: String,
+        /// The column's type as the catalog names it (`bigint`, `character varying`).
+        data_type: String,
+    },
+    /// The expiry and activity columns present fit neither profile: v1 judges `updated_at`
+    /// alone, v2 needs `expires_at` and `last_activity` together. Judging such a table by
+    /// either would mean guessing which column says a session is live.
+    #[error(
+        "table '{table}' has {present} but not {absent}: it fits neither the v1 rules (updated_at alone) nor the v2 rules (expires_at with last_activity), and sessionfleet will not guess which column says a session is live"
+    )]
+    UnfitColumns {
+        /// Table name.
+        table: String,
+        /// The expiry/activity columns present, comma-separated.
+        present: String,
+        /// Those the nearest profile needs but the table lacks, comma-separated.
+        absent: String,
+    },
 }
 
 /// Which Vedfolnir schema a database carries.
@@ -50,7 +81,8 @@ pub enum SchemaError {
 pub enum SchemaVersion {
     /// `user_sessions` with `updated_at` as the only activity column.
     V1,
-    /// `user_sessions` with `expires_at`, `is_active`, `last_activity`, `session_fingerprint`.
+    /// `user_sessions` with `expires_at` and `last_activity` (the reference's v2 adds
+    /// `is_active` and `session_fingerprint`; detection needs neither, see [`detect_with`]).
     V2,
 }
 
@@ -228,9 +260,25 @@ pub struct Schema {
     pub profile: String,
     /// Notes for people: features this schema cannot support, partial v2 columns.
     pub notes: Vec<String>,
+    /// Why the cleanup's rules cannot judge this table, if they cannot (see
+    /// [`Schema::check_rules_apply`]): a time column they compare that is not of a date/time
+    /// type, or expiry and activity columns that fit neither profile. Each is also in
+    /// `notes`, for the reports that can still run.
+    #[serde(skip)]
+    pub refusals: Vec<SchemaError>,
 }
 
 impl Schema {
+    /// Refuses a table the cleanup's rules would misjudge: the first of
+    /// [`Schema::refusals`]. A cleanup, its dry run and its stats call it before anything
+    /// else, so such a table has nothing deleted and nothing counted.
+    pub fn check_rules_apply(&self) -> Result<(), SchemaError> {
+        match self.refusals.first() {
+            Some(refusal) => Err(refusal.clone()),
+            None => Ok(()),
+        }
+    }
+
     /// The column that says when a session was last used: `last_activity` where the schema has
     /// it (v2), otherwise `updated_at` (v1).
     pub fn activity_column(&self) -> &str {
@@ -259,20 +307,49 @@ impl Schema {
 
 /// Lists the columns of `table`, or `None` when the table does not exist.
 pub async fn table_columns(db: &Db, table: &str) -> Result<Option<BTreeSet<String>>, StoreError> {
+    Ok(column_types(db, table)
+        .await?
+        .map(|cols| cols.into_keys().collect()))
+}
+
+/// The columns of `table` with their types as the catalog names them (lowercase; SQLite's
+/// declared type, which says nothing of what a column holds), or `None` when the table does
+/// not exist.
+async fn column_types(
+    db: &Db,
+    table: &str,
+) -> Result<Option<BTreeMap<String, String>>, StoreError> {
     let sql = match db.engine() {
-        Engine::Sqlite => "SELECT name FROM pragma_table_info(?)",
+        Engine::Sqlite => "SELECT name, type FROM pragma_table_info(?)",
         Engine::Postgres => {
-            "SELECT column_name::text FROM information_schema.columns \
+            "SELECT column_name::text, data_type::text FROM information_schema.columns \
              WHERE table_schema = current_schema() AND table_name = ?"
         }
         Engine::MySql => {
-            "SELECT CAST(column_name AS CHAR) FROM information_schema.columns \
+            "SELECT CAST(column_name AS CHAR), CAST(data_type AS CHAR) FROM information_schema.columns \
              WHERE table_schema = DATABASE() AND table_name = ?"
         }
     };
     let rows = crate::on_pool!(db, p => sqlx::query(db.sql(sql)).bind(table).fetch_all(p).await?
-        .into_iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<BTreeSet<_>, _>>()?);
+        .into_iter()
+        .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?.to_ascii_lowercase())))
+        .collect::<Result<BTreeMap<_, _>, sqlx::Error>>()?);
     Ok((!rows.is_empty()).then_some(rows))
+}
+
+/// Whether a column of catalog type `data_type` compares with a time as a time: PostgreSQL's
+/// `timestamp`, `timestamptz` and `date`, MySQL's `datetime`, `timestamp` and `date`. A
+/// number would be compared as a number, text as text. SQLite types nothing (its columns'
+/// values are looked at by `ops::cleanup::times` instead).
+fn is_time_type(engine: Engine, data_type: &str) -> bool {
+    match engine {
+        Engine::Sqlite => true,
+        Engine::Postgres => matches!(
+            data_type,
+            "timestamp without time zone" | "timestamp with time zone" | "date"
+        ),
+        Engine::MySql => matches!(data_type, "datetime" | "timestamp" | "date"),
+    }
 }
 
 /// Detects which session schema `db` has, using the Vedfolnir profile.
@@ -282,16 +359,29 @@ pub async fn detect(db: &Db) -> Result<Schema, StoreError> {
 
 /// Detects the schema described by `profile`: required columns must exist, optional ones are
 /// kept only where the database has them.
+///
+/// The version follows the columns the cleanup's rules compare, never
+/// `session_fingerprint`, which no rule reads:
+/// - `expires_at` and `last_activity`: v2 (`is_active`, where present, adds the rule for
+///   sessions the application marked inactive);
+/// - neither: v1, judged by `updated_at` alone (a stray `is_active` is not read);
+/// - one without the other: neither profile fits. Judging such a table by `updated_at` would
+///   ignore an expiry still ahead, and v2's rules need a last activity: the schema carries a
+///   refusal ([`SchemaError::UnfitColumns`]), and the reports see it as v1 with a note.
+///
+/// On PostgreSQL and MySQL each time column is read from the catalog: one the rules compare
+/// that is not of a date/time type is a refusal too ([`SchemaError::TimeColumnType`]).
 pub async fn detect_with(db: &Db, profile: &SessionProfile) -> Result<Schema, StoreError> {
     profile.validate()?;
     let p = &profile.sessions;
-    let Some(cols) = table_columns(db, &p.table).await? else {
+    let Some(types) = column_types(db, &p.table).await? else {
         return Err(SchemaError::MissingTable {
             table: p.table.clone(),
             url: db.redacted_url().to_string(),
         }
         .into());
     };
+    let cols: BTreeSet<&str> = types.keys().map(String::as_str).collect();
     let required = [
         &p.id,
         &p.session_key,
@@ -308,11 +398,11 @@ pub async fn detect_with(db: &Db, profile: &SessionProfile) -> Result<Schema, St
         return Err(SchemaError::MissingColumns {
             table: p.table.clone(),
             columns: missing.join(", "),
-            found: cols.iter().cloned().collect::<Vec<_>>().join(", "),
+            found: cols.iter().copied().collect::<Vec<_>>().join(", "),
         }
         .into());
     }
-    let keep = |c: &Option<String>| c.clone().filter(|name| cols.contains(name));
+    let keep = |c: &Option<String>| c.clone().filter(|name| cols.contains(name.as_str()));
     let mut sessions = p.clone();
     sessions.platform_id = keep(&p.platform_id);
     sessions.last_activity = keep(&p.last_activity);
@@ -323,33 +413,97 @@ pub async fn detect_with(db: &Db, profile: &SessionProfile) -> Result<Schema, St
     sessions.fingerprint = keep(&p.fingerprint);
 
     let mut notes = Vec::new();
-    let v2_roles = [
-        (&p.expires_at, &sessions.expires_at),
-        (&p.is_active, &sessions.is_active),
-        (&p.last_activity, &sessions.last_activity),
-        (&p.fingerprint, &sessions.fingerprint),
-    ];
-    let present = v2_roles.iter().filter(|(_, found)| found.is_some()).count();
-    let version = if present == v2_roles.len() {
-        SchemaVersion::V2
-    } else {
-        if present > 0 {
-            let absent: Vec<&str> = v2_roles
-                .iter()
-                .filter(|(_, found)| found.is_none())
-                .filter_map(|(wanted, _)| wanted.as_deref())
-                .collect();
+    let mut refusals = Vec::new();
+    let version = match (&sessions.expires_at, &sessions.last_activity) {
+        (Some(_), Some(_)) => {
+            if let (None, Some(flag)) = (&sessions.is_active, &p.is_active) {
+                notes.push(format!(
+                    "table '{}' has no column {flag}: sessions the application marked inactive \
+                     are not purged by age, only once expired",
+                    p.table
+                ));
+            }
+            SchemaVersion::V2
+        }
+        (None, None) => {
+            if let Some(flag) = &sessions.is_active {
+                notes.push(format!(
+                    "table '{}' has {flag} but neither expiry nor last-activity column: judged \
+                     as v1, by {} alone",
+                    p.table, p.updated_at
+                ));
+            }
+            // v1 judges updated_at alone: a stray flag is not read.
+            sessions.is_active = None;
+            SchemaVersion::V1
+        }
+        (expiry, activity) => {
+            let roles = [
+                (&p.expires_at, expiry.is_some()),
+                (&p.last_activity, activity.is_some()),
+            ];
+            let names = |present: bool| {
+                roles
+                    .iter()
+                    .filter(|(_, found)| *found == present)
+                    .filter_map(|(name, _)| (*name).clone())
+                    .chain(present.then(|| sessions.is_active.clone()).flatten())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let unfit = SchemaError::UnfitColumns {
+                table: p.table.clone(),
+                present: names(true),
+                absent: names(false),
+            };
             notes.push(format!(
-                "partial v2 schema (missing {}); treated as v1",
-                absent.join(", ")
+                "{unfit}; the cleanup refuses it, reports judge it as v1 by {}",
+                p.updated_at
+            ));
+            refusals.push(unfit);
+            sessions.expires_at = None;
+            sessions.is_active = None;
+            sessions.last_activity = None;
+            SchemaVersion::V1
+        }
+    };
+    // The time columns as the catalog types them. The rules compare the activity and expiry
+    // columns with a time: one of another type refuses the cleanup. The others are noted,
+    // for the reports that read them.
+    let compared: Vec<&String> = match version {
+        SchemaVersion::V2 => [&sessions.expires_at, &sessions.last_activity]
+            .into_iter()
+            .flatten()
+            .collect(),
+        SchemaVersion::V1 => vec![&sessions.updated_at],
+    };
+    let time_columns = [
+        Some(&sessions.created_at),
+        Some(&sessions.updated_at),
+        sessions.last_activity.as_ref(),
+        sessions.expires_at.as_ref(),
+    ];
+    for column in time_columns.into_iter().flatten() {
+        let data_type = &types[column];
+        if is_time_type(db.engine(), data_type) {
+            continue;
+        }
+        let wrong = SchemaError::TimeColumnType {
+            table: p.table.clone(),
+            column: column.clone(),
+            data_type: data_type.clone(),
+        };
+        if compared.contains(&column) {
+            notes.push(format!("{wrong}; the cleanup refuses the table"));
+            refusals.push(wrong);
+        } else {
+            notes.push(format!(
+                "table '{}' column '{column}' is {data_type}, not a date/time type: figures \
+                 read from it are misjudged",
+                p.table
             ));
         }
-        // A v1 database is judged by updated_at alone, even if stray v2 columns exist.
-        sessions.expires_at = None;
-        sessions.is_active = None;
-        sessions.last_activity = None;
-        SchemaVersion::V1
-    };
+    }
 
     let users = match table_columns(db, &profile.users.table).await? {
         Some(ucols) if ucols.contains(&profile.users.id) => Some(UsersTable {
@@ -398,6 +552,7 @@ pub async fn detect_with(db: &Db, profile: &SessionProfile) -> Result<Schema, St
         references,
         profile: profile.name.clone(),
         notes,
+        refusals,
     })
 }
 

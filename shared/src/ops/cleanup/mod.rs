@@ -575,6 +575,9 @@ async fn unless_cancelled<T>(ctx: &OpContext, work: impl Future<Output = T>) -> 
 /// statements of a run or a report.
 /// The session table's schema, and how its times compare: re-checked as times where SQLite
 /// columns were seen holding values other than UTC text (named in the schema's notes).
+/// A table the rules would misjudge (`Schema::check_rules_apply`: a time column of another
+/// type, expiry and activity columns that fit neither profile) is refused here, before any
+/// count or delete.
 async fn detect_schema(db: &Db, retried: &RetriedReads) -> Result<(Schema, TimeCompare), OpError> {
     let transient =
         |e: &StoreError| matches!(e, StoreError::Sql(e) if crate::store::is_transient(e));
@@ -582,6 +585,7 @@ async fn detect_schema(db: &Db, retried: &RetriedReads) -> Result<(Schema, TimeC
         schema::detect(db)
     })
     .await?;
+    schema.check_rules_apply().map_err(StoreError::from)?;
     let odd_times =
         retry::with_retries("time column probe", OpError::is_transient, retried, || {
             times::unreadable_sqlite_times(db, &schema)
