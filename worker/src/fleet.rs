@@ -21,7 +21,6 @@ use sessionfleet::queue::workers::REGISTRY_BEAT;
 use sessionfleet::queue::{Queue, WorkerInfo};
 use sessionfleet::runner::RunnerDeps;
 use tokio::time::Instant;
-use tokio_util::task::TaskTracker;
 
 use crate::signals::StopSignals;
 use crate::wake::Wakers;
@@ -58,9 +57,10 @@ pub struct FleetState {
     registered: std::sync::Mutex<HashSet<QueueClass>>,
     /// The name of each queue's current apalis worker (the latest start or restart).
     apalis_names: std::sync::Mutex<HashMap<QueueClass, String>>,
-    /// Every job's task ([`spawn_job`]). apalis waits at shutdown only for the handlers it
-    /// still has; a job whose apalis worker failed under it runs on without one.
-    jobs: TaskTracker,
+    /// Woken when `running_jobs` drops to zero. apalis waits at shutdown only for the handlers
+    /// it still has; a job whose apalis worker failed under it runs on without one, and
+    /// [`wait_for_jobs`] waits for it here.
+    jobs_done: tokio::sync::Notify,
     /// When the shutdown timeout ends: the first stop signal plus the timeout.
     stop_deadline: OnceLock<Instant>,
 }
@@ -132,7 +132,7 @@ impl Codec<RawJob> for RawCodec {
 }
 
 /// One job counted in [`FleetState::running_jobs`] for as long as it lives (it lives in the
-/// job's task, see [`spawn_job`]).
+/// job's task, see [`spawn_job`]); the last one to end wakes [`FleetState::jobs_done`].
 struct RunningJob(Arc<FleetState>);
 
 impl RunningJob {
@@ -144,7 +144,9 @@ impl RunningJob {
 
 impl Drop for RunningJob {
     fn drop(&mut self) {
-        self.0.running_jobs.fetch_sub(1, Ordering::Relaxed);
+        if self.0.running_jobs.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.jobs_done.notify_waiters();
+        }
     }
 }
 
@@ -182,16 +184,16 @@ async fn handle(
     }
 }
 
-/// Runs `job` on a task of its own, tracked in [`FleetState::jobs`] and counted in
-/// `running_jobs` until the job itself ends: apalis drops the handler awaiting it when its
-/// worker fails on a Redis error, and the job runs on regardless.
+/// Runs `job` on a task of its own, counted in [`FleetState::running_jobs`] until the job
+/// itself ends: apalis drops the handler awaiting it when its worker fails on a Redis error,
+/// and the job runs on regardless.
 fn spawn_job<F>(state: &Arc<FleetState>, job: F) -> tokio::task::JoinHandle<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let running = RunningJob::start(state);
-    state.jobs.spawn(async move {
+    tokio::spawn(async move {
         let _running = running;
         job.await
     })
@@ -201,18 +203,30 @@ where
 /// running. Called once the queue workers have stopped, so no job starts meanwhile; those left
 /// are jobs whose apalis worker failed while they ran (they have been told to stop, through
 /// the shutdown token, with the rest).
-async fn wait_for_jobs(jobs: &TaskTracker, deadline: Instant) -> Result<(), usize> {
-    jobs.close();
-    if jobs.is_empty() {
+async fn wait_for_jobs(state: &FleetState, deadline: Instant) -> Result<(), u64> {
+    let running = || state.running_jobs.load(Ordering::Acquire);
+    if running() == 0 {
         return Ok(());
     }
     tracing::info!(
-        jobs = jobs.len(),
+        jobs = running(),
         "waiting for jobs that lost their queue worker while running"
     );
-    tokio::time::timeout_at(deadline, jobs.wait())
+    let all_ended = async {
+        loop {
+            // Registered before the check, so the last job's wake-up cannot slip in between.
+            let ended = state.jobs_done.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if running() == 0 {
+                return;
+            }
+            ended.await;
+        }
+    };
+    tokio::time::timeout_at(deadline, all_ended)
         .await
-        .map_err(|_| jobs.len())
+        .map_err(|_| running())
 }
 
 /// Runs the worker process until a stop signal.
@@ -418,7 +432,7 @@ pub async fn run(settings: Settings, queues: Vec<QueueClass>) -> anyhow::Result<
         .get()
         .copied()
         .unwrap_or_else(|| Instant::now() + stop_timeout);
-    let left = wait_for_jobs(&state.jobs, deadline).await;
+    let left = wait_for_jobs(&state, deadline).await;
     background.cancel();
     if let Err(e) = queue.deregister_worker(&process_name).await {
         tracing::warn!(error = %e, "could not remove the worker record; the janitor will");
@@ -633,12 +647,11 @@ mod tests {
         handler.abort();
         assert!(handler.await.unwrap_err().is_cancelled());
         assert_eq!(state.running_jobs.load(Ordering::Relaxed), 1);
-        assert_eq!(state.jobs.len(), 1);
 
         let far = Instant::now() + Duration::from_secs(3600);
         let wait = tokio::spawn({
             let state = Arc::clone(&state);
-            async move { wait_for_jobs(&state.jobs, far).await }
+            async move { wait_for_jobs(&state, far).await }
         });
         finish.send(()).expect("job still running");
         assert_eq!(wait.await.unwrap(), Ok(()));
@@ -653,13 +666,13 @@ mod tests {
         let _stuck = spawn_job(&state, std::future::pending::<()>());
         let _done = spawn_job(&state, tokio::time::sleep(Duration::from_secs(5)));
         let deadline = Instant::now() + Duration::from_secs(30);
-        assert_eq!(wait_for_jobs(&state.jobs, deadline).await, Err(1));
+        assert_eq!(wait_for_jobs(&state, deadline).await, Err(1));
         assert_eq!(state.running_jobs.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
     async fn no_jobs_means_no_wait() {
         let state = Arc::new(FleetState::default());
-        assert_eq!(wait_for_jobs(&state.jobs, Instant::now()).await, Ok(()));
+        assert_eq!(wait_for_jobs(&state, Instant::now()).await, Ok(()));
     }
 }
