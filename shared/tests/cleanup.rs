@@ -3004,3 +3004,60 @@ async fn an_expiry_without_a_last_activity_column_is_refused() {
         tdb.drop_db().await;
     }
 }
+
+/// On SQLite a time column holds whatever was written. An expired session whose expiry is a
+/// date without a time ('2020-06-01') is deleted with the others, and the walk along the
+/// expiry index (the rule is sparse: 4 of 54 rows), one row a batch, goes on past it and past
+/// a Julian day number (a REAL, which SQLite's `julianday` reads as a time). Fails when the
+/// walk read its cursor as a date-time: the bare date failed to decode, so every run failed
+/// before its first batch and nothing was ever deleted.
+#[tokio::test]
+async fn a_sqlite_expiry_written_as_a_bare_date_is_walked_past_and_deleted() {
+    let tdb = v2_shaped(Engine::Sqlite, &[]).await;
+    let db = &tdb.db;
+    let recent = t0() - ChronoDuration::hours(1);
+    let insert = "INSERT INTO user_sessions (session_id, user_id, created_at, updated_at, last_activity, expires_at, is_active) \
+         VALUES (?, 1, ?, ?, ?, ?, TRUE)";
+    let live = 50;
+    for i in 0..live {
+        sessionfleet::on_pool!(db, p => {
+            sqlx::query(db.sql(insert)).bind(format!("live-{i}")).bind(recent).bind(recent).bind(recent)
+                .bind(t0() + ChronoDuration::days(1)).execute(p).await.expect("insert live");
+        });
+    }
+    for (label, expires) in [
+        ("expired-1", (t0() - ChronoDuration::hours(1)).to_string()),
+        ("expired-2", (t0() - ChronoDuration::hours(2)).to_string()),
+        ("expired-bare-date", "2020-06-01".to_string()),
+    ] {
+        sessionfleet::on_pool!(db, p => {
+            sqlx::query(db.sql(insert)).bind(label).bind(recent).bind(recent).bind(recent)
+                .bind(expires).execute(p).await.expect("insert expired");
+        });
+    }
+    // 2020-01-01 00:00 UTC as a Julian day number.
+    sessionfleet::on_pool!(db, p => {
+        sqlx::query(db.sql(insert)).bind("expired-julian-day").bind(recent).bind(recent).bind(recent)
+            .bind(2_458_849.5_f64).execute(p).await.expect("insert expired");
+    });
+    let total = live + 4;
+    assert!(
+        4.0 < cleanup::DENSE_RULE_SHARE * f64::from(total),
+        "the expired rule is sparse, so it walks the expiry index"
+    );
+    let one_by_one = CleanupParams {
+        batch_size: 1,
+        max_batch_size: 1,
+        ..params()
+    };
+    let report = cleanup::run(&ctx(db).await, &one_by_one)
+        .await
+        .expect("a run past a bare date");
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.errors);
+    assert_eq!(report.expired_sessions_cleaned, 4, "{report:?}");
+    assert!(report.batches >= 4, "one row a batch: {}", report.batches);
+    let left = every_label(db).await;
+    assert_eq!(left.len(), live as usize, "{left:?}");
+    assert!(left.iter().all(|l| l.starts_with("live-")), "{left:?}");
+    tdb.drop_db().await;
+}

@@ -13,7 +13,7 @@ use crate::ops::OpError;
 use crate::store::{BatchWriter, Db, DbTx, Engine, ReadConnection, Schema};
 
 /// Where the walk of one rule stands: the next batch starts at (or after) this point.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Cursor {
     /// Nothing read yet.
     Start,
@@ -21,8 +21,39 @@ pub enum Cursor {
     /// rows sharing the last value may have been left out by the LIMIT; those already deleted
     /// are gone, so nothing is read twice.
     Time(NaiveDateTime),
+    /// [`Cursor::Time`] on SQLite, where a time column holds whatever was written: the last
+    /// value as stored, bound back as it is.
+    Stored(StoredValue),
     /// Walking the primary key: the next batch reads ids `>` this one.
     Id(i64),
+}
+
+/// A SQLite value as stored, in its own storage class. Bound back as the walk's lower bound
+/// (`col >= ?`), it compares as the column's index orders it — numbers before text, text as
+/// written — whatever the value looks like: text in any layout (`2020-06-01`), Unix
+/// seconds. Read as a date-time instead, such a value failed to decode, and every run failed
+/// at the same batch without deleting anything.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoredValue {
+    /// An integer.
+    Integer(i64),
+    /// A floating-point number.
+    Real(f64),
+    /// Text, and anything else as SQLite writes it as text.
+    Text(String),
+}
+
+impl StoredValue {
+    /// The value from SQLite's `typeof(v)`, `CAST(v AS TEXT)` and `CAST(v AS REAL)`.
+    fn from_parts(kind: &str, text: String, real: f64) -> StoredValue {
+        match kind {
+            "integer" => text
+                .parse()
+                .map_or(StoredValue::Text(text), StoredValue::Integer),
+            "real" => StoredValue::Real(real),
+            _ => StoredValue::Text(text),
+        }
+    }
 }
 
 /// The rows one batch will delete, as the DELETE names them.
@@ -207,7 +238,7 @@ impl Source {
             Source::Range(span) => span.next(db, schema, cursor, limit).await,
             Source::Stream(ids) => {
                 let ids = ids.next_batch(limit).await?;
-                let next = ids.last().map(|v| Cursor::Id(*v)).unwrap_or(cursor);
+                let next = ids.last().map_or(cursor, |v| Cursor::Id(*v));
                 Ok(Candidates::ids(ids, next, limit))
             }
         }
@@ -227,42 +258,53 @@ async fn select_along_index(
 ) -> Result<Candidates, sqlx::Error> {
     let t = &schema.sessions.table;
     let id_expr = id_as_i64(db.engine(), &format!("{t}.{}", schema.sessions.id));
-    let bound = match cursor {
-        Cursor::Time(v) => Some(v),
-        _ => None,
-    };
-    let bound_sql = if bound.is_some() {
-        format!(" AND {col} >= ?")
-    } else {
-        String::new()
+    let bound_sql = match cursor {
+        Cursor::Time(_) | Cursor::Stored(_) => format!(" AND {col} >= ?"),
+        Cursor::Start | Cursor::Id(_) => String::new(),
     };
     // The limit is a parameter, not text: the size changes nearly every batch, and a new text
     // is a new prepared statement on the server and in the connection's cache.
     // Read back as the engine's plain date-time, which decodes as `NaiveDateTime` whatever the
     // column's type: a PostgreSQL `timestamptz` or MySQL `TIMESTAMP` column (in the session's
-    // UTC) would fail to decode on every batch.
+    // UTC) would fail to decode on every batch. On SQLite, as stored (see `StoredValue`).
     let col_value = match db.engine() {
         Engine::Postgres => format!("CAST({col} AS TIMESTAMP)"),
         Engine::MySql => format!("CAST({col} AS DATETIME(6))"),
-        Engine::Sqlite => col.to_string(),
+        Engine::Sqlite => format!("typeof({col}), CAST({col} AS TEXT), CAST({col} AS REAL)"),
     };
     let sql = db.sql(format!(
         "SELECT {id_expr}, {col_value} FROM {t} WHERE ({}){bound_sql} ORDER BY {col} LIMIT ?",
         pred.sql
     ));
-    let rows: Vec<(i64, NaiveDateTime)> = crate::on_pool!(db, p => {
+    let sqlite = db.engine() == Engine::Sqlite;
+    let rows: Vec<(i64, Cursor)> = crate::on_pool!(db, p => {
         let mut q = sqlx::query(sql);
         for b in &pred.binds {
             q = q.bind(*b);
         }
-        if let Some(v) = bound {
-            q = q.bind(v);
-        }
+        q = match &cursor {
+            Cursor::Time(v) => q.bind(*v),
+            Cursor::Stored(StoredValue::Integer(v)) => q.bind(*v),
+            Cursor::Stored(StoredValue::Real(v)) => q.bind(*v),
+            Cursor::Stored(StoredValue::Text(v)) => q.bind(v.clone()),
+            Cursor::Start | Cursor::Id(_) => q,
+        };
         q.bind(i64::from(limit)).fetch_all(p).await?.iter()
-            .map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<NaiveDateTime, _>(1)?)))
+            .map(|r| {
+                let at = if sqlite {
+                    Cursor::Stored(StoredValue::from_parts(
+                        &r.try_get::<String, _>(1)?,
+                        r.try_get::<String, _>(2)?,
+                        r.try_get::<f64, _>(3)?,
+                    ))
+                } else {
+                    Cursor::Time(r.try_get::<NaiveDateTime, _>(1)?)
+                };
+                Ok((r.try_get::<i64, _>(0)?, at))
+            })
             .collect::<Result<Vec<_>, sqlx::Error>>()?
     });
-    let next = rows.last().map(|(_, v)| Cursor::Time(*v)).unwrap_or(cursor);
+    let next = rows.last().map_or(cursor, |(_, at)| at.clone());
     let ids = rows.into_iter().map(|(i, _)| i).collect();
     Ok(Candidates::ids(ids, next, limit))
 }

@@ -767,7 +767,7 @@ async fn purge_rule(
         let found = match pending.take() {
             Some(found) => found,
             None => match source
-                .next(db, schema, &rule.predicate, cursor, limit)
+                .next(db, schema, &rule.predicate, cursor.clone(), limit)
                 .await
             {
                 Ok(found) => found,
