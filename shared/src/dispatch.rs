@@ -217,15 +217,22 @@ impl OperationJob {
                     next,
                 })
             }
-            OperationJob::Analytics(p) => {
-                let r = analytics::run(&ctx, p).await?;
-                Ok(Executed {
+            OperationJob::Analytics(p) => Ok(match analytics::run(&ctx, p).await? {
+                Some(r) => Executed {
                     report: to_json(&r),
                     rows: 0,
                     outcome: Outcome::Completed,
                     next: None,
-                })
-            }
+                },
+                // Cancelled before its report was done: nothing to keep or continue; the job
+                // is handed back whole ([`run_operation`] defers it).
+                None => Executed {
+                    report: serde_json::Value::Null,
+                    rows: 0,
+                    outcome: Outcome::Cancelled,
+                    next: None,
+                },
+            }),
             OperationJob::Maintenance(p) => {
                 let r = maintenance::run(&ctx, p).await?;
                 // An index build or optimize a cancellation cut short is continued, not
@@ -271,7 +278,9 @@ pub struct Executed {
     pub rows: u64,
     /// Why it stopped.
     pub outcome: Outcome,
-    /// The rest of the work, when it stopped early.
+    /// The rest of the work, when it stopped early. `None` with an outcome other than
+    /// completed: stopped before it did anything worth keeping (an analytics report
+    /// cancelled part-way), so the whole job is to run again.
     pub next: Option<OperationJob>,
 }
 
@@ -381,6 +390,19 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
             error: e.to_string(),
             retryable: true,
         },
+        // Cancelled (a shutdown, the CLI's deadline) before it produced anything: handed
+        // back as it came, ready at once for another worker, spending no attempt — as a
+        // busy lease is. Failing it would spend one, and a report left to run past the
+        // worker's shutdown timeout counted as a worker death and ran again in full.
+        Ok((Ok(done), _)) if done.outcome != Outcome::Completed && done.next.is_none() => {
+            JobOutcome::Deferred {
+                delay: Duration::ZERO,
+                reason: format!(
+                    "{} stopped before its report was done; nothing kept, it starts over",
+                    env.kind.as_str()
+                ),
+            }
+        }
         Ok((Ok(done), lost)) => {
             if let Some(reason) = lost {
                 tracing::warn!(job_id = %env.job_id, ?reason, "lease lost during the run; the rest continues later");

@@ -1033,7 +1033,7 @@ async fn run_takes_params_that_travel_through_json() {
         &serde_json::to_string(&AnalyticsParams::HealthReport(params())).expect("ser"),
     )
     .expect("de");
-    let AnalyticsReport::Health(h) = analytics::run(&ctx, &p).await.expect("run") else {
+    let Some(AnalyticsReport::Health(h)) = analytics::run(&ctx, &p).await.expect("run") else {
         panic!("health report expected")
     };
     assert_eq!(h.statistics.session_counts.total_sessions, 5);
@@ -1044,7 +1044,7 @@ async fn run_takes_params_that_travel_through_json() {
     let p: AnalyticsParams =
         serde_json::from_str(r#"{"kind":"trends","days":3}"#).expect("trends params");
     assert!(
-        matches!(analytics::run(&ctx, &p).await.expect("run"), AnalyticsReport::Trends(t) if t.days.len() == 3)
+        matches!(analytics::run(&ctx, &p).await.expect("run"), Some(AnalyticsReport::Trends(t)) if t.days.len() == 3)
     );
     let p: AnalyticsParams =
         serde_json::from_str(r#"{"kind":"health_report","example_limit":0}"#).expect("params");
@@ -1372,4 +1372,120 @@ async fn a_critical_security_score_alert_names_the_critical_line() {
     assert_eq!(alert.threshold, 50.0);
     assert!(alert.message.ends_with("below 50"), "{}", alert.message);
     tdb.drop_db().await;
+}
+
+/// The server sessions of this database that wait for a table lock.
+async fn table_lock_waiters(db: &Db) -> i64 {
+    db.scalar_i64(match db.engine() {
+        Engine::Postgres => {
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        }
+        _ => {
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+             WHERE DB = DATABASE() AND STATE LIKE 'Waiting for table%'"
+        }
+    })
+    .await
+    .expect("lock waiters")
+}
+
+/// Polls `done` until it holds; false if it still does not after a minute (a bound for a
+/// failing test, never the outcome of a passing one).
+async fn eventually(mut done: impl AsyncFnMut() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    while !done().await {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// An analytics job cancelled before its report is done (a worker's shutdown, the CLI's
+/// deadline) is handed back whole — deferred at once, spending no attempt — its statements
+/// cancelled on the server the moment it gives up, with the table still locked. Fails if the
+/// report ignores the cancellation: it then waits for the lock and ends done, and a report of
+/// a minute outlasts the worker's shutdown timeout, is counted a worker death and runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_analytics_job_cancelled_mid_report_is_handed_back_and_its_queries_cancelled() {
+    use sessionfleet::dispatch::{self, OperationEnv, OperationJob};
+    use sessionfleet::jobs::{JobEnvelope, JobKind};
+    use sessionfleet::runner::JobOutcome;
+    use sessionfleet::testing::HeldLock;
+
+    // Cancelled before it starts: no report, and the job is deferred, not done or failed.
+    let tdb = fixture(Engine::Sqlite).await;
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    let ctx = OpContext {
+        db: tdb.db.clone(),
+        fence: None,
+        cancel: cancel.clone(),
+        progress: Default::default(),
+    };
+    let p = AnalyticsParams::HealthReport(params());
+    assert!(analytics::run(&ctx, &p).await.expect("run").is_none());
+    let settings = sessionfleet::testing::settings_for_database(&tdb.url);
+    let job = OperationJob::Analytics(p.clone());
+    let env = JobEnvelope::new(JobKind::Analytics, "default", job.params(), "test");
+    let oe = OperationEnv {
+        settings: &settings,
+        redis: None,
+        queue: None,
+        holder: "test",
+        shutdown: &cancel,
+        progress: None,
+    };
+    let outcome = dispatch::run_operation(&env, &oe).await;
+    assert!(
+        matches!(&outcome, JobOutcome::Deferred { delay, .. } if delay.is_zero()),
+        "{outcome:?}"
+    );
+    tdb.drop_db().await;
+
+    // Cancelled while its queries wait for a lock on the sessions table.
+    for engine in [Engine::Postgres, Engine::MySql] {
+        let tdb = seeded(engine, SchemaVersion::V2, 300).await;
+        let lock = HeldLock::sessions_table(&tdb.url).await;
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn({
+            let (url, shutdown) = (tdb.url.clone(), shutdown.clone());
+            async move {
+                let settings = sessionfleet::testing::settings_for_database(&url);
+                let job = OperationJob::Analytics(AnalyticsParams::HealthReport(params()));
+                let env = JobEnvelope::new(JobKind::Analytics, "default", job.params(), "test");
+                let oe = OperationEnv {
+                    settings: &settings,
+                    redis: None,
+                    queue: None,
+                    holder: "test",
+                    shutdown: &shutdown,
+                    progress: None,
+                };
+                dispatch::run_operation(&env, &oe).await
+            }
+        });
+        assert!(
+            eventually(async || table_lock_waiters(&tdb.db).await > 0).await,
+            "{engine}: the report never waited for the lock"
+        );
+        shutdown.cancel();
+        let gave_up = eventually(async || run.is_finished()).await;
+        let queries_left =
+            gave_up && !eventually(async || table_lock_waiters(&tdb.db).await == 0).await;
+        lock.release().await;
+        let outcome = run.await.expect("the job");
+        assert!(
+            matches!(&outcome, JobOutcome::Deferred { .. }),
+            "{engine}: {outcome:?}"
+        );
+        assert!(gave_up, "{engine}: the job waited for the lock");
+        assert!(
+            !queries_left,
+            "{engine}: the report's queries still wait on the server"
+        );
+        tdb.drop_db().await;
+    }
 }

@@ -1605,3 +1605,79 @@ async fn full_maintenance_keeps_indexes_an_earlier_part_built() {
     );
     tdb.drop_db().await;
 }
+
+/// Polls the sessions of this PostgreSQL database that wait for a lock until `done` holds of
+/// their number; false if it still does not after a minute (a bound for a failing test, never
+/// the outcome of a passing one).
+async fn lock_waiters_until(db: &Db, done: impl Fn(i64) -> bool) -> bool {
+    let waiting = "SELECT COUNT(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let started = std::time::Instant::now();
+    while !done(db.scalar_i64(waiting).await.unwrap()) {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// Full maintenance cancelled once optimize is done, while its health report reads (a worker
+/// shutting down), hands the report stage to a continuation at once — no report, its queries
+/// cancelled on the server with the table still locked — and the continuation, with a fresh
+/// token, finishes the run from there. Fails if the report stage ignores the cancellation:
+/// the part then waits out the report and ends completed, and a worker past its shutdown
+/// timeout hands the job back to run cleanup, index builds and optimize again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_maintenance_cancelled_in_its_report_stage_continues_there() {
+    use sessionfleet::testing::HeldLock;
+
+    let tdb = seeded(Engine::Postgres, SchemaVersion::V2).await;
+    let db = tdb.db.clone();
+    // Optimize is done (planned, in a dry run) before the report waits for the table.
+    let lock = HeldLock::sessions_table(&tdb.url).await;
+    let (ctx, _) = ctx_with_fence(&db).await;
+    let cancel = ctx.cancel.clone();
+    let params = FullParams {
+        stage: Stage::Optimize,
+        dry_run: true,
+        ..FullParams::default()
+    };
+    let part = tokio::spawn({
+        let params = params.clone();
+        async move { full::run(&ctx, &params).await }
+    });
+    assert!(
+        lock_waiters_until(&db, |n| n > 0).await,
+        "the report never waited for the lock"
+    );
+    cancel.cancel();
+    let started = std::time::Instant::now();
+    while !part.is_finished() && started.elapsed() < std::time::Duration::from_secs(60) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let gave_up = part.is_finished();
+    let queries_left = gave_up && !lock_waiters_until(&db, |n| n == 0).await;
+    lock.release().await;
+    let part = part.await.unwrap().expect("a part");
+    assert_eq!(part.outcome, Outcome::Cancelled, "{:?}", part.report);
+    assert!(gave_up, "the part waited for the lock");
+    assert!(
+        !queries_left,
+        "the report's queries still wait on the server"
+    );
+    assert!(part.report.analytics.is_none(), "{:?}", part.report);
+    let next = part.next.expect("a continuation");
+    assert_eq!(next.stage, Stage::Report);
+    let planned = part.report.planned_optimizations.clone();
+    assert!(!planned.is_empty());
+
+    let (resumed, _) = ctx_with_fence(&db).await;
+    let done = full::run(&resumed, &next).await.expect("the continuation");
+    assert_eq!(done.outcome, Outcome::Completed, "{:?}", done.report);
+    assert!(done.next.is_none());
+    assert!(done.report.analytics.is_some(), "{:?}", done.report);
+    assert_eq!(done.report.planned_optimizations, planned, "carried over");
+    assert!(done.report.errors.is_empty(), "{:?}", done.report.errors);
+    tdb.drop_db().await;
+}

@@ -2,8 +2,9 @@
 //! with one summary (`session_maintenance.py --full-maintenance`, reference §2.4).
 //!
 //! The run is a small state machine so it fits the fleet's time budgets: a cleanup that
-//! spends its budget returns [`FullRun::next`], parameters that carry the stage reached and
-//! the partial report; the continuation picks up there. Bugs of the original fixed on purpose:
+//! spends its budget, or a stage a cancellation stops (the health report's included),
+//! returns [`FullRun::next`], parameters that carry the stage reached and the partial
+//! report; the continuation picks up there. Bugs of the original fixed on purpose:
 //! the summary carries the analytics recommendations (the original read a key that never
 //! existed), indexes that already existed are not reported as created, and orphans are
 //! mentioned.
@@ -265,20 +266,36 @@ pub async fn run(ctx: &OpContext, p: &FullParams) -> Result<FullRun, OpError> {
                 Err(e) => report.errors.push(format!("optimize: {e}")),
             }
         }
-    }
-
-    // Health report, informed by what maintenance found still missing.
-    let mut health = p.health.clone();
-    if let Ok(missing) = maintenance::missing_recommended_indexes(&ctx.db).await {
-        let findings = health.findings.get_or_insert_with(DbFindings::default);
-        // In a dry run the indexes were not built; report them as missing only for real runs.
-        if !p.dry_run {
-            findings.missing_indexes = missing;
+        stage = Stage::Report;
+        // Cancelled while optimize ran its last statement: the health report is left to the
+        // continuation, which starts there instead of building indexes and running optimize
+        // (VACUUM, OPTIMIZE TABLE) again.
+        if ctx.cancel.is_cancelled() {
+            return Ok(continue_at(p, stage, report, Outcome::Cancelled, part_rows));
         }
     }
-    match analytics::health_report(&ctx.db, &health).await {
-        Ok(h) => report.analytics = Some(h),
-        Err(e) => report.errors.push(format!("health report: {e}")),
+
+    // Health report, informed by what maintenance found still missing. It reads for a
+    // minute on a large table, longer than a worker's shutdown timeout: a cancellation
+    // gives it up on the spot (its statements cancelled on the server) and hands the stage
+    // to a continuation, so a worker that stops does not leave the whole run to start over.
+    let health_report = async {
+        let mut health = p.health.clone();
+        if let Ok(missing) = maintenance::missing_recommended_indexes(&ctx.db).await {
+            let findings = health.findings.get_or_insert_with(DbFindings::default);
+            // In a dry run the indexes were not built; report them as missing only for real
+            // runs.
+            if !p.dry_run {
+                findings.missing_indexes = missing;
+            }
+        }
+        analytics::health_report(&ctx.db, &health).await
+    };
+    // Boxed, as `analytics::run` boxes it: a large future.
+    match analytics::until_cancelled(&ctx.cancel, Box::pin(health_report)).await {
+        None => return Ok(continue_at(p, stage, report, Outcome::Cancelled, part_rows)),
+        Some(Ok(h)) => report.analytics = Some(h),
+        Some(Err(e)) => report.errors.push(format!("health report: {e}")),
     }
     report.summary = summarize(&report);
     Ok(FullRun {

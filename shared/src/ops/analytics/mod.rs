@@ -18,6 +18,7 @@ use chrono::{NaiveDate, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{OpContext, OpError};
+use crate::CancellationToken;
 use crate::store::Db;
 
 mod health;
@@ -243,18 +244,49 @@ impl AnalyticsReport {
 }
 
 /// Runs one analytics job. Read-only: needs no fence.
-pub async fn run(ctx: &OpContext, p: &AnalyticsParams) -> Result<AnalyticsReport, OpError> {
-    match p {
-        AnalyticsParams::HealthReport(hp) => {
-            Ok(AnalyticsReport::Health(health_report(&ctx.db, hp).await?))
+///
+/// `Ok(None)` when `ctx.cancel` fires before the report is done (a shutdown, the CLI's
+/// deadline), or has already fired: a report half-gathered is worth nothing, so nothing is
+/// kept and the job starts over when run again. Its statements in flight are given up on
+/// the spot — cancelled on the server, their connections closed rather than pooled (see
+/// `probe`) — so a report of a minute on a large table does not outlast a worker's
+/// shutdown timeout.
+pub async fn run(ctx: &OpContext, p: &AnalyticsParams) -> Result<Option<AnalyticsReport>, OpError> {
+    let work = async {
+        match p {
+            AnalyticsParams::HealthReport(hp) => {
+                Ok(AnalyticsReport::Health(health_report(&ctx.db, hp).await?))
+            }
+            AnalyticsParams::Trends {
+                days,
+                max_age_secs,
+                fleet,
+            } => Ok(AnalyticsReport::Trends(
+                trends(&ctx.db, *days, *max_age_secs, fleet.as_ref()).await?,
+            )),
         }
-        AnalyticsParams::Trends {
-            days,
-            max_age_secs,
-            fleet,
-        } => Ok(AnalyticsReport::Trends(
-            trends(&ctx.db, *days, *max_age_secs, fleet.as_ref()).await?,
-        )),
+    };
+    // Boxed: the report's concurrent queries make a large future, and inline it would make
+    // every caller's as large (a test polling a job on its own thread overflowed its stack).
+    until_cancelled(&ctx.cancel, Box::pin(work))
+        .await
+        .transpose()
+}
+
+/// `work`'s output, or `None` once `cancel` fires first — checked before `work` is first
+/// polled, so a token already cancelled starts nothing. `work` is dropped part-way, so this
+/// is for reads only, never for writes: the long statements, through `probe`, are cancelled
+/// on the server and their connections closed; a short catalog read dropped mid-way (schema
+/// detection, index lists) leaves its pooled connection to sqlx, which reads the rest of it
+/// (a ping) before handing it out again.
+pub(crate) async fn until_cancelled<T>(
+    cancel: &CancellationToken,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => None,
+        done = work => Some(done),
     }
 }
 

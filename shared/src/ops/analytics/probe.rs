@@ -10,7 +10,7 @@ use chrono::NaiveDateTime;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::store::{Db, Engine};
+use crate::store::{CANCELLABLE, Db, Engine, ReadConnection};
 
 /// One query the report ran, as measured by the report itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,50 +137,74 @@ impl<'a> Probe<'a> {
         // several reports on one pool: without a turn, the extra queries waited in the
         // pool's acquire and timed out behind long ones (at 10M sessions on MariaDB).
         let _turn = db.query_turn().await;
-        let (started, rows): (Instant, Vec<Vec<Cell>>) = crate::on_pool!(db, p => {
-            // The clock starts once a connection is ours: the report's queries run
-            // concurrently, and waiting for the pool is not a query's round trip.
-            let mut conn = p.acquire().await?;
-            let started = Instant::now();
-            let mut q = sqlx::query(db.sql(sql));
-            for a in args {
-                q = match *a {
-                    Arg::Time(t) => q.bind(t),
-                };
-            }
-            let raw = match pg_settings {
-                Some(settings) => {
-                    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                    sqlx::raw_sql(settings).execute(&mut *tx).await?;
-                    let raw = q.fetch_all(&mut *tx).await?;
-                    tx.rollback().await?;
-                    raw
+        // A report given up (a shutdown, the CLI's deadline) drops this future mid-query: its
+        // connection is then closed, not pooled still busy with the query, and the query,
+        // marked, is cancelled on the server rather than left to scan for a minute.
+        let mut conn = db.cancellable_connection().await?;
+        let sql = db.sql(format!("{CANCELLABLE} {sql}"));
+        // The clock starts once a connection is ours: the report's queries run concurrently,
+        // and waiting for the pool is not a query's round trip.
+        let started = Instant::now();
+        let rows = conn
+            .run(async |conn| {
+                macro_rules! fetch {
+                    ($c:expr) => {{
+                        let c = $c;
+                        let mut q = sqlx::query(sql);
+                        for a in args {
+                            q = match *a {
+                                Arg::Time(t) => q.bind(t),
+                            };
+                        }
+                        let raw = match pg_settings {
+                            Some(settings) => {
+                                let mut tx = sqlx::Connection::begin(&mut **c).await?;
+                                sqlx::raw_sql(settings).execute(&mut *tx).await?;
+                                let raw = q.fetch_all(&mut *tx).await?;
+                                tx.rollback().await?;
+                                raw
+                            }
+                            None => q.fetch_all(&mut **c).await?,
+                        };
+                        let mut out = Vec::with_capacity(raw.len());
+                        for r in &raw {
+                            let mut cells = Vec::with_capacity(kinds.len());
+                            for (i, k) in kinds.iter().enumerate() {
+                                let cell = match k {
+                                    // Plain INTEGER columns (user ids) are 32-bit on PostgreSQL
+                                    // and MySQL.
+                                    Kind::Int => match r.try_get::<Option<i64>, _>(i) {
+                                        Ok(v) => v.map_or(Cell::Null, Cell::Int),
+                                        Err(_) => r
+                                            .try_get::<Option<i32>, _>(i)?
+                                            .map_or(Cell::Null, |v| Cell::Int(v.into())),
+                                    },
+                                    // SQLite's dynamic typing may hand back an INTEGER where
+                                    // REAL is meant.
+                                    Kind::Float => match r.try_get::<Option<f64>, _>(i) {
+                                        Ok(v) => v.map_or(Cell::Null, Cell::Float),
+                                        Err(_) => r
+                                            .try_get::<Option<i64>, _>(i)?
+                                            .map_or(Cell::Null, |v| Cell::Float(v as f64)),
+                                    },
+                                    Kind::Text => r
+                                        .try_get::<Option<String>, _>(i)?
+                                        .map_or(Cell::Null, Cell::Text),
+                                };
+                                cells.push(cell);
+                            }
+                            out.push(cells);
+                        }
+                        out
+                    }};
                 }
-                None => q.fetch_all(&mut *conn).await?,
-            };
-            let mut out = Vec::with_capacity(raw.len());
-            for r in &raw {
-                let mut cells = Vec::with_capacity(kinds.len());
-                for (i, k) in kinds.iter().enumerate() {
-                    let cell = match k {
-                        // Plain INTEGER columns (user ids) are 32-bit on PostgreSQL and MySQL.
-                        Kind::Int => match r.try_get::<Option<i64>, _>(i) {
-                            Ok(v) => v.map_or(Cell::Null, Cell::Int),
-                            Err(_) => r.try_get::<Option<i32>, _>(i)?.map_or(Cell::Null, |v| Cell::Int(v.into())),
-                        },
-                        // SQLite's dynamic typing may hand back an INTEGER where REAL is meant.
-                        Kind::Float => match r.try_get::<Option<f64>, _>(i) {
-                            Ok(v) => v.map_or(Cell::Null, Cell::Float),
-                            Err(_) => r.try_get::<Option<i64>, _>(i)?.map_or(Cell::Null, |v| Cell::Float(v as f64)),
-                        },
-                        Kind::Text => r.try_get::<Option<String>, _>(i)?.map_or(Cell::Null, Cell::Text),
-                    };
-                    cells.push(cell);
-                }
-                out.push(cells);
-            }
-            (started, out)
-        });
+                Ok(match conn {
+                    ReadConnection::Sqlite(c) => fetch!(c),
+                    ReadConnection::Postgres(c) => fetch!(c),
+                    ReadConnection::MySql(c) => fetch!(c),
+                })
+            })
+            .await?;
         let timing = QueryTiming {
             name: name.to_string(),
             millis: started.elapsed().as_secs_f64() * 1000.0,
