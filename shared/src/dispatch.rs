@@ -8,8 +8,9 @@
 //! nothing anywhere, not even the fence table.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use redis::aio::ConnectionManager;
@@ -28,7 +29,7 @@ use crate::ops::{OpContext, OpError, Outcome, Progress};
 use crate::queue::progress::Publishing;
 use crate::queue::{LiveProgress, Queue, ResultOutcome, RunSummary};
 use crate::runner::JobOutcome;
-use crate::store::{ConnectOptions, Db};
+use crate::store::{ConnectOptions, Db, StoreError};
 
 /// Window of recent runs summarised into [`FleetFacts`] for health reports.
 pub const FLEET_FACTS_RUNS: usize = 200;
@@ -329,10 +330,12 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
     };
     let db = match shared_db(&target.url, role).await {
         Ok(db) => db,
-        Err(error) => {
+        // A URL that cannot work fails the job as a target missing from the configuration
+        // does: retries would fail the same way, only later.
+        Err(e) => {
             return JobOutcome::Failed {
-                error,
-                retryable: true,
+                retryable: !e.is_permanent(),
+                error: e.to_string(),
             };
         }
     };
@@ -466,27 +469,140 @@ pub enum PoolRole {
     Reads,
 }
 
+/// How long a failed attempt to open a target's pool is remembered. Opening retries an
+/// unreachable server for up to about a minute (five attempts, each waiting up to the pool's
+/// connect timeout, with backoff between them), one job at a time per pool: without a memory, every job queued for a target
+/// that is down paid that minute in turn, each holding one of the worker's job slots, so one
+/// dead database held up the jobs of every other. Within the window the pool's jobs fail at
+/// once with the same error (retried later as before, when a retry can help); after it the
+/// next job tries again, so a target that comes back is used within this long.
+pub const CONNECT_FAILURE_MEMORY: Duration = Duration::from_secs(30);
+
+/// Why a target's pool could not be opened ([`shared_db`]). Its text names the URL with the
+/// password removed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ConnectFailure {
+    message: String,
+    permanent: bool,
+    remembered: bool,
+}
+
+impl ConnectFailure {
+    fn new(e: &StoreError) -> ConnectFailure {
+        ConnectFailure {
+            message: e.to_string(),
+            // The URL cannot be used as written: an unknown scheme, a URL that does not
+            // parse, credentials or a database the server refuses, a SQLite file that is not
+            // there. Only a server that does not answer is worth trying again.
+            permanent: matches!(e, StoreError::UnknownScheme(_) | StoreError::BadUrl { .. }),
+            remembered: false,
+        }
+    }
+
+    /// Whether trying again cannot help until the configuration (or the server's accounts)
+    /// change: a job failing so is not retried.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+
+    /// Whether this is the failure of an earlier attempt, within [`CONNECT_FAILURE_MEMORY`],
+    /// given without trying again.
+    pub fn is_remembered(&self) -> bool {
+        self.remembered
+    }
+
+    fn remembered(&self, age: Duration) -> ConnectFailure {
+        ConnectFailure {
+            message: format!(
+                "{} (remembered from the attempt {}s ago; the next is {}s after it)",
+                self.message,
+                age.as_secs(),
+                CONNECT_FAILURE_MEMORY.as_secs()
+            ),
+            remembered: true,
+            ..self.clone()
+        }
+    }
+}
+
+/// A pool of [`shared_db`]: the connection, once opened, and the last failed attempt.
+#[derive(Default)]
+struct SharedPool {
+    db: tokio::sync::OnceCell<Db>,
+    /// When the last attempt failed, and how.
+    failed: std::sync::Mutex<Option<(Instant, ConnectFailure)>>,
+    /// Attempts made to open it ([`connect_attempts`]).
+    attempts: AtomicU64,
+}
+
+impl SharedPool {
+    async fn get(&self, url: &str) -> Result<Db, ConnectFailure> {
+        self.db
+            .get_or_try_init(|| async {
+                if let Some(recent) = self.recent_failure() {
+                    return Err(recent);
+                }
+                self.attempts.fetch_add(1, Ordering::Relaxed);
+                Db::connect(url, &ConnectOptions::default())
+                    .await
+                    .map_err(|e| {
+                        let failure = ConnectFailure::new(&e);
+                        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((Instant::now(), failure.clone()));
+                        failure
+                    })
+            })
+            .await
+            .cloned()
+    }
+
+    /// The last failure, if within [`CONNECT_FAILURE_MEMORY`].
+    fn recent_failure(&self) -> Option<ConnectFailure> {
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, failure) = failed.as_ref()?;
+        let age = at.elapsed();
+        (age < CONNECT_FAILURE_MEMORY).then(|| failure.remembered(age))
+    }
+}
+
+/// Every [`shared_db`] pool of this process, by URL and role.
+type SharedPools = Mutex<HashMap<(String, PoolRole), Arc<SharedPool>>>;
+
+fn shared_pools() -> &'static SharedPools {
+    static POOLS: OnceLock<SharedPools> = OnceLock::new();
+    POOLS.get_or_init(Mutex::default)
+}
+
+async fn shared_pool(url: &str, role: PoolRole) -> Arc<SharedPool> {
+    shared_pools()
+        .lock()
+        .await
+        .entry((url.to_string(), role))
+        .or_default()
+        .clone()
+}
+
 /// One pool per database URL and [`PoolRole`] per process, shared by every job of that role
 /// on that target (so at most twice [`ConnectOptions::DEFAULT_MAX_CONNECTIONS`] connections
 /// per target per worker).
 ///
 /// Connecting (with its retries, up to a minute for an unreachable server) happens outside
-/// the map's lock, in a cell per pool: jobs for one target wait for that target's connection
-/// only, never for another's. A failed connection leaves the cell empty for the next job.
-pub async fn shared_db(url: &str, role: PoolRole) -> Result<Db, String> {
-    type Cell = Arc<tokio::sync::OnceCell<Db>>;
-    static POOLS: OnceLock<Mutex<HashMap<(String, PoolRole), Cell>>> = OnceLock::new();
-    let cell = POOLS
-        .get_or_init(Mutex::default)
-        .lock()
+/// the map's lock, one job at a time per pool: jobs for one target wait for that target's
+/// connection only, never for another's. A failed attempt is remembered for
+/// [`CONNECT_FAILURE_MEMORY`]: the jobs waiting for it, and those arriving within that time,
+/// get its error without trying again; the first job after it tries again.
+pub async fn shared_db(url: &str, role: PoolRole) -> Result<Db, ConnectFailure> {
+    shared_pool(url, role).await.get(url).await
+}
+
+/// How many times this process has tried to open the [`shared_db`] pool of `url` and `role`
+/// (a failure remembered is not an attempt), for tests and diagnostics.
+pub async fn connect_attempts(url: &str, role: PoolRole) -> u64 {
+    shared_pool(url, role)
         .await
-        .entry((url.to_string(), role))
-        .or_default()
-        .clone();
-    cell.get_or_try_init(|| async { Db::connect(url, &ConnectOptions::default()).await })
-        .await
-        .cloned()
-        .map_err(|e| e.to_string())
+        .attempts
+        .load(Ordering::Relaxed)
 }
 
 /// Shortest period a failure rate is taken over, seconds: a burst of runs within seconds

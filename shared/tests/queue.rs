@@ -1540,3 +1540,122 @@ async fn a_task_the_janitor_cannot_adopt_costs_no_other_task_its_dead_letter() {
         .unwrap();
     t.cleanup().await;
 }
+
+/// A namespace whose worker serves one `default` target at `db_url`.
+async fn ns_for_database(db_url: &str) -> Ns {
+    let ns = unique_namespace();
+    let keys = RedisKeysGuard::new(&ns);
+    let (db_url, redis) = (db_url.to_string(), redis_url());
+    let namespace = ns.clone();
+    let env_of = move |k: &str| match k {
+        "DATABASE_URL" => Some(db_url.clone()),
+        "REDIS_URL" => Some(redis.clone()),
+        "SESSIONFLEET_NAMESPACE" => Some(namespace.clone()),
+        _ => None,
+    };
+    let settings = Settings::resolve(&Overrides::default(), &env_of, None).expect("settings");
+    let queue = Queue::connect(&settings).await.expect("connect");
+    Ns {
+        deps: RunnerDeps {
+            settings: Arc::new(settings),
+            queue: queue.clone(),
+            worker_name: "test-worker".into(),
+            shutdown: CancellationToken::new(),
+        },
+        queue,
+        _keys: keys,
+    }
+}
+
+/// A health-report job for the `default` target.
+fn health_report_job() -> JobEnvelope {
+    use sessionfleet::ops::analytics::{AnalyticsParams, HealthParams};
+    JobEnvelope::new(
+        JobKind::Analytics,
+        "default",
+        serde_json::to_value(AnalyticsParams::HealthReport(HealthParams::default())).unwrap(),
+        "test",
+    )
+}
+
+/// A target that is down is tried once for the jobs waiting on it and those that come within
+/// the failure's memory: they fail at once with its error, retried later as before. Fails if
+/// each job makes its own attempt (up to a minute each against a host that drops packets,
+/// one after another, each holding a job slot of the worker).
+#[tokio::test]
+async fn a_target_that_is_down_is_tried_once_for_the_jobs_that_wait_on_it() {
+    use sessionfleet::dispatch::{self, CONNECT_FAILURE_MEMORY, PoolRole};
+    use sessionfleet::testing::ClosedPort;
+
+    let down = ClosedPort::new();
+    let url = format!("postgres://postgres@127.0.0.1:{}/down", down.port());
+    // Two jobs at once: one makes the attempt, the other waits for it and takes its error.
+    let (a, b) = tokio::join!(
+        dispatch::shared_db(&url, PoolRole::Reads),
+        dispatch::shared_db(&url, PoolRole::Reads)
+    );
+    let (a, b) = (a.expect_err("down"), b.expect_err("down"));
+    assert_eq!(dispatch::connect_attempts(&url, PoolRole::Reads).await, 1);
+    let (tried, waited) = if a.is_remembered() { (b, a) } else { (a, b) };
+    assert!(
+        !tried.is_remembered() && waited.is_remembered(),
+        "{tried} / {waited}"
+    );
+    assert!(
+        waited.to_string().starts_with(&tried.to_string()),
+        "the same error: {tried} / {waited}"
+    );
+    assert!(!tried.is_permanent() && !waited.is_permanent());
+    assert!(CONNECT_FAILURE_MEMORY.as_secs() > 0);
+
+    // A job that comes later, within the memory: failed at once, and retried.
+    let t = ns_for_database(&url).await;
+    let env = health_report_job();
+    let settled = process_delivery(&t.deps, env.queue(), "t1", &env.to_bytes())
+        .await
+        .unwrap();
+    assert_eq!(settled, Settled::Retrying(2));
+    assert_eq!(dispatch::connect_attempts(&url, PoolRole::Reads).await, 1);
+    // The writers' pool of the same target is a pool of its own.
+    assert_eq!(dispatch::connect_attempts(&url, PoolRole::Writes).await, 0);
+    t.cleanup().await;
+}
+
+/// A job whose target's URL cannot work — a SQLite file that is not there, a database the
+/// server does not have — fails without retries, as one naming a target the configuration
+/// lacks does, with the reason in its dead letter. Fails if it is retried: every retry fails
+/// the same way, and the CLI waits through them for the same error.
+#[tokio::test]
+async fn a_target_whose_url_cannot_work_fails_its_job_without_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing_file = dir.path().join("missing.db");
+    for (url, why) in [
+        (
+            format!("sqlite://{}", missing_file.display()),
+            "does not exist",
+        ),
+        (
+            "postgres://postgres@127.0.0.1:5432/sessionfleet_no_such_database".to_string(),
+            "sessionfleet_no_such_database",
+        ),
+    ] {
+        let t = ns_for_database(&url).await;
+        let env = health_report_job();
+        let settled = process_delivery(&t.deps, env.queue(), "t1", &env.to_bytes())
+            .await
+            .unwrap();
+        assert_eq!(settled, Settled::DeadLettered, "{url}");
+        let dead = t.queue.dead_letters(10).await.unwrap();
+        let [letter] = dead.as_slice() else {
+            panic!("one dead letter: {dead:?}")
+        };
+        assert!(
+            letter.reason.contains(why) && !letter.reason.starts_with("gave up"),
+            "{url}: {}",
+            letter.reason
+        );
+        assert_eq!(letter.attempts, 1, "{url}");
+        t.cleanup().await;
+    }
+    assert!(!missing_file.exists(), "no database file was created");
+}
