@@ -1142,8 +1142,10 @@ async fn a_job_without_a_result_says_where_it_waits() {
     let WaitState::Delayed { due_at } = w.state else {
         panic!("delayed retry: {w:?}")
     };
+    // Delayed by at least the first retry's shortest delay (half of RETRY_BASE, jittered).
+    let earliest = before + sessionfleet::queue::RETRY_BASE / 2;
     assert!(
-        due_at >= chrono::SubsecRound::trunc_subsecs(before, 0),
+        due_at >= chrono::SubsecRound::trunc_subsecs(earliest, 0),
         "due at {due_at}, failed at {before}"
     );
     t.cleanup().await;
