@@ -1140,6 +1140,30 @@ async fn queries_of_concurrent_reports_waiting_longer_than_the_pool_timeout_wait
         analytics::health_report(&tdb.db, &p),
         analytics::health_report(&tdb.db, &p),
         async {
+            // The hold counts from when the reports' queries wait on the lock (as many as
+            // the pool gives turns), not from the start: on a loaded machine they may take
+            // seconds to get there, and a shorter wait would not outlast the pool timeout.
+            let mut monitor = sqlx::PgConnection::connect(&tdb.url).await.unwrap();
+            let turns = (sessionfleet::store::ConnectOptions::DEFAULT_MAX_CONNECTIONS - 1) as i64;
+            let since = std::time::Instant::now();
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&mut monitor)
+                .await
+                .unwrap();
+                if waiting >= turns {
+                    break;
+                }
+                assert!(
+                    since.elapsed() < std::time::Duration::from_secs(120),
+                    "the reports' queries never waited on the lock ({waiting} waiting)"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            monitor.close().await.ok();
             tokio::time::sleep(HOLD).await;
             sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
         }
