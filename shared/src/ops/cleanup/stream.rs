@@ -68,8 +68,8 @@ pub struct IdStream {
 
 impl IdStream {
     /// Starts the read on a connection of its own (the pool always has more than one; the
-    /// batches use another). Dropping the stream stops the read's task at once (its
-    /// connection goes back to the pool once the statement in flight has ended).
+    /// batches use another). Dropping the stream stops the read's task at once; a server
+    /// read's connection is then closed, not pooled (see `Reader::in_one_pass`).
     pub fn open(db: &Db, schema: &Schema, pred: &Predicate) -> IdStream {
         IdStream::open_tuned(db, schema, pred, ReadTuning::default())
     }
@@ -125,6 +125,32 @@ impl IdStream {
 impl Drop for IdStream {
     fn drop(&mut self) {
         self.read.abort();
+    }
+}
+
+/// A read's connection, closed when dropped ([`ReadConnection::abandon`]) unless handed back
+/// to the pool with [`ClosedUnlessDone::pool`] once its result was read to the end.
+struct ClosedUnlessDone(Option<ReadConnection>);
+
+impl ClosedUnlessDone {
+    fn get(&mut self) -> &mut ReadConnection {
+        match self.0.as_mut() {
+            Some(conn) => conn,
+            None => unreachable!("the connection is only taken when it is given back"),
+        }
+    }
+
+    /// Back to the pool: its statement ended, nothing is left to read.
+    fn pool(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for ClosedUnlessDone {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            conn.abandon();
+        }
     }
 }
 
@@ -190,19 +216,24 @@ impl Reader {
     /// Server engines: one statement, streamed (their hash anti-join needs one pass), on one
     /// core: it runs beside the batches and must not take the cores they need. Closed while
     /// the batches stay away, and reopened after the last id sent (see the module's note).
+    ///
+    /// Its connection goes back to the pool only once the statement has been read to its
+    /// end. Whatever else ends it — a pause, an error, the stream dropped (which aborts this
+    /// task wherever it waits) — closes it: pooled, it would first read the rest of the
+    /// result (sqlx's ping on release), keeping the statement and its snapshot open.
     async fn in_one_pass(&self, mut after: Option<i64>, sink: &Sink) -> Result<(), sqlx::Error> {
         loop {
-            let mut conn = self.db.read_connection().await?;
-            let waiting = match self.one_statement(&mut conn, after, sink).await {
-                Ok(Ended::Done) => return Ok(()),
-                Ok(Ended::Paused(id)) => id,
-                ended @ (Ok(Ended::Dropped) | Err(_)) => {
-                    // The rest of the result is not wanted: close, do not read it to its end.
-                    conn.abandon();
-                    return ended.map(|_| ());
+            let mut conn = ClosedUnlessDone(Some(self.db.read_connection().await?));
+            let waiting = match self.one_statement(conn.get(), after, sink).await {
+                Ok(Ended::Done) => {
+                    conn.pool();
+                    return Ok(());
                 }
+                Ok(Ended::Paused(id)) => id,
+                // The rest of the result is not wanted: closed, not read to its end.
+                ended @ (Ok(Ended::Dropped) | Err(_)) => return ended.map(|_| ()),
             };
-            conn.abandon();
+            drop(conn);
             tracing::debug!(after_id = ?after, "cleanup read closed while its rule waits");
             // Wait, without a statement open, for room for the id already read.
             let Ok(permit) = sink.reserve().await else {
@@ -419,6 +450,80 @@ mod tests {
     #[tokio::test]
     async fn a_mysql_read_left_waiting_closes_its_statement_and_resumes() {
         a_read_left_waiting_closes_its_statement_and_resumes(Engine::MySql).await;
+    }
+
+    /// A server read whose stream is dropped while its statement runs (the run ended, a
+    /// part was cut short) closes its connection: its session ends. Fails when the aborted
+    /// read's connection went back to the pool: sqlx's ping on release first read the rest
+    /// of the result (~20 s of rows here), keeping the statement and its snapshot open, and
+    /// the session then stayed in the pool.
+    async fn a_read_dropped_mid_statement_closes_its_connection(engine: Engine) {
+        let tdb = TestDb::new(engine).await;
+        let db = &tdb.db;
+        db.execute("CREATE TABLE ids_only (id BIGINT PRIMARY KEY)")
+            .await
+            .expect("table");
+        let fill = match engine {
+            Engine::Postgres => "INSERT INTO ids_only SELECT g FROM generate_series(1, 20000) g",
+            _ => "INSERT INTO ids_only SELECT seq FROM seq_1_to_20000",
+        };
+        db.execute(fill).await.expect("rows");
+        if engine == Engine::Postgres {
+            // Streamed along the key, not sorted first (see the test above).
+            let name: String = crate::on_pool!(db, p => sqlx::query_scalar("SELECT current_database()")
+                .fetch_one(p)
+                .await
+                .expect("name"));
+            db.execute(&format!("ALTER DATABASE {name} SET enable_sort = off"))
+                .await
+                .expect("plan setting");
+        }
+        let db = &Db::connect(&tdb.url, &crate::store::ConnectOptions::default())
+            .await
+            .expect("connect");
+        let mut schema = small_v2_schema(db).await;
+        schema.sessions.table = "ids_only".into();
+        schema.sessions.id = "id".into();
+        let (marker, slow) = match engine {
+            Engine::Postgres => ("pg_sleep(0.001)", "pg_sleep(0.001)::text = ''"),
+            _ => ("SLEEP(0.001)", "SLEEP(0.001) = 0"),
+        };
+        let pred = Predicate {
+            sql: format!("ids_only.id > 0 AND {slow}"),
+            binds: vec![],
+        };
+        // No pause: the statement stays open for as long as the stream lives.
+        let tuning = ReadTuning {
+            buffered: 10,
+            pause_limit: Duration::from_secs(3600),
+        };
+        let mut stream = IdStream::open_tuned(db, &schema, &pred, tuning);
+        let got = stream.next_batch(5).await.expect("first ids");
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
+        let reader = session_running(db, marker)
+            .await
+            .expect("the read's statement is running");
+        drop(stream);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while session_alive(db, reader).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{engine}: the dropped read's connection was kept (pooled, or still reading)"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        db.close().await;
+        tdb.drop_db().await;
+    }
+
+    #[tokio::test]
+    async fn a_postgres_read_dropped_mid_statement_closes_its_connection() {
+        a_read_dropped_mid_statement_closes_its_connection(Engine::Postgres).await;
+    }
+
+    #[tokio::test]
+    async fn a_mysql_read_dropped_mid_statement_closes_its_connection() {
+        a_read_dropped_mid_statement_closes_its_connection(Engine::MySql).await;
     }
 
     /// A read whose connection is killed mid-way resumes after the last id it delivered:
