@@ -319,6 +319,17 @@ pub struct BatchResult {
     pub committing: Duration,
 }
 
+/// A batch that failed.
+#[derive(Debug)]
+pub struct BatchFailed {
+    /// Why.
+    pub error: OpError,
+    /// The rows its DELETE had deleted when its COMMIT failed, if that is where it failed.
+    /// The server may have committed them before the reply was lost; the retry then finds
+    /// them gone and deletes none, so they are in no count.
+    pub unconfirmed: Option<u64>,
+}
+
 /// Deletes the rows of `batch` that still match `rule`, in one transaction that first
 /// advances the fence. A session the application touched since the read no longer matches
 /// and survives.
@@ -328,7 +339,8 @@ pub async fn purge_batch(
     schema: &Schema,
     rule: &Rule,
     batch: &Batch,
-) -> Result<BatchResult, OpError> {
+) -> Result<BatchResult, BatchFailed> {
+    let mut unconfirmed = None;
     let result = async {
         // Timed from the moment the write transaction is open (on SQLite: the write lock is
         // held), not while BEGIN waits for other writers: this is how long we block others.
@@ -348,6 +360,7 @@ pub async fn purge_batch(
             }
         };
         let commit_started = Instant::now();
+        unconfirmed = Some(deleted);
         tx.commit().await?;
         Ok(BatchResult {
             deleted,
@@ -360,7 +373,7 @@ pub async fn purge_batch(
         Ok(_) => writer.release_connection().await,
         Err(_) => writer.discard_connection(),
     }
-    result
+    result.map_err(|error| BatchFailed { error, unconfirmed })
 }
 
 /// How long a batch's statements wait for a row lock before they give up: PostgreSQL

@@ -786,7 +786,11 @@ async fn purge_rule(
         }
         let done = match purge_batch(&mut writer, fence, schema, rule, &found.batch).await {
             Ok(done) => done,
-            Err(e) => {
+            Err(failed) => {
+                let e = failed.error;
+                if let Some(rows) = failed.unconfirmed {
+                    retry.commit_unconfirmed(rows, &e);
+                }
                 if !retry.wait_to_retry(&e, &ctx.cancel).await {
                     break Err(e);
                 }
@@ -834,6 +838,7 @@ async fn purge_rule(
         }
     };
     report.notes.extend(retry.note(rule.kind));
+    report.notes.extend(retry.unconfirmed_note(rule.kind));
     report.notes.extend(source.reopen_note(rule.kind));
     tracing::debug!(
         rule = ?rule.kind,

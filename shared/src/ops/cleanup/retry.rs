@@ -38,6 +38,8 @@ pub struct BatchRetry {
     last: Option<String>,
     /// The current batch was already tried again after a foreign-key refusal.
     reference_retried: bool,
+    /// Batches whose COMMIT failed after their DELETE: how many, and the rows they deleted.
+    unconfirmed: Option<(u64, u64)>,
 }
 
 impl BatchRetry {
@@ -64,6 +66,26 @@ impl BatchRetry {
             () = cancel.cancelled() => {}
         }
         true
+    }
+
+    /// A batch's COMMIT failed after its DELETE had deleted `rows` rows. The server may have
+    /// committed before the reply was lost (a dropped connection): the retry then finds those
+    /// rows gone, and they are in no count. The report says the count may be short by them.
+    pub fn commit_unconfirmed(&mut self, rows: u64, e: &OpError) {
+        if rows == 0 {
+            return;
+        }
+        tracing::warn!(error = %e, rows, "a cleanup batch's COMMIT failed: its deletions may have committed without being counted");
+        let (batches, total) = self.unconfirmed.unwrap_or((0, 0));
+        self.unconfirmed = Some((batches + 1, total + rows));
+    }
+
+    /// A line for the report when a batch's COMMIT failed after its DELETE.
+    pub fn unconfirmed_note(&self, rule: super::RuleKind) -> Option<String> {
+        let (batches, rows) = self.unconfirmed?;
+        Some(format!(
+            "rule {rule:?}: {batches} batch COMMIT(s) failed after deleting {rows} session(s); had the server committed before its reply was lost, those deletions are missing from this count, which may be short by up to {rows}"
+        ))
     }
 
     /// The batch went through: the next one starts with all its retries.
@@ -203,6 +225,33 @@ mod tests {
         let (failed, tries) = flaky(1, || sqlx::Error::RowNotFound).await;
         assert!(matches!(failed, Err(sqlx::Error::RowNotFound)));
         assert_eq!(tries, 1, "a permanent error is not retried");
+    }
+
+    /// A COMMIT that fails after its DELETE leaves the count possibly short: the report says
+    /// by how much. A failed COMMIT of a batch that deleted nothing, or none at all, is no note.
+    #[test]
+    fn batches_whose_commit_failed_after_deleting_are_noted_as_a_possibly_short_count() {
+        let mut retry = BatchRetry::default();
+        let e = OpError::Sql(reset());
+        assert_eq!(
+            retry.unconfirmed_note(super::super::RuleKind::Expired),
+            None
+        );
+        retry.commit_unconfirmed(0, &e);
+        assert_eq!(
+            retry.unconfirmed_note(super::super::RuleKind::Expired),
+            None
+        );
+        retry.commit_unconfirmed(40, &e);
+        retry.commit_unconfirmed(2, &e);
+        let note = retry
+            .unconfirmed_note(super::super::RuleKind::Expired)
+            .expect("a note");
+        assert!(
+            note.contains("2 batch COMMIT(s) failed after deleting 42 session(s)")
+                && note.contains("may be short by up to 42"),
+            "{note}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
