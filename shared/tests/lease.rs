@@ -997,9 +997,12 @@ async fn a_session_lock_dropped_without_release_is_freed_by_the_server() {
 
 /// A session lock's session ends by itself once it sits idle for `SESSION_LOCK_IDLE_LIMIT`
 /// (a holder frozen between two maintenance statements must not keep the target's writers
-/// out for as long as it stays frozen), and its settings never reach the pool: its
-/// connection is closed even after a clean release. Fails if the PostgreSQL session has no
-/// idle limit, or if a pooled connection carries it afterwards.
+/// out for as long as it stays frozen), and its session never reaches the pool: its
+/// connection is closed even after a clean release. Fails if the session has no idle limit,
+/// if a pooled PostgreSQL connection carries the lock's `idle_session_timeout` afterwards, or
+/// if the lock's MySQL connection is among the pool's afterwards. (On MySQL every pooled
+/// connection has `wait_timeout` = 60 s by design, `store::MYSQL_IDLE_CONNECTION_TIMEOUT`, so
+/// a setting cannot tell the lock's connection apart: its connection id does.)
 #[tokio::test]
 async fn a_session_lock_s_session_has_an_idle_limit_that_stays_with_it() {
     for engine in [Engine::Postgres, Engine::MySql] {
@@ -1015,25 +1018,38 @@ async fn a_session_lock_s_session_has_an_idle_limit_that_stays_with_it() {
         };
         let seen = lock.setting(setting).await.unwrap();
         assert_eq!(seen.as_deref(), Some(expected), "{engine}");
+        // MySQL/MariaDB: `pseudo_thread_id` is the session's connection id.
+        let lock_session = match engine {
+            Engine::MySql => lock.setting("pseudo_thread_id").await.unwrap(),
+            _ => None,
+        };
         lock.release().await.unwrap();
-        if engine == Engine::Postgres {
-            let held: Vec<_> = {
-                let sessionfleet::store::Pool::Postgres(p) = t.db.pool() else {
-                    unreachable!()
-                };
-                let mut held = Vec::new();
-                for _ in 0..ConnectOptions::DEFAULT_MAX_CONNECTIONS {
-                    held.push(p.acquire().await.unwrap());
+        match engine {
+            Engine::Postgres => {
+                for mut c in t.every_postgres_connection().await {
+                    let v: String =
+                        sqlx::query_scalar("SELECT current_setting('idle_session_timeout')")
+                            .fetch_one(&mut *c)
+                            .await
+                            .unwrap();
+                    assert_eq!(v, "0", "a pooled connection has no idle limit");
                 }
-                held
-            };
-            for mut c in held {
-                let v: String =
-                    sqlx::query_scalar("SELECT current_setting('idle_session_timeout')")
+            }
+            _ => {
+                let lock_session: u64 = lock_session
+                    .expect("the lock's connection id")
+                    .parse()
+                    .unwrap();
+                for mut c in t.every_mysql_connection().await {
+                    let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
                         .fetch_one(&mut *c)
                         .await
                         .unwrap();
-                assert_eq!(v, "0", "a pooled connection has no idle limit");
+                    assert_ne!(
+                        id, lock_session,
+                        "the session lock's connection went back to the pool"
+                    );
+                }
             }
         }
         t.drop_db().await;
