@@ -113,6 +113,16 @@ fn reported_deletions(stdout: &str) -> i64 {
     field("expired_sessions_cleaned") + field("orphaned_sessions_cleaned")
 }
 
+/// Expired plus orphaned sessions in a JSON cleanup report.
+fn reported(report: &serde_json::Value) -> i64 {
+    let field = |name: &str| {
+        report[name]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no {name} in: {report}"))
+    };
+    field("expired_sessions_cleaned") + field("orphaned_sessions_cleaned")
+}
+
 fn now() -> chrono::NaiveDateTime {
     chrono::Utc::now().naive_utc()
 }
@@ -643,10 +653,9 @@ async fn full_maintenance_summary_and_dry_run() {
         "120",
     ]);
     let summary = &full["summary"];
-    assert!(
-        summary["status"].as_str().unwrap().starts_with("completed"),
-        "{summary}"
-    );
+    // Every stage succeeded: not "completed_with_errors", and no error listed.
+    assert_eq!(summary["status"], "completed", "{summary}");
+    assert_eq!(full["errors"].as_array().map(Vec::len), Some(0), "{full}");
     let actions: Vec<&str> = summary["actions_taken"]
         .as_array()
         .unwrap()
@@ -725,10 +734,9 @@ async fn every_spec_invocation_has_an_equivalent() {
         let trends = cli.json(&["analytics", "--trends", "7", "--json"]);
         assert_eq!(trends["period_days"], 7, "{engine}: {trends}");
         let analysis = cli.json(&["db", "--analyze", "--json"]);
-        assert!(
-            analysis["tables"]["user_sessions"]["row_count"]
-                .as_i64()
-                .is_some(),
+        assert_eq!(
+            analysis["tables"]["user_sessions"]["row_count"].as_i64(),
+            Some(total(&t).await),
             "{engine}: {analysis}"
         );
         let planned = cli.json(&["db", "--create-indexes", "--dry-run", "--json"]);
@@ -740,17 +748,52 @@ async fn every_spec_invocation_has_an_equivalent() {
                 .unwrap()
                 .is_empty()
         );
+        // A healthy database: the check ran and found nothing (not "unavailable", not
+        // "failed").
         let integrity = cli.json(&["db", "--integrity-check", "--json"]);
-        assert!(integrity["integrity_check"].is_string());
+        assert_eq!(
+            integrity["integrity_check"], "passed",
+            "{engine}: {integrity}"
+        );
+        // The size the database itself gives: SQLite's pages (stable while nothing writes);
+        // PostgreSQL's directory, which its background processes change a little, so there
+        // within a tenth of what the server says now and above the session table's own size.
         let dbstats = cli.json(&["db", "--stats", "--json"]);
-        assert!(dbstats["database_size_bytes"].as_i64().unwrap() > 0);
-        let forced = cli.json(&["cleanup", "--force", "--max-age", "24", "--json"]);
-        assert_eq!(forced["forced_cleanup"], true);
-        assert_eq!(forced["custom_max_age_hours"], 24);
+        let size = dbstats["database_size_bytes"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{engine}: {dbstats}"));
+        if engine == Engine::Sqlite {
+            let pages =
+                t.db.scalar_i64(
+                    "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                )
+                .await
+                .unwrap();
+            assert_eq!(size, pages, "{engine}: {dbstats}");
+        } else {
+            let server =
+                t.db.scalar_i64("SELECT pg_database_size(current_database())")
+                    .await
+                    .unwrap();
+            let table =
+                t.db.scalar_i64("SELECT pg_total_relation_size('user_sessions')")
+                    .await
+                    .unwrap();
+            assert!(
+                size > table && (size - server).abs() * 10 <= server,
+                "{engine}: {size} bytes reported, the server says {server}, the table {table}"
+            );
+        }
+        assert_eq!(
+            dbstats["table_analysis"]["tables"]["user_sessions"]["row_count"].as_i64(),
+            Some(total(&t).await),
+            "{engine}: {dbstats}"
+        );
         let status = cli.json(&["maintenance", "--status", "--json"]);
-        assert!(
-            status["targets"]["default"]["cleanup"]["total_sessions"].is_number(),
-            "{status}"
+        assert_eq!(
+            status["targets"]["default"]["cleanup"]["total_sessions"].as_i64(),
+            Some(total(&t).await),
+            "{engine}: {status}"
         );
         assert!(
             status["fleet"]["workers"]
@@ -758,11 +801,72 @@ async fn every_spec_invocation_has_an_equivalent() {
                 .is_some_and(|w| !w.is_empty()),
             "{status}"
         );
+        let (before, doomed_before) = (total(&t).await, doomed(&t).await);
+        assert!(
+            doomed_before > 0,
+            "{engine}: the demo data has doomed sessions"
+        );
         let unified_dry = cli.json(&["maintenance", "--cleanup", "--dry-run", "--json"]);
         assert_eq!(unified_dry["dry_run"], true, "{unified_dry}");
-        assert!(unified_dry["expired_sessions_cleaned"].is_number());
+        assert_eq!(
+            reported(&unified_dry),
+            doomed_before,
+            "{engine}: a dry run counts what a cleanup would delete: {unified_dry}"
+        );
+        assert_eq!(
+            total(&t).await,
+            before,
+            "{engine}: a dry run deletes nothing"
+        );
         let unified = cli.json(&["maintenance", "--cleanup", "--once", "--json"]);
-        assert!(unified["expired_sessions_cleaned"].is_number());
+        assert_eq!(
+            reported(&unified),
+            doomed_before,
+            "{engine}: the report counts what was deleted: {unified}"
+        );
+        assert_eq!(doomed(&t).await, 0, "{engine}: {unified}");
+        assert_eq!(total(&t).await, before - doomed_before, "{engine}");
+
+        // The forced cleanup, on what the expiry rules leave: sessions used within the last
+        // day. A quarter of them are made idle for 30 hours; the rest are kept at least an
+        // hour away from the 24-hour line, so no session crosses it while the test runs.
+        let day_ago = now() - chrono::Duration::hours(24);
+        let stamp = |t: chrono::NaiveDateTime| t.format("%Y-%m-%d %H:%M:%S").to_string();
+        t.db.execute(&format!(
+            "UPDATE user_sessions SET last_activity = '{}' WHERE id % 4 = 0",
+            stamp(day_ago - chrono::Duration::hours(6))
+        ))
+        .await
+        .unwrap();
+        t.db.execute(&format!(
+            "UPDATE user_sessions SET last_activity = '{}' WHERE id % 4 <> 0 AND last_activity < '{}'",
+            stamp(day_ago + chrono::Duration::hours(12)),
+            stamp(day_ago + chrono::Duration::hours(1))
+        ))
+        .await
+        .unwrap();
+        let idle_sql = format!(
+            "SELECT COUNT(*) FROM user_sessions WHERE last_activity < '{}'",
+            stamp(day_ago)
+        );
+        let idle_before = t.db.scalar_i64(&idle_sql).await.unwrap();
+        assert!(idle_before > 0, "{engine}: sessions idle past 24 h");
+        let before = total(&t).await;
+        let forced = cli.json(&["cleanup", "--force", "--max-age", "24", "--json"]);
+        assert_eq!(forced["forced_cleanup"], true);
+        assert_eq!(forced["custom_max_age_hours"], 24);
+        assert_eq!(
+            reported(&forced),
+            idle_before,
+            "{engine}: the forced cleanup deletes the idle sessions: {forced}"
+        );
+        assert_eq!(
+            forced["rules"]["idle"].as_i64(),
+            Some(idle_before),
+            "{forced}"
+        );
+        assert_eq!(t.db.scalar_i64(&idle_sql).await.unwrap(), 0, "{engine}");
+        assert_eq!(total(&t).await, before - idle_before, "{engine}");
         let unified_health = cli.json(&["maintenance", "--analytics", "--health", "--json"]);
         assert!(unified_health["health_status"].is_object());
         let unified_db = cli.json(&["maintenance", "--database", "--analyze", "--json"]);
