@@ -344,28 +344,62 @@ async fn token_failure_releases_the_redis_lease() {
     tdb.drop_db().await;
 }
 
+/// A's keeper renews the lease: the key outlives the expiry it was created with, still
+/// A's, and B cannot take it then. The TTL is roomy (renewal every 1.7 s, so a stalled test
+/// machine does not lose it) and the test waits for the lease to be past its first expiry
+/// rather than for a time window. Fails without renewal: the key is gone once Redis' clock
+/// passes that first expiry.
 #[tokio::test]
 async fn renewal_keeps_the_lease_past_its_ttl() {
     let redis = connect_redis(&redis_url()).await;
     let ns = unique_namespace();
     let _keys = RedisKeysGuard::new(&ns);
     let tdb = TestDb::new(Engine::Sqlite).await;
-    let cfg = short_cfg();
+    let mut cfg = LeaseConfig::from_ttl(Duration::from_secs(5));
+    cfg.busy_delay = Duration::from_millis(20);
 
     let a = acquire(&redis, &ns, &holder("w-a", "job-a"), &tdb.db, &cfg).await;
     let cancel = CancellationToken::new();
     let keeper = a.spawn_keeper(&redis, cancel.clone());
-    let until = tokio::time::Instant::now() + SHORT_TTL * 3;
-    while tokio::time::Instant::now() < until {
-        let b = lease::try_acquire(&redis, &ns, TARGET, &holder("w-b", "job-b"), &tdb.db, &cfg)
+    let mut con = redis.clone();
+    let key = lease_key(&ns, TARGET);
+    // The expiry the lease was created with, in Redis' own clock (unix ms).
+    let first_expiry: i64 = redis::cmd("PEXPIRETIME")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .expect("PEXPIRETIME");
+    assert!(first_expiry > 0, "the lease key has an expiry");
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let owner: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut con)
             .await
-            .expect("try");
+            .expect("GET");
+        let (secs, micros): (i64, i64) = redis::cmd("TIME")
+            .query_async(&mut con)
+            .await
+            .expect("TIME");
+        assert_eq!(
+            owner.as_deref(),
+            Some(a.owner()),
+            "A's lease must stay held while its keeper renews it (lost: {:?})",
+            keeper.lost()
+        );
+        if secs * 1000 + micros / 1000 > first_expiry {
+            break;
+        }
         assert!(
-            b.is_none(),
-            "A's lease must stay held while its keeper renews it"
+            tokio::time::Instant::now() < give_up,
+            "Redis' clock never passed the lease's first expiry"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let b = lease::try_acquire(&redis, &ns, TARGET, &holder("w-b", "job-b"), &tdb.db, &cfg)
+        .await
+        .expect("try");
+    assert!(b.is_none(), "B cannot take a renewed lease");
     assert!(keeper.lost().is_none());
     assert!(!cancel.is_cancelled());
     assert!(a.release(&redis).await.expect("release"));
