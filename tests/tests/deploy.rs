@@ -2,12 +2,13 @@
 //! environment names, secret keys, queue names, binaries and flags they name exist.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use sessionfleet::config::KEYS;
 use sessionfleet::jobs::QueueClass;
 use sessionfleet::queue::Keys;
-use sessionfleet_e2e::{binary, workspace_root};
+use sessionfleet::testing::free_port;
+use sessionfleet_e2e::{RedisServer, binary, workspace_root};
 
 fn deploy(path: &str) -> PathBuf {
     workspace_root().join("deploy").join(path)
@@ -24,15 +25,107 @@ fn known_env(name: &str) -> bool {
     KEYS.iter().any(|k| k.env == name) || name == "SESSIONFLEET_CONFIG"
 }
 
-fn accepts(bin: &str, args: &[&str]) -> bool {
-    let mut all: Vec<&str> = args.to_vec();
-    all.push("--help");
-    binary(bin)
-        .args(&all)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+/// Runs `bin` with a deployment's real arguments and environment against a private Redis,
+/// and returns why it did not get past its configuration, if it did not. `--help` would not
+/// do: clap stops at it, before the binaries check the values (`--queues cleanp` passed).
+///
+/// Past its configuration means: a long-running process (the worker, the scheduler) said it
+/// started — it is then stopped with SIGTERM and must exit 0 — or a job command reached the
+/// fleet and found no worker consuming its queue (exit 5; none runs here). A refused flag,
+/// variable or file value exits 2 before either.
+fn refusal(
+    bin: &str,
+    args: &[&str],
+    env: &[(String, String)],
+    redis: &RedisServer,
+) -> Option<String> {
+    use std::io::{BufRead, BufReader};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    let mut child = binary(bin)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("REDIS_URL", redis.url())
+        // The manifests' fixed port may be taken on a test machine.
+        .env(
+            "SESSIONFLEET_METRICS_ADDR",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {bin}: {e}"));
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    let err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let started = |l: &String| l.contains("worker starting") || l.contains("scheduler started");
+    let begun = Instant::now();
+    let (status, signalled) = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break (status, false);
+        }
+        if lines.lock().unwrap().iter().any(started) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            break (child.wait().unwrap(), true);
+        }
+        if begun.elapsed() > Duration::from_secs(60) {
+            // Hang guard only: neither started nor ended.
+            let _ = child.kill();
+            let _ = child.wait();
+            break (child.wait().unwrap(), false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = reader.join();
+    let stderr = lines.lock().unwrap().join("\n");
+    let ok = match status.code() {
+        Some(0) => signalled,
+        Some(5) => stderr.contains("no live worker"),
+        _ => false,
+    };
+    (!ok).then(|| format!("{bin} {args:?}: {status}, stderr:\n{stderr}"))
 }
+
+/// `data` of the ConfigMap the containers take their environment from.
+fn configmap_env() -> Vec<(String, String)> {
+    let config = &yaml_docs("k8s/configmap.yaml")[0];
+    config["data"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.as_str().unwrap().into(), v.as_str().unwrap().into()))
+        .collect()
+}
+
+/// The settings of the systemd units' environment file, where the installed configuration
+/// file is the example (the test machine has no /etc/sessionfleet).
+fn systemd_env() -> Vec<(String, String)> {
+    let env = std::fs::read_to_string(deploy("systemd/sessionfleet.env.example")).unwrap();
+    env.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `args` with the installed configuration file's path replaced by the example's.
+fn with_example_config<'a>(args: &[&'a str], example: &'a str) -> Vec<&'a str> {
+    args.iter()
+        .map(|a| if *a == INSTALLED_CONFIG { example } else { *a })
+        .collect()
+}
+
+const INSTALLED_CONFIG: &str = "/etc/sessionfleet/sessionfleet.toml";
 
 #[test]
 fn kubernetes_manifests_match_the_code() {
@@ -66,6 +159,8 @@ fn kubernetes_manifests_match_the_code() {
         .parse()
         .unwrap();
     let http = std::fs::read_to_string(workspace_root().join("worker/src/http.rs")).unwrap();
+    let redis = RedisServer::start();
+    let env = configmap_env();
 
     for file in ["k8s/worker.yaml", "k8s/scheduler.yaml"] {
         for doc in yaml_docs(file) {
@@ -100,9 +195,21 @@ fn kubernetes_manifests_match_the_code() {
                         grace > shutdown,
                         "grace {grace}s must exceed the worker's shutdown timeout {shutdown}s"
                     );
+                    if let Some(why) = refusal("sessionfleet-worker", &args, &env, &redis) {
+                        panic!("{file}: the worker refuses its arguments: {why}");
+                    }
+                    // The check sees a typo in a value, which `--help` let through.
+                    let typo: Vec<String> = args
+                        .iter()
+                        .map(|a| a.replace("cleanup", "cleanp"))
+                        .collect();
+                    let typo: Vec<&str> = typo.iter().map(String::as_str).collect();
+                    assert_ne!(typo, args, "{file}: the worker names the cleanup queue");
+                    let why = refusal("sessionfleet-worker", &typo, &env, &redis)
+                        .unwrap_or_else(|| panic!("{file}: {typo:?} accepted"));
                     assert!(
-                        accepts("sessionfleet-worker", &args),
-                        "worker rejects {args:?}"
+                        why.contains("exit status: 2") && why.contains("unknown queue 'cleanp'"),
+                        "{why}"
                     );
                     let port = c["ports"][0]["containerPort"].as_u64().unwrap();
                     assert_eq!(port, u64::from(metrics_port));
@@ -116,7 +223,17 @@ fn kubernetes_manifests_match_the_code() {
                     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
                     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
                 } else {
-                    assert!(accepts("sessionfleet", &args), "CLI rejects {args:?}");
+                    if let Some(why) = refusal("sessionfleet", &args, &env, &redis) {
+                        panic!("{file}: the CLI refuses its arguments: {why}");
+                    }
+                    // A target nobody configured: refused only once the command runs.
+                    let typo = [&["--target", "nosuch"][..], &args].concat();
+                    let why = refusal("sessionfleet", &typo, &env, &redis)
+                        .unwrap_or_else(|| panic!("{file}: {typo:?} accepted"));
+                    assert!(
+                        why.contains("exit status: 2") && why.contains("nosuch"),
+                        "{why}"
+                    );
                 }
             }
         }
@@ -173,6 +290,8 @@ fn systemd_units_and_cron_lines_name_real_binaries_and_flags() {
         .default
         .parse()
         .unwrap();
+    let redis = RedisServer::start();
+    let example = deploy("sessionfleet.toml.example").display().to_string();
     for (unit, bin) in [
         ("systemd/sessionfleet-worker.service", "sessionfleet-worker"),
         ("systemd/sessionfleet-scheduler.service", "sessionfleet"),
@@ -186,10 +305,13 @@ fn systemd_units_and_cron_lines_name_real_binaries_and_flags() {
         let exec: Vec<&str> = value("ExecStart").split_whitespace().collect();
         assert!(exec[0].ends_with(&format!("/{bin}")), "{unit}: {exec:?}");
         assert!(
-            accepts(bin, &exec[1..]),
-            "{unit}: {bin} rejects {:?}",
-            &exec[1..]
+            exec.contains(&INSTALLED_CONFIG),
+            "{unit}: reads {INSTALLED_CONFIG}: {exec:?}"
         );
+        let args = with_example_config(&exec[1..], &example);
+        if let Some(why) = refusal(bin, &args, &systemd_env(), &redis) {
+            panic!("{unit}: {why}");
+        }
         assert!(value("User") == "sessionfleet" && value("Restart") == "always");
         if bin == "sessionfleet-worker" {
             let stop: u64 = value("TimeoutStopSec").parse().unwrap();
@@ -240,10 +362,14 @@ fn systemd_units_and_cron_lines_name_real_binaries_and_flags() {
             .take_while(|a| !a.starts_with(">>"))
             .copied()
             .collect();
+        let env = vec![("SESSIONFLEET_CONFIG".to_string(), example.clone())];
         assert!(
-            accepts("sessionfleet", &args),
-            "cron line rejected: {args:?}"
+            cron.contains(&format!("SESSIONFLEET_CONFIG={INSTALLED_CONFIG}")),
+            "the cron lines read {INSTALLED_CONFIG}"
         );
+        if let Some(why) = refusal("sessionfleet", &args, &env, &redis) {
+            panic!("cron line: {why}");
+        }
     }
 }
 
