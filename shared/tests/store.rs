@@ -718,28 +718,67 @@ async fn only_marked_statements_are_cancelled() {
         let t = TestDb::new(engine).await;
         let mut conn = t.db.read_connection().await.unwrap();
         let session = conn.server_session().await.unwrap().unwrap();
+        let session_id: i64 = match &mut conn {
+            ReadConnection::Postgres(c) => {
+                sqlx::query_scalar("SELECT CAST(pg_backend_pid() AS BIGINT)")
+                    .fetch_one(&mut **c)
+                    .await
+                    .unwrap()
+            }
+            ReadConnection::MySql(c) => {
+                sqlx::query_scalar("SELECT CAST(CONNECTION_ID() AS SIGNED)")
+                    .fetch_one(&mut **c)
+                    .await
+                    .unwrap()
+            }
+            ReadConnection::Sqlite(_) => unreachable!(),
+        };
+        // An unmarked statement that would run a minute. What ends it tells who did: a
+        // statement cancel (`cancel_statement` ignoring the mark) or the test's own kill of the
+        // whole session afterwards, which is the only way it may end.
         let sleeper = tokio::spawn(async move {
             match &mut conn {
-                ReadConnection::Postgres(c) => sqlx::query("SELECT pg_sleep(2)")
+                ReadConnection::Postgres(c) => sqlx::query("SELECT pg_sleep(60)")
                     .execute(&mut **c)
                     .await
-                    .map(|_| ()),
-                // SLEEP returns 1 when interrupted, 0 when it ran its course.
+                    .map(|_| "ran its course".to_string())
+                    .unwrap_or_else(|e| match e.as_database_error().and_then(|d| d.code()) {
+                        Some(code) if code == "57014" => "statement cancelled".into(),
+                        _ => format!("session ended: {e}"),
+                    }),
+                // SLEEP returns 1 when its statement is killed; its session's end is an error.
                 ReadConnection::MySql(c) => {
-                    sqlx::query_scalar::<_, i64>("SELECT CAST(SLEEP(2) AS SIGNED)")
+                    match sqlx::query_scalar::<_, i64>("SELECT CAST(SLEEP(60) AS SIGNED)")
                         .fetch_one(&mut **c)
                         .await
-                        .map(|interrupted| assert_eq!(interrupted, 0, "interrupted"))
+                    {
+                        Ok(1) => "statement cancelled".into(),
+                        Ok(_) => "ran its course".into(),
+                        Err(e) => format!("session ended: {e}"),
+                    }
                 }
                 ReadConnection::Sqlite(_) => unreachable!(),
             }
         });
-        while sleeps(&t.db, 2).await == 0 {
+        let since = std::time::Instant::now();
+        while sleeps(&t.db, 60).await == 0 {
+            assert!(since.elapsed() < Duration::from_secs(60), "never started");
+            assert!(!sleeper.is_finished(), "ended before it was seen");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         t.db.cancel_statement(session).await.unwrap();
-        // Unmarked, it runs to its end: no cancellation error.
-        sleeper.await.unwrap().unwrap();
+        let kill = match engine {
+            Engine::Postgres => format!(
+                "SELECT CAST(pg_terminate_backend(CAST({session_id} AS INTEGER)) AS INTEGER)"
+            ),
+            _ => format!("KILL {session_id}"),
+        };
+        t.db.execute(&kill).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(60), sleeper)
+            .await
+            .expect("ends once its session is killed")
+            .unwrap();
+        assert!(ended.starts_with("session ended"), "{engine:?}: {ended}");
         t.drop_db().await;
     }
 }
