@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use sqlx::Connection;
+
 use sessionfleet::dispatch::OperationJob;
 use sessionfleet::fence;
 use sessionfleet::jobs::{JobEnvelope, QueueClass};
@@ -126,12 +128,19 @@ async fn three_workers_thirty_mutating_jobs_one_writer_at_a_time() {
     t.drop_db().await;
 }
 
+/// A holder paused (SIGSTOP) past its TTL while its batch waits for the fence row is fenced
+/// out when it wakes, and another worker finishes the work meanwhile. The pause lands at a
+/// known point: the test holds the fence row (`FOR UPDATE`) until the holder's batch waits for
+/// it, stops the holder, and issues a newer token on that row before letting go, so the
+/// frozen holder's fence check has already read the newer token when it wakes — whatever its
+/// keeper does first, its batch meets the fence. Fails if the fence let a stale token write
+/// (the stale token's write count grows, and no refusal is logged).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_paused_past_its_ttl_is_fenced_out_when_it_wakes() {
-    // PostgreSQL. The pause may land inside a batch transaction: the frozen holder then keeps
-    // the fence row locked until the server ends its session (idle_in_transaction_session_
-    // timeout, store::STALLED_TRANSACTION_TIMEOUT) and rolls its batch back; the next holder's
-    // token request waits, is deferred, and succeeds after that.
+    // PostgreSQL. The frozen holder's session, idle in its batch transaction, keeps the fence
+    // row locked until the server ends it (idle_in_transaction_session_timeout,
+    // store::STALLED_TRANSACTION_TIMEOUT); the next holder's token request waits, is
+    // deferred, and succeeds after that.
     let t = TestDb::new(Engine::Postgres).await;
     seed_demo(
         &t.db,
@@ -154,73 +163,124 @@ async fn a_holder_paused_past_its_ttl_is_fenced_out_when_it_wakes() {
     let first = envelope(OperationJob::Cleanup(slow_cleanup()));
     q.enqueue(&first).await.unwrap();
     let holder = wait_for_holder(&q, &ns).await;
-    let stale_token = eventually(Duration::from_secs(30), "the holder's token", || async {
-        fence::inspect(&t.db, &lease::fence_name("default"))
-            .await
-            .ok()
-            .flatten()
-            .map(|r| r.token)
-    })
+    let fence_name = lease::fence_name("default");
+    let stale_token = eventually(
+        Duration::from_secs(30),
+        "the holder's first write",
+        || async {
+            let log = fence::write_log(&t.db, &fence_name).await.ok()?;
+            log.last().map(|l| l.token)
+        },
+    )
     .await;
     assert!(
         holder.worker.contains(&a.pid().to_string()),
         "worker a holds it: {holder:?}"
     );
+    // Hold the fence row until the holder's next batch waits for it, then freeze the holder.
+    let mut row_holder = sqlx::PgConnection::connect(&t.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut row_holder).await.unwrap();
+    let held: i64 =
+        sqlx::query_scalar("SELECT token FROM sessionfleet_fence WHERE name = $1 FOR UPDATE")
+            .bind(&fence_name)
+            .fetch_one(&mut row_holder)
+            .await
+            .unwrap();
+    assert_eq!(held, stale_token, "still the holder's token");
+    eventually(
+        Duration::from_secs(60),
+        "the holder's batch waiting for the fence row",
+        || async {
+            let waiting =
+                t.db.scalar_i64(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND wait_event_type = 'Lock' AND query LIKE '%sessionfleet_fence%FOR UPDATE%' \
+                     AND pid <> pg_backend_pid()",
+                )
+                .await
+                .ok()?;
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
     a.signal("STOP");
+    // A newer token, issued on the row the frozen holder waits for: once the row is let go,
+    // the holder's fence check reads it (the reply waits in its socket).
+    sqlx::query(
+        "UPDATE sessionfleet_fence SET token = token + 1, holder = 'e2e: a newer holder' \
+         WHERE name = $1",
+    )
+    .bind(&fence_name)
+    .execute(&mut row_holder)
+    .await
+    .unwrap();
+    sqlx::query("COMMIT")
+        .execute(&mut row_holder)
+        .await
+        .unwrap();
+    row_holder.close().await.unwrap();
     // Another worker takes over once the TTL has run out and finishes the work.
     let b = Worker::start(&spec(&ns, &t.url, "b", "1000"));
     let second = envelope(OperationJob::Cleanup(CleanupParams::default()));
     q.enqueue(&second).await.unwrap();
-    eventually(
+    let done = eventually(
         Duration::from_secs(120),
         "the second holder's run",
         || async { q.result(second.job_id).await.ok().flatten() },
     )
     .await;
-    let newer = fence::inspect(&t.db, &lease::fence_name("default"))
+    assert!(done.error.is_none(), "{:?}", done.error);
+    let newer = fence::inspect(&t.db, &fence_name)
         .await
         .unwrap()
         .unwrap()
         .token;
-    assert!(newer > stale_token);
-    // The stale holder's next write is refused: the database sees nothing more from it.
-    let log_before = fence::write_log(&t.db, &lease::fence_name("default"))
-        .await
-        .unwrap();
+    assert!(newer > stale_token + 1, "the second holder's own token");
+    let log_before = fence::write_log(&t.db, &fence_name).await.unwrap();
     assert!(
         !part_ended(&a, first.job_id),
         "frozen, it settled nothing: {}",
         a.log_text()
     );
     a.signal("CONT");
-    // Awake, it finds its lease lost or its token fenced out; either way its part ends, and
-    // with it every use of the stale token (a later part gets a token of its own).
+    // Awake, its batch reads the newer token: the fence refuses it, and the part ends there
+    // (a later part gets a token of its own).
+    let refused = format!("this holder's token {stale_token} is stale");
+    eventually(
+        Duration::from_secs(60),
+        "the stale holder fenced out",
+        || async {
+            a.log_text()
+                .lines()
+                .any(|l| l.contains("a newer lease holder took over") && l.contains(&refused))
+                .then_some(())
+        },
+    )
+    .await;
     eventually(
         Duration::from_secs(60),
         "the stale holder's part to end",
         || async { part_ended(&a, first.job_id).then_some(()) },
     )
     .await;
-    let log_after = fence::write_log(&t.db, &lease::fence_name("default"))
-        .await
-        .unwrap();
-    let stale_before = log_before
-        .iter()
-        .find(|l| l.token == stale_token)
-        .map(|l| l.writes);
-    let stale_after = log_after
-        .iter()
-        .find(|l| l.token == stale_token)
-        .map(|l| l.writes);
+    let log_after = fence::write_log(&t.db, &fence_name).await.unwrap();
+    let writes_of = |log: &[fence::FenceLogEntry]| {
+        log.iter()
+            .find(|l| l.token == stale_token)
+            .map(|l| l.writes)
+    };
+    assert!(writes_of(&log_before).is_some(), "the holder wrote before");
     assert_eq!(
-        stale_before, stale_after,
+        writes_of(&log_before),
+        writes_of(&log_after),
         "no write with the stale token after the pause"
     );
     assert_single_writer(&t).await;
-    // It stops cleanly: the worker process is still up, nothing panicked.
-    let mut a = a;
-    assert!(
-        a.wait_exit(Duration::from_millis(200)).is_none(),
+    // It goes on cleanly: the worker process still serves, nothing panicked.
+    let health = sessionfleet_e2e::http_get(a.metrics_port, "/healthz").await;
+    assert_eq!(
+        health.map(|(status, _)| status),
+        Some(200),
         "{}",
         a.log_text()
     );
