@@ -177,6 +177,23 @@ pub async fn seed_demo(db: &Db, params: &SeedParams) -> Result<SeedReport, Store
             ),
         });
     }
+    // Detection tells the rules' profile, not every column the rows below fill (a v2 table
+    // without `session_fingerprint` is v2 to the cleanup): ask for them all, before any write.
+    let columns = match params.schema {
+        SchemaVersion::V2 => SEEDED_V2_COLUMNS,
+        SchemaVersion::V1 => SEEDED_V1_COLUMNS,
+    };
+    if let Err(e) = db
+        .execute(&format!("SELECT {columns} FROM user_sessions WHERE 1 = 0"))
+        .await
+    {
+        return Err(StoreError::BadUrl {
+            url: db.redacted_url().to_string(),
+            reason: format!(
+                "the existing user_sessions table lacks a column the demo rows fill ({columns}): {e}; pass --reset to recreate the demo tables"
+            ),
+        });
+    }
     let fk_enforced = db.engine() != Engine::Sqlite;
     let mut rng = Rng(params.seed);
     let mut report = SeedReport::default();
@@ -398,6 +415,12 @@ fn generate_session(
     }
 }
 
+/// The columns a demo v2 session row fills, in the order `insert_sessions` binds them.
+const SEEDED_V2_COLUMNS: &str = "session_id, user_id, active_platform_id, created_at, updated_at, last_activity, expires_at, is_active, session_fingerprint, user_agent, ip_address";
+/// The columns a demo v1 session row fills, in the order `insert_sessions` binds them.
+const SEEDED_V1_COLUMNS: &str =
+    "session_id, user_id, active_platform_id, created_at, updated_at, user_agent, ip_address";
+
 async fn insert_sessions(
     tx: &mut crate::store::DbTx<'_>,
     version: SchemaVersion,
@@ -406,7 +429,7 @@ async fn insert_sessions(
     crate::on_tx!(tx, c => {
         match version {
             SchemaVersion::V2 => {
-                let mut qb = QueryBuilder::new("INSERT INTO user_sessions (session_id, user_id, active_platform_id, created_at, updated_at, last_activity, expires_at, is_active, session_fingerprint, user_agent, ip_address) ");
+                let mut qb = QueryBuilder::new(format!("INSERT INTO user_sessions ({SEEDED_V2_COLUMNS}) "));
                 qb.push_values(rows, |mut b, r| {
                     b.push_bind(r.session_id.clone()).push_bind(r.user_id).push_bind(r.platform_id)
                         .push_bind(r.created_at).push_bind(r.updated_at).push_bind(r.last_activity)
@@ -416,7 +439,7 @@ async fn insert_sessions(
                 qb.build().execute(&mut *c).await?;
             }
             SchemaVersion::V1 => {
-                let mut qb = QueryBuilder::new("INSERT INTO user_sessions (session_id, user_id, active_platform_id, created_at, updated_at, user_agent, ip_address) ");
+                let mut qb = QueryBuilder::new(format!("INSERT INTO user_sessions ({SEEDED_V1_COLUMNS}) "));
                 qb.push_values(rows, |mut b, r| {
                     b.push_bind(r.session_id.clone()).push_bind(r.user_id).push_bind(r.platform_id)
                         .push_bind(r.created_at).push_bind(r.updated_at)

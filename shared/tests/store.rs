@@ -925,3 +925,30 @@ async fn detection_follows_the_rules_columns_and_refuses_what_fits_neither_profi
         t.drop_db().await;
     }
 }
+
+/// Seeding into existing empty tables that the cleanup calls v2 but that lack a column the
+/// demo rows fill (here `session_fingerprint`, which no rule uses) is refused before any row
+/// is written, with the way out, instead of failing half-way on an insert.
+#[tokio::test]
+async fn seeding_refuses_tables_missing_a_column_it_fills() {
+    let t = TestDb::new(Engine::Sqlite).await;
+    sessionfleet::store::schema::create(&t.db, SchemaVersion::V2)
+        .await
+        .unwrap();
+    t.db.execute("ALTER TABLE user_sessions DROP COLUMN session_fingerprint")
+        .await
+        .unwrap();
+    let err = seed_demo(&t.db, &params(100, 1, SchemaVersion::V2))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lacks a column") && err.contains("--reset"),
+        "{err}"
+    );
+    assert_eq!(
+        t.db.scalar_i64("SELECT COUNT(*) FROM users").await.unwrap(),
+        0
+    );
+    t.drop_db().await;
+}
