@@ -214,7 +214,10 @@ async fn job_of_a_killed_worker_completes_on_another_worker() {
     let mut victim = Worker::start(&spec);
     let first = live_on(&queue, QueueClass::Diag, 1).await;
 
-    let env = JobEnvelope::sleep(3_000, None, "e2e");
+    // Killed as soon as the registry (beat: 500 ms) shows it running the job, long before
+    // the job could end; the rescuer starts only afterwards, so the victim never has the
+    // chance to finish it first.
+    let env = JobEnvelope::sleep(10_000, None, "e2e");
     queue.enqueue(&env).await.unwrap();
     eventually(HANG_GUARD, "victim running the job", || async {
         let live = queue.live_workers(Some(QueueClass::Diag)).await.ok()?;
@@ -223,11 +226,15 @@ async fn job_of_a_killed_worker_completes_on_another_worker() {
             .then_some(())
     })
     .await;
-    spec.label = "rescuer".into();
-    let _rescuer = Worker::start(&spec);
-    live_on(&queue, QueueClass::Diag, 2).await;
     victim.kill9();
     let killed_at = Instant::now();
+    assert!(
+        queue.result(env.job_id).await.unwrap().is_none(),
+        "the victim had not finished the job: {}",
+        victim.log_text()
+    );
+    spec.label = "rescuer".into();
+    let _rescuer = Worker::start(&spec);
 
     let r = queue
         .wait_for_result(env.job_id, HANG_GUARD)
