@@ -1020,9 +1020,26 @@ async fn usage_errors_help_and_exit_codes() {
     let out = secret.run(&["config", "show"]);
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("hunter2"));
+    // A database nobody listens on: retried, then the operation fails (exit 1, not a panic's
+    // 101 nor a usage error's 2) with one error line that names what failed, password hidden.
     let out = secret.run(&["--local", "cleanup", "--once"]);
-    assert_ne!(out.status.code(), Some(0));
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("hunter2"));
+    let (stdout, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert!(
+        matches!(
+            errors[..],
+            [line] if line.contains("cannot connect to postgres://app:***@127.0.0.1:1/app")
+        ),
+        "one error line naming the database: {err}"
+    );
+    assert!(
+        !err.contains("hunter2") && !stdout.contains("hunter2"),
+        "{stdout}\n{err}"
+    );
 }
 
 /// One tick a scheduler enqueued.
