@@ -574,3 +574,56 @@ pub async fn drop_namespace(queue: &Queue) {
         let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut c).await;
     }
 }
+
+/// The sum of the samples of metric `name` in the Prometheus text `body` whose labels include
+/// every `key="value"` of `labels` (a sample without labels when `labels` is empty); `None`
+/// when no sample matches, as for a counter never incremented.
+pub fn metric_sample(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut sum = None;
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.strip_suffix('}').unwrap_or(rest)),
+            None => (series, ""),
+        };
+        if series_name != name {
+            continue;
+        }
+        let present: Vec<&str> = series_labels.split(',').collect();
+        if labels
+            .iter()
+            .all(|(k, v)| present.contains(&format!("{k}=\"{v}\"").as_str()))
+            && let Ok(v) = value.parse::<f64>()
+        {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
+}
+
+/// Scrapes `/metrics` on `port` until `accept` takes the body, which it returns; panics after
+/// `limit` (hang guard only) with the last body.
+pub async fn metrics_until(
+    port: u16,
+    limit: Duration,
+    what: &str,
+    accept: impl Fn(&str) -> bool,
+) -> String {
+    let start = Instant::now();
+    loop {
+        let body = http_get(port, "/metrics").await.map(|(_, b)| b);
+        if let Some(b) = &body
+            && accept(b)
+        {
+            return body.unwrap_or_default();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "gave up waiting for {what} after {limit:?}; last /metrics:\n{}",
+            body.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

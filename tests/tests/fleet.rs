@@ -82,6 +82,63 @@ async fn job_enqueued_by_another_process_is_picked_up_and_endpoints_answer() {
         metrics.contains(r#"sessionfleet_job_duration_seconds_bucket{kind="noop",le="+Inf"} 1"#),
         "{metrics}"
     );
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "sessionfleet_jobs_total",
+            &[("kind", "noop"), ("outcome", "succeeded")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    // The same job delivered again (a redelivery after a lost ack): its result is kept, the
+    // delivery is counted a duplicate and not run.
+    let k = queue.keys().clone();
+    let mut c = queue.connection();
+    let _: () = redis::pipe()
+        .hset(k.data(QueueClass::Diag), "again-1", env.to_bytes())
+        .hset_multiple(
+            format!("{}:again-1", k.meta_prefix(QueueClass::Diag)),
+            &[
+                ("attempts", "0"),
+                ("max_attempts", "25"),
+                ("status", "Pending"),
+            ],
+        )
+        .rpush(k.active(QueueClass::Diag), "again-1")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let metrics = metrics_until(w.metrics_port, HANG_GUARD, "the duplicate counted", |b| {
+        metric_sample(
+            b,
+            "sessionfleet_jobs_total",
+            &[("kind", "noop"), ("outcome", "duplicate")],
+        )
+        .is_some()
+    })
+    .await;
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "sessionfleet_jobs_total",
+            &[("kind", "noop"), ("outcome", "duplicate")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "sessionfleet_jobs_total",
+            &[("kind", "noop"), ("outcome", "succeeded")]
+        ),
+        Some(1.0),
+        "not run again: {metrics}"
+    );
+    let kept = queue.result(env.job_id).await.unwrap().expect("result");
+    assert_eq!(kept.finished_at, r.finished_at, "the first result stays");
     drop_namespace(&queue).await;
 }
 
@@ -200,6 +257,49 @@ async fn malformed_payloads_are_dead_lettered_while_valid_jobs_keep_flowing() {
     assert!(
         !w.log_text().contains("restarting under a new name"),
         "garbage must not kill the queue worker"
+    );
+    // The metrics agree: 100 dead letters present (the gauge, refreshed every few seconds)
+    // and added on the diag queue; those that reached the job handler (the rest apalis could
+    // not fetch and were buried before) counted as dead-lettered jobs of no known kind; the
+    // valid jobs (and the one after) succeeded.
+    let handled = dead
+        .iter()
+        .filter(|d| !d.reason.starts_with("its queue record is damaged"))
+        .count() as f64;
+    assert!(handled > 0.0, "some garbage reached the handler: {dead:?}");
+    let metrics = metrics_until(
+        w.metrics_port,
+        HANG_GUARD,
+        "the dead-letter gauge at 100",
+        |b| metric_sample(b, "sessionfleet_dead_letters", &[]) == Some(100.0),
+    )
+    .await;
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "sessionfleet_dead_letters_total",
+            &[("queue", "diag")]
+        ),
+        Some(100.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "sessionfleet_jobs_total",
+            &[("kind", "unknown"), ("outcome", "dead_lettered")]
+        ),
+        Some(handled),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "sessionfleet_jobs_total",
+            &[("kind", "noop"), ("outcome", "succeeded")]
+        ),
+        Some(101.0),
+        "{metrics}"
     );
     drop_namespace(&queue).await;
 }
