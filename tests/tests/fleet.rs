@@ -867,3 +867,238 @@ async fn readyz_is_unready_while_one_queue_worker_keeps_failing_and_names_it() {
     drop(w);
     drop_namespace(&queue).await;
 }
+
+/// A cleanup run through a worker, seen in its metrics: deferred while the test holds the
+/// target's lease (and the busy acquisition counted), one part per batch (a zero budget stops
+/// each part after its first batch) counted `continued` until the last, `succeeded`; the rows
+/// deleted counted under `rows_affected_total`, exactly as many as left the table; a job for a
+/// target nobody configured dead-lettered (jobs, dead letters added, the dead-letter gauge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_metrics_count_deferrals_parts_dead_letters_and_deleted_rows() {
+    use sessionfleet::dispatch::OperationJob;
+    use sessionfleet::lease::{self, HolderInfo, LeaseConfig};
+    use sessionfleet::ops::cleanup::CleanupParams;
+    use sessionfleet::seed::{SeedParams, seed_demo};
+    use sessionfleet::store::{Engine, SchemaVersion};
+
+    let t = sessionfleet::testing::TestDb::new(Engine::Sqlite).await;
+    seed_demo(
+        &t.db,
+        &SeedParams::new(400, 21, SchemaVersion::V2, chrono::Utc::now().naive_utc()),
+    )
+    .await
+    .unwrap();
+    let count = || async {
+        t.db.scalar_i64("SELECT COUNT(*) FROM user_sessions")
+            .await
+            .unwrap()
+    };
+    let before = count().await;
+    assert!(
+        doomed_v2(&t.db).await > 100,
+        "several batches of 50 to delete"
+    );
+    let (url, ns) = (redis_url(), unique_namespace());
+    let _keys = RedisKeysGuard::new(&ns);
+    let queue = queue(&url, &ns).await;
+    let redis = queue.connection();
+    let held = lease::try_acquire(
+        &redis,
+        &ns,
+        "default",
+        &HolderInfo::new("e2e", "holding the lease"),
+        &t.db,
+        &LeaseConfig::from_ttl(Duration::from_secs(300)),
+    )
+    .await
+    .unwrap()
+    .expect("the lease is free");
+    let mut spec = WorkerSpec::new(&url, &ns, "cleanup-metrics");
+    spec.queues = "cleanup".into();
+    spec.env.push(("DATABASE_URL".into(), t.url.clone()));
+    let w = Worker::start(&spec);
+
+    let job = OperationJob::Cleanup(CleanupParams {
+        batch_size: 50,
+        max_batch_size: 50,
+        budget_secs: Some(0),
+        ..CleanupParams::default()
+    });
+    let run = JobEnvelope::new(job.kind(), "default", job.params(), "e2e");
+    queue.enqueue(&run).await.unwrap();
+    let deferred = [("kind", "cleanup"), ("outcome", "deferred")];
+    metrics_until(w.metrics_port, HANG_GUARD, "the run deferred", |b| {
+        metric_sample(b, "sessionfleet_jobs_total", &deferred).is_some()
+    })
+    .await;
+    assert!(
+        held.release(&redis).await.unwrap(),
+        "still the test's lease"
+    );
+    let parts = queue.wait_for_run(run.run_id, HANG_GUARD).await.unwrap();
+    let last = parts.last().expect("parts");
+    assert_eq!(last.outcome, ResultOutcome::Succeeded, "{parts:?}");
+    let continued = parts
+        .iter()
+        .filter(|p| p.outcome == ResultOutcome::Continued)
+        .count();
+    assert!(continued >= 1, "{parts:?}");
+    assert_eq!(continued + 1, parts.len(), "{parts:?}");
+    let deleted = before - count().await;
+    assert!(deleted > 100, "{deleted}");
+    assert_eq!(
+        parts.iter().map(|p| p.rows_affected).sum::<u64>(),
+        deleted as u64,
+        "{parts:?}"
+    );
+
+    let nowhere = JobEnvelope::new(job.kind(), "nowhere", job.params(), "e2e");
+    queue.enqueue(&nowhere).await.unwrap();
+    let failed = queue
+        .wait_for_result(nowhere.job_id, HANG_GUARD)
+        .await
+        .unwrap();
+    assert_eq!(failed.outcome, ResultOutcome::Failed, "{failed:?}");
+
+    let metrics = metrics_until(
+        w.metrics_port,
+        HANG_GUARD,
+        "the dead-letter gauge at 1",
+        |b| metric_sample(b, "sessionfleet_dead_letters", &[]) == Some(1.0),
+    )
+    .await;
+    let jobs = |outcome: &str| {
+        metric_sample(
+            &metrics,
+            "sessionfleet_jobs_total",
+            &[("kind", "cleanup"), ("outcome", outcome)],
+        )
+    };
+    assert!(jobs("deferred") >= Some(1.0), "{metrics}");
+    assert_eq!(jobs("continued"), Some(continued as f64), "{metrics}");
+    assert_eq!(jobs("succeeded"), Some(1.0), "{metrics}");
+    assert_eq!(jobs("dead_lettered"), Some(1.0), "{metrics}");
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "sessionfleet_rows_affected_total",
+            &[("kind", "cleanup")]
+        ),
+        Some(deleted as f64),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "sessionfleet_dead_letters_total",
+            &[("queue", "cleanup")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        metric_sample(
+            &metrics,
+            "sessionfleet_lease_acquisitions_total",
+            &[("target", "default"), ("result", "busy")]
+        ) >= Some(1.0),
+        "{metrics}"
+    );
+    drop(w);
+    t.drop_db().await;
+}
+
+/// A cleanup whose database cannot be reached fails with a retryable error: the worker puts
+/// it back for another attempt and counts the delivery `retrying`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_database_is_down_is_counted_retrying() {
+    let closed = sessionfleet::testing::ClosedPort::new();
+    let (url, ns) = (redis_url(), unique_namespace());
+    let _keys = RedisKeysGuard::new(&ns);
+    let queue = queue(&url, &ns).await;
+    let mut spec = WorkerSpec::new(&url, &ns, "db-down");
+    spec.queues = "cleanup".into();
+    spec.env.push((
+        "DATABASE_URL".into(),
+        format!("postgres://postgres@127.0.0.1:{}/sessions", closed.port()),
+    ));
+    let w = Worker::start(&spec);
+    let job = sessionfleet::dispatch::OperationJob::Cleanup(Default::default());
+    let env = JobEnvelope::new(job.kind(), "default", job.params(), "e2e");
+    queue.enqueue(&env).await.unwrap();
+    let retrying = [("kind", "cleanup"), ("outcome", "retrying")];
+    let metrics = metrics_until(w.metrics_port, HANG_GUARD, "a retrying delivery", |b| {
+        metric_sample(b, "sessionfleet_jobs_total", &retrying).is_some()
+    })
+    .await;
+    assert_eq!(
+        metric_sample(&metrics, "sessionfleet_jobs_total", &retrying),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        w.log_text().contains("failed; will retry"),
+        "{}",
+        w.log_text()
+    );
+}
+
+/// `sessionfleet_queue_depth` per queue and state: jobs waiting on a queue this worker does
+/// not consume (ready, and scheduled an hour ahead, none of them due) and the one job it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_depth_gauges_show_ready_scheduled_and_running_jobs() {
+    let (url, ns) = (redis_url(), unique_namespace());
+    let _keys = RedisKeysGuard::new(&ns);
+    let queue = queue(&url, &ns).await;
+    let mut spec = WorkerSpec::new(&url, &ns, "depth");
+    spec.queues = "diag".into();
+    let w = Worker::start(&spec);
+    live_on(&queue, QueueClass::Diag, 1).await;
+    let job = sessionfleet::dispatch::OperationJob::Cleanup(Default::default());
+    let cleanup = || JobEnvelope::new(job.kind(), "default", job.params(), "e2e");
+    queue
+        .enqueue_batch(
+            (0..3).map(|_| cleanup()).collect(),
+            EnqueueOptions::default(),
+        )
+        .await
+        .unwrap();
+    queue
+        .enqueue_batch(
+            (0..2).map(|_| cleanup()).collect(),
+            EnqueueOptions {
+                delay: Some(Duration::from_secs(3600)),
+            },
+        )
+        .await
+        .unwrap();
+    // Runs until the worker is stopped at the end of the test.
+    queue
+        .enqueue(&JobEnvelope::sleep(600_000, None, "e2e"))
+        .await
+        .unwrap();
+    let depth = |b: &str, queue: &str, state: &str| {
+        metric_sample(
+            b,
+            "sessionfleet_queue_depth",
+            &[("queue", queue), ("state", state)],
+        )
+    };
+    let expected = [
+        ("cleanup", "ready", 3.0),
+        ("cleanup", "scheduled", 2.0),
+        ("cleanup", "scheduled_due", 0.0),
+        ("cleanup", "running", 0.0),
+        ("diag", "running", 1.0),
+        ("diag", "ready", 0.0),
+    ];
+    let metrics = metrics_until(w.metrics_port, HANG_GUARD, "the queue depths", |b| {
+        expected
+            .iter()
+            .all(|(q, state, n)| depth(b, q, state) == Some(*n))
+    })
+    .await;
+    for (q, state, n) in expected {
+        assert_eq!(depth(&metrics, q, state), Some(n), "{q} {state}");
+    }
+}
