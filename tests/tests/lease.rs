@@ -289,6 +289,99 @@ async fn a_holder_paused_past_its_ttl_is_fenced_out_when_it_wakes() {
     t.drop_db().await;
 }
 
+/// A lease taken from a holder while it works (here: while its batch waits for the fence row
+/// the test holds, so the run cannot end first) is lost: the keeper's next renewal finds
+/// another owner, cancels the run and counts the loss in `sessionfleet_lease_losses_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_from_a_working_holder_is_counted_lost() {
+    let t = seeded(Engine::Postgres, 3000, 15).await;
+    let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
+    let w = Worker::start(&spec(&ns, &t.url, "taken", "3000"));
+    let q = queue(&redis_url(), &ns).await;
+    let job = envelope(OperationJob::Cleanup(slow_cleanup()));
+    q.enqueue(&job).await.unwrap();
+    wait_for_holder(&q, &ns).await;
+    let fence_name = lease::fence_name("default");
+    eventually(
+        Duration::from_secs(30),
+        "the holder's first write",
+        || async {
+            let log = fence::write_log(&t.db, &fence_name).await.ok()?;
+            (!log.is_empty()).then_some(())
+        },
+    )
+    .await;
+    let mut row_holder = sqlx::PgConnection::connect(&t.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut row_holder).await.unwrap();
+    sqlx::query("SELECT token FROM sessionfleet_fence WHERE name = $1 FOR UPDATE")
+        .bind(&fence_name)
+        .execute(&mut row_holder)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the holder's batch waiting for the fence row",
+        || async {
+            let waiting =
+                t.db.scalar_i64(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND wait_event_type = 'Lock' AND query LIKE '%sessionfleet_fence%FOR UPDATE%' \
+                     AND pid <> pg_backend_pid()",
+                )
+                .await
+                .ok()?;
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    // Another owner for the lease (it expires by itself in a minute).
+    let key = format!("{ns}:lease:{{{ns}:default}}");
+    let mut c = q.connection();
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("intruder")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let losses = [("target", "default")];
+    let metrics = sessionfleet_e2e::metrics_until(
+        w.metrics_port,
+        Duration::from_secs(60),
+        "the loss counted",
+        |b| {
+            sessionfleet_e2e::metric_sample(b, "sessionfleet_lease_losses_total", &losses).is_some()
+        },
+    )
+    .await;
+    assert_eq!(
+        sessionfleet_e2e::metric_sample(&metrics, "sessionfleet_lease_losses_total", &losses),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        w.log_text()
+            .contains("lease taken by another holder (intruder)"),
+        "{}",
+        w.log_text()
+    );
+    sqlx::query("ROLLBACK")
+        .execute(&mut row_holder)
+        .await
+        .unwrap();
+    row_holder.close().await.unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the holder's part to end",
+        || async { part_ended(&w, job.job_id).then_some(()) },
+    )
+    .await;
+    drop(w);
+    t.drop_db().await;
+}
+
 /// The sum of the samples of `name` whose labels contain `label` (0 when absent).
 fn metric(body: &str, name: &str, label: &str) -> f64 {
     body.lines()
