@@ -439,6 +439,118 @@ async fn a_local_cleanup_stops_at_its_timeout_and_exits_4() {
     t.drop_db().await;
 }
 
+/// With several targets, a failure (1) outranks a timeout (4), as the README's exit-code
+/// table says: `--all-targets --local` over a target whose database file does not exist
+/// (refused at once, before any deadline) and one whose slowed cleanup cannot finish within
+/// the 3 s allowed. The same invocation with the missing database replaced by a real one
+/// exits 4, so the 1 comes from the failure, not from the timeout. Fails if the timeout's
+/// code wins, or the failed target is dropped from the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_several_targets_a_failure_outranks_a_timeout() {
+    let slow = seeded(Engine::Sqlite, 2000).await;
+    let small = seeded(Engine::Sqlite, 200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let missing = format!("sqlite://{}/missing.db", dir.path().display());
+    let config = |a_url: &str| {
+        let path = dir
+            .path()
+            .join(format!("sf-{}.toml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(
+            &path,
+            format!(
+                "default_target = \"b_slow\"\n[targets.a_first]\nurl = \"{a_url}\"\n\
+                 [targets.b_slow]\nurl = \"{}\"\n",
+                slow.url
+            ),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let mut cli = Cli::new(&slow.url);
+    cli.extra = slow_cleanup();
+    cli.extra
+        .push(("SESSIONFLEET_CONFIG".into(), config(&missing)));
+    let args = [
+        "--local",
+        "--all-targets",
+        "--timeout",
+        "3",
+        "cleanup",
+        "--once",
+        "--json",
+    ];
+    let out = cli.run(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    let run = |name: &str| {
+        doc.as_array()
+            .expect("one entry per target")
+            .iter()
+            .find(|r| r["target"] == name)
+            .unwrap_or_else(|| panic!("no run of {name}: {doc}"))
+            .clone()
+    };
+    let (failed, timed) = (run("a_first"), run("b_slow"));
+    assert_eq!(failed["timed_out"], false, "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("missing.db") && e.contains("does not exist")),
+        "{failed}"
+    );
+    assert_eq!(timed["timed_out"], true, "{timed}");
+    assert!(doomed(&slow).await > 0, "the slow target did not finish");
+    for (target, what) in [("a_first", "failed"), ("b_slow", "timed out")] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with("error:") && l.contains(target) && l.contains(what)),
+            "{target} {what}: {stderr}"
+        );
+    }
+
+    // The control: the same targets with a real database first time out, and only that.
+    cli.extra.pop();
+    cli.extra
+        .push(("SESSIONFLEET_CONFIG".into(), config(&small.url)));
+    let out = cli.run(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    slow.drop_db().await;
+    small.drop_db().await;
+}
+
+/// A command that needs Redis and finds it down exits 5 with one line saying so, and does
+/// not fall back to a local run: `--no-wait` (which only enqueues) and the scheduler. Fails
+/// if either runs locally, waits forever, or reports another code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_wait_and_the_scheduler_exit_5_when_redis_is_down() {
+    let t = seeded(Engine::Sqlite, 300).await;
+    let doomed_before = doomed(&t).await;
+    assert!(doomed_before > 0);
+    let mut cli = Cli::new(&t.url);
+    let redis_down = ClosedPort::new();
+    cli.redis = format!("redis://127.0.0.1:{}", redis_down.port());
+    for args in [&["--no-wait", "cleanup", "--once"][..], &["schedule"][..]] {
+        let out = cli.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {err}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert!(
+            matches!(errors[..], [line] if line.contains(&format!("127.0.0.1:{}", redis_down.port()))),
+            "{args:?}: one error line naming Redis: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}: no job id printed");
+    }
+    assert_eq!(doomed(&t).await, doomed_before, "nothing ran locally");
+    t.drop_db().await;
+}
+
 /// A wait for the fleet that runs out is exit 4 and names the job, which goes on in the
 /// worker; with `--json` the document says `timed_out` for that run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -800,6 +912,131 @@ async fn full_maintenance_summary_and_dry_run() {
     assert!(full["analytics"]["health_status"]["overall_health"].is_string());
     assert_eq!(total(&t).await, before - doomed_before);
     t.drop_db().await;
+}
+
+/// Full maintenance goes on past a stage that fails and exits 1 end to end: the report is
+/// printed with `completed_with_errors` and the failure, the other stages did their work,
+/// and stderr has one line naming it. The failure is real and certain: a table holding the
+/// name of a recommended index the database lacks, so SQLite refuses to build that index.
+/// Fails if the run stops at the failed stage, exits 0, or hides the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_maintenance_past_a_failed_stage_exits_1_with_the_report() {
+    use sessionfleet::ops::maintenance;
+
+    let t = seeded(Engine::Sqlite, 1000).await;
+    let missing = maintenance::missing_recommended_indexes(&t.db)
+        .await
+        .unwrap();
+    let [blocked, rest @ ..] = &missing[..] else {
+        panic!("the demo data lacks recommended indexes")
+    };
+    assert!(!rest.is_empty(), "{missing:?}");
+    t.db.execute(&format!("CREATE TABLE {blocked} (x INTEGER)"))
+        .await
+        .unwrap();
+    let (before, doomed_before) = (total(&t).await, doomed(&t).await);
+    assert!(doomed_before > 0);
+    let cli = Cli::new(&t.url);
+    let _w = cli.worker("failed-stage");
+    cli.wait_for_a_worker().await;
+    let out = cli.run(&[
+        "maintenance",
+        "--full-maintenance",
+        "--json",
+        "--timeout",
+        "120",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let full: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "the report is printed ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    assert_eq!(full["summary"]["status"], "completed_with_errors", "{full}");
+    let errors: Vec<&str> = full["errors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{full}"))
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(
+        matches!(errors[..], [e] if e.starts_with("create indexes:") && e.contains(blocked.as_str()) && e.contains("already a table")),
+        "{errors:?}"
+    );
+    // The stages around the failed build ran: the cleanup before it, the other index builds,
+    // the health report after.
+    assert_eq!(doomed(&t).await, 0);
+    assert_eq!(total(&t).await, before - doomed_before);
+    assert_eq!(
+        reported(&full["cleanup"]),
+        doomed_before,
+        "{}",
+        full["cleanup"]
+    );
+    let still_missing = maintenance::missing_recommended_indexes(&t.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        still_missing,
+        vec![blocked.clone()],
+        "only the blocked index is missing"
+    );
+    assert!(
+        full["analytics"]["health_status"]["overall_health"].is_string(),
+        "{full}"
+    );
+    let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert!(
+        matches!(error_lines[..], [l] if l.contains("completed with errors") && l.contains(blocked.as_str())),
+        "one error line naming the failure: {stderr}"
+    );
+    t.drop_db().await;
+}
+
+/// `sessionfleet demo` runs in a namespace of its own (`demo-<pid>`) and leaves none of its
+/// keys in Redis: lease counters and worker records never expire, so without the clean-up
+/// they would stay on the user's Redis forever. Small (5,000 sessions) to stay quick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_leaves_no_keys_of_its_namespace_in_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = binary("sessionfleet");
+    cmd.args(["demo", "--sessions", "5000"])
+        .env("REDIS_URL", redis_url())
+        .current_dir(dir.path())
+        .stdin(Stdio::null());
+    let mut demo = Spawned::start(cmd);
+    let namespace = format!("demo-{}", demo.child.id());
+    let (status, stdout, stderr) = demo.finish();
+    assert!(status.success(), "{status}: {stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!("removed the "))
+            && stderr.contains(&format!("Redis keys of namespace {namespace}")),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("Cleanup detail: "),
+        "the demo ran: {stdout}"
+    );
+    let q = queue(&redis_url(), &namespace).await;
+    let mut conn = q.connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{namespace}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // `demo-12` must not count `demo-123`'s keys: the namespace ends a key or is followed by
+    // a separator.
+    let left: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            k.split(namespace.as_str())
+                .skip(1)
+                .any(|after| !after.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .collect();
+    assert!(left.is_empty(), "keys of {namespace} left: {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
