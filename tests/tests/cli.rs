@@ -1011,7 +1011,7 @@ async fn the_demo_leaves_no_keys_of_its_namespace_in_redis() {
     let (status, stdout, stderr) = demo.finish();
     assert!(status.success(), "{status}: {stdout}\n{stderr}");
     assert!(
-        stderr.contains(&format!("removed the "))
+        stderr.contains("removed the ")
             && stderr.contains(&format!("Redis keys of namespace {namespace}")),
         "{stderr}"
     );
