@@ -371,14 +371,22 @@ mod tests {
         n > 0
     }
 
-    /// While its batches stay away longer than the pause limit, a server read ends its
-    /// statement (and so its snapshot: the session is gone), then resumes after the last id
-    /// it delivered: every id once, in key order. Each row costs the server a millisecond,
-    /// so a read that kept its statement would still be running for ~20 s.
-    async fn a_read_left_waiting_closes_its_statement_and_resumes(engine: Engine) {
+    /// A table of 20,000 plain ids whose read costs the server a millisecond a row (so a read
+    /// left running stays running for ~20 s), streamed along its key; its own connection
+    /// pool (`db`), the schema naming it, the statement's marker in the server's activity
+    /// view, and the slow predicate.
+    struct SlowIds {
+        tdb: TestDb,
+        db: Db,
+        schema: schema::Schema,
+        marker: &'static str,
+        pred: Predicate,
+    }
+
+    async fn slow_ids(engine: Engine) -> SlowIds {
         let tdb = TestDb::new(engine).await;
-        let db = &tdb.db;
-        db.execute("CREATE TABLE ids_only (id BIGINT PRIMARY KEY)")
+        tdb.db
+            .execute("CREATE TABLE ids_only (id BIGINT PRIMARY KEY)")
             .await
             .expect("table");
         let fill = match engine {
@@ -386,23 +394,24 @@ mod tests {
             // MariaDB's sequence engine.
             _ => "INSERT INTO ids_only SELECT seq FROM seq_1_to_20000",
         };
-        db.execute(fill).await.expect("rows");
+        tdb.db.execute(fill).await.expect("rows");
         if engine == Engine::Postgres {
             // Read along the key, as a real read's plan streams: sorting first would run
             // every row's sleep before the first row is out.
-            let name: String = crate::on_pool!(db, p => sqlx::query_scalar("SELECT current_database()")
+            let name: String = crate::on_pool!(&tdb.db, p => sqlx::query_scalar("SELECT current_database()")
                 .fetch_one(p)
                 .await
                 .expect("name"));
-            db.execute(&format!("ALTER DATABASE {name} SET enable_sort = off"))
+            tdb.db
+                .execute(&format!("ALTER DATABASE {name} SET enable_sort = off"))
                 .await
                 .expect("plan setting");
         }
-        let db = &Db::connect(&tdb.url, &crate::store::ConnectOptions::default())
+        let db = Db::connect(&tdb.url, &crate::store::ConnectOptions::default())
             .await
             .expect("connect");
         // The read only needs a table and its key: one of plain ids.
-        let mut schema = small_v2_schema(db).await;
+        let mut schema = small_v2_schema(&db).await;
         schema.sessions.table = "ids_only".into();
         schema.sessions.id = "id".into();
         let (marker, slow) = match engine {
@@ -413,6 +422,28 @@ mod tests {
             sql: format!("ids_only.id > 0 AND {slow}"),
             binds: vec![],
         };
+        SlowIds {
+            tdb,
+            db,
+            schema,
+            marker,
+            pred,
+        }
+    }
+
+    /// While its batches stay away longer than the pause limit, a server read ends its
+    /// statement (and so its snapshot: the session is gone), then resumes after the last id
+    /// it delivered: every id once, in key order. Each row costs the server a millisecond,
+    /// so a read that kept its statement would still be running for ~20 s.
+    async fn a_read_left_waiting_closes_its_statement_and_resumes(engine: Engine) {
+        let SlowIds {
+            tdb,
+            db,
+            schema,
+            marker,
+            pred,
+        } = slow_ids(engine).await;
+        let db = &db;
         let tuning = ReadTuning {
             buffered: 10,
             pause_limit: Duration::from_secs(1),
@@ -458,40 +489,14 @@ mod tests {
     /// of the result (~20 s of rows here), keeping the statement and its snapshot open, and
     /// the session then stayed in the pool.
     async fn a_read_dropped_mid_statement_closes_its_connection(engine: Engine) {
-        let tdb = TestDb::new(engine).await;
-        let db = &tdb.db;
-        db.execute("CREATE TABLE ids_only (id BIGINT PRIMARY KEY)")
-            .await
-            .expect("table");
-        let fill = match engine {
-            Engine::Postgres => "INSERT INTO ids_only SELECT g FROM generate_series(1, 20000) g",
-            _ => "INSERT INTO ids_only SELECT seq FROM seq_1_to_20000",
-        };
-        db.execute(fill).await.expect("rows");
-        if engine == Engine::Postgres {
-            // Streamed along the key, not sorted first (see the test above).
-            let name: String = crate::on_pool!(db, p => sqlx::query_scalar("SELECT current_database()")
-                .fetch_one(p)
-                .await
-                .expect("name"));
-            db.execute(&format!("ALTER DATABASE {name} SET enable_sort = off"))
-                .await
-                .expect("plan setting");
-        }
-        let db = &Db::connect(&tdb.url, &crate::store::ConnectOptions::default())
-            .await
-            .expect("connect");
-        let mut schema = small_v2_schema(db).await;
-        schema.sessions.table = "ids_only".into();
-        schema.sessions.id = "id".into();
-        let (marker, slow) = match engine {
-            Engine::Postgres => ("pg_sleep(0.001)", "pg_sleep(0.001)::text = ''"),
-            _ => ("SLEEP(0.001)", "SLEEP(0.001) = 0"),
-        };
-        let pred = Predicate {
-            sql: format!("ids_only.id > 0 AND {slow}"),
-            binds: vec![],
-        };
+        let SlowIds {
+            tdb,
+            db,
+            schema,
+            marker,
+            pred,
+        } = slow_ids(engine).await;
+        let db = &db;
         // No pause: the statement stays open for as long as the stream lives.
         let tuning = ReadTuning {
             buffered: 10,
