@@ -330,6 +330,15 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
     };
     let db = match shared_db(&target.url, role).await {
         Ok(db) => db,
+        // Not tried now (a failure within the memory): the job waits out the memory without
+        // spending an attempt, since the database was not asked. Retries at their usual
+        // delays would all fall inside it and a short restart would use up every attempt.
+        Err(e) if e.is_remembered() => {
+            return JobOutcome::Deferred {
+                delay: e.retry_in() + crate::backoff::jitter(CONNECT_RETRY_SPREAD),
+                reason: e.to_string(),
+            };
+        }
         // A URL that cannot work fails the job as a target missing from the configuration
         // does: retries would fail the same way, only later.
         Err(e) => {
@@ -473,10 +482,15 @@ pub enum PoolRole {
 /// unreachable server for up to about a minute (five attempts, each waiting up to the pool's
 /// connect timeout, with backoff between them), one job at a time per pool: without a memory, every job queued for a target
 /// that is down paid that minute in turn, each holding one of the worker's job slots, so one
-/// dead database held up the jobs of every other. Within the window the pool's jobs fail at
-/// once with the same error (retried later as before, when a retry can help); after it the
-/// next job tries again, so a target that comes back is used within this long.
+/// dead database held up the jobs of every other. Within the window the pool's jobs get the
+/// same error at once and are deferred past its end without spending an attempt (the
+/// database was not asked); after it the next job tries again, so a target that comes back
+/// is used within this long.
 pub const CONNECT_FAILURE_MEMORY: Duration = Duration::from_secs(30);
+
+/// Spread of the deferrals of jobs that met a remembered failure, past its end, so they do
+/// not all try at the same instant.
+const CONNECT_RETRY_SPREAD: Duration = Duration::from_secs(2);
 
 /// Why a target's pool could not be opened ([`shared_db`]). Its text names the URL with the
 /// password removed.
@@ -485,18 +499,22 @@ pub const CONNECT_FAILURE_MEMORY: Duration = Duration::from_secs(30);
 pub struct ConnectFailure {
     message: String,
     permanent: bool,
-    remembered: bool,
+    /// For a remembered failure, how long until the next attempt may be made.
+    remembered: Option<Duration>,
 }
 
 impl ConnectFailure {
-    fn new(e: &StoreError) -> ConnectFailure {
+    fn new(e: &StoreError, url: &str) -> ConnectFailure {
         ConnectFailure {
             message: e.to_string(),
-            // The URL cannot be used as written: an unknown scheme, a URL that does not
-            // parse, credentials or a database the server refuses, a SQLite file that is not
-            // there. Only a server that does not answer is worth trying again.
-            permanent: matches!(e, StoreError::UnknownScheme(_) | StoreError::BadUrl { .. }),
-            remembered: false,
+            // Only a URL that cannot be used as written: an unknown scheme, or one its
+            // driver cannot read. Credentials or a database the server refuses, or a SQLite
+            // file that is not there, can come right without a change here (a password
+            // rotation under way, a database being restored, a volume mounted late), so
+            // those are tried again like a server that does not answer.
+            permanent: matches!(e, StoreError::UnknownScheme(_))
+                || crate::store::check_url(url).is_err(),
+            remembered: None,
         }
     }
 
@@ -509,7 +527,12 @@ impl ConnectFailure {
     /// Whether this is the failure of an earlier attempt, within [`CONNECT_FAILURE_MEMORY`],
     /// given without trying again.
     pub fn is_remembered(&self) -> bool {
-        self.remembered
+        self.remembered.is_some()
+    }
+
+    /// How long until the pool may be tried again (zero for a failure not remembered).
+    pub fn retry_in(&self) -> Duration {
+        self.remembered.unwrap_or_default()
     }
 
     fn remembered(&self, age: Duration) -> ConnectFailure {
@@ -520,7 +543,7 @@ impl ConnectFailure {
                 age.as_secs(),
                 CONNECT_FAILURE_MEMORY.as_secs()
             ),
-            remembered: true,
+            remembered: Some(CONNECT_FAILURE_MEMORY.saturating_sub(age)),
             ..self.clone()
         }
     }
@@ -547,7 +570,7 @@ impl SharedPool {
                 Db::connect(url, &ConnectOptions::default())
                     .await
                     .map_err(|e| {
-                        let failure = ConnectFailure::new(&e);
+                        let failure = ConnectFailure::new(&e, url);
                         *self.failed.lock().unwrap_or_else(|p| p.into_inner()) =
                             Some((Instant::now(), failure.clone()));
                         failure

@@ -1608,27 +1608,48 @@ async fn a_target_that_is_down_is_tried_once_for_the_jobs_that_wait_on_it() {
         "the same error: {tried} / {waited}"
     );
     assert!(!tried.is_permanent() && !waited.is_permanent());
-    assert!(CONNECT_FAILURE_MEMORY.as_secs() > 0);
 
-    // A job that comes later, within the memory: failed at once, and retried.
+    assert!(
+        waited.retry_in() > std::time::Duration::ZERO
+            && waited.retry_in() <= CONNECT_FAILURE_MEMORY
+    );
+
+    // A job that comes later, within the memory: not tried, and deferred past the memory's
+    // end without spending an attempt (its retries would all fall inside it otherwise, and a
+    // short restart would use up every attempt of the job).
     let t = ns_for_database(&url).await;
     let env = health_report_job();
     let settled = process_delivery(&t.deps, env.queue(), "t1", &env.to_bytes())
         .await
         .unwrap();
-    assert_eq!(settled, Settled::Retrying(2));
+    assert_eq!(settled, Settled::Deferred);
+    let w = t
+        .queue
+        .waiting_job(env.job_id)
+        .await
+        .unwrap()
+        .expect("it waits");
+    assert_eq!(w.attempt, 1, "no attempt spent");
     assert_eq!(dispatch::connect_attempts(&url, PoolRole::Reads).await, 1);
     // The writers' pool of the same target is a pool of its own.
     assert_eq!(dispatch::connect_attempts(&url, PoolRole::Writes).await, 0);
     t.cleanup().await;
 }
 
-/// A job whose target's URL cannot work — a SQLite file that is not there, a database the
-/// server does not have — fails without retries, as one naming a target the configuration
-/// lacks does, with the reason in its dead letter. Fails if it is retried: every retry fails
-/// the same way, and the CLI waits through them for the same error.
+/// A target URL its driver cannot read is a permanent failure (a job on it is not retried;
+/// the configuration refuses such URLs at load, so this guards what slips past). One whose
+/// database refuses it — a SQLite file that is not there, a database the server does not
+/// have — is retried: a restore, a late volume or a password rotation can make it right
+/// without a change here. Fails if those are dead-lettered at their first failure.
 #[tokio::test]
-async fn a_target_whose_url_cannot_work_fails_its_job_without_retries() {
+async fn a_refused_database_is_retried_and_only_an_unreadable_url_is_permanent() {
+    use sessionfleet::dispatch::{self, PoolRole};
+    let unreadable =
+        dispatch::shared_db("postgres://postgres@127.0.0.1:99999/app", PoolRole::Reads)
+            .await
+            .expect_err("port out of range");
+    assert!(unreadable.is_permanent(), "{unreadable}");
+
     let dir = tempfile::tempdir().unwrap();
     let missing_file = dir.path().join("missing.db");
     for (url, why) in [
@@ -1646,17 +1667,14 @@ async fn a_target_whose_url_cannot_work_fails_its_job_without_retries() {
         let settled = process_delivery(&t.deps, env.queue(), "t1", &env.to_bytes())
             .await
             .unwrap();
-        assert_eq!(settled, Settled::DeadLettered, "{url}");
-        let dead = t.queue.dead_letters(10).await.unwrap();
-        let [letter] = dead.as_slice() else {
-            panic!("one dead letter: {dead:?}")
-        };
+        assert_eq!(settled, Settled::Retrying(2), "{url}");
+        let failure = dispatch::shared_db(&url, PoolRole::Reads)
+            .await
+            .expect_err("still refused");
         assert!(
-            letter.reason.contains(why) && !letter.reason.starts_with("gave up"),
-            "{url}: {}",
-            letter.reason
+            !failure.is_permanent() && failure.to_string().contains(why),
+            "{url}: {failure}"
         );
-        assert_eq!(letter.attempts, 1, "{url}");
         t.cleanup().await;
     }
     assert!(!missing_file.exists(), "no database file was created");
