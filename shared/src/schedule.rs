@@ -5,7 +5,8 @@
 //! turned into jobs with a dedupe key derived from the tick (`schedule:<name>:<unix secs>`):
 //! however many replicas enqueue the same tick, the queue keeps one job. A per-schedule
 //! record in Redis (`last fired tick`, advanced by compare-and-set) makes a replica that comes
-//! back after downtime fire only the *latest* missed tick, once.
+//! back after downtime fire only the *latest* missed tick, once. Every replica reads "now" from
+//! the Redis server ([`server_now`]), so their own clocks' errors do not matter.
 
 use std::future::Future;
 use std::str::FromStr;
@@ -131,10 +132,10 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 return 1";
 
-/// How far ahead of this replica's clock a last-fired record may be before it is taken for
-/// a clock fault rather than a peer's slightly faster clock. Replicas under NTP differ by
-/// milliseconds; a record a day ahead (a VM restored with a wrong clock fired "tomorrow")
-/// would otherwise silence every correct replica until that day came.
+/// How far ahead of "now" (the Redis server's clock, [`server_now`]) a last-fired record may
+/// be before it is taken for a clock fault: Redis failed over to a host whose clock is
+/// behind, its clock set back, or a scheduler that judged by its own fast clock. A record a
+/// day ahead would otherwise silence every replica until that day came.
 pub const FUTURE_RECORD_ALLOWANCE: Duration = Duration::from_secs(300);
 
 /// Missed ticks are counted up to this many; counting further only costs time.
@@ -247,6 +248,19 @@ where
         }
     };
     Ok(decision)
+}
+
+/// The Redis server's clock (`TIME`): the one clock every replica's passes are judged by, so
+/// a replica whose own clock runs fast or slow neither fires early nor rewinds the others'
+/// record (each would otherwise judge the record by its own "now").
+pub async fn server_now(
+    redis: &mut redis::aio::ConnectionManager,
+) -> Result<DateTime<Utc>, ScheduleError> {
+    let (secs, micros): (i64, u32) = redis::cmd("TIME").query_async(redis).await?;
+    Ok(Utc
+        .timestamp_opt(secs, micros.saturating_mul(1000))
+        .single()
+        .unwrap_or_else(Utc::now))
 }
 
 /// How long to sleep before the next pass: until the soonest next tick, at most `max`.

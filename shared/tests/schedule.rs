@@ -227,3 +227,17 @@ async fn a_record_written_by_a_fast_clock_does_not_silence_the_others() {
     );
     assert_eq!(fired.lock().unwrap().len(), before);
 }
+
+/// The scheduler's "now" is the Redis server's clock, read with `TIME`: the same for every
+/// replica whatever its own clock says.
+#[tokio::test]
+async fn the_scheduler_s_clock_is_the_redis_server_s() {
+    let mut conn = redis().await;
+    let (secs, _micros): (i64, u32) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let now = sessionfleet::schedule::server_now(&mut conn).await.unwrap();
+    let (after, _): (i64, u32) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    assert!(
+        (secs..=after).contains(&now.timestamp()),
+        "{now} not within the server's {secs}..={after}"
+    );
+}

@@ -135,7 +135,11 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: Option<&CleanupAsk>) -> any
         names.join(", "),
     ));
     loop {
-        let now = Utc::now();
+        // Redis' clock, shared by every replica (this host's only if Redis does not answer,
+        // and then the pass fails anyway and is retried).
+        let now = schedule::server_now(&mut conn)
+            .await
+            .unwrap_or_else(|_| Utc::now());
         let mut all = Vec::new();
         for (i, (what, name, cadence)) in plans.iter().enumerate() {
             for target in &targets {
@@ -194,7 +198,10 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: Option<&CleanupAsk>) -> any
                 }
             }
         }
-        let nap = schedule::sleep_until_next(&all, Utc::now(), MAX_NAP);
+        let after = schedule::server_now(&mut conn)
+            .await
+            .unwrap_or_else(|_| Utc::now());
+        let nap = schedule::sleep_until_next(&all, after, MAX_NAP);
         tokio::select! {
             _ = tokio::time::sleep(nap) => {}
             _ = term.recv() => break,
