@@ -28,7 +28,7 @@ impl Output {
     /// A warning people and scripts must see whatever the output mode (stderr, one line).
     pub fn warn(&self, msg: impl AsRef<str>) {
         if self.log_json {
-            tracing::warn!(target: "sessionfleet", "{}", msg.as_ref());
+            json_line("WARN", msg.as_ref());
         } else {
             eprintln!("warning: {}", msg.as_ref());
         }
@@ -37,7 +37,7 @@ impl Output {
     /// An error line (stderr, whatever the output mode).
     pub fn error(&self, msg: impl AsRef<str>) {
         if self.log_json {
-            tracing::error!(target: "sessionfleet", "{}", msg.as_ref());
+            json_line("ERROR", msg.as_ref());
         } else {
             eprintln!("error: {}", msg.as_ref());
         }
@@ -58,7 +58,7 @@ impl Output {
             return;
         }
         if self.log_json {
-            tracing::info!(target: "sessionfleet", "{}", msg.as_ref());
+            json_line("INFO", msg.as_ref());
         } else {
             eprintln!("{}", msg.as_ref());
         }
@@ -69,4 +69,17 @@ impl Output {
 /// configuration, and with it the log format, is known).
 pub fn fatal(msg: &str) {
     Output::new(false, LOG_JSON.load(Ordering::Relaxed)).error(msg);
+}
+
+/// One line in the JSON log format (the fields tracing's JSON lines have), written directly
+/// rather than as a tracing event: a `RUST_LOG` narrowed to other targets (`sqlx=debug`)
+/// must not silence a warning or the error that ends the command.
+fn json_line(level: &str, message: &str) {
+    let line = serde_json::json!({
+        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "level": level,
+        "message": message,
+        "target": "sessionfleet",
+    });
+    eprintln!("{line}");
 }

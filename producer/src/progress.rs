@@ -55,7 +55,8 @@ impl Spinner {
         });
         Spinner {
             bar,
-            plain: !tty && !out.json,
+            // Without a spinner (no terminal, or JSON logs): a line per change.
+            plain: !out.json && (!tty || out.log_json),
             out: *out,
             label,
             printed: RefCell::new(None),

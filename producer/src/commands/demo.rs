@@ -73,7 +73,7 @@ pub async fn run(
         .await
         .map_err(|e| CliError::fail(Exit::FleetUnreachable, format!("{e} (the demo runs the fleet: start Redis, e.g. `redis-server --daemonize yes`)")))?;
     out.info("2/4 starting a worker");
-    let mut worker = WorkerProcess::start(&settings, &url)?;
+    let mut worker = WorkerProcess::start(&settings, &url, &out)?;
     let started = Instant::now();
     loop {
         if queue
@@ -159,8 +159,8 @@ struct WorkerProcess {
 }
 
 impl WorkerProcess {
-    fn start(settings: &Settings, url: &str) -> anyhow::Result<WorkerProcess> {
-        let bin = worker_binary()?;
+    fn start(settings: &Settings, url: &str, out: &Output) -> anyhow::Result<WorkerProcess> {
+        let bin = worker_binary(out)?;
         let child = Command::new(&bin)
             .env("DATABASE_URL", url)
             .env("REDIS_URL", &settings.redis_url.value)
@@ -208,7 +208,7 @@ impl Drop for WorkerProcess {
 /// `sessionfleet-worker` beside this binary. Under `cargo run` it is built (or brought up to
 /// date: a no-op when it is) first, so the demo never runs a worker older than the CLI's own
 /// source; installed, the one beside it is used.
-fn worker_binary() -> anyhow::Result<PathBuf> {
+fn worker_binary(out: &Output) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     let bin = dir.join("sessionfleet-worker");
@@ -229,7 +229,7 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
             ),
         ));
     };
-    eprintln!("    building sessionfleet-worker (if it is not up to date)…");
+    out.info("    building sessionfleet-worker (if it is not up to date)…");
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "-p", "sessionfleet-worker"]);
     // The workspace of the running CLI, wherever `cargo run --manifest-path …` was typed.
@@ -251,7 +251,7 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
     let status = cmd.status().context("running cargo build")?;
     if !status.success() || !bin.exists() {
         if bin.exists() {
-            eprintln!("    could not bring sessionfleet-worker up to date; using the one there");
+            out.info("    could not bring sessionfleet-worker up to date; using the one there");
             return Ok(bin);
         }
         return Err(CliError::fail(
