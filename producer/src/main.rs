@@ -67,10 +67,12 @@ fn refuse_job_flags(command: &Command, g: &cli::GlobalArgs) -> anyhow::Result<()
         Command::Jobs(_) => "jobs",
         _ => return Ok(()),
     };
+    // `lease` shows every target anyway: --all-targets asks for what it does.
+    let all_targets_refused = g.all_targets && !matches!(command, Command::Lease);
     let given: Vec<&str> = [
         (g.local, "--local"),
         (g.no_wait, "--no-wait"),
-        (g.all_targets, "--all-targets"),
+        (all_targets_refused, "--all-targets"),
     ]
     .into_iter()
     .filter_map(|(set, flag)| set.then_some(flag))

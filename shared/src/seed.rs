@@ -178,7 +178,8 @@ pub async fn seed_demo(db: &Db, params: &SeedParams) -> Result<SeedReport, Store
         });
     }
     // Detection tells the rules' profile, not every column the rows below fill (a v2 table
-    // without `session_fingerprint` is v2 to the cleanup): ask for them all, before any write.
+    // without `session_fingerprint` is v2 to the cleanup): ask for them all before any row
+    // is written.
     let columns = match params.schema {
         SchemaVersion::V2 => SEEDED_V2_COLUMNS,
         SchemaVersion::V1 => SEEDED_V1_COLUMNS,
@@ -190,7 +191,7 @@ pub async fn seed_demo(db: &Db, params: &SeedParams) -> Result<SeedReport, Store
         return Err(StoreError::BadUrl {
             url: db.redacted_url().to_string(),
             reason: format!(
-                "the existing user_sessions table lacks a column the demo rows fill ({columns}): {e}; pass --reset to recreate the demo tables"
+                "cannot read the columns the demo rows fill from the existing user_sessions table ({columns}): {e}; if one is missing, pass --reset to recreate the demo tables"
             ),
         });
     }

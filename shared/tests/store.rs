@@ -943,7 +943,7 @@ async fn seeding_refuses_tables_missing_a_column_it_fills() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("lacks a column") && err.contains("--reset"),
+        err.contains("session_fingerprint") && err.contains("--reset"),
         "{err}"
     );
     assert_eq!(
