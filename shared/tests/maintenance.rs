@@ -208,7 +208,14 @@ async fn analyze_figures_equal_the_catalog(engine: Engine) {
         "{:?}",
         report.recommendations
     );
-    assert!(report.render_text().contains("Indexes ("));
+    let text = report.render_text();
+    assert!(text.contains("Indexes ("));
+    // The session table comes first, as in the original's layout (the others follow).
+    assert_eq!(
+        text.lines().find(|l| l.starts_with("Table: ")),
+        Some("Table: user_sessions"),
+        "{text}"
+    );
     // PostgreSQL with autovacuum off is told so; whether it is off is the server's setting.
     let autovacuum_advice = report
         .recommendations
@@ -1379,6 +1386,7 @@ async fn stats_report_size_counts_and_pool(engine: Engine) {
                 .unwrap_or(0)
     );
     assert!(stats.connection_pool.max_connections >= 1);
+    assert_eq!(stats.connection_pool.engine, engine.name());
     let text = MaintenanceReport::Statistics(stats.clone()).render_text();
     assert!(
         text.contains(&format!("Session Records: {SESSIONS}")),

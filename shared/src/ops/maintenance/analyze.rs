@@ -91,7 +91,11 @@ impl TableAnalysis {
         let mut out = String::from("Session Table Analysis\n");
         out.push_str(&"=".repeat(40));
         out.push('\n');
-        for (table, stats) in &self.tables {
+        // The session table (the one whose users are counted) first, as the original
+        // printed only it; the others after it by name.
+        let mut tables: Vec<_> = self.tables.iter().collect();
+        tables.sort_by_key(|(name, stats)| (stats.unique_users.is_none(), name.as_str()));
+        for (table, stats) in tables {
             out.push_str(&format!("Table: {table}\n"));
             out.push_str(&format!("Row Count: {}\n", stats.row_count));
             if let Some(users) = stats.unique_users {

@@ -10,6 +10,9 @@ use crate::store::{Db, Engine};
 /// The connection pool of this process (the original reported SQLAlchemy's pool).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolFigures {
+    /// Engine name (`sqlite`, `postgres`, `mysql`), as the health report's pool figures.
+    #[serde(default)]
+    pub engine: String,
     /// Connections open now.
     pub size: u32,
     /// Of which idle (available).
@@ -78,6 +81,7 @@ pub async fn statistics(db: &Db) -> Result<DbStatistics, OpError> {
     };
     let database_size_bytes = db.scalar_i64(size_sql).await?;
     let connection_pool = crate::on_pool!(db, p => PoolFigures {
+        engine: db.engine().name().to_string(),
         size: p.size(),
         idle: u32::try_from(p.num_idle()).unwrap_or(u32::MAX),
         max_connections: p.options().get_max_connections(),
