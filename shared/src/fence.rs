@@ -156,6 +156,7 @@ pub async fn issue_token_after(
     write_row(&mut tx, name, token, holder)
         .await
         .map_err(busy)?;
+    prune_log(&mut tx, name, token).await.map_err(busy)?;
     tx.commit().await.map_err(busy)?;
     // MySQL's named lock belongs to the session, not the transaction: let it go now that the
     // token is stored (closing the connection would release it too, a moment later).
@@ -395,6 +396,22 @@ async fn write_row(
     ));
     let now = Utc::now().naive_utc();
     crate::on_tx!(tx, c => { sqlx::query(sql).bind(token).bind(holder).bind(now).bind(name).execute(&mut *c).await?; });
+    Ok(())
+}
+
+/// How many of a name's latest tokens the audit log keeps. It gains a row per mutating part,
+/// in the application's own database; the latest thousand tell who wrote what lately, and
+/// older rows would only grow the table.
+pub const FENCE_LOG_KEPT_TOKENS: i64 = 1000;
+
+/// Drops the audit rows of `name` older than the last [`FENCE_LOG_KEPT_TOKENS`] tokens, in
+/// the transaction issuing `token` (along the (name, token) key; usually one row).
+async fn prune_log(tx: &mut DbTx<'_>, name: &str, token: i64) -> Result<(), sqlx::Error> {
+    let sql = tx.sql(format!(
+        "DELETE FROM {FENCE_LOG_TABLE} WHERE name = ? AND token <= ?"
+    ));
+    let oldest_dropped = token - FENCE_LOG_KEPT_TOKENS;
+    crate::on_tx!(tx, c => { sqlx::query(sql).bind(name).bind(oldest_dropped).execute(&mut *c).await?; });
     Ok(())
 }
 

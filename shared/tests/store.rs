@@ -952,3 +952,53 @@ async fn seeding_refuses_tables_missing_a_column_it_fills() {
     );
     t.drop_db().await;
 }
+
+/// The fence's audit log keeps the latest `FENCE_LOG_KEPT_TOKENS` tokens of a name: issuing a
+/// token drops the rows of older ones (and no other name's), so the table in the
+/// application's database does not grow with every part ever run.
+#[tokio::test]
+async fn the_fence_log_keeps_only_the_latest_tokens() {
+    for engine in ENGINES {
+        let t = TestDb::new(engine).await;
+        fence::ensure_tables(&t.db).await.unwrap();
+        for (name, token) in [("target:a", 1), ("target:a", 2), ("target:b", 1)] {
+            t.db.execute(&format!(
+                "INSERT INTO {} (name, token, holder, first_write_at, last_write_at, writes) \
+                 VALUES ('{name}', {token}, 'old', '2026-01-01 00:00:00', '2026-01-01 00:00:00', 1)",
+                fence::FENCE_LOG_TABLE
+            ))
+            .await
+            .unwrap();
+        }
+        // A token far past them: both of a's old rows fall out of the kept window.
+        let floor = 2 + fence::FENCE_LOG_KEPT_TOKENS;
+        let granted = fence::issue_token_after(&t.db, "target:a", "now", floor)
+            .await
+            .unwrap();
+        assert_eq!(granted.token, floor + 1);
+        assert!(
+            fence::write_log(&t.db, "target:a")
+                .await
+                .unwrap()
+                .is_empty(),
+            "{engine}: a's old tokens are gone"
+        );
+        assert_eq!(
+            fence::write_log(&t.db, "target:b").await.unwrap().len(),
+            1,
+            "{engine}: b's row stays"
+        );
+        // Within the window, rows stay.
+        t.db.execute(&format!(
+            "INSERT INTO {} (name, token, holder, first_write_at, last_write_at, writes) \
+             VALUES ('target:a', {}, 'recent', '2026-01-01 00:00:00', '2026-01-01 00:00:00', 1)",
+            fence::FENCE_LOG_TABLE,
+            floor
+        ))
+        .await
+        .unwrap();
+        fence::issue_token(&t.db, "target:a", "next").await.unwrap();
+        assert_eq!(fence::write_log(&t.db, "target:a").await.unwrap().len(), 1);
+        t.drop_db().await;
+    }
+}
