@@ -15,6 +15,24 @@ use super::{
 use crate::jobs::{JobEnvelope, QueueClass};
 use crate::runner::{self, JobOutcome, RunnerDeps};
 
+/// The longest wait between two looks of a deferred job at its busy lease.
+pub const MAX_DEFERRAL_DELAY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a deferred job waits before its next look: what its outcome asked for, growing
+/// with how long the job has waited already (an eighth of it, at most
+/// [`MAX_DEFERRAL_DELAY`]). Scheduled runs queued behind an hours-long purge would otherwise
+/// each look at the lease every two seconds for hours. A job handed back at once (asked
+/// zero, as a cancelled report is) is not held back.
+pub fn deferral_delay(
+    asked: std::time::Duration,
+    waited: std::time::Duration,
+) -> std::time::Duration {
+    if asked.is_zero() {
+        return asked;
+    }
+    asked.max((waited / 8).min(MAX_DEFERRAL_DELAY))
+}
+
 /// How a delivery was settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settled {
@@ -142,6 +160,7 @@ pub async fn process_delivery(
                 Settled::Continued
             }
             JobOutcome::Deferred { delay, reason } => {
+                let delay = deferral_delay(delay, (Utc::now() - env.enqueued_at).to_std().unwrap_or_default());
                 let mut again = env.clone();
                 again.dedupe_key = None; // the original still holds the marker
                 queue.enqueue_with(&again, EnqueueOptions { delay: Some(delay) }).await?;
@@ -223,4 +242,33 @@ async fn dead_letter_undecodable(
     metrics::counter!("sessionfleet_jobs_total", "kind" => "unknown", "outcome" => "dead_lettered")
         .increment(1);
     Ok(Settled::DeadLettered)
+}
+
+#[cfg(test)]
+mod deferral_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_deferral_grows_with_the_wait_up_to_its_cap() {
+        let busy = Duration::from_secs(2);
+        assert_eq!(deferral_delay(busy, Duration::ZERO), busy);
+        assert_eq!(deferral_delay(busy, Duration::from_secs(8)), busy);
+        assert_eq!(
+            deferral_delay(busy, Duration::from_secs(160)),
+            Duration::from_secs(20)
+        );
+        assert_eq!(
+            deferral_delay(busy, Duration::from_secs(6 * 3600)),
+            MAX_DEFERRAL_DELAY
+        );
+        // A longer ask (a remembered connect failure's rest) is kept.
+        let rest = Duration::from_secs(45);
+        assert_eq!(deferral_delay(rest, Duration::from_secs(3600)), rest);
+        // Handed back at once stays at once.
+        assert_eq!(
+            deferral_delay(Duration::ZERO, Duration::from_secs(3600)),
+            Duration::ZERO
+        );
+    }
 }
