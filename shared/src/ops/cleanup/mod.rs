@@ -80,6 +80,10 @@ pub const CLOCK_SKEW_ALLOWANCE: chrono::TimeDelta = chrono::TimeDelta::minutes(1
 /// `max_age_secs` alike: far past any session's life, and well inside the calendar's range,
 /// which a cutoff billions of hours back would leave (it panicked in chrono).
 pub const MAX_AGE_LIMIT_SECS: u64 = 315_360_000;
+/// The most rows a budget stop counts as `remaining` (more is reported as "at least" this):
+/// an exact count reads the whole table — seconds per million rows, under the lease — after
+/// every part of a long purge.
+pub const REMAINING_COUNT_LIMIT: u64 = 100_000;
 /// The longest `--force --max-age`, hours (10 years, as [`MAX_AGE_LIMIT_SECS`]).
 pub const FORCE_MAX_AGE_LIMIT_HOURS: u32 = 87_600;
 /// Default interval between scheduled cleanups, seconds (`SESSION_CLEANUP_INTERVAL`).
@@ -510,10 +514,14 @@ async fn purge(
     {
         // Informative: the continuation follows the budget stop either way, so a cancellation
         // (a shutdown, a lost lease) meanwhile drops it rather than wait seconds for it.
-        let remaining =
-            read_with_retries("remaining count", retried, || count(db, schema, Some(&any)));
+        let remaining = read_with_retries("remaining count", retried, || {
+            batch::count_up_to(db, schema, &any, REMAINING_COUNT_LIMIT)
+        });
         match unless_cancelled(ctx, remaining).await {
-            Some(Ok(n)) => report.remaining = Some(n),
+            Some(Ok(n)) => {
+                report.remaining = Some(n);
+                report.remaining_at_least = n >= REMAINING_COUNT_LIMIT;
+            }
             Some(Err(e)) => report.errors.push(format!(
                 "counting the rows left for the continuation failed: {e}"
             )),

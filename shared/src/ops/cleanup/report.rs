@@ -90,6 +90,11 @@ pub struct CleanupReport {
     /// does not have. The continuation's report counts it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remaining: Option<u64>,
+    /// True when `remaining` is a lower bound: a budget stop counts at most
+    /// `cleanup::REMAINING_COUNT_LIMIT` rows, so that a part on a table of tens of millions
+    /// does not spend longer counting than it deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub remaining_at_least: bool,
     /// The reference time every cutoff was computed from. A continuation passes it on.
     pub as_of: NaiveDateTime,
     /// True when nothing was deleted and the counts are what a real run would delete.
@@ -128,6 +133,7 @@ impl CleanupReport {
             longest_batch_ms: 0.0,
             outcome: Outcome::Completed,
             remaining: Some(0),
+            remaining_at_least: false,
             as_of,
             dry_run,
             missing_platform_sessions: None,
@@ -170,6 +176,7 @@ impl CleanupReport {
         self.longest_batch_ms = self.longest_batch_ms.max(later.longest_batch_ms);
         self.outcome = later.outcome;
         self.remaining = later.remaining;
+        self.remaining_at_least = later.remaining_at_least;
         self.missing_platform_sessions = later
             .missing_platform_sessions
             .or(self.missing_platform_sessions);
@@ -222,6 +229,7 @@ impl CleanupReport {
         line(
             "remaining",
             match self.remaining {
+                Some(n) if self.remaining_at_least => format!("at least {n}"),
                 Some(n) => n.to_string(),
                 None => format!("not counted ({})", self.outcome.as_str()),
             },
@@ -348,7 +356,13 @@ mod tests {
         first.longest_batch_ms = 30.0;
         first.outcome = Outcome::BudgetSpent;
         first.remaining = Some(5);
+        first.remaining_at_least = true;
         first.settle();
+        assert!(first.render_text().contains("remaining: at least 5"));
+        assert_eq!(
+            serde_json::to_value(&first).unwrap()["remaining_at_least"],
+            true
+        );
         let mut second = CleanupReport::new(as_of, false);
         second.rules.expired = 3;
         second.rules.orphaned = 2;
@@ -363,6 +377,13 @@ mod tests {
         assert_eq!(first.longest_batch_ms, 30.0);
         assert_eq!(first.outcome, Outcome::Completed);
         assert_eq!(first.remaining, Some(0));
+        assert!(!first.remaining_at_least, "the latest part's view");
+        assert!(
+            serde_json::to_value(&first)
+                .unwrap()
+                .get("remaining_at_least")
+                .is_none()
+        );
         assert!((first.rows_per_second - 7.5).abs() < 1e-9);
         let text = first.render_text();
         assert!(text.starts_with("Cleanup Results:\n====================\ntimestamp: "));
