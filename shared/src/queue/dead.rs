@@ -2,6 +2,8 @@
 //! Kept with the reason and the payload until an operator requeues or purges them; the worker
 //! never stops over one.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -11,6 +13,10 @@ use crate::jobs::{JobEnvelope, QueueClass};
 
 /// Most dead letters kept; the janitor drops the oldest beyond this.
 pub const MAX_DEAD_LETTERS: usize = 100_000;
+/// Dead letters removed per command when trimming (so a burst far beyond the cap is trimmed
+/// in short steps other clients' commands can pass between, never in one long command;
+/// well below Lua's `unpack` limit).
+pub const TRIM_CHUNK: usize = 1000;
 /// Longest payload excerpt stored for an undecodable job (bytes).
 pub const MAX_DEAD_PAYLOAD: usize = 64 * 1024;
 
@@ -184,10 +190,11 @@ impl Queue {
                     .query_async(&mut c)
                     .await
                     .map_err(|e| self.err(e))?;
+                // UNLINK: both may be huge, and Redis frees them in the background.
                 redis::pipe()
-                    .del(self.keys.dead_items())
+                    .unlink(self.keys.dead_items())
                     .ignore()
-                    .del(self.keys.dead_index())
+                    .unlink(self.keys.dead_index())
                     .ignore()
                     .query_async::<()>(&mut c)
                     .await
@@ -199,28 +206,50 @@ impl Queue {
 
     /// Drops the oldest dead letters beyond [`MAX_DEAD_LETTERS`]; returns how many.
     pub(crate) async fn trim_dead_letters(&self) -> Result<u64, QueueError> {
+        self.trim_dead_letters_to(MAX_DEAD_LETTERS, TRIM_CHUNK)
+            .await
+    }
+
+    /// Drops the oldest dead letters beyond `cap`, at most `chunk` per step (each step one
+    /// short script, its own round trip, so other clients' commands pass between); returns
+    /// how many. Each step measures the excess anew, so janitors trimming at once never drop
+    /// more than the excess.
+    pub async fn trim_dead_letters_to(&self, cap: usize, chunk: usize) -> Result<u64, QueueError> {
+        let chunk = chunk.max(1);
         let mut c = self.conn.clone();
-        let excess: Vec<String> = redis::cmd("ZRANGE")
-            .arg(self.keys.dead_index())
-            .arg(0)
-            .arg(-(MAX_DEAD_LETTERS as i64) - 1)
-            .query_async(&mut c)
-            .await
-            .map_err(|e| self.err(e))?;
-        if excess.is_empty() {
-            return Ok(0);
+        let mut removed = 0;
+        loop {
+            let n: u64 = TRIM_STEP
+                .key(self.keys.dead_index())
+                .key(self.keys.dead_items())
+                .arg(cap)
+                .arg(chunk)
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| self.err(e))?;
+            removed += n;
+            if n < chunk as u64 {
+                return Ok(removed);
+            }
         }
-        redis::pipe()
-            .hdel(self.keys.dead_items(), &excess)
-            .ignore()
-            .zrem(self.keys.dead_index(), &excess)
-            .ignore()
-            .query_async::<()>(&mut c)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(excess.len() as u64)
     }
 }
+
+// Removes the oldest of dead-letter index KEYS[1] beyond ARGV[1] entries, at most ARGV[2],
+// with their items in hash KEYS[2]; returns how many.
+static TRIM_STEP: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local excess = redis.call('zcard', KEYS[1]) - tonumber(ARGV[1])
+local take = math.min(excess, tonumber(ARGV[2]))
+if take <= 0 then return 0 end
+local ids = redis.call('zrange', KEYS[1], 0, take - 1)
+redis.call('hdel', KEYS[2], unpack(ids))
+redis.call('zrem', KEYS[1], unpack(ids))
+return #ids
+"#,
+    )
+});
 
 /// The id a dead letter of this job has.
 pub fn dead_letter_id(job_id: Uuid) -> String {
