@@ -1679,3 +1679,157 @@ async fn a_refused_database_is_retried_and_only_an_unreadable_url_is_permanent()
     }
     assert!(!missing_file.exists(), "no database file was created");
 }
+
+/// apalis' orphan re-enqueue removes a dead worker's entry but leaves its
+/// `workers:metadata:<name>` hash, with no TTL, so the janitor walks the keyspace for such
+/// hashes. On a Redis holding far more keys than one pass visits, successive passes must
+/// carry on where the last stopped: here each pass may take one `SCAN` step among thousands
+/// of other keys. Fails if a pass starts over from the beginning (the orphans beyond the
+/// first step are never found) or if a live worker's hash or a look-alike key goes.
+#[tokio::test]
+async fn orphaned_worker_metadata_is_found_however_many_keys_one_pass_cannot_visit() {
+    use sessionfleet::queue::keys::SLOT_TAG;
+    let t = Ns::new().await;
+    let k = t.queue.keys().clone();
+    let ns = k.namespace().to_string();
+    let mut c = t.conn();
+    for chunk in (0..6000).collect::<Vec<_>>().chunks(1000) {
+        let mut p = redis::pipe();
+        for i in chunk {
+            p.set(format!("{SLOT_TAG}:{ns}:filler:{i}"), 1).ignore();
+        }
+        let _: () = p.query_async(&mut c).await.unwrap();
+    }
+    let mut orphans = Vec::new();
+    let mut p = redis::pipe();
+    for (i, q) in QueueClass::ALL.into_iter().cycle().take(24).enumerate() {
+        let key = format!("{}gone-{i}", k.worker_metadata_prefix(q));
+        p.hset(&key, "backend", "x").ignore();
+        orphans.push(key);
+    }
+    let live = format!("{}live", k.worker_metadata_prefix(QueueClass::Cleanup));
+    let look_alike = format!("{SLOT_TAG}:{ns}:sf:history:a:workers:metadata:b");
+    p.hset(&live, "backend", "x")
+        .ignore()
+        .zadd(k.apalis_workers(QueueClass::Cleanup), "live", 1)
+        .ignore()
+        .rpush(&look_alike, "x")
+        .ignore();
+    let _: () = p.query_async(&mut c).await.unwrap();
+
+    // A whole walk takes about (hash table size / SCAN's COUNT) steps; allow several.
+    let keys: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    let passes = 4 * keys.next_power_of_two() / sessionfleet::scan::SCAN_COUNT as u64 + 50;
+    let mut removed = 0;
+    let mut left = orphans.len();
+    for _ in 0..passes {
+        removed += t.queue.drop_orphan_worker_metadata(1).await.unwrap();
+        let mut p = redis::pipe();
+        for key in &orphans {
+            p.exists(key);
+        }
+        let exist: Vec<bool> = p.query_async(&mut c).await.unwrap();
+        left = exist.iter().filter(|e| **e).count();
+        if left == 0 {
+            break;
+        }
+    }
+    assert_eq!(left, 0, "orphaned metadata left after {passes} passes");
+    assert_eq!(removed, orphans.len() as u64);
+    let (live_exists, look_alike_exists): (bool, bool) = redis::pipe()
+        .exists(&live)
+        .exists(&look_alike)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(live_exists, "a registered worker's metadata stays");
+    assert!(
+        look_alike_exists,
+        "a key of no queue's worker metadata stays"
+    );
+    t.cleanup().await;
+}
+
+/// The malformed-task check runs every poll interval on every worker, a few commands per id
+/// it looks at, so it looks only as deep as the queue's next two fetches: two ids on an
+/// operation queue (one job per fetch), not the diagnostic queue's two hundred. Fails if an
+/// operation queue is checked as deep as the diagnostic one.
+#[tokio::test]
+async fn the_ready_check_looks_as_deep_as_the_queue_s_next_two_fetches() {
+    let t = Ns::new().await;
+    let q = QueueClass::Cleanup;
+    let k = t.queue.keys().clone();
+    assert_eq!(t.queue.ready_check_depth(q), 2);
+    assert_eq!(t.queue.ready_check_depth(QueueClass::Diag), 200);
+    for id in ["good-1", "good-2"] {
+        plant_task(
+            &t,
+            q,
+            id,
+            Some(&JobEnvelope::noop("t").to_bytes()),
+            Some(GOOD_META),
+        )
+        .await;
+    }
+    plant_task(
+        &t,
+        q,
+        "no-meta",
+        Some(&JobEnvelope::noop("t").to_bytes()),
+        None,
+    )
+    .await;
+    let _: () = redis::cmd("RPUSH")
+        .arg(k.active(q))
+        .arg(&["good-1", "good-2", "no-meta"])
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    assert_eq!(
+        t.queue.bury_malformed_ready(q, "test").await.unwrap(),
+        0,
+        "the third id is beyond the next two fetches"
+    );
+    assert_eq!(t.llen(k.active(q)).await, 3);
+    t.take(q).await.expect("the first good task");
+    assert_eq!(t.queue.bury_malformed_ready(q, "test").await.unwrap(), 1);
+    assert_eq!(t.llen(k.active(q)).await, 1);
+    t.cleanup().await;
+}
+
+/// Dead letters beyond the cap are dropped oldest first, a chunk per step, down to exactly
+/// the cap.
+#[tokio::test]
+async fn dead_letters_beyond_the_cap_are_trimmed_in_chunks_to_exactly_the_cap() {
+    let t = Ns::new().await;
+    let k = t.queue.keys().clone();
+    let mut p = redis::pipe();
+    for i in 0..25u64 {
+        let id = format!("d{i:02}");
+        p.hset(k.dead_items(), &id, "{}")
+            .ignore()
+            .zadd(k.dead_index(), &id, 1000 + i)
+            .ignore();
+    }
+    let _: () = p.query_async(&mut t.conn()).await.unwrap();
+    assert_eq!(t.queue.trim_dead_letters_to(10, 4).await.unwrap(), 15);
+    let kept: Vec<String> = redis::cmd("ZRANGE")
+        .arg(k.dead_index())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    let newest: Vec<String> = (15..25).map(|i| format!("d{i:02}")).collect();
+    assert_eq!(kept, newest, "the newest ten are kept");
+    let items: u64 = redis::cmd("HLEN")
+        .arg(k.dead_items())
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    assert_eq!(items, 10);
+    assert_eq!(t.queue.trim_dead_letters_to(10, 4).await.unwrap(), 0);
+    assert_eq!(t.queue.purge_dead(None).await.unwrap(), 10);
+    assert_eq!(t.zcard(k.dead_index()).await, 0);
+    t.cleanup().await;
+}

@@ -22,14 +22,16 @@
 //!   died (the janitor before a hand-back, the worker process when an apalis worker fails),
 //!   so such an id costs at most one apalis restart and ends as a dead letter.
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
 
+use super::keys::SLOT_TAG;
 use super::{
-    DIAG_FETCH_BATCH, DeadLetter, HEARTBEAT_INTERVAL, JobResult, MISSED_HEARTBEATS, Queue,
-    QueueError, max_attempts, unix_secs,
+    DeadLetter, HEARTBEAT_INTERVAL, JobResult, MISSED_HEARTBEATS, Queue, QueueError, max_attempts,
+    unix_secs,
 };
 use crate::jobs::{JobEnvelope, JobKind, QueueClass};
 use crate::scan::{SCAN_COUNT, glob_escape};
@@ -38,12 +40,14 @@ use crate::scan::{SCAN_COUNT, glob_escape};
 pub const JANITOR_INTERVAL: Duration = Duration::from_secs(10);
 /// Finished task ids removed per step.
 pub const SWEEP_CHUNK: usize = 1000;
-/// Steps per queue per pass (bounds one pass's work).
+/// Steps per queue per pass (bounds one pass's work); also the `SCAN` steps of one pass's
+/// walk for orphaned worker metadata ([`Queue::drop_orphan_worker_metadata`]).
 pub const SWEEP_STEPS: usize = 50;
-/// Ids at the head of a ready list [`Queue::bury_malformed_ready`] checks: the next two
-/// fetches of the largest batch. A queue fetched faster than the check runs can outrun it;
-/// the id then fails one fetch and [`Queue::bury_malformed_claimed`] catches it.
-pub const READY_CHECK_DEPTH: usize = 2 * DIAG_FETCH_BATCH;
+/// Fetches' worth of ids at the head of a ready list [`Queue::bury_malformed_ready`] checks:
+/// the next two fetches of that queue's batch ([`Queue::ready_check_depth`]). A queue
+/// fetched faster than the check runs can outrun it; the id then fails one fetch and
+/// [`Queue::bury_malformed_claimed`] catches it.
+pub const READY_CHECK_FETCHES: usize = 2;
 /// Field of apalis' per-task meta hash counting deliveries of the task that began and have
 /// not ended (see [`Queue::begin_delivery`]). apalis passes unknown meta fields through as
 /// task metadata, and the janitor deletes the hash with the task.
@@ -114,6 +118,23 @@ if #ids > 0 then
 end
 redis.call('zrem', KEYS[3], ARGV[1])
 return #ids
+"#,
+    )
+});
+
+// Deletes each metadata hash KEYS[2i] whose worker ARGV[i] has no entry in its queue's apalis
+// workers set KEYS[2i-1]; returns how many went. One script, so a worker registering in
+// between cannot lose its hash.
+static DROP_UNREGISTERED_METADATA: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local n = 0
+for i, name in ipairs(ARGV) do
+  if not redis.call('zscore', KEYS[2 * i - 1], name) then
+    n = n + redis.call('del', KEYS[2 * i])
+  end
+end
+return n
 "#,
     )
 });
@@ -200,8 +221,8 @@ impl Queue {
             r.dead_workers += dead.workers;
             r.recovered_jobs += dead.recovered;
             r.malformed_tasks += dead.malformed;
-            r.worker_metadata += self.drop_orphan_worker_metadata(q).await?;
         }
+        r.worker_metadata = self.drop_orphan_worker_metadata(SWEEP_STEPS).await?;
         r.registry_records = self.drop_stale_worker_records().await?;
         r.dead_letters_trimmed = self.trim_dead_letters().await?;
         Ok(r)
@@ -402,8 +423,17 @@ impl Queue {
         p.query_async::<()>(&mut c).await.map_err(|e| self.err(e))
     }
 
-    /// Dead-letters the ids among the first [`READY_CHECK_DEPTH`] of `q`'s ready list that
-    /// apalis' fetch could not decode, before a fetch claims them. `worker` is who gives up.
+    /// Ids at the head of `q`'s ready list [`Self::bury_malformed_ready`] checks:
+    /// [`READY_CHECK_FETCHES`] fetches of the batch apalis fetches from `q` (two on an
+    /// operation queue, which fetches one job at a time; it runs every poll interval on every
+    /// worker, each id costing a few commands inside Lua).
+    pub fn ready_check_depth(&self, q: QueueClass) -> usize {
+        READY_CHECK_FETCHES * self.apalis_config(q).batch_size.max(1)
+    }
+
+    /// Dead-letters the ids among the first [`Self::ready_check_depth`] of `q`'s ready list
+    /// that apalis' fetch could not decode, before a fetch claims them. `worker` is who gives
+    /// up.
     pub async fn bury_malformed_ready(
         &self,
         q: QueueClass,
@@ -414,7 +444,7 @@ impl Queue {
             .key(self.keys.active(q))
             .key(self.keys.data(q))
             .arg(self.keys.meta_prefix(q))
-            .arg(READY_CHECK_DEPTH)
+            .arg(self.ready_check_depth(q))
             .invoke_async(&mut c)
             .await
             .map_err(|e| self.err(e))?;
@@ -530,14 +560,30 @@ impl Queue {
         Ok(out)
     }
 
-    /// `workers:metadata:<name>` hashes whose worker is no longer registered.
-    async fn drop_orphan_worker_metadata(&self, q: QueueClass) -> Result<u64, QueueError> {
-        let prefix = self.keys.worker_metadata_prefix(q);
-        let pattern = format!("{}*", glob_escape(&prefix));
+    /// Deletes `workers:metadata:<name>` hashes, of every queue, whose worker is no longer
+    /// in its queue's apalis workers set (apalis' orphan re-enqueue removes the entry but
+    /// leaves the hash, with no TTL). Walks the keyspace with `SCAN`, at most `scan_steps`
+    /// steps of [`SCAN_COUNT`] per call, resuming where this namespace's previous call in
+    /// this process stopped, so successive janitor passes cover the whole keyspace however
+    /// many keys a shared Redis holds; a call that reaches the end of the keyspace stops
+    /// there and the next starts over. Returns how many hashes were deleted.
+    pub async fn drop_orphan_worker_metadata(&self, scan_steps: usize) -> Result<u64, QueueError> {
+        // One pattern for every queue: `<tag>:<ns>:*:workers:metadata:*`; the queue is told
+        // by the key's prefix, and a key with no queue's prefix (a target's history named
+        // like one) is left alone.
+        let pattern = format!(
+            "{}*:workers:metadata:*",
+            glob_escape(&format!("{SLOT_TAG}:{}:", self.keys.namespace()))
+        );
+        let prefixes: Vec<(QueueClass, String)> = QueueClass::ALL
+            .into_iter()
+            .map(|q| (q, self.keys.worker_metadata_prefix(q)))
+            .collect();
+        let state = format!("{}\n{}", self.url, self.keys.namespace());
+        let mut cursor = metadata_cursor(&state);
         let mut c = self.conn.clone();
-        let mut cursor: u64 = 0;
         let mut removed = 0;
-        for _ in 0..SWEEP_STEPS {
+        for _ in 0..scan_steps {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
@@ -547,28 +593,46 @@ impl Queue {
                 .query_async(&mut c)
                 .await
                 .map_err(|e| self.err(e))?;
-            for key in keys {
-                let name = &key[prefix.len()..];
-                let score: Option<f64> = redis::cmd("ZSCORE")
-                    .arg(self.keys.apalis_workers(q))
-                    .arg(name)
-                    .query_async(&mut c)
-                    .await
-                    .map_err(|e| self.err(e))?;
-                if score.is_none() {
-                    redis::cmd("DEL")
-                        .arg(&key)
-                        .query_async::<()>(&mut c)
-                        .await
-                        .map_err(|e| self.err(e))?;
-                    removed += 1;
-                }
+            let mut script = DROP_UNREGISTERED_METADATA.prepare_invoke();
+            let mut candidates = 0;
+            for key in &keys {
+                let Some((q, prefix)) = prefixes.iter().find(|(_, p)| key.starts_with(p.as_str()))
+                else {
+                    continue;
+                };
+                script
+                    .key(self.keys.apalis_workers(*q))
+                    .key(key)
+                    .arg(&key[prefix.len()..]);
+                candidates += 1;
+            }
+            if candidates > 0 {
+                let n: u64 = script.invoke_async(&mut c).await.map_err(|e| self.err(e))?;
+                removed += n;
             }
             cursor = next;
+            // Kept after every step, so an error later in the call loses no progress.
+            set_metadata_cursor(&state, cursor);
             if cursor == 0 {
                 break;
             }
         }
         Ok(removed)
     }
+}
+
+/// Where each namespace's walk for orphaned worker metadata stands (Redis URL and namespace
+/// → `SCAN` cursor), kept across janitor passes of this process. A cursor stays valid
+/// however the keyspace changes meanwhile; a lost one (a restart) only starts the walk over.
+static METADATA_CURSORS: LazyLock<Mutex<HashMap<String, u64>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn metadata_cursor(state: &str) -> u64 {
+    let cursors = METADATA_CURSORS.lock().unwrap_or_else(|e| e.into_inner());
+    cursors.get(state).copied().unwrap_or(0)
+}
+
+fn set_metadata_cursor(state: &str, cursor: u64) {
+    let mut cursors = METADATA_CURSORS.lock().unwrap_or_else(|e| e.into_inner());
+    cursors.insert(state.to_string(), cursor);
 }
