@@ -1089,3 +1089,167 @@ async fn a_session_lock_s_session_has_an_idle_limit_that_stays_with_it() {
         t.drop_db().await;
     }
 }
+
+fn registry_key(ns: &str) -> String {
+    format!("{ns}:lease-targets")
+}
+
+/// `holders_among` reads the holder records of the targets it is given and of those the
+/// namespace's registry lists (every acquisition registers its target), never walking the
+/// keyspace: a lease key that no acquisition registered and nobody asks about stays unseen.
+#[tokio::test]
+async fn holders_are_read_by_target_from_the_configuration_and_the_registry() {
+    let redis = connect_redis(&redis_url()).await;
+    let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
+    let tdb = TestDb::new(Engine::Sqlite).await;
+    let cfg = short_cfg();
+    let mut con = redis.clone();
+
+    // Acquired elsewhere: a target this process does not configure, found by the registry.
+    let elsewhere = lease::try_acquire(
+        &redis,
+        &ns,
+        "elsewhere",
+        &holder("w-2", "job-2"),
+        &tdb.db,
+        &cfg,
+    )
+    .await
+    .expect("try_acquire")
+    .expect("lease free");
+    let registered: Vec<String> = redis::cmd("ZRANGE")
+        .arg(registry_key(&ns))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(registered, vec!["elsewhere".to_string()]);
+    let held = lease::holders_among(&redis, &ns, ["configured"])
+        .await
+        .expect("holders");
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].0, "elsewhere");
+    assert_eq!(held[0].1.job_id, "job-2");
+    assert_eq!(held[0].1.token, Some(elsewhere.fence().token));
+
+    // A configured target whose acquisition left no registry entry (its registration failed,
+    // or an older worker took it) is still found: it is read by name.
+    let configured = lease::try_acquire(
+        &redis,
+        &ns,
+        "configured",
+        &holder("w-1", "job-1"),
+        &tdb.db,
+        &cfg,
+    )
+    .await
+    .expect("try_acquire")
+    .expect("lease free");
+    let _: i64 = redis::cmd("ZREM")
+        .arg(registry_key(&ns))
+        .arg("configured")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let held = lease::holders_among(&redis, &ns, ["configured", "not a target", "free"])
+        .await
+        .expect("holders");
+    let names: Vec<&str> = held.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(names, ["configured", "elsewhere"], "sorted by target");
+    assert_eq!(held[0].1.job_id, "job-1");
+    let names: Vec<String> = lease::holders(&redis, &ns)
+        .await
+        .expect("holders")
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(
+        names,
+        ["elsewhere"],
+        "without configuration, the registry alone"
+    );
+
+    // Not found by walking keys: a held lease nobody registered or asked about.
+    let ghost = format!("{ns}:lease-holder:{{{ns}:ghost}}");
+    let _: () = redis::cmd("HSET")
+        .arg(&ghost)
+        .arg(&[
+            "owner", "o", "worker", "w-3", "job_id", "job-3", "token", "1",
+        ])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(lease_key(&ns, "ghost"))
+        .arg("o")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let names: Vec<String> = lease::holders_among(&redis, &ns, ["configured"])
+        .await
+        .expect("holders")
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(names, ["configured", "elsewhere"]);
+
+    configured.release(&redis).await.expect("release");
+    elsewhere.release(&redis).await.expect("release");
+    assert!(
+        lease::holders_among(&redis, &ns, ["configured"])
+            .await
+            .expect("holders")
+            .is_empty(),
+        "released leases are free, though still registered"
+    );
+    tdb.drop_db().await;
+}
+
+/// The registry keeps the most recently acquired targets, at most `REGISTERED_TARGETS`.
+#[tokio::test]
+async fn the_lease_registry_is_bounded_to_the_latest_targets() {
+    let redis = connect_redis(&redis_url()).await;
+    let ns = unique_namespace();
+    let _keys = RedisKeysGuard::new(&ns);
+    let tdb = TestDb::new(Engine::Sqlite).await;
+    let mut con = redis.clone();
+    let key = registry_key(&ns);
+    let over = lease::REGISTERED_TARGETS + 10;
+    let mut p = redis::pipe();
+    for i in 0..over {
+        p.zadd(&key, format!("old-{i}"), i as i64).ignore();
+    }
+    let _: () = p.query_async(&mut con).await.unwrap();
+
+    let l = acquire(&redis, &ns, &holder("w", "j"), &tdb.db, &short_cfg()).await;
+    let count: usize = redis::cmd("ZCARD")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(count, lease::REGISTERED_TARGETS);
+    let newest: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&key)
+        .arg(-1)
+        .arg(-1)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(newest, vec![TARGET.to_string()]);
+    let oldest_left: Option<f64> = redis::cmd("ZSCORE")
+        .arg(&key)
+        .arg("old-0")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(oldest_left, None, "the oldest entries went");
+    let held = lease::holders(&redis, &ns).await.expect("holders");
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].0, TARGET);
+    l.release(&redis).await.expect("release");
+    tdb.drop_db().await;
+}

@@ -132,7 +132,7 @@ async fn fleet_status(inv: &Invocation<'_>, redis: &RedisOnce) -> Value {
         queue.queue_depths(),
         queue.dead_letter_count(),
         queue.live_workers(None),
-        lease::holders(&redis, &inv.settings.namespace.value),
+        lease::holders_among(&redis, &inv.settings.namespace.value, &names),
     );
     let last_runs: serde_json::Map<String, Value> = names
         .into_iter()

@@ -1,15 +1,14 @@
 //! Inspection: who holds which target's lease, since when, with which token, and the last
 //! token the target's database has seen. What `sessionfleet lease` shows.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::NaiveDateTime;
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 
-use super::{HolderInfo, Keys, LeaseError, SINCE_FORMAT, check_name, fence_name};
+use super::{HolderInfo, Keys, LeaseError, SINCE_FORMAT, check_name, fence_name, registry_key};
 use crate::fence::{self, FenceRow};
-use crate::scan::{glob_escape, scan_all};
 use crate::store::Db;
 
 /// The state of one target's lease.
@@ -64,37 +63,56 @@ pub async fn status(
 }
 
 /// Every target of `namespace` whose lease is held right now, with its holder, sorted by
-/// target. Uses `SCAN`, so it does not block Redis on a large keyspace.
+/// target: [`holders_among`] the registered targets alone.
 pub async fn holders(
     redis: &ConnectionManager,
     namespace: &str,
 ) -> Result<Vec<(String, HolderInfo)>, LeaseError> {
+    holders_among(redis, namespace, std::iter::empty::<&str>()).await
+}
+
+/// Holder records read per pipelined round trip.
+const HOLDERS_PER_TRIP: usize = 256;
+
+/// Every target of `namespace` whose lease is held right now, with its holder, sorted by
+/// target, among `targets` (e.g. those configured here) and the targets registered by
+/// acquisitions in the namespace (the [`super::REGISTERED_TARGETS`] most recent, wherever
+/// they were acquired). Reads each candidate's holder record directly (`HGETALL`, pipelined),
+/// never walking the keyspace: its cost does not grow with what else the Redis server holds.
+/// Names that cannot be a lease target are skipped.
+pub async fn holders_among<T: AsRef<str>>(
+    redis: &ConnectionManager,
+    namespace: &str,
+    targets: impl IntoIterator<Item = T>,
+) -> Result<Vec<(String, HolderInfo)>, LeaseError> {
     check_name(namespace)?;
     let mut con = redis.clone();
-    let prefix = format!("{namespace}:lease:{{{namespace}:");
-    let pattern = format!("{}*}}", glob_escape(&prefix));
-    let mut targets: Vec<String> = scan_all(&mut con, &pattern)
-        .await?
-        .iter()
-        .filter_map(|k| {
-            k.strip_prefix(&prefix)?
-                .strip_suffix('}')
-                .map(str::to_string)
-        })
+    let registered: Vec<String> = redis::cmd("ZRANGE")
+        .arg(registry_key(namespace))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut con)
+        .await?;
+    let candidates: BTreeSet<String> = targets
+        .into_iter()
+        .map(|t| t.as_ref().to_string())
+        .chain(registered)
         .collect();
-    targets.sort();
-    targets.dedup();
+    let keyed: Vec<(String, Keys)> = candidates
+        .into_iter()
+        .filter_map(|t| Keys::new(namespace, &t).ok().map(|k| (t, k)))
+        .collect();
     let mut out = Vec::new();
-    for target in targets {
-        let Ok(keys) = Keys::new(namespace, &target) else {
-            continue;
-        };
-        let fields: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(&keys.holder)
-            .query_async(&mut con)
-            .await?;
-        if let Some(h) = holder_from(&fields) {
-            out.push((target, h));
+    for chunk in keyed.chunks(HOLDERS_PER_TRIP) {
+        let mut p = redis::pipe();
+        for (_, keys) in chunk {
+            p.cmd("HGETALL").arg(&keys.holder);
+        }
+        let records: Vec<HashMap<String, String>> = p.query_async(&mut con).await?;
+        for ((target, _), fields) in chunk.iter().zip(records) {
+            if let Some(h) = holder_from(&fields) {
+                out.push((target.clone(), h));
+            }
         }
     }
     Ok(out)

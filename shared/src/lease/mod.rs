@@ -20,6 +20,10 @@
 //! since, token — for inspection) and `<ns>:lease-token:{…}` (a counter `INCR`ed on each grant
 //! and raised to the granted token; it is the floor of the next database token, which keeps
 //! tokens increasing even if the database's fence table went backwards, e.g. a restore).
+//! One key per namespace, `<ns>:lease-targets`, registers the targets whose lease was ever
+//! acquired there (a sorted set scored by the last acquisition, bounded to
+//! [`REGISTERED_TARGETS`] entries), so that [`holders`] reads those targets' holder records
+//! directly instead of walking the keyspace.
 //!
 //! The one way to run an operation under a lease is [`with_lease`]; [`with_db_fence_only`] is
 //! the Redis-less fallback.
@@ -45,12 +49,23 @@ pub use config::{
     DEFAULT_BUSY_DELAY, DEFAULT_RENEW_TIMEOUT, DEFAULT_RENEWALS_PER_TTL, DEFAULT_RETRY_DELAY,
     DEFAULT_STEP_DOWN_DIVISOR, DEFAULT_TTL, LeaseConfig, MAX_TTL, MIN_TTL, busy_delay,
 };
-pub use inspect::{LeaseStatus, holders, status};
+pub use inspect::{LeaseStatus, holders, holders_among, status};
 pub use keeper::{KeeperHandle, LossReason};
 pub use run::{LeaseRun, with_db_fence_only, with_lease};
 
 /// Format of `since` in the Redis holder record.
 const SINCE_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.6f";
+
+/// How many targets a namespace's registry (`<ns>:lease-targets`) keeps: the most recently
+/// acquired ones. A lease is held for one part of a run at a time, so one that is held right
+/// now was acquired recently; older entries are trimmed on each acquisition.
+pub const REGISTERED_TARGETS: usize = 1024;
+
+/// The registry of the targets whose lease was acquired in `namespace` (not in any target's
+/// hash slot: it is written and read on its own, never inside a target's script).
+fn registry_key(namespace: &str) -> String {
+    format!("{namespace}:lease-targets")
+}
 
 /// Who holds (or asks for) a lease. [`try_acquire`] reads only `worker` and `job_id`;
 /// [`status`] and [`holders`] also fill in `since` and `token`.
@@ -294,6 +309,10 @@ pub async fn try_acquire(
     if recorded != 1 {
         return Err(LeaseError::LostWhileAcquiring(target.to_string()));
     }
+    // Only inspection reads the registry: failing to write it must not cost the lease.
+    if let Err(e) = register_target(&mut con, namespace, target).await {
+        tracing::warn!(target, error = %e, "lease acquired, but not registered for inspection");
+    }
     tracing::debug!(target, token = fence.token, worker = %holder.worker, job_id = %holder.job_id, "lease acquired");
     metrics::counter!("sessionfleet_lease_acquisitions_total", "target" => target.to_string(), "result" => "acquired").increment(1);
     Ok(Some(Lease {
@@ -367,6 +386,26 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Registers `target` in its namespace's registry (scored by now) and trims the registry to
+/// the [`REGISTERED_TARGETS`] most recent. One round trip.
+async fn register_target(
+    con: &mut ConnectionManager,
+    namespace: &str,
+    target: &str,
+) -> redis::RedisResult<()> {
+    let key = registry_key(namespace);
+    redis::pipe()
+        .zadd(&key, target, Utc::now().timestamp_millis())
+        .ignore()
+        .cmd("ZREMRANGEBYRANK")
+        .arg(&key)
+        .arg(0)
+        .arg(-(REGISTERED_TARGETS as i64) - 1)
+        .ignore()
+        .query_async(con)
+        .await
 }
 
 async fn release_key(
