@@ -9,6 +9,7 @@ use sessionfleet::dispatch::{self, OperationEnv, OperationJob};
 use sessionfleet::jobs::{JobEnvelope, JobKind};
 use sessionfleet::ops::Progress;
 use sessionfleet::ops::cleanup::CleanupReport;
+use sessionfleet::queue::results::RunCursor;
 use sessionfleet::queue::{EnqueueOptions, JobResult, Queue, ResultOutcome};
 use sessionfleet::runner::JobOutcome;
 
@@ -204,9 +205,15 @@ async fn wait_for_run(
     deadline: Instant,
 ) -> anyhow::Result<Finished> {
     let progress = Spinner::new(&inv.out, env);
+    // Parts already read stay decoded here: a poll reads only the parts recorded since.
+    let mut cursor = RunCursor::default();
+    let mut parts: Vec<JobResult> = Vec::new();
     loop {
-        let mut parts = queue.run_results(env.run_id).await?;
-        parts.sort_by_key(|r| r.part);
+        let new = queue.new_run_results(env.run_id, &mut cursor).await?;
+        if !new.is_empty() {
+            parts.extend(new);
+            parts.sort_by_key(|r| r.part);
+        }
         // Shown, never relied on: a failed read leaves the display as it was.
         let live = queue.progress(env.run_id).await.ok().flatten();
         progress.update(

@@ -16,6 +16,29 @@ pub const HISTORY_LEN: usize = 200;
 /// How often [`Queue::wait_for_result`] looks, at most.
 pub const WAIT_POLL_MAX: Duration = Duration::from_millis(200);
 
+/// Results read per `MGET` by [`Queue::run_results`] and [`Queue::new_run_results`].
+pub const MGET_CHUNK: usize = 500;
+
+/// How far a reader of one run's results has got ([`Queue::new_run_results`]): the position
+/// in the run's list of job ids, and the parts already returned. Start from `default()`.
+#[derive(Debug, Clone, Default)]
+pub struct RunCursor {
+    next: usize,
+    seen: std::collections::HashSet<Uuid>,
+}
+
+impl RunCursor {
+    /// How many of the run's list entries have been read.
+    pub fn position(&self) -> usize {
+        self.next
+    }
+
+    /// How many parts have been returned.
+    pub fn parts_read(&self) -> usize {
+        self.seen.len()
+    }
+}
+
 /// How a job ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -201,30 +224,61 @@ impl Queue {
         self.read_json(&cmd, || format!("result {job_id}")).await
     }
 
-    /// The results of a run's parts, in completion order.
+    /// The results of a run's parts, in completion order: one `LRANGE` and one `MGET` per
+    /// [`MGET_CHUNK`] parts.
     pub async fn run_results(&self, run_id: Uuid) -> Result<Vec<JobResult>, QueueError> {
+        self.new_run_results(run_id, &mut RunCursor::default())
+            .await
+    }
+
+    /// The results of a run's parts recorded since `cursor` last read (all of them on a new
+    /// cursor), in completion order, advancing `cursor`. A poll costs the new parts only:
+    /// `LRANGE` from where the cursor stands, then `MGET` of the new job ids. A part recorded
+    /// twice (a redelivery) comes back once; a listed part whose result is gone (expired, or
+    /// forgotten for a requeue) is left out, and read when it is recorded again.
+    pub async fn new_run_results(
+        &self,
+        run_id: Uuid,
+        cursor: &mut RunCursor,
+    ) -> Result<Vec<JobResult>, QueueError> {
         let mut c = self.conn.clone();
-        let ids: Vec<String> = redis::cmd("LRANGE")
+        let listed: Vec<String> = redis::cmd("LRANGE")
             .arg(self.keys.run(&run_id))
-            .arg(0)
+            .arg(cursor.next)
             .arg(-1)
             .query_async(&mut c)
             .await
             .map_err(|e| self.err(e))?;
-        let mut seen = std::collections::HashSet::new();
-        let mut out = Vec::new();
-        for id in ids {
-            // A redelivered part may have been recorded twice; report it once.
-            if !seen.insert(id.clone()) {
-                continue;
-            }
-            let Ok(job_id) = Uuid::parse_str(&id) else {
+        let mut wanted: Vec<Uuid> = Vec::new();
+        let mut listed_now = std::collections::HashSet::new();
+        for id in &listed {
+            let Ok(job_id) = Uuid::parse_str(id) else {
                 continue;
             };
-            if let Some(r) = self.result(job_id).await? {
+            if !cursor.seen.contains(&job_id) && listed_now.insert(job_id) {
+                wanted.push(job_id);
+            }
+        }
+        let mut out = Vec::with_capacity(wanted.len());
+        for chunk in wanted.chunks(MGET_CHUNK) {
+            let keys: Vec<String> = chunk.iter().map(|id| self.keys.result(id)).collect();
+            let raw: Vec<Option<String>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.err(e))?;
+            for (job_id, json) in chunk.iter().zip(raw) {
+                let Some(json) = json else {
+                    continue;
+                };
+                let r: JobResult = serde_json::from_str(&json)
+                    .map_err(|e| QueueError::Corrupt(format!("result {job_id}: {e}")))?;
                 out.push(r);
             }
         }
+        // Advanced only now: a failed read leaves the cursor where it was.
+        cursor.next += listed.len();
+        cursor.seen.extend(out.iter().map(|r| r.job_id));
         Ok(out)
     }
 
@@ -259,8 +313,10 @@ impl Queue {
     ) -> Result<Vec<JobResult>, QueueError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut pause = Duration::from_millis(5);
+        let mut cursor = RunCursor::default();
+        let mut parts = Vec::new();
         loop {
-            let parts = self.run_results(run_id).await?;
+            parts.extend(self.new_run_results(run_id, &mut cursor).await?);
             if parts.iter().any(|r| r.outcome != ResultOutcome::Continued) {
                 return Ok(parts);
             }
