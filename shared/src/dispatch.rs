@@ -333,7 +333,7 @@ pub async fn run_operation(env: &JobEnvelope, oe: &OperationEnv<'_>) -> JobOutco
         // Not tried now (a failure within the memory): the job waits out the memory without
         // spending an attempt, since the database was not asked. Retries at their usual
         // delays would all fall inside it and a short restart would use up every attempt.
-        Err(e) if e.is_remembered() => {
+        Err(e) if e.is_remembered() && !e.is_permanent() => {
             return JobOutcome::Deferred {
                 delay: e.retry_in() + crate::backoff::jitter(CONNECT_RETRY_SPREAD),
                 reason: e.to_string(),

@@ -404,12 +404,24 @@ async fn write_row(
 /// older rows would only grow the table.
 pub const FENCE_LOG_KEPT_TOKENS: i64 = 1000;
 
+/// The most audit rows one token issuance deletes.
+const PRUNE_ROWS: u32 = 1000;
+
 /// Drops the audit rows of `name` older than the last [`FENCE_LOG_KEPT_TOKENS`] tokens, in
-/// the transaction issuing `token` (along the (name, token) key; usually one row).
+/// the transaction issuing `token` (along the (name, token) key; usually one row, at most
+/// [`PRUNE_ROWS`]).
 async fn prune_log(tx: &mut DbTx<'_>, name: &str, token: i64) -> Result<(), sqlx::Error> {
-    let sql = tx.sql(format!(
-        "DELETE FROM {FENCE_LOG_TABLE} WHERE name = ? AND token <= ?"
-    ));
+    // At most PRUNE_ROWS a time, so the first issuance after an upgrade does not hold the
+    // fence row through a long delete; later issuances take the rest.
+    let sql = tx.sql(match tx.engine() {
+        Engine::MySql => format!(
+            "DELETE FROM {FENCE_LOG_TABLE} WHERE name = ? AND token <= ? LIMIT {PRUNE_ROWS}"
+        ),
+        Engine::Postgres | Engine::Sqlite => format!(
+            "DELETE FROM {FENCE_LOG_TABLE} WHERE id IN (SELECT id FROM {FENCE_LOG_TABLE} \
+             WHERE name = ? AND token <= ? LIMIT {PRUNE_ROWS})"
+        ),
+    });
     let oldest_dropped = token - FENCE_LOG_KEPT_TOKENS;
     crate::on_tx!(tx, c => { sqlx::query(sql).bind(name).bind(oldest_dropped).execute(&mut *c).await?; });
     Ok(())

@@ -175,6 +175,11 @@ pub struct JobEnvelope {
     /// Delivery attempt under our retry policy, 1 first (absent in older envelopes = 1).
     #[serde(default = "first_attempt")]
     pub attempt: u32,
+    /// When this delivery's run of deferrals (a busy lease, a database found down) began;
+    /// the next look waits longer the longer it has been deferred. Cleared by a retry; a
+    /// continuation is a new envelope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred_since: Option<DateTime<Utc>>,
 }
 
 fn first_attempt() -> u32 {
@@ -218,6 +223,7 @@ impl JobEnvelope {
             enqueued_by: enqueued_by.into(),
             enqueued_at: Utc::now(),
             attempt: 1,
+            deferred_since: None,
         }
     }
 
@@ -270,6 +276,7 @@ impl JobEnvelope {
             enqueued_by: enqueued_by.into(),
             enqueued_at: Utc::now(),
             attempt: 1,
+            deferred_since: None,
         }
     }
 

@@ -1619,6 +1619,11 @@ async fn a_target_that_is_down_is_tried_once_for_the_jobs_that_wait_on_it() {
     // short restart would use up every attempt of the job).
     let t = ns_for_database(&url).await;
     let env = health_report_job();
+    let left = dispatch::shared_db(&url, PoolRole::Reads)
+        .await
+        .expect_err("still remembered")
+        .retry_in();
+    let before = chrono::Utc::now();
     let settled = process_delivery(&t.deps, env.queue(), "t1", &env.to_bytes())
         .await
         .unwrap();
@@ -1630,6 +1635,15 @@ async fn a_target_that_is_down_is_tried_once_for_the_jobs_that_wait_on_it() {
         .unwrap()
         .expect("it waits");
     assert_eq!(w.attempt, 1, "no attempt spent");
+    // Due no sooner than the memory's end (less a second for the delivery itself).
+    let WaitState::Delayed { due_at } = w.state else {
+        panic!("deferred past the memory: {w:?}")
+    };
+    let earliest = before + left.saturating_sub(std::time::Duration::from_secs(1));
+    assert!(
+        due_at >= chrono::SubsecRound::trunc_subsecs(earliest, 0),
+        "due at {due_at}, memory ends about {earliest}"
+    );
     assert_eq!(dispatch::connect_attempts(&url, PoolRole::Reads).await, 1);
     // The writers' pool of the same target is a pool of its own.
     assert_eq!(dispatch::connect_attempts(&url, PoolRole::Writes).await, 0);

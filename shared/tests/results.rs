@@ -231,3 +231,47 @@ async fn waiting_for_a_run_returns_every_part_once_it_ends() {
     parts.push(last);
     assert_eq!(waiter.await.unwrap().unwrap(), parts);
 }
+
+/// A run list that came back shorter than the cursor (Redis failed over to a replica that had
+/// not seen the last pushes) is read again from its start: a part recorded after that lands
+/// below the cursor and must still be returned, once.
+#[tokio::test]
+async fn a_run_list_that_lost_entries_is_read_again_from_its_start() {
+    let t = Ns::new().await;
+    let run_id = Uuid::new_v4();
+    let mut cursor = RunCursor::default();
+    let mut firsts = Vec::new();
+    for part in 0..3 {
+        firsts.push(t.record_part(run_id, part).await);
+    }
+    assert_eq!(
+        t.queue
+            .new_run_results(run_id, &mut cursor)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    // The failover: the last two pushes are gone (their results too).
+    let _: () = redis::cmd("LTRIM")
+        .arg(t.queue.keys().run(&run_id))
+        .arg(0)
+        .arg(0)
+        .query_async(&mut t.conn())
+        .await
+        .unwrap();
+    let later = t.record_part(run_id, 3).await;
+    let got = t.queue.new_run_results(run_id, &mut cursor).await.unwrap();
+    assert_eq!(
+        got.iter().map(|r| r.job_id).collect::<Vec<_>>(),
+        vec![later.job_id],
+        "the part recorded after the loss, once"
+    );
+    assert!(
+        t.queue
+            .new_run_results(run_id, &mut cursor)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

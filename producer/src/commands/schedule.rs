@@ -135,11 +135,16 @@ pub async fn run(inv: &Invocation<'_>, cleanup_only: Option<&CleanupAsk>) -> any
         names.join(", "),
     ));
     loop {
-        // Redis' clock, shared by every replica (this host's only if Redis does not answer,
-        // and then the pass fails anyway and is retried).
-        let now = schedule::server_now(&mut conn)
-            .await
-            .unwrap_or_else(|_| Utc::now());
+        // Redis' clock, shared by every replica; this host's only when Redis refuses TIME
+        // (said, as replicas may then disagree), and when Redis is down the pass fails and
+        // is retried anyway.
+        let now = match schedule::server_now(&mut conn).await {
+            Ok(now) => now,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the Redis server's clock (TIME); judging ticks by this host's");
+                Utc::now()
+            }
+        };
         let mut all = Vec::new();
         for (i, (what, name, cadence)) in plans.iter().enumerate() {
             for target in &targets {

@@ -242,13 +242,31 @@ impl Queue {
         cursor: &mut RunCursor,
     ) -> Result<Vec<JobResult>, QueueError> {
         let mut c = self.conn.clone();
-        let listed: Vec<String> = redis::cmd("LRANGE")
+        let (length, listed): (usize, Vec<String>) = redis::pipe()
+            .cmd("LLEN")
+            .arg(self.keys.run(&run_id))
+            .cmd("LRANGE")
             .arg(self.keys.run(&run_id))
             .arg(cursor.next)
             .arg(-1)
             .query_async(&mut c)
             .await
             .map_err(|e| self.err(e))?;
+        // A list shorter than the cursor lost entries (a failover to a replica that had not
+        // seen the last pushes): parts recorded again land below the cursor, so read it all
+        // again; the ids already seen are skipped.
+        let listed = if length < cursor.next {
+            cursor.next = 0;
+            redis::cmd("LRANGE")
+                .arg(self.keys.run(&run_id))
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| self.err(e))?
+        } else {
+            listed
+        };
         let mut wanted: Vec<Uuid> = Vec::new();
         let mut listed_now = std::collections::HashSet::new();
         for id in &listed {

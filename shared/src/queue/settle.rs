@@ -19,7 +19,7 @@ use crate::runner::{self, JobOutcome, RunnerDeps};
 pub const MAX_DEFERRAL_DELAY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long a deferred job waits before its next look: what its outcome asked for, growing
-/// with how long the job has waited already (an eighth of it, at most
+/// with how long it has been deferred already (`deferred_since`; an eighth of it, at most
 /// [`MAX_DEFERRAL_DELAY`]). Scheduled runs queued behind an hours-long purge would otherwise
 /// each look at the lease every two seconds for hours. A job handed back at once (asked
 /// zero, as a cancelled report is) is not held back.
@@ -160,8 +160,11 @@ pub async fn process_delivery(
                 Settled::Continued
             }
             JobOutcome::Deferred { delay, reason } => {
-                let delay = deferral_delay(delay, (Utc::now() - env.enqueued_at).to_std().unwrap_or_default());
+                let now = Utc::now();
+                let since = env.deferred_since.unwrap_or(now);
+                let delay = deferral_delay(delay, (now - since).to_std().unwrap_or_default());
                 let mut again = env.clone();
+                again.deferred_since = Some(since);
                 again.dedupe_key = None; // the original still holds the marker
                 queue.enqueue_with(&again, EnqueueOptions { delay: Some(delay) }).await?;
                 end_delivery(deps, q, task_id).await;
@@ -171,6 +174,7 @@ pub async fn process_delivery(
             JobOutcome::Failed { error, retryable } if retryable && env.attempt < max_attempts(env.kind) => {
                 let mut again = env.clone();
                 again.attempt += 1;
+                again.deferred_since = None;
                 again.dedupe_key = None;
                 let delay = retry_delay(again.attempt);
                 queue.enqueue_with(&again, EnqueueOptions { delay: Some(delay) }).await?;

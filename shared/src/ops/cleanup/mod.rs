@@ -360,6 +360,7 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                 report.notes.push(e.to_string());
                 report.outcome = Outcome::FencedOut;
                 report.remaining = None;
+                report.remaining_at_least = false;
                 Ok(())
             }
             // Batches committed before the error: keep their counts (and the statistics
@@ -382,6 +383,7 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
                     ));
                     report.outcome = Outcome::Interrupted;
                     report.remaining = None;
+                    report.remaining_at_least = false;
                     Ok(())
                 }
             }
@@ -508,6 +510,7 @@ async fn purge(
     // Only a budget stop counts what is left: a cancelled run must end now (see `remaining`).
     if report.outcome == Outcome::Cancelled {
         report.remaining = None;
+        report.remaining_at_least = false;
     } else if report.outcome == Outcome::BudgetSpent
         // The rules as run: sessions still referenced are left to no continuation.
         && let Some(any) = Predicate::any_of(&rules.iter().map(|r| &r.predicate).collect::<Vec<_>>())
