@@ -42,7 +42,7 @@ impl Spinner {
     pub fn new(out: &Output, env: &JobEnvelope) -> Spinner {
         let label = format!("{} on {}", env.kind.as_str(), env.target);
         let tty = std::io::stderr().is_terminal();
-        // A JSON log stream gets no spinner and no plain lines of its own: only log events.
+        // A JSON log stream gets no spinner: its progress goes out as lines, JSON ones (Output::info).
         let bar = (tty && !out.json && !out.log_json).then(|| {
             let b = ProgressBar::new_spinner();
             b.set_style(
