@@ -3061,3 +3061,53 @@ async fn a_sqlite_expiry_written_as_a_bare_date_is_walked_past_and_deleted() {
     assert!(left.iter().all(|l| l.starts_with("live-")), "{left:?}");
     tdb.drop_db().await;
 }
+
+/// A rule whose time column no index leads with (the application dropped or never built
+/// it) walks primary-key ranges instead of scanning and sorting the table for every batch,
+/// says so in a note, and still deletes exactly the oracle's rows.
+#[tokio::test]
+async fn a_time_column_without_an_index_is_walked_by_key_ranges() {
+    for engine in ENGINES {
+        let version = SchemaVersion::V2;
+        let what = format!("{engine} without ix_user_sessions_expires_at");
+        let tdb = seeded(engine, version).await;
+        let db = &tdb.db;
+        let drop = match engine {
+            Engine::MySql => "DROP INDEX ix_user_sessions_expires_at ON user_sessions",
+            _ => "DROP INDEX ix_user_sessions_expires_at",
+        };
+        db.execute(drop).await.expect("drop the index");
+        // Sparse, so the index walk would have been chosen had the index been there.
+        let live_until = t0() + ChronoDuration::days(1);
+        let sql = db.sql(
+            "UPDATE user_sessions SET expires_at = ?, is_active = TRUE, last_activity = ? \
+             WHERE id % 25 <> 0",
+        );
+        sessionfleet::on_pool!(db, p => {
+            sqlx::query(sql).bind(live_until).bind(t0()).execute(p).await.expect("revive");
+        });
+        let before = snapshot(db, version).await;
+        let purge = oracle(db, version, None, true).await;
+        assert!(!purge.is_empty(), "{what}");
+        let report = cleanup::run(&ctx(db).await, &params()).await.expect("run");
+        assert_exactly_purged(&before, &snapshot(db, version).await, &purge, &what);
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("leads with expires_at") && n.contains("--create-indexes")),
+            "{what}: {:?}",
+            report.notes
+        );
+        // The indexed activity column is still walked along its index: no note for it.
+        assert!(
+            !report
+                .notes
+                .iter()
+                .any(|n| n.contains("leads with last_activity")),
+            "{what}: {:?}",
+            report.notes
+        );
+        tdb.drop_db().await;
+    }
+}

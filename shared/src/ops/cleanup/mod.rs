@@ -320,6 +320,63 @@ impl CleanupParams {
     }
 }
 
+/// Rules that would walk a time column no usable index leads with walk the primary key in
+/// ranges instead, with a note naming the column. Along an unindexed column every batch
+/// would scan and sort the whole table (and the sizer, seeing slow batches, would make them
+/// smaller and so more numerous); key ranges read the table once in all. An index list that
+/// cannot be read leaves the rules as they are, with a note.
+async fn walk_unindexed_columns_by_key(
+    db: &Db,
+    schema: &Schema,
+    mut rules: Vec<rules::Rule>,
+) -> (Vec<rules::Rule>, Vec<String>) {
+    let indexes = match crate::ops::maintenance::table_indexes(db, &schema.sessions.table).await {
+        Ok(indexes) => indexes,
+        Err(e) => {
+            return (
+                rules,
+                vec![format!(
+                    "the session table's indexes could not be read ({e}): its time columns were taken to be indexed"
+                )],
+            );
+        }
+    };
+    let leading: std::collections::HashSet<String> = indexes
+        .iter()
+        .filter(|i| i.valid && !i.partial)
+        .filter_map(|i| i.columns.first().map(|c| c.to_ascii_lowercase()))
+        .collect();
+    let mut unindexed: Vec<String> = Vec::new();
+    for rule in &mut rules {
+        let rules::Walk::Column(qualified) = &rule.walk else {
+            continue;
+        };
+        let column = qualified
+            .rsplit('.')
+            .next()
+            .unwrap_or(qualified)
+            .to_string();
+        if leading.contains(&column.to_ascii_lowercase()) {
+            continue;
+        }
+        tracing::warn!(rule = ?rule.kind, %column, "no index leads with the rule's time column: walking primary-key ranges");
+        rule.walk = rules::Walk::PrimaryKeyRange;
+        if !unindexed.contains(&column) {
+            unindexed.push(column);
+        }
+    }
+    let notes = unindexed
+        .into_iter()
+        .map(|column| {
+            format!(
+                "no index of {} leads with {column}: the rules on it walked the primary key in ranges, reading the table once (`sessionfleet db --create-indexes` builds the index, so a run reads only what it deletes)",
+                schema.sessions.table
+            )
+        })
+        .collect();
+    (rules, notes)
+}
+
 /// Runs one cleanup (or one part of it, when a budget cuts it short).
 ///
 /// A real run needs `ctx.fence`. A write refused by the fence ends the run there with
@@ -334,10 +391,12 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     let (now, clock_note) = reference_now(db, &retried).await?;
     let cutoffs = params.cutoffs(now);
     let (rules, notes) = rules::build(&schema, &cutoffs, compare);
+    let (rules, unindexed) = walk_unindexed_columns_by_key(db, &schema, rules).await;
     let mut report = CleanupReport::new(cutoffs.as_of, params.dry_run);
     report.notes = schema.notes.clone();
     report.notes.extend(clock_note);
     report.notes.extend(notes);
+    report.notes.extend(unindexed);
     if params.force {
         report.forced_cleanup = Some(true);
         report.custom_max_age_hours = params.force_max_age_hours;
