@@ -391,7 +391,12 @@ pub async fn run(ctx: &OpContext, params: &CleanupParams) -> Result<CleanupRepor
     let (now, clock_note) = reference_now(db, &retried).await?;
     let cutoffs = params.cutoffs(now);
     let (rules, notes) = rules::build(&schema, &cutoffs, compare);
-    let (rules, unindexed) = walk_unindexed_columns_by_key(db, &schema, rules).await;
+    // A dry run only counts: it walks nothing, so it reads no index list.
+    let (rules, unindexed) = if params.dry_run {
+        (rules, Vec::new())
+    } else {
+        walk_unindexed_columns_by_key(db, &schema, rules).await
+    };
     let mut report = CleanupReport::new(cutoffs.as_of, params.dry_run);
     report.notes = schema.notes.clone();
     report.notes.extend(clock_note);
